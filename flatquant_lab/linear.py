@@ -1,0 +1,270 @@
+"""The W4A4 FlatQuant linear layer, as vllm-ascend serves it (SPEC section 2).
+
+Forward for ``x[..., K]``, ``K = n1 * n2``:
+``xq, s_tok = kronecker_quant(x.view(-1, n1, n2), L^T, R, c)``;
+``y = quant_matmul(xq, pack(W_q)^T, weight_scale, pertoken_scale=s_tok)``;  ``y += bias``.
+The layer calls ``flatquant_lab.ops`` only; which backend runs is the ops' business.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from . import ops
+from .kronecker import decompose_dim, fold_weight
+from .packing import INT4_MAX, INT4_MIN, pack_int4, unpack_int4
+from .quantizers import quantize_weight
+
+log = logging.getLogger(__name__)
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+CHECKPOINT_KEYS = ("weight", "weight_scale", "weight_offset", "left_trans", "right_trans", "clip_ratio")
+DEFAULT_CHUNK_TOKENS = 8192  # npu_kronecker_quant's token limit on CANN 8.1/8.2
+# Buffers whose dtype is part of the contract: Module.to(dtype) must not touch them.
+_FP32_BUFFERS = ("weight_scale", "weight_offset", "clip_ratio")
+
+
+def _expect(t, name: str, shape: tuple, dtypes: tuple) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name}: expected a tensor, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {list(shape)}, got {list(t.shape)}")
+    if t.dtype not in dtypes:
+        names = " or ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise ValueError(f"{name}: expected dtype {names}, got {str(t.dtype).replace('torch.', '')}")
+
+
+class W4A4FlatQuantLinear(nn.Module):
+    """``y = Q4(x @ kron(L, R)) @ Q4(W @ kron(L, R)^{-T})^T * scales (+ bias)`` on int4 operands.
+
+    Build it with :meth:`from_checkpoint` (the per-layer tensors of the vllm-ascend contract) or
+    :meth:`from_float` (fold and quantize a float ``nn.Linear``). Inputs may be float16 or bfloat16
+    (the activation dtype the transforms were cast to; the other half type is refused). float32
+    inputs are rounded to the activation dtype before the ops, as a serving engine would only ever
+    see half inputs, and the result is returned in float32 (it carries the half dtype's rounding).
+    """
+
+    def __init__(self, in_features: int, out_features: int, n1: int, n2: int, act_dtype: torch.dtype,
+                 bias: bool, backend: str | None = None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                 check_finite: bool = True):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.n1, self.n2 = n1, n2
+        self.backend = backend
+        self.chunk_tokens = chunk_tokens
+        self.check_finite = check_finite
+        self.register_buffer("weight_packed", torch.zeros(out_features, in_features // 8, dtype=torch.int32))
+        self.register_buffer("weight_scale", torch.zeros(out_features, 1, dtype=torch.float32))
+        self.register_buffer("weight_offset", torch.zeros(out_features, 1, dtype=torch.float32))
+        self.register_buffer("left_trans", torch.eye(n1, dtype=act_dtype))
+        self.register_buffer("right_trans", torch.eye(n2, dtype=act_dtype))
+        self.register_buffer("clip_ratio", torch.ones(1, dtype=torch.float32))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=act_dtype) if bias else None)
+        # What vllm-ascend derives once after loading: p1 = L^T (contiguous), p2 = R, in the act dtype.
+        self.register_buffer("p1", torch.eye(n1, dtype=act_dtype), persistent=False)
+        self.register_buffer("p2", torch.eye(n2, dtype=act_dtype), persistent=False)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_checkpoint(cls, tensors: Mapping[str, torch.Tensor], backend: str | None = None,
+                        act_dtype: torch.dtype | None = None, **kwargs) -> "W4A4FlatQuantLinear":
+        """Build from the SPEC section 1 tensors (``weight`` int8 [O, K], ``weight_scale`` ...).
+
+        Every shape and dtype is checked; a wrong one raises ``ValueError`` naming the tensor.
+        ``act_dtype`` defaults to the transforms' dtype when that is half, else bfloat16.
+        """
+        missing = [k for k in CHECKPOINT_KEYS if k not in tensors]
+        if missing:
+            raise ValueError(f"tensors: missing {missing} (expected {list(CHECKPOINT_KEYS)} and optional 'bias')")
+        extra = sorted(set(tensors) - set(CHECKPOINT_KEYS) - {"bias"})
+        if extra:
+            raise ValueError(f"tensors: unexpected keys {extra}")
+        w = tensors["weight"]
+        if not isinstance(w, torch.Tensor) or w.dim() != 2:
+            raise ValueError(f"weight: expected an int8 tensor [O, K], got {getattr(w, 'shape', w)}")
+        out_f, in_f = w.shape
+        if in_f % 8:
+            raise ValueError(f"weight: in-features K = {in_f} must be divisible by 8 (int4 packing)")
+        _expect(w, "weight", (out_f, in_f), (torch.int8,))
+        lt, rt = tensors["left_trans"], tensors["right_trans"]
+        for name, t in (("left_trans", lt), ("right_trans", rt)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] != t.shape[1]:
+                raise ValueError(f"{name}: expected a square matrix, got shape {list(getattr(t, 'shape', []))}")
+            if not t.is_floating_point():
+                raise ValueError(f"{name}: expected a float dtype, got {t.dtype}")
+        n1, n2 = lt.shape[0], rt.shape[0]
+        if n1 * n2 != in_f:
+            raise ValueError(
+                f"left_trans/right_trans: sizes {n1} x {n2} = {n1 * n2} must multiply to in-features {in_f} "
+                f"(expected {decompose_dim(in_f)})"
+            )
+        if lt.dtype != rt.dtype:
+            raise ValueError(f"right_trans: expected dtype {lt.dtype} (that of left_trans), got {rt.dtype}")
+        _expect(tensors["weight_scale"], "weight_scale", (out_f, 1), (torch.float32,))
+        _expect(tensors["weight_offset"], "weight_offset", (out_f, 1), (torch.float32,))
+        _expect(tensors["clip_ratio"], "clip_ratio", (1,), (torch.float32,))
+        clip = ops.check_clip_ratio(tensors["clip_ratio"])
+        if not bool(torch.isfinite(tensors["weight_scale"]).all()):
+            raise ValueError("weight_scale: expected finite values")
+        wmin, wmax = int(w.min()), int(w.max())
+        if wmin < INT4_MIN or wmax > INT4_MAX:
+            raise ValueError(f"weight: expected int4 values in [{INT4_MIN}, {INT4_MAX}], got min {wmin}, max {wmax}")
+        if act_dtype is None:
+            act_dtype = lt.dtype if lt.dtype in HALF_DTYPES else torch.bfloat16
+        if act_dtype not in HALF_DTYPES:
+            raise ValueError(f"act_dtype: expected torch.float16 or torch.bfloat16, got {act_dtype}")
+        bias = tensors.get("bias")
+        if bias is not None:
+            if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (out_f,) or not bias.is_floating_point():
+                raise ValueError(f"bias: expected a float tensor [{out_f}], got {getattr(bias, 'shape', bias)}")
+        layer = cls(in_f, out_f, n1, n2, act_dtype, bias is not None, backend=backend, **kwargs)
+        with torch.no_grad():
+            layer.weight_packed.copy_(ops.convert_weight_to_int4pack(w.to(torch.int32), backend="reference"))
+            layer.weight_scale.copy_(tensors["weight_scale"])
+            layer.weight_offset.copy_(tensors["weight_offset"])
+            layer.left_trans = lt.detach().clone()
+            layer.right_trans = rt.detach().clone()
+            layer.clip_ratio.fill_(clip)
+            if bias is not None:
+                layer.bias = bias.detach().clone()
+        layer._derive()
+        return layer
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, left_trans: torch.Tensor, right_trans: torch.Tensor,
+                   clip_ratio: float = 1.0, weight_clip: torch.Tensor | None = None,
+                   act_dtype: torch.dtype | None = None, backend: str | None = None,
+                   **kwargs) -> "W4A4FlatQuantLinear":
+        """Fold ``kron(L, R)^{-T}`` into ``linear.weight``, quantize it per channel to int4, and build.
+
+        ``L``, ``R`` are first rounded to the activation dtype (what the layer will hold and the
+        device will use); the fold uses those rounded values in float64, so the transform cancels
+        to float64 accuracy. ``weight_clip`` ([O] factors in (0, 1]) shrinks each channel's range.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
+        if act_dtype is None:
+            act_dtype = linear.weight.dtype if linear.weight.dtype in HALF_DTYPES else torch.bfloat16
+        if act_dtype not in HALF_DTYPES:
+            raise ValueError(f"act_dtype: expected torch.float16 or torch.bfloat16, got {act_dtype}")
+        w = linear.weight.detach()
+        if w.shape[1] % 8:
+            raise ValueError(f"linear: in_features = {w.shape[1]} must be divisible by 8 (int4 packing)")
+        if weight_clip is not None:
+            weight_clip = torch.as_tensor(weight_clip).detach()
+            if weight_clip.numel() != w.shape[0] or not bool(((weight_clip > 0) & (weight_clip <= 1)).all()):
+                raise ValueError(f"weight_clip: expected {w.shape[0]} factors in (0, 1]")
+        lt, rt = left_trans.detach().to(act_dtype), right_trans.detach().to(act_dtype)
+        folded = fold_weight(w, lt, rt)
+        q, scale = quantize_weight(folded, weight_clip)
+        tensors = {
+            "weight": q,
+            "weight_scale": scale,
+            "weight_offset": torch.zeros_like(scale),
+            "left_trans": lt,
+            "right_trans": rt,
+            "clip_ratio": torch.tensor([float(clip_ratio)], dtype=torch.float32),
+        }
+        if linear.bias is not None:
+            tensors["bias"] = linear.bias.detach().to(act_dtype)
+        return cls.from_checkpoint(tensors, backend=backend, act_dtype=act_dtype, **kwargs)
+
+    def _derive(self) -> None:
+        """What vllm-ascend does once after loading: ``p1 = L^T`` contiguous, ``p2 = R``, in the act dtype."""
+        act = self.p1.dtype
+        self.p1 = self.left_trans.detach().transpose(0, 1).contiguous().to(act)
+        self.p2 = self.right_trans.detach().contiguous().to(act)
+
+    def _apply(self, fn, recurse=True):
+        # Module.to(dtype) would cast the fp32 scales too; the contract keeps them float32.
+        act = self.p1.dtype
+        super()._apply(fn, recurse)
+        for name in _FP32_BUFFERS:
+            buf = getattr(self, name)
+            if buf.dtype != torch.float32:
+                setattr(self, name, buf.float())
+        if self.p1.dtype not in HALF_DTYPES:  # an fp32 model cast must not make the act dtype fp32
+            self.p1, self.p2 = self.p1.to(act), self.p2.to(act)
+        if self.bias is not None and self.bias.dtype != self.p1.dtype:
+            self.bias = self.bias.to(self.p1.dtype)
+        return self
+
+    # ------------------------------------------------------------------ views
+    @property
+    def act_dtype(self) -> torch.dtype:
+        return self.p1.dtype
+
+    @property
+    def weight_int(self) -> torch.Tensor:
+        """int8 ``[O, K]`` int4 values (unpacked)."""
+        return unpack_int4(self.weight_packed)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``W_hat = weight * weight_scale`` in the transformed basis."""
+        return (self.weight_int.to(torch.float64) * self.weight_scale.double()).to(dtype)
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """The SPEC section 1 tensors of this layer, exactly as loaded (a round trip is bit-exact)."""
+        out = {
+            "weight": self.weight_int,
+            "weight_scale": self.weight_scale.clone(),
+            "weight_offset": self.weight_offset.clone(),
+            "left_trans": self.left_trans.clone(),
+            "right_trans": self.right_trans.clone(),
+            "clip_ratio": self.clip_ratio.clone(),
+        }
+        if self.bias is not None:
+            out["bias"] = self.bias.clone()
+        return out
+
+    def set_clip_ratio(self, clip_ratio: float) -> None:
+        """Change the activation clip ratio in place (validated: a finite float in (0, 1])."""
+        self.clip_ratio.fill_(ops.check_clip_ratio(clip_ratio))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"kron=({self.n1}x{self.n2}), clip_ratio={self.clip_ratio.item():.4f}, "
+                f"act_dtype={str(self.act_dtype).replace('torch.', '')}, bias={self.bias is not None}, "
+                f"backend={self.backend or 'auto'}")
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x: expected last dim {self.in_features} (in_features), got shape {tuple(x.shape)}")
+        in_dtype = x.dtype
+        if in_dtype == torch.float32:
+            x = x.to(self.act_dtype)
+        elif in_dtype != self.act_dtype:
+            raise ValueError(
+                f"x: expected {self.act_dtype} (the layer's activation dtype) or float32, got {in_dtype}; "
+                "cast the layer with .to(dtype) to change its activation dtype"
+            )
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        tokens = x2.shape[0]
+        if tokens == 0:
+            return x.new_zeros(*lead, self.out_features, dtype=in_dtype)
+        if self.check_finite:
+            bad = ~torch.isfinite(x2)
+            if bad.any():
+                raise ValueError(
+                    f"x: expected finite activations, got {int(bad.sum())} non-finite values in "
+                    f"{int(bad.any(-1).sum())} of {tokens} tokens (pass check_finite=False to skip this check)"
+                )
+        c = float(self.clip_ratio.item())
+        w_t = self.weight_packed.t()  # a transposed view of the contiguous [O, K/8], as vllm-ascend passes it
+        scale = self.weight_scale.view(-1)
+        outs = []
+        for start in range(0, tokens, self.chunk_tokens):
+            chunk = x2[start:start + self.chunk_tokens].view(-1, self.n1, self.n2)
+            xq, s_tok = ops.kronecker_quant(chunk, self.p1, self.p2, clip_ratio=c, backend=self.backend)
+            outs.append(ops.quant_matmul(xq.view(-1, self.in_features // 8), w_t, scale,
+                                         pertoken_scale=s_tok, output_dtype=self.act_dtype,
+                                         backend=self.backend))
+        y = outs[0] if len(outs) == 1 else torch.cat(outs)
+        if self.bias is not None:
+            y = y + self.bias  # in the output dtype, as vllm-ascend adds it
+        return y.view(*lead, self.out_features).to(in_dtype)

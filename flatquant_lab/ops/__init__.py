@@ -1,0 +1,122 @@
+"""Backend-neutral entry points for the Ascend W4A4 ops (the only place that knows about backends).
+
+Each function has the signature and results of its ``torch_npu.npu_*`` namesake. ``backend`` picks
+the implementation: ``"reference"`` (pure PyTorch, any device, SPEC sections 3-6 step by step) or
+``"npu"`` (``torch_npu``). Left as ``None`` it comes from ``FLATQUANT_BACKEND``
+(``auto|npu|reference``, default ``auto``); ``auto`` picks npu for tensors on an NPU device.
+Inputs are validated here, once, for both backends.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from . import npu as _npu
+from . import reference as _ref
+from .npu import NPUUnavailableError
+from .reference import Fp16OverflowError, unpack_int4_float
+
+BACKENDS = ("reference", "npu")
+ENV_VAR = "FLATQUANT_BACKEND"
+KRONECKER_MAX_FACTOR = 256  # CANN 8.5; 8.1-8.3 allow 128 (see kronecker.npu_supported)
+MAX_PACKED_DIM = 65535
+
+__all__ = [
+    "BACKENDS", "Fp16OverflowError", "NPUUnavailableError", "resolve_backend", "kronecker_quant",
+    "quant_matmul", "convert_weight_to_int4pack", "dynamic_quant", "unpack_int4_float",
+]
+
+
+def resolve_backend(backend: str | None = None, *tensors: torch.Tensor) -> str:
+    """The backend to run: the argument, else ``$FLATQUANT_BACKEND``, where ``auto`` looks at devices."""
+    choice = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
+    choice = choice.strip().lower()
+    if choice == "auto":
+        return "npu" if any(t.device.type == "npu" for t in tensors) else "reference"
+    if choice not in BACKENDS:
+        src = "backend" if backend is not None else ENV_VAR
+        raise ValueError(f"{src}: expected one of auto, npu, reference, got {choice!r}")
+    return choice
+
+
+def _impl(backend: str | None, *tensors: torch.Tensor):
+    return _npu if resolve_backend(backend, *tensors) == "npu" else _ref
+
+
+def check_clip_ratio(clip_ratio) -> float:
+    """``clip_ratio`` as a float in (0, 1], or a ValueError that says what was expected."""
+    if isinstance(clip_ratio, torch.Tensor):
+        if clip_ratio.numel() != 1:
+            raise ValueError(f"clip_ratio: expected one value, got shape {tuple(clip_ratio.shape)}")
+        clip_ratio = clip_ratio.item()
+    if isinstance(clip_ratio, bool) or not isinstance(clip_ratio, (int, float)):
+        raise ValueError(f"clip_ratio: expected a float in (0, 1], got {clip_ratio!r}")
+    c = float(clip_ratio)
+    if not math.isfinite(c) or not 0.0 < c <= 1.0:
+        raise ValueError(f"clip_ratio: expected a finite float in (0, 1], got {c}")
+    return c
+
+
+def kronecker_quant(x, p1, p2, clip_ratio=1.0, dst_dtype=torch.int32, backend=None):
+    """``npu_kronecker_quant(x[T, n1, n2], p1[n1, n1], p2[n2, n2])`` -> (int32 [T, n1, n2/8], fp32 [T])."""
+    if x.dim() != 3:
+        raise ValueError(f"x: expected [tokens, n1, n2], got shape {tuple(x.shape)}")
+    _, n1, n2 = x.shape
+    if x.dtype not in _ref.HALF_DTYPES:
+        raise ValueError(f"x: expected float16 or bfloat16, got {x.dtype}")
+    for name, p, n in (("p1", p1, n1), ("p2", p2, n2)):
+        if tuple(p.shape) != (n, n):
+            raise ValueError(f"{name}: expected shape ({n}, {n}) to match x {tuple(x.shape)}, got {tuple(p.shape)}")
+        if p.dtype != x.dtype:
+            raise ValueError(f"{name}: expected dtype {x.dtype} (that of x), got {p.dtype}")
+    if n2 % 8:
+        raise ValueError(f"x: n2 = {n2} must be divisible by 8 (8 int4 values per int32 word)")
+    if max(n1, n2) > KRONECKER_MAX_FACTOR:
+        raise ValueError(f"x: factor sizes ({n1}, {n2}) exceed {KRONECKER_MAX_FACTOR}, the op's limit")
+    c = check_clip_ratio(clip_ratio)
+    return _impl(backend, x, p1, p2).kronecker_quant(x, p1, p2, clip_ratio=c, dst_dtype=dst_dtype)
+
+
+def quant_matmul(x1, x2, scale, offset=None, pertoken_scale=None, bias=None,
+                 output_dtype=torch.float16, backend=None):
+    """``npu_quant_matmul`` int4 path: ``x1`` int32 [m, k/8], ``x2`` int32 [k/8, n] (transposed)."""
+    for name, t in (("x1", x1), ("x2", x2)):
+        if t.dtype != torch.int32 or t.dim() != 2:
+            raise ValueError(f"{name}: expected a 2-D int32 tensor of packed int4, got {t.dtype} {tuple(t.shape)}")
+    m, kp = x1.shape
+    if x2.shape[0] != kp:
+        raise ValueError(f"x2: packed k dim {x2.shape[0]} disagrees with x1's {kp} (x1 {tuple(x1.shape)}, x2 {tuple(x2.shape)})")
+    n = x2.shape[1]
+    if max(kp, n) > MAX_PACKED_DIM:
+        raise ValueError(f"x2: packed dims ({kp}, {n}) exceed {MAX_PACKED_DIM}")
+    if scale.dtype != torch.float32 or tuple(scale.shape) != (n,):
+        raise ValueError(f"scale: expected float32 [{n}], got {scale.dtype} {tuple(scale.shape)}")
+    if pertoken_scale is not None and (pertoken_scale.dtype != torch.float32 or tuple(pertoken_scale.shape) != (m,)):
+        raise ValueError(f"pertoken_scale: expected float32 [{m}], got {pertoken_scale.dtype} {tuple(pertoken_scale.shape)}")
+    if offset is not None:
+        raise ValueError("offset: the int4 path is symmetric; expected None")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias: expected shape [{n}], got {tuple(bias.shape)}")
+    if output_dtype not in _ref.HALF_DTYPES:
+        raise ValueError(f"output_dtype: expected torch.float16 or torch.bfloat16, got {output_dtype}")
+    return _impl(backend, x1, x2).quant_matmul(
+        x1, x2, scale, offset=offset, pertoken_scale=pertoken_scale, bias=bias, output_dtype=output_dtype
+    )
+
+
+def convert_weight_to_int4pack(weight, inner_k_tiles=1, backend=None):
+    """``npu_convert_weight_to_int4pack``: int32 values [n, k] in [-8, 7] -> int32 [n, k/8]."""
+    if weight.dtype != torch.int32 or weight.dim() != 2:
+        raise ValueError(f"weight: expected a 2-D int32 tensor, got {weight.dtype} {tuple(weight.shape)}")
+    return _impl(backend, weight).convert_weight_to_int4pack(weight, inner_k_tiles=inner_k_tiles)
+
+
+def dynamic_quant(x, smooth_scales=None, dst_type=torch.int8, backend=None):
+    """``npu_dynamic_quant``: per-row symmetric int8 (or packed int4) with ``scale = max|x| / qmax``."""
+    if not x.is_floating_point():
+        raise ValueError(f"x: expected a float tensor, got {x.dtype}")
+    if smooth_scales is not None and smooth_scales.shape[-1:] != x.shape[-1:]:
+        raise ValueError(f"smooth_scales: expected shape [{x.shape[-1]}], got {tuple(smooth_scales.shape)}")
+    return _impl(backend, x).dynamic_quant(x, smooth_scales=smooth_scales, dst_type=dst_type)

@@ -1,0 +1,133 @@
+"""Pure-PyTorch emulation of the Ascend W4A4 ops, step by step as SPEC sections 3, 5 and 6 state.
+
+Runs on any device. Integer products are formed as fp32 GEMMs over integer-valued operands: every
+partial sum is an integer of magnitude <= 64 * k < 2**24 for k <= 262144, so fp32 holds it exactly
+whatever the summation order, and the result equals the device's int32 accumulator.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..packing import INT4_MAX, INT4_MIN, pack_int4
+
+FP16_MAX = 65504.0
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+MAX_K_EXACT = 262144  # |acc| <= 64 * k stays below 2**24 up to here
+
+
+class Fp16OverflowError(ValueError):
+    """The transformed activation ``p1 @ x @ p2`` does not fit fp16, where the kernel keeps it."""
+
+
+def unpack_int4_float(packed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Unpack NPU-layout int32 words ``[..., k/8]`` straight to ``dtype`` values ``[..., k]``.
+
+    Same result as ``unpack_int4(packed).to(dtype)``, in int32 arithmetic with one pass: this sits on
+    the reference matmul's hot path.
+    """
+    shifts = torch.arange(28, -4, -4, dtype=torch.int32, device=packed.device)
+    # Move nibble j to the top 4 bits, then an arithmetic shift right by 28 sign-extends it.
+    v = (packed.unsqueeze(-1) << shifts) >> 28
+    return v.flatten(-2).to(dtype)
+
+
+def kronecker_quant(
+    x: torch.Tensor,
+    p1: torch.Tensor,
+    p2: torch.Tensor,
+    clip_ratio: float = 1.0,
+    dst_dtype: torch.dtype = torch.int32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Emulate ``npu_kronecker_quant``: per token ``b = p1 @ x @ p2`` then int4 quantization.
+
+    Steps (one token ``x[n1, n2]``, input dtype ``t``):
+    a = round_t(x @ p2) with fp32 accumulation;  b = round_fp16(p1 @ a) with fp32 accumulation;
+    m = max|b|;  quant_scale = (m * c) / 7;  mult = (7 / c) / m  (7 when m == 0);
+    q = sat[-8, 7](rint(round_fp16(b * mult)))  packed 8 per int32 along n2.
+    Returns ``(out int32 [T, n1, n2/8], quant_scale float32 [T])``.
+    """
+    t = x.dtype
+    if dst_dtype != torch.int32:
+        raise ValueError(f"dst_dtype: expected torch.int32 (int4 packed), got {dst_dtype}")
+    # a = x @ p2 (fp32 accumulation), rounded to the input dtype
+    a = torch.matmul(x.float(), p2.float()).to(t)
+    # b = p1 @ a (fp32 accumulation), rounded to fp16 even for bf16 input
+    b = torch.matmul(p1.float(), a.float()).to(torch.float16)
+    overflow = ~torch.isfinite(b)
+    if overflow.any():
+        # fp16 saturates to inf past 65504 (or x itself was not finite): the token's scale becomes
+        # inf and its values garbage on the device, so refuse rather than emulate that.
+        bad = int(overflow.flatten(1).any(1).sum())
+        raise Fp16OverflowError(
+            f"x: the transformed activation p1 @ x @ p2 is not finite in fp16 (|b| > {FP16_MAX:g} "
+            f"or a non-finite input) in {bad} of {b.shape[0]} token(s); the kernel keeps it in fp16 "
+            "and would produce inf scales. Scale the input or the transform down."
+        )
+    m = b.abs().amax(dim=(-2, -1)).float()  # exact in fp16
+    c = torch.tensor(clip_ratio, dtype=torch.float32, device=x.device)
+    seven = torch.tensor(7.0, dtype=torch.float32, device=x.device)
+    quant_scale = (m * c) / seven
+    mult = torch.where(m == 0, seven, (seven / c) / torch.where(m == 0, torch.ones_like(m), m))
+    scaled = (b.float() * mult[:, None, None]).to(torch.float16)  # round to fp16, half to even
+    q = torch.round(scaled.float()).clamp_(INT4_MIN, INT4_MAX)  # rint (half to even), saturate
+    return pack_int4(q.to(torch.int8)), quant_scale
+
+
+def quant_matmul(
+    x1: torch.Tensor,
+    x2: torch.Tensor,
+    scale: torch.Tensor,
+    offset: torch.Tensor | None = None,
+    pertoken_scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    output_dtype: torch.dtype = torch.float16,
+) -> torch.Tensor:
+    """Emulate ``npu_quant_matmul`` on int4-packed int32 operands.
+
+    ``acc[i, j] = sum_k a[i, k] w[j, k]`` (exact);  ``y = acc * scale[j] * pertoken[i]`` in fp32;
+    ``y += bias`` in fp32;  cast to ``output_dtype`` (round half to even).
+    """
+    k = x1.shape[-1] * 8
+    if k > MAX_K_EXACT:
+        raise ValueError(f"x1: k = {k} exceeds {MAX_K_EXACT}, where an fp32 accumulator stays exact")
+    a = unpack_int4_float(x1)  # [m, k]
+    w = unpack_int4_float(x2.transpose(0, 1))  # x2 is [k/8, n], the transpose of [n, k/8]
+    acc = a @ w.transpose(0, 1)
+    y = acc * scale.float()
+    if pertoken_scale is not None:
+        y = y * pertoken_scale.float()[:, None]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(output_dtype)
+
+
+def convert_weight_to_int4pack(weight: torch.Tensor, inner_k_tiles: int = 1) -> torch.Tensor:
+    """Emulate ``npu_convert_weight_to_int4pack``: int32 values ``[n, k]`` -> packed ``[n, k/8]``."""
+    return pack_int4(weight)
+
+
+def dynamic_quant(
+    x: torch.Tensor,
+    smooth_scales: torch.Tensor | None = None,
+    dst_type: torch.dtype = torch.int8,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Emulate ``npu_dynamic_quant``: per row ``mult = qmax / max|x|``, ``y = rint(x * mult)``.
+
+    ``dst_type=torch.int8`` gives int8 values; ``torch.quint4x2`` gives int4 values packed 8 per
+    int32 along the last dim. Returns ``(y, scale)`` with ``scale = 1 / mult`` (float32, one per row).
+    """
+    if dst_type == torch.int8:
+        qmax = 127.0
+    elif dst_type == torch.quint4x2:
+        qmax = 7.0
+    else:
+        raise ValueError(f"dst_type: expected torch.int8 or torch.quint4x2, got {dst_type}")
+    xf = x.float()
+    if smooth_scales is not None:
+        xf = xf * smooth_scales.float()
+    amax = xf.abs().amax(dim=-1)
+    mult = torch.where(amax == 0, torch.full_like(amax, qmax), qmax / torch.where(amax == 0, 1.0, amax))
+    y = torch.round(xf * mult[..., None])
+    if qmax == 7.0:
+        return pack_int4(y.clamp(INT4_MIN, INT4_MAX).to(torch.int8)), 1.0 / mult
+    return y.clamp(-128, 127).to(torch.int8), 1.0 / mult
