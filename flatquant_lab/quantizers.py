@@ -48,10 +48,18 @@ def fake_quant_weight(weight: torch.Tensor, clip: torch.Tensor | None = None) ->
 
 
 def fake_quant_act(b: torch.Tensor, clip_ratio: torch.Tensor | float = 1.0) -> torch.Tensor:
-    """Differentiable per-token int4 quantize-dequantize of transformed activations ``b[..., K]``."""
-    s = b.abs().amax(dim=-1, keepdim=True) * clip_ratio / QMAX
-    s = s.clamp_min(1e-12)  # an all-zero token quantizes to zeros, never NaN
-    return torch.clamp(round_ste(b / s), QMIN, QMAX) * s
+    """Differentiable per-token int4 quantize-dequantize of transformed activations ``b[..., K]``.
+
+    ``q = sat(rint(round_fp16(b * ((7 / c) / m))))``, ``b_hat = q * m * c / 7``: the kernel's own
+    steps (the fp16 rounding of the product included, which decides near-ties), with straight-through
+    rounding. An all-zero token quantizes to zeros, never NaN.
+    """
+    m = b.abs().amax(dim=-1, keepdim=True)
+    m_safe = torch.where(m > 0, m, torch.ones_like(m))
+    t = b * ((QMAX / clip_ratio) / m_safe)
+    t = t + (t.to(torch.float16).to(t.dtype) - t).detach()
+    q = torch.clamp(round_ste(t), QMIN, QMAX)
+    return q * (m * clip_ratio / QMAX)
 
 
 def quant_act_reference(b: torch.Tensor, clip_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:

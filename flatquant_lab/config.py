@@ -1,0 +1,108 @@
+"""``QuantConfig``: one small dataclass per quantization run (method, weights, profile, options)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+import torch
+
+METHODS = ("rtn", "hadamard", "flatquant")
+WEIGHT_QUANTIZERS = ("rtn", "gptq")
+# Calibration budgets. "paper" is FlatQuant's recipe (SPEC section 8); "full" and "fast" are CPU
+# budgets for the bundled 135M model (about 1 hour and about 10 minutes on 2 cores).
+PROFILES = {
+    "paper": dict(samples=128, seqlen=2048, epochs=15, lr=5e-3, batch_size=4),
+    "full": dict(samples=128, seqlen=256, epochs=8, lr=5e-3, batch_size=4),
+    "fast": dict(samples=64, seqlen=128, epochs=4, lr=5e-3, batch_size=4),
+}
+
+
+@dataclass
+class QuantConfig:
+    """What ``quantize`` does. ``None`` budget fields take the profile's value.
+
+    method: ``flatquant`` (learned Kronecker transforms, smoothing, clipping), ``hadamard``
+    (fixed QuaRot-style orthogonal factors) or ``rtn`` (identity factors); all three give the same
+    ``W4A4FlatQuantLinear`` modules and export format.
+    """
+
+    method: str = "flatquant"
+    weight_quantizer: str = "rtn"
+    profile: str = "paper"
+    samples: int | None = None
+    seqlen: int | None = None
+    epochs: int | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    clip_lr_mult: float = 10.0  # clip factors learn 10x faster (FlatQuant)
+    min_lr_ratio: float = 1e-3  # cosine schedule ends at lr * this
+    transform_init: str = "hadamard"  # starting point of learned factors: hadamard | random | identity
+    smooth: bool = True  # learn a per-channel scale d where it folds exactly
+    smooth_alpha: float = 0.3  # SmoothQuant-style init of d
+    # Clip factors start as a logit (FlatQuant: 4.0, sigmoid 0.982) or "search": the MSE-best ratio
+    # on a grid (weights per channel; activations per transform on calibration tokens), which
+    # matters when a CPU budget leaves the factors only a few dozen steps to move.
+    weight_clip_init: float | str = "search"
+    act_clip_init: float | str = "search"
+    learn_weight_clip: bool = True
+    learn_act_clip: bool = True
+    act_dtype: torch.dtype = torch.bfloat16
+    skip: tuple[str, ...] = ()  # fnmatch patterns of module names kept in float
+    seed: int = 0
+    work_dir: str | None = None  # per-layer results, for resuming an interrupted run
+    gptq_damp: float = 0.01
+    gptq_block: int = 128
+    gptq_act_order: bool = True
+    cann: str = "8.3"  # which CANN's kronecker_quant limits decide what can run on the NPU
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method: expected one of {METHODS}, got {self.method!r}")
+        if self.weight_quantizer not in WEIGHT_QUANTIZERS:
+            raise ValueError(f"weight_quantizer: expected one of {WEIGHT_QUANTIZERS}, got {self.weight_quantizer!r}")
+        if self.profile not in PROFILES:
+            raise ValueError(f"profile: expected one of {tuple(PROFILES)}, got {self.profile!r}")
+        if self.transform_init not in ("hadamard", "random", "identity"):
+            raise ValueError(f"transform_init: expected hadamard, random or identity, got {self.transform_init!r}")
+        if self.act_dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"act_dtype: expected torch.float16 or torch.bfloat16, got {self.act_dtype}")
+        if isinstance(self.skip, str):
+            self.skip = (self.skip,)
+        self.skip = tuple(self.skip)
+        for name in ("samples", "seqlen", "batch_size"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+        if self.epochs is not None and (not isinstance(self.epochs, int) or self.epochs < 0):
+            raise ValueError(f"epochs: expected an int >= 0, got {self.epochs!r}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr: expected a positive float, got {self.lr!r}")
+        for name in ("act_clip_init", "weight_clip_init"):
+            v = getattr(self, name)
+            if isinstance(v, str) and v != "search":
+                raise ValueError(f"{name}: expected a float logit or 'search', got {v!r}")
+
+    def budget(self, name: str):
+        """A budget field (samples, seqlen, epochs, lr, batch_size): the override or the profile's."""
+        v = getattr(self, name)
+        return PROFILES[self.profile][name] if v is None else v
+
+    @property
+    def trains(self) -> bool:
+        return self.method == "flatquant" and self.budget("epochs") > 0
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["act_dtype"] = str(self.act_dtype).replace("torch.", "")
+        d["skip"] = list(self.skip)
+        d.update({k: self.budget(k) for k in PROFILES["paper"]})
+        return d
+
+    def fingerprint(self) -> str:
+        """What decides the learned tensors: a resumed run must match it."""
+        d = self.to_dict()
+        for k in ("work_dir", "skip", "weight_quantizer", "gptq_damp", "gptq_block", "gptq_act_order"):
+            d.pop(k, None)
+        return json.dumps(d, sort_keys=True)

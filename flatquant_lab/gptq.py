@@ -1,0 +1,62 @@
+"""GPTQ for per-output-channel symmetric int4 weights in the transformed basis.
+
+Minimises ``||X W^T - X W_q^T||^2`` column by column: quantize column ``i``, then spread its error
+``e = (w_i - q_i s) / [H^-1]_ii`` over the remaining columns with the Cholesky factor of ``H^-1``,
+``H = X^T X``. Scales are fixed per row beforehand (what ``npu_quant_matmul`` consumes: no groups).
+"""
+from __future__ import annotations
+
+import torch
+
+from .quantizers import QMAX, QMIN
+
+
+class HessianAccumulator:
+    """Running ``H = sum_t x_t^T x_t`` over calibration tokens (float64)."""
+
+    def __init__(self, k: int):
+        self.h = torch.zeros(k, k, dtype=torch.float64)
+        self.tokens = 0
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).double()
+        self.h.addmm_(x.t(), x)
+        self.tokens += x.shape[0]
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, block: int = 128,
+                  damp: float = 0.01, act_order: bool = True) -> torch.Tensor:
+    """int8 ``[O, K]`` int4 values for ``weight`` with the fixed per-row ``scale [O, 1]``."""
+    w = weight.detach().double().clone()
+    h = hessian.detach().double().clone()
+    o, k = w.shape
+    if tuple(h.shape) != (k, k):
+        raise ValueError(f"hessian: expected shape [{k}, {k}], got {list(h.shape)}")
+    if tuple(scale.shape) != (o, 1):
+        raise ValueError(f"scale: expected shape [{o}, 1], got {list(scale.shape)}")
+    s = scale.double()
+    s_safe = torch.where(s > 0, s, torch.ones_like(s))
+    dead = torch.diagonal(h) == 0  # inputs never seen: their weights cannot matter
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(k)
+    w, h = w[:, perm], h[perm][:, perm]
+    h += damp * torch.diagonal(h).mean() * torch.eye(k, dtype=torch.float64)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    q = torch.zeros_like(w)
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = w1[:, i:i + 1]
+            qi = torch.where(s > 0, torch.round(col / s_safe).clamp_(QMIN, QMAX), torch.zeros_like(col))
+            q[:, i1 + i:i1 + i + 1] = qi
+            e = (col - qi * s) / hinv1[i, i]
+            w1[:, i:] -= e @ hinv1[i:i + 1, i:]
+            err1[:, i:i + 1] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    q = q[:, torch.argsort(perm)]
+    return q.to(torch.int8)
