@@ -629,12 +629,14 @@ def _quantized_layer(model: nn.Module, prefix: str, tensors: Mapping[str, torch.
         raise CheckpointError(f"{prefix}.bias: unexpected ({type(model).__name__}'s {prefix} has no bias)")
     parts = {n: tensors[f"{prefix}.{n}"] for n in CHECKPOINT_KEYS + (("bias",) if has_bias else ())}
     stored = parts["left_trans"].dtype
-    act = dtype if dtype in HALF_DTYPES else stored if stored in HALF_DTYPES else None
+    # The activation dtype: the requested half dtype, else the transforms' own, else bfloat16
+    # (from_checkpoint's default for float32 transforms).
+    act = dtype if dtype in HALF_DTYPES else stored if stored in HALF_DTYPES else torch.bfloat16
     if dtype is not None:
         parts["left_trans"] = parts["left_trans"].to(dtype)
         parts["right_trans"] = parts["right_trans"].to(dtype)
-        if has_bias and act is not None:
-            parts["bias"] = parts["bias"].to(act)  # the bias is added in the activation dtype
+    if has_bias:
+        parts["bias"] = parts["bias"].to(act)  # added in the activation dtype, as vllm-ascend does
     try:
         return W4A4FlatQuantLinear.from_checkpoint(parts, backend=backend, act_dtype=act)
     except ValueError as e:  # its messages start with the tensor's short name
