@@ -17,18 +17,23 @@ DEFAULT_CANN = "8.3"
 
 
 def decompose_dim(k: int) -> tuple[int, int]:
-    """Factor pair ``(n1, n2)`` of ``k`` closest to a square, ``n1 <= n2``, ``n1 * n2 == k``.
+    """Factor pair ``(n1, n2)`` of ``k``, ``n1 <= n2``, ``n1 * n2 == k``, as vllm-ascend picks it.
 
-    vllm-ascend's ``get_decompose_dim`` finds it by solving ``a^2 - b^2 = k``; that loop never ends
-    when ``k % 4 == 2``. A divisor search from ``isqrt(k)`` downwards gives the same pair wherever
-    that loop ends, and always ends (primes give ``(1, k)``).
+    vllm-ascend's ``get_decompose_dim`` (which fixes the checkpoint's ``left_trans``/``right_trans``
+    shapes) solves ``a^2 - b^2 = k`` for the smallest ``a >= ceil(sqrt(k))`` and returns
+    ``(a - b, a + b)``: the pair closest to a square among pairs of the same parity (both odd for
+    odd ``k``, both even for ``k % 4 == 0``). E.g. 40 -> (4, 10), not (5, 8). It never ends when
+    ``k % 4 == 2`` (no same-parity pair exists). A divisor search from ``isqrt(k)`` downwards with the
+    same parity rule gives the same pair wherever that loop ends, and always ends; for
+    ``k % 4 == 2`` it returns the pair closest to a square (primes give ``(1, k)``).
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k: expected a positive int, got {k!r}")
+    same_parity = k % 4 != 2  # odd k: every pair is odd-odd; k % 4 == 0: need both even
     for n1 in range(math.isqrt(k), 0, -1):
-        if k % n1 == 0:
+        if k % n1 == 0 and (not same_parity or (n1 - k // n1) % 2 == 0):
             return n1, k // n1
-    raise AssertionError("unreachable: 1 divides every k")
+    raise AssertionError("unreachable: (1, k) or, for k % 4 == 0, (2, k / 2) always qualifies")
 
 
 @dataclass(frozen=True)
