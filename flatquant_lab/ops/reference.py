@@ -6,9 +6,11 @@ whatever the summation order, and the result equals the device's int32 accumulat
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 
-from ..packing import INT4_MAX, INT4_MIN, pack_int4
+from ..packing import INT4_MAX, INT4_MIN, pack_int4, unpack_int4
 
 FP16_MAX = 65504.0
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -29,6 +31,52 @@ def unpack_int4_float(packed: torch.Tensor, dtype: torch.dtype = torch.float32) 
     # Move nibble j to the top 4 bits, then an arithmetic shift right by 28 sign-extends it.
     v = (packed.unsqueeze(-1) << shifts) >> 28
     return v.flatten(-2).to(dtype)
+
+
+def unpack_int4_int8(packed: torch.Tensor) -> torch.Tensor:
+    """Unpack NPU-layout int32 words ``[..., k/8]`` to int8 values ``[..., k]`` (same as ``unpack_int4``).
+
+    Fast path: on a little-endian host the words' bytes are, in order, value pairs (low nibble
+    first, SPEC section 4), so an int8 view and two arithmetic shifts unpack them without widening.
+    """
+    if sys.byteorder != "little" or packed.dim() == 0 or packed.shape[-1] == 0:
+        return unpack_int4(packed)
+    b = packed.contiguous().view(torch.int8)  # [..., k/2]
+    out = torch.empty(*b.shape, 2, dtype=torch.int8, device=b.device)
+    # Low nibble to the top, then an arithmetic shift back sign-extends it; the high nibble needs
+    # only the arithmetic shift. Written in place: no stack/cat pass over the output.
+    torch.bitwise_right_shift(torch.bitwise_left_shift(b, 4), 4, out=out[..., 0])
+    torch.bitwise_right_shift(b, 4, out=out[..., 1])
+    return out.flatten(-2)
+
+
+def _pack_int4_checked(q: torch.Tensor) -> torch.Tensor:
+    """``pack_int4`` for int8 values already saturated to [-8, 7] (the kernel's own output).
+
+    Fast path on a little-endian host: byte ``i`` of the packed row is ``(v[2i] & 0xF) | v[2i+1] << 4``,
+    and the int8 row viewed as int32 is the NPU layout (SPEC section 4). Same words as ``pack_int4``.
+    """
+    if sys.byteorder != "little" or q.dim() == 0 or q.shape[-1] == 0:
+        return pack_int4(q)
+    q = q.contiguous()
+    byte = torch.bitwise_or(torch.bitwise_and(q[..., 0::2], 0xF), torch.bitwise_left_shift(q[..., 1::2], 4))
+    return byte.contiguous().view(torch.int32)
+
+
+def _int_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``acc[i, j] = sum_k a[i, k] w[j, k]`` for int8 ``a[m, k]``, ``w[n, k]``, exactly, as fp32.
+
+    Uses the int8 x int8 -> int32 GEMM where PyTorch has one (an int32 accumulator, like the
+    device's); otherwise an fp32 GEMM over the integer values, exact as |acc| <= 64 k < 2**24.
+    Both give the same fp32 numbers, so results are bit-identical either way.
+    """
+    int_mm = getattr(torch, "_int_mm", None)
+    if int_mm is not None and a.device.type == "cpu" and a.shape[0] > 0:
+        try:
+            return int_mm(a, w.t()).to(torch.float32)
+        except RuntimeError:  # a build or shape the int8 kernel does not take: use the fp32 GEMM
+            pass
+    return a.to(torch.float32) @ w.to(torch.float32).t()
 
 
 def kronecker_quant(
@@ -53,24 +101,26 @@ def kronecker_quant(
     a = torch.matmul(x.float(), p2.float()).to(t)
     # b = p1 @ a (fp32 accumulation), rounded to fp16 even for bf16 input
     b = torch.matmul(p1.float(), a.float()).to(torch.float16)
-    overflow = ~torch.isfinite(b)
+    m = b.abs().amax(dim=(-2, -1))  # exact in fp16; inf or nan exactly when the token has one
+    overflow = ~torch.isfinite(m)
     if overflow.any():
         # fp16 saturates to inf past 65504 (or x itself was not finite): the token's scale becomes
         # inf and its values garbage on the device, so refuse rather than emulate that.
-        bad = int(overflow.flatten(1).any(1).sum())
+        bad = int(overflow.sum())
         raise Fp16OverflowError(
             f"x: the transformed activation p1 @ x @ p2 is not finite in fp16 (|b| > {FP16_MAX:g} "
             f"or a non-finite input) in {bad} of {b.shape[0]} token(s); the kernel keeps it in fp16 "
             "and would produce inf scales. Scale the input or the transform down."
         )
-    m = b.abs().amax(dim=(-2, -1)).float()  # exact in fp16
+    m = m.float()
     c = torch.tensor(clip_ratio, dtype=torch.float32, device=x.device)
     seven = torch.tensor(7.0, dtype=torch.float32, device=x.device)
     quant_scale = (m * c) / seven
     mult = torch.where(m == 0, seven, (seven / c) / torch.where(m == 0, torch.ones_like(m), m))
     scaled = (b.float() * mult[:, None, None]).to(torch.float16)  # round to fp16, half to even
-    q = torch.round(scaled.float()).clamp_(INT4_MIN, INT4_MAX)  # rint (half to even), saturate
-    return pack_int4(q.to(torch.int8)), quant_scale
+    # rint (half to even) of an fp16 value is exact in fp16; saturate, then pack.
+    q = torch.round(scaled).clamp_(INT4_MIN, INT4_MAX).to(torch.int8)
+    return _pack_int4_checked(q), quant_scale
 
 
 def quant_matmul(
@@ -90,9 +140,9 @@ def quant_matmul(
     k = x1.shape[-1] * 8
     if k > MAX_K_EXACT:
         raise ValueError(f"x1: k = {k} exceeds {MAX_K_EXACT}, where an fp32 accumulator stays exact")
-    a = unpack_int4_float(x1)  # [m, k]
-    w = unpack_int4_float(x2.transpose(0, 1))  # x2 is [k/8, n], the transpose of [n, k/8]
-    acc = a @ w.transpose(0, 1)
+    a = unpack_int4_int8(x1)  # [m, k]
+    w = unpack_int4_int8(x2.transpose(0, 1))  # x2 is [k/8, n], the transpose of [n, k/8]
+    acc = _int_matmul(a, w)  # exact integers, held in fp32 (|acc| < 2**24)
     y = acc * scale.float()
     if pertoken_scale is not None:
         y = y * pertoken_scale.float()[:, None]
