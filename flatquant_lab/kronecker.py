@@ -100,4 +100,5 @@ def fold_weight(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -
 
 def explicit_kron(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """The dense ``kron(L, R)``: for tests and baselines only (``K^2`` memory)."""
-    return torch.kron(left, right)
+    # torch.kron raises on non-contiguous inputs (e.g. the transposes kron_inverse_t returns)
+    return torch.kron(left.contiguous(), right.contiguous())

@@ -34,8 +34,9 @@ def pack_int4(values: torch.Tensor) -> torch.Tensor:
     """
     _check_last_dim(values, "values", VALUES_PER_WORD)
     if values.is_floating_point():
-        if not torch.equal(values, torch.round(values)):
-            raise ValueError("values: expected integer values, got non-integer floats")
+        # inf == round(inf), so check finiteness first (int(inf) below would raise OverflowError)
+        if not bool(torch.isfinite(values).all()) or not torch.equal(values, torch.round(values)):
+            raise ValueError("values: expected finite integer values, got non-integer or non-finite floats")
     elif values.dtype == torch.bool or values.is_complex():
         raise ValueError(f"values: expected an integer tensor, got {values.dtype}")
     if values.numel():
