@@ -51,6 +51,8 @@ class W4A4FlatQuantLinear(nn.Module):
                  bias: bool, backend: str | None = None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
                  check_finite: bool = True):
         super().__init__()
+        if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens: expected a positive int (the op's token limit), got {chunk_tokens!r}")
         self.in_features, self.out_features = in_features, out_features
         self.n1, self.n2 = n1, n2
         self.backend = backend
@@ -231,29 +233,42 @@ class W4A4FlatQuantLinear(nn.Module):
                 f"backend={self.backend or 'auto'}")
 
     # ------------------------------------------------------------------ forward
+    def _check_finite(self, x: torch.Tensor) -> None:
+        bad = ~torch.isfinite(x)
+        if bad.any():
+            x2 = bad.reshape(-1, self.in_features)
+            raise ValueError(
+                f"x: expected finite activations, got {int(bad.sum())} non-finite values in "
+                f"{int(x2.any(-1).sum())} of {x2.shape[0]} tokens (pass check_finite=False to skip this check)"
+            )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x: expected last dim {self.in_features} (in_features), got shape {tuple(x.shape)}")
         in_dtype = x.dtype
         if in_dtype == torch.float32:
+            if self.check_finite:
+                self._check_finite(x)
             x = x.to(self.act_dtype)
+            if self.check_finite and not bool(torch.isfinite(x).all()):
+                # finite float32 values past the half type's range (65504 for fp16) became inf
+                n = int((~torch.isfinite(x)).sum())
+                raise ops.Fp16OverflowError(
+                    f"x: {n} float32 value(s) overflow {self.act_dtype} (the layer's activation dtype, "
+                    f"max {torch.finfo(self.act_dtype).max:g}) when cast for the ops; scale the input down"
+                )
         elif in_dtype != self.act_dtype:
             raise ValueError(
                 f"x: expected {self.act_dtype} (the layer's activation dtype) or float32, got {in_dtype}; "
                 "cast the layer with .to(dtype) to change its activation dtype"
             )
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
+        x2 = x.reshape(-1, self.in_features).contiguous()  # the op reads tokens as dense [n1, n2] tiles
         tokens = x2.shape[0]
         if tokens == 0:
             return x.new_zeros(*lead, self.out_features, dtype=in_dtype)
-        if self.check_finite:
-            bad = ~torch.isfinite(x2)
-            if bad.any():
-                raise ValueError(
-                    f"x: expected finite activations, got {int(bad.sum())} non-finite values in "
-                    f"{int(bad.any(-1).sum())} of {tokens} tokens (pass check_finite=False to skip this check)"
-                )
+        if self.check_finite and in_dtype != torch.float32:  # float32 input was checked before the cast
+            self._check_finite(x2)
         c = float(self.clip_ratio.item())
         w_t = self.weight_packed.t()  # a transposed view of the contiguous [O, K/8], as vllm-ascend passes it
         scale = self.weight_scale.view(-1)
