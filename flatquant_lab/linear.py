@@ -183,11 +183,13 @@ class W4A4FlatQuantLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         # Module.to(dtype) would cast the fp32 scales too; the contract keeps them float32.
         act = self.p1.dtype
+        # fn would round them to the new dtype: keep the originals and move them by device only.
+        kept = {name: getattr(self, name) for name in _FP32_BUFFERS}
         super()._apply(fn, recurse)
-        for name in _FP32_BUFFERS:
-            buf = getattr(self, name)
-            if buf.dtype != torch.float32:
-                setattr(self, name, buf.float())
+        for name, old in kept.items():
+            new = getattr(self, name)
+            if new.dtype != torch.float32:
+                setattr(self, name, old.to(new.device))
         if self.p1.dtype not in HALF_DTYPES:  # an fp32 model cast must not make the act dtype fp32
             self.p1, self.p2 = self.p1.to(act), self.p2.to(act)
         if self.bias is not None and self.bias.dtype != self.p1.dtype:
