@@ -1,0 +1,87 @@
+"""A test double of the ``torch_npu`` module: records every call and computes with the reference ops.
+
+Install it for one test with ``monkeypatch.setitem(sys.modules, "torch_npu", make_fake_torch_npu())``.
+Each call is appended to ``module.calls`` as a :class:`Call` holding, per tensor argument, its
+shape, dtype, strides, contiguity and storage pointer (plus a clone of the values), and the scalar
+arguments as given. The double also enforces what the real ops require (SPEC sections 3 and 5),
+so that a caller passing the wrong layout fails here as it would on a device.
+"""
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass, field
+
+import torch
+
+from flatquant_lab.ops import reference
+
+
+@dataclass(frozen=True)
+class TensorArg:
+    shape: tuple
+    dtype: torch.dtype
+    stride: tuple
+    contiguous: bool
+    data_ptr: int
+    value: torch.Tensor  # a clone, for value checks after the call
+
+
+@dataclass
+class Call:
+    op: str
+    tensors: dict[str, TensorArg | None] = field(default_factory=dict)
+    scalars: dict[str, object] = field(default_factory=dict)
+
+
+def _arg(t):
+    if t is None:
+        return None
+    return TensorArg(tuple(t.shape), t.dtype, tuple(t.stride()), t.is_contiguous(), t.data_ptr(), t.detach().clone())
+
+
+class FakeTorchNpu(types.ModuleType):
+    """Stands in for ``torch_npu``; ``calls`` lists what was called, in order."""
+
+    def __init__(self):
+        super().__init__("torch_npu")
+        self.calls: list[Call] = []
+
+    def _record(self, op, tensors, scalars):
+        call = Call(op, {k: _arg(v) for k, v in tensors.items()}, dict(scalars))
+        self.calls.append(call)
+        return call
+
+    def ops(self) -> list[str]:
+        return [c.op for c in self.calls]
+
+    # -------------------------------------------------------------- the ops
+    def npu_kronecker_quant(self, x, kronecker_p1, kronecker_p2, clip_ratio=1.0, dst_dtype=torch.int32):
+        self._record("npu_kronecker_quant", {"x": x, "p1": kronecker_p1, "p2": kronecker_p2},
+                     {"clip_ratio": clip_ratio, "dst_dtype": dst_dtype})
+        assert x.dim() == 3 and x.dtype in (torch.float16, torch.bfloat16), "x: [T, n1, n2] fp16/bf16"
+        assert kronecker_p1.dtype == kronecker_p2.dtype == x.dtype, "one dtype for x, p1, p2"
+        assert isinstance(clip_ratio, float), "clip_ratio is a python float attribute of the op"
+        return reference.kronecker_quant(x, kronecker_p1, kronecker_p2, clip_ratio=clip_ratio, dst_dtype=dst_dtype)
+
+    def npu_quant_matmul(self, x1, x2, scale, *, offset=None, pertoken_scale=None, bias=None, output_dtype=None):
+        self._record("npu_quant_matmul",
+                     {"x1": x1, "x2": x2, "scale": scale, "offset": offset, "pertoken_scale": pertoken_scale,
+                      "bias": bias},
+                     {"output_dtype": output_dtype})
+        assert x1.dtype == x2.dtype == torch.int32, "int4 path: int32-packed operands"
+        # x2 must be the transpose of a contiguous [n, k/8] (SPEC section 5)
+        assert x2.t().is_contiguous(), "x2: expected the transposed view of a contiguous [n, k/8]"
+        return reference.quant_matmul(x1, x2, scale, offset=offset, pertoken_scale=pertoken_scale, bias=bias,
+                                      output_dtype=output_dtype)
+
+    def npu_convert_weight_to_int4pack(self, weight, inner_k_tiles=0):
+        self._record("npu_convert_weight_to_int4pack", {"weight": weight}, {"inner_k_tiles": inner_k_tiles})
+        return reference.convert_weight_to_int4pack(weight, inner_k_tiles=inner_k_tiles)
+
+    def npu_dynamic_quant(self, x, smooth_scales=None, dst_type=torch.int8):
+        self._record("npu_dynamic_quant", {"x": x, "smooth_scales": smooth_scales}, {"dst_type": dst_type})
+        return reference.dynamic_quant(x, smooth_scales=smooth_scales, dst_type=dst_type)
+
+
+def make_fake_torch_npu() -> FakeTorchNpu:
+    return FakeTorchNpu()
