@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .kronecker import decompose_dim, fold_weight, kron_apply
+from .kronecker import NPU_MAX_FACTOR, decompose_dim, fold_weight, kron_apply, npu_supported
 from .linear import W4A4FlatQuantLinear
 from .packing import unpack_int4
 from .quantizers import quant_act_reference
@@ -449,6 +449,10 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--clip-ratio: {exc}") from None
     dtype = _DTYPES[args.dtype]
     n1, n2 = decompose_dim(k)
+    support = npu_supported(n1, n2, cann=max(NPU_MAX_FACTOR, key=NPU_MAX_FACTOR.get))  # most permissive release
+    if not support:
+        raise SystemExit(f"--in-features: {k} factors as {n1} x {n2} (vllm-ascend's pair), which "
+                         f"npu_kronecker_quant cannot take: {support.reason}")
     left = orthogonal_factor(n1, args.transform, seed=args.seed)
     right = orthogonal_factor(n2, args.transform, seed=args.seed + 1)
     lin, x = random_problem(k, args.out_features, args.tokens, args.outlier_channels, args.outlier_scale,

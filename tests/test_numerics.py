@@ -1,0 +1,305 @@
+"""numerics.check_linear / sweep_clip_ratio and the `flatquant-lab check` subcommand."""
+import json
+import math
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from fake_torch_npu import make_fake_torch_npu
+from flatquant_lab import cli, numerics
+from flatquant_lab.kronecker import decompose_dim
+from flatquant_lab.linear import W4A4FlatQuantLinear
+from flatquant_lab.numerics import check_linear, random_problem, reference_activations, sweep_clip_ratio, ulp
+from flatquant_lab.ops import reference as ref
+from flatquant_lab.packing import pack_int4, unpack_int4
+from flatquant_lab.transforms import orthogonal_factor
+
+K, O, T = 256, 64, 96
+N1, N2 = decompose_dim(K)  # (16, 16)
+
+
+@pytest.fixture(autouse=True)
+def _reference_backend(monkeypatch):
+    monkeypatch.delenv("FLATQUANT_BACKEND", raising=False)
+
+
+def factors(kind, seed=0):
+    return orthogonal_factor(N1, kind, seed), orthogonal_factor(N2, kind, seed + 1)
+
+
+def problem(dtype=torch.bfloat16, kind="hadamard", bias=False, clip=1.0, seed=0, outliers=4, scale=20.0):
+    lin, x = random_problem(K, O, T, outlier_channels=outliers, outlier_scale=scale, bias=bias, seed=seed)
+    left, right = factors(kind)
+    q = W4A4FlatQuantLinear.from_float(lin, left, right, clip_ratio=clip, act_dtype=dtype, backend="reference")
+    return q, x.to(dtype), lin
+
+
+# ------------------------------------------------------------------ the bound
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["hadamard", "random"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_bound_holds_on_random_data_with_outliers(dtype, kind, bias):
+    q, x, lin = problem(dtype, kind, bias, clip=0.9, seed=3)
+    r = check_linear(q, x, lin)
+    assert r.bound_ok, r.table()
+    assert r.bound_violations_clean == 0
+    assert r.max_bound_ratio <= 1.0
+    # no bias: one rounding to the output dtype, so about half an ulp; with bias up to ~1
+    assert r.max_err_ulps <= (0.5001 if not bias else 1.0)
+    assert r.max_err_ulps > 0.25  # the comparison is not vacuous: real rounding differences show
+    assert r.act_tie_distance_max is None or r.act_tie_distance_max <= r.tie_tol
+    assert r.tokens == T and r.act_dtype == str(dtype).replace("torch.", "")
+
+
+def test_bound_is_tight_enough_to_catch_a_one_percent_error(monkeypatch):
+    q, x, lin = problem(torch.bfloat16)
+    orig = ref.quant_matmul
+
+    def off(*args, **kwargs):
+        y = orig(*args, **kwargs)
+        return (y.float() * (1 + 2**-6)).to(y.dtype)
+
+    monkeypatch.setattr(ref, "quant_matmul", off)
+    r = check_linear(q, x)
+    assert not r.bound_ok
+    assert r.bound_violations_clean > 0 and r.max_violation > 0 and r.max_bound_ratio > 1
+
+
+def _patch_one_activation(monkeypatch, q, x, pick):
+    """Make the op return one int4 activation one step off, at the element ``pick`` chooses."""
+    b, q_ref, s_ref = reference_activations(q, x)
+    m = b.abs().amax(dim=1).float()
+    c32 = torch.tensor(q.clip_ratio.item())
+    r = b.float() * ((7.0 / c32) / m)[:, None]
+    dist = (r - torch.floor(r) - 0.5).abs()
+    dist[q_ref.abs() >= 7] = math.inf  # keep clear of saturation
+    flat = int(pick(dist.flatten()))
+    tok, idx = divmod(flat, K)
+    orig = ref.kronecker_quant
+
+    q0 = int(q_ref[tok, idx])
+    rr = float(r[tok, idx])
+    moved = q0 + (1 if rr >= q0 else -1)  # one step towards the nearest half-integer, across it
+
+    def flipped(x3, p1, p2, clip_ratio=1.0, dst_dtype=torch.int32):
+        out, scale = orig(x3, p1, p2, clip_ratio=clip_ratio, dst_dtype=dst_dtype)
+        vals = unpack_int4(out)
+        if tok < vals.shape[0]:
+            assert int(vals.reshape(vals.shape[0], -1)[tok, idx]) == q0
+            vals.reshape(vals.shape[0], -1)[tok, idx] = moved
+        return pack_int4(vals), scale
+
+    monkeypatch.setattr(ref, "kronecker_quant", flipped)
+    return tok, float(dist.flatten()[flat])
+
+
+def test_activation_mismatch_away_from_a_tie_fails_the_check(monkeypatch):
+    q, x, lin = problem(torch.float16)
+    tok, dist = _patch_one_activation(monkeypatch, q, x, pick=lambda d: torch.where(torch.isinf(d), -1, d).argmax())
+    assert dist > 0.4
+    r = check_linear(q, x, lin)
+    assert r.act_mismatches == 1 and r.act_mismatch_tokens == 1 and r.scale_mismatch_tokens == 0
+    assert r.act_tie_distance_max == pytest.approx(dist, abs=1e-6)
+    assert not r.bound_ok
+    assert r.bound_violations > 0 and r.bound_violations_clean == 0  # only in the dirty token
+    assert any("left out of the bound" in n for n in r.notes)
+
+
+def test_activation_mismatch_at_a_tie_is_tolerated(monkeypatch):
+    q, x, lin = problem(torch.float16)
+    # the element nearest a rounding tie (not exactly on one, so that a zero tolerance rejects it)
+    tok, dist = _patch_one_activation(monkeypatch, q, x, pick=lambda d: torch.where(d == 0, math.inf, d).argmin())
+    assert 0 < dist < 0.01
+    r = check_linear(q, x, lin)
+    assert r.act_mismatches == 1 and r.act_tie_distance_max < r.tie_tol
+    assert r.bound_ok and r.bound_violations_clean == 0
+    strict = check_linear(q, x, lin, tie_tol=dist / 2)
+    assert not strict.bound_ok
+
+
+def test_fp32_input_is_rounded_first():
+    q, x, lin = problem(torch.float16)
+    r = check_linear(q, x.float() * 1.001, lin)
+    assert r.bound_ok and r.max_bound_ratio <= 1
+
+
+def test_bound_holds_through_the_npu_double(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_npu", make_fake_torch_npu())
+    q, x, lin = problem(torch.bfloat16)
+    q.backend = "npu"
+    r = check_linear(q, x, lin)
+    assert r.backend == "npu" and r.bound_ok
+    assert sys.modules["torch_npu"].ops().count("npu_kronecker_quant") == 2  # the forward and the check
+
+
+# ------------------------------------------------------------------ the float comparison
+def test_transforms_beat_identity_on_outlier_channels():
+    # x10 outliers: large enough that a per-token int4 step on raw x wipes out the other channels
+    # (identity ~8 dB), small enough that they do not dominate the output (Hadamard ~15 dB)
+    lin, x = random_problem(K, O, 128, outlier_channels=4, outlier_scale=10.0, seed=1)
+    x = x.bfloat16()
+    sqnr = {}
+    for kind in ("identity", "hadamard", "random"):
+        left, right = factors(kind)
+        q = W4A4FlatQuantLinear.from_float(lin, left, right, act_dtype=torch.bfloat16, backend="reference")
+        sqnr[kind] = check_linear(q, x, lin).sqnr_db
+    assert sqnr["hadamard"] > sqnr["identity"] + 4, sqnr
+    assert sqnr["random"] > sqnr["identity"] + 4, sqnr
+
+
+def test_float_metrics_are_consistent():
+    q, x, lin = problem(torch.bfloat16, bias=True)
+    r = check_linear(q, x, lin)
+    assert r.sqnr_db == pytest.approx(-20 * math.log10(r.rel_err))
+    assert 0.9 < r.cosine < 1.0
+    assert 0 < r.max_abs_err
+    with torch.no_grad():
+        err = (q(x).double() - (x.double() @ lin.weight.double().T + lin.bias.double())).norm(dim=1)
+    assert r.worst_token == int(err.argmax())
+    assert r.worst_token_err == pytest.approx(float(err.max()))
+
+
+def test_transform_reconstruction_at_full_precision():
+    q, x, lin = problem(torch.bfloat16, kind="random")
+    r = check_linear(q, x, lin)
+    assert r.transform_rel_err < 1e-12 and r.transform_max_abs_err < 1e-10
+    # a non-orthogonal transform: the fold inverts it, still to float64 accuracy
+    left = torch.eye(N1, dtype=torch.float64) + 0.2 * torch.randn(N1, N1, dtype=torch.float64) / N1
+    q2 = W4A4FlatQuantLinear.from_float(lin, left, orthogonal_factor(N2), act_dtype=torch.bfloat16,
+                                        backend="reference")
+    assert check_linear(q2, x, lin).transform_rel_err < 1e-12
+
+
+def test_without_float_layer_those_parts_are_none():
+    q, x, _ = problem(torch.bfloat16)
+    r = check_linear(q, x)
+    assert r.bound_ok
+    assert r.sqnr_db is None and r.cosine is None and r.worst_token is None and r.transform_rel_err is None
+    assert "n/a" in r.table()
+
+
+def test_report_table_and_dict():
+    q, x, lin = problem(torch.float16, bias=True)
+    r = check_linear(q, x, lin)
+    text = r.table()
+    assert str(r) == text
+    for label in ("bound holds", "SQNR (dB)", "cosine similarity", "worst token", "relative reconstruction error",
+                  "int4 activations that differ"):
+        assert label in text
+    d = r.to_dict()
+    json.dumps(d)  # JSON-ready
+    assert d["bound_ok"] is True and d["in_features"] == K and d["has_bias"] is True
+
+
+def test_zero_tokens_in_the_check():
+    q, x, lin = problem(torch.bfloat16)
+    x[::3] = 0
+    r = check_linear(q, x, lin)
+    assert r.bound_ok and math.isfinite(r.sqnr_db)
+
+
+def test_ulp():
+    assert ulp(torch.tensor([1.0, 1.5, 0.0, 65504.0, 2.0**-20]), torch.float16).tolist() == \
+        [2.0**-10, 2.0**-10, 2.0**-24, 32.0, 2.0**-24]
+    assert ulp(torch.tensor([1.0, -3.0, 0.0]), torch.bfloat16).tolist() == [2.0**-7, 2.0**-6, 2.0**-133]
+
+
+def test_check_linear_bad_inputs():
+    q, x, lin = problem(torch.bfloat16)
+    with pytest.raises(ValueError, match="qlinear: expected a W4A4FlatQuantLinear"):
+        check_linear(lin, x)
+    with pytest.raises(ValueError, match="x: expected last dim 256"):
+        check_linear(q, x[:, :128])
+    with pytest.raises(ValueError, match="x: expected at least one token"):
+        check_linear(q, x[:0])
+    with pytest.raises(ValueError, match="x: expected a float tensor"):
+        check_linear(q, x.int())
+    with pytest.raises(ValueError, match=r"float_linear: expected weight shape \[64, 256\]"):
+        check_linear(q, x, nn.Linear(K, O + 1))
+    with pytest.raises(ValueError, match="tie_tol: expected a finite float >= 0"):
+        check_linear(q, x, tie_tol=-1)
+
+
+# ------------------------------------------------------------------ sweep
+def test_sweep_clip_ratio_returns_the_best_ratio():
+    lin, x = random_problem(K, O, T, outlier_channels=4, outlier_scale=20.0, seed=2)
+    left, right = factors("hadamard")
+    ratios = [1.0, 0.9, 0.8, 0.7]
+    res = sweep_clip_ratio(lin, left, right, x.bfloat16(), ratios, act_dtype=torch.bfloat16, backend="reference")
+    assert [row.ratio for row in res.rows] == ratios
+    best = max(res.rows, key=lambda row: row.sqnr_db)
+    assert res.best_ratio == best.ratio
+    for row in res.rows:
+        assert row.sqnr_db == pytest.approx(-20 * math.log10(row.rel_err))
+    # each row is what a layer built with that ratio reports
+    q = W4A4FlatQuantLinear.from_float(lin, left, right, clip_ratio=0.8, act_dtype=torch.bfloat16, backend="reference")
+    assert res.rows[2].sqnr_db == check_linear(q, x.bfloat16(), lin).sqnr_db
+    assert "<- best" in res.table() and json.dumps(res.to_dict())
+    assert res.to_dict()["best_ratio"] == res.best_ratio
+
+
+def test_sweep_bad_inputs():
+    lin, x = random_problem(K, O, 4, seed=0)
+    left, right = factors("hadamard")
+    with pytest.raises(ValueError, match="ratios: clip_ratio: expected a finite float in"):
+        sweep_clip_ratio(lin, left, right, x, [1.0, 1.2])
+    with pytest.raises(ValueError, match="ratios: expected at least one"):
+        sweep_clip_ratio(lin, left, right, x, [])
+    with pytest.raises(ValueError, match="float_linear: expected an nn.Linear"):
+        sweep_clip_ratio(None, left, right, x, [1.0])
+    with pytest.raises(ValueError, match="x: expected a non-empty tensor"):
+        sweep_clip_ratio(lin, left, right, x[:, :8], [1.0])
+
+
+# ------------------------------------------------------------------ CLI
+def test_cli_check_prints_the_report(capsys, tmp_path):
+    out = tmp_path / "report.json"
+    rc = cli.main(["check", "--in-features", "256", "--out-features", "32", "--tokens", "24", "--sweep",
+                   "--ratios", "1.0", "0.8", "--json", str(out), "--backend", "reference"])
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert "flatquant-lab check: random layer, 24 tokens, 8 outlier channel(s) x 20" in text
+    assert "32 x 256, kron 16 x 16, bfloat16" in text
+    assert "bound holds" in text and "SQNR (dB)" in text and "clip-ratio sweep" in text
+    data = json.loads(out.read_text())
+    assert data["report"]["bound_ok"] is True and data["report"]["tokens"] == 24
+    assert [row["ratio"] for row in data["sweep"]["rows"]] == [1.0, 0.8]
+    assert data["config"]["in_features"] == 256
+
+
+def test_cli_check_options(capsys):
+    rc = cli.main(["check", "--in-features", "192", "--out-features", "8", "--tokens", "5", "--dtype", "fp16",
+                   "--transform", "identity", "--outlier-channels", "0", "--bias", "--clip-ratio", "0.75",
+                   "--seed", "4"])
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert "8 x 192, kron 12 x 16, float16, clip_ratio 0.75, bias yes" in text
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--in-features", "100"], "--in-features: expected a multiple of 8"),
+    (["--clip-ratio", "1.5"], "--clip-ratio: clip_ratio: expected a finite float in (0, 1]"),
+    (["--in-features", "96"], "--in-features: 96 factors as 8 x 12 (vllm-ascend's pair), which"),
+])
+def test_cli_check_bad_options(argv, msg):
+    with pytest.raises(SystemExit, match=msg.replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")):
+        cli.main(["check", "--out-features", "8", "--tokens", "2", *argv])
+
+
+def test_cli_rejects_bad_sizes(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["check", "--tokens", "0"])
+    assert "expected a positive integer" in capsys.readouterr().err
+
+
+def test_random_problem_plants_outliers():
+    lin, x = random_problem(64, 8, 200, outlier_channels=3, outlier_scale=50.0, seed=0)
+    rms = x.pow(2).mean(0).sqrt()
+    assert int((rms > 10).sum()) == 3 and lin.bias is None
+    with pytest.raises(ValueError, match="outlier_channels: expected at most in_features"):
+        random_problem(8, 8, 2, outlier_channels=9)
+    with pytest.raises(ValueError, match="outlier_scale: expected a finite float > 0"):
+        random_problem(8, 8, 2, outlier_scale=float("nan"))
+    assert numerics.DEFAULT_TIE_TOL > 0
