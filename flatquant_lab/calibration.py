@@ -30,7 +30,7 @@ from .gptq import HessianAccumulator, gptq_quantize
 from .kronecker import decompose_dim, fold_weight, npu_supported
 from .linear import W4A4FlatQuantLinear
 from .models import GROUPS, decoder_layers, layer_prefix, model_info, set_submodule
-from .quantizers import fake_quant_act, fake_quant_weight, quantize_weight
+from .quantizers import fake_quant_act, fake_quant_weight, quantize_weight, round_to as ste_cast
 from .transforms import orthogonal_factor
 
 log = logging.getLogger(__name__)
@@ -91,11 +91,6 @@ def plan_layer(model: nn.Module, index: int, cfg: QuantConfig, info=None) -> lis
 
 
 # ---------------------------------------------------------------------------- training modules
-def ste_cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Round to ``dtype`` and back in the forward pass, identity in the backward pass."""
-    return x + (x.to(dtype).to(x.dtype) - x).detach()
-
-
 def _logit(p: float) -> float:
     return math.log(p / (1.0 - p))
 
@@ -112,6 +107,9 @@ class KronTransform(nn.Module):
         self.act_clip = nn.Parameter(act_clip.float().clone().reshape(1), requires_grad=learn_clip)
         self.act_dtype = act_dtype
         self.collect: HessianAccumulator | None = None
+        # q/k/v (gate/up) call this transform with one input tensor per forward: compute once.
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._inv: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def smooth_in(self) -> torch.Tensor | None:
         """``d`` over the group's input channels (expanded across the query heads of a kv head)."""
@@ -131,10 +129,24 @@ class KronTransform(nn.Module):
         return ste_cast(self.left, self.act_dtype), ste_cast(self.right, self.act_dtype)
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self._last is not None and self._last[0] is x:
+            return self._last[1]
         bq = fake_quant_act(self.transformed(x), self.clip_ratio())
         if self.collect is not None:
             self.collect.add(bq.detach())
+        self._last = (x, bq)
         return bq
+
+    def clear_cache(self) -> None:
+        self._last = self._inv = None
+
+    def inverse_t(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``L^{-T}``, ``R^{-T}`` of the rounded factors, recomputed only after an update."""
+        key = (self.left._version, self.right._version, torch.is_grad_enabled())
+        if self._inv is None or self._inv[0] != key:
+            lt, rt = self.factors()
+            self._inv = (key, (torch.linalg.inv(lt).transpose(0, 1), torch.linalg.inv(rt).transpose(0, 1)))
+        return self._inv[1]
 
     def transformed(self, x: torch.Tensor) -> torch.Tensor:
         """``b = L^T (X / d) R`` per token, rounded as the kernel rounds."""
@@ -154,8 +166,7 @@ class KronTransform(nn.Module):
         """``(W * d) @ kron(L, R)^{-T}`` (float32, differentiable)."""
         d = self.smooth_in()
         w = weight * d if d is not None else weight
-        lt, rt = self.factors()
-        li, ri = torch.linalg.inv(lt).transpose(0, 1), torch.linalg.inv(rt).transpose(0, 1)
+        li, ri = self.inverse_t()
         wm = rearrange(w, "o (a b) -> o a b", a=self.group.n1)
         return rearrange(li.transpose(0, 1) @ wm @ ri, "o a b -> o (a b)")
 
@@ -411,7 +422,7 @@ def train_layer(layer, groups, learned, X, Y, kwargs_by_bs, cfg: QuantConfig, la
                 loss.backward()
                 opt.step()
                 sched.step()
-                tot += float(loss) * (e - s)
+                tot += float(loss.detach()) * (e - s)
             epoch_losses.append(tot / X.shape[0])
             if progress is not None:
                 progress.set_postfix(layer=layer_index, epoch=epoch + 1, loss=f"{epoch_losses[-1]:.3g}")
@@ -452,23 +463,10 @@ def collect_hessians(layer, groups, learned, X, kwargs_by_bs, cfg) -> dict[str, 
     try:
         for name, tr in transforms.items():
             hess[name] = HessianAccumulator(tr.group.size)
-        # q/k/v (gate/up) share one transform: collect on the first linear's call only
-        firsts = {g.linears[0]: g.name for g in groups if g.quantized}
-        handles = []
-        for path, gname in firsts.items():
-            mod = layer.get_submodule(path)
-
-            def pre(_m, _a, tr=transforms[gname], acc=hess[gname]):
-                tr.collect = acc
-
-            def post(_m, _a, _o, tr=transforms[gname]):
-                tr.collect = None
-
-            handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
+        for name, tr in transforms.items():  # the shared-input cache makes q/k/v count once
+            tr.collect = hess[name]
         for s, e in _batches(X.shape[0], cfg.budget("batch_size")):
             _run_layer(layer, X[s:e], kwargs_by_bs[e - s])
-        for h in handles:
-            h.remove()
         return hess
     finally:
         uninstall_fake_quant(layer)
