@@ -148,6 +148,7 @@ def ensure_cached(alias: str) -> Path:
         log.info("converting %s (%s) to a safetensors cache at %s (once, ~20 s)", alias, src, target)
         tmp = Path(tempfile.mkdtemp(prefix=f".{alias}.", dir=root))
         try:
+            tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary readable folder
             _convert_gguf(src, tmp)
             (tmp / _STAMP).write_text(json.dumps(stamp, indent=1) + "\n")
             if target.exists():  # stale (other source or conversion version): move aside, then drop

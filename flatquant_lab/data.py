@@ -1,0 +1,124 @@
+"""Calibration data: the bundled Wikipedia text and random token windows drawn from it.
+
+    from flatquant_lab.data import bundled_data_path, calibration_ids
+    ids = calibration_ids(bundled_data_path("calib"), tokenizer, n_samples=32, seqlen=256, seed=0)
+
+The bundled files (``flatquant_lab/tasks/wiki_fq/wiki_{calib,eval}.jsonl``, built by
+``flatquant-lab build-data``) are read through ``datasets.load_dataset("json", ...)``, offline.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+# datasets reads these once, at import time: set them before it is first imported.
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+DATA_DIR = Path(__file__).resolve().parent / "tasks" / "wiki_fq"
+SPLITS = ("calib", "eval")
+
+
+def bundled_data_path(split: str) -> Path:
+    """Path of the bundled ``wiki_calib.jsonl`` (``split="calib"``) or ``wiki_eval.jsonl`` (``"eval"``)."""
+    if split not in SPLITS:
+        raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
+    path = DATA_DIR / f"wiki_{split}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"split: {path} is missing; rebuild it with `flatquant-lab build-data` (make data)")
+    return path
+
+
+def load_jsonl_dataset(path: str | os.PathLike):
+    """A local jsonl file as a ``datasets.Dataset`` (never touches the network)."""
+    import datasets
+
+    # Also force offline mode if datasets was imported before this module set the variables.
+    datasets.config.HF_DATASETS_OFFLINE = True
+    datasets.config.HF_HUB_OFFLINE = True
+    return datasets.load_dataset("json", data_files=str(path), split="train")
+
+
+def load_texts(source) -> list[str]:
+    """Documents from a jsonl/json file (``text`` field), a plain text file (one document), a list
+    of strings or a ``datasets.Dataset`` (its ``text`` column, or its only string column)."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"source: {str(path)!r} is not a file (expected .jsonl/.json or text)")
+        if path.suffix in (".jsonl", ".json"):
+            return _dataset_texts(load_jsonl_dataset(path), f"source {path}")
+        return [path.read_text(encoding="utf-8")]
+    if isinstance(source, Sequence) and not isinstance(source, (bytes, bytearray)):
+        bad = [type(s).__name__ for s in source if not isinstance(s, str)]
+        if bad:
+            raise TypeError(f"source: expected a list of str, found items of type {sorted(set(bad))}")
+        return list(source)
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - datasets is a requirement
+        datasets = None
+    if datasets is not None and isinstance(source, datasets.Dataset):
+        return _dataset_texts(source, "source")
+    raise TypeError(
+        f"source: expected a .jsonl/.json/text file path, a list of str or a datasets.Dataset, "
+        f"got {type(source).__name__}"
+    )
+
+
+def _dataset_texts(ds, what: str) -> list[str]:
+    cols = ds.column_names
+    if "text" in cols:
+        col = "text"
+    else:
+        strings = [c for c, f in ds.features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
+        if len(strings) != 1:
+            raise ValueError(f"{what}: expected a 'text' column (or exactly one string column), has {cols}")
+        col = strings[0]
+    return list(ds[col])
+
+
+def concat_token_ids(texts: Sequence[str], tokenizer, separator: str = "eos") -> torch.Tensor:
+    """All documents' token ids in one 1-D tensor, each document followed by the separator.
+
+    ``separator="eos"`` puts the tokenizer's EOS token between documents (``"\\n\\n"`` tokens when it
+    has none), so windows that cross a boundary see a document break, not a run-on text.
+    """
+    if separator == "eos" and tokenizer.eos_token_id is not None:
+        sep = [tokenizer.eos_token_id]
+    else:
+        sep = tokenizer("\n\n" if separator == "eos" else separator, add_special_tokens=False)["input_ids"]
+    encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    ids = [t for doc in encoded for t in (*doc, *sep)]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def calibration_ids(source, tokenizer, n_samples: int, seqlen: int, seed: int = 0) -> torch.LongTensor:
+    """``[n_samples, seqlen]`` token windows at random offsets of the concatenated documents.
+
+    Deterministic for a given ``seed`` (its own ``torch.Generator``; the global RNG is untouched).
+    Windows may overlap when ``n_samples * seqlen`` exceeds the text (a warning says so); a text
+    shorter than one window is an error, never silently truncated.
+    """
+    for name, val in (("n_samples", n_samples), ("seqlen", seqlen)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+            raise ValueError(f"{name}: expected a positive int, got {val!r}")
+    ids = concat_token_ids(load_texts(source), tokenizer)
+    total = ids.numel()
+    if total < seqlen:
+        raise ValueError(
+            f"seqlen: the source has {total} tokens, fewer than one window of seqlen={seqlen}; "
+            "use a shorter seqlen or more text"
+        )
+    if n_samples * seqlen > total:
+        log.warning("n_samples * seqlen = %d exceeds the %d source tokens: calibration windows will overlap",
+                    n_samples * seqlen, total)
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, total - seqlen + 1, (n_samples,), generator=gen)
+    return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
