@@ -9,7 +9,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-from einops import rearrange
 
 # Largest factor size npu_kronecker_quant accepts, by CANN release (SPEC section 3).
 NPU_MAX_FACTOR = {"8.1": 128, "8.2": 128, "8.3": 128, "8.5": 256}
@@ -79,9 +78,12 @@ def kron_apply(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torc
     Costs ``2 * K * (n1 + n2)`` multiply-adds per token instead of ``2 * K^2``.
     """
     n1, n2 = _check_factors(x, left, right)
-    xm = rearrange(x, "... (a b) -> ... a b", a=n1, b=n2)
-    y = left.transpose(0, 1) @ (xm @ right)  # L^T X R
-    return rearrange(y, "... a b -> ... (a b)")
+    xm = x.reshape(-1, n1, n2)  # row-major X per token
+    # X R as one small GEMM per token: on CPU a batched GEMM beats the equivalent tall-skinny
+    # [T * n1, n2] @ [n2, n2] GEMM (about 2x at 64 x 64 factors).
+    y = torch.bmm(xm, right.expand(xm.shape[0], n2, n2))
+    y = torch.matmul(left.transpose(0, 1), y)  # L^T (X R), broadcast over tokens
+    return y.reshape(x.shape)
 
 
 def kron_inverse_t(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

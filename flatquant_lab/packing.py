@@ -7,6 +7,8 @@ produce this layout.
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 
 INT4_MIN = -8
@@ -40,19 +42,32 @@ def pack_int4(values: torch.Tensor) -> torch.Tensor:
     elif values.dtype == torch.bool or values.is_complex():
         raise ValueError(f"values: expected an integer tensor, got {values.dtype}")
     if values.numel():
-        lo, hi = int(values.min()), int(values.max())
+        lo, hi = (int(v) for v in torch.aminmax(values))
         if lo < INT4_MIN or hi > INT4_MAX:
             bad = int(((values < INT4_MIN) | (values > INT4_MAX)).sum())
             raise ValueError(
                 f"values: expected int4 values in [{INT4_MIN}, {INT4_MAX}], "
                 f"got {bad} outside (min {lo}, max {hi})"
             )
+    if sys.byteorder == "little" and values.shape[-1]:
+        return _pack_int4_bytes(values.to(torch.int8))
     v = values.to(torch.int64)
     nibbles = (v & 0xF).unflatten(-1, (-1, VALUES_PER_WORD))
     words = (nibbles << _SHIFTS.to(v.device)).sum(dim=-1)  # disjoint bits: sum == bitwise or
     # Words >= 2**31 are negative int32: reinterpret the low 32 bits as two's complement.
     words = torch.where(words >= 2**31, words - 2**32, words)
     return words.to(torch.int32)
+
+
+def _pack_int4_bytes(v: torch.Tensor) -> torch.Tensor:
+    """Pack int8 values ``[..., K]`` already in [-8, 7] (unchecked), on a little-endian host.
+
+    Byte ``i`` of a row is ``(v[2i] & 0xF) | (v[2i+1] << 4)`` (low nibble first), and the bytes of a
+    little-endian int32 word are in memory order, so the int8 row viewed as int32 is the NPU layout.
+    Works in int8 throughout: no widening to int64.
+    """
+    byte = torch.bitwise_or(torch.bitwise_and(v[..., 0::2], 0xF), torch.bitwise_left_shift(v[..., 1::2], 4))
+    return byte.contiguous().view(torch.int32)
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:

@@ -217,3 +217,23 @@ def test_orthogonal_factor_seeded_and_bad_kind():
     assert not torch.equal(orthogonal_factor(28, "random", 5), orthogonal_factor(28, "random", 6))
     with pytest.raises(ValueError, match="kind: expected"):
         orthogonal_factor(8, "dct")
+
+
+def test_kron_apply_gradients_match_the_explicit_product():
+    # calibration learns L and R through kron_apply
+    g = torch.Generator().manual_seed(4)
+    left = torch.randn(4, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    right = torch.randn(8, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 3, 32, generator=g, dtype=torch.float64, requires_grad=True)
+    kron_apply(x, left, right).square().sum().backward()
+    l2, r2, x2 = (t.detach().clone().requires_grad_() for t in (left, right, x))
+    (x2 @ torch.kron(l2, r2)).square().sum().backward()
+    for a, b in ((left, l2), (right, r2), (x, x2)):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-10)
+
+
+def test_kron_apply_one_token_and_no_tokens():
+    left, right = random_orthogonal(2, 0), random_orthogonal(8, 1)
+    x = torch.randn(16, dtype=torch.float64)
+    torch.testing.assert_close(kron_apply(x, left, right), x @ torch.kron(left, right))
+    assert kron_apply(torch.zeros(0, 3, 16, dtype=torch.float64), left, right).shape == (0, 3, 16)

@@ -153,3 +153,29 @@ def test_unpack_and_offset8_need_int32(dtype):
         unpack_int4(torch.zeros(2, dtype=dtype))
     with pytest.raises(ValueError, match="packed: expected an int32 tensor"):
         offset8_to_npu(torch.zeros(2, dtype=dtype))
+
+
+@settings(max_examples=30, deadline=None)
+@given(int4_arrays)
+def test_byte_fast_path_equals_the_generic_path(arr):
+    # the little-endian byte path and the portable int64 path must produce the same words
+    import sys
+
+    v = torch.from_numpy(arr)
+    fast = pack_int4(v)
+    real = sys.byteorder
+    try:
+        sys.byteorder = "big"  # forces the portable paths
+        slow = pack_int4(v)
+        slow_unpack = unpack_int4_int8(fast)
+    finally:
+        sys.byteorder = real
+    assert torch.equal(fast, slow)
+    assert torch.equal(slow_unpack, v)
+
+
+def test_non_contiguous_values():
+    v = torch.randint(-8, 8, (16, 5), dtype=torch.int8).t()
+    assert not v.is_contiguous()
+    assert torch.equal(pack_int4(v), pack_int4_loop(v))
+    assert torch.equal(unpack_int4_int8(pack_int4(v).t().contiguous().t()), v)

@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from ..packing import INT4_MAX, INT4_MIN, pack_int4, unpack_int4
+from ..packing import INT4_MAX, INT4_MIN, _pack_int4_bytes, pack_int4, unpack_int4
 
 FP16_MAX = 65504.0
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -51,29 +51,23 @@ def unpack_int4_int8(packed: torch.Tensor) -> torch.Tensor:
 
 
 def _pack_int4_checked(q: torch.Tensor) -> torch.Tensor:
-    """``pack_int4`` for int8 values already saturated to [-8, 7] (the kernel's own output).
-
-    Fast path on a little-endian host: byte ``i`` of the packed row is ``(v[2i] & 0xF) | v[2i+1] << 4``,
-    and the int8 row viewed as int32 is the NPU layout (SPEC section 4). Same words as ``pack_int4``.
-    """
+    """``pack_int4`` for int8 values already saturated to [-8, 7] (the kernel's own output): no re-check."""
     if sys.byteorder != "little" or q.dim() == 0 or q.shape[-1] == 0:
         return pack_int4(q)
-    q = q.contiguous()
-    byte = torch.bitwise_or(torch.bitwise_and(q[..., 0::2], 0xF), torch.bitwise_left_shift(q[..., 1::2], 4))
-    return byte.contiguous().view(torch.int32)
+    return _pack_int4_bytes(q)
 
 
 def _int_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``acc[i, j] = sum_k a[i, k] w[j, k]`` for int8 ``a[m, k]``, ``w[n, k]``, exactly, as fp32.
+    """``acc[i, j] = sum_k a[i, k] w[j, k]`` for int8 ``a[m, k]``, ``w[n, k]``, exactly.
 
     Uses the int8 x int8 -> int32 GEMM where PyTorch has one (an int32 accumulator, like the
-    device's); otherwise an fp32 GEMM over the integer values, exact as |acc| <= 64 k < 2**24.
-    Both give the same fp32 numbers, so results are bit-identical either way.
+    device's) and returns int32; otherwise an fp32 GEMM over the integer values, exact as
+    |acc| <= 64 k < 2**24. Either converts to the same fp32 numbers: results are bit-identical.
     """
     int_mm = getattr(torch, "_int_mm", None)
     if int_mm is not None and a.device.type == "cpu" and a.shape[0] > 0:
         try:
-            return int_mm(a, w.t()).to(torch.float32)
+            return int_mm(a, w.t())
         except RuntimeError:  # a build or shape the int8 kernel does not take: use the fp32 GEMM
             pass
     return a.to(torch.float32) @ w.to(torch.float32).t()
@@ -97,11 +91,14 @@ def kronecker_quant(
     t = x.dtype
     if dst_dtype != torch.int32:
         raise ValueError(f"dst_dtype: expected torch.int32 (int4 packed), got {dst_dtype}")
-    # a = x @ p2 (fp32 accumulation), rounded to the input dtype
-    a = torch.matmul(x.float(), p2.float()).to(t)
+    n2 = x.shape[-1]
+    # a = x @ p2 (fp32 accumulation), rounded to the input dtype; one small GEMM per token, which
+    # on CPU beats the tall-skinny [T * n1, n2] @ [n2, n2] GEMM
+    a = torch.bmm(x.float(), p2.float().expand(x.shape[0], n2, n2)).to(t)
     # b = p1 @ a (fp32 accumulation), rounded to fp16 even for bf16 input
     b = torch.matmul(p1.float(), a.float()).to(torch.float16)
-    m = b.abs().amax(dim=(-2, -1))  # exact in fp16; inf or nan exactly when the token has one
+    # m = max|b| per token in one pass: exact in fp16; inf or nan exactly when the token has one
+    m = torch.linalg.vector_norm(b, ord=float("inf"), dim=(-2, -1))
     overflow = ~torch.isfinite(m)
     if overflow.any():
         # fp16 saturates to inf past 65504 (or x itself was not finite): the token's scale becomes
@@ -117,7 +114,8 @@ def kronecker_quant(
     seven = torch.tensor(7.0, dtype=torch.float32, device=x.device)
     quant_scale = (m * c) / seven
     mult = torch.where(m == 0, seven, (seven / c) / torch.where(m == 0, torch.ones_like(m), m))
-    scaled = (b.float() * mult[:, None, None]).to(torch.float16)  # round to fp16, half to even
+    # fp16 * fp32 promotes to fp32: float(b) * mult in fp32, then round to fp16, half to even
+    scaled = (b * mult[:, None, None]).to(torch.float16)
     # rint (half to even) of an fp16 value is exact in fp16; saturate, then pack.
     q = torch.round(scaled).clamp_(INT4_MIN, INT4_MAX).to(torch.int8)
     return _pack_int4_checked(q), quant_scale
@@ -142,12 +140,12 @@ def quant_matmul(
         raise ValueError(f"x1: k = {k} exceeds {MAX_K_EXACT}, where an fp32 accumulator stays exact")
     a = unpack_int4_int8(x1)  # [m, k]
     w = unpack_int4_int8(x2.transpose(0, 1))  # x2 is [k/8, n], the transpose of [n, k/8]
-    acc = _int_matmul(a, w)  # exact integers, held in fp32 (|acc| < 2**24)
-    y = acc * scale.float()
+    acc = _int_matmul(a, w)  # exact integers (int32, or fp32 where |acc| < 2**24 is exact)
+    y = acc * scale.float()  # int32 * fp32 promotes: float(acc) (exact) * scale, in fp32
     if pertoken_scale is not None:
-        y = y * pertoken_scale.float()[:, None]
+        y.mul_(pertoken_scale.float()[:, None])
     if bias is not None:
-        y = y + bias.float()
+        y.add_(bias.float())
     return y.to(output_dtype)
 
 
