@@ -224,6 +224,8 @@ def reference_activations(qlinear: W4A4FlatQuantLinear, x_act: torch.Tensor):
     act = qlinear.act_dtype
     x3 = x_act.cpu().double().view(-1, qlinear.n1, qlinear.n2)
     p1, p2 = qlinear.p1.cpu().double(), qlinear.p2.cpu().double()
+    # (torch casts float64 to a half type through float32: a second rounding that can only matter
+    # at a tie, where the op's own fp32 accumulation is no closer)
     a = (x3 @ p2).to(act).double()
     b = (p1 @ a).to(torch.float16).double().reshape(x3.shape[0], -1)
     q, scale = quant_act_reference(b, float(qlinear.clip_ratio.item()))
@@ -253,7 +255,7 @@ def check_linear(qlinear: W4A4FlatQuantLinear, x: torch.Tensor, float_linear: nn
     act = qlinear.act_dtype
     k, o = qlinear.in_features, qlinear.out_features
     x2 = x.reshape(-1, k)
-    x_act = x2.to(act)
+    x_act = x2.to(act).contiguous()
     t = x_act.shape[0]
     notes: list[str] = []
 

@@ -303,3 +303,11 @@ def test_random_problem_plants_outliers():
     with pytest.raises(ValueError, match="outlier_scale: expected a finite float > 0"):
         random_problem(8, 8, 2, outlier_scale=float("nan"))
     assert numerics.DEFAULT_TIE_TOL > 0
+
+
+def test_non_contiguous_input():
+    q, x, lin = problem(torch.bfloat16)
+    xt = x.t().contiguous().t()
+    assert not xt.is_contiguous()
+    r = check_linear(q, xt, lin)
+    assert r.bound_ok and r.sqnr_db == check_linear(q, x, lin).sqnr_db
