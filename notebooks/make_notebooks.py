@@ -312,9 +312,296 @@ def numerics_notebook():
     ])
 
 
+# ------------------------------------------------------------------------------------------ 02
+def clip_sweep_notebook():
+    return notebook([
+        md("""
+            # 02 · Activation clip ratio: per-layer sweep, choice, and a tuned checkpoint
+
+            `npu_kronecker_quant` scales each token by `max |b| * c / 7`: a clip ratio `c < 1` clips the
+            largest values and gives every other value a finer grid. Each W4A4 layer stores its `c`
+            (`clip_ratio`, float32 `[1]`); vllm-ascend loads q/k/v and gate/up as one fused module each,
+            so those shards must share one ratio.
+
+            This notebook quantizes the bundled model with fixed Hadamard transforms (all ratios 1.0), or
+            loads a saved quantized checkpoint, then: explores one layer interactively (layer, ratio,
+            backend); sweeps every quantized linear over a grid of ratios against its float layer
+            (SQNR heatmap); picks one ratio per fused group; writes them into the checkpoint with
+            `set_clip_ratio` and `save_quantized(..., overwrite=True)` (atomic); and measures token
+            perplexity before and after.
+        """),
+        code("""
+            model: str = "smollm2-135m"  # float model: alias or local Hugging Face directory
+            data = None  # eval text for activations and perplexity (.jsonl or text file); None: bundled eval split
+            backend = None  # "npu", "reference", or None: npu on an Ascend host, else reference
+            smoke: bool = False  # CI size: 2 layers, 3 ratios, a short perplexity slice
+            quantized_dir = None  # a saved RTN/Hadamard checkpoint of model; None: quantize with method hadamard here
+            output_dir = None  # where the tuned checkpoint goes; None: quantized_dir itself, else a temporary folder
+            ratios = None  # clip ratios to sweep; None: 1.0 down to 0.6
+            tokens: int = 256  # tokens of activations per linear for the sweep
+            ppl_tokens: int = 4096  # evaluation tokens for the perplexity before/after
+            ppl_seqlen: int = 512  # window length of the perplexity
+            figure_path = None  # where to save the heatmap (PNG), e.g. "../docs/img/02_clip_ratio_heatmap.png"
+        """, tags=("parameters",)),
+        SETUP,
+        code("""
+            import copy
+            import tempfile
+
+            import ipywidgets as widgets
+            from IPython.display import display
+
+            from flatquant_lab.config import QuantConfig
+            from flatquant_lab.data import bundled_data_path, concat_token_ids, load_texts
+            from flatquant_lab.evaluation import token_perplexity
+            from flatquant_lab.export import load_quantized, quantized_linear_names, save_quantized
+            from flatquant_lab.hub import load_model
+            from flatquant_lab.models import GROUPS
+            from flatquant_lab.numerics import DEFAULT_RATIOS, check_linear, sweep_clip_ratio
+
+            ratios = [float(r) for r in (ratios if ratios is not None else DEFAULT_RATIOS)]
+            if not ratios:
+                raise ValueError("ratios: expected at least one clip ratio in (0, 1], got none")
+            if smoke:
+                ratios = ratios[:: max(1, len(ratios) // 3)][:3]
+                tokens, ppl_tokens, ppl_seqlen = min(tokens, 64), min(ppl_tokens, 256), min(ppl_seqlen, 128)
+            num_layers = 2 if smoke else None
+        """),
+        md("""
+            ## Models
+
+            The float model supplies each linear's reference output; the W4A4 model its transforms and
+            int4 weights. The sweep rebuilds a layer from the float weights and the checkpoint's
+            transforms, so it needs a checkpoint whose weights are plain round-to-nearest under its
+            transforms (RTN or Hadamard; FlatQuant's smoothing, weight clipping and GPTQ change them):
+            a loaded checkpoint is checked for that, layer by layer.
+        """),
+        code("""
+            if quantized_dir is not None:
+                qmodel = load_quantized(quantized_dir, backend=backend)
+                num_layers = qmodel.config.num_hidden_layers
+                fmodel, tok = load_model(model, num_layers=num_layers)
+            else:
+                fmodel, tok = load_model(model, num_layers=num_layers)
+                qmodel = fq.quantize(copy.deepcopy(fmodel), QuantConfig(method="hadamard"), backend=backend)
+            fmodel.to(device)
+            qmodel.to(device)
+            names = quantized_linear_names(qmodel)
+            if not names:
+                raise ValueError(f"quantized_dir: {quantized_dir} holds no W4A4 layers")
+            print(f"{len(names)} W4A4 linears in {qmodel.config.num_hidden_layers} layers; "
+                  f"clip ratios now: {sorted({round(float(qmodel.get_submodule(n).clip_ratio), 4) for n in names})}")
+        """),
+        code("""
+            # Each linear's input, recorded by forward pre-hooks while the float model reads a short text.
+            eval_ids = concat_token_ids(load_texts(data or bundled_data_path("eval")), tok)
+            acts, hooks = {}, []
+            for n in names:
+                hooks.append(fmodel.get_submodule(n).register_forward_pre_hook(
+                    lambda mod, args, n=n: acts.__setitem__(n, args[0].detach().reshape(-1, args[0].shape[-1]).float())))
+            try:
+                with torch.no_grad():
+                    fmodel(eval_ids[:tokens][None].to(device))
+            finally:
+                for h in hooks:
+                    h.remove()
+
+            if quantized_dir is not None:  # the sweep's premise: the int4 weights are RTN of the float ones
+                for n in tqdm(names, desc="checking weights"):
+                    q, f = qmodel.get_submodule(n), fmodel.get_submodule(n)
+                    rebuilt = fq.W4A4FlatQuantLinear.from_float(f.cpu(), q.left_trans.cpu(), q.right_trans.cpu(),
+                                                                act_dtype=q.act_dtype)
+                    f.to(device)
+                    if not torch.equal(rebuilt.weight_packed, q.weight_packed.cpu()):
+                        raise ValueError(
+                            f"quantized_dir: {n}'s int4 weights are not round-to-nearest of {model}'s weights under "
+                            "its transforms (smoothing, weight clipping or GPTQ?); the per-layer sweep needs an "
+                            "RTN or Hadamard checkpoint of the same model")
+            print(f"captured {tokens} tokens for each of {len(acts)} linears")
+        """),
+        md("""
+            ## One layer, live
+
+            Pick a layer, a clip ratio and a backend: the readout is `check_linear` on a copy of that
+            layer (the model is not touched), the curve that layer's SQNR against the float layer over
+            a fine grid of ratios. Run in Jupyter to use the controls; headless (papermill) the static
+            readout below the code is what you get.
+        """),
+        code("""
+            grid = [round(float(r), 3) for r in torch.linspace(0.5, 1.0, 6 if smoke else 26)]
+            backends = ["reference"] + (["npu"] if on_ascend else [])
+            _probes, _curves = {}, {}
+
+
+            def probe(name, be):
+                # A copy of the model's layer on backend be, so that the slider never changes the model.
+                if (name, be) not in _probes:
+                    q = qmodel.get_submodule(name)
+                    _probes[name, be] = fq.W4A4FlatQuantLinear.from_checkpoint(
+                        q.checkpoint_tensors(), backend=be, act_dtype=q.act_dtype).to(device)
+                return _probes[name, be]
+
+
+            def sqnr_curve(name, be):
+                if (name, be) not in _curves:
+                    q, f = qmodel.get_submodule(name), fmodel.get_submodule(name)
+                    if device.type == "npu":  # sweep_clip_ratio builds its layer on the CPU: use probes there
+                        p = probe(name, be)
+                        pts = []
+                        for r in grid:
+                            p.set_clip_ratio(r)
+                            pts.append(check_linear(p, acts[name], f).sqnr_db)
+                    else:
+                        res = sweep_clip_ratio(f, q.left_trans, q.right_trans, acts[name], grid,
+                                               act_dtype=q.act_dtype, backend=be)
+                        pts = [row.sqnr_db for row in res.rows]
+                    _curves[name, be] = pts
+                return _curves[name, be]
+
+
+            def show(name, ratio, be):
+                p = probe(name, be)
+                p.set_clip_ratio(ratio)
+                rep = check_linear(p, acts[name], fmodel.get_submodule(name))
+                print(f"{name} at clip ratio {ratio:.3f} on {rep.backend}: SQNR {rep.sqnr_db:.2f} dB, "
+                      f"relative error {rep.rel_err:.4f}, cosine {rep.cosine:.5f}, worst token #{rep.worst_token} "
+                      f"(relative error {rep.worst_token_rel_err:.3f}); int4 path within its bound: {rep.bound_ok}")
+                fig, ax = plt.subplots(figsize=(6.4, 3.0))
+                ax.plot(grid, sqnr_curve(name, be), marker=".", label="SQNR vs float layer")
+                ax.plot([ratio], [rep.sqnr_db], "o", color="tab:red", label=f"clip ratio {ratio:.3f}")
+                ax.set_xlabel("activation clip ratio")
+                ax.set_ylabel("SQNR (dB)")
+                ax.set_title(name, fontsize=10)
+                ax.legend(fontsize=8)
+                fig.tight_layout()
+                plt.show()
+
+
+            layer_dd = widgets.Dropdown(options=names, value=names[-1], description="layer")
+            ratio_sl = widgets.FloatSlider(value=1.0, min=0.5, max=1.0, step=0.01, description="clip ratio",
+                                           continuous_update=False, readout_format=".2f")
+            backend_dd = widgets.Dropdown(options=backends, value=backend, description="backend")
+            print("initial readout (static):")
+            show(layer_dd.value, ratio_sl.value, backend_dd.value)
+            live = widgets.interactive_output(show, {"name": layer_dd, "ratio": ratio_sl, "be": backend_dd})
+            display(widgets.VBox([widgets.HBox([layer_dd, ratio_sl, backend_dd]), live]))
+        """),
+        md("""
+            ## Every linear, every ratio
+
+            `sweep_clip_ratio` per linear: SQNR of the W4A4 layer at each ratio against the float layer,
+            on that linear's captured inputs. One panel per linear kind; a dot marks each row's best.
+        """),
+        code("""
+            rows = {}
+            for n in tqdm(names, desc="sweep"):
+                q, f = qmodel.get_submodule(n), fmodel.get_submodule(n)
+                if device.type == "npu":  # as in sqnr_curve: sweep_clip_ratio would run the NPU ops on CPU tensors
+                    p = probe(n, backend)
+                    rows[n] = []
+                    for r in ratios:
+                        p.set_clip_ratio(r)
+                        rows[n].append(check_linear(p, acts[n], f).sqnr_db)
+                else:
+                    res = sweep_clip_ratio(f, q.left_trans, q.right_trans, acts[n], ratios,
+                                           act_dtype=q.act_dtype, backend=backend)
+                    rows[n] = [row.sqnr_db for row in res.rows]
+            sqnr = pd.DataFrame.from_dict(rows, orient="index", columns=ratios)
+            sqnr.columns.name = "clip ratio"
+
+            kinds = [m for members in GROUPS.values() for m in members]
+            layer_ids = sorted({int(n.split(".")[2]) for n in names})
+            vmin, vmax = float(sqnr.min().min()), float(sqnr.max().max())
+            fig, axes = plt.subplots(1, len(kinds), figsize=(2.0 * len(kinds) + 1.2, 1.6 + 0.22 * len(layer_ids)),
+                                     sharey=True, squeeze=False, layout="constrained")
+            for ax, kind in zip(axes[0], kinds):
+                block = sqnr.reindex([f"model.layers.{i}.{kind}" for i in layer_ids])
+                im = ax.imshow(block.to_numpy(dtype=float), aspect="auto", cmap="viridis", vmin=vmin, vmax=vmax,
+                               interpolation="nearest")
+                best = block.to_numpy(dtype=float).argmax(1)
+                ax.plot(best, range(len(layer_ids)), "o", color="white", markersize=3)
+                ax.set_title(kind.split(".")[-1], fontsize=10)
+                ax.set_xticks(range(len(ratios)))
+                ax.set_xticklabels([f"{r:g}" for r in ratios], rotation=90, fontsize=8)
+                ax.set_xlabel("clip ratio", fontsize=9)
+            axes[0, 0].set_yticks(range(len(layer_ids)))
+            axes[0, 0].set_yticklabels(layer_ids, fontsize=7)
+            axes[0, 0].set_ylabel("decoder layer")
+            fig.colorbar(im, ax=axes[0].tolist(), label="SQNR vs float layer (dB)", fraction=0.03, pad=0.02)
+            fig.suptitle(f"W4A4 SQNR per linear and activation clip ratio ({tokens} tokens each; dot: best)",
+                         fontsize=11)
+            if figure_path:
+                fig.savefig(figure_path, dpi=120, bbox_inches="tight")
+                print(f"saved {figure_path}")
+            plt.show()
+        """),
+        md("""
+            ## One ratio per fused group
+
+            q/k/v and gate/up must share one clip ratio (vllm-ascend loads each set as one module), so
+            each group takes the ratio with the highest mean SQNR over its members; o_proj and down_proj
+            are groups of one.
+        """),
+        code("""
+            choice = {}
+            for i in layer_ids:
+                for group, members in GROUPS.items():
+                    member_names = [f"model.layers.{i}.{m}" for m in members if f"model.layers.{i}.{m}" in rows]
+                    if member_names:
+                        best = float(sqnr.loc[member_names].mean(axis=0).idxmax())
+                        choice.update({n: best for n in member_names})
+            at_choice = pd.Series({n: sqnr.loc[n, r] for n, r in choice.items()})
+            at_first = sqnr[ratios[0]]
+            print(f"mean SQNR over {len(choice)} linears: {at_first.mean():.2f} dB at clip ratio {ratios[0]:g}, "
+                  f"{at_choice.mean():.2f} dB at the chosen ratios")
+            # layer x group: the ratio each fused module gets
+            pd.DataFrame([{g: choice.get(f"model.layers.{i}.{members[0]}") for g, members in GROUPS.items()}
+                          for i in layer_ids], index=pd.Index(layer_ids, name="layer"))
+        """),
+        md("""
+            ## Perplexity before and after, and the tuned checkpoint
+
+            Token perplexity on the first `ppl_tokens` tokens of the eval text, with the ratios as
+            loaded and with the chosen ones; the float model for reference. The chosen ratios are set
+            on the model with `set_clip_ratio` and saved with `save_quantized(..., overwrite=True)`,
+            which writes a temporary folder and renames it into place.
+        """),
+        code("""
+            def ppl(m):
+                return token_perplexity(m, eval_ids[:ppl_tokens], seqlen=ppl_seqlen)
+
+
+            with tqdm(total=3, desc="perplexity") as bar:
+                ppl_fp = ppl(fmodel)
+                bar.update()
+                ppl_before = ppl(qmodel)
+                bar.update()
+                for n, r in choice.items():
+                    qmodel.get_submodule(n).set_clip_ratio(r)
+                ppl_after = ppl(qmodel)
+                bar.update()
+            pd.DataFrame({"token perplexity": {"float": ppl_fp, "W4A4, ratios as loaded": ppl_before,
+                                               "W4A4, chosen ratios": ppl_after}})
+        """),
+        code("""
+            out_dir = output_dir or quantized_dir or os.path.join(tempfile.mkdtemp(prefix="flatquant_02_"), "clip_tuned")
+            save_quantized(qmodel, out_dir, tokenizer=tok, overwrite=True)
+            reloaded = load_quantized(out_dir, backend=backend)
+            stored = {n: float(reloaded.get_submodule(n).clip_ratio) for n in names}
+            mismatch = [n for n in names if stored[n] != float(torch.tensor(choice[n], dtype=torch.float32))]
+            if mismatch:
+                raise AssertionError(f"{out_dir}: clip ratios of {mismatch[:3]} did not round-trip")
+            print(f"wrote {out_dir} with {len(set(choice.values()))} distinct clip ratios; "
+                  f"perplexity {ppl_before:.2f} -> {ppl_after:.2f} (float {ppl_fp:.2f})")
+        """),
+        finish_cell("02_clip_ratio_sweep"),
+    ])
+
+
 # ------------------------------------------------------------------------------------------ main
 NOTEBOOKS = {
     "01_numerics.ipynb": numerics_notebook,
+    "02_clip_ratio_sweep.ipynb": clip_sweep_notebook,
 }
 
 
