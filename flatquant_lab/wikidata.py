@@ -203,10 +203,10 @@ def _layout(text: str) -> str:
         # A paragraph's lines join with spaces (as MediaWiki renders them); a run of list items
         # stays one block with one item per line.
         if para:
-            blocks.append(" ".join(para))
+            blocks.append((0, " ".join(para)))
             para.clear()
         if items:
-            blocks.append("\n".join(items))
+            blocks.append((0, "\n".join(items)))
             items.clear()
 
     for raw in text.split("\n"):
@@ -219,7 +219,7 @@ def _layout(text: str) -> str:
                 continue
             drop_level = level if title.lower() in DROP_SECTIONS else 0
             if not drop_level and title:
-                blocks.append(title)
+                blocks.append((level, title))
             continue
         if drop_level:
             continue
@@ -241,19 +241,22 @@ def _layout(text: str) -> str:
                 flush()
             para.append(item)
     flush()
-    blocks = [b for b in ("\n".join(_tidy(x) for x in b.split("\n")) for b in blocks) if _is_prose(b)]
-    # A heading left with no text under it (its body was all templates or tables) is dropped.
-    kept = []
-    for i, b in enumerate(blocks):
-        nxt = blocks[i + 1] if i + 1 < len(blocks) else None
-        if _looks_like_heading(b) and (nxt is None or _looks_like_heading(nxt)):
-            continue
-        kept.append(b)
-    return "\n\n".join(kept)
+    # Blocks are (heading level, text), level 0 for body text.
+    blocks = [(lv, t) for lv, t in ((lv, "\n".join(_tidy(x) for x in b.split("\n"))) for lv, b in blocks)
+              if _is_prose(t)]
+    return "\n\n".join(t for i, (lv, t) in enumerate(blocks) if not lv or _has_body(blocks, i))
 
 
-def _looks_like_heading(block: str) -> bool:
-    return len(block) < 80 and not re.search(r"[.!?:;]$", block) and block.count(" ") < 8
+def _has_body(blocks: list, i: int) -> bool:
+    """Whether heading ``i`` has body text before the next heading of its level or above
+    (a section whose body was all templates or tables loses its heading too)."""
+    level = blocks[i][0]
+    for lv, _ in blocks[i + 1:]:
+        if lv == 0:
+            return True
+        if lv <= level:
+            return False
+    return False
 
 
 def _tidy(s: str) -> str:
