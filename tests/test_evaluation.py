@@ -1,0 +1,104 @@
+"""lm-eval on the bundled perplexity task with a tiny random Llama, token perplexity, offline errors."""
+import json
+import math
+
+import pytest
+import torch
+
+from flatquant_lab import cli
+from flatquant_lab.evaluation import DatasetUnavailableError, evaluate, token_perplexity
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from flatquant_lab.hub import resolve
+
+    return AutoTokenizer.from_pretrained(str(resolve("smollm2-135m")), local_files_only=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tokenizer, tmp_path_factory):
+    """A 2-layer random Llama with the bundled tokenizer, saved as a local HF model directory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_llama")
+    LlamaForCausalLM(cfg).save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    from flatquant_lab.hub import load_model
+
+    return load_model(tiny_dir)
+
+
+def test_eval_cli_bundled_task(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "res.json"
+    assert cli.main(["eval", "--model", str(tiny_dir), "--tasks", "wiki_fq_eval", "--limit", "2",
+                     "--max_length", "512", "--output_path", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "wiki_fq_eval" in table and "word_perplexity" in table and "bits_per_byte" in table
+    res = json.loads(out.read_text())
+    assert res["n-samples"]["wiki_fq_eval"]["effective"] == 2
+    metrics = res["results"]["wiki_fq_eval"]
+    # A random model is bad but finite: bits per byte well above 1, below log2(vocab) per byte.
+    assert math.isfinite(metrics["word_perplexity,none"]) and metrics["word_perplexity,none"] > 1
+    assert 1 < metrics["bits_per_byte,none"] < math.log2(len(json.loads((tiny_dir / "tokenizer.json").read_text())
+                                                                 ["model"]["vocab"]))
+
+
+def test_token_perplexity(tiny):
+    model, tok = tiny
+    docs = ["The quick brown fox jumps over the lazy dog. " * 30, "A second document, shorter. " * 20]
+    ppl = token_perplexity(model, tok, docs, window=64, max_windows=3, batch_size=2)
+    assert math.isfinite(ppl) and ppl > 1
+    # Same windows one at a time: batching must not change the number.
+    assert token_perplexity(model, tok, docs, window=64, max_windows=3) == pytest.approx(ppl, rel=1e-5)
+    # A random model over a ~49k vocabulary is close to uniform, nowhere near a trained model.
+    assert ppl > 1000
+    with pytest.raises(ValueError, match="max_windows"):
+        token_perplexity(model, tok, docs, window=64, max_windows=1000)
+    with pytest.raises(ValueError, match="window"):
+        token_perplexity(model, tok, docs, window=1)
+
+
+def test_missing_dataset_says_it_cannot_be_downloaded(tiny, tmp_path):
+    (tmp_path / "hub_task.yaml").write_text(
+        "task: needs_the_hub\n"
+        "dataset_path: flatquant-lab-tests/not-on-this-machine\n"
+        "output_type: loglikelihood_rolling\n"
+        "test_split: test\n"
+        "doc_to_text: ''\n"
+        "doc_to_target: '{{text}}'\n"
+        "metric_list:\n  - metric: word_perplexity\n"
+    )
+    model, tok = tiny
+    with pytest.raises(DatasetUnavailableError, match="cannot be downloaded here") as err:
+        evaluate(model, tok, tasks="needs_the_hub", include_path=str(tmp_path), limit=1)
+    assert "needs_the_hub" in str(err.value) and "HF_DATASETS_OFFLINE=1" in str(err.value)
+
+
+def test_evaluate_argument_errors(tiny):
+    model, tok = tiny
+    with pytest.raises(ValueError, match="tasks"):
+        evaluate(model, tok, tasks=[])
+    with pytest.raises(ValueError, match="max_length"):
+        evaluate(model, tok, max_length=0)
+    with pytest.raises(TypeError, match="model"):
+        evaluate(torch.nn.Linear(2, 2), tok)
+
+
+def test_eval_cli_needs_one_model_source(tiny_dir):
+    with pytest.raises(SystemExit, match="exactly one"):
+        cli.main(["eval", "--tasks", "wiki_fq_eval"])
+    with pytest.raises(SystemExit, match="--backend"):
+        cli.main(["eval", "--model", str(tiny_dir), "--backend", "reference"])
