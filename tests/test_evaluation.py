@@ -102,3 +102,24 @@ def test_eval_cli_needs_one_model_source(tiny_dir):
         cli.main(["eval", "--tasks", "wiki_fq_eval"])
     with pytest.raises(SystemExit, match="--backend"):
         cli.main(["eval", "--model", str(tiny_dir), "--backend", "reference"])
+
+
+def test_eval_cli_loads_a_quantized_dir(tiny_dir, tmp_path):
+    """``--quantized DIR`` goes through export.load_quantized and reads the tokenizer saved beside it."""
+    import argparse
+
+    import flatquant_lab as fq
+    from flatquant_lab import evaluation
+    from flatquant_lab.export import quantized_linear_names
+    from flatquant_lab.hub import load_model
+
+    model, tok = load_model(tiny_dir)
+    fq.save_quantized(fq.quantize(model, fq.QuantConfig(method="rtn")), tmp_path / "q", tokenizer=tok)
+    parser = argparse.ArgumentParser()
+    evaluation.add_arguments(parser)
+    qmodel, qtok = evaluation._load_for_cli(parser.parse_args(["--quantized", str(tmp_path / "q")]))
+    assert quantized_linear_names(qmodel)
+    assert qtok("hello world")["input_ids"] == tok("hello world")["input_ids"]
+    ids = torch.tensor([tok("hello world")["input_ids"]])
+    with torch.no_grad():
+        assert torch.isfinite(qmodel(ids).logits).all()
