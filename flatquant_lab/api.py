@@ -55,6 +55,25 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, calib_data=Non
     return model
 
 
+@torch.no_grad()
+def quantize_weights_only(model: nn.Module) -> nn.Module:
+    """W4A16 reference: round every decoder linear's weight to per-channel symmetric int4 and back.
+
+    ``W <- rint(W / s) * s`` with ``s = max|W_row| / 7``; activations stay in float. This is the row
+    that W4A4 methods are judged against; it is a fake-quant model, not an export format.
+    """
+    from .models import LINEAR_NAMES, decoder_layers, model_info
+    from .quantizers import quantize_weight
+
+    model_info(model)
+    for layer in decoder_layers(model):
+        for path in LINEAR_NAMES:
+            lin = layer.get_submodule(path)
+            q, scale = quantize_weight(lin.weight)
+            lin.weight.copy_((q.double() * scale.double()).to(lin.weight.dtype))
+    return model
+
+
 # ---------------------------------------------------------------------------- CLI
 def add_arguments(p) -> None:
     p.add_argument("--model", required=True, help="model alias (smollm2-135m) or a local Hugging Face directory")

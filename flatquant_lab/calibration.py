@@ -35,9 +35,9 @@ from .transforms import orthogonal_factor
 
 log = logging.getLogger(__name__)
 
-CLIP_GRID = torch.linspace(1.0, 0.5, 26)  # candidate clip ratios for the initial search
+CLIP_GRID = torch.linspace(1.0, 0.55, 16)  # candidate clip ratios for the initial search
 CLIP_CAP = 0.995  # a sigmoid factor cannot reach 1: start searches' winners here at most
-STAT_TOKENS = 4096  # tokens kept per group for the initial clip search
+STAT_TOKENS = 2048  # tokens kept per group for the initial clip search
 
 
 # ---------------------------------------------------------------------------- plan
@@ -442,32 +442,20 @@ def train_layer(layer, groups, learned, X, Y, kwargs_by_bs, cfg: QuantConfig, la
 
 
 @torch.no_grad()
-def fake_quant_loss(layer, groups, learned, X, Y, kwargs_by_bs, cfg) -> float:
-    """Mean layer-wise MSE of the fake-quant layer built from ``learned`` (for reports)."""
-    install_fake_quant(layer, groups, learned, cfg)
+def fake_quant_pass(layer, groups, learned, X, Y, kwargs_by_bs, cfg, collect: bool):
+    """One pass of the fake-quant layer built from ``learned``: its mean MSE against ``Y`` and,
+    with ``collect``, ``H = b^T b`` of each group's quantized transformed inputs (for GPTQ)."""
+    transforms = install_fake_quant(layer, groups, learned, cfg)
+    hess = {}
     try:
+        if collect:
+            for name, tr in transforms.items():  # the shared-input cache makes q/k/v count once
+                tr.collect = hess[name] = HessianAccumulator(tr.group.size)
         tot = 0.0
         for s, e in _batches(X.shape[0], cfg.budget("batch_size")):
             out = _run_layer(layer, X[s:e], kwargs_by_bs[e - s])
             tot += float(torch.nn.functional.mse_loss(out, Y[s:e])) * (e - s)
-        return tot / X.shape[0]
-    finally:
-        uninstall_fake_quant(layer)
-
-
-@torch.no_grad()
-def collect_hessians(layer, groups, learned, X, kwargs_by_bs, cfg) -> dict[str, HessianAccumulator]:
-    """``H = b^T b`` of each group's quantized transformed inputs, through the fake-quant layer."""
-    transforms = install_fake_quant(layer, groups, learned, cfg)
-    hess = {}
-    try:
-        for name, tr in transforms.items():
-            hess[name] = HessianAccumulator(tr.group.size)
-        for name, tr in transforms.items():  # the shared-input cache makes q/k/v count once
-            tr.collect = hess[name]
-        for s, e in _batches(X.shape[0], cfg.budget("batch_size")):
-            _run_layer(layer, X[s:e], kwargs_by_bs[e - s])
-        return hess
+        return tot / X.shape[0], (hess if collect else None)
     finally:
         uninstall_fake_quant(layer)
 
@@ -498,18 +486,22 @@ def finalize_layer(layer, groups, learned, cfg: QuantConfig, hessians=None, back
         lt = learned[f"{g.name}.left"].to(cfg.act_dtype)
         rt = learned[f"{g.name}.right"].to(cfg.act_dtype)
         clip_ratio = float(torch.sigmoid(learned[f"{g.name}.act_clip"]).item())
+        folded, scales, qs = [], [], []
         for path in g.linears:
-            lin = layer.get_submodule(path)
-            w = lin.weight.double()
+            w = layer.get_submodule(path).weight.double()
             if g.name in d_in:
                 w = w * d_in[g.name]
-            folded = fold_weight(w, lt, rt)
-            wclip = torch.sigmoid(learned[f"{path}.weight_clip"]).double()
-            q, scale = quantize_weight(folded, wclip)
-            if hessians is not None:
-                q = gptq_quantize(folded, hessians[g.name].h, scale, block=cfg.gptq_block,
+            folded.append(fold_weight(w, lt, rt))
+            q, scale = quantize_weight(folded[-1], torch.sigmoid(learned[f"{path}.weight_clip"]).double())
+            qs.append(q)
+            scales.append(scale)
+        if hessians is not None:  # one GPTQ pass for the linears sharing this input
+            q_all = gptq_quantize(torch.cat(folded), hessians[g.name].h, torch.cat(scales), block=cfg.gptq_block,
                                   damp=cfg.gptq_damp, act_order=cfg.gptq_act_order)
-            tensors = {"weight": q, "weight_scale": scale, "weight_offset": torch.zeros_like(scale),
+            qs = list(q_all.split([q.shape[0] for q in qs]))
+        for path, q, scale in zip(g.linears, qs, scales):
+            lin = layer.get_submodule(path)
+            tensors = {"weight": q.contiguous(), "weight_scale": scale, "weight_offset": torch.zeros_like(scale),
                        "left_trans": lt, "right_trans": rt,
                        "clip_ratio": torch.tensor([clip_ratio], dtype=torch.float32)}
             if lin.bias is not None:
@@ -635,10 +627,11 @@ def calibrate(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor | None
                 learned, losses = train_layer(layer, groups, learned, X, Y, kwargs_by_bs, cfg, i, progress=bar)
             if work is not None:
                 work.save(i, learned, losses)
-        hess = collect_hessians(layer, groups, learned, X, kwargs_by_bs, cfg) if cfg.weight_quantizer == "gptq" else None
         entry = {"layer": i, "epoch_losses": losses, "resumed": resumed}
+        hess = None
         if need_data and any(g.quantized for g in groups):
-            entry["fake_quant_mse"] = fake_quant_loss(layer, groups, learned, X, Y, kwargs_by_bs, cfg)
+            entry["fake_quant_mse"], hess = fake_quant_pass(layer, groups, learned, X, Y, kwargs_by_bs, cfg,
+                                                            collect=cfg.weight_quantizer == "gptq")
         finalize_layer(layer, groups, learned, cfg, hess, backend=backend)
         layer.to(model_dtype)
         entry["clip_ratios"] = {g.name: float(torch.sigmoid(learned[f"{g.name}.act_clip"]).item())

@@ -27,7 +27,11 @@ class HessianAccumulator:
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, block: int = 128,
                   damp: float = 0.01, act_order: bool = True) -> torch.Tensor:
-    """int8 ``[O, K]`` int4 values for ``weight`` with the fixed per-row ``scale [O, 1]``."""
+    """int8 ``[O, K]`` int4 values for ``weight`` with the fixed per-row ``scale [O, 1]``.
+
+    Rows are independent, so linears that share one input (q/k/v, gate/up) are best passed
+    concatenated along ``O``: the factorisation and the column loop then run once for all of them.
+    """
     w = weight.detach().double().clone()
     h = hessian.detach().double().clone()
     o, k = w.shape
@@ -36,26 +40,28 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tens
     if tuple(scale.shape) != (o, 1):
         raise ValueError(f"scale: expected shape [{o}, 1], got {list(scale.shape)}")
     s = scale.double()
-    s_safe = torch.where(s > 0, s, torch.ones_like(s))
+    inv_s = torch.where(s > 0, 1.0 / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(s))
     dead = torch.diagonal(h) == 0  # inputs never seen: their weights cannot matter
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(k)
     w, h = w[:, perm], h[perm][:, perm]
     h += damp * torch.diagonal(h).mean() * torch.eye(k, dtype=torch.float64)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    q = torch.zeros_like(w)
+    # H^-1 by a Cholesky solve (torch.cholesky_inverse is ~10x slower on CPU), then its upper factor
+    hinv = torch.cholesky_solve(torch.eye(k, dtype=torch.float64), torch.linalg.cholesky(h))
+    hinv = torch.linalg.cholesky(hinv, upper=True)
+    q = torch.empty_like(w)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
+        err1 = torch.empty_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = w1[:, i:i + 1]
-            qi = torch.where(s > 0, torch.round(col / s_safe).clamp_(QMIN, QMAX), torch.zeros_like(col))
+            qi = torch.round(col * inv_s).clamp_(QMIN, QMAX)  # a zero-scale row has zero weights: q = 0
             q[:, i1 + i:i1 + i + 1] = qi
             e = (col - qi * s) / hinv1[i, i]
-            w1[:, i:] -= e @ hinv1[i:i + 1, i:]
+            w1[:, i + 1:] -= e * hinv1[i:i + 1, i + 1:]
             err1[:, i:i + 1] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     q = q[:, torch.argsort(perm)]
