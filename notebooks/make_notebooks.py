@@ -68,6 +68,10 @@ SETUP = code('''
     # Layers built without an explicit backend (load_quantized, quantize) follow this variable.
     os.environ["FLATQUANT_BACKEND"] = backend
     device = torch.device("npu" if backend == "npu" else "cpu")
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads: expected a positive int or None, got {threads!r}")
+        torch.set_num_threads(threads)
     if not isinstance(smoke, bool):
         raise ValueError(f"smoke: expected True or False, got {smoke!r}")
     if figure_path is not None:
@@ -75,7 +79,7 @@ SETUP = code('''
         os.makedirs(os.path.dirname(figure_path), exist_ok=True)
     warnings.filterwarnings("ignore", message=".*requires_grad=True to a scalar.*")  # calibration chatter
     t_start = time.perf_counter()
-    print(f"flatquant_lab {fq.__version__}; backend {backend} on {device}"
+    print(f"flatquant_lab {fq.__version__}; backend {backend} on {device}, {torch.get_num_threads()} thread(s)"
           f"{' (torch_npu found)' if on_ascend else ' (no Ascend device: CPU reference ops)'}; smoke={smoke}")
 ''')
 
@@ -110,6 +114,7 @@ def numerics_notebook():
             data = None  # text for the activations (.jsonl with a "text" field, or a text file); None: bundled eval split
             calib_data = None  # text for calibrating the FlatQuant transform; None: bundled calib split
             backend = None  # "npu", "reference", or None: npu on an Ascend host, else reference
+            threads = None  # torch CPU threads; None: torch's default (on a busy machine, 1 avoids thrashing)
             smoke: bool = False  # CI size: 2 layers, 64 tokens, a token calibration budget
             source: str = "model"  # "model": a real layer's inputs; "random": random tokens with planted outliers
             layer: int = 0  # decoder layer, for source "model"
@@ -334,13 +339,14 @@ def clip_sweep_notebook():
             model: str = "smollm2-135m"  # float model: alias or local Hugging Face directory
             data = None  # eval text for activations and perplexity (.jsonl or text file); None: bundled eval split
             backend = None  # "npu", "reference", or None: npu on an Ascend host, else reference
+            threads = None  # torch CPU threads; None: torch's default (on a busy machine, 1 avoids thrashing)
             smoke: bool = False  # CI size: 2 layers, 3 ratios, a short perplexity slice
             quantized_dir = None  # a saved RTN/Hadamard checkpoint of model; None: quantize with method hadamard here
             output_dir = None  # where the tuned checkpoint goes; None: quantized_dir itself, else a temporary folder
             ratios = None  # clip ratios to sweep; None: 1.0 down to 0.6
             tokens: int = 256  # tokens of activations per linear for the sweep
-            ppl_tokens: int = 4096  # evaluation tokens for the perplexity before/after
-            ppl_seqlen: int = 512  # window length of the perplexity
+            ppl_windows: int = 8  # token perplexity before/after: this many windows of ppl_window tokens
+            ppl_window: int = 512
             figure_path = None  # where to save the heatmap (PNG), e.g. "../docs/img/02_clip_ratio_heatmap.png"
         """, tags=("parameters",)),
         SETUP,
@@ -364,7 +370,7 @@ def clip_sweep_notebook():
                 raise ValueError("ratios: expected at least one clip ratio in (0, 1], got none")
             if smoke:
                 ratios = ratios[:: max(1, len(ratios) // 3)][:3]
-                tokens, ppl_tokens, ppl_seqlen = min(tokens, 64), min(ppl_tokens, 256), min(ppl_seqlen, 128)
+                tokens, ppl_windows, ppl_window = min(tokens, 64), min(ppl_windows, 2), min(ppl_window, 128)
             num_layers = 2 if smoke else None
         """),
         md("""
@@ -561,25 +567,22 @@ def clip_sweep_notebook():
         md("""
             ## Perplexity before and after, and the tuned checkpoint
 
-            Token perplexity on the first `ppl_tokens` tokens of the eval text, with the ratios as
-            loaded and with the chosen ones; the float model for reference. The chosen ratios are set
+            Token perplexity (`flatquant_lab.evaluation.token_perplexity`: the first `ppl_windows`
+            windows of `ppl_window` tokens of the eval text) with the ratios as loaded and with the
+            chosen ones; the float model for reference. The chosen ratios are set
             on the model with `set_clip_ratio` and saved with `save_quantized(..., overwrite=True)`,
             which writes a temporary folder and renames it into place.
         """),
         code("""
             def ppl(m):
-                return token_perplexity(m, eval_ids[:ppl_tokens], seqlen=ppl_seqlen)
+                return token_perplexity(m, tok, data, window=ppl_window, max_windows=ppl_windows)
 
 
-            with tqdm(total=3, desc="perplexity") as bar:
-                ppl_fp = ppl(fmodel)
-                bar.update()
-                ppl_before = ppl(qmodel)
-                bar.update()
-                for n, r in choice.items():
-                    qmodel.get_submodule(n).set_clip_ratio(r)
-                ppl_after = ppl(qmodel)
-                bar.update()
+            ppl_fp = ppl(fmodel)
+            ppl_before = ppl(qmodel)
+            for n, r in choice.items():
+                qmodel.get_submodule(n).set_clip_ratio(r)
+            ppl_after = ppl(qmodel)
             pd.DataFrame({"token perplexity": {"float": ppl_fp, "W4A4, ratios as loaded": ppl_before,
                                                "W4A4, chosen ratios": ppl_after}})
         """),
@@ -598,10 +601,194 @@ def clip_sweep_notebook():
     ])
 
 
+# ------------------------------------------------------------------------------------------ 03
+def lm_eval_notebook():
+    return notebook([
+        md("""
+            # 03 · lm-eval perplexity: float, RTN, Hadamard, FlatQuant, and a model-wide clip ratio
+
+            Word perplexity on the bundled held-out Wikipedia articles (lm-eval task `wiki_fq_eval`,
+            offline, through `flatquant_lab.evaluation.evaluate`) for the float model and for three
+            W4A4 checkpoints in the vllm-ascend format: RTN (identity transforms), Hadamard (fixed
+            orthogonal Kronecker factors) and FlatQuant (learned transforms, smoothing and clipping).
+            Saved checkpoints can be passed in; any that is missing is quantized and saved here.
+            Then one checkpoint gets every W4A4 layer's clip ratio overridden to the same `r`, for a
+            range of `r` (one value for all layers keeps the fused q/k/v and gate/up shards identical).
+        """),
+        code("""
+            model: str = "smollm2-135m"  # float model: alias or local Hugging Face directory
+            backend = None  # "npu", "reference", or None: npu on an Ascend host, else reference
+            threads = None  # torch CPU threads; None: torch's default (on a busy machine, 1 avoids thrashing)
+            smoke: bool = False  # CI size: 2 layers, 2 documents, 2 ratios, a token calibration budget
+            rtn_dir = None  # saved W4A4 checkpoints of model (flatquant-lab quantize); None: quantize here
+            hadamard_dir = None
+            flatquant_dir = None
+            work_dir = None  # where checkpoints quantized here are saved; None: a temporary folder
+            profile: str = "fast"  # FlatQuant calibration budget for a checkpoint made here (config.PROFILES)
+            task: str = "wiki_fq_eval"  # lm-eval perplexity task (the bundled held-out articles)
+            limit = None  # evaluate the first limit documents; None: all of them
+            docs = None  # or these document indices (lm-eval samples), e.g. [1, 2]; not with limit
+            max_length: int = 512  # lm-eval rolling window
+            clip_ratios = None  # model-wide clip ratios to sweep; None: 1.0 down to 0.7
+            sweep_method: str = "hadamard"  # which checkpoint the sweep runs on: rtn, hadamard or flatquant
+            figure_path = None  # where to save the perplexity-vs-clip-ratio plot (PNG)
+        """, tags=("parameters",)),
+        SETUP,
+        code("""
+            import logging
+            import tempfile
+
+            from flatquant_lab.config import PROFILES, QuantConfig
+            from flatquant_lab.data import bundled_data_path, calibration_ids
+            from flatquant_lab.evaluation import evaluate
+            from flatquant_lab.export import linear_weight_bytes, load_quantized, quantized_linear_names, save_quantized
+            from flatquant_lab.hub import load_model
+
+            logging.getLogger("lm_eval").setLevel(logging.ERROR)  # per-call notes about in-memory models and task kwargs
+            METHODS = ("rtn", "hadamard", "flatquant")
+            saved = {"rtn": rtn_dir, "hadamard": hadamard_dir, "flatquant": flatquant_dir}
+            if sweep_method not in METHODS:
+                raise ValueError(f"sweep_method: expected one of {METHODS}, got {sweep_method!r}")
+            if profile not in PROFILES:
+                raise ValueError(f"profile: expected one of {tuple(PROFILES)}, got {profile!r}")
+            clip_ratios = [float(r) for r in (clip_ratios if clip_ratios is not None else (1.0, 0.95, 0.9, 0.85, 0.8, 0.7))]
+            if not clip_ratios:
+                raise ValueError("clip_ratios: expected at least one clip ratio in (0, 1], got none")
+            num_layers = None
+            budget = {}
+            if smoke:
+                num_layers = 2
+                if docs is None and limit is None:
+                    docs = [1, 2]  # two short articles (84 and 437 tokens); the first two hold ~8,000
+                clip_ratios = clip_ratios[:: max(1, len(clip_ratios) - 1)][:2]  # the two ends
+                # a token FlatQuant budget; the clip grid searches alone would outlast the smoke run
+                budget = dict(samples=4, seqlen=32, epochs=1, act_clip_init=4.0, weight_clip_init=4.0)
+            if docs is not None and limit is not None:
+                raise ValueError(f"docs: expected None when limit is given (limit={limit!r}, docs={docs!r}); pick one")
+            select = {"samples": {task: [int(i) for i in docs]}} if docs is not None else {"limit": limit}
+            docs_label = (f"documents {list(docs)}" if docs is not None else
+                          "all documents" if limit is None else f"first {limit} documents")
+            work_dir = work_dir or tempfile.mkdtemp(prefix="flatquant_03_")
+            print(f"task {task}, {docs_label}, clip ratios {clip_ratios}, checkpoints in {work_dir}")
+        """),
+        md("""
+            ## Checkpoints
+
+            Each missing checkpoint is made with `quantize` and written with `save_quantized`, exactly
+            as `flatquant-lab quantize` would; every evaluation below loads it back with
+            `load_quantized`, so what is measured is what vllm-ascend would be given.
+        """),
+        code("""
+            fmodel, tok = load_model(model, num_layers=num_layers)
+            for method in METHODS:
+                if saved[method] is not None:
+                    continue
+                t0 = time.perf_counter()
+                m, _ = load_model(model, num_layers=num_layers)
+                cfg = QuantConfig(method=method, profile=profile, **(budget if method == "flatquant" else {}))
+                ids = None
+                if method == "flatquant":
+                    ids = calibration_ids(bundled_data_path("calib"), tok, cfg.budget("samples"), cfg.budget("seqlen"))
+                fq.quantize(m, cfg, ids, backend=backend)
+                saved[method] = save_quantized(m, os.path.join(work_dir, method), tokenizer=tok, overwrite=True)
+                print(f"{method}: quantized and saved to {saved[method]} in {time.perf_counter() - t0:.0f} s")
+                del m
+            pd.Series({k: str(v) for k, v in saved.items()}, name="checkpoint").to_frame()
+        """),
+        md("""
+            ## Perplexity of each model
+
+            `evaluate` runs lm-eval's `simple_evaluate` on the model in memory (rolling windows of
+            `max_length` tokens over each whole document) and returns lm-eval's results dict; the
+            task reports word perplexity, byte perplexity and bits per byte.
+        """),
+        code("""
+            def lm_eval_ppl(m):
+                res = evaluate(m, tok, tasks=(task,), max_length=max_length, **select)["results"][task]
+                return {"word perplexity": res["word_perplexity,none"], "byte perplexity": res["byte_perplexity,none"],
+                        "bits per byte": res["bits_per_byte,none"]}
+
+
+            def load_checkpoint(method):
+                m = load_quantized(saved[method], backend=backend).to(device)
+                if m.config.num_hidden_layers != fmodel.config.num_hidden_layers:
+                    raise ValueError(f"{method}_dir: {saved[method]} has {m.config.num_hidden_layers} layers, "
+                                     f"the float model {fmodel.config.num_hidden_layers}; pass checkpoints of {model}"
+                                     f"{' (smoke runs keep 2 layers)' if smoke else ''}")
+                return m
+
+
+            results, weight_bytes = {}, {}
+            results["float"] = lm_eval_ppl(fmodel.to(device))
+            weight_bytes["float"] = linear_weight_bytes(fmodel)
+            for method in tqdm(METHODS, desc="checkpoints"):
+                m = load_checkpoint(method)
+                results[f"W4A4 {method}"] = lm_eval_ppl(m)
+                weight_bytes[f"W4A4 {method}"] = linear_weight_bytes(m)
+                del m
+            pd.DataFrame(results).T
+        """),
+        md("""
+            ## A model-wide clip-ratio override
+
+            Every W4A4 layer of one checkpoint gets `set_clip_ratio(r)`; the rest stays as saved.
+        """),
+        code("""
+            sweep_model = load_checkpoint(sweep_method)
+            qnames = quantized_linear_names(sweep_model)
+            sweep = {}
+            for r in tqdm(clip_ratios, desc="clip ratio"):
+                for n in qnames:
+                    sweep_model.get_submodule(n).set_clip_ratio(r)
+                sweep[r] = lm_eval_ppl(sweep_model)
+            del sweep_model
+            sweep_df = pd.DataFrame(sweep).T.rename_axis(index="clip ratio")
+            sweep_df
+        """),
+        code("""
+            fig, ax = plt.subplots(figsize=(7.0, 4.2))
+            ax.plot(sweep_df.index, sweep_df["word perplexity"], marker="o", color="black",
+                    label=f"W4A4 {sweep_method}, every layer at clip ratio r")
+            styles = {"float": "tab:green", "W4A4 rtn": "tab:red", "W4A4 hadamard": "tab:orange",
+                      "W4A4 flatquant": "tab:blue"}
+            for name, color in styles.items():
+                how = "" if name == "float" else " (its saved clip ratios)"
+                ax.axhline(results[name]["word perplexity"], ls="--", color=color,
+                           label=f"{name}{how}: {results[name]['word perplexity']:.4g}")
+            ax.set_yscale("log")
+            ax.set_xlabel("activation clip ratio r (all W4A4 layers)")
+            ax.set_ylabel(f"word perplexity, {task} (log)")
+            ax.set_title(f"{model}{' (2 layers)' if smoke else ''}: {task} perplexity vs clip ratio ({docs_label})",
+                         fontsize=10)
+            ax.legend(fontsize=8, loc="best")
+            ax.grid(alpha=0.3, which="both")
+            fig.tight_layout()
+            if figure_path:
+                fig.savefig(figure_path, dpi=120, bbox_inches="tight")
+                print(f"saved {figure_path}")
+            plt.show()
+        """),
+        md("""
+            ## Results
+        """),
+        code("""
+            rows = dict(results)
+            rows.update({f"W4A4 {sweep_method}, all clip ratios {r:g}": v for r, v in sweep.items()})
+            table = pd.DataFrame(rows).T
+            table["x float"] = table["word perplexity"] / results["float"]["word perplexity"]
+            table["linear weights (MiB)"] = pd.Series({k: v / 2**20 for k, v in weight_bytes.items()})
+            table.style.format({"word perplexity": "{:.4g}", "byte perplexity": "{:.4f}", "bits per byte": "{:.4f}",
+                                "x float": "{:.2f}", "linear weights (MiB)": "{:.1f}"}, na_rep="")
+        """),
+        finish_cell("03_lm_eval_perplexity"),
+    ])
+
+
 # ------------------------------------------------------------------------------------------ main
 NOTEBOOKS = {
     "01_numerics.ipynb": numerics_notebook,
     "02_clip_ratio_sweep.ipynb": clip_sweep_notebook,
+    "03_lm_eval_perplexity.ipynb": lm_eval_notebook,
 }
 
 
