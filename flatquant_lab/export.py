@@ -41,7 +41,7 @@ from torch import nn
 
 from .kronecker import decompose_dim
 from .linear import CHECKPOINT_KEYS, HALF_DTYPES, W4A4FlatQuantLinear
-from .models import GROUPS, set_submodule
+from .models import GROUPS, decoder_layers, set_submodule
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,9 @@ def quantized_linear_names(model: nn.Module) -> list[str]:
     return [name for name, mod in model.named_modules() if isinstance(mod, W4A4FlatQuantLinear)]
 
 
-def linear_weight_bytes(model: nn.Module) -> int:
-    """Bytes the linear layers' weights take in memory.
+def linear_weight_bytes(model: nn.Module, decoder_only: bool = True) -> int:
+    """Bytes the linear layers' weights take in memory (by default only the decoder layers' linears,
+    the ones W4A4 quantizes; ``decoder_only=False`` adds the rest, e.g. ``lm_head``).
 
     ``nn.Linear``: its ``weight`` (bias not counted). ``W4A4FlatQuantLinear``: the packed int4
     weight, ``weight_scale``, ``weight_offset``, ``left_trans``, ``right_trans`` and ``clip_ratio``
@@ -99,7 +100,8 @@ def linear_weight_bytes(model: nn.Module) -> int:
     one copy of each transform).
     """
     total = 0
-    for mod in model.modules():
+    root = decoder_layers(model) if decoder_only else model
+    for mod in root.modules():
         if isinstance(mod, W4A4FlatQuantLinear):
             for name in ("weight_packed", "weight_scale", "weight_offset", "left_trans", "right_trans", "clip_ratio"):
                 t = getattr(mod, name)

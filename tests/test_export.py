@@ -412,10 +412,12 @@ def test_missing_files_are_named(saved, tmp_path):
 def test_linear_weight_bytes(quantized):
     dense = tiny_model("llama")
     per_layer = sum(dense.model.layers[0].get_submodule(n).weight.numel() for n in LINEAR_NAMES)
-    # Two decoder layers of fp32 linears plus the (tied) lm_head.
-    assert linear_weight_bytes(dense) == 4 * (2 * per_layer + dense.lm_head.weight.numel())
+    # By default the decoder layers' linears only (what W4A4 quantizes): two layers of fp32.
+    assert linear_weight_bytes(dense) == 4 * 2 * per_layer
+    # With everything, the (tied) lm_head counts too.
+    assert linear_weight_bytes(dense, decoder_only=False) == 4 * (2 * per_layer + dense.lm_head.weight.numel())
     q = quantized["llama"]
     small = linear_weight_bytes(q)
     packed = sum(q.get_submodule(n).weight_packed.numel() * 4 for n in quantized_linear_names(q))
     assert packed == 2 * per_layer // 2  # int4: half a byte per weight
-    assert 4 * dense.lm_head.weight.numel() + packed < small < linear_weight_bytes(dense) / 2
+    assert packed < small < linear_weight_bytes(dense) / 4

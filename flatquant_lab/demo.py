@@ -1,0 +1,237 @@
+"""The main job: full precision vs W4A16 RTN vs W4A4 RTN / Hadamard / FlatQuant on the bundled model.
+
+Each method starts from a fresh copy of the model, is evaluated through lm-eval on the bundled
+evaluation articles (word perplexity; token perplexity from the same log-likelihoods), and lands in
+one table, ``results/demo.json`` and ``results/demo.png``. The FlatQuant export is written to
+``results/export-flatquant`` (what vllm-ascend loads).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .api import quantize, quantize_weights_only
+from .config import QuantConfig
+
+log = logging.getLogger(__name__)
+
+METHODS = ("fp", "rtn_w4a16", "rtn", "hadamard", "flatquant")
+LABELS = {"fp": "full precision (dequantized GGUF)", "rtn_w4a16": "W4A16 RTN (weights only)",
+          "rtn": "W4A4 RTN", "hadamard": "W4A4 Hadamard", "flatquant": "W4A4 FlatQuant"}
+TASK = "wiki_fq_eval"
+# What each demo profile runs: the calibration budget of FlatQuant (GPTQ weights in all W4A4 rows).
+DEMO_PROFILES = {"fast": "fast", "full": "full"}
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def decoder_linear_params(model) -> int:
+    from .models import LINEAR_NAMES, decoder_layers
+
+    return sum(layer.get_submodule(p).weight.numel() for layer in decoder_layers(model) for p in LINEAR_NAMES)
+
+
+def evaluate_model(model, tokenizer, limit=None, batch_size=1, max_length=512) -> dict:
+    """lm-eval perplexity on the bundled eval task; token perplexity from the same log-likelihoods."""
+    from .evaluation import evaluate
+
+    t0 = time.perf_counter()
+    res = evaluate(model, tokenizer, tasks=[TASK], limit=limit, batch_size=batch_size, max_length=max_length,
+                   log_samples=True)
+    seconds = time.perf_counter() - t0
+    metrics = res["results"][TASK]
+    total_ll, total_tokens = 0.0, 0
+    for sample in res["samples"][TASK]:
+        ll = sample["filtered_resps"][0]
+        ll = ll[0] if isinstance(ll, (list, tuple)) else ll
+        total_ll += float(ll)
+        # loglikelihood_rolling predicts every token of the document's encoding
+        total_tokens += len(tokenizer(sample["doc"]["text"], add_special_tokens=False).input_ids)
+    return {
+        "word_perplexity": float(metrics["word_perplexity,none"]),
+        "byte_perplexity": float(metrics["byte_perplexity,none"]),
+        "bits_per_byte": float(metrics["bits_per_byte,none"]),
+        "token_perplexity": math.exp(-total_ll / total_tokens),
+        "eval_tokens": total_tokens,
+        "eval_documents": len(res["samples"][TASK]),
+        "eval_seconds": seconds,
+    }
+
+
+def run_demo(model_name: str = "smollm2-135m", profile: str = "fast", out_dir: str = "results",
+             methods=METHODS, limit=None, num_layers=None, batch_size: int = 1, seed: int = 0,
+             samples=None, epochs=None, seqlen=None) -> dict:
+    """Run every method in ``methods``; write ``demo.json`` and ``demo.png`` to ``out_dir``; return the summary."""
+    from .data import bundled_data_path, calibration_ids
+    from .export import linear_weight_bytes, save_quantized
+    from .hub import load_model
+
+    if profile not in DEMO_PROFILES:
+        raise ValueError(f"profile: expected one of {tuple(DEMO_PROFILES)}, got {profile!r}")
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise ValueError(f"methods: unknown {bad}; expected some of {METHODS}")
+    out = Path(out_dir)
+    torch.manual_seed(seed)
+    fq_cfg = QuantConfig(method="flatquant", weight_quantizer="gptq", profile=DEMO_PROFILES[profile], seed=seed,
+                         samples=samples, epochs=epochs, seqlen=seqlen)
+    results, calib_ids = {}, None
+    t_all = time.perf_counter()
+    for method in methods:
+        log.info("=== %s ===", LABELS[method])
+        model, tok = load_model(model_name, num_layers=num_layers)
+        bf16_bytes = 2 * decoder_linear_params(model)
+        calib_s = 0.0
+        if method in ("rtn", "hadamard", "flatquant"):
+            cfg = fq_cfg if method == "flatquant" else QuantConfig(method=method, weight_quantizer="gptq",
+                                                                   profile=fq_cfg.profile, seed=seed,
+                                                                   samples=samples, seqlen=seqlen)
+            if calib_ids is None:
+                calib_ids = calibration_ids(bundled_data_path("calib"), tok, cfg.budget("samples"),
+                                            cfg.budget("seqlen"), seed=seed)
+            t0 = time.perf_counter()
+            quantize(model, cfg, calib_ids)
+            calib_s = time.perf_counter() - t0
+            if method == "flatquant":
+                save_quantized(model, out / "export-flatquant", tokenizer=tok, overwrite=True)
+        elif method == "rtn_w4a16":
+            t0 = time.perf_counter()
+            quantize_weights_only(model)
+            calib_s = time.perf_counter() - t0
+        row = evaluate_model(model, tok, limit=limit, batch_size=batch_size)
+        lin_bytes = linear_weight_bytes(model) if method not in ("fp", "rtn_w4a16") else bf16_bytes
+        row.update({"label": LABELS[method], "calib_seconds": calib_s, "linear_bytes": lin_bytes,
+                    "linear_bytes_vs_bf16": lin_bytes / bf16_bytes})
+        if method in ("rtn", "hadamard", "flatquant"):
+            row["clip_ratios"] = [l["clip_ratios"] for l in model.flatquant_report["layers"]]
+            row["fake_quant_mse"] = [l.get("fake_quant_mse") for l in model.flatquant_report["layers"]]
+            row["epoch_losses"] = [l["epoch_losses"] for l in model.flatquant_report["layers"]]
+        results[method] = row
+        log.info("%s: word PPL %.3f, token PPL %.3f (calib %.0f s, eval %.0f s)", method,
+                 row["word_perplexity"], row["token_perplexity"], calib_s, row["eval_seconds"])
+        del model
+    fp = results.get("fp")
+    for row in results.values():
+        row["token_ppl_vs_fp"] = row["token_perplexity"] / fp["token_perplexity"] if fp else None
+        row["word_ppl_vs_fp"] = row["word_perplexity"] / fp["word_perplexity"] if fp else None
+    summary = {
+        "model": model_name,
+        "profile": profile,
+        "settings": {"flatquant": fq_cfg.to_dict(), "task": TASK, "limit": limit, "max_length": 512,
+                     "num_layers": num_layers, "weight_quantizer_w4a4": "gptq", "torch_threads": torch.get_num_threads()},
+        "results": results,
+        "checks": _checks(results),
+        "total_seconds": time.perf_counter() - t_all,
+    }
+    _atomic_write(out / "demo.json", json.dumps(summary, indent=1).encode())
+    _plot(summary, out / "demo.png")
+    return summary
+
+
+def _checks(results: dict) -> dict:
+    """The issue's targets, evaluated on what was measured (None where a row is missing)."""
+    def ppl(m):
+        return results[m]["token_perplexity"] if m in results else None
+
+    fq, had, rtn, w4a16 = ppl("flatquant"), ppl("hadamard"), ppl("rtn"), ppl("rtn_w4a16")
+    return {
+        "flatquant_below_w4a16_rtn": None if None in (fq, w4a16) else fq < w4a16,
+        "flatquant_lt_hadamard_lt_rtn": None if None in (fq, had, rtn) else fq < had < rtn,
+        "flatquant_linear_bytes_at_most_bf16_over_3.5": (
+            results["flatquant"]["linear_bytes_vs_bf16"] <= 1 / 3.5 if "flatquant" in results else None),
+    }
+
+
+def format_table(summary: dict) -> str:
+    head = (f"{'method':34} {'word PPL':>10} {'token PPL':>10} {'x FP':>7} {'linear MiB':>11} "
+            f"{'x bf16':>7} {'calib s':>8} {'eval s':>7}")
+    lines = [head, "-" * len(head)]
+    for m, r in summary["results"].items():
+        x = f"{r['token_ppl_vs_fp']:.2f}" if r.get("token_ppl_vs_fp") else "-"
+        lines.append(f"{r['label']:34} {r['word_perplexity']:10.3f} {r['token_perplexity']:10.3f} {x:>7} "
+                     f"{r['linear_bytes'] / 2**20:11.1f} {r['linear_bytes_vs_bf16']:7.3f} "
+                     f"{r['calib_seconds']:8.0f} {r['eval_seconds']:7.0f}")
+    lines.append("")
+    lines.append("x FP: token perplexity ratio to full precision; x bf16: linear weight bytes in memory "
+                 "relative to bf16 (the fp rows are counted at bf16).")
+    for k, v in summary["checks"].items():
+        lines.append(f"check {k}: {'n/a' if v is None else ('PASS' if v else 'MISS')}")
+    return "\n".join(lines)
+
+
+def _plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = summary["results"]
+    names = list(res)
+    vals = [res[m]["token_perplexity"] for m in names]
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    colors = ["#555555" if m == "fp" else "#8c8cd9" if m == "rtn_w4a16" else "#d98c8c" if m != "flatquant"
+              else "#3b9c5a" for m in names]
+    bars = ax.bar([res[m]["label"].replace(" (", "\n(") for m in names], vals, color=colors)
+    ax.set_yscale("log")
+    ax.set_ylabel("token perplexity (log scale)")
+    ax.set_title(f"{summary['model']}: W4A4 on the bundled Wikipedia eval set ({summary['profile']} profile)")
+    for b, v in zip(bars, vals):
+        ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.1f}", ha="center", va="bottom", fontsize=9)
+    if "fp" in res:
+        ax.axhline(res["fp"]["token_perplexity"], color="#555555", lw=0.8, ls="--")
+    ax.tick_params(axis="x", labelsize=8)
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# ---------------------------------------------------------------------------- CLI
+def add_arguments(p) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="model alias or local Hugging Face directory")
+    p.add_argument("--profile", default="fast", choices=tuple(DEMO_PROFILES),
+                   help="FlatQuant calibration budget: fast (minutes) or full (about an hour)")
+    p.add_argument("--out", default="results", help="where demo.json, demo.png and the export go")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--limit", type=int, default=None, help="evaluate on the first N documents only")
+    p.add_argument("--num-layers", type=int, default=None, help="truncate the model (smoke runs)")
+    p.add_argument("--samples", type=int, default=None, help="override the profile's calibration samples")
+    p.add_argument("--seqlen", type=int, default=None, help="override the profile's calibration seqlen")
+    p.add_argument("--epochs", type=int, default=None, help="override the profile's epochs")
+    p.add_argument("--batch_size", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run(args) -> int:
+    summary = run_demo(args.model, args.profile, args.out, tuple(args.methods), args.limit, args.num_layers,
+                       args.batch_size, args.seed, args.samples, args.epochs, args.seqlen)
+    print()
+    print(format_table(summary))
+    print(f"\nwrote {Path(args.out) / 'demo.json'} and {Path(args.out) / 'demo.png'} "
+          f"({summary['total_seconds'] / 60:.1f} min)")
+    return 0
