@@ -7,7 +7,7 @@ PROFILE ?= fast
 MODEL ?= smollm2-135m
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo lab bench clean
+.PHONY: setup test demo lab bench clean data
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_ops.py
 	$(PY) bench/bench_calibration.py
+
+# Rebuild the bundled Wikipedia text (needs the package registry once, for the gensim wheel).
+data: $(STAMP)
+	$(PY) data/build_data.py
 
 lab: $(STAMP)
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements-lab.txt

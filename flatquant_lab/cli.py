@@ -14,7 +14,7 @@ COMMANDS = {
     "check": ("flatquant_lab.numerics", "report the int4 path of one layer against its references"),
     "quantize": ("flatquant_lab.api", "quantize a Hugging Face model and export it for vllm-ascend"),
     "eval": ("flatquant_lab.evaluation", "evaluate a float or quantized model with lm-eval"),
-    "build-data": ("flatquant_lab.wikidata", "rebuild data/wiki_*.jsonl from gensim's Wikipedia test data"),
+    "build-data": ("flatquant_lab.wikidata", "rebuild the bundled wiki_*.jsonl from gensim's Wikipedia test data"),
     "demo": ("flatquant_lab.demo", "the main job: FP vs W4A16 RTN vs W4A4 RTN / Hadamard / FlatQuant"),
 }
 

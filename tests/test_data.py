@@ -27,9 +27,9 @@ def tokenizer():
 
 def test_bundled_split_is_by_article_and_disjoint():
     calib, ev = _read("calib"), _read("eval")
-    assert (len(calib), len(ev)) == (wikidata.N_CALIB, wikidata.N_PAGES - wikidata.N_CALIB) == (74, 32)
+    assert (len(calib), len(ev)) == (wikidata.N_PAGES - wikidata.N_EVAL, wikidata.N_EVAL) == (101, 5)
     titles_c, titles_e = {d["title"] for d in calib}, {d["title"] for d in ev}
-    assert len(titles_c) == 74 and len(titles_e) == 32 and not titles_c & titles_e
+    assert len(titles_c) == 101 and len(titles_e) == 5 and not titles_c & titles_e
     for d in calib + ev:
         assert set(d) == {"title", "text"} and d["text"].strip()
         # No markup left behind by the cleaner.
