@@ -303,7 +303,7 @@ def numerics_notebook():
                 label: {"SQNR vs float (dB)": r.sqnr_db, "cosine": r.cosine, "relative error": r.rel_err,
                         "clip ratio": r.clip_ratio, "bound vs dequantized ref holds": r.bound_ok,
                         "max error (output ulps)": r.max_err_ulps, "transform rel. error": r.transform_rel_err}
-                for label, r in reports.items()}).T
+                for label, r in reports.items()}).T.infer_objects()  # per-column dtypes: tiny errors print as such
             summary
         '''),
         code('''
@@ -639,7 +639,7 @@ def lm_eval_notebook():
             import tempfile
 
             from flatquant_lab.config import PROFILES, QuantConfig
-            from flatquant_lab.data import bundled_data_path, calibration_ids
+            from flatquant_lab.data import bundled_data_path, calibration_ids, load_texts
             from flatquant_lab.evaluation import evaluate
             from flatquant_lab.export import linear_weight_bytes, load_quantized, quantized_linear_names, save_quantized
             from flatquant_lab.hub import load_model
@@ -658,8 +658,12 @@ def lm_eval_notebook():
             budget = {}
             if smoke:
                 num_layers = 2
-                if docs is None and limit is None:
-                    docs = [1, 2]  # two short articles (84 and 437 tokens); the first two hold ~8,000
+                if docs is None and limit is None and task == "wiki_fq_eval":
+                    # its two shortest articles: whole articles are scored, and the first two hold ~8,000 tokens
+                    lengths = [len(t) for t in load_texts(bundled_data_path("eval"))]
+                    docs = sorted(sorted(range(len(lengths)), key=lengths.__getitem__)[:2])
+                elif docs is None and limit is None:
+                    limit = 2
                 clip_ratios = clip_ratios[:: max(1, len(clip_ratios) - 1)][:2]  # the two ends
                 # a token FlatQuant budget; the clip grid searches alone would outlast the smoke run
                 budget = dict(samples=4, seqlen=32, epochs=1, act_clip_init=4.0, weight_clip_init=4.0)
