@@ -1,0 +1,55 @@
+"""The main job end to end on the bundled model truncated to two decoder layers (CI-sized)."""
+import json
+import math
+
+import pytest
+
+from flatquant_lab import cli
+from flatquant_lab.demo import METHODS, TASK
+from flatquant_lab.export import load_quantized
+from flatquant_lab.linear import W4A4FlatQuantLinear
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("demo")]
+
+
+def test_demo_pipeline_end_to_end(tmp_path, capsys):
+    out = tmp_path / "results"
+    argv = ["demo", "--num-layers", "2", "--limit", "2", "--samples", "4", "--seqlen", "64", "--epochs", "1",
+            "--out", str(out)]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    # the table: one row per method, then the checks
+    for label in ("full precision", "W4A16 RTN", "W4A4 RTN", "W4A4 Hadamard", "W4A4 FlatQuant"):
+        assert label in printed
+    assert "word PPL" in printed and "check flatquant_below_w4a16_rtn" in printed
+    summary = json.loads((out / "demo.json").read_text())
+    assert set(summary["results"]) == set(METHODS)
+    for method, row in summary["results"].items():
+        assert math.isfinite(row["word_perplexity"]) and row["word_perplexity"] > 1, method
+        assert math.isfinite(row["token_perplexity"]) and row["eval_documents"] == 2, method
+    assert summary["profile"] == "fast" and summary["settings"]["task"] == TASK
+    # the quantized rows hold int4 linears: about an eighth of fp32, a quarter of bf16, plus scales
+    for method in ("rtn", "hadamard", "flatquant"):
+        assert summary["results"][method]["linear_bytes_vs_bf16"] < 0.3
+    assert (out / "demo.png").stat().st_size > 1000
+
+    # the FlatQuant export loads (no pickle) and evaluates to the same perplexity through lm-eval
+    from flatquant_lab.demo import evaluate_model
+
+    model = load_quantized(out / "export-flatquant")
+    assert any(isinstance(m, W4A4FlatQuantLinear) for m in model.modules())
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(out / "export-flatquant"), local_files_only=True)
+    row = evaluate_model(model, tok, limit=2)
+    assert row["word_perplexity"] == pytest.approx(summary["results"]["flatquant"]["word_perplexity"], rel=1e-6)
+
+
+def test_demo_rejects_bad_arguments(tmp_path):
+    from flatquant_lab.demo import run_demo
+
+    with pytest.raises(ValueError, match="profile"):
+        run_demo(profile="huge", out_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="methods"):
+        run_demo(methods=("fp", "awq"), out_dir=str(tmp_path))
+    assert not any(tmp_path.iterdir())
