@@ -365,6 +365,8 @@ def clip_sweep_notebook():
             from flatquant_lab.models import GROUPS
             from flatquant_lab.numerics import DEFAULT_RATIOS, check_linear, sweep_clip_ratio
 
+            if isinstance(ratios, str):  # papermill -p passes text; lists go through -y / -f
+                raise ValueError(f"ratios: expected a list of floats in (0, 1], got the string {ratios!r}")
             ratios = [float(r) for r in (ratios if ratios is not None else DEFAULT_RATIOS)]
             if not ratios:
                 raise ValueError("ratios: expected at least one clip ratio in (0, 1], got none")
@@ -651,6 +653,9 @@ def lm_eval_notebook():
                 raise ValueError(f"sweep_method: expected one of {METHODS}, got {sweep_method!r}")
             if profile not in PROFILES:
                 raise ValueError(f"profile: expected one of {tuple(PROFILES)}, got {profile!r}")
+            for pname, pval in (("clip_ratios", clip_ratios), ("docs", docs)):
+                if isinstance(pval, str):  # papermill -p passes text; lists go through -y / -f
+                    raise ValueError(f"{pname}: expected a list, got the string {pval!r}")
             clip_ratios = [float(r) for r in (clip_ratios if clip_ratios is not None else (1.0, 0.95, 0.9, 0.85, 0.8, 0.7))]
             if not clip_ratios:
                 raise ValueError("clip_ratios: expected at least one clip ratio in (0, 1], got none")
@@ -755,11 +760,21 @@ def lm_eval_notebook():
                     label=f"W4A4 {sweep_method}, every layer at clip ratio r")
             styles = {"float": "tab:green", "W4A4 rtn": "tab:red", "W4A4 hadamard": "tab:orange",
                       "W4A4 flatquant": "tab:blue"}
+            # A model far above the sweep (W4A4 RTN, typically) would squash it: list it, but off the axes.
+            top = 20 * float(sweep_df["word perplexity"].max())
+            levels = [float(v) for v in sweep_df["word perplexity"]]
             for name, color in styles.items():
+                v = results[name]["word perplexity"]
                 how = "" if name == "float" else " (its saved clip ratios)"
-                ax.axhline(results[name]["word perplexity"], ls="--", color=color,
-                           label=f"{name}{how}: {results[name]['word perplexity']:.4g}")
+                label = f"{name}{how}: {v:.4g}" + (" (above the plot)" if v > top else "")
+                if v > top:
+                    ax.plot([], [], ls="--", color=color, label=label)
+                else:
+                    ax.axhline(v, ls="--", color=color, label=label)
+                    levels.append(v)
             ax.set_yscale("log")
+            ax.set_ylim(min(levels) / 1.5, max(levels) * 1.5)
+            ax.set_xticks(list(sweep_df.index))
             ax.set_xlabel("activation clip ratio r (all W4A4 layers)")
             ax.set_ylabel(f"word perplexity, {task} (log)")
             ax.set_title(f"{model}{' (2 layers)' if smoke else ''}: {task} perplexity vs clip ratio ({docs_label})",
