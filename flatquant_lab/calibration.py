@@ -182,9 +182,19 @@ class FakeQuantLinear(nn.Module):
         self.weight_clip = nn.Parameter(weight_clip.float().clone(), requires_grad=learn_clip)
         self.out_div = out_div  # the next group's smoothing that folds into these output rows
 
+    def quantized_weight(self) -> torch.Tensor:
+        """``Q4(fold(W))``; reused across batches while nothing it depends on has moved."""
+        tr = self.transform
+        key = (tr.left._version, tr.right._version, None if tr.log_smooth is None else tr.log_smooth._version,
+               self.weight_clip._version, torch.is_grad_enabled())
+        if getattr(self, "_wq", None) is None or self._wq[0] != key or torch.is_grad_enabled():
+            wq = fake_quant_weight(tr.fold(self.linear.weight.float()), torch.sigmoid(self.weight_clip))
+            self._wq = (key, wq)
+        return self._wq[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bq = self.transform.quantized_input(x)
-        wq = fake_quant_weight(self.transform.fold(self.linear.weight.float()), torch.sigmoid(self.weight_clip))
+        wq = self.quantized_weight()
         y = bq @ wq.transpose(0, 1)
         bias = self.linear.bias.float() if self.linear.bias is not None else None
         if self.out_div is not None:  # v_proj's rows are kv channels: d is the un-expanded [kv * head_dim]

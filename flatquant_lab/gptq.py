@@ -51,18 +51,20 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tens
     hinv = torch.cholesky_solve(torch.eye(k, dtype=torch.float64), torch.linalg.cholesky(h))
     hinv = torch.linalg.cholesky(hinv, upper=True)
     q = torch.empty_like(w)
+    s1, inv_s1 = s[:, 0], inv_s[:, 0]
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         w1 = w[:, i1:i2].clone()
         err1 = torch.empty_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = w1[:, i:i + 1]
-            qi = torch.round(col * inv_s).clamp_(QMIN, QMAX)  # a zero-scale row has zero weights: q = 0
-            q[:, i1 + i:i1 + i + 1] = qi
-            e = (col - qi * s) / hinv1[i, i]
-            w1[:, i + 1:] -= e * hinv1[i:i + 1, i + 1:]
-            err1[:, i:i + 1] = e
+        dinv = 1.0 / torch.diagonal(hinv1)
+        for i in range(i2 - i1):  # few ops per column: this loop is GPTQ's cost on a CPU
+            col = w1[:, i]
+            qi = (col * inv_s1).round_().clamp_(QMIN, QMAX)  # a zero-scale row has zero weights: q = 0
+            q[:, i1 + i] = qi
+            e = (col - qi * s1) * dinv[i]
+            w1[:, i + 1:].addr_(e, hinv1[i, i + 1:], alpha=-1.0)
+            err1[:, i] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     q = q[:, torch.argsort(perm)]
     return q.to(torch.int8)
