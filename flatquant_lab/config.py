@@ -13,8 +13,8 @@ WEIGHT_QUANTIZERS = ("rtn", "gptq")
 # budgets for the bundled 135M model (about 1 hour and about 10 minutes on 2 cores).
 PROFILES = {
     "paper": dict(samples=128, seqlen=2048, epochs=15, lr=5e-3, batch_size=4),
-    "full": dict(samples=128, seqlen=256, epochs=8, lr=5e-3, batch_size=4),
-    "fast": dict(samples=64, seqlen=128, epochs=4, lr=5e-3, batch_size=4),
+    "full": dict(samples=64, seqlen=256, epochs=6, lr=5e-3, batch_size=4),
+    "fast": dict(samples=32, seqlen=128, epochs=2, lr=5e-3, batch_size=4),
 }
 
 
@@ -103,6 +103,8 @@ class QuantConfig:
     def fingerprint(self) -> str:
         """What decides the learned tensors: a resumed run must match it."""
         d = self.to_dict()
-        for k in ("work_dir", "skip", "weight_quantizer", "gptq_damp", "gptq_block", "gptq_act_order"):
+        # skip decides which transforms exist, so it belongs; the weight quantizer runs after the
+        # learned tensors are saved, so a resumed run may change it.
+        for k in ("work_dir", "weight_quantizer", "gptq_damp", "gptq_block", "gptq_act_order"):
             d.pop(k, None)
         return json.dumps(d, sort_keys=True)
