@@ -47,7 +47,6 @@ SETUP = code('''
     import time
     import warnings
 
-    import matplotlib
     import matplotlib.pyplot as plt
     import pandas as pd
     import torch
