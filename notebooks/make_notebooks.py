@@ -45,7 +45,6 @@ def notebook(cells) -> nbformat.NotebookNode:
 SETUP = code('''
     import os
     import time
-    import warnings
 
     import matplotlib.pyplot as plt
     import pandas as pd
@@ -76,7 +75,6 @@ SETUP = code('''
     if figure_path is not None:
         figure_path = os.path.abspath(figure_path)
         os.makedirs(os.path.dirname(figure_path), exist_ok=True)
-    warnings.filterwarnings("ignore", message=".*requires_grad=True to a scalar.*")  # calibration chatter
     t_start = time.perf_counter()
     print(f"flatquant_lab {fq.__version__}; backend {backend} on {device}, {torch.get_num_threads()} thread(s)"
           f"{' (torch_npu found)' if on_ascend else ' (no Ascend device: CPU reference ops)'}; smoke={smoke}")
