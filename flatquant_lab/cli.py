@@ -23,9 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="flatquant-lab", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's own; on a busy machine 1 is often faster)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # Parse the command name first so that only that command's module is imported.
-    wanted = next((a for a in argv if not a.startswith("-")), None)
+    wanted = next((a for a in argv if a in COMMANDS), None)
     modules = {}
     for name, (modname, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -33,6 +35,12 @@ def main(argv: list[str] | None = None) -> int:
             modules[name] = importlib.import_module(modname)
             modules[name].add_arguments(p)
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads: expected a positive int, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     return int(modules[args.command].run(args) or 0)
