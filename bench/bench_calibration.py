@@ -9,7 +9,7 @@ RSS (``ru_maxrss``, reported absolute and above its value before the first phase
 and ids). Phases are timed in wall and in CPU seconds (``time.process_time``): at 1 thread the CPU
 seconds are roughly what the phase costs when the process has a core to itself.
 
-* ``fast`` profile (64 x 128 tokens, 4 epochs): the whole budget, run for real by calling the phase
+* ``fast`` profile (``PROFILES["fast"]``): the whole budget, run for real by calling the phase
   functions of ``calibrate`` in its order (capture, float forward, init, training, fake-quant pass,
   finalize), each timed once; then ``calibrate`` itself on a copy of the same model, as a check that
   the instrumented sequence costs the same and learns the same losses.
@@ -22,8 +22,9 @@ seconds are roughly what the phase costs when the process has a core to itself.
 * ``share``: training steps (and no-grad forwards) timed interleaved with the real ``KronTransform``
   and with one whose ``transformed`` skips the two Kronecker matmuls (the smoothing division, the
   roundings and the quantization are kept) and whose ``fold`` skips the multiplication by the
-  inverse factors (and so the inverses); share = 1 - t_without / t_with. Plus one training step
-  with 2 threads against 1, interleaved.
+  inverse factors (and so the inverses); share = 1 - t_without / t_with, in wall and in CPU seconds
+  (at 1 thread the CPU seconds are the steadier of the two under load). Plus one training step with
+  2 threads against 1, interleaved (wall).
 
 Threads: ``--threads`` (default 1). On a shared 2-core machine under load, 2 OpenMP threads wait
 for each other at every parallel region and a step can be several times slower than with 1 thread;
@@ -61,16 +62,18 @@ BATCH = PROFILES["paper"]["batch_size"]
 
 # ---------------------------------------------------------------------------- helpers
 def interleaved(fns: dict, repeats: int) -> dict:
-    """Seconds per callable and repeat, timing them in turn ``repeats`` times after one warm-up each."""
+    """Wall and CPU seconds per callable and repeat, timing them in turn ``repeats`` times after one
+    warm-up each: ``{"wall": {name: [...]}, "cpu": {name: [...]}}``."""
     for fn in fns.values():
         fn()
-    times = {name: [] for name in fns}
+    wall, cpu = {name: [] for name in fns}, {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            w0, c0 = time.perf_counter(), time.process_time()
             fn()
-            times[name].append(time.perf_counter() - t0)
-    return times
+            wall[name].append(time.perf_counter() - w0)
+            cpu[name].append(time.process_time() - c0)
+    return {"wall": wall, "cpu": cpu}
 
 
 def verdict(ok: bool) -> str:
@@ -235,7 +238,8 @@ def child_paper(args) -> dict:
 def child_share(args) -> dict:
     model = make_model(args.vocab)
     out = {}
-    for name, repeats in (("fast", args.repeats), ("paper", args.paper_repeats)):
+    for name, repeats, fwd_repeats in (("fast", args.repeats, args.repeats),
+                                       ("paper", args.paper_repeats, args.paper_forward_repeats)):
         if repeats < 1:
             continue
         seqlen = PROFILES[name]["seqlen"]
@@ -247,9 +251,9 @@ def child_share(args) -> dict:
         learned = C.init_learned(layer, groups, cfg, stats, 0)
         step = one_step(layer, groups, learned, X, Y, kw, cfg)
         fwd = lambda: C.fake_quant_pass(layer, groups, learned, X, Y, kw, cfg, collect=False)  # noqa: E731
-        out[name] = dict(seqlen=seqlen, repeats=repeats,
+        out[name] = dict(seqlen=seqlen, repeats={"train": repeats, "forward": fwd_repeats},
                          train=interleaved({"with": step, "without": patched(step)}, repeats),
-                         forward=interleaved({"with": fwd, "without": patched(fwd)}, repeats))
+                         forward=interleaved({"with": fwd, "without": patched(fwd)}, fwd_repeats))
         if name == "fast" and args.thread_repeats > 0:
             mine = torch.get_num_threads()
             other = 2 if mine == 1 else 1
@@ -262,7 +266,7 @@ def child_share(args) -> dict:
                     finally:
                         torch.set_num_threads(mine)
                 return run
-            th = interleaved({"mine": at(mine), "other": at(other)}, args.thread_repeats)
+            th = interleaved({"mine": at(mine), "other": at(other)}, args.thread_repeats)["wall"]
             out["threads"] = dict(mine=mine, other=other, t=th, repeats=args.thread_repeats, seqlen=seqlen)
     return out
 
@@ -369,18 +373,20 @@ def report_share(r: dict) -> None:
     print("\n[transforms] share of the Kronecker transforms in one call: timed interleaved with the real "
           "KronTransform and with\n  one whose transformed() skips x @ R and L^T (.) and whose fold() skips the "
           "inverse factors (smoothing, roundings,\n  int4 quantization kept); share = 1 - median(without) / "
-          "median(with); range: min-max of the per-pair shares")
-    print(f"  {'call, batch 4 x seqlen':26s} {'with s':>9s} {'without s':>10s} {'share':>7s}   {'range':15s} repeats")
+          "median(with), in wall and in CPU seconds;\n  range: min-max of the per-pair shares (CPU)")
+    print(f"  {'call, batch 4 x seqlen':27s} {'with s':>7s} {'without':>8s} {'share':>6s}   "
+          f"{'with cpu':>8s} {'without':>8s} {'share':>6s}   {'range (cpu)':15s} repeats")
     for name in ("fast", "paper"):
         if name not in r:
             continue
         s = r[name]
         for kind, label in (("train", "training step"), ("forward", "forward, no grad")):
-            tw, two = s[kind]["with"], s[kind]["without"]
-            mw, mwo = statistics.median(tw), statistics.median(two)
-            pairs = [1 - b / a for a, b in zip(tw, two)]
-            print(f"  {label + ', 4 x ' + str(s['seqlen']):26s} {mw:9.3f} {mwo:10.3f} {1 - mwo / mw:7.1%}   "
-                  f"{min(pairs):5.1%} - {max(pairs):5.1%}   {s['repeats']}")
+            ww, wwo, cw, cwo = [statistics.median(s[kind][clock][v]) for clock in ("wall", "cpu")
+                                for v in ("with", "without")]
+            pairs = [1 - b / a for a, b in zip(s[kind]["cpu"]["with"], s[kind]["cpu"]["without"])]
+            print(f"  {label + ', 4 x ' + str(s['seqlen']):27s} {ww:7.3f} {wwo:8.3f} {1 - wwo / ww:6.1%}   "
+                  f"{cw:8.3f} {cwo:8.3f} {1 - cwo / cw:6.1%}   {min(pairs):5.1%} - {max(pairs):5.1%}   "
+                  f"{s['repeats'][kind]}")
     if "threads" in r:
         th = r["threads"]
         a, b = statistics.median(th["t"]["mine"]), statistics.median(th["t"]["other"])
@@ -397,8 +403,11 @@ def main(argv=None) -> int:
                    "pass run on (then scaled to 128)")
     p.add_argument("--paper-steps", type=int, default=3, help="paper training steps timed (after one warm-up)")
     p.add_argument("--repeats", type=int, default=7, help="interleaved repeats at the fast seqlen (median)")
-    p.add_argument("--paper-repeats", type=int, default=3, help="interleaved repeats at the paper seqlen (0: skip)")
-    p.add_argument("--thread-repeats", type=int, default=3, help="interleaved repeats of the threads check (0: skip)")
+    p.add_argument("--paper-repeats", type=int, default=5,
+                   help="interleaved training-step repeats at the paper seqlen (0: skip the paper seqlen)")
+    p.add_argument("--paper-forward-repeats", type=int, default=7,
+                   help="interleaved no-grad forward repeats at the paper seqlen")
+    p.add_argument("--thread-repeats", type=int, default=5, help="interleaved repeats of the threads check (0: skip)")
     p.add_argument("--only", nargs="*", choices=tuple(CHILDREN), default=list(CHILDREN), help="sections to run")
     p.add_argument("--child", choices=tuple(CHILDREN), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
