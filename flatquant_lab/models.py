@@ -64,8 +64,7 @@ def model_info(model: nn.Module) -> ModelInfo:
     layers = decoder_layers(model)
     for i, layer in enumerate(layers):
         for name in LINEAR_NAMES + ("input_layernorm", "post_attention_layernorm"):
-            mod = layer.get_submodule(name) if _has(layer, name) else None
-            if mod is None:
+            if not _has(layer, name):
                 _fail(model, f"layer {i} has no {name}")
         for name in LINEAR_NAMES:
             if not isinstance(layer.get_submodule(name), nn.Linear):
