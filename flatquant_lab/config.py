@@ -10,7 +10,8 @@ import torch
 METHODS = ("rtn", "hadamard", "flatquant")
 WEIGHT_QUANTIZERS = ("rtn", "gptq")
 # Calibration budgets. "paper" is FlatQuant's recipe (SPEC section 8); "full" and "fast" are CPU
-# budgets for the bundled 135M model (about 1 hour and about 10 minutes on 2 cores).
+# budgets for the bundled 135M model (fast: ~2 minutes of calibration on 2 idle cores; full: 12x its
+# training tokens).
 PROFILES = {
     "paper": dict(samples=128, seqlen=2048, epochs=15, lr=5e-3, batch_size=4),
     "full": dict(samples=64, seqlen=256, epochs=6, lr=5e-3, batch_size=4),

@@ -217,7 +217,7 @@ def _plot(summary: dict, path: Path) -> None:
 def add_arguments(p) -> None:
     p.add_argument("--model", default="smollm2-135m", help="model alias or local Hugging Face directory")
     p.add_argument("--profile", default="fast", choices=tuple(DEMO_PROFILES),
-                   help="FlatQuant calibration budget: fast (minutes) or full (about an hour)")
+                   help="FlatQuant calibration budget: fast (minutes) or full (12x the training tokens)")
     p.add_argument("--out", default="results", help="where demo.json, demo.png and the export go")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--limit", type=int, default=None, help="evaluate on the first N documents only")
