@@ -15,7 +15,7 @@ from torch import nn
 
 from . import ops
 from .kronecker import decompose_dim, fold_weight
-from .packing import INT4_MAX, INT4_MIN, pack_int4, unpack_int4
+from .packing import INT4_MAX, INT4_MIN, unpack_int4
 from .quantizers import quantize_weight
 
 log = logging.getLogger(__name__)
