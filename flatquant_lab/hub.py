@@ -240,7 +240,14 @@ def load_model(name_or_dir: str | os.PathLike, dtype=torch.float32, num_layers: 
         model = AutoModelForCausalLM.from_pretrained(str(path), config=config, dtype=dtype, local_files_only=True)
     finally:
         hf_logging.set_verbosity(verbosity)
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, TypeError) as exc:
+        # transformers' own message talks about the Hub and model ids; say what is missing here.
+        raise FileNotFoundError(
+            f"name_or_dir: {str(path)!r} has model weights but no loadable tokenizer (expected "
+            f"tokenizer.json or tokenizer_config.json with its vocabulary files): {exc}"
+        ) from exc
     model.eval()
     log.info("loaded %s: %d of %d layers, %s", path, config.num_hidden_layers, full, dtype)
     return model, tokenizer

@@ -54,6 +54,18 @@ def test_bad_names(tmp_path):
         load_model(tmp_path)  # exists, but holds no config.json
 
 
+def test_missing_tokenizer(tiny_dir, tmp_path):
+    import shutil
+
+    bare = tmp_path / "no_tokenizer"
+    bare.mkdir()
+    for f in tiny_dir.iterdir():  # weights and config only
+        if f.name == "config.json" or f.suffix == ".safetensors" or f.name == "generation_config.json":
+            shutil.copy(f, bare / f.name)
+    with pytest.raises(FileNotFoundError, match="name_or_dir.*no loadable tokenizer"):
+        load_model(bare)
+
+
 def test_alias_package_missing(monkeypatch):
     monkeypatch.setitem(hub.ALIASES, "ghost", hub.GGUFAlias(
         package="flatquant_lab_no_such_package", requirement="ghost-model==1.0", filename="g.gguf", description=""))
