@@ -24,6 +24,7 @@ _LAZY = {
     "load_quantized": "flatquant_lab.export",
     "check_linear": "flatquant_lab.numerics",
     "sweep_clip_ratio": "flatquant_lab.numerics",
+    "sweep_layer_clip_ratio": "flatquant_lab.numerics",
     "load_model": "flatquant_lab.hub",
     "evaluate": "flatquant_lab.evaluation",
 }

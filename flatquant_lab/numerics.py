@@ -7,7 +7,9 @@
 (b) the float layer: ``y_fp = x @ W^T + bias`` (SQNR, cosine, relative error, worst token);
 (c) the transform alone, at full precision: ``kron_apply(x, L, R) @ fold_weight(W, L, R)^T`` vs
     ``x @ W^T`` in float64.
-:func:`sweep_clip_ratio` tabulates SQNR against the float layer over activation clip ratios.
+:func:`sweep_clip_ratio` tabulates SQNR against the float layer over activation clip ratios;
+:func:`sweep_layer_clip_ratio` does the same for an existing layer (a loaded checkpoint), by default
+against that layer with unquantized activations.
 """
 from __future__ import annotations
 
@@ -166,17 +168,18 @@ class SweepRow:
 
 @dataclass
 class SweepResult:
-    """SQNR and relative error against the float layer per activation clip ratio."""
+    """SQNR and relative error against a reference output per activation clip ratio."""
 
     rows: list[SweepRow]
     best_ratio: float  # the ratio with the highest SQNR (the first such on a tie)
+    reference: str = "float layer"  # what the SQNR is measured against
 
     def to_dict(self) -> dict:
         return {"rows": [{k: _finite_or_none(v) for k, v in asdict(r).items()} for r in self.rows],
-                "best_ratio": self.best_ratio}
+                "best_ratio": self.best_ratio, "reference": self.reference}
 
     def table(self) -> str:
-        lines = [f"{'clip_ratio':>10}  {'SQNR (dB)':>9}  {'rel err':>9}"]
+        lines = [f"against the {self.reference}:", f"{'clip_ratio':>10}  {'SQNR (dB)':>9}  {'rel err':>9}"]
         for r in self.rows:
             mark = "  <- best" if r.ratio == self.best_ratio else ""
             lines.append(f"{r.ratio:>10.4g}  {r.sqnr_db:>9.2f}  {r.rel_err:>9.4g}{mark}")
@@ -186,7 +189,7 @@ class SweepResult:
 
 
 # ---------------------------------------------------------------------------------------- checks
-def _check_inputs(qlinear, x, float_linear) -> None:
+def _check_inputs(qlinear, x, float_linear, name: str = "float_linear") -> None:
     if not isinstance(qlinear, W4A4FlatQuantLinear):
         raise ValueError(f"qlinear: expected a W4A4FlatQuantLinear, got {type(qlinear).__name__}")
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
@@ -197,10 +200,10 @@ def _check_inputs(qlinear, x, float_linear) -> None:
         raise ValueError("x: expected at least one token, got none")
     if float_linear is not None:
         if not isinstance(float_linear, nn.Linear):
-            raise ValueError(f"float_linear: expected an nn.Linear, got {type(float_linear).__name__}")
+            raise ValueError(f"{name}: expected an nn.Linear, got {type(float_linear).__name__}")
         want = (qlinear.out_features, qlinear.in_features)
         if tuple(float_linear.weight.shape) != want:
-            raise ValueError(f"float_linear: expected weight shape {list(want)}, got {list(float_linear.weight.shape)}")
+            raise ValueError(f"{name}: expected weight shape {list(want)}, got {list(float_linear.weight.shape)}")
 
 
 def _op_activations(qlinear: W4A4FlatQuantLinear, x_act: torch.Tensor):
@@ -348,10 +351,22 @@ def sweep_clip_ratio(float_linear: nn.Linear, left: torch.Tensor, right: torch.T
                      backend: str | None = None, weight_clip: torch.Tensor | None = None) -> SweepResult:
     """Per ratio ``c``: SQNR and relative error of ``W4A4(c)(x)`` against ``float_linear(x)`` (float64).
 
-    The layer is folded and quantized once; only the activation clip ratio changes between rows.
+    The layer is folded and quantized once (RTN weights, on ``x``'s device); only the activation
+    clip ratio changes between rows. To sweep a layer that already exists (a loaded checkpoint,
+    GPTQ weights), use :func:`sweep_layer_clip_ratio`.
     """
     if not isinstance(float_linear, nn.Linear):
         raise ValueError(f"float_linear: expected an nn.Linear, got {type(float_linear).__name__}")
+    ratios = _check_ratios(ratios)
+    qlin = W4A4FlatQuantLinear.from_float(float_linear, left, right, clip_ratio=ratios[0],
+                                          weight_clip=weight_clip, act_dtype=act_dtype, backend=backend)
+    k = qlin.in_features
+    if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] != k or x.numel() == 0:
+        raise ValueError(f"x: expected a non-empty tensor [..., {k}], got {getattr(x, 'shape', x)}")
+    return sweep_layer_clip_ratio(qlin.to(x.device), x, ratios, reference=float_linear)
+
+
+def _check_ratios(ratios: Sequence[float]) -> list[float]:
     ratios = list(ratios)
     if not ratios:
         raise ValueError("ratios: expected at least one clip ratio in (0, 1], got none")
@@ -360,27 +375,59 @@ def sweep_clip_ratio(float_linear: nn.Linear, left: torch.Tensor, right: torch.T
             ops.check_clip_ratio(r)
         except ValueError as exc:
             raise ValueError(f"ratios: {exc}") from None
-    qlin = W4A4FlatQuantLinear.from_float(float_linear, left, right, clip_ratio=ratios[0],
-                                          weight_clip=weight_clip, act_dtype=act_dtype, backend=backend)
-    k = qlin.in_features
-    if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] != k or x.numel() == 0:
-        raise ValueError(f"x: expected a non-empty tensor [..., {k}], got {getattr(x, 'shape', x)}")
-    x2 = x.reshape(-1, k)
-    x_act = x2.to(qlin.act_dtype)
+    return ratios
+
+
+def sweep_layer_clip_ratio(qlinear: W4A4FlatQuantLinear, x: torch.Tensor,
+                           ratios: Sequence[float] = DEFAULT_RATIOS,
+                           reference: nn.Linear | torch.Tensor | None = None) -> SweepResult:
+    """Per ratio ``c``: SQNR and relative error of an existing layer's ``W4A4(c)(x)`` against a reference.
+
+    ``reference``: ``None`` is the layer itself with unquantized activations,
+    ``y = kron_apply(x, L, R) @ W_hat^T + bias`` in float64 (its own int4 weights, whatever made them:
+    RTN, GPTQ, weight clipping), so the curve is exactly the activation-quantization error that
+    ``clip_ratio`` trades; an ``nn.Linear`` is its float output on ``x``; a tensor ``[..., O]`` is taken
+    as the output itself. The layer runs on its own device and backend, and keeps the clip ratio it had.
+    """
+    _check_inputs(qlinear, x, reference if isinstance(reference, nn.Module) else None, name="reference")
+    ratios = _check_ratios(ratios)
+    k, o = qlinear.in_features, qlinear.out_features
+    x2 = x.detach().reshape(-1, k)
+    x_act = x2.to(qlinear.act_dtype)
     with torch.no_grad():
-        w = float_linear.weight.detach().cpu().double()
-        y_fp = x2.detach().cpu().double() @ w.T
-        if float_linear.bias is not None:
-            y_fp = y_fp + float_linear.bias.detach().cpu().double()
+        if reference is None:
+            # The layer sees x rounded to its activation dtype: start the reference from the same values.
+            lt, rt = qlinear.left_trans.cpu().double(), qlinear.right_trans.cpu().double()
+            y_ref = kron_apply(x_act.cpu().double(), lt, rt) @ qlinear.dequantized_weight(torch.float64).cpu().T
+            if qlinear.bias is not None:
+                y_ref = y_ref + qlinear.bias.detach().cpu().double()
+            label = "layer with unquantized activations"
+        elif isinstance(reference, nn.Linear):
+            y_ref = x2.cpu().double() @ reference.weight.detach().cpu().double().T
+            if reference.bias is not None:
+                y_ref = y_ref + reference.bias.detach().cpu().double()
+            label = "float layer"
+        elif isinstance(reference, torch.Tensor):
+            if reference.shape[-1] != o or reference.numel() != x2.shape[0] * o:
+                raise ValueError(f"reference: expected an output of shape [{x2.shape[0]}, {o}] (one row per token "
+                                 f"of x), got {tuple(reference.shape)}")
+            y_ref = reference.detach().reshape(-1, o).cpu().double()
+            label = "given output"
+        else:
+            raise ValueError(f"reference: expected None, an nn.Linear or a tensor, got {type(reference).__name__}")
+        ref_norm = float(y_ref.norm())
+        kept = qlinear.clip_ratio.detach().clone()
         rows = []
-        for r in ratios:
-            qlin.set_clip_ratio(r)
-            err = qlin(x_act).cpu().double() - y_fp
-            ref_norm = float(y_fp.norm())
-            rows.append(SweepRow(ratio=float(r), sqnr_db=_sqnr_db(y_fp, err),
-                                 rel_err=float(err.norm()) / ref_norm if ref_norm > 0 else math.inf))
+        try:
+            for r in ratios:
+                qlinear.set_clip_ratio(r)
+                err = qlinear(x_act).cpu().double() - y_ref
+                rows.append(SweepRow(ratio=float(r), sqnr_db=_sqnr_db(y_ref, err),
+                                     rel_err=float(err.norm()) / ref_norm if ref_norm > 0 else math.inf))
+        finally:
+            qlinear.clip_ratio.copy_(kept)
     best = max(rows, key=lambda row: row.sqnr_db)  # max() keeps the first of equal keys
-    return SweepResult(rows=rows, best_ratio=best.ratio)
+    return SweepResult(rows=rows, best_ratio=best.ratio, reference=label)
 
 
 # ---------------------------------------------------------------------------------------- CLI

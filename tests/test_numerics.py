@@ -1,4 +1,4 @@
-"""numerics.check_linear / sweep_clip_ratio and the `flatquant-lab check` subcommand."""
+"""numerics.check_linear / sweep_clip_ratio / sweep_layer_clip_ratio and the `flatquant-lab check` subcommand."""
 import json
 import math
 import sys
@@ -11,7 +11,8 @@ from fake_torch_npu import make_fake_torch_npu
 from flatquant_lab import cli, numerics
 from flatquant_lab.kronecker import decompose_dim
 from flatquant_lab.linear import W4A4FlatQuantLinear
-from flatquant_lab.numerics import check_linear, random_problem, reference_activations, sweep_clip_ratio, ulp
+from flatquant_lab.numerics import (check_linear, random_problem, reference_activations, sweep_clip_ratio,
+                                   sweep_layer_clip_ratio, ulp)
 from flatquant_lab.ops import reference as ref
 from flatquant_lab.packing import pack_int4, unpack_int4
 from flatquant_lab.transforms import orthogonal_factor
@@ -251,6 +252,69 @@ def test_sweep_bad_inputs():
         sweep_clip_ratio(None, left, right, x, [1.0])
     with pytest.raises(ValueError, match="x: expected a non-empty tensor"):
         sweep_clip_ratio(lin, left, right, x[:, :8], [1.0])
+
+
+def test_sweep_layer_against_float_is_sweep_clip_ratio():
+    q, x, lin = problem(torch.bfloat16, clip=0.7)
+    ratios = [1.0, 0.85, 0.7]
+    left, right = factors("hadamard")
+    ours = sweep_layer_clip_ratio(q, x, ratios, reference=lin)
+    built = sweep_clip_ratio(lin, left, right, x, ratios, act_dtype=torch.bfloat16, backend="reference")
+    assert ours.rows == built.rows and ours.reference == built.reference == "float layer"
+    assert float(q.clip_ratio) == pytest.approx(0.7)  # the layer keeps its own ratio
+
+
+def test_sweep_layer_default_reference_is_the_layer_without_activation_quantization():
+    q, x, lin = problem(torch.bfloat16, bias=True)
+    # Weights that are no longer RTN of lin (as after GPTQ): the default reference follows the layer.
+    g = torch.Generator().manual_seed(5)
+    w = q.weight_int
+    flip = torch.rand(w.shape, generator=g) < 0.2
+    q.weight_packed.copy_(pack_int4(torch.where(flip, (w + 1).clamp(-8, 7), w)))
+    ratios = [1.0, 0.8]
+    res = sweep_layer_clip_ratio(q, x, ratios)
+    assert res.reference == "layer with unquantized activations" and "against the layer" in res.table()
+    # the same reference written out independently: x (in bf16) @ kron(L, R) @ (q_w * s_w)^T + bias
+    t = torch.kron(q.left_trans.double(), q.right_trans.double())
+    w_hat = unpack_int4(q.weight_packed).double() * q.weight_scale.double().view(-1, 1)
+    y_ref = x.double() @ t @ w_hat.T + q.bias.double()
+    given = sweep_layer_clip_ratio(q, x, ratios, reference=y_ref.float())
+    for a, b in zip(res.rows, given.rows):
+        assert a.sqnr_db == pytest.approx(b.sqnr_db, abs=1e-3)
+    # with the weight error taken out of the reference, the activation error alone is smaller
+    vs_float = sweep_layer_clip_ratio(q, x, ratios, reference=lin)
+    for a, b in zip(res.rows, vs_float.rows):
+        assert a.sqnr_db > b.sqnr_db + 3
+    y = q(x).double()
+    c1 = -20 * math.log10(float((y - y_ref).norm() / y_ref.norm()))
+    assert res.rows[0].sqnr_db == pytest.approx(c1, abs=1e-6)
+
+
+def test_sweep_layer_on_the_npu_backend(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_npu", make_fake_torch_npu())
+    q, x, lin = problem(torch.bfloat16)
+    expected = sweep_layer_clip_ratio(q, x, [1.0, 0.9], reference=lin)
+    q.backend = "npu"
+    res = sweep_layer_clip_ratio(q, x, [1.0, 0.9], reference=lin)
+    assert sys.modules["torch_npu"].ops().count("npu_kronecker_quant") == 2
+    assert res.rows == expected.rows
+
+
+def test_sweep_layer_bad_inputs():
+    q, x, lin = problem(torch.bfloat16)
+    with pytest.raises(ValueError, match="qlinear: expected a W4A4FlatQuantLinear"):
+        sweep_layer_clip_ratio(lin, x)
+    with pytest.raises(ValueError, match=r"reference: expected an output of shape \[96, 64\]"):
+        sweep_layer_clip_ratio(q, x, [1.0], reference=torch.zeros(95, O))
+    with pytest.raises(ValueError, match="reference: expected None, an nn.Linear or a tensor"):
+        sweep_layer_clip_ratio(q, x, [1.0], reference="float")
+    with pytest.raises(ValueError, match="reference: expected weight shape"):
+        sweep_layer_clip_ratio(q, x, [1.0], reference=nn.Linear(K, O + 1))
+    with pytest.raises(ValueError, match="reference: expected an nn.Linear"):
+        sweep_layer_clip_ratio(q, x, [1.0], reference=nn.Conv1d(K, O, 1))
+    with pytest.raises(ValueError, match="ratios: clip_ratio"):
+        sweep_layer_clip_ratio(q, x, [0.0])
+    assert float(q.clip_ratio) == 1.0
 
 
 # ------------------------------------------------------------------ CLI
