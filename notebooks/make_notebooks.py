@@ -326,9 +326,9 @@ def clip_sweep_notebook():
             so those shards must share one ratio.
 
             This notebook quantizes the bundled model with fixed Hadamard transforms (all ratios 1.0), or
-            loads a saved quantized checkpoint, then: explores one layer interactively (layer, ratio,
-            backend); sweeps every quantized linear over a grid of ratios against its float layer
-            (SQNR heatmap); picks one ratio per fused group; writes them into the checkpoint with
+            loads a saved W4A4 checkpoint of any method (RTN, Hadamard, FlatQuant), then: explores one
+            layer interactively (layer, ratio, backend); sweeps every quantized linear over a grid of
+            ratios (SQNR heatmap); picks one ratio per fused group; writes them into the checkpoint with
             `set_clip_ratio` and `save_quantized(..., overwrite=True)` (atomic); and measures token
             perplexity before and after.
         """),
@@ -338,7 +338,7 @@ def clip_sweep_notebook():
             backend = None  # "npu", "reference", or None: npu on an Ascend host, else reference
             threads = None  # torch CPU threads; None: torch's default (on a busy machine, 1 avoids thrashing)
             smoke: bool = False  # CI size: 2 layers, 3 ratios, a short perplexity slice
-            quantized_dir = None  # a saved RTN/Hadamard checkpoint of model; None: quantize with method hadamard here
+            quantized_dir = None  # a saved W4A4 checkpoint of model (any method); None: quantize with method hadamard here
             output_dir = None  # where the tuned checkpoint goes; None: quantized_dir itself, else a temporary folder
             ratios = None  # clip ratios to sweep; None: 1.0 down to 0.6
             tokens: int = 256  # tokens of activations per linear for the sweep
@@ -360,7 +360,7 @@ def clip_sweep_notebook():
             from flatquant_lab.export import load_quantized, quantized_linear_names, save_quantized
             from flatquant_lab.hub import load_model
             from flatquant_lab.models import GROUPS
-            from flatquant_lab.numerics import DEFAULT_RATIOS, check_linear, sweep_clip_ratio
+            from flatquant_lab.numerics import DEFAULT_RATIOS, check_linear, sweep_layer_clip_ratio
 
             if isinstance(ratios, str):  # papermill -p passes text; lists go through -y / -f
                 raise ValueError(f"ratios: expected a list of floats in (0, 1], got the string {ratios!r}")
@@ -375,11 +375,13 @@ def clip_sweep_notebook():
         md("""
             ## Models
 
-            The float model supplies each linear's reference output; the W4A4 model its transforms and
-            int4 weights. The sweep rebuilds a layer from the float weights and the checkpoint's
-            transforms, so it needs a checkpoint whose weights are plain round-to-nearest under its
-            transforms (RTN or Hadamard; FlatQuant's smoothing, weight clipping and GPTQ change them):
-            a loaded checkpoint is checked for that, layer by layer.
+            The W4A4 model is what gets swept and tuned; the float model is the perplexity reference.
+            Each linear is swept on the inputs it sees inside the W4A4 model, against itself with
+            unquantized activations (`sweep_layer_clip_ratio`'s default reference:
+            `kron_apply(x, L, R) @ W_hat^T`, its own int4 weights). That isolates the error the clip
+            ratio trades, and works for any checkpoint: FlatQuant's smoothing is folded into the norms,
+            so its layers' inputs are not the float model's, and GPTQ weights are not RTN of the float
+            ones.
         """),
         code("""
             if quantized_dir is not None:
@@ -398,39 +400,27 @@ def clip_sweep_notebook():
                   f"clip ratios now: {sorted({round(float(qmodel.get_submodule(n).clip_ratio), 4) for n in names})}")
         """),
         code("""
-            # Each linear's input, recorded by forward pre-hooks while the float model reads a short text.
+            # Each W4A4 linear's input, recorded by forward pre-hooks while the W4A4 model reads a short text.
             eval_ids = concat_token_ids(load_texts(data or bundled_data_path("eval")), tok)
             acts, hooks = {}, []
             for n in names:
-                hooks.append(fmodel.get_submodule(n).register_forward_pre_hook(
+                hooks.append(qmodel.get_submodule(n).register_forward_pre_hook(
                     lambda mod, args, n=n: acts.__setitem__(n, args[0].detach().reshape(-1, args[0].shape[-1]).float())))
             try:
                 with torch.no_grad():
-                    fmodel(eval_ids[:tokens][None].to(device))
+                    qmodel(eval_ids[:tokens][None].to(device))
             finally:
                 for h in hooks:
                     h.remove()
-
-            if quantized_dir is not None:  # the sweep's premise: the int4 weights are RTN of the float ones
-                for n in tqdm(names, desc="checking weights"):
-                    q, f = qmodel.get_submodule(n), fmodel.get_submodule(n)
-                    rebuilt = fq.W4A4FlatQuantLinear.from_float(f.cpu(), q.left_trans.cpu(), q.right_trans.cpu(),
-                                                                act_dtype=q.act_dtype)
-                    f.to(device)
-                    if not torch.equal(rebuilt.weight_packed, q.weight_packed.cpu()):
-                        raise ValueError(
-                            f"quantized_dir: {n}'s int4 weights are not round-to-nearest of {model}'s weights under "
-                            "its transforms (smoothing, weight clipping or GPTQ?); the per-layer sweep needs an "
-                            "RTN or Hadamard checkpoint of the same model")
             print(f"captured {tokens} tokens for each of {len(acts)} linears")
         """),
         md("""
             ## One layer, live
 
-            Pick a layer, a clip ratio and a backend: the readout is `check_linear` on a copy of that
-            layer (the model is not touched), the curve that layer's SQNR against the float layer over
-            a fine grid of ratios. Run in Jupyter to use the controls; headless (papermill) the static
-            readout below the code is what you get.
+            Pick a layer, a clip ratio and a backend: the readout is that layer's SQNR at the ratio (on a
+            copy; the model is not touched) and `check_linear`'s verdict on its int4 path, the curve its
+            SQNR over a fine grid of ratios. Run in Jupyter to use the controls; headless (papermill) the
+            static readout below the code is what you get.
         """),
         code("""
             grid = [round(float(r), 3) for r in torch.linspace(0.5, 1.0, 6 if smoke else 26)]
@@ -449,31 +439,22 @@ def clip_sweep_notebook():
 
             def sqnr_curve(name, be):
                 if (name, be) not in _curves:
-                    q, f = qmodel.get_submodule(name), fmodel.get_submodule(name)
-                    if device.type == "npu":  # sweep_clip_ratio builds its layer on the CPU: use probes there
-                        p = probe(name, be)
-                        pts = []
-                        for r in grid:
-                            p.set_clip_ratio(r)
-                            pts.append(check_linear(p, acts[name], f).sqnr_db)
-                    else:
-                        res = sweep_clip_ratio(f, q.left_trans, q.right_trans, acts[name], grid,
-                                               act_dtype=q.act_dtype, backend=be)
-                        pts = [row.sqnr_db for row in res.rows]
-                    _curves[name, be] = pts
+                    res = sweep_layer_clip_ratio(probe(name, be), acts[name], grid)
+                    _curves[name, be] = [row.sqnr_db for row in res.rows]
                 return _curves[name, be]
 
 
             def show(name, ratio, be):
                 p = probe(name, be)
                 p.set_clip_ratio(ratio)
-                rep = check_linear(p, acts[name], fmodel.get_submodule(name))
-                print(f"{name} at clip ratio {ratio:.3f} on {rep.backend}: SQNR {rep.sqnr_db:.2f} dB, "
-                      f"relative error {rep.rel_err:.4f}, cosine {rep.cosine:.5f}, worst token #{rep.worst_token} "
-                      f"(relative error {rep.worst_token_rel_err:.3f}); int4 path within its bound: {rep.bound_ok}")
+                (row,) = sweep_layer_clip_ratio(p, acts[name], [ratio]).rows
+                rep = check_linear(p, acts[name])
+                print(f"{name} at clip ratio {ratio:.3f} on {rep.backend}: SQNR {row.sqnr_db:.2f} dB, "
+                      f"relative error {row.rel_err:.4f} (against unquantized activations); int4 path within its "
+                      f"bound of the dequantized reference: {rep.bound_ok}")
                 fig, ax = plt.subplots(figsize=(6.4, 3.0))
-                ax.plot(grid, sqnr_curve(name, be), marker=".", label="SQNR vs float layer")
-                ax.plot([ratio], [rep.sqnr_db], "o", color="tab:red", label=f"clip ratio {ratio:.3f}")
+                ax.plot(grid, sqnr_curve(name, be), marker=".", label="SQNR vs unquantized activations")
+                ax.plot([ratio], [row.sqnr_db], "o", color="tab:red", label=f"clip ratio {ratio:.3f}")
                 ax.set_xlabel("activation clip ratio")
                 ax.set_ylabel("SQNR (dB)")
                 ax.set_title(name, fontsize=10)
@@ -494,23 +475,14 @@ def clip_sweep_notebook():
         md("""
             ## Every linear, every ratio
 
-            `sweep_clip_ratio` per linear: SQNR of the W4A4 layer at each ratio against the float layer,
-            on that linear's captured inputs. One panel per linear kind; a dot marks each row's best.
+            `sweep_layer_clip_ratio` per linear: SQNR of the W4A4 layer at each ratio against itself with
+            unquantized activations, on that linear's captured inputs (the layer keeps its ratio). One
+            panel per linear kind; a dot marks each row's best.
         """),
         code("""
             rows = {}
             for n in tqdm(names, desc="sweep"):
-                q, f = qmodel.get_submodule(n), fmodel.get_submodule(n)
-                if device.type == "npu":  # as in sqnr_curve: sweep_clip_ratio would run the NPU ops on CPU tensors
-                    p = probe(n, backend)
-                    rows[n] = []
-                    for r in ratios:
-                        p.set_clip_ratio(r)
-                        rows[n].append(check_linear(p, acts[n], f).sqnr_db)
-                else:
-                    res = sweep_clip_ratio(f, q.left_trans, q.right_trans, acts[n], ratios,
-                                           act_dtype=q.act_dtype, backend=backend)
-                    rows[n] = [row.sqnr_db for row in res.rows]
+                rows[n] = [row.sqnr_db for row in sweep_layer_clip_ratio(qmodel.get_submodule(n), acts[n], ratios).rows]
             sqnr = pd.DataFrame.from_dict(rows, orient="index", columns=ratios)
             sqnr.columns.name = "clip ratio"
 
@@ -532,7 +504,7 @@ def clip_sweep_notebook():
             axes[0, 0].set_yticks(range(len(layer_ids)))
             axes[0, 0].set_yticklabels(layer_ids, fontsize=7)
             axes[0, 0].set_ylabel("decoder layer")
-            fig.colorbar(im, ax=axes[0].tolist(), label="SQNR vs float layer (dB)", fraction=0.03, pad=0.02)
+            fig.colorbar(im, ax=axes[0].tolist(), label="SQNR vs unquantized activations (dB)", fraction=0.03, pad=0.02)
             fig.suptitle(f"W4A4 SQNR per linear and activation clip ratio ({tokens} tokens each; dot: best)",
                          fontsize=11)
             if figure_path:
