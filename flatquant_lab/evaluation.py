@@ -14,6 +14,7 @@ missing dataset raises :class:`DatasetUnavailableError` saying how to supply it.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -30,6 +31,8 @@ for _var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
+
+from . import ops  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -249,14 +252,43 @@ def format_results(results: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------- CLI
+# What flatquant_lab.ops resolves: "auto" (npu for tensors on an NPU) or one of its backends.
+BACKEND_CHOICES = ("auto", *ops.BACKENDS)
+
+
+def _limit_arg(text: str) -> int | float:
+    """lm-eval's ``limit``: a document count (int >= 1) or a fraction in (0, 1) of each task."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if math.isfinite(v) and 0.0 < v < 1.0:
+        return v
+    if math.isfinite(v) and v >= 1.0 and v == int(v):
+        return int(v)
+    raise argparse.ArgumentTypeError(f"expected an int >= 1 (documents per task) or a fraction in (0, 1), "
+                                     f"got {text!r}")
+
+
+def _batch_size_arg(text: str) -> int | str:
+    """lm-eval's ``batch_size``: an int >= 1, ``auto``, or ``auto:N`` (N an int >= 1)."""
+    head, sep, tail = text.partition(":")
+    if head == "auto" and (not sep or (tail.isdigit() and int(tail) >= 1)):
+        return text
+    if not sep and text.isdigit() and int(text) >= 1:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"expected an int >= 1, 'auto' or 'auto:N' with N an int >= 1, got {text!r}")
+
+
 def add_arguments(parser) -> None:
     src = parser.add_argument_group("model")
     src.add_argument("--model", help="model alias (smollm2-135m) or local Hugging Face model directory")
     src.add_argument("--quantized", metavar="DIR",
                      help="a quantized model saved by flatquant-lab (loaded with flatquant_lab.export.load_quantized; "
                           "its tokenizer is read from the same folder)")
-    src.add_argument("--backend", default=None,
-                     help="backend of the quantized linears for --quantized (default: load_quantized's)")
+    src.add_argument("--backend", default=None, choices=BACKEND_CHOICES,
+                     help="backend of the quantized linears for --quantized (default: load_quantized's, "
+                          "i.e. $FLATQUANT_BACKEND, else auto)")
     src.add_argument("--dtype", default=None,
                      help="model dtype, e.g. float32, bfloat16 (default: float32 for --model, the saved one "
                           "for --quantized)")
@@ -266,9 +298,11 @@ def add_arguments(parser) -> None:
     ev.add_argument("--tasks", default="wiki_fq_eval",
                     help="comma-separated task names (default wiki_fq_eval; also wiki_fq_calib, or any lm-eval "
                          "task whose dataset is already cached locally)")
-    ev.add_argument("--limit", type=float, default=None,
-                    help="documents per task (a value < 1 is a fraction); for quick checks only")
-    ev.add_argument("--batch_size", default="1", help="batch size (an int, or 'auto')")
+    ev.add_argument("--limit", type=_limit_arg, default=None,
+                    help="documents per task: an int >= 1, or a fraction in (0, 1) of each task's documents; "
+                         "for quick checks only")
+    ev.add_argument("--batch_size", type=_batch_size_arg, default=1,
+                    help="batch size: an int >= 1, 'auto', or 'auto:N' (lm-eval re-detects it N times)")
     ev.add_argument("--max_length", type=int, default=512, help="context window for perplexity tasks")
     ev.add_argument("--num_fewshot", type=int, default=None, help="few-shot examples (not used by perplexity)")
     ev.add_argument("--output_path", default=None, help="a .json file or a folder for the results")
@@ -303,10 +337,7 @@ def _load_for_cli(args):
 
 def run(args) -> int:
     model, tokenizer = _load_for_cli(args)
-    bs = args.batch_size
-    batch_size = int(bs) if str(bs).isdigit() else bs
-    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
-    results = evaluate(model, tokenizer, tasks=args.tasks, limit=limit, batch_size=batch_size,
+    results = evaluate(model, tokenizer, tasks=args.tasks, limit=args.limit, batch_size=args.batch_size,
                        max_length=args.max_length, num_fewshot=args.num_fewshot, output_path=args.output_path,
                        include_path=args.include_path, log_samples=args.log_samples)
     print(format_results(results))

@@ -123,3 +123,46 @@ def test_eval_cli_loads_a_quantized_dir(tiny_dir, tmp_path):
     ids = torch.tensor([tok("hello world")["input_ids"]])
     with torch.no_grad():
         assert torch.isfinite(qmodel(ids).logits).all()
+
+
+@pytest.mark.parametrize("argv, name, msg", [
+    (["--limit", "2.7"], "--limit", "expected an int >= 1 (documents per task) or a fraction in (0, 1)"),
+    (["--limit", "0"], "--limit", "expected an int >= 1"),
+    (["--limit", "-3"], "--limit", "expected an int >= 1"),
+    (["--limit", "1.5"], "--limit", "expected an int >= 1"),
+    (["--limit", "nan"], "--limit", "expected an int >= 1"),
+    (["--limit", "inf"], "--limit", "expected an int >= 1"),
+    (["--batch_size", "0"], "--batch_size", "expected an int >= 1, 'auto' or 'auto:N'"),
+    (["--batch_size", "-1"], "--batch_size", "expected an int >= 1"),
+    (["--batch_size", "2.5"], "--batch_size", "expected an int >= 1"),
+    (["--batch_size", "auto:0"], "--batch_size", "expected an int >= 1"),
+    (["--batch_size", "max"], "--batch_size", "expected an int >= 1"),
+    (["--backend", "cuda"], "--backend", "invalid choice: 'cuda'"),
+])
+def test_eval_cli_rejects_bad_limit_batch_size_backend(argv, name, msg, capsys):
+    """Rejected by argparse, before any model is loaded (the --model folder does not even exist)."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["eval", "--model", "no-such-model-dir", *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {name}: " in err and msg in err
+
+
+def test_eval_cli_limit_batch_size_backend_values():
+    """--limit is a count or a fraction, never truncated; --batch_size an int or lm-eval's auto forms."""
+    import argparse
+
+    from flatquant_lab import evaluation, ops
+
+    parser = argparse.ArgumentParser()
+    evaluation.add_arguments(parser)
+    for text, want in (("3", 3), ("3.0", 3), ("1", 1), ("0.25", 0.25)):
+        got = parser.parse_args(["--limit", text]).limit
+        assert got == want and type(got) is type(want)
+    assert parser.parse_args([]).limit is None
+    for text, want in (("1", 1), ("16", 16), ("auto", "auto"), ("auto:4", "auto:4")):
+        assert parser.parse_args(["--batch_size", text]).batch_size == want
+    assert parser.parse_args([]).batch_size == 1
+    assert set(evaluation.BACKEND_CHOICES) == {"auto", *ops.BACKENDS}
+    for name in evaluation.BACKEND_CHOICES:
+        assert parser.parse_args(["--backend", name]).backend == name
