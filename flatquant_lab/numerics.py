@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from . import ops
+from ._io import atomic_write_text
 from .kronecker import NPU_MAX_FACTOR, decompose_dim, fold_weight, kron_apply, npu_supported
 from .linear import W4A4FlatQuantLinear
 from .packing import unpack_int4
@@ -464,8 +465,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=("auto", "reference", "npu"), default=None,
                         help="ops backend (default: $FLATQUANT_BACKEND, else auto)")
     parser.add_argument("--sweep", action="store_true", help="also print a clip-ratio sweep")
-    parser.add_argument("--ratios", type=float, nargs="+", default=list(DEFAULT_RATIOS),
-                        help="clip ratios for --sweep")
+    parser.add_argument("--ratios", type=float, nargs="+", default=None,
+                        help=f"clip ratios in (0, 1] for --sweep (default: {' '.join(f'{r:g}' for r in DEFAULT_RATIOS)})")
     parser.add_argument("--json", metavar="PATH", default=None, help="also write the report as JSON")
 
 
@@ -496,6 +497,14 @@ def run(args: argparse.Namespace) -> int:
         ops.check_clip_ratio(args.clip_ratio)
     except ValueError as exc:
         raise SystemExit(f"--clip-ratio: {exc}") from None
+    if args.ratios is not None and not args.sweep:
+        raise SystemExit("--ratios: only used by the clip-ratio sweep; add --sweep, or leave --ratios out")
+    ratios = list(DEFAULT_RATIOS) if args.ratios is None else args.ratios
+    for r in ratios:
+        try:
+            ops.check_clip_ratio(r)
+        except ValueError as exc:
+            raise SystemExit(f"--ratios: {exc}") from None
     dtype = _DTYPES[args.dtype]
     n1, n2 = decompose_dim(k)
     support = npu_supported(n1, n2, cann=max(NPU_MAX_FACTOR, key=NPU_MAX_FACTOR.get))  # most permissive release
@@ -513,14 +522,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"flatquant-lab check: random layer, {args.tokens} tokens, {args.outlier_channels} outlier "
           f"channel(s) x {args.outlier_scale:g}, transform {args.transform}, seed {args.seed}")
     print(report.table())
-    out = {"config": {k_: v for k_, v in vars(args).items() if k_ not in ("json",)}, "report": report.to_dict()}
+    config = {k_: v for k_, v in vars(args).items() if k_ not in ("json",)}
+    config["ratios"] = ratios if args.sweep else None
+    out = {"config": config, "report": report.to_dict()}
     if args.sweep:
-        sweep = sweep_clip_ratio(lin, left, right, x, args.ratios, act_dtype=dtype, backend=args.backend)
+        sweep = sweep_clip_ratio(lin, left, right, x, ratios, act_dtype=dtype, backend=args.backend)
         print("\nclip-ratio sweep (against the float layer):")
         print(sweep.table())
         out["sweep"] = sweep.to_dict()
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2, default=str)
+        atomic_write_text(args.json, json.dumps(out, indent=2, default=str) + "\n")
         print(f"\nwrote {args.json}")
     return 0 if report.bound_ok else 1

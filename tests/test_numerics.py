@@ -375,3 +375,41 @@ def test_non_contiguous_input():
     assert not xt.is_contiguous()
     r = check_linear(q, xt, lin)
     assert r.bound_ok and r.sqnr_db == check_linear(q, x, lin).sqnr_db
+
+
+def test_cli_ratios_need_sweep(capsys):
+    """--ratios without --sweep used to be ignored silently."""
+    with pytest.raises(SystemExit, match="--ratios: only used by the clip-ratio sweep; add --sweep"):
+        cli.main(["check", "--in-features", "64", "--out-features", "8", "--tokens", "2", "--ratios", "0.9"])
+    assert "flatquant-lab check" not in capsys.readouterr().out  # rejected before any work
+
+
+@pytest.mark.parametrize("ratio", ["0", "1.5", "-0.2", "nan"])
+def test_cli_ratios_are_checked_before_any_work(ratio, capsys):
+    with pytest.raises(SystemExit, match=r"--ratios: clip_ratio: expected a finite float in \(0, 1\]"):
+        cli.main(["check", "--in-features", "64", "--out-features", "8", "--tokens", "2", "--sweep",
+                  "--ratios", "1.0", ratio])
+    assert "flatquant-lab check" not in capsys.readouterr().out
+
+
+def test_cli_json_is_written_atomically(tmp_path, monkeypatch, capsys):
+    """The report goes to a temp file beside the target and is renamed onto it: a failed write leaves the
+    old file whole, and no temp file behind."""
+    out = tmp_path / "report.json"
+    out.write_text('{"old": true}\n')
+    argv = ["check", "--in-features", "64", "--out-features", "8", "--tokens", "2", "--json", str(out)]
+
+    # The text fails half-way through being written: a lone surrogate cannot be encoded as UTF-8.
+    monkeypatch.setattr(numerics.json, "dumps", lambda *args, **kwargs: '{"new": ' + chr(0xD800))
+    with pytest.raises(UnicodeEncodeError):
+        cli.main(argv)
+    assert out.read_text() == '{"old": true}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+    monkeypatch.undo()
+    inode = out.stat().st_ino
+    assert cli.main(argv) == 0
+    assert json.loads(out.read_text())["config"]["ratios"] is None
+    assert out.stat().st_ino != inode  # replaced, not rewritten in place
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+    capsys.readouterr()
+
