@@ -53,6 +53,17 @@ class W4A4FlatQuantLinear(nn.Module):
         super().__init__()
         if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
             raise ValueError(f"chunk_tokens: expected a positive int (the op's token limit), got {chunk_tokens!r}")
+        for name, v in (("in_features", in_features), ("out_features", out_features), ("n1", n1), ("n2", n2)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+        if in_features % 8:
+            raise ValueError(f"in_features: expected a multiple of 8 (int4 packing), got {in_features}")
+        if n1 * n2 != in_features:
+            raise ValueError(f"n1, n2: expected n1 * n2 == in_features = {in_features}, got {n1} x {n2}")
+        if act_dtype not in HALF_DTYPES:
+            raise ValueError(f"act_dtype: expected torch.float16 or torch.bfloat16, got {act_dtype}")
+        if backend is not None:
+            ops.resolve_backend(backend)  # a misspelt backend fails here, not at the first forward
         self.in_features, self.out_features = in_features, out_features
         self.n1, self.n2 = n1, n2
         self.backend = backend
@@ -131,7 +142,7 @@ class W4A4FlatQuantLinear(nn.Module):
             layer.right_trans = rt.detach().clone()
             layer.clip_ratio.fill_(clip)
             if bias is not None:
-                layer.bias = bias.detach().clone()
+                layer.bias = bias.detach().to(act_dtype).clone()  # added in the output dtype (SPEC section 2)
         layer._derive()
         return layer
 
@@ -183,6 +194,18 @@ class W4A4FlatQuantLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         # Module.to(dtype) would cast the fp32 scales too; the contract keeps them float32.
         act = self.p1.dtype
+        new = fn(self.p1).dtype
+        if new in HALF_DTYPES and new != act:
+            # The int4 weights were folded with the transforms as stored: rounding those anew would
+            # leave kron(L, R) and its folded inverse out of step. Refuse before anything moves.
+            for name in ("left_trans", "right_trans"):
+                t = getattr(self, name)
+                if t.dtype in HALF_DTYPES and t.dtype != new and not torch.equal(t.to(new).to(t.dtype), t):
+                    raise ValueError(
+                        f"dtype: casting {name} from {str(t.dtype).replace('torch.', '')} to "
+                        f"{str(new).replace('torch.', '')} rounds it, and this layer's int4 weights were folded "
+                        f"with the stored values; re-quantize from the float layer with act_dtype={new}"
+                    )
         # fn would round them to the new dtype: keep the originals and move them by device only.
         kept = {name: getattr(self, name) for name in _FP32_BUFFERS}
         super()._apply(fn, recurse)
@@ -239,12 +262,11 @@ class W4A4FlatQuantLinear(nn.Module):
         if bool(torch.isfinite(x).all()):  # the common case in two passes; count only on failure
             return
         bad = ~torch.isfinite(x)
-        if bad.any():
-            x2 = bad.reshape(-1, self.in_features)
-            raise ValueError(
-                f"x: expected finite activations, got {int(bad.sum())} non-finite values in "
-                f"{int(x2.any(-1).sum())} of {x2.shape[0]} tokens (pass check_finite=False to skip this check)"
-            )
+        x2 = bad.reshape(-1, self.in_features)
+        raise ValueError(
+            f"x: expected finite activations, got {int(bad.sum())} non-finite values in "
+            f"{int(x2.any(-1).sum())} of {x2.shape[0]} tokens (pass check_finite=False to skip this check)"
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -264,7 +286,8 @@ class W4A4FlatQuantLinear(nn.Module):
         elif in_dtype != self.act_dtype:
             raise ValueError(
                 f"x: expected {self.act_dtype} (the layer's activation dtype) or float32, got {in_dtype}; "
-                "cast the layer with .to(dtype) to change its activation dtype"
+                "cast the layer with .to(dtype) to change its activation dtype (where its transforms are "
+                "exact in that dtype)"
             )
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).contiguous()  # the op reads tokens as dense [n1, n2] tiles

@@ -86,6 +86,41 @@ def test_module_to_keeps_the_fp32_buffers_exact():
     assert torch.equal(layer.clip_ratio, clip)
 
 
+def test_module_to_refuses_a_lossy_transform_cast():
+    layer = make_layer(torch.float16)  # random factors: fp16 values that bf16 cannot hold
+    before = {k: v.clone() for k, v in layer.checkpoint_tensors().items()}
+    with pytest.raises(ValueError, match="dtype: casting left_trans from float16 to bfloat16 rounds it"):
+        layer.to(torch.bfloat16)
+    assert layer.act_dtype == torch.float16  # refused before anything moved
+    for k, v in layer.checkpoint_tensors().items():
+        assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
+    layer.to(torch.float32)  # fp32 holds fp16 exactly; the layer keeps computing in fp16
+    assert layer.act_dtype == torch.float16
+
+
+def test_from_checkpoint_adds_a_float32_bias_in_the_activation_dtype():
+    t = good_tensors(torch.bfloat16)
+    t["bias"] = torch.randn(O)  # float32, finer than bf16
+    layer = W4A4FlatQuantLinear.from_checkpoint(t, backend="reference")
+    assert layer.bias.dtype == torch.bfloat16 and torch.equal(layer.bias, t["bias"].bfloat16())
+    x = torch.randn(3, K).bfloat16()
+    assert layer(x).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(in_features=12, n1=3, n2=4), "in_features: expected a multiple of 8"),
+    (dict(in_features=64, n1=4, n2=8), r"n1, n2: expected n1 \* n2 == in_features = 64"),
+    (dict(act_dtype=torch.float32), "act_dtype: expected torch.float16 or torch.bfloat16"),
+    (dict(backend="npuu"), "backend: expected one of auto, npu, reference"),
+    (dict(out_features=0), "out_features: expected a positive int"),
+])
+def test_constructor_checks_its_arguments(kwargs, match):
+    args = dict(in_features=64, out_features=16, n1=8, n2=8, act_dtype=torch.bfloat16, bias=False)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        W4A4FlatQuantLinear(**args)
+
+
 # ------------------------------------------------------------------ forward
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_forward_leading_dims_and_accuracy(dtype):
