@@ -100,10 +100,18 @@ def run(args) -> int:
     from .export import save_quantized
     from .hub import load_model
 
-    model, tok = load_model(args.model, num_layers=args.num_layers)
     cfg = QuantConfig(method=args.method, weight_quantizer=args.weight_quantizer, profile=args.profile,
                       samples=args.samples, seqlen=args.seqlen, epochs=args.epochs, lr=args.lr,
                       work_dir=args.work_dir, skip=tuple(args.skip), seed=args.seed)
+    if cfg.method != "flatquant":  # flags that would change nothing are an error, not a silent no-op
+        flags = {"--epochs": args.epochs, "--lr": args.lr}
+        if cfg.weight_quantizer != "gptq":
+            flags.update({"--samples": args.samples, "--seqlen": args.seqlen, "--calib-data": args.calib_data})
+        given = [f for f, v in flags.items() if v is not None]
+        if given:
+            raise SystemExit(f"flatquant-lab quantize: error: {', '.join(given)}: not used by --method {cfg.method} "
+                             f"with --weight-quantizer {cfg.weight_quantizer}")
+    model, tok = load_model(args.model, num_layers=args.num_layers)
     ids = None
     if cfg.method == "flatquant" or cfg.weight_quantizer == "gptq":
         source = args.calib_data or bundled_data_path("calib")

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -596,8 +597,25 @@ def calibrate(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor | None
     if need_data and calib_ids is None:
         raise ValueError(f"calib_data: method={cfg.method!r} with weight_quantizer={cfg.weight_quantizer!r} "
                          "needs calibration token ids [n, seqlen]")
+    if not need_data and calib_ids is not None:
+        warnings.warn(f"calib_data: method={cfg.method!r} with weight_quantizer={cfg.weight_quantizer!r} uses no "
+                      "calibration data; it is ignored", stacklevel=3)
+    unused = [n for n in ("epochs", "lr") if getattr(cfg, n) is not None and cfg.method != "flatquant"]
+    if unused:
+        warnings.warn(f"{', '.join(unused)}: only method='flatquant' trains; ignored for method={cfg.method!r}",
+                      stacklevel=3)
+    model_dtype = next(model.parameters()).dtype
+    if model_dtype in (torch.float16, torch.bfloat16) and model_dtype != cfg.act_dtype:
+        # The W4A4 layers take the model's hidden states as they are (vllm-ascend: act dtype = model dtype).
+        raise ValueError(f"act_dtype: the model is {model_dtype}, so its W4A4 layers must compute in it; "
+                         f"expected act_dtype={model_dtype} (or a float32 model), got {cfg.act_dtype}")
     torch.manual_seed(cfg.seed)
     plans = [plan_layer(model, i, cfg, info) for i in range(info.num_layers)]
+    names = [f"{layer_prefix(i)}.{lin}" for i, groups in enumerate(plans) for g in groups for lin in g.linears]
+    unmatched = [p for p in cfg.skip if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if unmatched:
+        raise ValueError(f"skip: {unmatched} match no decoder linear (their names look like {names[-1]!r}; "
+                         "e.g. '*.o_proj' or 'model.layers.0.*'); the output head always stays float")
     for i, groups in enumerate(plans):
         for g in groups:
             if not g.quantized:
@@ -614,7 +632,6 @@ def calibrate(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor | None
     work = WorkDir(cfg.work_dir, cfg, info.num_layers) if cfg.work_dir else None
     X = kwargs_by_bs = None
     bs = cfg.budget("batch_size")
-    model_dtype = next(model.parameters()).dtype
     if need_data:
         if not isinstance(calib_ids, torch.Tensor) or calib_ids.dim() != 2 or calib_ids.dtype != torch.long:
             raise ValueError(f"calib_data: expected a LongTensor [n, seqlen], got {getattr(calib_ids, 'shape', calib_ids)}")

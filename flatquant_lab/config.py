@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 
 import torch
 
@@ -17,6 +18,14 @@ PROFILES = {
     "full": dict(samples=64, seqlen=256, epochs=6, lr=5e-3, batch_size=4),
     "fast": dict(samples=32, seqlen=128, epochs=2, lr=5e-3, batch_size=4),
 }
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_float(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass
@@ -56,7 +65,6 @@ class QuantConfig:
     gptq_block: int = 128
     gptq_act_order: bool = True
     cann: str = "8.3"  # which CANN's kronecker_quant limits decide what can run on the NPU
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -72,18 +80,30 @@ class QuantConfig:
         if isinstance(self.skip, str):
             self.skip = (self.skip,)
         self.skip = tuple(self.skip)
-        for name in ("samples", "seqlen", "batch_size"):
+        for name in ("samples", "seqlen", "batch_size", "gptq_block"):
             v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < 1):
+            if v is not None and (not _is_int(v) or v < 1):
                 raise ValueError(f"{name}: expected a positive int, got {v!r}")
-        if self.epochs is not None and (not isinstance(self.epochs, int) or self.epochs < 0):
+        if self.epochs is not None and (not _is_int(self.epochs) or self.epochs < 0):
             raise ValueError(f"epochs: expected an int >= 0, got {self.epochs!r}")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"lr: expected a positive float, got {self.lr!r}")
+        if self.lr is not None and not (_is_float(self.lr) and self.lr > 0):
+            raise ValueError(f"lr: expected a finite float > 0, got {self.lr!r}")
+        if not (_is_float(self.clip_lr_mult) and self.clip_lr_mult > 0):
+            raise ValueError(f"clip_lr_mult: expected a finite float > 0, got {self.clip_lr_mult!r}")
+        if not (_is_float(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1):
+            raise ValueError(f"min_lr_ratio: expected a float in [0, 1], got {self.min_lr_ratio!r}")
+        if not (_is_float(self.smooth_alpha) and 0 <= self.smooth_alpha <= 1):
+            raise ValueError(f"smooth_alpha: expected a float in [0, 1], got {self.smooth_alpha!r}")
+        if not (_is_float(self.gptq_damp) and self.gptq_damp > 0):
+            raise ValueError(f"gptq_damp: expected a finite float > 0 (fraction of the mean Hessian diagonal), "
+                             f"got {self.gptq_damp!r}")
         for name in ("act_clip_init", "weight_clip_init"):
             v = getattr(self, name)
-            if isinstance(v, str) and v != "search":
-                raise ValueError(f"{name}: expected a float logit or 'search', got {v!r}")
+            if isinstance(v, str):
+                if v != "search":
+                    raise ValueError(f"{name}: expected a float logit or 'search', got {v!r}")
+            elif not _is_float(v):
+                raise ValueError(f"{name}: expected a finite float logit or 'search', got {v!r}")
 
     def budget(self, name: str):
         """A budget field (samples, seqlen, epochs, lr, batch_size): the override or the profile's."""

@@ -36,7 +36,10 @@ SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def config(**kw) -> QuantConfig:
-    return QuantConfig(**{**BUDGET, **kw})
+    kw = {**BUDGET, **kw}
+    if kw.get("method", "flatquant") != "flatquant":
+        kw.pop("epochs")  # only flatquant trains (an epochs override elsewhere warns)
+    return QuantConfig(**kw)
 
 
 def logits(model, ids=HELD) -> torch.Tensor:
@@ -573,6 +576,15 @@ def test_int32_ids_and_batches_are_accepted():
     (dict(transform_init="eye"), "transform_init"),
     (dict(act_dtype=torch.float32), "act_dtype"),
     (dict(act_clip_init="max"), "act_clip_init"),
+    (dict(act_clip_init=float("nan")), "act_clip_init"),
+    (dict(weight_clip_init=float("inf")), "weight_clip_init"),
+    (dict(lr=float("inf")), "lr"),
+    (dict(samples=True), "samples"),
+    (dict(gptq_block=0), "gptq_block"),
+    (dict(gptq_damp=0.0), "gptq_damp"),
+    (dict(smooth_alpha=1.5), "smooth_alpha"),
+    (dict(min_lr_ratio=-0.1), "min_lr_ratio"),
+    (dict(clip_lr_mult=float("nan")), "clip_lr_mult"),
 ])
 def test_bad_config_values_name_the_parameter(kw, name):
     with pytest.raises(ValueError, match=f"^{name}:"):
@@ -642,6 +654,37 @@ def _write_tiny_model_dir(path, model):
                                    unk_token="<unk>")
     model.save_pretrained(path)
     fast.save_pretrained(path)
+
+
+def test_a_skip_pattern_that_matches_nothing_is_an_error():
+    with pytest.raises(ValueError, match=r"^skip: \['\*\.o_prj'\] match no decoder linear"):
+        quantize(tiny_model("llama"), QuantConfig(method="rtn", skip=("*.self_attn.o_proj", "*.o_prj")))
+
+
+def test_half_model_needs_its_own_act_dtype():
+    with pytest.raises(ValueError, match="^act_dtype: the model is torch.float16"):
+        quantize(tiny_model("llama").half(), QuantConfig(method="rtn", act_dtype=torch.bfloat16))
+    model = quantize(tiny_model("llama").half(), QuantConfig(method="rtn", act_dtype=torch.float16))
+    q = model.model.layers[0].self_attn.q_proj
+    assert q.act_dtype == torch.float16 and q.left_trans.dtype == torch.float16
+
+
+def test_unused_calibration_inputs_warn():
+    with pytest.warns(UserWarning, match="calib_data: method='rtn'.*ignored"):
+        quantize(tiny_model("llama"), QuantConfig(method="rtn"), CALIB)
+    with pytest.warns(UserWarning, match="epochs, lr: only method='flatquant' trains"):
+        quantize(tiny_model("llama"), QuantConfig(method="hadamard", epochs=2, lr=1e-3))
+
+
+def test_quantize_cli_rejects_flags_it_would_ignore(tmp_path):
+    from flatquant_lab.cli import main
+
+    with pytest.raises(SystemExit, match="--epochs, --calib-data: not used by --method rtn"):
+        main(["quantize", "--model", str(tmp_path / "never-loaded"), "--method", "rtn", "--out", str(tmp_path / "o"),
+              "--epochs", "3", "--calib-data", "x.txt"])
+    with pytest.raises(SystemExit, match="--lr: not used by --method hadamard with --weight-quantizer gptq"):
+        main(["quantize", "--model", "m", "--method", "hadamard", "--weight-quantizer", "gptq", "--samples", "4",
+              "--lr", "0.1", "--out", str(tmp_path / "o")])
 
 
 def test_quantize_cli_on_a_tiny_model_directory(tmp_path, capsys):
