@@ -8,7 +8,9 @@ A saved directory holds:
   ``model.safetensors.index.json``;
 - ``quant_model_description.json``: msModelSlim's description file. Every stored tensor key maps
   to ``"W4A4_FLATQUANT_DYNAMIC"`` (the tensors of a quantized linear) or ``"FLOAT"``; top-level
-  fields ``model_quant_type``, ``version`` and ``group_size`` as msModelSlim writes them. With tied
+  fields ``model_quant_type``, ``version`` and ``group_size`` as msModelSlim writes them, and
+  ``metadata.flatquant_lab_act_dtype``, the dtype the W4A4 layers compute in (ignored by
+  vllm-ascend, which computes in the model dtype; a load without it goes by the transforms). With tied
   embeddings ``lm_head.weight`` is listed as ``"FLOAT"`` although, as in Hugging Face checkpoints,
   no tensor is stored for it: vllm-ascend looks up ``lm_head.weight`` in the description when it
   builds the LM head and fails with a KeyError when the key is absent;
@@ -54,6 +56,8 @@ INDEX_FILE = "model.safetensors.index.json"
 # msModelSlim's ascendV1 saver writes version "1.0.0" and group_size 0 for per-channel weights.
 DESCRIPTION_VERSION = "1.0.0"
 TOP_LEVEL_FIELDS = ("model_quant_type", "version", "group_size", "metadata")
+# Our own entry in the description's metadata: the activation dtype of the W4A4 layers.
+ACT_DTYPE_KEY = "flatquant_lab_act_dtype"
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # vLLM fuses these shards into one module (qkv_proj, gate_up_proj): one quant type, and for
 # FlatQuant one left_trans / right_trans / clip_ratio (vllm-ascend loads them as per-tensor params).
@@ -439,6 +443,15 @@ def save_quantized(model: nn.Module, out_dir, tokenizer=None, max_shard_size="2G
     ties = _tie_targets(model)
     tied_listed = [k for k in ties if k not in tensors]
     desc = build_description(tensors, quantized, tied_listed)
+    acts = {model.get_submodule(p).act_dtype for p in quantized}
+    if len(acts) == 1:
+        # The transforms' stored dtype need not be the one the layers compute in (dtype=float32, or
+        # fp32 transforms from another exporter): record it, so that a load computes as saved.
+        desc["metadata"] = {ACT_DTYPE_KEY: _dtype_name(acts.pop())}
+    elif acts:
+        warnings.warn(f"model: its W4A4 layers compute in {sorted(map(_dtype_name, acts))}; the checkpoint "
+                      "cannot record one activation dtype, so a load takes each layer's from its transforms",
+                      stacklevel=2)
     check_checkpoint(tensors, desc, tied_listed)  # refuse before writing anything
     float_dtype = _float_dtype(tensors, quantized, dtype)
     config = _config_dict(model, float_dtype)
@@ -585,7 +598,7 @@ def load_quantized(path, backend: str | None = None, dtype=None) -> nn.Module:
     state = model.state_dict()
     used: set[str] = set()
     for prefix in sorted(quantized):
-        layer = _quantized_layer(model, prefix, tensors, backend, dtype)
+        layer = _quantized_layer(model, prefix, tensors, backend, dtype, _saved_act_dtype(desc))
         set_submodule(model, prefix, layer)
         used.update(f"{prefix}.{n}" for n in CHECKPOINT_KEYS + ("bias",) if f"{prefix}.{n}" in tensors)
         for key in [k for k in state if k.startswith(prefix + ".")]:
@@ -617,8 +630,19 @@ def _find(model: nn.Module, name: str) -> nn.Module | None:
         return None
 
 
+def _saved_act_dtype(desc: Mapping) -> torch.dtype | None:
+    meta = desc.get("metadata")
+    name = meta.get(ACT_DTYPE_KEY) if isinstance(meta, Mapping) else None
+    if name is None:
+        return None
+    act = getattr(torch, name, None) if isinstance(name, str) else None
+    if act not in HALF_DTYPES:
+        raise CheckpointError(f"{DESCRIPTION_FILE}: metadata.{ACT_DTYPE_KEY} is {name!r}, expected 'float16' or 'bfloat16'")
+    return act
+
+
 def _quantized_layer(model: nn.Module, prefix: str, tensors: Mapping[str, torch.Tensor], backend,
-                     dtype: torch.dtype | None) -> W4A4FlatQuantLinear:
+                     dtype: torch.dtype | None, saved_act: torch.dtype | None = None) -> W4A4FlatQuantLinear:
     linear = _find(model, prefix)
     if not isinstance(linear, nn.Linear):
         raise CheckpointError(f"{prefix}.weight: the description quantizes {prefix}, which is not an "
@@ -631,9 +655,10 @@ def _quantized_layer(model: nn.Module, prefix: str, tensors: Mapping[str, torch.
         raise CheckpointError(f"{prefix}.bias: unexpected ({type(model).__name__}'s {prefix} has no bias)")
     parts = {n: tensors[f"{prefix}.{n}"] for n in CHECKPOINT_KEYS + (("bias",) if has_bias else ())}
     stored = parts["left_trans"].dtype
-    # The activation dtype: the requested half dtype, else the transforms' own, else bfloat16
-    # (from_checkpoint's default for float32 transforms).
-    act = dtype if dtype in HALF_DTYPES else stored if stored in HALF_DTYPES else torch.bfloat16
+    # The activation dtype: the requested half dtype, else the one the description records, else the
+    # transforms' own, else bfloat16 (from_checkpoint's default for float32 transforms).
+    act = (dtype if dtype in HALF_DTYPES else saved_act if saved_act is not None
+           else stored if stored in HALF_DTYPES else torch.bfloat16)
     if dtype is not None:
         parts["left_trans"] = parts["left_trans"].to(dtype)
         parts["right_trans"] = parts["right_trans"].to(dtype)

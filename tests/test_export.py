@@ -232,6 +232,26 @@ def test_lossy_transform_cast_warns(tmp_path):
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
+def test_float32_export_of_a_float16_model_loads_in_float16(tmp_path):
+    # fp32 transforms alone would reload as bfloat16 (from_checkpoint's default): the description says fp16.
+    model = random_quantize(tiny_model("llama"), seed=1, act_dtype=torch.float16)
+    out = save_quantized(model, tmp_path / "out", dtype=torch.float32)
+    assert all_tensors(out)["model.layers.0.mlp.up_proj.left_trans"].dtype == torch.float32
+    assert description(out)["metadata"] == {"flatquant_lab_act_dtype": "float16"}
+    loaded = load_quantized(out)
+    assert loaded.model.layers[0].mlp.up_proj.act_dtype == torch.float16
+    assert torch.equal(logits(loaded), logits(model))
+    # without the entry (another exporter's checkpoint) the transforms' dtype decides, as before
+    desc = description(out)
+    del desc["metadata"]
+    (out / DESCRIPTION_FILE).write_text(json.dumps(desc))
+    assert load_quantized(out).model.layers[0].mlp.up_proj.act_dtype == torch.bfloat16
+    desc["metadata"] = {"flatquant_lab_act_dtype": "float32"}
+    (out / DESCRIPTION_FILE).write_text(json.dumps(desc))
+    with pytest.raises(CheckpointError, match="metadata.flatquant_lab_act_dtype is 'float32', expected"):
+        load_quantized(out)
+
+
 def test_load_dtype_argument_casts(saved):
     loaded = load_quantized(saved["llama"], dtype="float16")
     q = loaded.model.layers[0].self_attn.q_proj
