@@ -65,8 +65,9 @@ def _sqnr_db(signal: torch.Tensor, noise: torch.Tensor) -> float:
     return 10.0 * math.log10(s / n)
 
 
-def _finite_or_none(v):
-    """JSON has no inf/nan: map them to strings so ``to_dict`` output always serializes."""
+def _json_float(v):
+    """``v`` made JSON-safe: a non-finite float becomes its string ("inf", "-inf", "nan"; JSON has no
+    such numbers), anything else comes back unchanged."""
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)
     return v
@@ -115,7 +116,7 @@ class LinearReport:
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {k: _finite_or_none(v) for k, v in asdict(self).items()}
+        return {k: _json_float(v) for k, v in asdict(self).items()}
 
     def table(self) -> str:
         def fmt(v, spec=".4g"):
@@ -176,7 +177,7 @@ class SweepResult:
     reference: str = "float layer"  # what the SQNR is measured against
 
     def to_dict(self) -> dict:
-        return {"rows": [{k: _finite_or_none(v) for k, v in asdict(r).items()} for r in self.rows],
+        return {"rows": [{k: _json_float(v) for k, v in asdict(r).items()} for r in self.rows],
                 "best_ratio": self.best_ratio, "reference": self.reference}
 
     def table(self) -> str:

@@ -413,3 +413,8 @@ def test_cli_json_is_written_atomically(tmp_path, monkeypatch, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
     capsys.readouterr()
 
+
+def test_report_dict_makes_non_finite_floats_json_strings():
+    assert numerics._json_float(math.inf) == "inf" and numerics._json_float(-math.inf) == "-inf"
+    assert numerics._json_float(math.nan) == "nan"
+    assert numerics._json_float(1.5) == 1.5 and numerics._json_float(None) is None
