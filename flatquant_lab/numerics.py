@@ -399,7 +399,8 @@ def sweep_layer_clip_ratio(qlinear: W4A4FlatQuantLinear, x: torch.Tensor,
     with torch.no_grad():
         if reference is None:
             # The layer sees x rounded to its activation dtype: start the reference from the same values.
-            lt, rt = qlinear.left_trans.cpu().double(), qlinear.right_trans.cpu().double()
+            # the transforms the layer runs (p1 = L^T, p2 = R in its activation dtype), not the stored ones
+            lt, rt = qlinear.p1.t().cpu().double(), qlinear.p2.cpu().double()
             y_ref = kron_apply(x_act.cpu().double(), lt, rt) @ qlinear.dequantized_weight(torch.float64).cpu().T
             if qlinear.bias is not None:
                 y_ref = y_ref + qlinear.bias.detach().cpu().double()

@@ -290,6 +290,21 @@ def test_sweep_layer_default_reference_is_the_layer_without_activation_quantizat
     assert res.rows[0].sqnr_db == pytest.approx(c1, abs=1e-6)
 
 
+def test_sweep_layer_reference_uses_the_transforms_the_layer_runs():
+    # float32 transforms (another exporter's checkpoint): the layer runs them rounded to bf16
+    q, x, _ = problem(torch.bfloat16)
+    t = q.checkpoint_tensors()
+    g = torch.Generator().manual_seed(3)
+    t["left_trans"] = t["left_trans"].float() + 1e-3 * torch.randn(N1, N1, generator=g)
+    t["right_trans"] = t["right_trans"].float()
+    q32 = W4A4FlatQuantLinear.from_checkpoint(t, backend="reference", act_dtype=torch.bfloat16)
+    tr = torch.kron(t["left_trans"].bfloat16().double(), t["right_trans"].bfloat16().double())
+    y_ref = x.double() @ tr @ q32.dequantized_weight(torch.float64).T
+    res = sweep_layer_clip_ratio(q32, x, [1.0])
+    given = sweep_layer_clip_ratio(q32, x, [1.0], reference=y_ref)
+    assert res.rows[0].sqnr_db == pytest.approx(given.rows[0].sqnr_db, abs=1e-6)
+
+
 def test_sweep_layer_on_the_npu_backend(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch_npu", make_fake_torch_npu())
     q, x, lin = problem(torch.bfloat16)
