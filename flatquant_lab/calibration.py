@@ -22,10 +22,12 @@ from dataclasses import dataclass, field
 
 import torch
 from einops import rearrange
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_tensors
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._io import atomic_write_bytes, atomic_write_text
 from .config import QuantConfig
 from .gptq import HessianAccumulator, gptq_quantize
 from .kronecker import decompose_dim, fold_weight, npu_supported
@@ -537,7 +539,7 @@ class WorkDir:
                 raise ValueError(f"work_dir: {path} holds a run with another configuration; "
                                  "use a fresh directory or the same QuantConfig")
         else:
-            _atomic_write_text(meta, json.dumps({"config": fingerprint, "num_layers": num_layers}, indent=1))
+            atomic_write_text(meta, json.dumps({"config": fingerprint, "num_layers": num_layers}, indent=1))
 
     def file(self, i: int) -> str:
         return os.path.join(self.path, f"layer_{i:04d}.safetensors")
@@ -553,20 +555,8 @@ class WorkDir:
     def save(self, i: int, learned: dict, losses: list[float]) -> None:
         tensors = {k: v.detach().contiguous() for k, v in learned.items()}
         tensors["__epoch_losses__"] = torch.tensor(losses, dtype=torch.float64)
-        tmp = self.file(i) + ".tmp"
-        save_file(tensors, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.file(i))
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+        # a unique temp name per write: two runs sharing a work_dir never write into each other's file
+        atomic_write_bytes(self.file(i), save_tensors(tensors))
 
 
 @dataclass
