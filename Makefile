@@ -39,4 +39,4 @@ lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/
 
 clean:
-	rm -rf $(VENV) .cache results/*.json results/*.png
+	rm -rf $(VENV) .cache results/*.json results/*.png results/export-flatquant
