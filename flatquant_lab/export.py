@@ -343,13 +343,22 @@ _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**1
 
 
 def _parse_size(size) -> int:
-    """``2GB`` (decimal units as in Hugging Face), ``512MiB`` (binary), or an int of bytes."""
+    """``2GB`` (decimal units as in Hugging Face), ``512MiB`` (binary), or an int of bytes.
+
+    A fractional byte count is a limit, so it rounds down (``1.5KiB`` -> 1536, ``2.5B`` -> 2); below one
+    byte is an error. The arithmetic is exact (``2.01KB`` is 2010 bytes; floats gave 2009).
+    """
+    from fractions import Fraction
+
     if isinstance(size, int) and not isinstance(size, bool) and size > 0:
         return size
     if isinstance(size, str):
         m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", size.upper())
-        if m and m.group(2) in _SIZE_UNITS and float(m.group(1)) > 0:
-            return max(1, int(float(m.group(1)) * _SIZE_UNITS[m.group(2)]))
+        if m and m.group(2) in _SIZE_UNITS and Fraction(m.group(1)) > 0:
+            n = int(Fraction(m.group(1)) * _SIZE_UNITS[m.group(2)])
+            if n < 1:
+                raise ValueError(f"max_shard_size: expected at least 1 byte, got {size!r} (less than one byte)")
+            return n
     raise ValueError(f"max_shard_size: expected a positive int of bytes or a size like '2GB' or '500MiB', got {size!r}")
 
 

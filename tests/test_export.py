@@ -280,6 +280,23 @@ def test_bad_max_shard_size(quantized, tmp_path):
         save_quantized(quantized["llama"], tmp_path / "out", max_shard_size="lots")
 
 
+@pytest.mark.parametrize("size", ["0.5B", "0.999", "0.0001KB", "0.5 b"])
+def test_max_shard_size_below_one_byte_is_an_error(quantized, tmp_path, size):
+    """It used to become 1 byte silently (one shard per tensor)."""
+    with pytest.raises(ValueError, match=r"max_shard_size: expected at least 1 byte, got .* \(less than one byte\)"):
+        save_quantized(quantized["llama"], tmp_path / "out", max_shard_size=size)
+    assert not (tmp_path / "out").exists()
+
+
+def test_parse_size_is_exact():
+    assert export._parse_size("2.01KB") == 2010 and export._parse_size("2.01GB") == 2_010_000_000  # floats: 2009...
+    assert export._parse_size("1.5KiB") == 1536 and export._parse_size("2.5B") == 2  # a limit rounds down
+    assert export._parse_size("1B") == 1 and export._parse_size(7) == 7 and export._parse_size("2GB") == 2 * 10**9
+    for bad in (0, -1, True, 1.5, "0", "0GB", "-1MB", "2 PB", ""):
+        with pytest.raises(ValueError, match="max_shard_size"):
+            export._parse_size(bad)
+
+
 def test_failure_mid_write_leaves_no_out_dir(quantized, tmp_path, monkeypatch):
     calls = []
 
