@@ -26,7 +26,6 @@ import html
 import io
 import json
 import logging
-import os
 import re
 import subprocess
 import sys
@@ -34,6 +33,8 @@ import tempfile
 import xml.etree.ElementTree as ET
 import zipfile
 from pathlib import Path
+
+from ._io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -292,19 +293,14 @@ def build_documents(bz2_bytes: bytes | None = None) -> list[dict]:
     return docs
 
 
+def jsonl_text(docs: list[dict]) -> str:
+    """One JSON object (title, text) per line."""
+    return "".join(json.dumps({"title": d["title"], "text": d["text"]}, ensure_ascii=False) + "\n" for d in docs)
+
+
 def write_jsonl(path: Path, docs: list[dict]) -> None:
     """Write one JSON object per line, atomically (temp file in the same folder, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for d in docs:
-                f.write(json.dumps({"title": d["title"], "text": d["text"]}, ensure_ascii=False) + "\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_text(path, jsonl_text(docs))
 
 
 def count_tokens(docs: list[dict], tokenizer) -> int:
@@ -334,8 +330,10 @@ def build(out_dir: Path = DATA_DIR, eval_start: int = EVAL_START, n_eval: int = 
                 raise RuntimeError(
                     f"{name} split has {stats[name]['tokens']} tokens, fewer than the {MIN_TOKENS[name]} needed"
                 )
-    for name, part in splits.items():
-        write_jsonl(Path(out_dir) / f"wiki_{name}.jsonl", part)
+    # Both files serialized before either is replaced, so a failure cannot leave one new and one old.
+    texts = {name: jsonl_text(part) for name, part in splits.items()}
+    for name, text in texts.items():
+        atomic_write_text(Path(out_dir) / f"wiki_{name}.jsonl", text)
     return stats
 
 
