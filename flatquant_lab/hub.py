@@ -202,12 +202,19 @@ def resolve(name_or_dir: str | os.PathLike) -> Path:
     return path
 
 
+# The dtypes a model is loaded in: quantization and evaluation run on float weights of these.
+MODEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
 def _as_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if isinstance(dtype, str) and isinstance(getattr(torch, dtype.removeprefix("torch."), None), torch.dtype):
-        return getattr(torch, dtype.removeprefix("torch."))
-    raise ValueError(f"dtype: expected a torch.dtype or its name (e.g. 'float32', 'bfloat16'), got {dtype!r}")
+    """``dtype`` (a torch.dtype or its name, e.g. 'bfloat16', 'torch.float16', 'half') as one of MODEL_DTYPES."""
+    resolved = dtype
+    if isinstance(dtype, str):
+        resolved = getattr(torch, dtype.removeprefix("torch."), None)
+    if isinstance(resolved, torch.dtype) and resolved in MODEL_DTYPES:
+        return resolved
+    raise ValueError(f"dtype: expected torch.float16, torch.bfloat16 or torch.float32 (or its name, e.g. "
+                     f"'float32', 'bfloat16'), got {dtype!r}")
 
 
 def load_model(name_or_dir: str | os.PathLike, dtype=torch.float32, num_layers: int | None = None):

@@ -47,6 +47,24 @@ def test_dtype_error(tiny_dir):
         load_model(tiny_dir, dtype="float33")
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, "int8", torch.float64, "float64", "float8_e4m3fn", torch.bool,
+                                   "manual_seed", 16, None])
+def test_dtype_must_be_a_float_model_dtype(dtype):
+    """Any torch dtype used to pass (int8, float8...); only the float types a model is loaded in do now."""
+    from flatquant_lab.hub import _as_dtype
+
+    with pytest.raises(ValueError, match=r"dtype: expected torch.float16, torch.bfloat16 or torch.float32"):
+        _as_dtype(dtype)
+
+
+def test_dtype_names_and_aliases():
+    from flatquant_lab.hub import _as_dtype
+
+    for d in (torch.float16, torch.bfloat16, torch.float32):
+        assert _as_dtype(d) is d and _as_dtype(str(d)) is d and _as_dtype(str(d).removeprefix("torch.")) is d
+    assert _as_dtype("half") is torch.float16 and _as_dtype("float") is torch.float32
+
+
 def test_bad_names(tmp_path):
     with pytest.raises(FileNotFoundError, match="name_or_dir.*neither a model alias"):
         load_model("no-such-model-or-dir")
