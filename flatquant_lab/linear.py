@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 CHECKPOINT_KEYS = ("weight", "weight_scale", "weight_offset", "left_trans", "right_trans", "clip_ratio")
 DEFAULT_CHUNK_TOKENS = 8192  # npu_kronecker_quant's token limit on CANN 8.1/8.2
+MAX_CHUNK_TOKENS = 262144  # ... and on CANN 8.5, the largest of any release (SPEC section 2)
 # Buffers whose dtype is part of the contract: Module.to(dtype) must not touch them.
 _FP32_BUFFERS = ("weight_scale", "weight_offset", "clip_ratio")
 
@@ -51,8 +52,10 @@ class W4A4FlatQuantLinear(nn.Module):
                  bias: bool, backend: str | None = None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
                  check_finite: bool = True):
         super().__init__()
-        if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
-            raise ValueError(f"chunk_tokens: expected a positive int (the op's token limit), got {chunk_tokens!r}")
+        if (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int)
+                or not 1 <= chunk_tokens <= MAX_CHUNK_TOKENS):
+            raise ValueError(f"chunk_tokens: expected an int in [1, {MAX_CHUNK_TOKENS}] (the op's token limit: "
+                             f"8192 on CANN 8.1/8.2, 32768 on 8.3, 262144 on 8.5), got {chunk_tokens!r}")
         for name, v in (("in_features", in_features), ("out_features", out_features), ("n1", n1), ("n2", n2)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: expected a positive int, got {v!r}")
@@ -170,6 +173,13 @@ class W4A4FlatQuantLinear(nn.Module):
             weight_clip = torch.as_tensor(weight_clip).detach()
             if weight_clip.numel() != w.shape[0] or not bool(((weight_clip > 0) & (weight_clip <= 1)).all()):
                 raise ValueError(f"weight_clip: expected {w.shape[0]} factors in (0, 1]")
+        for name, t in (("left_trans", left_trans), ("right_trans", right_trans)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] != t.shape[1] or not t.is_floating_point():
+                raise ValueError(f"{name}: expected a square float matrix, got "
+                                 f"{list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if left_trans.shape[0] * right_trans.shape[0] != w.shape[1]:
+            raise ValueError(f"left_trans/right_trans: sizes {left_trans.shape[0]} x {right_trans.shape[0]} must "
+                             f"multiply to linear's in_features {w.shape[1]} (expected {decompose_dim(w.shape[1])})")
         lt, rt = left_trans.detach().to(act_dtype), right_trans.detach().to(act_dtype)
         folded = fold_weight(w, lt, rt)
         q, scale = quantize_weight(folded, weight_clip)

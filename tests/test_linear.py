@@ -232,8 +232,12 @@ def test_transform_not_square(name):
 
 
 def test_transform_not_square_from_float():
-    with pytest.raises(ValueError, match="left: expected a square matrix"):
+    with pytest.raises(ValueError, match=r"left_trans: expected a square float matrix, got \[8, 16\]"):
         W4A4FlatQuantLinear.from_float(float_linear(), torch.zeros(8, 16), torch.eye(16))
+    with pytest.raises(ValueError, match="right_trans: expected a square float matrix, got list"):
+        W4A4FlatQuantLinear.from_float(float_linear(), torch.eye(16), [[1.0]])
+    with pytest.raises(ValueError, match="left_trans/right_trans: sizes 4 x 16 must multiply to linear's in_features 128"):
+        W4A4FlatQuantLinear.from_float(float_linear(), torch.eye(4), torch.eye(16))
 
 
 @pytest.mark.parametrize("c", [0.0, -0.25, 1.5, float("nan"), float("inf")])
@@ -342,9 +346,9 @@ def test_fp32_input_overflowing_fp16_cast():
         layer(x)
 
 
-@pytest.mark.parametrize("chunk", [0, -1, 2.5, True])
+@pytest.mark.parametrize("chunk", [0, -1, 2.5, True, 262145])
 def test_bad_chunk_tokens(chunk):
-    with pytest.raises(ValueError, match="chunk_tokens: expected a positive int"):
+    with pytest.raises(ValueError, match=r"chunk_tokens: expected an int in \[1, 262144\]"):
         make_layer(chunk_tokens=chunk)
 
 
