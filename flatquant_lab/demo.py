@@ -26,8 +26,9 @@ METHODS = ("fp", "rtn_w4a16", "rtn", "hadamard", "flatquant")
 LABELS = {"fp": "full precision (dequantized GGUF)", "rtn_w4a16": "W4A16 RTN (weights only)",
           "rtn": "W4A4 RTN", "hadamard": "W4A4 Hadamard", "flatquant": "W4A4 FlatQuant (GPTQ)"}
 TASK = "wiki_fq_eval"
-# What each demo profile runs: the calibration budget of FlatQuant (its weights GPTQ'd).
-DEMO_PROFILES = {"fast": "fast", "full": "full"}
+# The QuantConfig profiles the demo offers for FlatQuant (its weights GPTQ'd); "paper" would take
+# about a day on a 2-core CPU (bench/bench_calibration.py).
+DEMO_PROFILES = ("fast", "full")
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -86,13 +87,13 @@ def run_demo(model_name: str = "smollm2-135m", profile: str = "fast", out_dir: s
     from .hub import load_model
 
     if profile not in DEMO_PROFILES:
-        raise ValueError(f"profile: expected one of {tuple(DEMO_PROFILES)}, got {profile!r}")
+        raise ValueError(f"profile: expected one of {DEMO_PROFILES}, got {profile!r}")
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise ValueError(f"methods: unknown {bad}; expected some of {METHODS}")
     out = Path(out_dir)
     torch.manual_seed(seed)
-    fq_cfg = QuantConfig(method="flatquant", weight_quantizer="gptq", profile=DEMO_PROFILES[profile], seed=seed,
+    fq_cfg = QuantConfig(method="flatquant", weight_quantizer="gptq", profile=profile, seed=seed,
                          samples=samples, epochs=epochs, seqlen=seqlen)
     results = {}
     t_all = time.perf_counter()
@@ -216,7 +217,7 @@ def _plot(summary: dict, path: Path) -> None:
 # ---------------------------------------------------------------------------- CLI
 def add_arguments(p) -> None:
     p.add_argument("--model", default="smollm2-135m", help="model alias or local Hugging Face directory")
-    p.add_argument("--profile", default="fast", choices=tuple(DEMO_PROFILES),
+    p.add_argument("--profile", default="fast", choices=DEMO_PROFILES,
                    help="FlatQuant calibration budget: fast (minutes) or full (12x the training tokens)")
     p.add_argument("--out", default="results", help="where demo.json, demo.png and the export go")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
