@@ -11,8 +11,6 @@ from dataclasses import dataclass
 from torch import nn
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-ATTN_INPUT = ("q_proj", "k_proj", "v_proj")
-MLP_INPUT = ("gate_proj", "up_proj")
 # The transform groups of one decoder layer: name -> linears that share one transform.
 GROUPS = {
     "attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
