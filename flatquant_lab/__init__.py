@@ -27,6 +27,7 @@ _LAZY = {
     "sweep_layer_clip_ratio": "flatquant_lab.numerics",
     "load_model": "flatquant_lab.hub",
     "evaluate": "flatquant_lab.evaluation",
+    "save_figure": "flatquant_lab._io",
 }
 
 __all__ = [

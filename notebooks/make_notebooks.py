@@ -17,6 +17,8 @@ from pathlib import Path
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
+from flatquant_lab._io import atomic_write_text
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -246,7 +248,7 @@ def numerics_notebook():
             fig.suptitle(f"{name}: per-channel activation magnitude ({x.shape[0]} tokens)", fontsize=11)
             fig.tight_layout()
             if figure_path:
-                fig.savefig(figure_path, dpi=120, bbox_inches="tight")
+                fq.save_figure(fig, figure_path, dpi=120, bbox_inches="tight")  # atomic: temp file + rename
                 print(f"saved {figure_path}")
             plt.show()
         '''),
@@ -508,7 +510,7 @@ def clip_sweep_notebook():
             fig.suptitle(f"W4A4 SQNR per linear and activation clip ratio ({tokens} tokens each; dot: best)",
                          fontsize=11)
             if figure_path:
-                fig.savefig(figure_path, dpi=120, bbox_inches="tight")
+                fq.save_figure(fig, figure_path, dpi=120, bbox_inches="tight")  # atomic: temp file + rename
                 print(f"saved {figure_path}")
             plt.show()
         """),
@@ -752,7 +754,7 @@ def lm_eval_notebook():
             ax.grid(alpha=0.3, which="both")
             fig.tight_layout()
             if figure_path:
-                fig.savefig(figure_path, dpi=120, bbox_inches="tight")
+                fq.save_figure(fig, figure_path, dpi=120, bbox_inches="tight")  # atomic: temp file + rename
                 print(f"saved {figure_path}")
             plt.show()
         """),
@@ -787,7 +789,9 @@ def main(argv: list[str]) -> int:
             raise SystemExit(f"notebook: expected one of {list(NOTEBOOKS)}, got {name!r}")
         nb = NOTEBOOKS[name]()
         nbformat.validate(nb)
-        nbformat.write(nb, HERE / name)
+        # what nbformat.write(nb, path) writes, but atomically: an interrupted run leaves the old file whole
+        text = nbformat.writes(nb)
+        atomic_write_text(HERE / name, text if text.endswith("\n") else text + "\n")
         print(f"wrote {HERE / name}")
     return 0
 

@@ -79,6 +79,76 @@ def test_committed_notebook_is_clean(name):
     assert path.read_text().rstrip("\n") == fresh.rstrip("\n"), f"{name} differs from what notebooks/make_notebooks.py writes; rerun it"
 
 
+def test_generator_writes_each_notebook_atomically(tmp_path, monkeypatch):
+    """Temp file beside the target, then a rename: an interrupted run never leaves a torn .ipynb."""
+    import nbformat
+
+    gen = _load_generator()
+    monkeypatch.setattr(gen, "HERE", tmp_path)
+    target = tmp_path / NOTEBOOKS[0]
+    target.write_text("old\n")
+    inode = target.stat().st_ino
+    assert gen.main([NOTEBOOKS[0]]) == 0
+    assert target.stat().st_ino != inode  # replaced, not rewritten in place
+    good = nbformat.writes(gen.NOTEBOOKS[NOTEBOOKS[0]]()) + "\n"
+    assert target.read_text() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == [NOTEBOOKS[0]]
+    # A failure half-way through the write leaves the previous file whole and no temp file behind
+    # (a lone surrogate cannot be encoded as UTF-8).
+    monkeypatch.setattr(gen.nbformat, "writes", lambda nb, *args, **kwargs: '{"cells": [' + chr(0xD800))
+    with pytest.raises(UnicodeEncodeError):
+        gen.main([NOTEBOOKS[0]])
+    assert target.read_text() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == [NOTEBOOKS[0]]
+
+
+def test_generator_cells_save_figures_through_save_figure():
+    """Figures are saved with fq.save_figure (atomic), never fig.savefig straight onto figure_path."""
+    gen = _load_generator()
+    for name in NOTEBOOKS:
+        sources = [c.source for c in gen.NOTEBOOKS[name]().cells if c.cell_type == "code"]
+        saving = [src for src in sources if "if figure_path:" in src]
+        assert saving, f"{name}: no cell saves the figure"
+        assert not any(".savefig(" in src for src in sources), f"{name}: a cell calls savefig directly"
+        assert all("fq.save_figure(fig, figure_path" in src for src in saving), name
+
+
+def test_save_figure_is_atomic(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import flatquant_lab as fq
+
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.plot([0, 1], [1, 0])
+    try:
+        path = tmp_path / "sub" / "fig.png"  # the folder is created
+        assert fq.save_figure(fig, path, dpi=50) == path
+        assert path.read_bytes().startswith(b"\x89PNG")
+        inode = path.stat().st_ino
+        fq.save_figure(fig, str(path), dpi=60)
+        assert path.stat().st_ino != inode and path.read_bytes().startswith(b"\x89PNG")
+        assert fq.save_figure(fig, tmp_path / "fig.svg").read_text().lstrip().startswith("<?xml")  # format from suffix
+        before = path.read_bytes()
+
+        def torn(fname, **kwargs):
+            with open(fname, "wb") as f:
+                f.write(b"\x89PNG half")
+            raise OSError("disk full (injected)")
+
+        monkeypatch.setattr(fig, "savefig", torn)
+        with pytest.raises(OSError, match="injected"):
+            fq.save_figure(fig, path)
+        assert path.read_bytes() == before
+        assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["fig.png"]
+    finally:
+        plt.close(fig)
+    with pytest.raises(ValueError, match="path: expected a file path"):
+        fq.save_figure(fig, "")
+
+
 @pytest.mark.slow
 @pytest.mark.xdist_group("notebooks")
 @pytest.mark.parametrize("name", NOTEBOOKS)
