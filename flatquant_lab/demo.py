@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from ._io import atomic_write_bytes, save_figure
 from .api import quantize, quantize_weights_only
 from .config import QuantConfig
 
@@ -29,20 +28,6 @@ TASK = "wiki_fq_eval"
 # The QuantConfig profiles the demo offers for FlatQuant (its weights GPTQ'd); "paper" would take
 # about a day on a 2-core CPU (bench/bench_calibration.py).
 DEMO_PROFILES = ("fast", "full")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def decoder_linear_params(model) -> int:
@@ -145,7 +130,7 @@ def run_demo(model_name: str = "smollm2-135m", profile: str = "fast", out_dir: s
         "checks": _checks(results),
         "total_seconds": time.perf_counter() - t_all,
     }
-    _atomic_write(out / "demo.json", json.dumps(summary, indent=1).encode())
+    atomic_write_bytes(out / "demo.json", json.dumps(summary, indent=1).encode())
     _plot(summary, out / "demo.png")
     return summary
 
@@ -203,15 +188,10 @@ def _plot(summary: dict, path: Path) -> None:
         ax.axhline(res["fp"]["token_perplexity"], color="#555555", lw=0.8, ls="--")
     ax.tick_params(axis="x", labelsize=8)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        save_figure(fig, path, dpi=110)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # ---------------------------------------------------------------------------- CLI

@@ -53,3 +53,18 @@ def test_demo_rejects_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="methods"):
         run_demo(methods=("fp", "awq"), out_dir=str(tmp_path))
     assert not any(tmp_path.iterdir())
+
+
+def test_demo_plot_is_written_atomically_with_an_ordinary_mode(tmp_path):
+    """demo.png goes through flatquant_lab._io.save_figure: replaced whole, mode 0644 (mkstemp's is 0600)."""
+    from flatquant_lab.demo import LABELS, _plot
+
+    summary = {"model": "tiny", "profile": "fast",
+               "results": {m: {"label": LABELS[m], "token_perplexity": 10.0 + i} for i, m in enumerate(METHODS)}}
+    path = tmp_path / "demo.png"
+    path.write_bytes(b"old")
+    inode = path.stat().st_ino
+    _plot(summary, path)
+    assert path.read_bytes().startswith(b"\x89PNG") and path.stat().st_ino != inode
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["demo.png"]
