@@ -283,6 +283,18 @@ def _batch_size_arg(text: str) -> int | str:
     raise argparse.ArgumentTypeError(f"expected an int >= 1, 'auto' or 'auto:N' with N an int >= 1, got {text!r}")
 
 
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            v = None
+        if v is None or v < low:
+            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {text!r}")
+        return v
+    return parse
+
+
 def add_arguments(parser) -> None:
     src = parser.add_argument_group("model")
     src.add_argument("--model", help="model alias (smollm2-135m) or local Hugging Face model directory")
@@ -292,10 +304,10 @@ def add_arguments(parser) -> None:
     src.add_argument("--backend", default=None, choices=BACKEND_CHOICES,
                      help="backend of the quantized linears for --quantized (default: load_quantized's, "
                           "i.e. $FLATQUANT_BACKEND, else auto)")
-    src.add_argument("--dtype", default=None,
+    src.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                      help="model dtype, e.g. float32, bfloat16 (default: float32 for --model, the saved one "
                           "for --quantized)")
-    src.add_argument("--num_layers", type=int, default=None,
+    src.add_argument("--num_layers", type=_int_at_least(1), default=None,
                      help="keep only the first N decoder layers of --model (quick checks)")
     ev = parser.add_argument_group("lm-eval (same names as the lm_eval CLI)")
     ev.add_argument("--tasks", default="wiki_fq_eval",
@@ -306,8 +318,8 @@ def add_arguments(parser) -> None:
                          "for quick checks only")
     ev.add_argument("--batch_size", type=_batch_size_arg, default=1,
                     help="batch size: an int >= 1, 'auto', or 'auto:N' (lm-eval re-detects it N times)")
-    ev.add_argument("--max_length", type=int, default=512, help="context window for perplexity tasks")
-    ev.add_argument("--num_fewshot", type=int, default=None, help="few-shot examples (not used by perplexity)")
+    ev.add_argument("--max_length", type=_int_at_least(2), default=512, help="context window for perplexity tasks")
+    ev.add_argument("--num_fewshot", type=_int_at_least(0), default=None, help="few-shot examples (not used by perplexity)")
     ev.add_argument("--output_path", default=None, help="a .json file or a folder for the results")
     ev.add_argument("--include_path", default=None, help="extra folder of task YAML files")
     ev.add_argument("--log_samples", action="store_true", help="keep per-document outputs in the results")

@@ -138,6 +138,11 @@ def test_eval_cli_loads_a_quantized_dir(tiny_dir, tmp_path):
     (["--batch_size", "auto:0"], "--batch_size", "expected an int >= 1"),
     (["--batch_size", "max"], "--batch_size", "expected an int >= 1"),
     (["--backend", "cuda"], "--backend", "invalid choice: 'cuda'"),
+    (["--dtype", "int8"], "--dtype", "invalid choice: 'int8'"),
+    (["--num_layers", "0"], "--num_layers", "expected an int >= 1, got '0'"),
+    (["--max_length", "1"], "--max_length", "expected an int >= 2"),
+    (["--num_fewshot", "-1"], "--num_fewshot", "expected an int >= 0"),
+    (["--num_fewshot", "x"], "--num_fewshot", "expected an int >= 0, got 'x'"),
 ])
 def test_eval_cli_rejects_bad_limit_batch_size_backend(argv, name, msg, capsys):
     """Rejected by argparse, before any model is loaded (the --model folder does not even exist)."""
