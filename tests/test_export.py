@@ -343,16 +343,31 @@ def test_existing_out_dir_needs_overwrite(quantized, tmp_path):
 
 
 def test_no_pickle_anywhere(saved, monkeypatch):
+    import collections
+    import pickle
+    import sys
+
     files = {p.suffix for p in saved["qwen3"].iterdir()}
     assert files == {".json", ".safetensors"}
+    # Every unpickler (C or Python, however reached) raises this audit event when it resolves a class,
+    # as loading any tensor or module needs. A hook cannot be removed, so it only listens while armed.
+    events, armed = [], [True]
+    sys.addaudithook(lambda event, args: events.append(args) if armed[0] and event == "pickle.find_class" else None)
+    try:
+        pickle.loads(pickle.dumps(collections.OrderedDict()))
+        assert events, "the audit hook does not see unpickling"
+        events.clear()
 
-    def forbidden(*args, **kwargs):
-        raise AssertionError("torch.load called: pickle is not allowed")
+        def forbidden(*args, **kwargs):
+            raise AssertionError("torch.load called: pickle is not allowed")
 
-    monkeypatch.setattr(torch, "load", forbidden)
-    monkeypatch.setattr("pickle.load", forbidden)
-    monkeypatch.setattr("pickle.loads", forbidden)
-    load_quantized(saved["qwen3"])
+        monkeypatch.setattr(torch, "load", forbidden)
+        monkeypatch.setattr("pickle.load", forbidden)
+        monkeypatch.setattr("pickle.loads", forbidden)
+        load_quantized(saved["qwen3"])
+    finally:
+        armed[0] = False
+    assert events == [], f"something unpickled while loading: {events[:3]}"
 
 
 def test_tokenizer_is_saved(quantized, tmp_path):
