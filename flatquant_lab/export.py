@@ -606,8 +606,9 @@ def load_quantized(path, backend: str | None = None, dtype=None) -> nn.Module:
 
     state = model.state_dict()
     used: set[str] = set()
+    lossy: list[str] = []
     for prefix in sorted(quantized):
-        layer = _quantized_layer(model, prefix, tensors, backend, dtype, _saved_act_dtype(desc))
+        layer = _quantized_layer(model, prefix, tensors, backend, dtype, _saved_act_dtype(desc), lossy)
         set_submodule(model, prefix, layer)
         used.update(f"{prefix}.{n}" for n in CHECKPOINT_KEYS + ("bias",) if f"{prefix}.{n}" in tensors)
         for key in [k for k in state if k.startswith(prefix + ".")]:
@@ -624,6 +625,10 @@ def load_quantized(path, backend: str | None = None, dtype=None) -> nn.Module:
             _expect(key, t, tuple(target.shape), (want,))
             target.copy_(t)  # casts when dtype was given
             used.add(key)
+    if lossy:
+        more = f" and {len(lossy) - 1} more" if len(lossy) > 1 else ""
+        warnings.warn(f"dtype: loading rounds transforms that the int4 weights were folded with, so the layers "
+                      f"carry a small extra error: {lossy[0]}{more}", stacklevel=2)
     extra = [k for k in tensors if k not in used]
     if extra:
         more = f"; {len(extra) - 1} more" if len(extra) > 1 else ""
@@ -651,7 +656,8 @@ def _saved_act_dtype(desc: Mapping) -> torch.dtype | None:
 
 
 def _quantized_layer(model: nn.Module, prefix: str, tensors: Mapping[str, torch.Tensor], backend,
-                     dtype: torch.dtype | None, saved_act: torch.dtype | None = None) -> W4A4FlatQuantLinear:
+                     dtype: torch.dtype | None, saved_act: torch.dtype | None = None,
+                     lossy: list[str] | None = None) -> W4A4FlatQuantLinear:
     linear = _find(model, prefix)
     if not isinstance(linear, nn.Linear):
         raise CheckpointError(f"{prefix}.weight: the description quantizes {prefix}, which is not an "
@@ -669,8 +675,12 @@ def _quantized_layer(model: nn.Module, prefix: str, tensors: Mapping[str, torch.
     act = (dtype if dtype in HALF_DTYPES else saved_act if saved_act is not None
            else stored if stored in HALF_DTYPES else torch.bfloat16)
     if dtype is not None:
-        parts["left_trans"] = parts["left_trans"].to(dtype)
-        parts["right_trans"] = parts["right_trans"].to(dtype)
+        for name in ("left_trans", "right_trans"):
+            t = parts[name]
+            cast = t.to(dtype)
+            if t.dtype in HALF_DTYPES and not torch.equal(cast.to(t.dtype), t) and lossy is not None:
+                lossy.append(f"{prefix}.{name} ({_dtype_name(t.dtype)} -> {_dtype_name(dtype)})")
+            parts[name] = cast
     if has_bias:
         parts["bias"] = parts["bias"].to(act)  # added in the activation dtype, as vllm-ascend does
     try:

@@ -251,6 +251,15 @@ def test_float32_export_of_a_float16_model_loads_in_float16(tmp_path):
         load_quantized(out)
 
 
+def test_lossy_load_dtype_warns(tmp_path):
+    model = random_quantize(tiny_model("llama"), seed=1, groups=("mlp",), act_dtype=torch.float16)
+    out = save_quantized(model, tmp_path / "out")
+    with pytest.warns(UserWarning, match=r"dtype: loading rounds transforms .*mlp\.gate_proj\.left_trans "
+                                         r"\(float16 -> bfloat16\) and 7 more") as rec:
+        load_quantized(out, dtype=torch.bfloat16)
+    assert len([w for w in rec if "loading rounds" in str(w.message)]) == 1
+
+
 def test_load_dtype_argument_casts(saved):
     loaded = load_quantized(saved["llama"], dtype="float16")
     q = loaded.model.layers[0].self_attn.q_proj
