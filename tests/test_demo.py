@@ -68,3 +68,17 @@ def test_demo_plot_is_written_atomically_with_an_ordinary_mode(tmp_path):
     assert path.read_bytes().startswith(b"\x89PNG") and path.stat().st_ino != inode
     assert path.stat().st_mode & 0o777 == 0o644
     assert [p.name for p in tmp_path.iterdir()] == ["demo.png"]
+
+
+def test_checks_apply_the_full_profile_target_only_to_the_full_profile():
+    from flatquant_lab.demo import _checks
+
+    res = {m: {"token_perplexity": v, "linear_bytes_vs_bf16": 0.26}
+           for m, v in (("fp", 20.0), ("rtn_w4a16", 40.0), ("rtn", 9000.0), ("hadamard", 100.0), ("flatquant", 28.0))}
+    key = "flatquant_at_most_1.4x_fp_full_profile"
+    assert _checks(res, "fast")[key] is None
+    assert _checks(res, "full")[key] is True and all(_checks(res, "full").values())
+    res["flatquant"]["token_perplexity"] = 28.1
+    assert _checks(res, "full")[key] is False
+    del res["fp"]
+    assert _checks(res, "full")[key] is None
