@@ -79,6 +79,35 @@ def test_committed_notebook_is_clean(name):
     assert path.read_text().rstrip("\n") == fresh.rstrip("\n"), f"{name} differs from what notebooks/make_notebooks.py writes; rerun it"
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("notebooks")
+def test_clip_sweep_notebook_tunes_a_flatquant_checkpoint(kernel_name, tmp_path):
+    """Notebook 02 on a saved FlatQuant checkpoint (GPTQ weights, smoothing folded into the norms)."""
+    import nbformat
+    import papermill
+    import torch
+
+    import flatquant_lab as fq
+    from flatquant_lab.data import bundled_data_path, calibration_ids
+
+    torch.set_num_threads(1)
+    model, tok = fq.load_model("smollm2-135m", num_layers=2)
+    ids = calibration_ids(bundled_data_path("calib"), tok, n_samples=4, seqlen=32, seed=0)
+    cfg = fq.QuantConfig(method="flatquant", weight_quantizer="gptq", samples=4, seqlen=32, epochs=1)
+    fq.save_quantized(fq.quantize(model, cfg, ids), tmp_path / "fq", tokenizer=tok)
+    out = tmp_path / "02.ipynb"
+    papermill.execute_notebook(str(NB_DIR / NOTEBOOKS[1]), str(out), kernel_name=kernel_name, cwd=str(NB_DIR),
+                               parameters={"smoke": True, "threads": 1, "quantized_dir": str(tmp_path / "fq"),
+                                           "output_dir": str(tmp_path / "tuned")},
+                               progress_bar=False, execution_timeout=CELL_TIMEOUT_S)
+    text = "".join(o.get("text", "") for c in nbformat.read(out, as_version=4).cells if c.cell_type == "code"
+                   for o in c.outputs)
+    assert "14 W4A4 linears in 2 layers" in text and "captured 64 tokens for each of 14 linears" in text
+    assert "int4 path within its bound of the dequantized reference: True" in text
+    tuned = fq.load_quantized(tmp_path / "tuned")
+    assert sum(isinstance(m, fq.W4A4FlatQuantLinear) for m in tuned.modules()) == 14
+
+
 def test_generator_writes_each_notebook_atomically(tmp_path, monkeypatch):
     """Temp file beside the target, then a rename: an interrupted run never leaves a torn .ipynb."""
     import nbformat
