@@ -398,8 +398,8 @@ def sweep_layer_clip_ratio(qlinear: W4A4FlatQuantLinear, x: torch.Tensor,
     x_act = x2.to(qlinear.act_dtype)
     with torch.no_grad():
         if reference is None:
-            # The layer sees x rounded to its activation dtype: start the reference from the same values.
-            # the transforms the layer runs (p1 = L^T, p2 = R in its activation dtype), not the stored ones
+            # Start from what the layer sees: x rounded to its act dtype, and the transforms it runs
+            # (p1 = L^T, p2 = R in the act dtype), which need not be the stored ones.
             lt, rt = qlinear.p1.t().cpu().double(), qlinear.p2.cpu().double()
             y_ref = kron_apply(x_act.cpu().double(), lt, rt) @ qlinear.dequantized_weight(torch.float64).cpu().T
             if qlinear.bias is not None:
