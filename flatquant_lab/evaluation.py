@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch.nn.functional as F  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from . import ops  # noqa: E402
+from ._io import atomic_write_text  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -230,16 +230,7 @@ def write_results(results: dict, output_path) -> Path:
     path = Path(output_path)
     if path.suffix != ".json":
         path = path / f"results_{time.strftime('%Y-%m-%dT%H-%M-%S')}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2, default=handle_non_serializable, ensure_ascii=False)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_text(path, json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False))
     log.info("results written to %s", path)
     return path
 
