@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .kronecker import decompose_dim
-from .linear import CHECKPOINT_KEYS, HALF_DTYPES, W4A4FlatQuantLinear
+from .linear import CHECKPOINT_KEYS, HALF_DTYPES, W4A4FlatQuantLinear, cast_rounds
 from .models import GROUPS, decoder_layers, set_submodule
 
 log = logging.getLogger(__name__)
@@ -159,10 +159,9 @@ def checkpoint_state(model: nn.Module, dtype: torch.dtype | None = None) -> tupl
             target = dtype or layer.act_dtype
             for name, v in layer.checkpoint_tensors().items():
                 if name in ("left_trans", "right_trans", "bias") and v.dtype != target:
-                    cast = v.to(target)
-                    if name != "bias" and not torch.equal(cast.to(v.dtype), v):
+                    if name != "bias" and cast_rounds(v, target):
                         lossy.append(f"{prefix}.{name} ({_dtype_name(v.dtype)} -> {_dtype_name(target)})")
-                    v = cast
+                    v = v.to(target)
                 out[f"{prefix}.{name}"] = v
             continue
         if key in ties:
@@ -677,10 +676,9 @@ def _quantized_layer(model: nn.Module, prefix: str, tensors: Mapping[str, torch.
     if dtype is not None:
         for name in ("left_trans", "right_trans"):
             t = parts[name]
-            cast = t.to(dtype)
-            if t.dtype in HALF_DTYPES and not torch.equal(cast.to(t.dtype), t) and lossy is not None:
+            if t.dtype in HALF_DTYPES and cast_rounds(t, dtype) and lossy is not None:
                 lossy.append(f"{prefix}.{name} ({_dtype_name(t.dtype)} -> {_dtype_name(dtype)})")
-            parts[name] = cast
+            parts[name] = t.to(dtype)
     if has_bias:
         parts["bias"] = parts["bias"].to(act)  # added in the activation dtype, as vllm-ascend does
     try:

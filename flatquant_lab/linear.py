@@ -28,6 +28,11 @@ MAX_CHUNK_TOKENS = 262144  # ... and on CANN 8.5, the largest of any release (SP
 _FP32_BUFFERS = ("weight_scale", "weight_offset", "clip_ratio")
 
 
+def cast_rounds(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether casting ``t`` to ``dtype`` changes a value (e.g. float16 transforms to bfloat16)."""
+    return not torch.equal(t.to(dtype).to(t.dtype), t)
+
+
 def _expect(t, name: str, shape: tuple, dtypes: tuple) -> None:
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name}: expected a tensor, got {type(t).__name__}")
@@ -210,7 +215,7 @@ class W4A4FlatQuantLinear(nn.Module):
             # leave kron(L, R) and its folded inverse out of step. Refuse before anything moves.
             for name in ("left_trans", "right_trans"):
                 t = getattr(self, name)
-                if t.dtype in HALF_DTYPES and t.dtype != new and not torch.equal(t.to(new).to(t.dtype), t):
+                if t.dtype in HALF_DTYPES and t.dtype != new and cast_rounds(t, new):
                     raise ValueError(
                         f"dtype: casting {name} from {str(t.dtype).replace('torch.', '')} to "
                         f"{str(new).replace('torch.', '')} rounds it, and this layer's int4 weights were folded "
