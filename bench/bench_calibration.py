@@ -153,6 +153,17 @@ def patched(fn):
 
 
 # ---------------------------------------------------------------------------- children
+def capture_layer0(model, cfg, ids, bs, clk, hw):
+    """calibrate()'s start for decoder layer 0: plan its groups, capture its inputs (timed), cast it to fp32."""
+    layer = C.decoder_layers(model)[0]
+    torch.manual_seed(cfg.seed)
+    groups = C.plan_layer(model, 0, cfg)
+    X, kw = clk("capture", lambda: C.capture_layer_inputs(model, ids, bs))
+    hw["capture"] = peak_mib()
+    layer.float()
+    return layer, groups, X, kw
+
+
 def child_fast(args) -> dict:
     model = make_model(args.vocab)
     cfg = QuantConfig(method="flatquant", weight_quantizer="gptq", profile="fast")
@@ -162,12 +173,7 @@ def child_fast(args) -> dict:
     base = peak_mib()
     hw, clk = {}, Clock()
     # calibrate()'s per-layer sequence, each phase timed
-    layer = C.decoder_layers(model)[0]
-    torch.manual_seed(cfg.seed)
-    groups = C.plan_layer(model, 0, cfg)
-    X, kw = clk("capture", lambda: C.capture_layer_inputs(model, ids, bs))
-    hw["capture"] = peak_mib()
-    layer.float()
+    layer, groups, X, kw = capture_layer0(model, cfg, ids, bs, clk, hw)
     Y, stats = clk("float_forward", lambda: C.float_forward(layer, groups, X, kw, bs))
     hw["float fwd"] = peak_mib()
     learned = clk("init", lambda: C.init_learned(layer, groups, cfg, stats, 0))
@@ -201,12 +207,7 @@ def child_paper(args) -> dict:
     ids = random_ids(args.vocab, n, seqlen)
     base = peak_mib()
     hw, clk = {}, Clock()
-    layer = C.decoder_layers(model)[0]
-    torch.manual_seed(cfg.seed)
-    groups = C.plan_layer(model, 0, cfg)
-    X, kw = clk("capture", lambda: C.capture_layer_inputs(model, ids, bs))
-    hw["capture"] = peak_mib()
-    layer.float()
+    layer, groups, X, kw = capture_layer0(model, cfg, ids, bs, clk, hw)
     Yp, stats = clk("float_forward", lambda: C.float_forward(layer, groups, X[:part], kw, bs))
     # the full Y, held as float_forward holds it: per-batch outputs in a list, then one torch.cat
     pieces = [Yp[i % part:i % part + bs].clone() for i in range(0, n, bs)]
