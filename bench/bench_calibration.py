@@ -50,8 +50,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from flatquant_lab import calibration as C  # noqa: E402
-from flatquant_lab.config import PROFILES, QuantConfig  # noqa: E402
+from flatquant_lab import calibrate as C  # noqa: E402
+from flatquant_lab.models import decoder_layers  # noqa: E402
+from flatquant_lab.recipe import PROFILES, QuantConfig  # noqa: E402
 from flatquant_lab.quantizers import round_to as ste_cast  # noqa: E402
 
 SIZES = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, head_dim=64)
@@ -155,7 +156,7 @@ def patched(fn):
 # ---------------------------------------------------------------------------- children
 def capture_layer0(model, cfg, ids, bs, clk, hw):
     """calibrate()'s start for decoder layer 0: plan its groups, capture its inputs (timed), cast it to fp32."""
-    layer = C.decoder_layers(model)[0]
+    layer = decoder_layers(model)[0]
     torch.manual_seed(cfg.seed)
     groups = C.plan_layer(model, 0, cfg)
     X, kw = clk("capture", lambda: C.capture_layer_inputs(model, ids, bs))
@@ -245,7 +246,7 @@ def child_share(args) -> dict:
             continue
         seqlen = PROFILES[name]["seqlen"]
         cfg = QuantConfig(method="flatquant", profile=name, epochs=1)
-        layer = C.decoder_layers(model)[0]
+        layer = decoder_layers(model)[0]
         groups = C.plan_layer(model, 0, cfg)
         X, kw = C.capture_layer_inputs(model, random_ids(args.vocab, BATCH, seqlen), BATCH)
         Y, stats = C.float_forward(layer, groups, X, kw, BATCH)

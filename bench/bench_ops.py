@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from flatquant_lab import ops  # noqa: E402
 from flatquant_lab.kronecker import explicit_kron, kron_apply  # noqa: E402
-from flatquant_lab.linear import W4A4FlatQuantLinear  # noqa: E402
+from flatquant_lab.layers import W4A4FlatQuantLinear  # noqa: E402
 from flatquant_lab.packing import pack_int4, pack_int4_loop  # noqa: E402
 from flatquant_lab.transforms import orthogonal_factor  # noqa: E402
 

@@ -9,7 +9,7 @@ from pathlib import Path
 # Run from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flatquant_lab.wikidata import main  # noqa: E402
+from flatquant_lab.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["build-data", *sys.argv[1:]]))

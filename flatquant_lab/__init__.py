@@ -4,30 +4,40 @@
     model = fq.quantize(model, fq.QuantConfig(method="flatquant"), calib_ids)
     fq.save_quantized(model, "out/", tokenizer=tok)      # what vllm-ascend loads
     model2 = fq.load_quantized("out/")
+
+Data flows one way: ops -> layers -> models -> calibrate -> io -> eval -> cli (README, Layout).
 """
 from __future__ import annotations
 
 import importlib
 
+from . import offline  # noqa: F401  (first: the Hugging Face libraries read the offline switch at import)
 from . import ops
 from .kronecker import decompose_dim, kron_apply, npu_supported
-from .linear import W4A4FlatQuantLinear
+from .layers import W4A4FlatQuantLinear
 from .packing import offset8_to_npu, pack_int4, unpack_int4
 
 __version__ = "0.1.0"
 
 # Heavier parts (transformers, lm-eval) load on first use, so `import flatquant_lab` stays light.
 _LAZY = {
-    "QuantConfig": "flatquant_lab.config",
+    "QuantConfig": "flatquant_lab.recipe",
+    "PROFILES": "flatquant_lab.recipe",
     "quantize": "flatquant_lab.api",
-    "save_quantized": "flatquant_lab.export",
-    "load_quantized": "flatquant_lab.export",
+    "quantize_weights_only": "flatquant_lab.api",
+    "save_quantized": "flatquant_lab.io",
+    "load_quantized": "flatquant_lab.io",
+    "CheckpointError": "flatquant_lab.io",
     "check_linear": "flatquant_lab.numerics",
     "sweep_clip_ratio": "flatquant_lab.numerics",
     "sweep_layer_clip_ratio": "flatquant_lab.numerics",
     "load_model": "flatquant_lab.hub",
-    "evaluate": "flatquant_lab.evaluation",
-    "save_figure": "flatquant_lab._io",
+    "evaluate": "flatquant_lab.eval",
+    "token_perplexity": "flatquant_lab.eval",
+    "quantized_linear_names": "flatquant_lab.models",
+    "linear_weight_bytes": "flatquant_lab.models",
+    "adapter_for": "flatquant_lab.models",
+    "save_figure": "flatquant_lab.files",
 }
 
 __all__ = [

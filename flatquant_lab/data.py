@@ -3,7 +3,7 @@
     from flatquant_lab.data import bundled_data_path, calibration_ids
     ids = calibration_ids(bundled_data_path("calib"), tokenizer, n_samples=32, seqlen=256, seed=0)
 
-The bundled files (``flatquant_lab/tasks/wiki_fq/wiki_{calib,eval}.jsonl``, built by
+The bundled files (``flatquant_lab/eval/tasks/wiki_fq/wiki_{calib,eval}.jsonl``, built by
 ``flatquant-lab build-data``) are read through ``datasets.load_dataset("json", ...)``, offline.
 """
 from __future__ import annotations
@@ -13,15 +13,13 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-# datasets reads these once, at import time: set them before it is first imported.
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch
 
-import torch  # noqa: E402
+from .offline import force_offline
 
 log = logging.getLogger(__name__)
 
-DATA_DIR = Path(__file__).resolve().parent / "tasks" / "wiki_fq"
+DATA_DIR = Path(__file__).resolve().parent / "eval" / "tasks" / "wiki_fq"
 SPLITS = ("calib", "eval")
 
 
@@ -39,9 +37,7 @@ def load_jsonl_dataset(path: str | os.PathLike):
     """A local jsonl file as a ``datasets.Dataset`` (never touches the network)."""
     import datasets
 
-    # Also force offline mode if datasets was imported before this module set the variables.
-    datasets.config.HF_DATASETS_OFFLINE = True
-    datasets.config.HF_HUB_OFFLINE = True
+    force_offline()  # also when datasets was imported before the variables were set
     return datasets.load_dataset("json", data_files=str(path), split="train")
 
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from ._io import atomic_write_bytes, save_figure
 from .api import quantize, quantize_weights_only
-from .config import QuantConfig
+from .files import atomic_write_bytes, save_figure
+from .recipe import QuantConfig
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +31,16 @@ DEMO_PROFILES = ("fast", "full")
 
 
 def decoder_linear_params(model) -> int:
-    from .models import LINEAR_NAMES, decoder_layers
+    from .models import adapter_for
 
-    return sum(layer.get_submodule(p).weight.numel() for layer in decoder_layers(model) for p in LINEAR_NAMES)
+    adapter = adapter_for(model)
+    return sum(layer.get_submodule(p).weight.numel() for layer in adapter.decoder_layers(model)
+               for p in adapter.linear_names)
 
 
 def evaluate_model(model, tokenizer, limit=None, batch_size=1, max_length=512) -> dict:
     """lm-eval perplexity on the bundled eval task; token perplexity from the same log-likelihoods."""
-    from .evaluation import evaluate
+    from .eval import evaluate
 
     t0 = time.perf_counter()
     res = evaluate(model, tokenizer, tasks=[TASK], limit=limit, batch_size=batch_size, max_length=max_length,
@@ -68,8 +70,9 @@ def run_demo(model_name: str = "smollm2-135m", profile: str = "fast", out_dir: s
              samples=None, epochs=None, seqlen=None) -> dict:
     """Run every method in ``methods``; write ``demo.json`` and ``demo.png`` to ``out_dir``; return the summary."""
     from .data import bundled_data_path, calibration_ids
-    from .export import linear_weight_bytes, save_quantized
     from .hub import load_model
+    from .io import save_quantized
+    from .models import linear_weight_bytes
 
     if profile not in DEMO_PROFILES:
         raise ValueError(f"profile: expected one of {DEMO_PROFILES}, got {profile!r}")
@@ -198,29 +201,3 @@ def _plot(summary: dict, path: Path) -> None:
         save_figure(fig, path, dpi=110)
     finally:
         plt.close(fig)
-
-
-# ---------------------------------------------------------------------------- CLI
-def add_arguments(p) -> None:
-    p.add_argument("--model", default="smollm2-135m", help="model alias or local Hugging Face directory")
-    p.add_argument("--profile", default="fast", choices=DEMO_PROFILES,
-                   help="FlatQuant calibration budget: fast (minutes) or full (12x the training tokens)")
-    p.add_argument("--out", default="results", help="where demo.json, demo.png and the export go")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--limit", type=int, default=None, help="evaluate on the first N documents only")
-    p.add_argument("--num-layers", type=int, default=None, help="truncate the model (smoke runs)")
-    p.add_argument("--samples", type=int, default=None, help="override the profile's calibration samples")
-    p.add_argument("--seqlen", type=int, default=None, help="override the profile's calibration seqlen")
-    p.add_argument("--epochs", type=int, default=None, help="override the profile's epochs")
-    p.add_argument("--batch_size", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-
-
-def run(args) -> int:
-    summary = run_demo(args.model, args.profile, args.out, tuple(args.methods), args.limit, args.num_layers,
-                       args.batch_size, args.seed, args.samples, args.epochs, args.seqlen)
-    print()
-    print(format_table(summary))
-    print(f"\nwrote {Path(args.out) / 'demo.json'} and {Path(args.out) / 'demo.png'} "
-          f"({summary['total_seconds'] / 60:.1f} min)")
-    return 0

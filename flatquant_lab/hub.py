@@ -16,7 +16,7 @@ tokenizer with ``save_pretrained`` to a local cache, ``$FLATQUANT_CACHE/smollm2-
 The cache is written to a temporary folder and renamed into place, under a file lock, so parallel
 test workers and interrupted runs never see a half-written model.
 
-Nothing here touches the network: ``HF_HUB_OFFLINE`` is set and every load is ``local_files_only``.
+Nothing here touches the network: :mod:`flatquant_lab.offline` is set and every load is ``local_files_only``.
 """
 from __future__ import annotations
 
@@ -29,12 +29,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-# Set before transformers / huggingface_hub are imported: they read these once, at import time.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+import torch
 
-import torch  # noqa: E402
+from . import offline  # noqa: F401  (sets the offline variables before transformers is imported)
+from .dtypes import as_dtype
 
 log = logging.getLogger(__name__)
 
@@ -202,21 +200,6 @@ def resolve(name_or_dir: str | os.PathLike) -> Path:
     return path
 
 
-# The dtypes a model is loaded in: quantization and evaluation run on float weights of these.
-MODEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _as_dtype(dtype) -> torch.dtype:
-    """``dtype`` (a torch.dtype or its name, e.g. 'bfloat16', 'torch.float16', 'half') as one of MODEL_DTYPES."""
-    resolved = dtype
-    if isinstance(dtype, str):
-        resolved = getattr(torch, dtype.removeprefix("torch."), None)
-    if isinstance(resolved, torch.dtype) and resolved in MODEL_DTYPES:
-        return resolved
-    raise ValueError(f"dtype: expected torch.float16, torch.bfloat16 or torch.float32 (or its name, e.g. "
-                     f"'float32', 'bfloat16'), got {dtype!r}")
-
-
 def load_model(name_or_dir: str | os.PathLike, dtype=torch.float32, num_layers: int | None = None):
     """Load ``(model, tokenizer)`` from an alias (``smollm2-135m``) or a local HF model directory.
 
@@ -226,7 +209,7 @@ def load_model(name_or_dir: str | os.PathLike, dtype=torch.float32, num_layers: 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    dtype = _as_dtype(dtype)
+    dtype = as_dtype(dtype)
     path = resolve(name_or_dir)
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     full = config.num_hidden_layers

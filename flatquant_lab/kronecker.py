@@ -86,18 +86,25 @@ def kron_apply(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torc
     return y.reshape(x.shape)
 
 
-def kron_inverse_t(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factors of ``kron(L, R)^{-T} = kron(L^{-T}, R^{-T})``, computed in float64."""
-    li = torch.linalg.inv(left.double()).transpose(0, 1)
-    ri = torch.linalg.inv(right.double()).transpose(0, 1)
+def kron_inverse_t(left: torch.Tensor, right: torch.Tensor,
+                   dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors of ``kron(L, R)^{-T} = kron(L^{-T}, R^{-T})``, inverted in ``dtype`` (differentiable)."""
+    li = torch.linalg.inv(left.to(dtype)).transpose(0, 1)
+    ri = torch.linalg.inv(right.to(dtype)).transpose(0, 1)
     return li, ri
 
 
-def fold_weight(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """``W' = W @ kron(L, R)^{-T}`` in float64, so that ``kron_apply(x, L, R) @ W'^T == x @ W^T``."""
-    _check_factors(weight, left, right)
-    li, ri = kron_inverse_t(left, right)
-    return kron_apply(weight.double(), li, ri)
+def fold_weight(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
+                inverse_t: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """``W' = W @ kron(L, R)^{-T}``, i.e. ``L^{-1} W_o R^{-T}`` per output row, so that ``kron_apply(x, L, R) @ W'^T == x @ W^T``.
+
+    In float64 unless ``inverse_t`` (the factors of :func:`kron_inverse_t`, e.g. float32 ones kept
+    across training steps) says otherwise; differentiable either way.
+    """
+    n1, n2 = _check_factors(weight, left, right)
+    li, ri = inverse_t if inverse_t is not None else kron_inverse_t(left, right)
+    wm = weight.to(li.dtype).reshape(*weight.shape[:-1], n1, n2)
+    return (li.transpose(0, 1) @ wm @ ri).reshape(weight.shape)
 
 
 def explicit_kron(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:

@@ -13,8 +13,6 @@ against that layer with unquantized activations.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
@@ -23,12 +21,11 @@ import torch
 from torch import nn
 
 from . import ops
-from ._io import atomic_write_text
-from .kronecker import NPU_MAX_FACTOR, decompose_dim, fold_weight, kron_apply, npu_supported
-from .linear import W4A4FlatQuantLinear
+from .dtypes import dtype_name
+from .kronecker import fold_weight, kron_apply
+from .layers import W4A4FlatQuantLinear
 from .packing import unpack_int4
 from .quantizers import quant_act_reference
-from .transforms import orthogonal_factor
 
 # fp32 rounding budget of the matmul epilogue: y = fl32(fl32(acc * s_w) * s_tok), two roundings of
 # at most 2^-24 relative each; 2^-22 leaves a factor of two to spare.
@@ -39,10 +36,6 @@ FP32_EPILOGUE_REL = 2.0**-22
 # by one step. See SPEC section 3.
 DEFAULT_TIE_TOL = 2.0**-4
 DEFAULT_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 def ulp(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -308,7 +301,7 @@ def check_linear(qlinear: W4A4FlatQuantLinear, x: torch.Tensor, float_linear: nn
 
         report = dict(
             in_features=k, out_features=o, tokens=t, n1=qlinear.n1, n2=qlinear.n2,
-            act_dtype=_dtype_name(act), clip_ratio=float(qlinear.clip_ratio.item()),
+            act_dtype=dtype_name(act), clip_ratio=float(qlinear.clip_ratio.item()),
             backend=ops.resolve_backend(qlinear.backend, qlinear.weight_packed), has_bias=bias is not None,
             bound_ok=bool(bound_ok), max_abs_diff_ref=float(diff.max()),
             max_err_ulps=clean_max(diff / budget), max_bound_ratio=clean_max(diff / bound),
@@ -433,45 +426,7 @@ def sweep_layer_clip_ratio(qlinear: W4A4FlatQuantLinear, x: torch.Tensor,
     return SweepResult(rows=rows, best_ratio=best.ratio, reference=label)
 
 
-# ---------------------------------------------------------------------------------------- CLI
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _positive_int(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
-def _non_negative_int(text: str) -> int:
-    v = int(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
-    return v
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--in-features", type=_positive_int, default=4096, help="K (divisible by 8)")
-    parser.add_argument("--out-features", type=_positive_int, default=4096, help="O")
-    parser.add_argument("--tokens", type=_positive_int, default=256, help="number of random tokens")
-    parser.add_argument("--clip-ratio", type=float, default=1.0, help="activation clip ratio in (0, 1]")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16", help="activation dtype")
-    parser.add_argument("--transform", choices=("hadamard", "random", "identity"), default="hadamard",
-                        help="Kronecker factors (Hadamard falls back to random orthogonal where none exists)")
-    parser.add_argument("--outlier-channels", type=_non_negative_int, default=8,
-                        help="input channels scaled up to plant activation outliers")
-    parser.add_argument("--outlier-scale", type=float, default=20.0, help="magnitude factor of those channels")
-    parser.add_argument("--bias", action="store_true", help="give the layer a random bias")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--backend", choices=("auto", "reference", "npu"), default=None,
-                        help="ops backend (default: $FLATQUANT_BACKEND, else auto)")
-    parser.add_argument("--sweep", action="store_true", help="also print a clip-ratio sweep")
-    parser.add_argument("--ratios", type=float, nargs="+", default=None,
-                        help=f"clip ratios in (0, 1] for --sweep (default: {' '.join(f'{r:g}' for r in DEFAULT_RATIOS)})")
-    parser.add_argument("--json", metavar="PATH", default=None, help="also write the report as JSON")
-
-
+# ---------------------------------------------------------------------------------------- problems
 def random_problem(in_features: int, out_features: int, tokens: int, outlier_channels: int = 8,
                    outlier_scale: float = 20.0, bias: bool = False, seed: int = 0):
     """A float ``nn.Linear`` and tokens ``x[T, K]`` (fp32) with ``outlier_channels`` channels x ``outlier_scale``."""
@@ -489,50 +444,3 @@ def random_problem(in_features: int, out_features: int, tokens: int, outlier_cha
     channels = torch.randperm(in_features, generator=g)[:outlier_channels]
     x[:, channels] *= outlier_scale
     return lin, x
-
-
-def run(args: argparse.Namespace) -> int:
-    k = args.in_features
-    if k % 8:
-        raise SystemExit(f"--in-features: expected a multiple of 8 (int4 packing), got {k}")
-    try:
-        ops.check_clip_ratio(args.clip_ratio)
-    except ValueError as exc:
-        raise SystemExit(f"--clip-ratio: {exc}") from None
-    if args.ratios is not None and not args.sweep:
-        raise SystemExit("--ratios: only used by the clip-ratio sweep; add --sweep, or leave --ratios out")
-    ratios = list(DEFAULT_RATIOS) if args.ratios is None else args.ratios
-    for r in ratios:
-        try:
-            ops.check_clip_ratio(r)
-        except ValueError as exc:
-            raise SystemExit(f"--ratios: {exc}") from None
-    dtype = _DTYPES[args.dtype]
-    n1, n2 = decompose_dim(k)
-    support = npu_supported(n1, n2, cann=max(NPU_MAX_FACTOR, key=NPU_MAX_FACTOR.get))  # most permissive release
-    if not support:
-        raise SystemExit(f"--in-features: {k} factors as {n1} x {n2} (vllm-ascend's pair), which "
-                         f"npu_kronecker_quant cannot take: {support.reason}")
-    left = orthogonal_factor(n1, args.transform, seed=args.seed)
-    right = orthogonal_factor(n2, args.transform, seed=args.seed + 1)
-    lin, x = random_problem(k, args.out_features, args.tokens, args.outlier_channels, args.outlier_scale,
-                            bias=args.bias, seed=args.seed)
-    x = x.to(dtype)  # the layer's input dtype: the float reference sees the same rounded tokens
-    qlin = W4A4FlatQuantLinear.from_float(lin, left, right, clip_ratio=args.clip_ratio, act_dtype=dtype,
-                                          backend=args.backend)
-    report = check_linear(qlin, x, lin)
-    print(f"flatquant-lab check: random layer, {args.tokens} tokens, {args.outlier_channels} outlier "
-          f"channel(s) x {args.outlier_scale:g}, transform {args.transform}, seed {args.seed}")
-    print(report.table())
-    config = {k_: v for k_, v in vars(args).items() if k_ not in ("json",)}
-    config["ratios"] = ratios if args.sweep else None
-    out = {"config": config, "report": report.to_dict()}
-    if args.sweep:
-        sweep = sweep_clip_ratio(lin, left, right, x, ratios, act_dtype=dtype, backend=args.backend)
-        print("\nclip-ratio sweep (against the float layer):")
-        print(sweep.table())
-        out["sweep"] = sweep.to_dict()
-    if args.json:
-        atomic_write_text(args.json, json.dumps(out, indent=2, default=str) + "\n")
-        print(f"\nwrote {args.json}")
-    return 0 if report.bound_ok else 1

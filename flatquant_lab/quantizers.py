@@ -1,17 +1,32 @@
-"""Symmetric int4 quantizers shared by export, calibration and the numerics checks.
+"""THE symmetric integer quantizers: per token (activations) and per output channel (weights).
 
-Activation side (per token, after the transform), as ``npu_kronecker_quant`` does it:
-``s = max|b| * c / 7``, ``q = sat[-8, 7](rint(b / s))``, ``b_hat = q * s``.
-Weight side (per output channel): ``s = max|w| * clip / 7``, ``q = sat[-8, 7](rint(w / s))``.
-The fake-quant forms use a straight-through estimator on the rounding only, so gradients reach the
-clip factors through ``s`` (LSQ-style), as in FlatQuant.
+Every other module calls these; none writes its own copy of the arithmetic.
+
+Per token, as ``npu_kronecker_quant`` does it on transformed activations ``b`` (SPEC section 3):
+``m = max|b|``, ``s = m c / 7``, ``mult = (7 / c) / m``, ``q = sat[-8, 7](rint(round_fp16(b * mult)))``.
+Per token, as ``npu_dynamic_quant`` does it (SPEC sections 6, 10):
+``mult = qmax / max|x|``, ``q = sat(rint(x * mult))``, ``s = 1 / mult``.
+Per output channel (weights): ``s = max|w| clip / qmax``, ``q = sat(rint(w / s))``.
+The training forms (``fake_quant_*``) compute the same values with straight-through rounding, so
+gradients reach the clip factors through ``s`` (LSQ-style), as in FlatQuant.
 """
 from __future__ import annotations
 
 import torch
 
-QMAX = 7.0
+QMAX = 7.0  # int4
 QMIN = -8.0
+INT8_QMAX = 127.0
+INT8_QMIN = -128.0
+
+
+def qrange(bits: int) -> tuple[float, float]:
+    """``(qmin, qmax)`` of a symmetric signed integer of ``bits`` (4 or 8)."""
+    if bits == 4:
+        return QMIN, QMAX
+    if bits == 8:
+        return INT8_QMIN, INT8_QMAX
+    raise ValueError(f"bits: expected 4 or 8, got {bits!r}")
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -19,49 +34,58 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
-def weight_scale(weight: torch.Tensor, clip: torch.Tensor | float | None = None) -> torch.Tensor:
-    """Per-output-channel symmetric scale ``[O, 1]``: ``max|w_row| * clip / 7`` (clip 1 by default)."""
-    amax = weight.abs().amax(dim=-1, keepdim=True)
-    if clip is not None:
-        clip = torch.as_tensor(clip, dtype=amax.dtype, device=amax.device)
-        amax = amax * (clip.reshape(-1, 1) if clip.dim() else clip)
-    return amax / QMAX
+# ---------------------------------------------------------------------------------------- per token
+def _kron_act_codes(b: torch.Tensor, clip: torch.Tensor):
+    """Steps 3-6 of the kernel on float32 ``b[..., K]``: ``(q, s, t, m)``, ``s`` and ``m`` keep a trailing 1.
 
-
-def quantize_weight(weight: torch.Tensor, clip=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Round-to-nearest int4 weights: ``(q int8 [O, K], scale float32 [O, 1])``.
-
-    The scale is rounded to float32 first and ``q`` computed from that stored scale, so that
-    ``q * scale`` is exactly what the NPU multiplies. All-zero rows get scale 0 and q 0.
+    ``t = round_fp16(b * mult)`` is the value just before the integer rounding (ties are decided on it).
     """
-    w = weight.double()
-    scale = weight_scale(w, clip).float()
-    s = scale.double()
-    q = torch.where(s > 0, torch.round(w / torch.where(s > 0, s, 1.0)), torch.zeros_like(w))
-    return q.clamp_(QMIN, QMAX).to(torch.int8), scale
+    m = b.abs().amax(dim=-1, keepdim=True)
+    seven = torch.full_like(m, QMAX)
+    # mult = (7 / c) / m in fp32; 7 where m == 0 (every code is then 0)
+    mult = torch.where(m == 0, seven, (seven / clip) / torch.where(m == 0, torch.ones_like(m), m))
+    t = (b * mult).to(torch.float16).to(b.dtype)
+    q = torch.round(t).clamp_(QMIN, QMAX)
+    return q, (m * clip) / seven, t, m
 
 
-def fake_quant_weight(weight: torch.Tensor, clip: torch.Tensor | None = None) -> torch.Tensor:
-    """Differentiable per-channel int4 quantize-dequantize (STE on the rounding)."""
-    s = weight_scale(weight, clip).clamp_min(1e-12)
-    return torch.clamp(round_ste(weight / s), QMIN, QMAX) * s
+def quant_act_reference(b: torch.Tensor, clip_ratio: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token int4 codes ``q`` (float32, integer-valued) and scales ``s`` (float32 ``[...]``) of ``b[..., K]``.
+
+    ``npu_kronecker_quant``'s arithmetic on a float ``b`` of any dtype (the op's own fp16 intermediate
+    gives the op's own codes and scales): fp32 ``mult = (7 / c) / m``, fp16 product, half-to-even.
+    """
+    clip = torch.as_tensor(clip_ratio, dtype=torch.float32, device=b.device)
+    q, s, _, _ = _kron_act_codes(b.float(), clip)
+    return q, s.squeeze(-1)
+
+
+def quant_dynamic_reference(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row codes ``q`` (float32, integer-valued) and scales ``1 / mult`` (float32 ``[...]``) of ``x[..., K]``.
+
+    ``npu_dynamic_quant``'s arithmetic: fp32 ``mult = qmax / max|x|`` (``qmax`` when the row is 0),
+    ``q = sat(rint(x * mult))`` with no intermediate rounding, ``scale = 1 / mult``.
+    """
+    qmin, qmax = qrange(bits)
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1)
+    top = torch.full_like(amax, qmax)
+    mult = torch.where(amax == 0, top, top / torch.where(amax == 0, torch.ones_like(amax), amax))
+    q = torch.round(xf * mult[..., None]).clamp_(qmin, qmax)
+    return q, 1.0 / mult
 
 
 class _ActQuant(torch.autograd.Function):
     """Per-token int4 quantize-dequantize with the kernel's steps; STE for ``b``, LSQ for ``c``.
 
-    ``t = round_fp16(b * ((7 / c) / m))``, ``q = sat(rint(t))``, ``b_hat = q * s`` with ``s = m c / 7``;
-    backward: ``db = g [q == rint(t)]``, ``dc = sum g (s / c) (q - [q == rint(t)] t)``; ``m`` is held
-    constant. One fused function instead of a dozen autograd nodes: this runs on every training step.
+    Forward ``b_hat = q s`` (``_kron_act_codes``); backward ``db = g [q == rint(t)]``,
+    ``dc = sum g (s / c) (q - [q == rint(t)] t)``; ``m`` is held constant. One fused function instead
+    of a dozen autograd nodes: this runs on every training step.
     """
 
     @staticmethod
     def forward(ctx, b, clip):
-        m = b.abs().amax(dim=-1, keepdim=True)
-        m_safe = torch.where(m > 0, m, torch.ones_like(m))
-        t = (b * ((QMAX / clip) / m_safe)).to(torch.float16).to(b.dtype)
-        q = torch.round(t).clamp_(QMIN, QMAX)
-        s = m * clip / QMAX
+        q, s, t, m = _kron_act_codes(b, clip)
         ctx.save_for_backward(t, m, clip)
         return q * s
 
@@ -82,14 +106,45 @@ class _ActQuant(torch.autograd.Function):
 def fake_quant_act(b: torch.Tensor, clip_ratio: torch.Tensor | float = 1.0) -> torch.Tensor:
     """Differentiable per-token int4 quantize-dequantize of transformed activations ``b[..., K]``.
 
-    ``q = sat(rint(round_fp16(b * ((7 / c) / m))))``, ``b_hat = q * m * c / 7``: the kernel's own
-    steps (the fp16 rounding of the product included, which decides near-ties), with straight-through
-    rounding. An all-zero token quantizes to zeros, never NaN.
+    ``b_hat = q m c / 7`` with :func:`quant_act_reference`'s codes (the fp16 rounding of the product
+    included, which decides near-ties) and straight-through rounding. An all-zero token gives zeros.
     """
     clip = torch.as_tensor(clip_ratio, dtype=b.dtype, device=b.device)
     return _ActQuant.apply(b, clip)
 
 
+# ---------------------------------------------------------------------------------------- per channel
+def weight_scale(weight: torch.Tensor, clip: torch.Tensor | float | None = None, bits: int = 4) -> torch.Tensor:
+    """Per-output-channel symmetric scale ``[O, 1]``: ``max|w_row| * clip / qmax`` (clip 1 by default)."""
+    amax = weight.abs().amax(dim=-1, keepdim=True)
+    if clip is not None:
+        clip = torch.as_tensor(clip, dtype=amax.dtype, device=amax.device)
+        amax = amax * (clip.reshape(-1, 1) if clip.dim() else clip)
+    return amax / qrange(bits)[1]
+
+
+def quantize_weight(weight: torch.Tensor, clip=None, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest weights: ``(q int8 [O, K], scale float32 [O, 1])``.
+
+    The scale is rounded to float32 first and ``q`` computed from that stored scale, so that
+    ``q * scale`` is exactly what the NPU multiplies. All-zero rows get scale 0 and q 0.
+    """
+    qmin, qmax = qrange(bits)
+    w = weight.double()
+    scale = weight_scale(w, clip, bits).float()
+    s = scale.double()
+    q = torch.where(s > 0, torch.round(w / torch.where(s > 0, s, torch.ones_like(s))), torch.zeros_like(w))
+    return q.clamp_(qmin, qmax).to(torch.int8), scale
+
+
+def fake_quant_weight(weight: torch.Tensor, clip: torch.Tensor | None = None, bits: int = 4) -> torch.Tensor:
+    """Differentiable per-channel quantize-dequantize (STE on the rounding)."""
+    qmin, qmax = qrange(bits)
+    s = weight_scale(weight, clip, bits).clamp_min(1e-12)
+    return torch.clamp(round_ste(weight / s), qmin, qmax) * s
+
+
+# ---------------------------------------------------------------------------------------- casts
 class _RoundTo(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dtype):
@@ -103,19 +158,3 @@ class _RoundTo(torch.autograd.Function):
 def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Round ``x`` to ``dtype`` and back in the forward pass; identity gradient (straight-through)."""
     return _RoundTo.apply(x, dtype)
-
-
-def quant_act_reference(b: torch.Tensor, clip_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token int4 values and scales with the kernel's arithmetic, but on a float ``b`` of any dtype.
-
-    ``mult = (7 / c) / m`` in fp32, ``q = sat(rint(round_fp16(b * mult)))``, ``scale = m * c / 7``.
-    Used by the dequantized reference in ``numerics``: same scales and values as the op when ``b``
-    is the op's own fp16 intermediate.
-    """
-    m = b.abs().amax(dim=-1).float()
-    c = torch.tensor(clip_ratio, dtype=torch.float32)
-    seven = torch.tensor(QMAX)
-    scale = (m * c) / seven
-    mult = torch.where(m == 0, seven, (seven / c) / torch.where(m == 0, torch.ones_like(m), m))
-    q = torch.round((b.float() * mult[..., None]).half().float()).clamp_(QMIN, QMAX)
-    return q, scale

@@ -15,7 +15,7 @@ line. In page order, the 5 articles after the first 74 (the first of SPEC sectio
 pages, together just over 20,000 tokens) go to ``wiki_eval.jsonl`` and the other 101 to
 ``wiki_calib.jsonl`` (one ``{"title", "text"}`` object per line). The evaluation set is kept near
 the 20,000-token floor because every method of the main job is evaluated on all of it, on a CPU. The files live in the package
-(``flatquant_lab/tasks/wiki_fq/``), their single copy, so that the lm-eval tasks find them wherever the
+(``flatquant_lab/eval/tasks/wiki_fq/``), their single copy, so that the lm-eval tasks find them wherever the
 package is installed; ``flatquant_lab.data.bundled_data_path`` returns their paths.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ import xml.etree.ElementTree as ET
 import zipfile
 from pathlib import Path
 
-from ._io import atomic_write_text
+from .files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ N_PAGES = 106
 EVAL_START = 74  # SPEC section 9 holds out the pages after the first 74
 N_EVAL = 5  # articles 75-79 in page order: 25k tokens, the first of those held-out pages to pass 20k
 MIN_TOKENS = {"calib": 100_000, "eval": 20_000}
-DATA_DIR = Path(__file__).resolve().parent / "tasks" / "wiki_fq"
+DATA_DIR = Path(__file__).resolve().parent / "eval" / "tasks" / "wiki_fq"
 
 # Sections that hold only citations, link lists or navigation: dropped with everything under them.
 DROP_SECTIONS = {
@@ -335,38 +335,3 @@ def build(out_dir: Path = DATA_DIR, eval_start: int = EVAL_START, n_eval: int = 
     for name, text in texts.items():
         atomic_write_text(Path(out_dir) / f"wiki_{name}.jsonl", text)
     return stats
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--out_dir", type=Path, default=DATA_DIR,
-                        help="where to write wiki_calib.jsonl and wiki_eval.jsonl (default: the package's copy)")
-    parser.add_argument("--eval_start", type=int, default=EVAL_START,
-                        help="first evaluation article (0-based, page order)")
-    parser.add_argument("--n_eval", type=int, default=N_EVAL,
-                        help="evaluation articles from there on; all other articles are for calibration")
-    parser.add_argument("--model", default="smollm2-135m",
-                        help="tokenizer used to check the token counts (alias or local model dir); "
-                             "'none' skips the check")
-
-
-def run(args) -> int:
-    tokenizer = None
-    if args.model and args.model.lower() != "none":
-        from transformers import AutoTokenizer
-
-        from .hub import resolve
-
-        tokenizer = AutoTokenizer.from_pretrained(str(resolve(args.model)), local_files_only=True)
-    stats = build(args.out_dir, args.eval_start, args.n_eval, tokenizer)
-    for name, s in stats.items():
-        print(f"wiki_{name}.jsonl: " + ", ".join(f"{v:,} {k}" for k, v in s.items()))
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return run(parser.parse_args(argv))

@@ -17,7 +17,7 @@ from pathlib import Path
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from flatquant_lab._io import atomic_write_text
+from flatquant_lab.files import atomic_write_text
 
 HERE = Path(__file__).resolve().parent
 
@@ -132,7 +132,7 @@ def numerics_notebook():
         ''', tags=("parameters",)),
         SETUP,
         code('''
-            from flatquant_lab.config import QuantConfig
+            from flatquant_lab.recipe import QuantConfig
             from flatquant_lab.data import bundled_data_path, calibration_ids, concat_token_ids, load_texts
             from flatquant_lab.hub import load_model
             from flatquant_lab.kronecker import decompose_dim, kron_apply
@@ -356,10 +356,11 @@ def clip_sweep_notebook():
             import ipywidgets as widgets
             from IPython.display import display
 
-            from flatquant_lab.config import QuantConfig
+            from flatquant_lab.recipe import QuantConfig
             from flatquant_lab.data import bundled_data_path, concat_token_ids, load_texts
-            from flatquant_lab.evaluation import token_perplexity
-            from flatquant_lab.export import load_quantized, quantized_linear_names, save_quantized
+            from flatquant_lab.eval import token_perplexity
+            from flatquant_lab.io import load_quantized, save_quantized
+            from flatquant_lab.models import quantized_linear_names
             from flatquant_lab.hub import load_model
             from flatquant_lab.models import GROUPS
             from flatquant_lab.numerics import DEFAULT_RATIOS, check_linear, sweep_layer_clip_ratio
@@ -540,7 +541,7 @@ def clip_sweep_notebook():
         md("""
             ## Perplexity before and after, and the tuned checkpoint
 
-            Token perplexity (`flatquant_lab.evaluation.token_perplexity`: the first `ppl_windows`
+            Token perplexity (`flatquant_lab.eval.token_perplexity`: the first `ppl_windows`
             windows of `ppl_window` tokens of the eval text) with the ratios as loaded and with the
             chosen ones; the float model for reference. The chosen ratios are set
             on the model with `set_clip_ratio` and saved with `save_quantized(..., overwrite=True)`,
@@ -581,7 +582,7 @@ def lm_eval_notebook():
             # 03 · lm-eval perplexity: float, RTN, Hadamard, FlatQuant, and a model-wide clip ratio
 
             Word perplexity on the bundled held-out Wikipedia articles (lm-eval task `wiki_fq_eval`,
-            offline, through `flatquant_lab.evaluation.evaluate`) for the float model and for three
+            offline, through `flatquant_lab.eval.evaluate`) for the float model and for three
             W4A4 checkpoints in the vllm-ascend format: RTN (identity transforms), Hadamard (fixed
             orthogonal Kronecker factors) and FlatQuant (learned transforms, smoothing and clipping).
             Saved checkpoints can be passed in; any that is missing is quantized and saved here.
@@ -597,7 +598,7 @@ def lm_eval_notebook():
             hadamard_dir = None
             flatquant_dir = None
             work_dir = None  # where checkpoints quantized here are saved; None: a temporary folder
-            profile: str = "fast"  # FlatQuant calibration budget for a checkpoint made here (config.PROFILES)
+            profile: str = "fast"  # FlatQuant calibration budget for a checkpoint made here (recipe.PROFILES)
             task: str = "wiki_fq_eval"  # lm-eval perplexity task (the bundled held-out articles)
             limit = None  # evaluate the first limit documents; None: all of them
             docs = None  # or these document indices (lm-eval samples), e.g. [1, 2]; not with limit
@@ -611,10 +612,11 @@ def lm_eval_notebook():
             import logging
             import tempfile
 
-            from flatquant_lab.config import PROFILES, QuantConfig
+            from flatquant_lab.recipe import PROFILES, QuantConfig
             from flatquant_lab.data import bundled_data_path, calibration_ids, load_texts
-            from flatquant_lab.evaluation import evaluate
-            from flatquant_lab.export import linear_weight_bytes, load_quantized, quantized_linear_names, save_quantized
+            from flatquant_lab.eval import evaluate
+            from flatquant_lab.io import load_quantized, save_quantized
+            from flatquant_lab.models import linear_weight_bytes, quantized_linear_names
             from flatquant_lab.hub import load_model
 
             logging.getLogger("lm_eval").setLevel(logging.ERROR)  # per-call notes about in-memory models and task kwargs

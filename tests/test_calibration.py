@@ -8,6 +8,7 @@ Calibration and held-out ids are random tokens drawn from different generators.
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import math
 
@@ -15,15 +16,15 @@ import pytest
 import torch
 from torch import nn
 
-from flatquant_lab import calibration as cal
+from flatquant_lab import calibrate as cal
 from flatquant_lab import ops
 from flatquant_lab.api import quantize
-from flatquant_lab.calibration import FakeQuantLinear, WorkDir, calibrate, install_fake_quant, plan_layer
-from flatquant_lab.config import QuantConfig
-from flatquant_lab.export import DESCRIPTION_FILE, FLOAT_TYPE, QUANT_TYPE, load_quantized, save_quantized
+from flatquant_lab.calibrate import FakeQuantLinear, WorkDir, calibrate, install_fake_quant, plan_layer
+from flatquant_lab.recipe import QuantConfig
+from flatquant_lab.io import DESCRIPTION_FILE, FLOAT_TYPE, QUANT_TYPE, load_quantized, save_quantized
 from flatquant_lab.gptq import HessianAccumulator, gptq_quantize
 from flatquant_lab.kronecker import decompose_dim, npu_supported
-from flatquant_lab.linear import W4A4FlatQuantLinear
+from flatquant_lab.layers import W4A4FlatQuantLinear
 from flatquant_lab.models import GROUPS, LINEAR_NAMES, UnsupportedModelError, decoder_layers
 from flatquant_lab.packing import unpack_int4
 from flatquant_lab.quantizers import QMAX, QMIN, quant_act_reference, quantize_weight, weight_scale
@@ -413,7 +414,8 @@ def test_work_dir_written_with_other_skips_is_refused(tmp_path):
 def test_skip_keeps_the_whole_fused_group_float(pattern, group, method, tmp_path, caplog):
     fm = tiny_model("qwen2")
     layer_index = int(pattern.split("layers.")[1][0])
-    with caplog.at_level("WARNING", logger="flatquant_lab.calibration"):
+    # information, not a warning: the user asked for it (issue 10: "kept in float" lines looked like warnings)
+    with caplog.at_level("INFO", logger="flatquant_lab.calibrate"):
         model = quantized_copy(fm, config(epochs=1, method=method, skip=(pattern,)))
     skipped = model.flatquant_report["skipped"]
     names = [f"model.layers.{layer_index}.{n}" for n in GROUPS[group]]
@@ -423,6 +425,7 @@ def test_skip_keeps_the_whole_fused_group_float(pattern, group, method, tmp_path
     reason = reasons.pop()
     assert pattern in reason and "fused" in reason
     warned = [r.getMessage() for r in caplog.records if "kept in float" in r.getMessage()]
+    assert {r.levelname for r in caplog.records if "kept in float" in r.getMessage()} == {"INFO"}
     assert len(warned) == 1 and reason in warned[0] and all(n in warned[0] for n in names), warned
     for i, layer in enumerate(decoder_layers(model)):
         for n in LINEAR_NAMES:
@@ -513,7 +516,9 @@ def test_calibration_does_not_copy_the_model(monkeypatch):
             raise AssertionError(f"calibrate deep-copied a {type(obj).__name__}")
         return real(obj, *args, **kwargs)
 
-    assert not hasattr(cal, "deepcopy")  # a `from copy import deepcopy` would bypass the patch
+    # a `from copy import deepcopy` in any calibrate module would bypass the patch
+    for name in ("", ".capture", ".finalize", ".initialize", ".modules", ".plan", ".train", ".workdir"):
+        assert not hasattr(importlib.import_module(cal.__name__ + name), "deepcopy"), name
     cfgs = (config(epochs=1), config(epochs=1, weight_quantizer="gptq"), config(method="hadamard"))
     models = [tiny_model("qwen2") for _ in cfgs]
     monkeypatch.setattr(copy, "deepcopy", guarded)

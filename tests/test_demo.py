@@ -6,8 +6,8 @@ import pytest
 
 from flatquant_lab import cli
 from flatquant_lab.demo import METHODS, TASK
-from flatquant_lab.export import load_quantized
-from flatquant_lab.linear import W4A4FlatQuantLinear
+from flatquant_lab.io import load_quantized
+from flatquant_lab.layers import W4A4FlatQuantLinear
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("demo")]
 
@@ -56,7 +56,7 @@ def test_demo_rejects_bad_arguments(tmp_path):
 
 
 def test_demo_plot_is_written_atomically_with_an_ordinary_mode(tmp_path):
-    """demo.png goes through flatquant_lab._io.save_figure: replaced whole, mode 0644 (mkstemp's is 0600)."""
+    """demo.png goes through flatquant_lab.files.save_figure: replaced whole, mode 0644 (mkstemp's is 0600)."""
     from flatquant_lab.demo import LABELS, _plot
 
     summary = {"model": "tiny", "profile": "fast",

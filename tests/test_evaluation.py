@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flatquant_lab import cli
-from flatquant_lab.evaluation import DatasetUnavailableError, evaluate, token_perplexity
+from flatquant_lab.eval import DatasetUnavailableError, evaluate, token_perplexity
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +109,8 @@ def test_eval_cli_loads_a_quantized_dir(tiny_dir, tmp_path):
     import argparse
 
     import flatquant_lab as fq
-    from flatquant_lab import evaluation
-    from flatquant_lab.export import quantized_linear_names
+    from flatquant_lab.cli import eval as evaluation
+    from flatquant_lab.models import quantized_linear_names
     from flatquant_lab.hub import load_model
 
     model, tok = load_model(tiny_dir)
@@ -132,17 +132,17 @@ def test_eval_cli_loads_a_quantized_dir(tiny_dir, tmp_path):
     (["--limit", "1.5"], "--limit", "expected an int >= 1"),
     (["--limit", "nan"], "--limit", "expected an int >= 1"),
     (["--limit", "inf"], "--limit", "expected an int >= 1"),
-    (["--batch_size", "0"], "--batch_size", "expected an int >= 1, 'auto' or 'auto:N'"),
-    (["--batch_size", "-1"], "--batch_size", "expected an int >= 1"),
-    (["--batch_size", "2.5"], "--batch_size", "expected an int >= 1"),
-    (["--batch_size", "auto:0"], "--batch_size", "expected an int >= 1"),
-    (["--batch_size", "max"], "--batch_size", "expected an int >= 1"),
+    (["--batch_size", "0"], "--batch-size/--batch_size", "expected an int >= 1, 'auto' or 'auto:N'"),
+    (["--batch_size", "-1"], "--batch-size/--batch_size", "expected an int >= 1"),
+    (["--batch_size", "2.5"], "--batch-size/--batch_size", "expected an int >= 1"),
+    (["--batch_size", "auto:0"], "--batch-size/--batch_size", "expected an int >= 1"),
+    (["--batch_size", "max"], "--batch-size/--batch_size", "expected an int >= 1"),
     (["--backend", "cuda"], "--backend", "invalid choice: 'cuda'"),
     (["--dtype", "int8"], "--dtype", "invalid choice: 'int8'"),
-    (["--num_layers", "0"], "--num_layers", "expected an int >= 1, got '0'"),
-    (["--max_length", "1"], "--max_length", "expected an int >= 2"),
-    (["--num_fewshot", "-1"], "--num_fewshot", "expected an int >= 0"),
-    (["--num_fewshot", "x"], "--num_fewshot", "expected an int >= 0, got 'x'"),
+    (["--num-layers", "0"], "--num-layers", "expected an int >= 1, got '0'"),
+    (["--max_length", "1"], "--max-length/--max_length", "expected an int >= 2"),
+    (["--num_fewshot", "-1"], "--num-fewshot/--num_fewshot", "expected an int >= 0"),
+    (["--num_fewshot", "x"], "--num-fewshot/--num_fewshot", "expected an int >= 0, got 'x'"),
 ])
 def test_eval_cli_rejects_bad_limit_batch_size_backend(argv, name, msg, capsys):
     """Rejected by argparse, before any model is loaded (the --model folder does not even exist)."""
@@ -157,7 +157,8 @@ def test_eval_cli_limit_batch_size_backend_values():
     """--limit is a count or a fraction, never truncated; --batch_size an int or lm-eval's auto forms."""
     import argparse
 
-    from flatquant_lab import evaluation, ops
+    from flatquant_lab import ops
+    from flatquant_lab.cli import eval as evaluation
 
     parser = argparse.ArgumentParser()
     evaluation.add_arguments(parser)

@@ -51,14 +51,14 @@ def test_dtype_error(tiny_dir):
                                    "manual_seed", 16, None])
 def test_dtype_must_be_a_float_model_dtype(dtype):
     """Any torch dtype used to pass (int8, float8...); only the float types a model is loaded in do now."""
-    from flatquant_lab.hub import _as_dtype
+    from flatquant_lab.dtypes import as_dtype as _as_dtype
 
     with pytest.raises(ValueError, match=r"dtype: expected torch.float16, torch.bfloat16 or torch.float32"):
         _as_dtype(dtype)
 
 
 def test_dtype_names_and_aliases():
-    from flatquant_lab.hub import _as_dtype
+    from flatquant_lab.dtypes import as_dtype as _as_dtype
 
     for d in (torch.float16, torch.bfloat16, torch.float32):
         assert _as_dtype(d) is d and _as_dtype(str(d)) is d and _as_dtype(str(d).removeprefix("torch.")) is d

@@ -11,7 +11,7 @@ from torch import nn
 
 from flatquant_lab import ops
 from flatquant_lab.kronecker import decompose_dim
-from flatquant_lab.linear import W4A4FlatQuantLinear
+from flatquant_lab.layers import W4A4FlatQuantLinear
 from flatquant_lab.packing import pack_int4
 from flatquant_lab.quantizers import quantize_weight
 from flatquant_lab.transforms import orthogonal_factor

@@ -7,7 +7,7 @@ from torch import nn
 
 from fake_torch_npu import make_fake_torch_npu
 from flatquant_lab import ops
-from flatquant_lab.linear import W4A4FlatQuantLinear
+from flatquant_lab.layers import W4A4FlatQuantLinear
 from flatquant_lab.transforms import orthogonal_factor
 
 K, O = 128, 24  # decompose_dim(128) = (8, 16)

@@ -9,8 +9,9 @@ from torch import nn
 
 from fake_torch_npu import make_fake_torch_npu
 from flatquant_lab import cli, numerics
+from flatquant_lab.cli import check as cli_check
 from flatquant_lab.kronecker import decompose_dim
-from flatquant_lab.linear import W4A4FlatQuantLinear
+from flatquant_lab.layers import W4A4FlatQuantLinear
 from flatquant_lab.numerics import (check_linear, random_problem, reference_activations, sweep_clip_ratio,
                                    sweep_layer_clip_ratio, ulp)
 from flatquant_lab.ops import reference as ref
@@ -370,7 +371,7 @@ def test_cli_check_bad_options(argv, msg):
 def test_cli_rejects_bad_sizes(capsys):
     with pytest.raises(SystemExit):
         cli.main(["check", "--tokens", "0"])
-    assert "expected a positive integer" in capsys.readouterr().err
+    assert "argument --tokens: expected an int >= 1, got '0'" in capsys.readouterr().err
 
 
 def test_random_problem_plants_outliers():
@@ -415,7 +416,7 @@ def test_cli_json_is_written_atomically(tmp_path, monkeypatch, capsys):
     argv = ["check", "--in-features", "64", "--out-features", "8", "--tokens", "2", "--json", str(out)]
 
     # The text fails half-way through being written: a lone surrogate cannot be encoded as UTF-8.
-    monkeypatch.setattr(numerics.json, "dumps", lambda *args, **kwargs: '{"new": ' + chr(0xD800))
+    monkeypatch.setattr(cli_check.json, "dumps", lambda *args, **kwargs: '{"new": ' + chr(0xD800))
     with pytest.raises(UnicodeEncodeError):
         cli.main(argv)
     assert out.read_text() == '{"old": true}\n'

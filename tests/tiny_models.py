@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from flatquant_lab.kronecker import decompose_dim
-from flatquant_lab.linear import W4A4FlatQuantLinear
+from flatquant_lab.layers import W4A4FlatQuantLinear
 from flatquant_lab.models import GROUPS, decoder_layers, set_submodule
 from flatquant_lab.transforms import orthogonal_factor
 

@@ -13,6 +13,7 @@ import os
 
 import torch
 
+from ..dtypes import HALF_DTYPES
 from . import npu as _npu
 from . import reference as _ref
 from .npu import NPUUnavailableError
@@ -64,7 +65,7 @@ def kronecker_quant(x, p1, p2, clip_ratio=1.0, dst_dtype=torch.int32, backend=No
     if x.dim() != 3:
         raise ValueError(f"x: expected [tokens, n1, n2], got shape {tuple(x.shape)}")
     _, n1, n2 = x.shape
-    if x.dtype not in _ref.HALF_DTYPES:
+    if x.dtype not in HALF_DTYPES:
         raise ValueError(f"x: expected float16 or bfloat16, got {x.dtype}")
     for name, p, n in (("p1", p1, n1), ("p2", p2, n2)):
         if tuple(p.shape) != (n, n):
@@ -99,7 +100,7 @@ def quant_matmul(x1, x2, scale, offset=None, pertoken_scale=None, bias=None,
         raise ValueError("offset: the int4 path is symmetric; expected None")
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"bias: expected shape [{n}], got {tuple(bias.shape)}")
-    if output_dtype not in _ref.HALF_DTYPES:
+    if output_dtype not in HALF_DTYPES:
         raise ValueError(f"output_dtype: expected torch.float16 or torch.bfloat16, got {output_dtype}")
     return _impl(backend, x1, x2).quant_matmul(
         x1, x2, scale, offset=offset, pertoken_scale=pertoken_scale, bias=bias, output_dtype=output_dtype

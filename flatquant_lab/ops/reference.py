@@ -10,10 +10,10 @@ import sys
 
 import torch
 
-from ..packing import INT4_MAX, INT4_MIN, _pack_int4_bytes, pack_int4, unpack_int4
+from ..packing import _pack_int4_bytes, pack_int4, unpack_int4
+from ..quantizers import quant_act_reference, quant_dynamic_reference
 
 FP16_MAX = 65504.0
-HALF_DTYPES = (torch.float16, torch.bfloat16)
 MAX_K_EXACT = 262144  # |acc| <= 64 * k stays below 2**24 up to here
 
 
@@ -97,9 +97,8 @@ def kronecker_quant(
     a = torch.bmm(x.float(), p2.float().expand(x.shape[0], n2, n2)).to(t)
     # b = p1 @ a (fp32 accumulation), rounded to fp16 even for bf16 input
     b = torch.matmul(p1.float(), a.float()).to(torch.float16)
-    # m = max|b| per token in one pass: exact in fp16; inf or nan exactly when the token has one
-    m = torch.linalg.vector_norm(b, ord=float("inf"), dim=(-2, -1))
-    overflow = ~torch.isfinite(m)
+    # max|b| per token in one pass: inf or nan exactly when the token has one
+    overflow = ~torch.isfinite(torch.linalg.vector_norm(b, ord=float("inf"), dim=(-2, -1)))
     if overflow.any():
         # fp16 saturates to inf past 65504 (or x itself was not finite): the token's scale becomes
         # inf and its values garbage on the device, so refuse rather than emulate that.
@@ -109,15 +108,9 @@ def kronecker_quant(
             f"or a non-finite input) in {bad} of {b.shape[0]} token(s); the kernel keeps it in fp16 "
             "and would produce inf scales. Scale the input or the transform down."
         )
-    m = m.float()
-    c = torch.tensor(clip_ratio, dtype=torch.float32, device=x.device)
-    seven = torch.tensor(7.0, dtype=torch.float32, device=x.device)
-    quant_scale = (m * c) / seven
-    mult = torch.where(m == 0, seven, (seven / c) / torch.where(m == 0, torch.ones_like(m), m))
-    # fp16 * fp32 promotes to fp32: float(b) * mult in fp32, then round to fp16, half to even
-    scaled = (b * mult[:, None, None]).to(torch.float16)
-    # rint (half to even) of an fp16 value is exact in fp16; saturate, then pack.
-    q = torch.round(scaled).clamp_(INT4_MIN, INT4_MAX).to(torch.int8)
+    # steps 3-6 (the scale, the fp32 multiplier, the fp16 product, rint, saturation): the shared quantizer
+    q, quant_scale = quant_act_reference(b.reshape(b.shape[0], -1), clip_ratio)
+    q = q.reshape(b.shape).to(torch.int8)
     return _pack_int4_checked(q), quant_scale
 
 
@@ -164,18 +157,10 @@ def dynamic_quant(
     ``dst_type=torch.int8`` gives int8 values; ``torch.quint4x2`` gives int4 values packed 8 per
     int32 along the last dim. Returns ``(y, scale)`` with ``scale = 1 / mult`` (float32, one per row).
     """
-    if dst_type == torch.int8:
-        qmax = 127.0
-    elif dst_type == torch.quint4x2:
-        qmax = 7.0
-    else:
+    if dst_type not in (torch.int8, torch.quint4x2):
         raise ValueError(f"dst_type: expected torch.int8 or torch.quint4x2, got {dst_type}")
-    xf = x.float()
-    if smooth_scales is not None:
-        xf = xf * smooth_scales.float()
-    amax = xf.abs().amax(dim=-1)
-    mult = torch.where(amax == 0, torch.full_like(amax, qmax), qmax / torch.where(amax == 0, 1.0, amax))
-    y = torch.round(xf * mult[..., None])
-    if qmax == 7.0:
-        return pack_int4(y.clamp(INT4_MIN, INT4_MAX).to(torch.int8)), 1.0 / mult
-    return y.clamp(-128, 127).to(torch.int8), 1.0 / mult
+    xf = x.float() * smooth_scales.float() if smooth_scales is not None else x
+    q, scale = quant_dynamic_reference(xf, bits=8 if dst_type == torch.int8 else 4)
+    if dst_type == torch.quint4x2:
+        return _pack_int4_checked(q.to(torch.int8)), scale
+    return q.to(torch.int8), scale

@@ -7,7 +7,6 @@ scored with ``loglikelihood_rolling``.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -16,10 +15,11 @@ SPLITS = ("calib", "eval")
 
 def load(split: str = "eval", **_metadata):
     """``DatasetDict({"test": ...})`` of ``wiki_<split>.jsonl``; lm-eval passes the task metadata too."""
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     import datasets
 
-    datasets.config.HF_DATASETS_OFFLINE = True
+    from flatquant_lab.offline import force_offline
+
+    force_offline()
     if split not in SPLITS:
         raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
     path = HERE / f"wiki_{split}.jsonl"

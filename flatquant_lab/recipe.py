@@ -1,4 +1,4 @@
-"""``QuantConfig``: one small dataclass per quantization run (method, weights, profile, options)."""
+"""``QuantConfig``: one small dataclass per quantization run (method, weights, profile, options), validated once."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from .dtypes import check_half
 
 METHODS = ("rtn", "hadamard", "flatquant")
 WEIGHT_QUANTIZERS = ("rtn", "gptq")
@@ -75,8 +77,7 @@ class QuantConfig:
             raise ValueError(f"profile: expected one of {tuple(PROFILES)}, got {self.profile!r}")
         if self.transform_init not in ("hadamard", "random", "identity"):
             raise ValueError(f"transform_init: expected hadamard, random or identity, got {self.transform_init!r}")
-        if self.act_dtype not in (torch.float16, torch.bfloat16):
-            raise ValueError(f"act_dtype: expected torch.float16 or torch.bfloat16, got {self.act_dtype}")
+        check_half(self.act_dtype)
         if isinstance(self.skip, str):
             self.skip = (self.skip,)
         self.skip = tuple(self.skip)

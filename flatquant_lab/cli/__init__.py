@@ -1,7 +1,8 @@
 """``flatquant-lab`` command line: a thin layer over the package API.
 
-Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and ``run(args)``;
-they are imported only when their subcommand runs, so ``flatquant-lab check`` never loads lm-eval.
+Each subcommand lives in its own module here, which provides ``add_arguments(parser)`` (argument
+parsing only) and ``run(args)`` (calls into the package API); a module is imported only when its
+subcommand runs, so ``flatquant-lab check`` never loads lm-eval. Flags are ``--hyphen-case``.
 """
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ import importlib
 import logging
 import sys
 
+# command -> (its module under flatquant_lab.cli, help); only the command that runs is imported.
 COMMANDS = {
-    "check": ("flatquant_lab.numerics", "report the int4 path of one layer against its references"),
-    "quantize": ("flatquant_lab.api", "quantize a Hugging Face model and export it for vllm-ascend"),
-    "eval": ("flatquant_lab.evaluation", "evaluate a float or quantized model with lm-eval"),
-    "build-data": ("flatquant_lab.wikidata", "rebuild the bundled wiki_*.jsonl from gensim's Wikipedia test data"),
-    "demo": ("flatquant_lab.demo", "the main job: FP vs W4A16 RTN vs W4A4 RTN / Hadamard / FlatQuant"),
+    "check": ("check", "report the int4 path of one layer against its references"),
+    "quantize": ("quantize", "quantize a Hugging Face model and export it for vllm-ascend"),
+    "eval": ("eval", "evaluate a float or quantized model with lm-eval"),
+    "build-data": ("build_data", "rebuild the bundled wiki_*.jsonl from gensim's Wikipedia test data"),
+    "demo": ("demo", "the main job: FP vs W4A16 RTN vs W4A4 RTN / Hadamard / FlatQuant"),
 }
 
 
@@ -32,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, (modname, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == wanted:
-            modules[name] = importlib.import_module(modname)
+            modules[name] = importlib.import_module(f"{__name__}.{modname}")
             modules[name].add_arguments(p)
     args = parser.parse_args(argv)
     if args.threads is not None:

@@ -13,24 +13,19 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from . import ops
-from .kronecker import decompose_dim, fold_weight
-from .packing import INT4_MAX, INT4_MIN, unpack_int4
-from .quantizers import quantize_weight
+from .. import ops
+from ..dtypes import HALF_DTYPES, cast_rounds, check_half
+from ..kronecker import decompose_dim, fold_weight
+from ..packing import INT4_MAX, INT4_MIN, unpack_int4
+from ..quantizers import quantize_weight
 
 log = logging.getLogger(__name__)
 
-HALF_DTYPES = (torch.float16, torch.bfloat16)
 CHECKPOINT_KEYS = ("weight", "weight_scale", "weight_offset", "left_trans", "right_trans", "clip_ratio")
 DEFAULT_CHUNK_TOKENS = 8192  # npu_kronecker_quant's token limit on CANN 8.1/8.2
 MAX_CHUNK_TOKENS = 262144  # ... and on CANN 8.5, the largest of any release (SPEC section 2)
 # Buffers whose dtype is part of the contract: Module.to(dtype) must not touch them.
 _FP32_BUFFERS = ("weight_scale", "weight_offset", "clip_ratio")
-
-
-def cast_rounds(t: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether casting ``t`` to ``dtype`` changes a value (e.g. float16 transforms to bfloat16)."""
-    return not torch.equal(t.to(dtype).to(t.dtype), t)
 
 
 def _expect(t, name: str, shape: tuple, dtypes: tuple) -> None:
@@ -68,8 +63,7 @@ class W4A4FlatQuantLinear(nn.Module):
             raise ValueError(f"in_features: expected a multiple of 8 (int4 packing), got {in_features}")
         if n1 * n2 != in_features:
             raise ValueError(f"n1, n2: expected n1 * n2 == in_features = {in_features}, got {n1} x {n2}")
-        if act_dtype not in HALF_DTYPES:
-            raise ValueError(f"act_dtype: expected torch.float16 or torch.bfloat16, got {act_dtype}")
+        check_half(act_dtype)
         if backend is not None:
             ops.resolve_backend(backend)  # a misspelt backend fails here, not at the first forward
         self.in_features, self.out_features = in_features, out_features
@@ -135,8 +129,7 @@ class W4A4FlatQuantLinear(nn.Module):
             raise ValueError(f"weight: expected int4 values in [{INT4_MIN}, {INT4_MAX}], got min {wmin}, max {wmax}")
         if act_dtype is None:
             act_dtype = lt.dtype if lt.dtype in HALF_DTYPES else torch.bfloat16
-        if act_dtype not in HALF_DTYPES:
-            raise ValueError(f"act_dtype: expected torch.float16 or torch.bfloat16, got {act_dtype}")
+        check_half(act_dtype)
         bias = tensors.get("bias")
         if bias is not None:
             if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (out_f,) or not bias.is_floating_point():
@@ -169,8 +162,7 @@ class W4A4FlatQuantLinear(nn.Module):
             raise ValueError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
         if act_dtype is None:
             act_dtype = linear.weight.dtype if linear.weight.dtype in HALF_DTYPES else torch.bfloat16
-        if act_dtype not in HALF_DTYPES:
-            raise ValueError(f"act_dtype: expected torch.float16 or torch.bfloat16, got {act_dtype}")
+        check_half(act_dtype)
         w = linear.weight.detach()
         if w.shape[1] % 8:
             raise ValueError(f"linear: in_features = {w.shape[1]} must be divisible by 8 (int4 packing)")

@@ -1,0 +1,145 @@
+"""Layer-wise FlatQuant calibration, and the RTN / Hadamard baselines on the same machinery.
+
+Per decoder layer, one transform per linear input: q/k/v share one, o_proj has one, gate/up share
+one, down_proj has one. A transform is ``x -> (x / d) @ kron(L, R)`` followed by per-token int4
+fake quantization with clip ``c = sigmoid(alpha)``; its linears hold
+``Q4((W * d) @ kron(L, R)^{-T})`` with per-channel clip ``sigmoid(beta)``.
+Training minimises ``MSE(layer_fp(X), layer_q(X))`` with ``X`` the full-precision input, AdamW and a
+cosine schedule. The training forward rounds where the Ascend kernels round (x, ``x @ R`` to the
+activation dtype, ``L^T (x R)`` to fp16, the output to the activation dtype) with straight-through
+gradients, so what was trained is what the int4 path computes.
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..models import adapter_for
+from ..recipe import QuantConfig
+from .capture import capture_layer_inputs, float_forward
+from .finalize import finalize_layer
+from .initialize import init_learned
+from .modules import FakeQuantLinear, KronTransform, install_fake_quant, uninstall_fake_quant
+from .plan import Group, plan_layer
+from .train import fake_quant_pass, train_layer
+from .workdir import WorkDir
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "CalibrationReport", "FakeQuantLinear", "Group", "KronTransform", "WorkDir", "calibrate",
+    "capture_layer_inputs", "fake_quant_pass", "finalize_layer", "float_forward", "init_learned",
+    "install_fake_quant", "plan_layer", "train_layer", "uninstall_fake_quant",
+]
+
+
+@dataclass
+class CalibrationReport:
+    """What ``calibrate`` did: per layer, losses and seconds; the linears kept in float and why."""
+
+    method: str
+    layers: list[dict] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "layers": self.layers, "skipped": self.skipped, "seconds": self.seconds}
+
+
+def calibrate(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor | None = None,
+              backend: str | None = None, after_layer=None) -> CalibrationReport:
+    """Quantize every decoder linear of ``model`` in place, layer by layer (see module docstring).
+
+    ``calib_ids``: token ids ``[n, seqlen]``; needed for ``flatquant`` and for GPTQ weights.
+    ``after_layer(i)``: called after each finished layer (progress hooks, tests of resumption).
+    """
+    t0 = time.perf_counter()
+    adapter = adapter_for(model)
+    info = adapter.info(model)
+    layers = adapter.decoder_layers(model)
+    report = CalibrationReport(cfg.method)
+    need_data = cfg.method == "flatquant" or cfg.weight_quantizer == "gptq"
+    if need_data and calib_ids is None:
+        raise ValueError(f"calib_data: method={cfg.method!r} with weight_quantizer={cfg.weight_quantizer!r} "
+                         "needs calibration token ids [n, seqlen]")
+    if not need_data and calib_ids is not None:
+        warnings.warn(f"calib_data: method={cfg.method!r} with weight_quantizer={cfg.weight_quantizer!r} uses no "
+                      "calibration data; it is ignored", stacklevel=3)
+    unused = [n for n in ("epochs", "lr") if getattr(cfg, n) is not None and cfg.method != "flatquant"]
+    if unused:
+        warnings.warn(f"{', '.join(unused)}: only method='flatquant' trains; ignored for method={cfg.method!r}",
+                      stacklevel=3)
+    model_dtype = next(model.parameters()).dtype
+    if model_dtype in (torch.float16, torch.bfloat16) and model_dtype != cfg.act_dtype:
+        # The W4A4 layers take the model's hidden states as they are (vllm-ascend: act dtype = model dtype).
+        raise ValueError(f"act_dtype: the model is {model_dtype}, so its W4A4 layers must compute in it; "
+                         f"expected act_dtype={model_dtype} (or a float32 model), got {cfg.act_dtype}")
+    torch.manual_seed(cfg.seed)
+    plans = [plan_layer(model, i, cfg, info) for i in range(info.num_layers)]
+    names = [f"{adapter.layer_prefix(i)}.{lin}" for i, groups in enumerate(plans) for g in groups for lin in g.linears]
+    unmatched = [p for p in cfg.skip if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if unmatched:
+        raise ValueError(f"skip: {unmatched} match no decoder linear (their names look like {names[-1]!r}; "
+                         "e.g. '*.o_proj' or 'model.layers.0.*'); the output head always stays float")
+    for i, groups in enumerate(plans):
+        for g in groups:
+            if not g.quantized:
+                for lin in g.linears:
+                    report.skipped[f"{adapter.layer_prefix(i)}.{lin}"] = g.skip_reason
+    if report.skipped:
+        reasons = {}
+        for name, why in report.skipped.items():
+            reasons.setdefault(why, []).append(name)
+        for why, names in reasons.items():
+            log.info("kept in float (%s): %s", why, ", ".join(names[:6]) + (" ..." if len(names) > 6 else ""))
+    log.info("lm_head stays in float: the NPU W4A4 path serves decoder linears only")
+    report.skipped["lm_head"] = "output head: kept in float"
+    work = WorkDir(cfg.work_dir, cfg, info.num_layers) if cfg.work_dir else None
+    X = kwargs_by_bs = None
+    bs = cfg.budget("batch_size")
+    if need_data:
+        if not isinstance(calib_ids, torch.Tensor) or calib_ids.dim() != 2 or calib_ids.dtype != torch.long:
+            raise ValueError(f"calib_data: expected a LongTensor [n, seqlen], got {getattr(calib_ids, 'shape', calib_ids)}")
+        X, kwargs_by_bs = capture_layer_inputs(model, calib_ids, bs)
+    bar = tqdm(range(info.num_layers), desc=f"{cfg.method} layers", unit="layer")
+    for i in bar:
+        lt0 = time.perf_counter()
+        layer, groups = layers[i], plans[i]
+        layer.float()
+        Y = stats = None
+        if need_data:
+            Y, stats = float_forward(layer, groups, X, kwargs_by_bs, bs)
+        losses, resumed = [], False
+        if work is not None and work.has(i):
+            learned, losses = work.load(i)
+            resumed = True
+        else:
+            learned = init_learned(layer, groups, cfg, stats, i)
+            if cfg.trains and any(g.quantized for g in groups):
+                learned, losses = train_layer(layer, groups, learned, X, Y, kwargs_by_bs, cfg, i, progress=bar)
+            if work is not None:
+                work.save(i, learned, losses)
+        entry = {"layer": i, "epoch_losses": losses, "resumed": resumed}
+        hess = None
+        if need_data and any(g.quantized for g in groups):
+            entry["fake_quant_mse"], hess = fake_quant_pass(layer, groups, learned, X, Y, kwargs_by_bs, cfg,
+                                                            collect=cfg.weight_quantizer == "gptq")
+        finalize_layer(layer, groups, learned, cfg, hess, backend=backend)
+        layer.to(model_dtype)
+        entry["clip_ratios"] = {g.name: float(torch.sigmoid(learned[f"{g.name}.act_clip"]).item())
+                                for g in groups if g.quantized}
+        entry["seconds"] = time.perf_counter() - lt0
+        report.layers.append(entry)
+        if need_data:
+            X = Y  # the next layer learns from full-precision inputs
+        if after_layer is not None:
+            after_layer(i)
+    report.seconds = time.perf_counter() - t0
+    return report

@@ -1,0 +1,61 @@
+"""Finalisation of one decoder layer: fold the smoothing, quantize every weight (RTN or GPTQ), swap in the int4 layers."""
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+
+from ..gptq import gptq_quantize
+from ..kronecker import fold_weight
+from ..layers import W4A4FlatQuantLinear
+from ..models import set_submodule
+from ..quantizers import quantize_weight
+from ..recipe import QuantConfig
+
+
+@torch.no_grad()
+def finalize_layer(layer, groups, learned, cfg: QuantConfig, hessians=None, backend=None) -> None:
+    """Fold the smoothing scales, quantize every weight, and swap in ``W4A4FlatQuantLinear`` modules."""
+    d_in = {}
+    for g in groups:
+        if not g.quantized or f"{g.name}.log_smooth" not in learned:
+            continue
+        d = learned[f"{g.name}.log_smooth"].double().exp()
+        target = layer.get_submodule(g.smooth_target)
+        if g.smooth_target.endswith("layernorm"):
+            target.weight.copy_((target.weight.double() / d).to(target.weight.dtype))
+        else:  # rows of v_proj (kv channels) or up_proj
+            target.weight.copy_((target.weight.double() / d[:, None]).to(target.weight.dtype))
+            if target.bias is not None:
+                target.bias.copy_((target.bias.double() / d).to(target.bias.dtype))
+        if g.kv_tied is not None:
+            kv, rep = g.kv_tied
+            d = rearrange(d, "(kv hd) -> kv hd", kv=kv).repeat_interleave(rep, 0).flatten()
+        d_in[g.name] = d
+    for g in groups:
+        if not g.quantized:
+            continue
+        lt = learned[f"{g.name}.left"].to(cfg.act_dtype)
+        rt = learned[f"{g.name}.right"].to(cfg.act_dtype)
+        clip_ratio = float(torch.sigmoid(learned[f"{g.name}.act_clip"]).item())
+        folded, scales, qs = [], [], []
+        for path in g.linears:
+            w = layer.get_submodule(path).weight.double()
+            if g.name in d_in:
+                w = w * d_in[g.name]
+            folded.append(fold_weight(w, lt, rt))
+            q, scale = quantize_weight(folded[-1], torch.sigmoid(learned[f"{path}.weight_clip"]).double())
+            qs.append(q)
+            scales.append(scale)
+        if hessians is not None:  # one GPTQ pass for the linears sharing this input
+            q_all = gptq_quantize(torch.cat(folded), hessians[g.name].h, torch.cat(scales), block=cfg.gptq_block,
+                                  damp=cfg.gptq_damp, act_order=cfg.gptq_act_order)
+            qs = list(q_all.split([q.shape[0] for q in qs]))
+        for path, q, scale in zip(g.linears, qs, scales):
+            lin = layer.get_submodule(path)
+            tensors = {"weight": q.contiguous(), "weight_scale": scale, "weight_offset": torch.zeros_like(scale),
+                       "left_trans": lt, "right_trans": rt,
+                       "clip_ratio": torch.tensor([clip_ratio], dtype=torch.float32)}
+            if lin.bias is not None:
+                tensors["bias"] = lin.bias.detach().to(cfg.act_dtype)
+            set_submodule(layer, path, W4A4FlatQuantLinear.from_checkpoint(
+                tensors, backend=backend, act_dtype=cfg.act_dtype))

@@ -1,0 +1,74 @@
+"""Starting tensors of a layer: Kronecker factors, smoothing ``log d`` and clip logits (searched or fixed)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from ..quantizers import fake_quant_act, fake_quant_weight
+from ..recipe import QuantConfig
+from ..transforms import orthogonal_factor
+from .modules import KronTransform, logit
+from .plan import Group
+
+CLIP_GRID = torch.linspace(1.0, 0.55, 16)  # candidate clip ratios for the initial search
+CLIP_CAP = 0.995  # a sigmoid factor cannot reach 1: start searches' winners here at most
+
+
+def _search_act_clip(b: torch.Tensor) -> float:
+    """The clip ratio in CLIP_GRID with the least per-token int4 MSE on transformed activations ``b``."""
+    errs = [float(((fake_quant_act(b, float(c)) - b) ** 2).sum()) for c in CLIP_GRID]
+    return float(CLIP_GRID[int(torch.tensor(errs).argmin())])
+
+
+def _search_weight_clip(w: torch.Tensor) -> torch.Tensor:
+    """Per row, the clip ratio in CLIP_GRID with the least int4 round-to-nearest MSE."""
+    errs = torch.stack([((fake_quant_weight(w, torch.full((w.shape[0],), float(c))) - w) ** 2).sum(1)
+                        for c in CLIP_GRID])
+    return CLIP_GRID[errs.argmin(0)]
+
+
+@torch.no_grad()
+def init_learned(layer: nn.Module, groups: list[Group], cfg: QuantConfig, stats: dict | None,
+                 layer_index: int) -> dict[str, torch.Tensor]:
+    """Starting tensors: factors, smoothing ``log d``, clip logits (searched or fixed)."""
+    learned = {}
+    baseline = cfg.method != "flatquant"
+    kind = {"rtn": "identity", "hadamard": "hadamard"}.get(cfg.method, cfg.transform_init)
+    for gi, g in enumerate(groups):
+        if not g.quantized:
+            continue
+        seed = cfg.seed * 100003 + layer_index * 17 + gi * 2
+        left = orthogonal_factor(g.n1, kind, seed).float()
+        right = orthogonal_factor(g.n2, kind, seed + 1).float()
+        learned[f"{g.name}.left"], learned[f"{g.name}.right"] = left, right
+        weights = [layer.get_submodule(p).weight.detach().float() for p in g.linears]
+        d = None
+        if not baseline and g.smooth_target and stats is not None:
+            act = stats[g.name]["absmax"].clamp_min(1e-5)
+            wmax = torch.cat(weights).abs().amax(0).clamp_min(1e-5)
+            if g.kv_tied is not None:  # one d per kv channel: reduce over the query heads sharing it
+                kv, rep = g.kv_tied
+                act = rearrange(act, "(kv rep hd) -> kv rep hd", kv=kv, rep=rep).amax(1).flatten()
+                wmax = rearrange(wmax, "(kv rep hd) -> kv rep hd", kv=kv, rep=rep).amax(1).flatten()
+            d = (act.pow(cfg.smooth_alpha) / wmax.pow(1 - cfg.smooth_alpha)).clamp(1e-4, 1e4)
+            learned[f"{g.name}.log_smooth"] = d.log()
+        tr = KronTransform(g, left, right, learned.get(f"{g.name}.log_smooth"), torch.zeros(1), cfg.act_dtype)
+        if baseline:  # the baselines use the full range: clip ratio 1 (logit +inf)
+            act_clip = math.inf
+        elif cfg.act_clip_init == "search" and stats is not None:
+            act_clip = logit(min(_search_act_clip(tr.transformed(stats[g.name]["sample"])), CLIP_CAP))
+        else:
+            act_clip = logit(CLIP_CAP) if cfg.act_clip_init == "search" else float(cfg.act_clip_init)
+        learned[f"{g.name}.act_clip"] = torch.tensor([act_clip])
+        for p, w in zip(g.linears, weights):
+            if baseline:
+                logits = torch.full((w.shape[0],), math.inf)
+            elif cfg.weight_clip_init == "search":
+                logits = torch.logit(_search_weight_clip(tr.fold(w)).clamp_max(CLIP_CAP))
+            else:
+                logits = torch.full((w.shape[0],), float(cfg.weight_clip_init))
+            learned[f"{p}.weight_clip"] = logits
+    return learned

@@ -1,0 +1,47 @@
+"""Per-layer learned tensors on disk, for resuming an interrupted calibration."""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors.torch import load_file
+from safetensors.torch import save as save_tensors
+
+from ..files import atomic_write_bytes, atomic_write_text
+from ..recipe import QuantConfig
+
+
+class WorkDir:
+    """Per-layer learned tensors on disk, each file written atomically, for resuming a run."""
+
+    def __init__(self, path: str, cfg: QuantConfig, num_layers: int):
+        self.path = path
+        os.makedirs(path, exist_ok=True)
+        meta = os.path.join(path, "run.json")
+        fingerprint = json.loads(cfg.fingerprint())
+        if os.path.exists(meta):
+            with open(meta) as f:
+                old = json.load(f)
+            if old.get("config") != fingerprint or old.get("num_layers") != num_layers:
+                raise ValueError(f"work_dir: {path} holds a run with another configuration; "
+                                 "use a fresh directory or the same QuantConfig")
+        else:
+            atomic_write_text(meta, json.dumps({"config": fingerprint, "num_layers": num_layers}, indent=1))
+
+    def file(self, i: int) -> str:
+        return os.path.join(self.path, f"layer_{i:04d}.safetensors")
+
+    def has(self, i: int) -> bool:
+        return os.path.exists(self.file(i))
+
+    def load(self, i: int) -> tuple[dict, list[float]]:
+        t = load_file(self.file(i))
+        losses = t.pop("__epoch_losses__", torch.zeros(0)).tolist()
+        return t, losses
+
+    def save(self, i: int, learned: dict, losses: list[float]) -> None:
+        tensors = {k: v.detach().contiguous() for k, v in learned.items()}
+        tensors["__epoch_losses__"] = torch.tensor(losses, dtype=torch.float64)
+        # a unique temp name per write: two runs sharing a work_dir never write into each other's file
+        atomic_write_bytes(self.file(i), save_tensors(tensors))

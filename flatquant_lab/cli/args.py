@@ -1,0 +1,47 @@
+"""Argument types shared by the subcommands: each rejects bad input at parse time, naming what was expected."""
+from __future__ import annotations
+
+import argparse
+import math
+
+
+def int_at_least(low: int):
+    """An ``argparse`` type: an int >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            v = None
+        if v is None or v < low:
+            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {text!r}")
+        return v
+    parse.__name__ = f"int>={low}"
+    return parse
+
+
+positive_int = int_at_least(1)
+non_negative_int = int_at_least(0)
+
+
+def limit_arg(text: str) -> int | float:
+    """lm-eval's ``limit``: a document count (int >= 1) or a fraction in (0, 1) of each task."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if math.isfinite(v) and 0.0 < v < 1.0:
+        return v
+    if math.isfinite(v) and v >= 1.0 and v == int(v):
+        return int(v)
+    raise argparse.ArgumentTypeError(f"expected an int >= 1 (documents per task) or a fraction in (0, 1), "
+                                     f"got {text!r}")
+
+
+def batch_size_arg(text: str) -> int | str:
+    """lm-eval's ``batch_size``: an int >= 1, ``auto``, or ``auto:N`` (N an int >= 1)."""
+    head, sep, tail = text.partition(":")
+    if head == "auto" and (not sep or (tail.isdigit() and int(tail) >= 1)):
+        return text
+    if not sep and text.isdigit() and int(text) >= 1:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"expected an int >= 1, 'auto' or 'auto:N' with N an int >= 1, got {text!r}")

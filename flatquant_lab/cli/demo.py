@@ -1,0 +1,32 @@
+"""``flatquant-lab demo``: the main job (FP vs W4A16 RTN vs W4A4 RTN / Hadamard / FlatQuant)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..demo import DEMO_PROFILES, METHODS, format_table, run_demo
+from .args import non_negative_int, positive_int
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="model alias or local Hugging Face directory")
+    p.add_argument("--profile", default="fast", choices=DEMO_PROFILES,
+                   help="FlatQuant calibration budget: fast (minutes) or full (12x the training tokens)")
+    p.add_argument("--out", default="results", help="where demo.json, demo.png and the export go")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--limit", type=positive_int, default=None, help="evaluate on the first N documents only")
+    p.add_argument("--num-layers", type=positive_int, default=None, help="truncate the model (smoke runs)")
+    p.add_argument("--samples", type=positive_int, default=None, help="override the profile's calibration samples")
+    p.add_argument("--seqlen", type=positive_int, default=None, help="override the profile's calibration seqlen")
+    p.add_argument("--epochs", type=non_negative_int, default=None, help="override the profile's epochs")
+    p.add_argument("--batch-size", type=positive_int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run(args) -> int:
+    summary = run_demo(args.model, args.profile, args.out, tuple(args.methods), args.limit, args.num_layers,
+                       args.batch_size, args.seed, args.samples, args.epochs, args.seqlen)
+    print()
+    print(format_table(summary))
+    print(f"\nwrote {Path(args.out) / 'demo.json'} and {Path(args.out) / 'demo.png'} "
+          f"({summary['total_seconds'] / 60:.1f} min)")
+    return 0

@@ -1,0 +1,58 @@
+"""``flatquant-lab quantize``: quantize a Hugging Face model and export it for vllm-ascend."""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from ..api import quantize
+from ..recipe import PROFILES, QuantConfig
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", required=True, help="model alias (smollm2-135m) or a local Hugging Face directory")
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--method", default="flatquant", choices=("flatquant", "hadamard", "rtn"))
+    p.add_argument("--weight-quantizer", default="rtn", choices=("rtn", "gptq"))
+    p.add_argument("--profile", default="fast", choices=tuple(PROFILES))
+    p.add_argument("--samples", type=int, help="calibration sequences (profile default)")
+    p.add_argument("--seqlen", type=int, help="tokens per calibration sequence (profile default)")
+    p.add_argument("--epochs", type=int, help="training epochs per layer (profile default)")
+    p.add_argument("--lr", type=float, help="learning rate of the transforms (profile default)")
+    p.add_argument("--calib-data", default=None, help="jsonl/text file for calibration (bundled wiki_calib by default)")
+    p.add_argument("--work-dir", default=None, help="keep per-layer results here; rerun to resume")
+    p.add_argument("--skip", nargs="*", default=(), help="fnmatch patterns of linears to keep in float")
+    p.add_argument("--num-layers", type=int, default=None, help="truncate the model to its first N layers")
+    p.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
+                   help="dtype of the float tensors in the export (default: the model's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+
+
+def run(args) -> int:
+    from ..data import bundled_data_path, calibration_ids
+    from ..hub import load_model
+    from ..io import save_quantized
+
+    cfg = QuantConfig(method=args.method, weight_quantizer=args.weight_quantizer, profile=args.profile,
+                      samples=args.samples, seqlen=args.seqlen, epochs=args.epochs, lr=args.lr,
+                      work_dir=args.work_dir, skip=tuple(args.skip), seed=args.seed)
+    if cfg.method != "flatquant":  # flags that would change nothing are an error, not a silent no-op
+        flags = {"--epochs": args.epochs, "--lr": args.lr}
+        if cfg.weight_quantizer != "gptq":
+            flags.update({"--samples": args.samples, "--seqlen": args.seqlen, "--calib-data": args.calib_data})
+        given = [f for f, v in flags.items() if v is not None]
+        if given:
+            raise SystemExit(f"flatquant-lab quantize: error: {', '.join(given)}: not used by --method {cfg.method} "
+                             f"with --weight-quantizer {cfg.weight_quantizer}")
+    model, tok = load_model(args.model, num_layers=args.num_layers)
+    ids = None
+    if cfg.method == "flatquant" or cfg.weight_quantizer == "gptq":
+        source = args.calib_data or bundled_data_path("calib")
+        ids = calibration_ids(source, tok, cfg.budget("samples"), cfg.budget("seqlen"), seed=cfg.seed)
+    quantize(model, cfg, ids)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    save_quantized(model, args.out, tokenizer=tok, dtype=dtype, overwrite=args.overwrite)
+    print(json.dumps({"out": args.out, "seconds": round(model.flatquant_report["seconds"], 1),
+                      "kept_float": model.flatquant_report["skipped"]}, indent=1))
+    return 0

@@ -1,0 +1,17 @@
+"""Evaluation: lm-eval perplexity runs on the model in memory (``harness``), and token perplexity (``perplexity``).
+
+    from flatquant_lab.eval import evaluate, token_perplexity
+    results = evaluate(model, tokenizer, tasks=("wiki_fq_eval",), limit=2)   # lm-eval's results dict
+    ppl = token_perplexity(model, tokenizer)                                 # SPEC section 9's windowing
+"""
+from __future__ import annotations
+
+from .harness import (
+    BUNDLED_TASKS, TASKS_DIR, DatasetUnavailableError, evaluate, format_results, task_manager, write_results,
+)
+from .perplexity import SPEC_WINDOWS, token_perplexity
+
+__all__ = [
+    "BUNDLED_TASKS", "DatasetUnavailableError", "SPEC_WINDOWS", "TASKS_DIR", "evaluate", "format_results",
+    "task_manager", "token_perplexity", "write_results",
+]

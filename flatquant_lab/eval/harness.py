@@ -1,0 +1,155 @@
+"""lm-eval with the model in memory, fully offline: the bundled tasks, or any task whose data is cached.
+
+    from flatquant_lab.eval import evaluate
+    results = evaluate(model, tokenizer, tasks=("wiki_fq_eval",), limit=2)   # lm-eval's results dict
+
+The bundled tasks ``wiki_fq_eval`` / ``wiki_fq_calib`` (``flatquant_lab/eval/tasks``) read the package's
+own jsonl files. Standard lm-eval tasks work only when their dataset is already in the local
+Hugging Face datasets cache: nothing is downloaded (the offline switch is set), and a missing dataset
+raises :class:`DatasetUnavailableError` saying how to supply it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..files import atomic_write_text
+from ..offline import force_offline
+
+log = logging.getLogger(__name__)
+
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+BUNDLED_TASKS = ("wiki_fq_eval", "wiki_fq_calib")
+
+
+class DatasetUnavailableError(RuntimeError):
+    """An lm-eval task's dataset is not on this machine and cannot be downloaded here."""
+
+
+def task_manager(tasks: Sequence[str], include_path=None):
+    """A TaskManager that knows ``tasks``: only the bundled tasks (fast) when that is enough,
+    else lm-eval's full index (about 10 s to build) plus ours and ``include_path``."""
+    from lm_eval.tasks import TaskManager
+
+    paths = [str(TASKS_DIR)] + ([str(p) for p in include_path] if isinstance(include_path, (list, tuple))
+                                else [str(include_path)] if include_path else [])
+    tm = TaskManager(include_path=paths, include_defaults=False)
+    if all(t in tm.all_tasks for t in tasks):
+        return tm
+    tm = TaskManager(include_path=paths)
+    unknown = [t for t in tasks if t not in tm.all_tasks]
+    if unknown:
+        raise ValueError(f"tasks: unknown lm-eval task(s) {unknown}; the bundled ones are {list(BUNDLED_TASKS)}; "
+                         "others must be lm-eval tasks or YAML under --include_path")
+    return tm
+
+
+def _is_offline_error(exc: BaseException) -> bool:
+    markers = ("OfflineModeIsEnabled", "is not cached", "Couldn't reach", "offline mode", "LocalEntryNotFound",
+               "DatasetNotFound", "outgoing traffic has been disabled")
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        name = type(exc).__name__
+        if isinstance(exc, ConnectionError) or name in ("OfflineModeIsEnabled", "LocalEntryNotFoundError",
+                                                        "DatasetNotFoundError"):
+            return True
+        if any(m in str(exc) for m in markers):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _unavailable(task: str, exc: BaseException) -> DatasetUnavailableError:
+    return DatasetUnavailableError(
+        f"tasks: the dataset of lm-eval task {task!r} is not available on this machine and cannot be "
+        f"downloaded here (no network; HF_DATASETS_OFFLINE=1 and HF_HUB_OFFLINE=1 are set). "
+        "To supply it, copy the dataset into the Hugging Face datasets cache (HF_HOME / HF_DATASETS_CACHE, as "
+        "created by `datasets.load_dataset` on a machine with access), or write a task YAML whose dataset is "
+        "local (e.g. `dataset_path: json` with `dataset_kwargs: {data_files: ...}`) and pass its folder as "
+        f"--include_path; the bundled tasks {list(BUNDLED_TASKS)} need nothing. (original error: {exc})"
+    )
+
+
+def _load_tasks(tm, tasks: Sequence[str]) -> None:
+    """Instantiate each task once up front, so that a missing dataset is reported by task name."""
+    for name in tasks:
+        try:
+            tm.load([name])
+        except Exception as exc:
+            if _is_offline_error(exc):
+                raise _unavailable(name, exc) from exc
+            raise
+
+
+def evaluate(model, tokenizer, tasks: Sequence[str] | str = ("wiki_fq_eval",), limit: float | None = None,
+             batch_size: int | str = 1, max_length: int = 512, num_fewshot: int | None = None,
+             output_path: str | os.PathLike | None = None, include_path=None, log_samples: bool = False,
+             bootstrap_iters: int = 0, random_seed: int = 0, **simple_evaluate_kwargs) -> dict:
+    """Run lm-eval's ``simple_evaluate`` on the in-memory ``model``; return lm-eval's results dict.
+
+    ``tasks``: names (or one comma-separated string); the bundled ``wiki_fq_eval`` / ``wiki_fq_calib``
+    or any lm-eval task whose data is cached locally. ``limit``: documents per task (a float < 1 is a
+    fraction). ``max_length``: the rolling-window length for perplexity tasks. ``output_path``: a
+    ``.json`` file, or a folder that receives ``results_<time>.json``. ``bootstrap_iters=0`` skips
+    lm-eval's bootstrap standard errors (the perplexity metrics have none anyway).
+    """
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    force_offline()
+    if isinstance(tasks, str):
+        tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+    tasks = list(tasks)
+    if not tasks:
+        raise ValueError("tasks: expected at least one task name")
+    if not hasattr(model, "config"):
+        raise TypeError(f"model: expected a Hugging Face causal LM (with .config), got {type(model).__name__}")
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+        raise ValueError(f"max_length: expected an int >= 2, got {max_length!r}")
+    tm = task_manager(tasks, include_path)
+    _load_tasks(tm, tasks)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
+              backend="causal")
+    t0 = time.time()
+    try:
+        results = lm_eval.simple_evaluate(
+            model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=tm,
+            log_samples=log_samples, bootstrap_iters=bootstrap_iters, random_seed=random_seed,
+            numpy_random_seed=random_seed, torch_random_seed=random_seed, fewshot_random_seed=random_seed,
+            **simple_evaluate_kwargs,
+        )
+    except Exception as exc:
+        if _is_offline_error(exc):
+            raise _unavailable(",".join(tasks), exc) from exc
+        raise
+    log.info("lm-eval %s took %.1f s", tasks, time.time() - t0)
+    if output_path is not None:
+        write_results(results, output_path)
+    return results
+
+
+def write_results(results: dict, output_path) -> Path:
+    """Write lm-eval's results as JSON, atomically; a folder gets ``results_<time>.json``."""
+    from lm_eval.utils import handle_non_serializable
+
+    path = Path(output_path)
+    if path.suffix != ".json":
+        path = path / f"results_{time.strftime('%Y-%m-%dT%H-%M-%S')}.json"
+    atomic_write_text(path, json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False))
+    log.info("results written to %s", path)
+    return path
+
+
+def format_results(results: dict) -> str:
+    """lm-eval's markdown table(s) for a results dict."""
+    from lm_eval.utils import make_table
+
+    text = make_table(results)
+    if results.get("groups"):
+        text += "\n" + make_table(results, "groups")
+    return text

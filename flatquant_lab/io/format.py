@@ -1,0 +1,210 @@
+"""The checkpoint contract vllm-ascend serves (SPEC section 1): names, shapes, dtypes, the description, the checks.
+
+A saved directory holds:
+
+- ``config.json``: the model's Hugging Face config (no ``quantization_config``; ``dtype`` and
+  ``torch_dtype`` name the float dtype; ``architectures`` set so vLLM can pick the model class);
+- ``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` shards plus
+  ``model.safetensors.index.json``;
+- ``quant_model_description.json``: msModelSlim's description file. Every stored tensor key maps
+  to ``"W4A4_FLATQUANT_DYNAMIC"`` (the tensors of a quantized linear) or ``"FLOAT"``; top-level
+  fields ``model_quant_type``, ``version`` and ``group_size`` as msModelSlim writes them, and
+  ``metadata.flatquant_lab_act_dtype``, the dtype the W4A4 layers compute in (ignored by
+  vllm-ascend, which computes in the model dtype; a load without it goes by the transforms). With tied
+  embeddings ``lm_head.weight`` is listed as ``"FLOAT"`` although, as in Hugging Face checkpoints,
+  no tensor is stored for it: vllm-ascend looks up ``lm_head.weight`` in the description when it
+  builds the LM head and fails with a KeyError when the key is absent;
+- the tokenizer files, when a tokenizer is given.
+
+Per quantized linear ``prefix`` (``W4A4FlatQuantLinear``): ``weight`` int8 ``[O, K]`` (int4 values,
+unpacked), ``weight_scale`` / ``weight_offset`` float32 ``[O, 1]``, ``left_trans`` ``[n1, n1]`` and
+``right_trans`` ``[n2, n2]`` with ``(n1, n2) = decompose_dim(K)`` (the sizes vllm-ascend allocates),
+``clip_ratio`` float32 ``[1]`` and an optional ``bias`` ``[O]``. Transforms and bias are stored in
+the layer's activation dtype (the dtype its kernels run in), or in ``dtype`` when one is given.
+
+Nothing is pickled: tensors go through safetensors, everything else is JSON.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from ..dtypes import FLOAT_DTYPES, dtype_name
+from ..kronecker import decompose_dim
+from ..layers import CHECKPOINT_KEYS
+from ..models import FUSED_MODULES
+
+QUANT_TYPE = "W4A4_FLATQUANT_DYNAMIC"
+FLOAT_TYPE = "FLOAT"
+DESCRIPTION_FILE = "quant_model_description.json"
+CONFIG_FILE = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# msModelSlim's ascendV1 saver writes version "1.0.0" and group_size 0 for per-channel weights.
+DESCRIPTION_VERSION = "1.0.0"
+TOP_LEVEL_FIELDS = ("model_quant_type", "version", "group_size", "metadata")
+# Our own entry in the description's metadata: the activation dtype of the W4A4 layers.
+ACT_DTYPE_KEY = "flatquant_lab_act_dtype"
+_SHARED_KEYS = ("left_trans", "right_trans", "clip_ratio")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint (or a model about to be saved) that breaks the vllm-ascend contract."""
+
+
+def tie_targets(model: nn.Module) -> dict[str, str]:
+    """``{tied key: key it aliases}`` for weights Hugging Face does not store (tie_word_embeddings)."""
+    tied = getattr(model, "all_tied_weights_keys", None)  # transformers >= 5
+    if isinstance(tied, Mapping):
+        return dict(tied)
+    cfg = getattr(model, "config", None)
+    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    if getattr(text_cfg, "tie_word_embeddings", False):
+        return {"lm_head.weight": "model.embed_tokens.weight"}
+    return {}
+
+
+def shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def build_description(keys: Iterable[str], quantized: Iterable[str], tied: Iterable[str] = ()) -> dict:
+    """msModelSlim's description: top-level fields, then every key -> its quant type.
+
+    ``keys`` are the stored tensor keys, ``quantized`` the prefixes of quantized linears (all their
+    tensors are W4A4_FLATQUANT_DYNAMIC), ``tied`` tied weights that are listed as FLOAT but not stored.
+    """
+    quantized = set(quantized)
+    desc: dict = {
+        "model_quant_type": QUANT_TYPE if quantized else FLOAT_TYPE,
+        "version": DESCRIPTION_VERSION,
+        "group_size": 0,
+    }
+    for key in keys:
+        desc[key] = QUANT_TYPE if key.rpartition(".")[0] in quantized else FLOAT_TYPE
+    for key in tied:
+        desc.setdefault(key, FLOAT_TYPE)
+    return desc
+
+
+def expect(key: str, t: torch.Tensor, shape=None, dtypes=None) -> None:
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise CheckpointError(f"{key}: expected shape {list(shape)}, got {list(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = " or ".join(dtype_name(d) for d in dtypes)
+        raise CheckpointError(f"{key}: expected dtype {names}, got {dtype_name(t.dtype)}")
+
+
+def _check_quantized(prefix: str, tensors: Mapping[str, torch.Tensor], desc: Mapping) -> None:
+    """SPEC section 1 for one quantized linear: keys, labels, shapes and dtypes."""
+    for name in CHECKPOINT_KEYS:
+        key = f"{prefix}.{name}"
+        if key not in tensors:
+            raise CheckpointError(f"{key}: missing ({prefix}.weight is {QUANT_TYPE}, which needs {list(CHECKPOINT_KEYS)})")
+        if desc.get(key) != QUANT_TYPE:
+            raise CheckpointError(f"{key}: description says {desc.get(key)!r}, expected {QUANT_TYPE!r} "
+                                  f"(as for {prefix}.weight)")
+    w = tensors[f"{prefix}.weight"]
+    if w.dim() != 2:
+        raise CheckpointError(f"{prefix}.weight: expected an int8 matrix [O, K], got shape {list(w.shape)}")
+    out_f, in_f = w.shape
+    expect(f"{prefix}.weight", w, dtypes=(torch.int8,))
+    if in_f % 8:
+        raise CheckpointError(f"{prefix}.weight: in-features K = {in_f} must be divisible by 8 (int4 packing)")
+    n1, n2 = decompose_dim(in_f)
+    expect(f"{prefix}.weight_scale", tensors[f"{prefix}.weight_scale"], (out_f, 1), (torch.float32,))
+    expect(f"{prefix}.weight_offset", tensors[f"{prefix}.weight_offset"], (out_f, 1), (torch.float32,))
+    # vllm-ascend allocates left/right_trans from get_decompose_dim(K): any other factor pair fails to load.
+    expect(f"{prefix}.left_trans", tensors[f"{prefix}.left_trans"], (n1, n1), FLOAT_DTYPES)
+    trans_dtype = tensors[f"{prefix}.left_trans"].dtype
+    expect(f"{prefix}.right_trans", tensors[f"{prefix}.right_trans"], (n2, n2), (trans_dtype,))
+    expect(f"{prefix}.clip_ratio", tensors[f"{prefix}.clip_ratio"], (1,), (torch.float32,))
+    bias = tensors.get(f"{prefix}.bias")
+    if bias is not None:
+        expect(f"{prefix}.bias", bias, (out_f,), (trans_dtype,))
+        # msModelSlim labels a quantized layer's bias FLOAT; vllm-ascend never reads the label. Accept both.
+        if desc.get(f"{prefix}.bias") not in (QUANT_TYPE, FLOAT_TYPE):
+            raise CheckpointError(f"{prefix}.bias: description says {desc.get(f'{prefix}.bias')!r}, "
+                                  f"expected {QUANT_TYPE!r}")
+
+
+def _check_fused(tensors: Mapping[str, torch.Tensor], desc: Mapping) -> None:
+    """One quant type per fused vLLM module and, for FlatQuant, one shared transform and clip ratio."""
+    for fused, members in FUSED_MODULES.items():
+        suffixes = [f".{m}.weight" for m in members]
+        layers = sorted({k[: -len(s)] for k in desc if isinstance(k, str) for s in suffixes if k.endswith(s)})
+        for layer in layers:
+            present = [m for m in members if f"{layer}.{m}.weight" in desc]
+            if len(present) != len(members):
+                missing = [f"{layer}.{m}.weight" for m in members if m not in present]
+                raise CheckpointError(f"{missing[0]}: missing (vLLM fuses {', '.join(members)} of {layer} "
+                                      f"into {fused})")
+            types = {m: desc[f"{layer}.{m}.weight"] for m in members}
+            if len(set(types.values())) > 1:
+                listing = ", ".join(f"{m} is {t}" for m, t in types.items())
+                raise CheckpointError(
+                    f"{layer}: {listing}; vLLM loads them as one fused module ({fused}), so all must have "
+                    "one quant type (quantize all of them or none)"
+                )
+            if types[members[0]] != QUANT_TYPE:
+                continue
+            first = members[0]
+            for m in members[1:]:
+                for name in _SHARED_KEYS:
+                    a = tensors.get(f"{layer}.{first}.{name}")
+                    b = tensors.get(f"{layer}.{m}.{name}")
+                    if a is None or b is None:
+                        continue  # reported as a missing key by the per-layer check
+                    if a.dtype != b.dtype or a.shape != b.shape or not torch.equal(a, b):
+                        raise CheckpointError(
+                            f"{layer}: {m}.{name} differs from {first}.{name}; vllm-ascend loads {', '.join(members)} "
+                            f"as one fused module ({fused}) with a single {name}, so they must share one "
+                            "transform and clip ratio"
+                        )
+
+
+def check_checkpoint(tensors: Mapping[str, torch.Tensor], desc: Mapping, tied: Iterable[str] = ()) -> set[str]:
+    """Check tensors against a description (both directions) and SPEC section 1; return quantized prefixes.
+
+    ``tied``: keys a description may list as FLOAT without a stored tensor (tied embeddings).
+    Raises ``CheckpointError`` naming the first offending tensor.
+    """
+    tied = set(tied)
+    if not isinstance(desc, Mapping):
+        raise CheckpointError(f"{DESCRIPTION_FILE}: expected a JSON object, got {type(desc).__name__}")
+    mqt = desc.get("model_quant_type")
+    if mqt not in (QUANT_TYPE, FLOAT_TYPE):
+        raise CheckpointError(f"{DESCRIPTION_FILE}: model_quant_type is {mqt!r}, expected {QUANT_TYPE!r} "
+                              f"(or {FLOAT_TYPE!r} for an unquantized model)")
+    if desc.get("group_size", 0) not in (0, None):
+        raise CheckpointError(f"{DESCRIPTION_FILE}: group_size is {desc['group_size']!r}, expected 0 "
+                              "(per-channel weight scales)")
+    for key, kind in desc.items():
+        if key in TOP_LEVEL_FIELDS:
+            continue
+        if kind not in (QUANT_TYPE, FLOAT_TYPE):
+            raise CheckpointError(f"{key}: description says {kind!r}; flatquant_lab handles only "
+                                  f"{QUANT_TYPE!r} and {FLOAT_TYPE!r}")
+        if key not in tensors and not (key in tied and kind == FLOAT_TYPE):
+            raise CheckpointError(f"{key}: listed in {DESCRIPTION_FILE} as {kind} but no such tensor is stored")
+    for key in tensors:
+        if key not in desc:
+            raise CheckpointError(f"{key}: stored but not listed in {DESCRIPTION_FILE}")
+    quantized = {k[: -len(".weight")] for k, v in desc.items()
+                 if k.endswith(".weight") and v == QUANT_TYPE and k not in TOP_LEVEL_FIELDS}
+    for prefix in sorted(quantized):
+        _check_quantized(prefix, tensors, desc)
+    for key, t in tensors.items():
+        prefix, _, leaf = key.rpartition(".")
+        if desc[key] == QUANT_TYPE and prefix not in quantized:
+            raise CheckpointError(f"{key}: description says {QUANT_TYPE} but {prefix}.weight is not {QUANT_TYPE}")
+        if desc[key] == FLOAT_TYPE and prefix not in quantized and not t.is_floating_point():
+            raise CheckpointError(f"{key}: description says {FLOAT_TYPE} but the tensor is {dtype_name(t.dtype)} "
+                                  f"(a quantized weight needs {QUANT_TYPE} and its scales)")
+        if prefix in quantized and leaf not in CHECKPOINT_KEYS + ("bias",):
+            raise CheckpointError(f"{key}: unexpected tensor of quantized linear {prefix} "
+                                  f"(expected {list(CHECKPOINT_KEYS)} and optional 'bias')")
+    _check_fused(tensors, desc)
+    return quantized

@@ -1,0 +1,189 @@
+"""``load_quantized``: rebuild a model from a checkpoint in the vllm-ascend layout (no pickle, no network)."""
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from ..dtypes import HALF_DTYPES, as_dtype, cast_rounds, dtype_name
+from ..layers import CHECKPOINT_KEYS, W4A4FlatQuantLinear
+from ..models import set_submodule
+from .format import (
+    ACT_DTYPE_KEY, CONFIG_FILE, DESCRIPTION_FILE, INDEX_FILE, QUANT_TYPE, SINGLE_FILE, CheckpointError,
+    check_checkpoint, expect, tie_targets,
+)
+
+
+def _read_json(path: Path, what: str):
+    if not path.is_file():
+        raise FileNotFoundError(f"path: {path.parent} has no {path.name} ({what})")
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path.name}: not valid JSON ({e})") from None
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of the safetensors file(s) in ``path``, checked against the index when sharded."""
+    index_path = path / INDEX_FILE
+    if not index_path.is_file():
+        others = sorted(path.glob("*.safetensors.index.json"))
+        index_path = others[0] if len(others) == 1 else index_path
+    if index_path.is_file():
+        index = _read_json(index_path, "shard index")
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index_path.name}: expected a 'weight_map' object")
+        files = sorted(set(weight_map.values()))
+    else:
+        weight_map = None
+        files = [SINGLE_FILE] if (path / SINGLE_FILE).is_file() else sorted(p.name for p in path.glob("*.safetensors"))
+        if len(files) != 1:
+            raise FileNotFoundError(f"path: {path} has no {SINGLE_FILE} or {INDEX_FILE}"
+                                    + (f" (found {files})" if files else ""))
+    tensors: dict[str, torch.Tensor] = {}
+    for name in files:
+        file = path / name
+        if Path(name).name != name or not file.is_file():
+            raise FileNotFoundError(f"{name}: shard listed in {index_path.name} is missing from {path}")
+        for key, t in load_file(str(file)).items():
+            if key in tensors:
+                raise CheckpointError(f"{key}: stored twice (second time in {name})")
+            if weight_map is not None and weight_map.get(key) != name:
+                raise CheckpointError(f"{key}: stored in {name} but {index_path.name} says {weight_map.get(key)!r}")
+            tensors[key] = t
+    if weight_map is not None:
+        for key in weight_map:
+            if key not in tensors:
+                raise CheckpointError(f"{key}: listed in {index_path.name} but not stored in {weight_map[key]}")
+    return tensors
+
+
+def load_quantized(path, backend: str | None = None, dtype=None) -> nn.Module:
+    """Rebuild a model saved by :func:`save_quantized` (or any checkpoint in that format).
+
+    Reads ``config.json``, ``quant_model_description.json`` and the safetensors only (no pickle, no
+    network). Layers the description marks ``W4A4_FLATQUANT_DYNAMIC`` become
+    ``W4A4FlatQuantLinear`` (with ``backend``); the rest are loaded as plain weights. Missing, extra,
+    mis-shaped or mis-typed tensors (float tensors must have the dtype ``config.json`` names) and a
+    description that disagrees with them raise ``CheckpointError`` naming the tensor.
+
+    Without ``dtype`` the result computes bit for bit what the saved model computed (given the
+    default attention implementation). ``dtype`` loads the float tensors in another dtype instead,
+    as ``from_pretrained(dtype=...)`` would: the model is built in it, quantized layers run in it
+    when it is a half type, and their float32 scales and clip ratios stay untouched. Eval mode.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"path: {path} is not a directory")
+    dtype = as_dtype(dtype, optional=True)
+    _read_json(path / CONFIG_FILE, "model config")  # a clear error before transformers' own
+    desc = _read_json(path / DESCRIPTION_FILE, "msModelSlim description")
+    tensors = _read_tensors(path)
+
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    saved_dtype = as_dtype(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+                                  or torch.float32, name=f"{CONFIG_FILE} dtype")
+    # Built directly in the target dtype: Module.to() would also cast the rotary inv_freq buffers,
+    # which from_pretrained keeps in float32.
+    model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=dtype or saved_dtype)
+    ties = tie_targets(model)
+    # The model's sizes first: the checks below take [O, K] from the weight itself.
+    for key, kind in desc.items():
+        if kind == QUANT_TYPE and key.endswith(".weight") and key in tensors:
+            mod = _find(model, key[: -len(".weight")])
+            if isinstance(mod, nn.Linear):
+                expect(key, tensors[key], (mod.out_features, mod.in_features))
+    quantized = check_checkpoint(tensors, desc, tied=ties)
+
+    state = model.state_dict()
+    used: set[str] = set()
+    lossy: list[str] = []
+    for prefix in sorted(quantized):
+        layer = _quantized_layer(model, prefix, tensors, backend, dtype, _saved_act_dtype(desc), lossy)
+        set_submodule(model, prefix, layer)
+        used.update(f"{prefix}.{n}" for n in CHECKPOINT_KEYS + ("bias",) if f"{prefix}.{n}" in tensors)
+        for key in [k for k in state if k.startswith(prefix + ".")]:
+            del state[key]
+
+    with torch.no_grad():
+        for key, target in state.items():
+            if key in ties:
+                continue  # re-tied by the model itself
+            if key not in tensors:
+                raise CheckpointError(f"{key}: missing (the {type(model).__name__} built from {CONFIG_FILE} has it)")
+            t = tensors[key]
+            want = saved_dtype if target.is_floating_point() else target.dtype
+            expect(key, t, tuple(target.shape), (want,))
+            target.copy_(t)  # casts when dtype was given
+            used.add(key)
+    if lossy:
+        more = f" and {len(lossy) - 1} more" if len(lossy) > 1 else ""
+        warnings.warn(f"dtype: loading rounds transforms that the int4 weights were folded with, so the layers "
+                      f"carry a small extra error: {lossy[0]}{more}", stacklevel=2)
+    extra = [k for k in tensors if k not in used]
+    if extra:
+        more = f"; {len(extra) - 1} more" if len(extra) > 1 else ""
+        raise CheckpointError(f"{extra[0]}: unexpected tensor (the {type(model).__name__} built from "
+                              f"{CONFIG_FILE} has no such parameter){more}")
+    return model.eval()
+
+
+def _find(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _saved_act_dtype(desc: Mapping) -> torch.dtype | None:
+    meta = desc.get("metadata")
+    name = meta.get(ACT_DTYPE_KEY) if isinstance(meta, Mapping) else None
+    if name is None:
+        return None
+    act = getattr(torch, name, None) if isinstance(name, str) else None
+    if act not in HALF_DTYPES:
+        raise CheckpointError(f"{DESCRIPTION_FILE}: metadata.{ACT_DTYPE_KEY} is {name!r}, expected 'float16' or 'bfloat16'")
+    return act
+
+
+def _quantized_layer(model: nn.Module, prefix: str, tensors: Mapping[str, torch.Tensor], backend,
+                     dtype: torch.dtype | None, saved_act: torch.dtype | None = None,
+                     lossy: list[str] | None = None) -> W4A4FlatQuantLinear:
+    linear = _find(model, prefix)
+    if not isinstance(linear, nn.Linear):
+        raise CheckpointError(f"{prefix}.weight: the description quantizes {prefix}, which is not an "
+                              f"nn.Linear of {type(model).__name__} (got {type(linear).__name__})")
+    expect(f"{prefix}.weight", tensors[f"{prefix}.weight"], (linear.out_features, linear.in_features))
+    has_bias = f"{prefix}.bias" in tensors
+    if linear.bias is not None and not has_bias:
+        raise CheckpointError(f"{prefix}.bias: missing ({type(model).__name__}'s {prefix} has a bias)")
+    if linear.bias is None and has_bias:
+        raise CheckpointError(f"{prefix}.bias: unexpected ({type(model).__name__}'s {prefix} has no bias)")
+    parts = {n: tensors[f"{prefix}.{n}"] for n in CHECKPOINT_KEYS + (("bias",) if has_bias else ())}
+    stored = parts["left_trans"].dtype
+    # The activation dtype: the requested half dtype, else the one the description records, else the
+    # transforms' own, else bfloat16 (from_checkpoint's default for float32 transforms).
+    act = (dtype if dtype in HALF_DTYPES else saved_act if saved_act is not None
+           else stored if stored in HALF_DTYPES else torch.bfloat16)
+    if dtype is not None:
+        for name in ("left_trans", "right_trans"):
+            t = parts[name]
+            if t.dtype in HALF_DTYPES and cast_rounds(t, dtype) and lossy is not None:
+                lossy.append(f"{prefix}.{name} ({dtype_name(t.dtype)} -> {dtype_name(dtype)})")
+            parts[name] = t.to(dtype)
+    if has_bias:
+        parts["bias"] = parts["bias"].to(act)  # added in the activation dtype, as vllm-ascend does
+    try:
+        return W4A4FlatQuantLinear.from_checkpoint(parts, backend=backend, act_dtype=act)
+    except ValueError as e:  # its messages start with the tensor's short name
+        raise CheckpointError(f"{prefix}.{e}") from None

@@ -1,0 +1,251 @@
+"""``save_quantized``: write a model in the vllm-ascend (msModelSlim) layout, atomically, without pickle.
+
+The directory is built beside its target, fsynced and renamed into place, so it appears complete or
+not at all. Shards come from ``huggingface_hub.split_torch_state_dict_into_shards`` (Hugging Face's
+own names: ``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` plus the index).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+import uuid
+import warnings
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors.torch import save_file
+from torch import nn
+
+from ..dtypes import as_dtype, cast_rounds, dtype_name
+from ..models import quantized_linear_names
+from .format import (
+    ACT_DTYPE_KEY, CONFIG_FILE, DESCRIPTION_FILE, INDEX_FILE, CheckpointError, build_description, check_checkpoint,
+    shares_storage, tie_targets,
+)
+
+log = logging.getLogger(__name__)
+
+# Hugging Face's file names: model.safetensors, or model-00001-of-00003.safetensors ... plus the index.
+SHARD_PATTERN = "model{suffix}.safetensors"
+
+
+def _shard_limit(max_shard_size) -> int:
+    """``max_shard_size`` in bytes: a positive int, or a string Hugging Face parses (``"2GB"``, ``"500MB"``)."""
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    if isinstance(max_shard_size, str):
+        try:
+            n = parse_size_to_int(max_shard_size)
+        except ValueError as exc:
+            raise ValueError(f"max_shard_size: expected a positive int of bytes or a size like '2GB' or "
+                             f"'500MB' (units KB, MB, GB, TB), got {max_shard_size!r} ({exc})") from None
+        if n < 1:
+            raise ValueError(f"max_shard_size: expected at least 1 byte, got {max_shard_size!r} (less than one byte)")
+        return n
+    if isinstance(max_shard_size, int) and not isinstance(max_shard_size, bool) and max_shard_size > 0:
+        return max_shard_size
+    raise ValueError(f"max_shard_size: expected a positive int of bytes or a size like '2GB' or '500MB', "
+                     f"got {max_shard_size!r}")
+
+
+def checkpoint_state(model: nn.Module, dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """The tensors to store, in state-dict order, and the set of quantized linear prefixes.
+
+    Quantized linears contribute their SPEC section 1 tensors (``checkpoint_tensors``); every other
+    entry of the state dict is stored as is, except tied weights (stored once, as Hugging Face does).
+    ``dtype`` casts the float tensors, transforms and biases included; the float32 scales and clip
+    ratios keep their contract dtype. Without ``dtype`` the transforms are stored in the layer's
+    activation dtype, which is what its kernels use (it differs from the stored transform dtype
+    only after a float32 cast of the model, where the cast back is exact).
+    """
+    dtype = as_dtype(dtype, optional=True)
+    quantized = set(quantized_linear_names(model))
+    state = model.state_dict()
+    ties = tie_targets(model)
+    out: dict[str, torch.Tensor] = {}
+    lossy: list[str] = []
+    done: set[str] = set()
+    for key, t in state.items():
+        prefix, _, leaf = key.rpartition(".")
+        if prefix in quantized:
+            if prefix in done:
+                continue
+            done.add(prefix)
+            layer = model.get_submodule(prefix)
+            target = dtype or layer.act_dtype
+            for name, v in layer.checkpoint_tensors().items():
+                if name in ("left_trans", "right_trans", "bias") and v.dtype != target:
+                    if name != "bias" and cast_rounds(v, target):
+                        lossy.append(f"{prefix}.{name} ({dtype_name(v.dtype)} -> {dtype_name(target)})")
+                    v = v.to(target)
+                out[f"{prefix}.{name}"] = v
+            continue
+        if key in ties:
+            src = state.get(ties[key])
+            if src is None:
+                raise CheckpointError(f"{key}: tied to {ties[key]}, which the model does not have")
+            if not (shares_storage(t, src) and t.shape == src.shape) and not torch.equal(t, src):
+                raise CheckpointError(
+                    f"{key}: the config ties it to {ties[key]} (tie_word_embeddings) but the two differ; "
+                    "a load would silently replace it: untie the config or re-tie the weights"
+                )
+            continue
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        out[key] = t
+    if lossy:
+        warnings.warn(
+            f"dtype: casting changed the values of {len(lossy)} transform(s), e.g. {lossy[0]}; the export "
+            "will not compute exactly what the in-memory model computes",
+            stacklevel=3,
+        )
+    # safetensors refuses aliased tensors; anything still aliased here is not a declared tie.
+    seen: dict[int, str] = {}
+    for key, t in out.items():
+        if t.numel() == 0:
+            continue
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen and t.device.type != "meta":
+            raise CheckpointError(f"{key}: shares memory with {seen[ptr]} but is not a declared tied weight")
+        seen[ptr] = key
+    return out, quantized
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, obj) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def _config_dict(model: nn.Module, float_dtype: torch.dtype) -> dict:
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(cfg, "to_json_string"):
+        raise ValueError(f"model: expected a Hugging Face model with a config, got {type(model).__name__}")
+    cfg = copy.deepcopy(cfg)
+    if hasattr(cfg, "quantization_config"):  # left by GGUF loading: the weights are plain floats now
+        del cfg.quantization_config
+    cfg.architectures = [type(model).__name__]  # vLLM picks the model class from this
+    cfg.dtype = float_dtype
+    out = json.loads(cfg.to_json_string(use_diff=True))
+    out.pop("quantization_config", None)
+    # transformers >= 4.56 reads "dtype", older readers (and some vLLM versions) "torch_dtype".
+    out["dtype"] = out["torch_dtype"] = dtype_name(float_dtype)
+    return out
+
+
+def _float_dtype(tensors: Mapping[str, torch.Tensor], quantized: set[str], dtype: torch.dtype | None) -> torch.dtype:
+    if dtype is not None:
+        return dtype
+    found: dict[torch.dtype, str] = {}
+    for key, t in tensors.items():
+        if key.rpartition(".")[0] not in quantized and t.is_floating_point():
+            found.setdefault(t.dtype, key)
+    if len(found) > 1:
+        listing = ", ".join(f"{k} is {dtype_name(d)}" for d, k in found.items())
+        raise ValueError(f"model: its float tensors mix dtypes ({listing}); pass dtype= to save them in one dtype")
+    return next(iter(found), torch.float32)
+
+
+def save_quantized(model: nn.Module, out_dir, tokenizer=None, max_shard_size="2GB", dtype=None,
+                   overwrite: bool = False) -> Path:
+    """Write ``model`` in the vllm-ascend (msModelSlim) format to ``out_dir``; return its path.
+
+    ``dtype`` (float16 / bfloat16 / float32) casts every float tensor, transforms and biases
+    included; scales and clip ratios stay float32. Casting transforms that are not exactly
+    representable in ``dtype`` warns. The checkpoint is checked before anything is written (fused
+    q/k/v and gate/up shards must share type, transforms and clip ratio), written into a temporary
+    directory beside ``out_dir``, fsynced, and renamed into place: ``out_dir`` appears complete or
+    not at all. An existing ``out_dir`` is an error unless ``overwrite=True``.
+    """
+    out_dir = Path(out_dir)
+    dtype = as_dtype(dtype, optional=True)
+    limit = _shard_limit(max_shard_size)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"out_dir: {out_dir} already exists (pass overwrite=True to replace it)")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"out_dir: {out_dir} exists and is not a directory; not replacing it")
+
+    tensors, quantized = checkpoint_state(model, dtype)
+    ties = tie_targets(model)
+    tied_listed = [k for k in ties if k not in tensors]
+    desc = build_description(tensors, quantized, tied_listed)
+    acts = {model.get_submodule(p).act_dtype for p in quantized}
+    if len(acts) == 1:
+        # The transforms' stored dtype need not be the one the layers compute in (dtype=float32, or
+        # fp32 transforms from another exporter): record it, so that a load computes as saved.
+        desc["metadata"] = {ACT_DTYPE_KEY: dtype_name(acts.pop())}
+    elif acts:
+        warnings.warn(f"model: its W4A4 layers compute in {sorted(map(dtype_name, acts))}; the checkpoint "
+                      "cannot record one activation dtype, so a load takes each layer's from its transforms",
+                      stacklevel=2)
+    check_checkpoint(tensors, desc, tied_listed)  # refuse before writing anything
+    float_dtype = _float_dtype(tensors, quantized, dtype)
+    config = _config_dict(model, float_dtype)
+
+    parent = out_dir.absolute().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:12]}"
+    os.mkdir(tmp)  # mkdir, not mkdtemp: the final directory gets the usual umask permissions
+    try:
+        split = split_torch_state_dict_into_shards(tensors, filename_pattern=SHARD_PATTERN, max_shard_size=limit)
+        for name, keys in split.filename_to_tensors.items():
+            part = {k: tensors[k].detach().to("cpu").contiguous() for k in keys}
+            save_file(part, str(tmp / name), metadata={"format": "pt"})
+        if split.is_sharded:
+            _write_json(tmp / INDEX_FILE, {"metadata": split.metadata, "weight_map": split.tensor_to_filename})
+        _write_json(tmp / CONFIG_FILE, config)
+        _write_json(tmp / DESCRIPTION_FILE, desc)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        for root, _, files in os.walk(tmp):
+            for f in files:
+                _fsync_file(Path(root) / f)
+            _fsync_dir(Path(root))
+        _replace_dir(tmp, out_dir, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(parent)
+    log.info("saved %d tensors (%d quantized linears) in %d file(s) to %s", len(tensors), len(quantized),
+             len(split.filename_to_tensors), out_dir)
+    return out_dir
+
+
+def _replace_dir(tmp: Path, out_dir: Path, overwrite: bool) -> None:
+    """Rename ``tmp`` to ``out_dir``; an old ``out_dir`` is moved aside first and removed only after."""
+    if not out_dir.exists():
+        os.rename(tmp, out_dir)
+        return
+    if not overwrite:
+        raise FileExistsError(f"out_dir: {out_dir} already exists (pass overwrite=True to replace it)")
+    old = out_dir.absolute().parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:12]}"
+    os.rename(out_dir, old)
+    try:
+        os.rename(tmp, out_dir)
+    except BaseException:
+        os.rename(old, out_dir)  # put the previous export back
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,88 @@
+"""Model-family adapters: one module per family, registered here; nothing else knows a layout.
+
+    adapter = adapter_for(model)                # raises UnsupportedModelError for other models
+    for i, layer in enumerate(adapter.decoder_layers(model)): ...
+    adapter.groups                              # GroupSpec: linears sharing a transform, fold targets
+
+Adding a family: a module here with a :class:`ModelAdapter` subclass, and one line in ``ADAPTERS``.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from ..layers import W4A4FlatQuantLinear
+from .base import GroupSpec, ModelAdapter, ModelInfo, UnsupportedModelError, supported_text
+from .llama import LLAMA_GROUPS, LlamaAdapter
+from .qwen2 import Qwen2Adapter
+from .qwen3 import Qwen3Adapter
+
+ADAPTERS: tuple[ModelAdapter, ...] = (LlamaAdapter(), Qwen2Adapter(), Qwen3Adapter())
+SUPPORTED_MODEL_TYPES = tuple(t for a in ADAPTERS for t in a.model_types)
+
+# The Llama layout's groups, by name (all registered families share it today).
+GROUPS = {g.name: g.linears for g in LLAMA_GROUPS}
+LINEAR_NAMES = tuple(n for names in GROUPS.values() for n in names)
+# vLLM fused module -> its shards, over every registered family.
+FUSED_MODULES = {name: shards for a in ADAPTERS for name, shards in a.fused_modules.items()}
+
+__all__ = [
+    "ADAPTERS", "FUSED_MODULES", "GROUPS", "GroupSpec", "LINEAR_NAMES", "ModelAdapter", "ModelInfo",
+    "SUPPORTED_MODEL_TYPES", "UnsupportedModelError", "adapter_for", "decoder_layers", "layer_prefix",
+    "linear_weight_bytes", "model_info", "quantized_linear_names", "set_submodule",
+]
+
+
+def adapter_for(model: nn.Module) -> ModelAdapter:
+    """The adapter of ``model``'s family (by ``config.model_type``)."""
+    mtype = getattr(getattr(model, "config", None), "model_type", None)
+    for a in ADAPTERS:
+        if mtype in a.model_types:
+            return a
+    raise UnsupportedModelError(f"model: {type(model).__name__} is not supported (model_type {mtype!r}); "
+                                f"{supported_text()}")
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a supported model (raises ``UnsupportedModelError`` otherwise)."""
+    return adapter_for(model).decoder_layers(model)
+
+
+def model_info(model: nn.Module) -> ModelInfo:
+    """Check the structure and read the sizes the transforms need."""
+    return adapter_for(model).info(model)
+
+
+def layer_prefix(i: int) -> str:
+    """The state-dict prefix of decoder layer ``i`` (as in the HF checkpoint and vllm-ascend)."""
+    return f"model.layers.{i}"
+
+
+def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+def quantized_linear_names(model: nn.Module) -> list[str]:
+    """Module names of every ``W4A4FlatQuantLinear`` in ``model``, in module order."""
+    return [name for name, mod in model.named_modules() if isinstance(mod, W4A4FlatQuantLinear)]
+
+
+def linear_weight_bytes(model: nn.Module, decoder_only: bool = True) -> int:
+    """Bytes the linear layers' weights take in memory (by default only the decoder layers' linears,
+    the ones W4A4 quantizes; ``decoder_only=False`` adds the rest, e.g. ``lm_head``).
+
+    ``nn.Linear``: its ``weight`` (bias not counted). ``W4A4FlatQuantLinear``: the packed int4
+    weight, ``weight_scale``, ``weight_offset``, ``left_trans``, ``right_trans`` and ``clip_ratio``
+    (bias not counted; the derived copies ``p1``/``p2`` are not counted either, as vllm-ascend keeps
+    one copy of each transform).
+    """
+    total = 0
+    root = decoder_layers(model) if decoder_only else model
+    for mod in root.modules():
+        if isinstance(mod, W4A4FlatQuantLinear):
+            for name in ("weight_packed", "weight_scale", "weight_offset", "left_trans", "right_trans", "clip_ratio"):
+                t = getattr(mod, name)
+                total += t.numel() * t.element_size()
+        elif isinstance(mod, nn.Linear):
+            total += mod.weight.numel() * mod.weight.element_size()
+    return total
