@@ -1,7 +1,6 @@
 """``quantize(model, config, calib_data)``: the one verb, and the ``flatquant-lab quantize`` command."""
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 
 import torch
@@ -10,7 +9,6 @@ from torch import nn
 from .calibrate import calibrate
 from .recipe import QuantConfig
 
-log = logging.getLogger(__name__)
 
 
 def _as_ids(calib_data) -> torch.Tensor | None:
@@ -39,14 +37,12 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, calib_data=Non
     """Quantize ``model`` in place to W4A4 FlatQuant and return it.
 
     Every supported decoder linear becomes a ``W4A4FlatQuantLinear``; the calibration report
-    (losses, clip ratios, what stayed float and why) is left on ``model.flatquant_report``.
+    (losses, clip ratios, what stayed float and why, what data) is left on ``model.flatquant_report``.
+    ``calib_data`` must hold at least the config's ``samples`` x ``seqlen`` token ids; the first
+    ``samples`` sequences, cut to ``seqlen``, are what calibration runs on (the config records it).
     """
     config = config or QuantConfig()
     ids = _as_ids(calib_data)
-    if ids is not None and config.method == "flatquant":
-        want = config.budget("samples")
-        if ids.shape[0] < want:
-            log.warning("calib_data has %d samples; the %r profile asks for %d", ids.shape[0], config.profile, want)
     model.eval()
     report = calibrate(model, config, ids, backend=backend, after_layer=after_layer)
     model.flatquant_report = report.to_dict()

@@ -387,6 +387,50 @@ def test_work_dir_of_another_configuration_is_refused(tmp_path):
         assert work in str(e.value)
 
 
+def test_work_dir_calibrated_on_other_data_is_refused(tmp_path):
+    """Same config, other token ids: resuming would mix layers learned on two data sets."""
+    fm = tiny_model("llama")
+    work = str(tmp_path / "work")
+    with pytest.raises(_Interrupt):
+        quantized_copy(fm, config(epochs=1, work_dir=work), after_layer=_stop_after_layer_0)
+    other = torch.randint(0, 256, CALIB.shape, generator=torch.Generator().manual_seed(99))
+    with pytest.raises(ValueError, match="^work_dir: .* calibrated on other data") as e:
+        quantized_copy(fm, config(epochs=1, work_dir=work), ids=other)
+    assert json.loads((tmp_path / "work" / "run.json").read_text())["calib_ids_sha256"] in str(e.value)
+    seen = []
+    quantized_copy(fm, config(epochs=1, work_dir=work), after_layer=seen.append)  # the same data resumes
+    assert seen == [0, 1]
+
+
+def test_the_budget_is_what_calibration_runs_on():
+    """samples x seqlen of the config select the data (first rows, first tokens) and the report says so."""
+    fm = tiny_model("llama")
+    big = torch.cat([CALIB, HELD[:, :32]])  # 12 x 32: more rows than the budget's 8
+    cfg = config(epochs=1)
+    with pytest.warns(UserWarning, match=r"calib_data: 12 x 32 token ids given; .* uses the first 8 x 32"):
+        from_big = quantized_copy(fm, cfg, ids=big)
+    exact = quantized_copy(fm, cfg, ids=CALIB)
+    assert_same_state(state(from_big), state(exact))
+    rec = exact.flatquant_report["calibration"]
+    assert (rec["samples"], rec["seqlen"]) == (cfg.budget("samples"), cfg.budget("seqlen")) == (8, 32)
+    assert rec == from_big.flatquant_report["calibration"]
+    # seqlen cuts each sequence to its first tokens
+    with pytest.warns(UserWarning, match=r"uses the first 8 x 16"):
+        short = quantized_copy(fm, config(epochs=1, seqlen=16), ids=CALIB)
+    assert short.flatquant_report["calibration"]["seqlen"] == 16
+    assert_same_state(state(short), state(quantized_copy(fm, config(epochs=1, seqlen=16), ids=CALIB[:, :16])))
+
+
+@pytest.mark.parametrize("ids, what", [(CALIB[:6], "6 x 32"), (CALIB[:, :20], "8 x 20")])
+def test_less_data_than_the_budget_is_refused(ids, what):
+    model = tiny_model("llama")
+    before = state(model)
+    with pytest.raises(ValueError, match=rf"^calib_data: {what} token ids given, but QuantConfig\(profile='paper', "
+                                         r"samples=8, seqlen=32\) calibrates on 8 x 32"):
+        quantize(model, config(epochs=1), ids)
+    assert_same_state(state(model), before)
+
+
 def test_work_dir_resumes_across_weight_quantizers(tmp_path):
     """The learned tensors do not depend on the weight quantizer: a GPTQ run may reuse an RTN run's."""
     fm = tiny_model("llama")

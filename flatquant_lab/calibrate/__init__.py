@@ -12,6 +12,7 @@ gradients, so what was trained is what the int4 path computes.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import logging
 import time
 import warnings
@@ -48,9 +49,39 @@ class CalibrationReport:
     layers: list[dict] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    calibration: dict | None = None  # what the layers were calibrated on: samples, seqlen, ids digest
 
     def to_dict(self) -> dict:
-        return {"method": self.method, "layers": self.layers, "skipped": self.skipped, "seconds": self.seconds}
+        return {"method": self.method, "layers": self.layers, "skipped": self.skipped, "seconds": self.seconds,
+                "calibration": self.calibration}
+
+
+def budget_ids(calib_ids: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
+    """The calibration budget applied to the data: the first ``samples`` sequences, cut to ``seqlen`` tokens.
+
+    Fewer sequences, or shorter ones, than the budget asks for are refused; more is used only up to the
+    budget, with a warning, so that ``QuantConfig`` always says what calibration ran on.
+    """
+    if not isinstance(calib_ids, torch.Tensor) or calib_ids.dim() != 2 or calib_ids.dtype != torch.long:
+        raise ValueError(f"calib_data: expected a LongTensor [n, seqlen], got {getattr(calib_ids, 'shape', calib_ids)}")
+    samples, seqlen = cfg.budget("samples"), cfg.budget("seqlen")
+    n, length = calib_ids.shape
+    src = f"QuantConfig(profile={cfg.profile!r}{', samples=' + str(cfg.samples) if cfg.samples else ''}" \
+          f"{', seqlen=' + str(cfg.seqlen) if cfg.seqlen else ''})"
+    if n < samples or length < seqlen:
+        raise ValueError(f"calib_data: {n} x {length} token ids given, but {src} calibrates on {samples} x {seqlen}; "
+                         "pass at least that much, or set samples= / seqlen= to what you have")
+    if n > samples or length > seqlen:
+        warnings.warn(f"calib_data: {n} x {length} token ids given; {src} uses the first {samples} x {seqlen} "
+                      "(set samples= / seqlen= to use more)", stacklevel=4)
+    return calib_ids[:samples, :seqlen].contiguous()
+
+
+def ids_digest(ids: torch.Tensor) -> str:
+    """sha256 of the token ids and their shape: a resumed run must see the same data."""
+    h = hashlib.sha256(str(tuple(ids.shape)).encode())
+    h.update(ids.to(torch.int64).cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def calibrate(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor | None = None,
@@ -101,12 +132,15 @@ def calibrate(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor | None
             log.info("kept in float (%s): %s", why, ", ".join(names[:6]) + (" ..." if len(names) > 6 else ""))
     log.info("lm_head stays in float: the NPU W4A4 path serves decoder linears only")
     report.skipped["lm_head"] = "output head: kept in float"
-    work = WorkDir(cfg.work_dir, cfg, info.num_layers) if cfg.work_dir else None
+    digest = None
+    if need_data:
+        calib_ids = budget_ids(calib_ids, cfg)
+        digest = ids_digest(calib_ids)
+        report.calibration = {"samples": calib_ids.shape[0], "seqlen": calib_ids.shape[1], "ids_sha256": digest}
+    work = WorkDir(cfg.work_dir, cfg, info.num_layers, digest) if cfg.work_dir else None
     X = kwargs_by_bs = None
     bs = cfg.budget("batch_size")
     if need_data:
-        if not isinstance(calib_ids, torch.Tensor) or calib_ids.dim() != 2 or calib_ids.dtype != torch.long:
-            raise ValueError(f"calib_data: expected a LongTensor [n, seqlen], got {getattr(calib_ids, 'shape', calib_ids)}")
         X, kwargs_by_bs = capture_layer_inputs(model, calib_ids, bs)
     bar = tqdm(range(info.num_layers), desc=f"{cfg.method} layers", unit="layer")
     for i in bar:

@@ -13,9 +13,13 @@ from ..recipe import QuantConfig
 
 
 class WorkDir:
-    """Per-layer learned tensors on disk, each file written atomically, for resuming a run."""
+    """Per-layer learned tensors on disk, each file written atomically, for resuming a run.
 
-    def __init__(self, path: str, cfg: QuantConfig, num_layers: int):
+    ``run.json`` holds the config's fingerprint and the calibration ids' sha256: a run with another
+    config or other data is refused (pass ``ids_sha256=None`` only to read a finished run).
+    """
+
+    def __init__(self, path: str, cfg: QuantConfig, num_layers: int, ids_sha256: str | None = None):
         self.path = path
         os.makedirs(path, exist_ok=True)
         meta = os.path.join(path, "run.json")
@@ -26,8 +30,13 @@ class WorkDir:
             if old.get("config") != fingerprint or old.get("num_layers") != num_layers:
                 raise ValueError(f"work_dir: {path} holds a run with another configuration; "
                                  "use a fresh directory or the same QuantConfig")
+            if ids_sha256 is not None and old.get("calib_ids_sha256") != ids_sha256:
+                raise ValueError(f"work_dir: {path} holds a run calibrated on other data (token ids sha256 "
+                                 f"{old.get('calib_ids_sha256')}, these are {ids_sha256}); use a fresh directory "
+                                 "or the same calibration ids")
         else:
-            atomic_write_text(meta, json.dumps({"config": fingerprint, "num_layers": num_layers}, indent=1))
+            atomic_write_text(meta, json.dumps({"config": fingerprint, "num_layers": num_layers,
+                                                "calib_ids_sha256": ids_sha256}, indent=1))
 
     def file(self, i: int) -> str:
         return os.path.join(self.path, f"layer_{i:04d}.safetensors")
