@@ -19,12 +19,14 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 from flatquant_lab import ops  # noqa: E402
-from flatquant_lab.kronecker import explicit_kron, kron_apply  # noqa: E402
+from flatquant_lab.kronecker import kron_apply  # noqa: E402
 from flatquant_lab.layers import W4A4FlatQuantLinear  # noqa: E402
-from flatquant_lab.packing import pack_int4, pack_int4_loop  # noqa: E402
+from flatquant_lab.packing import pack_int4  # noqa: E402
 from flatquant_lab.transforms import orthogonal_factor  # noqa: E402
+from baselines import dense_kron, pack_int4_loop  # noqa: E402  (slow references)
 
 torch.set_num_threads(2)
 
@@ -80,7 +82,7 @@ def bench_linear(repeats: int, tokens: int) -> tuple[bool, bool]:
     x = torch.randn(tokens, k, generator=g)
     xb = x.bfloat16()
     lf, rf = left.float(), right.float()
-    dense = explicit_kron(lf, rf)  # [K, K] fp32
+    dense = dense_kron(lf, rf)  # [K, K] fp32
     assert torch.allclose(kron_apply(x[:4], lf, rf), x[:4] @ dense, atol=1e-4)
 
     # pieces of the W4A4 forward, for the breakdown

@@ -105,9 +105,3 @@ def fold_weight(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
     li, ri = inverse_t if inverse_t is not None else kron_inverse_t(left, right)
     wm = weight.to(li.dtype).reshape(*weight.shape[:-1], n1, n2)
     return (li.transpose(0, 1) @ wm @ ri).reshape(weight.shape)
-
-
-def explicit_kron(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """The dense ``kron(L, R)``: for tests and baselines only (``K^2`` memory)."""
-    # torch.kron raises on non-contiguous inputs (e.g. the transposes kron_inverse_t returns)
-    return torch.kron(left.contiguous(), right.contiguous())

@@ -95,18 +95,3 @@ def offset8_to_npu(packed: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"packed: expected an int32 tensor, got {packed.dtype}")
     mask = torch.tensor(0x88888888 - 2**32, dtype=torch.int32, device=packed.device)
     return packed ^ mask
-
-
-def pack_int4_loop(values: torch.Tensor) -> torch.Tensor:
-    """Per-nibble Python loop packer: the slow, obviously-correct baseline for tests and bench."""
-    rows = values.reshape(-1, values.shape[-1]).tolist()
-    out = []
-    for row in rows:
-        words = []
-        for g in range(0, len(row), VALUES_PER_WORD):
-            w = 0
-            for j in range(VALUES_PER_WORD):
-                w |= (int(row[g + j]) & 0xF) << (4 * j)
-            words.append(w - 2**32 if w >= 2**31 else w)
-        out.append(words)
-    return torch.tensor(out, dtype=torch.int32).reshape(*values.shape[:-1], values.shape[-1] // 8)

@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from flatquant_lab.ops.reference import unpack_int4_float, unpack_int4_int8
-from flatquant_lab.packing import offset8_to_npu, pack_int4, pack_int4_loop, unpack_int4
+from baselines import pack_int4_loop
+from flatquant_lab.packing import offset8_to_npu, pack_int4, unpack_int4
 
 
 def _i32(word: int) -> int:

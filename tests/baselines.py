@@ -1,0 +1,26 @@
+"""Slow, obviously-correct implementations that tests and bench/ check the package against (not shipped)."""
+from __future__ import annotations
+
+import torch
+
+VALUES_PER_WORD = 8
+
+
+def pack_int4_loop(values: torch.Tensor) -> torch.Tensor:
+    """Per-nibble Python loop packer into the NPU layout (SPEC section 4): value j of 8 in bits [4j, 4j+3]."""
+    rows = values.reshape(-1, values.shape[-1]).tolist()
+    out = []
+    for row in rows:
+        words = []
+        for g in range(0, len(row), VALUES_PER_WORD):
+            w = 0
+            for j in range(VALUES_PER_WORD):
+                w |= (int(row[g + j]) & 0xF) << (4 * j)
+            words.append(w - 2**32 if w >= 2**31 else w)
+        out.append(words)
+    return torch.tensor(out, dtype=torch.int32).reshape(*values.shape[:-1], values.shape[-1] // 8)
+
+
+def dense_kron(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """The dense ``kron(L, R)`` (``K^2`` memory); ``torch.kron`` itself raises on some non-contiguous inputs."""
+    return torch.kron(left.contiguous(), right.contiguous())
