@@ -24,7 +24,8 @@ test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadgroup -q $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(VENV)/bin/flatquant-lab demo --model $(MODEL) --profile $(PROFILE) --out results
+	# results/<profile>/demo.json and demo.png are committed: the README's tables quote them
+	$(VENV)/bin/flatquant-lab demo --model $(MODEL) --profile $(PROFILE) --out results/$(PROFILE)
 
 bench: $(STAMP)
 	$(PY) bench/bench_ops.py
@@ -39,4 +40,4 @@ lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/
 
 clean:
-	rm -rf $(VENV) .cache results/*.json results/*.png results/export-flatquant
+	rm -rf $(VENV) .cache results/*/export-*
