@@ -35,8 +35,8 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------- per token
-def _kron_act_codes(b: torch.Tensor, clip: torch.Tensor):
-    """Steps 3-6 of the kernel on float32 ``b[..., K]``: ``(q, s, t, m)``, ``s`` and ``m`` keep a trailing 1.
+def kron_act_codes(b: torch.Tensor, clip: torch.Tensor):
+    """Steps 3-6 of the kernel on float32 ``b[..., K]``: ``(q, s, t, m, mult)``; ``s``, ``m``, ``mult`` keep a trailing 1.
 
     ``t = round_fp16(b * mult)`` is the value just before the integer rounding (ties are decided on it).
     """
@@ -46,7 +46,7 @@ def _kron_act_codes(b: torch.Tensor, clip: torch.Tensor):
     mult = torch.where(m == 0, seven, (seven / clip) / torch.where(m == 0, torch.ones_like(m), m))
     t = (b * mult).to(torch.float16).to(b.dtype)
     q = torch.round(t).clamp_(QMIN, QMAX)
-    return q, (m * clip) / seven, t, m
+    return q, (m * clip) / seven, t, m, mult
 
 
 def quant_act_reference(b: torch.Tensor, clip_ratio: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,7 +56,7 @@ def quant_act_reference(b: torch.Tensor, clip_ratio: float | torch.Tensor = 1.0)
     gives the op's own codes and scales): fp32 ``mult = (7 / c) / m``, fp16 product, half-to-even.
     """
     clip = torch.as_tensor(clip_ratio, dtype=torch.float32, device=b.device)
-    q, s, _, _ = _kron_act_codes(b.float(), clip)
+    q, s, _, _, _ = kron_act_codes(b.float(), clip)
     return q, s.squeeze(-1)
 
 
@@ -78,14 +78,14 @@ def quant_dynamic_reference(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tenso
 class _ActQuant(torch.autograd.Function):
     """Per-token int4 quantize-dequantize with the kernel's steps; STE for ``b``, LSQ for ``c``.
 
-    Forward ``b_hat = q s`` (``_kron_act_codes``); backward ``db = g [q == rint(t)]``,
+    Forward ``b_hat = q s`` (``kron_act_codes``); backward ``db = g [q == rint(t)]``,
     ``dc = sum g (s / c) (q - [q == rint(t)] t)``; ``m`` is held constant. One fused function instead
     of a dozen autograd nodes: this runs on every training step.
     """
 
     @staticmethod
     def forward(ctx, b, clip):
-        q, s, t, m = _kron_act_codes(b, clip)
+        q, s, t, m, _ = kron_act_codes(b, clip)
         ctx.save_for_backward(t, m, clip)
         return q * s
 

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from flatquant_lab.ops.reference import unpack_int4_float, unpack_int4_int8
+from flatquant_lab.ops.reference import unpack_int4_int8
 from baselines import pack_int4_loop
 from flatquant_lab.packing import offset8_to_npu, pack_int4, unpack_int4
 
@@ -79,7 +79,6 @@ def test_round_trip_any_leading_dims(arr):
     assert packed.shape == (*v.shape[:-1], v.shape[-1] // 8)
     assert torch.equal(unpack_int4(packed), v)
     assert torch.equal(unpack_int4_int8(packed), v)
-    assert torch.equal(unpack_int4_float(packed), v.float())
 
 
 @settings(max_examples=40, deadline=None)

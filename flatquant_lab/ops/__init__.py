@@ -1,15 +1,23 @@
 """Backend-neutral entry points for the Ascend W4A4 ops (the only place that knows about backends).
 
-Each function has the signature and results of its ``torch_npu.npu_*`` namesake. ``backend`` picks
-the implementation: ``"reference"`` (pure PyTorch, any device, SPEC sections 3-6 step by step) or
-``"npu"`` (``torch_npu``). Left as ``None`` it comes from ``FLATQUANT_BACKEND``
-(``auto|npu|reference``, default ``auto``); ``auto`` picks npu for tensors on an NPU device.
-Inputs are validated here, once, for both backends.
+Each function has the signature and results of its ``torch_npu.npu_*`` namesake. ``backend`` names
+the implementation, looked up in a registry: ``"reference"`` (pure PyTorch, any device, SPEC
+sections 3-6 step by step) and ``"npu"`` (``torch_npu``) are registered here; anything else is
+plugged in the same way with :func:`register_backend`, or named ``"package.module:ATTR"`` and
+imported on first use. Left as ``None`` the name comes from ``FLATQUANT_BACKEND`` (default
+``auto``); ``auto`` picks npu for tensors on an NPU device. Inputs are validated here, once, for
+every backend.
+
+The registry is this package's one piece of module-level mutable state, on purpose: it is the
+table through which every caller (layers, numerics, the CLI) reaches a backend, as ``codecs``
+reaches codecs.
 """
 from __future__ import annotations
 
+import importlib
 import math
 import os
+import re
 
 import torch
 
@@ -17,33 +25,112 @@ from ..dtypes import HALF_DTYPES
 from . import npu as _npu
 from . import reference as _ref
 from .npu import NPUUnavailableError
-from .reference import Fp16OverflowError, unpack_int4_float
+from .reference import Fp16OverflowError, KroneckerTrace, kronecker_quant_trace
 
-BACKENDS = ("reference", "npu")
+BACKENDS = ("reference", "npu")  # the built-in backends, always registered
 ENV_VAR = "FLATQUANT_BACKEND"
+# What a backend provides: one callable per op, with the signature of the torch_npu op.
+OPS = ("kronecker_quant", "quant_matmul", "convert_weight_to_int4pack", "dynamic_quant")
 KRONECKER_MAX_FACTOR = 256  # CANN 8.5; 8.1-8.3 allow 128 (see kronecker.npu_supported)
 MAX_PACKED_DIM = 65535
+_NAME = re.compile(r"[a-z][a-z0-9_\-]*\Z")
+_SPEC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*\Z")
+_REGISTRY: dict[str, object] = {}
 
 __all__ = [
-    "BACKENDS", "Fp16OverflowError", "NPUUnavailableError", "resolve_backend", "kronecker_quant",
-    "quant_matmul", "convert_weight_to_int4pack", "dynamic_quant", "unpack_int4_float",
+    "BACKENDS", "OPS", "Fp16OverflowError", "KroneckerTrace", "NPUUnavailableError", "backends",
+    "convert_weight_to_int4pack", "dynamic_quant", "get_backend", "kronecker_quant", "kronecker_quant_trace",
+    "quant_matmul", "register_backend", "resolve_backend", "unregister_backend",
 ]
 
 
+def _check_ops(name: str, backend) -> None:
+    missing = [op for op in OPS if not callable(getattr(backend, op, None))]
+    if missing:
+        raise ValueError(f"backend {name!r}: expected a module or namespace with callables {', '.join(OPS)}; "
+                         f"{type(backend).__name__} {backend!r} lacks {', '.join(missing)}")
+
+
+def register_backend(name: str, backend, replace: bool = False) -> None:
+    """Make ``backend`` (a module or namespace with the four ``OPS``) selectable as ``backend=name``.
+
+    ``name``: lowercase letters, digits, ``_`` and ``-``, starting with a letter; ``auto`` and the
+    built-in names are refused, and so is a name already taken unless ``replace=True``.
+    """
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(f"name: expected lowercase letters, digits, '_' or '-', starting with a letter, got {name!r}")
+    if name == "auto" or (name in BACKENDS and backend is not _builtin(name)):
+        raise ValueError(f"name: {name!r} is reserved (auto and the built-in backends {', '.join(BACKENDS)})")
+    if name in _REGISTRY and not replace and _REGISTRY[name] is not backend:
+        raise ValueError(f"name: a backend {name!r} is already registered; pass replace=True to replace it")
+    _check_ops(name, backend)
+    _REGISTRY[name] = backend
+
+
+def unregister_backend(name: str) -> None:
+    """Remove a backend registered with :func:`register_backend` (the built-in ones stay)."""
+    if name in BACKENDS:
+        raise ValueError(f"name: the built-in backend {name!r} cannot be removed")
+    if name not in _REGISTRY:
+        raise ValueError(f"name: no backend {name!r} is registered (registered: {', '.join(backends())})")
+    del _REGISTRY[name]
+
+
+def backends() -> tuple[str, ...]:
+    """The names a ``backend`` argument takes now (besides ``auto`` and ``module:attr`` specs), sorted."""
+    return tuple(sorted(_REGISTRY))
+
+
+def _builtin(name: str):
+    return {"reference": _ref, "npu": _npu}[name]
+
+
+def _load_spec(spec: str, src: str) -> str:
+    """Import ``package.module:ATTR`` and register that object under the spec itself."""
+    if spec in _REGISTRY:
+        return spec
+    mod_name, attr = spec.split(":", 1)
+    try:
+        obj = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise ValueError(f"{src}: cannot import module {mod_name!r} of backend spec {spec!r}: {exc}") from exc
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"{src}: module {mod_name!r} has no attribute {attr!r} (backend spec {spec!r})")
+        obj = getattr(obj, part)
+    _check_ops(spec, obj)
+    _REGISTRY[spec] = obj
+    return spec
+
+
 def resolve_backend(backend: str | None = None, *tensors: torch.Tensor) -> str:
-    """The backend to run: the argument, else ``$FLATQUANT_BACKEND``, where ``auto`` looks at devices."""
+    """The backend to run: the argument, else ``$FLATQUANT_BACKEND``, where ``auto`` looks at devices.
+
+    A ``package.module:ATTR`` spec is imported and registered under that spec on first use.
+    """
+    src = "backend" if backend is not None else ENV_VAR
     choice = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
-    choice = choice.strip().lower()
+    if not isinstance(choice, str):
+        raise ValueError(f"{src}: expected a backend name (str), got {type(choice).__name__}")
+    choice = choice.strip()
+    if _SPEC.match(choice):
+        return _load_spec(choice, src)
+    choice = choice.lower()
     if choice == "auto":
         return "npu" if any(t.device.type == "npu" for t in tensors) else "reference"
-    if choice not in BACKENDS:
-        src = "backend" if backend is not None else ENV_VAR
-        raise ValueError(f"{src}: expected one of auto, npu, reference, got {choice!r}")
+    if choice not in _REGISTRY:
+        raise ValueError(f"{src}: expected one of {', '.join(['auto', *backends()])}, got {choice!r} "
+                         "(an out-of-tree backend: register_backend(name, module), or 'package.module:ATTR')")
     return choice
 
 
-def _impl(backend: str | None, *tensors: torch.Tensor):
-    return _npu if resolve_backend(backend, *tensors) == "npu" else _ref
+def get_backend(backend: str | None = None, *tensors: torch.Tensor):
+    """The module or namespace that implements the ops for ``backend`` (resolved as :func:`resolve_backend`)."""
+    return _REGISTRY[resolve_backend(backend, *tensors)]
+
+
+register_backend("reference", _ref)
+register_backend("npu", _npu)
 
 
 def check_clip_ratio(clip_ratio) -> float:
@@ -77,7 +164,7 @@ def kronecker_quant(x, p1, p2, clip_ratio=1.0, dst_dtype=torch.int32, backend=No
     if max(n1, n2) > KRONECKER_MAX_FACTOR:
         raise ValueError(f"x: factor sizes ({n1}, {n2}) exceed {KRONECKER_MAX_FACTOR}, the op's limit")
     c = check_clip_ratio(clip_ratio)
-    return _impl(backend, x, p1, p2).kronecker_quant(x, p1, p2, clip_ratio=c, dst_dtype=dst_dtype)
+    return get_backend(backend, x, p1, p2).kronecker_quant(x, p1, p2, clip_ratio=c, dst_dtype=dst_dtype)
 
 
 def quant_matmul(x1, x2, scale, offset=None, pertoken_scale=None, bias=None,
@@ -102,7 +189,7 @@ def quant_matmul(x1, x2, scale, offset=None, pertoken_scale=None, bias=None,
         raise ValueError(f"bias: expected shape [{n}], got {tuple(bias.shape)}")
     if output_dtype not in HALF_DTYPES:
         raise ValueError(f"output_dtype: expected torch.float16 or torch.bfloat16, got {output_dtype}")
-    return _impl(backend, x1, x2).quant_matmul(
+    return get_backend(backend, x1, x2).quant_matmul(
         x1, x2, scale, offset=offset, pertoken_scale=pertoken_scale, bias=bias, output_dtype=output_dtype
     )
 
@@ -111,7 +198,7 @@ def convert_weight_to_int4pack(weight, inner_k_tiles=1, backend=None):
     """``npu_convert_weight_to_int4pack``: int32 values [n, k] in [-8, 7] -> int32 [n, k/8]."""
     if weight.dtype != torch.int32 or weight.dim() != 2:
         raise ValueError(f"weight: expected a 2-D int32 tensor, got {weight.dtype} {tuple(weight.shape)}")
-    return _impl(backend, weight).convert_weight_to_int4pack(weight, inner_k_tiles=inner_k_tiles)
+    return get_backend(backend, weight).convert_weight_to_int4pack(weight, inner_k_tiles=inner_k_tiles)
 
 
 def dynamic_quant(x, smooth_scales=None, dst_type=torch.int8, backend=None):
@@ -120,4 +207,4 @@ def dynamic_quant(x, smooth_scales=None, dst_type=torch.int8, backend=None):
         raise ValueError(f"x: expected a float tensor, got {x.dtype}")
     if smooth_scales is not None and smooth_scales.shape[-1:] != x.shape[-1:]:
         raise ValueError(f"smooth_scales: expected shape [{x.shape[-1]}], got {tuple(smooth_scales.shape)}")
-    return _impl(backend, x).dynamic_quant(x, smooth_scales=smooth_scales, dst_type=dst_type)
+    return get_backend(backend, x).dynamic_quant(x, smooth_scales=smooth_scales, dst_type=dst_type)

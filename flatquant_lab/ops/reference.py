@@ -7,11 +7,12 @@ whatever the summation order, and the result equals the device's int32 accumulat
 from __future__ import annotations
 
 import sys
+from typing import NamedTuple
 
 import torch
 
 from ..packing import _pack_int4_bytes, pack_int4, unpack_int4
-from ..quantizers import quant_act_reference, quant_dynamic_reference
+from ..quantizers import kron_act_codes, quant_dynamic_reference
 
 FP16_MAX = 65504.0
 MAX_K_EXACT = 262144  # |acc| <= 64 * k stays below 2**24 up to here
@@ -19,18 +20,6 @@ MAX_K_EXACT = 262144  # |acc| <= 64 * k stays below 2**24 up to here
 
 class Fp16OverflowError(ValueError):
     """The transformed activation ``p1 @ x @ p2`` does not fit fp16, where the kernel keeps it."""
-
-
-def unpack_int4_float(packed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Unpack NPU-layout int32 words ``[..., k/8]`` straight to ``dtype`` values ``[..., k]``.
-
-    Same result as ``unpack_int4(packed).to(dtype)``, in int32 arithmetic with one pass: this sits on
-    the reference matmul's hot path.
-    """
-    shifts = torch.arange(28, -4, -4, dtype=torch.int32, device=packed.device)
-    # Move nibble j to the top 4 bits, then an arithmetic shift right by 28 sign-extends it.
-    v = (packed.unsqueeze(-1) << shifts) >> 28
-    return v.flatten(-2).to(dtype)
 
 
 def unpack_int4_int8(packed: torch.Tensor) -> torch.Tensor:
@@ -73,28 +62,32 @@ def _int_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return a.to(torch.float32) @ w.to(torch.float32).t()
 
 
-def kronecker_quant(
-    x: torch.Tensor,
-    p1: torch.Tensor,
-    p2: torch.Tensor,
-    clip_ratio: float = 1.0,
-    dst_dtype: torch.dtype = torch.int32,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Emulate ``npu_kronecker_quant``: per token ``b = p1 @ x @ p2`` then int4 quantization.
+class KroneckerTrace(NamedTuple):
+    """``npu_kronecker_quant``'s intermediates for tokens ``[T, n1, n2]``, flattened to ``[T, K]``.
 
-    Steps (one token ``x[n1, n2]``, input dtype ``t``):
+    ``b``: fp16 transformed activations; ``t``: ``round_fp16(b * mult)`` as float32, the value the
+    integer rounding sees; ``q``: int8 codes in [-8, 7]; ``scale``: float32 ``[T]``; ``mult``: float32 ``[T]``.
+    """
+
+    b: torch.Tensor
+    t: torch.Tensor
+    q: torch.Tensor
+    scale: torch.Tensor
+    mult: torch.Tensor
+
+
+def kronecker_quant_trace(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, clip_ratio: float = 1.0) -> KroneckerTrace:
+    """Every step of ``npu_kronecker_quant`` (SPEC section 3) on tokens ``x[T, n1, n2]``, kept.
+
     a = round_t(x @ p2) with fp32 accumulation;  b = round_fp16(p1 @ a) with fp32 accumulation;
     m = max|b|;  quant_scale = (m * c) / 7;  mult = (7 / c) / m  (7 when m == 0);
-    q = sat[-8, 7](rint(round_fp16(b * mult)))  packed 8 per int32 along n2.
-    Returns ``(out int32 [T, n1, n2/8], quant_scale float32 [T])``.
+    t = round_fp16(b * mult);  q = sat[-8, 7](rint(t)).
     """
-    t = x.dtype
-    if dst_dtype != torch.int32:
-        raise ValueError(f"dst_dtype: expected torch.int32 (int4 packed), got {dst_dtype}")
+    t_dtype = x.dtype
     n2 = x.shape[-1]
     # a = x @ p2 (fp32 accumulation), rounded to the input dtype; one small GEMM per token, which
     # on CPU beats the tall-skinny [T * n1, n2] @ [n2, n2] GEMM
-    a = torch.bmm(x.float(), p2.float().expand(x.shape[0], n2, n2)).to(t)
+    a = torch.bmm(x.float(), p2.float().expand(x.shape[0], n2, n2)).to(t_dtype)
     # b = p1 @ a (fp32 accumulation), rounded to fp16 even for bf16 input
     b = torch.matmul(p1.float(), a.float()).to(torch.float16)
     # max|b| per token in one pass: inf or nan exactly when the token has one
@@ -108,10 +101,29 @@ def kronecker_quant(
             f"or a non-finite input) in {bad} of {b.shape[0]} token(s); the kernel keeps it in fp16 "
             "and would produce inf scales. Scale the input or the transform down."
         )
+    b = b.reshape(b.shape[0], -1)
     # steps 3-6 (the scale, the fp32 multiplier, the fp16 product, rint, saturation): the shared quantizer
-    q, quant_scale = quant_act_reference(b.reshape(b.shape[0], -1), clip_ratio)
-    q = q.reshape(b.shape).to(torch.int8)
-    return _pack_int4_checked(q), quant_scale
+    clip = torch.tensor(float(clip_ratio), dtype=torch.float32, device=b.device)
+    q, scale, t, _, mult = kron_act_codes(b.float(), clip)
+    return KroneckerTrace(b, t, q.to(torch.int8), scale.squeeze(-1), mult.squeeze(-1))
+
+
+def kronecker_quant(
+    x: torch.Tensor,
+    p1: torch.Tensor,
+    p2: torch.Tensor,
+    clip_ratio: float = 1.0,
+    dst_dtype: torch.dtype = torch.int32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Emulate ``npu_kronecker_quant``: per token ``b = p1 @ x @ p2`` then int4 quantization.
+
+    The steps are :func:`kronecker_quant_trace`'s; the codes are packed 8 per int32 along n2.
+    Returns ``(out int32 [T, n1, n2/8], quant_scale float32 [T])``.
+    """
+    if dst_dtype != torch.int32:
+        raise ValueError(f"dst_dtype: expected torch.int32 (int4 packed), got {dst_dtype}")
+    tr = kronecker_quant_trace(x, p1, p2, clip_ratio)
+    return _pack_int4_checked(tr.q.reshape(x.shape)), tr.scale
 
 
 def quant_matmul(
