@@ -30,8 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--outlier-scale", type=float, default=20.0, help="magnitude factor of those channels")
     parser.add_argument("--bias", action="store_true", help="give the layer a random bias")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--backend", choices=("auto", *ops.BACKENDS), default=None,
-                        help="ops backend (default: $FLATQUANT_BACKEND, else auto)")
+    parser.add_argument("--backend", default=None, metavar="NAME",
+                        help="the backend under test: auto, npu, reference, or an out-of-tree one as "
+                             "'package.module:ATTR' (a module or namespace with the four ops); "
+                             "default: $FLATQUANT_BACKEND, else auto")
     parser.add_argument("--sweep", action="store_true", help="also print a clip-ratio sweep")
     parser.add_argument("--ratios", type=float, nargs="+", default=None,
                         help=f"clip ratios in (0, 1] for --sweep (default: {' '.join(f'{r:g}' for r in DEFAULT_RATIOS)})")
@@ -54,6 +56,10 @@ def run(args: argparse.Namespace) -> int:
             ops.check_clip_ratio(r)
         except ValueError as exc:
             raise SystemExit(f"--ratios: {exc}") from None
+    try:
+        ops.resolve_backend(args.backend)  # a misspelt name or a spec that does not import fails before any work
+    except ValueError as exc:
+        raise SystemExit(f"--backend: {exc}") from None
     dtype = _DTYPES[args.dtype]
     n1, n2 = decompose_dim(k)
     support = npu_supported(n1, n2, cann=max(NPU_MAX_FACTOR, key=NPU_MAX_FACTOR.get))  # most permissive release
@@ -82,4 +88,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         atomic_write_text(args.json, json.dumps(out, indent=2, default=str) + "\n")
         print(f"\nwrote {args.json}")
-    return 0 if report.bound_ok else 1
+    if not report.passed:
+        print(f"\nflatquant-lab check: FAILED: backend {report.backend}, part {report.failed_part}: {report.reason}")
+        return 1
+    print(f"\nflatquant-lab check: passed (backend {report.backend})")
+    return 0
