@@ -321,7 +321,7 @@ def _check_kronecker(qlinear, x_act, c: float, backend: str, tie_ulps: float, ti
     flip = differ & near & (((q_ref == lo) & (q_b == hi)) | ((q_ref == hi) & (q_b == lo)))
     bad = differ & ~flip
     n_near, n_flip = int(near.sum()), int(flip.sum())
-    allowed = max(1, math.floor(tie_share * n_near))
+    allowed = max(1, math.floor(tie_share * n_near)) if tie_share > 0 else 0
     if bool(bad.any()):
         codes = _first_bad("codes", bad, q_b, q_ref, "int4 codes")
         codes.reason = (f"{codes.mismatches} int4 codes in {int(bad.any(dim=1).sum())} of {t_count} tokens differ from "
@@ -413,7 +413,8 @@ def _check_product(qlinear, q_ref: torch.Tensor, backend: str) -> PartCheck:
         c = _first_bad("product", bad, y.double() / unit, want.double() / unit, "integer products")
         c.reason = (f"quant_matmul ({label}, unit scales): {c.mismatches} of {want.numel()} integer products differ "
                     f"from the exact int32 sum; first at row {c.token}, column {c.index}: backend "
-                    f"{c.backend_value:.9g}, reference {float(acc[c.token, c.index]):.0f} (both as fp16 can hold them)")
+                    f"{c.backend_value:.9g}, reference {c.reference_value:.9g} (the exact sum "
+                    f"{float(acc[c.token, c.index]):.0f} rounded to fp16)")
         checks.append(c)
     return _merge("product", checks)
 
@@ -509,7 +510,7 @@ def check_linear(qlinear: W4A4FlatQuantLinear, x: torch.Tensor, float_linear: nn
     section 3): ``mult`` times ``b``'s ulp, plus ``t``'s own fp16 rounding. Only a code inside that
     window may differ, only by one step, and only to the other side of the tie. Such codes are
     counted (``tie_codes``, ``tie_code_share`` of all codes) and bounded: at most ``tie_share`` (1/32)
-    of the ``near_tie_codes`` inside the window, and at least one. Why the bound is safe: every code
+    of the ``near_tie_codes`` inside the window, and at least one (none with ``tie_share=0``). Why the bound is safe: every code
     outside the window must match exactly, so no error larger than one step, or away from a tie, is
     ever excused; a legitimate last-bit difference flips a window code only when that ``b`` itself
     flips, in the right direction (float64 and permuted-order fp32 accumulation of ``a`` and ``b``

@@ -2,18 +2,19 @@
 import json
 import math
 import sys
+import types
 
 import pytest
 import torch
 from torch import nn
 
+from broken_backends import BROKEN, LEGITIMATE
 from fake_torch_npu import make_fake_torch_npu
-from flatquant_lab import cli, numerics
+from flatquant_lab import cli, numerics, ops
 from flatquant_lab.cli import check as cli_check
 from flatquant_lab.kronecker import decompose_dim
 from flatquant_lab.layers import W4A4FlatQuantLinear
-from flatquant_lab.numerics import (check_linear, random_problem, reference_activations, sweep_clip_ratio,
-                                   sweep_layer_clip_ratio, ulp)
+from flatquant_lab.numerics import check_linear, random_problem, sweep_clip_ratio, sweep_layer_clip_ratio, ulp
 from flatquant_lab.ops import reference as ref
 from flatquant_lab.packing import pack_int4, unpack_int4
 from flatquant_lab.transforms import orthogonal_factor
@@ -27,6 +28,21 @@ def _reference_backend(monkeypatch):
     monkeypatch.delenv("FLATQUANT_BACKEND", raising=False)
 
 
+@pytest.fixture
+def plug():
+    """``plug(name, backend)`` registers a backend for one test, the way any backend is plugged in."""
+    names = []
+
+    def register(name, backend):
+        ops.register_backend(name, backend)
+        names.append(name)
+        return name
+
+    yield register
+    for name in names:
+        ops.unregister_backend(name)
+
+
 def factors(kind, seed=0):
     return orthogonal_factor(N1, kind, seed), orthogonal_factor(N2, kind, seed + 1)
 
@@ -38,104 +54,193 @@ def problem(dtype=torch.bfloat16, kind="hadamard", bias=False, clip=1.0, seed=0,
     return q, x.to(dtype), lin
 
 
-# ------------------------------------------------------------------ the bound
+def failed_parts(r):
+    return [p.part for p in r.parts if not p.passed]
+
+
+# ------------------------------------------------------------------ the reference passes, tightly
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["hadamard", "random"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_bound_holds_on_random_data_with_outliers(dtype, kind, bias):
+def test_reference_passes_on_random_data_with_outliers(dtype, kind, bias):
     q, x, lin = problem(dtype, kind, bias, clip=0.9, seed=3)
     r = check_linear(q, x, lin)
-    assert r.bound_ok, r.table()
-    assert r.bound_violations_clean == 0
-    assert r.max_bound_ratio <= 1.0
-    # no bias: one rounding to the output dtype, so about half an ulp; with bias up to ~1
+    assert r.passed and r.bound_ok and r.failed_part is None and r.reason == "", r.table()
+    assert [p.part for p in r.parts] == list(numerics.PARTS) and all(p.passed and p.compared > 0 for p in r.parts)
+    assert r.tie_codes == 0 and r.near_tie_codes > 0  # the reference against itself: not one tie flips
+    # no bias: one rounding to the output dtype, so about half an ulp (measured 0.500); with bias up to ~1
     assert r.max_err_ulps <= (0.5001 if not bias else 1.0)
     assert r.max_err_ulps > 0.25  # the comparison is not vacuous: real rounding differences show
-    assert r.act_tie_distance_max is None or r.act_tie_distance_max <= r.tie_tol
     assert r.tokens == T and r.act_dtype == str(dtype).replace("torch.", "")
+    assert r.probe_clip_ratios == [pytest.approx(0.9)]
 
 
-def test_bound_is_tight_enough_to_catch_a_one_percent_error(monkeypatch):
-    q, x, lin = problem(torch.bfloat16)
-    orig = ref.quant_matmul
+def test_clip_ratio_one_also_probes_another_ratio():
+    q, x, _ = problem(torch.bfloat16, clip=1.0)
+    r = check_linear(q, x)
+    assert r.passed and r.probe_clip_ratios == [1.0, numerics.PROBE_CLIP_RATIO]
+    assert r.part("scale").compared == 2 * T and r.part("codes").compared == 2 * T * K
 
+
+def test_a_one_percent_error_in_quant_matmul_is_caught(plug):
     def off(*args, **kwargs):
-        y = orig(*args, **kwargs)
+        y = ref.quant_matmul(*args, **kwargs)
         return (y.float() * (1 + 2**-6)).to(y.dtype)
 
-    monkeypatch.setattr(ref, "quant_matmul", off)
+    q, x, lin = problem(torch.bfloat16)
+    q.backend = plug("one-percent-off", types.SimpleNamespace(**{**vars(ref), "quant_matmul": off}))
+    r = check_linear(q, x, lin)
+    # the unit-scale products show it first; the epilogue and the forward show it too
+    assert not r.passed and failed_parts(r) == ["product", "output"]
+    out = r.part("output")
+    assert "quant_matmul on the reference's codes and scales" in out.reason
+    assert out.backend_value == pytest.approx(out.reference_value * (1 + 2**-6), rel=2**-7)
+
+
+# ------------------------------------------------------------------ the broken backends
+@pytest.mark.parametrize("dtype, clip, bias", [(torch.bfloat16, 1.0, False), (torch.float16, 0.9, True)])
+@pytest.mark.parametrize("name", sorted(BROKEN))
+def test_broken_backend_is_caught(plug, name, dtype, clip, bias):
+    broken = BROKEN[name]
+    q, x, lin = problem(dtype, bias=bias, clip=clip)
+    q.backend = plug(name, broken.backend)
+    r = check_linear(q, x, lin)
+    assert not r.passed and not r.bound_ok, f"{broken.fault} passed the check"
+    assert r.failed_part == broken.part, (broken.fault, r.reason)
+    part = r.part(broken.part)
+    assert r.reason == part.reason and part.mismatches > 0 and part.token is not None
+    assert part.backend_value != part.reference_value
+    assert "FAILED" in r.table() and r.reason in r.table()
+    d = json.loads(json.dumps(r.to_dict()))
+    assert d["passed"] is False and d["failed_part"] == broken.part and d["backend"] == name
+
+
+@pytest.mark.parametrize("name", sorted(LEGITIMATE))
+def test_legitimately_different_backends_pass(plug, name):
+    for dtype, clip in ((torch.bfloat16, 1.0), (torch.float16, 0.9)):
+        q, x, lin = problem(dtype, clip=clip, kind="random")
+        q.backend = plug(f"{name}-{str(dtype)[6:]}", LEGITIMATE[name])
+        r = check_linear(q, x, lin)
+        assert r.passed, r.reason
+
+
+def test_swapped_scales_name_the_token_and_both_values(plug):
+    q, x, _ = problem(torch.float16, clip=0.9)
+    s_ref = ops.kronecker_quant_trace(x.view(-1, N1, N2), q.p1, q.p2, 0.9).scale
+    q.backend = plug("swapped", BROKEN["swapped-scales"].backend)
+    part = check_linear(q, x).part("scale")
+    assert (part.token, part.mismatches) == (2, 2)
+    assert part.backend_value == float(s_ref[3]) and part.reference_value == float(s_ref[2])
+    assert "first at token 2" in part.reason
+
+
+def test_offset8_is_named_in_codes_and_pack(plug):
+    q, x, _ = problem(torch.bfloat16)
+    q.backend = plug("offset8", BROKEN["offset8"].backend)
     r = check_linear(q, x)
-    assert not r.bound_ok
-    assert r.bound_violations_clean > 0 and r.max_violation > 0 and r.max_bound_ratio > 1
+    assert failed_parts(r) == ["codes", "pack", "product", "output"]
+    assert "offset-8 layout" in r.part("codes").reason and "offset-8 layout" in r.part("pack").reason
 
 
-def _patch_one_activation(monkeypatch, q, x, pick):
-    """Make the op return one int4 activation one step off, at the element ``pick`` chooses."""
-    b, q_ref, s_ref = reference_activations(q, x)
-    m = b.abs().amax(dim=1).float()
-    c32 = torch.tensor(q.clip_ratio.item())
-    r = b.float() * ((7.0 / c32) / m)[:, None]
-    dist = (r - torch.floor(r) - 0.5).abs()
-    dist[q_ref.abs() >= 7] = math.inf  # keep clear of saturation
-    flat = int(pick(dist.flatten()))
-    tok, idx = divmod(flat, K)
-    orig = ref.kronecker_quant
-
-    q0 = int(q_ref[tok, idx])
-    rr = float(r[tok, idx])
-    moved = q0 + (1 if rr >= q0 else -1)  # one step towards the nearest half-integer, across it
-
-    def flipped(x3, p1, p2, clip_ratio=1.0, dst_dtype=torch.int32):
-        out, scale = orig(x3, p1, p2, clip_ratio=clip_ratio, dst_dtype=dst_dtype)
-        vals = unpack_int4(out)
-        if tok < vals.shape[0]:
-            assert int(vals.reshape(vals.shape[0], -1)[tok, idx]) == q0
-            vals.reshape(vals.shape[0], -1)[tok, idx] = moved
-        return pack_int4(vals), scale
-
-    monkeypatch.setattr(ref, "kronecker_quant", flipped)
-    return tok, float(dist.flatten()[flat])
+def test_fp16_accumulation_is_caught_by_the_probe_not_the_small_layer(plug):
+    # K = 256: the layer's partial sums stay below 2048, exact in fp16; the probe's do not
+    q, x, _ = problem(torch.bfloat16)
+    q.backend = plug("fp16acc", BROKEN["fp16-accumulation"].backend)
+    part = check_linear(q, x).part("product")
+    assert not part.passed and part.reason.startswith("quant_matmul (probe, unit scales)")
 
 
-def test_activation_mismatch_away_from_a_tie_fails_the_check(monkeypatch):
-    q, x, lin = problem(torch.float16)
-    tok, dist = _patch_one_activation(monkeypatch, q, x, pick=lambda d: torch.where(torch.isinf(d), -1, d).argmax())
-    assert dist > 0.4
+# ------------------------------------------------------------------ the tie allowance
+def _flipping(edits):
+    """A backend whose kronecker_quant moves the codes at ``edits`` {(token, code): new value}."""
+    def kronecker_quant(x, p1, p2, clip_ratio=1.0, dst_dtype=torch.int32):
+        out, scale = ref.kronecker_quant(x, p1, p2, clip_ratio=clip_ratio, dst_dtype=dst_dtype)
+        vals = unpack_int4(out).reshape(out.shape[0], -1)
+        for (tok, idx), v in edits.items():
+            vals[tok, idx] = v
+        return pack_int4(vals.reshape(out.shape[0], N1, N2)), scale
+    return types.SimpleNamespace(**{**vars(ref), "kronecker_quant": kronecker_quant})
+
+
+def _tie_codes(q, x):
+    """Codes whose reference value before rounding sits exactly on a tie, with the other neighbour."""
+    tr = ops.kronecker_quant_trace(x.view(-1, N1, N2), q.p1, q.p2, float(q.clip_ratio))
+    t, qr = tr.t.double(), tr.q.long()
+    on_tie = (t - torch.floor(t) == 0.5) & (qr.abs() < 7)
+    idx = on_tie.nonzero().tolist()
+    other = {(i, j): int(2 * torch.floor(t[i, j]) + 1 - qr[i, j]) for i, j in idx}  # floor + ceil - q
+    return other, tr
+
+
+def test_tie_flips_up_to_the_bound_pass_and_one_more_fails(plug):
+    q, x, lin = problem(torch.float16, clip=0.9)
+    r0 = check_linear(q, x)
+    allowed = max(1, math.floor(r0.near_tie_codes * numerics.DEFAULT_TIE_SHARE))
+    ties, _ = _tie_codes(q, x)
+    assert len(ties) > allowed + 1
+    picked = list(ties.items())[:allowed + 1]
+    q.backend = plug("flips-at-bound", _flipping(dict(picked[:allowed])))
     r = check_linear(q, x, lin)
-    assert r.act_mismatches == 1 and r.act_mismatch_tokens == 1 and r.scale_mismatch_tokens == 0
-    assert r.act_tie_distance_max == pytest.approx(dist, abs=1e-6)
-    assert not r.bound_ok
-    assert r.bound_violations > 0 and r.bound_violations_clean == 0  # only in the dirty token
-    assert any("left out of the bound" in n for n in r.notes)
-
-
-def test_activation_mismatch_at_a_tie_is_tolerated(monkeypatch):
-    q, x, lin = problem(torch.float16)
-    # the element nearest a rounding tie (not exactly on one, so that a zero tolerance rejects it)
-    tok, dist = _patch_one_activation(monkeypatch, q, x, pick=lambda d: torch.where(d == 0, math.inf, d).argmin())
-    assert 0 < dist < 0.01
+    assert r.passed and r.tie_codes == allowed, r.reason
+    assert r.tie_code_share == pytest.approx(allowed / (T * K))
+    assert any("rounding tie (allowed)" in n for n in r.notes)
+    q.backend = plug("flips-over-bound", _flipping(dict(picked)))
     r = check_linear(q, x, lin)
-    assert r.act_mismatches == 1 and r.act_tie_distance_max < r.tie_tol
-    assert r.bound_ok and r.bound_violations_clean == 0
-    strict = check_linear(q, x, lin, tie_tol=dist / 2)
-    assert not strict.bound_ok
+    assert not r.passed and r.failed_part == "codes" and "at a rounding tie" in r.reason
+    assert f"at most {allowed} allowed" in r.reason
+
+
+def test_code_off_by_one_away_from_a_tie_fails(plug):
+    q, x, lin = problem(torch.float16, clip=0.9)
+    tr = ops.kronecker_quant_trace(x.view(-1, N1, N2), q.p1, q.p2, 0.9)
+    dist = (tr.t.double() - torch.floor(tr.t.double()) - 0.5).abs()
+    dist[tr.q.abs() >= 7] = -1  # keep clear of saturation
+    tok, idx = divmod(int(dist.argmax()), K)
+    assert float(dist[tok, idx]) > 0.45
+    q.backend = plug("off-by-one", _flipping({(tok, idx): int(tr.q[tok, idx]) + 1}))
+    r = check_linear(q, x, lin)
+    part = r.part("codes")
+    assert not r.passed and r.failed_part == "codes" and part.mismatches == 1
+    assert (part.token, part.index) == (tok, idx) and part.backend_value == part.reference_value + 1
+    assert "away from a rounding tie" in part.reason and f"first at token {tok}, code {idx}" in part.reason
+
+
+def test_a_flip_near_a_tie_needs_the_window(plug):
+    q, x, _ = problem(torch.float16, clip=0.9)
+    tr = ops.kronecker_quant_trace(x.view(-1, N1, N2), q.p1, q.p2, 0.9)
+    t = tr.t.double()
+    dist = (t - torch.floor(t) - 0.5).abs()
+    dist[(dist == 0) | (tr.q.abs() >= 7)] = math.inf  # near a tie, not on one; clear of saturation
+    tok, idx = divmod(int(dist.argmin()), K)
+    assert 0 < float(dist[tok, idx]) <= float(ulp(t[tok, idx] , torch.float16))  # one fp16 step from the tie
+    other = int(2 * torch.floor(t[tok, idx]) + 1 - tr.q[tok, idx])
+    q.backend = plug("near-tie", _flipping({(tok, idx): other}))
+    r = check_linear(q, x)
+    assert r.passed and r.tie_codes == 1
+    narrow = check_linear(q, x, tie_ulps=0.0)  # only exact ties: this flip is then an error
+    assert not narrow.passed and "away from a rounding tie" in narrow.reason
+    strict = check_linear(q, x, tie_share=0.0)  # no flips allowed at all
+    assert not strict.passed and "at most 0 allowed" in strict.reason
 
 
 def test_fp32_input_is_rounded_first():
     q, x, lin = problem(torch.float16)
     r = check_linear(q, x.float() * 1.001, lin)
-    assert r.bound_ok and r.max_bound_ratio <= 1
+    assert r.passed and r.max_err_ulps <= 0.5001
 
 
-def test_bound_holds_through_the_npu_double(monkeypatch):
+def test_npu_double_passes_and_every_op_goes_through_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch_npu", make_fake_torch_npu())
     q, x, lin = problem(torch.bfloat16)
     q.backend = "npu"
     r = check_linear(q, x, lin)
-    assert r.backend == "npu" and r.bound_ok
-    assert sys.modules["torch_npu"].ops().count("npu_kronecker_quant") == 2  # the forward and the check
-
-
+    assert r.backend == "npu" and r.passed, r.reason
+    calls = sys.modules["torch_npu"].ops()
+    # kronecker_quant: at the layer's ratio and the probe ratio, and the forward; the packer: the
+    # layer's weight and the all-values probe; quant_matmul: two unit-scale products, the epilogue, the forward
+    assert calls.count("npu_kronecker_quant") == 3
+    assert calls.count("npu_convert_weight_to_int4pack") == 2
+    assert calls.count("npu_quant_matmul") == 4
 # ------------------------------------------------------------------ the float comparison
 def test_transforms_beat_identity_on_outlier_channels():
     # x10 outliers: large enough that a per-token int4 step on raw x wipes out the other channels
@@ -177,7 +282,7 @@ def test_transform_reconstruction_at_full_precision():
 def test_without_float_layer_those_parts_are_none():
     q, x, _ = problem(torch.bfloat16)
     r = check_linear(q, x)
-    assert r.bound_ok
+    assert r.passed
     assert r.sqnr_db is None and r.cosine is None and r.worst_token is None and r.transform_rel_err is None
     assert "n/a" in r.table()
 
@@ -187,19 +292,20 @@ def test_report_table_and_dict():
     r = check_linear(q, x, lin)
     text = r.table()
     assert str(r) == text
-    for label in ("bound holds", "SQNR (dB)", "cosine similarity", "worst token", "relative reconstruction error",
-                  "int4 activations that differ"):
+    for label in ("verdict", "PASSED", "SQNR (dB)", "cosine similarity", "worst token", "relative reconstruction error",
+                  "codes differing at a tie", *numerics.PARTS):
         assert label in text
     d = r.to_dict()
     json.dumps(d)  # JSON-ready
-    assert d["bound_ok"] is True and d["in_features"] == K and d["has_bias"] is True
+    assert d["passed"] is True and d["in_features"] == K and d["has_bias"] is True
+    assert [p["part"] for p in d["parts"]] == list(numerics.PARTS)
 
 
 def test_zero_tokens_in_the_check():
     q, x, lin = problem(torch.bfloat16)
     x[::3] = 0
     r = check_linear(q, x, lin)
-    assert r.bound_ok and math.isfinite(r.sqnr_db)
+    assert r.passed and math.isfinite(r.sqnr_db)
 
 
 def test_ulp():
@@ -220,8 +326,10 @@ def test_check_linear_bad_inputs():
         check_linear(q, x.int())
     with pytest.raises(ValueError, match=r"float_linear: expected weight shape \[64, 256\]"):
         check_linear(q, x, nn.Linear(K, O + 1))
-    with pytest.raises(ValueError, match="tie_tol: expected a finite float >= 0"):
-        check_linear(q, x, tie_tol=-1)
+    with pytest.raises(ValueError, match="tie_ulps: expected a finite float >= 0"):
+        check_linear(q, x, tie_ulps=-1)
+    with pytest.raises(ValueError, match=r"tie_share: expected a float in \[0, 1\]"):
+        check_linear(q, x, tie_share=1.5)
 
 
 # ------------------------------------------------------------------ sweep
@@ -342,9 +450,10 @@ def test_cli_check_prints_the_report(capsys, tmp_path):
     assert rc == 0
     assert "flatquant-lab check: random layer, 24 tokens, 8 outlier channel(s) x 20" in text
     assert "32 x 256, kron 16 x 16, bfloat16" in text
-    assert "bound holds" in text and "SQNR (dB)" in text and "clip-ratio sweep" in text
+    assert "verdict" in text and "SQNR (dB)" in text and "clip-ratio sweep" in text
+    assert "flatquant-lab check: passed (backend reference)" in text
     data = json.loads(out.read_text())
-    assert data["report"]["bound_ok"] is True and data["report"]["tokens"] == 24
+    assert data["report"]["passed"] is True and data["report"]["tokens"] == 24
     assert [row["ratio"] for row in data["sweep"]["rows"]] == [1.0, 0.8]
     assert data["config"]["in_features"] == 256
 
@@ -382,7 +491,7 @@ def test_random_problem_plants_outliers():
         random_problem(8, 8, 2, outlier_channels=9)
     with pytest.raises(ValueError, match="outlier_scale: expected a finite float > 0"):
         random_problem(8, 8, 2, outlier_scale=float("nan"))
-    assert numerics.DEFAULT_TIE_TOL > 0
+    assert 0 < numerics.DEFAULT_TIE_SHARE < 1
 
 
 def test_non_contiguous_input():
@@ -390,7 +499,7 @@ def test_non_contiguous_input():
     xt = x.t().contiguous().t()
     assert not xt.is_contiguous()
     r = check_linear(q, xt, lin)
-    assert r.bound_ok and r.sqnr_db == check_linear(q, x, lin).sqnr_db
+    assert r.passed and r.sqnr_db == check_linear(q, x, lin).sqnr_db
 
 
 def test_cli_ratios_need_sweep(capsys):
@@ -434,3 +543,43 @@ def test_report_dict_makes_non_finite_floats_json_strings():
     assert numerics._json_float(math.inf) == "inf" and numerics._json_float(-math.inf) == "-inf"
     assert numerics._json_float(math.nan) == "nan"
     assert numerics._json_float(1.5) == 1.5 and numerics._json_float(None) is None
+
+
+# ------------------------------------------------------------------ CLI with a backend under test
+def test_cli_check_fails_on_an_out_of_tree_broken_backend(tmp_path, capsys):
+    """`--backend package.module:ATTR` plugs in a backend the package does not ship, as a user would."""
+    spec = "broken_backends:scale_x1_5"
+    out = tmp_path / "report.json"
+    try:
+        rc = cli.main(["check", "--in-features", "256", "--out-features", "16", "--tokens", "8",
+                       "--backend", spec, "--json", str(out)])
+    finally:
+        ops.unregister_backend(spec)
+    text = capsys.readouterr().out
+    assert rc == 1
+    assert f"flatquant-lab check: FAILED: backend {spec}, part scale: 8 of 8 per-token scales differ" in text
+    assert "ratio 1.5" in text
+    report = json.loads(out.read_text())["report"]
+    assert report["passed"] is False and report["failed_part"] == "scale" and report["backend"] == spec
+    assert report["reason"].startswith("8 of 8 per-token scales differ")
+
+
+def test_cli_check_backend_from_the_environment(monkeypatch, capsys):
+    monkeypatch.setenv("FLATQUANT_BACKEND", "broken_backends:fp16_accumulation")
+    try:
+        rc = cli.main(["check", "--in-features", "256", "--out-features", "8", "--tokens", "4"])
+    finally:
+        ops.unregister_backend("broken_backends:fp16_accumulation")
+    assert rc == 1 and "part product" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("backend, msg", [
+    ("cuda", "--backend: backend: expected one of auto, npu, reference, got 'cuda'"),
+    ("no_such_module_xyz:BACKEND", "--backend: backend: cannot import module 'no_such_module_xyz'"),
+    ("broken_backends:nothing_here", "--backend: backend: module 'broken_backends' has no attribute 'nothing_here'"),
+    ("broken_backends:BROKEN", "--backend: backend 'broken_backends:BROKEN': expected a module or namespace"),
+])
+def test_cli_check_bad_backend(backend, msg, capsys):
+    with pytest.raises(SystemExit, match=msg.replace("(", r"\(")):
+        cli.main(["check", "--in-features", "64", "--out-features", "8", "--tokens", "2", "--backend", backend])
+    assert "flatquant-lab check:" not in capsys.readouterr().out  # rejected before any work

@@ -1,0 +1,163 @@
+"""Deliberately broken backends (test-only): each gets one thing wrong that vllm-ascend relies on.
+
+Each is a namespace with the four ops (``kronecker_quant``, ``quant_matmul``,
+``convert_weight_to_int4pack``, ``dynamic_quant``), the reference's except for the fault, so it is
+plugged in the way any backend is: ``ops.register_backend(name, BROKEN[name].backend)``, or by spec,
+``backend="broken_backends:scale_x1_5"`` (this folder is on ``sys.path`` under pytest).
+``BROKEN[name].part`` is the part of :func:`flatquant_lab.numerics.check_linear` that must catch it.
+``LEGITIMATE`` holds backends that differ from the reference only where a device may, and must pass.
+"""
+from __future__ import annotations
+
+import types
+from typing import NamedTuple
+
+import torch
+
+from flatquant_lab.ops import reference as ref
+from flatquant_lab.packing import offset8_to_npu, pack_int4, unpack_int4
+from flatquant_lab.quantizers import kron_act_codes
+
+
+def _backend(**ops) -> types.SimpleNamespace:
+    base = {name: getattr(ref, name) for name in
+            ("kronecker_quant", "quant_matmul", "convert_weight_to_int4pack", "dynamic_quant")}
+    return types.SimpleNamespace(**{**base, **ops})
+
+
+def _codes(x, p1, p2, clip_ratio, rounding=None, b_dtype=torch.float16, acc_dtype=torch.float32):
+    """``npu_kronecker_quant`` step by step with the faults as knobs: the integer ``rounding`` of
+    ``t = round_fp16(b * mult)``, the dtype ``b`` is rounded to, the accumulation dtype of both GEMMs."""
+    a = (x.to(acc_dtype) @ p2.to(acc_dtype)).to(x.dtype)
+    b = (p1.to(acc_dtype) @ a.to(acc_dtype)).to(b_dtype).reshape(x.shape[0], -1)
+    clip = torch.tensor(float(clip_ratio), dtype=torch.float32)
+    q, scale, t, _, _ = kron_act_codes(b.float(), clip)
+    if rounding is not None:
+        q = rounding(t)
+    return pack_int4(q.to(torch.int8).reshape(x.shape)), scale.squeeze(-1)
+
+
+# ------------------------------------------------------------------ npu_kronecker_quant faults
+def _scale_times(factor):
+    def kronecker_quant(x, p1, p2, clip_ratio=1.0, dst_dtype=torch.int32):
+        out, scale = ref.kronecker_quant(x, p1, p2, clip_ratio=clip_ratio, dst_dtype=dst_dtype)
+        return out, scale * torch.tensor(factor, dtype=torch.float32)
+    return kronecker_quant
+
+
+def _half_away(x, p1, p2, clip_ratio=1.0, dst_dtype=torch.int32):
+    return _codes(x, p1, p2, clip_ratio, rounding=lambda t: (torch.sign(t) * torch.floor(t.abs() + 0.5)).clamp(-8, 7))
+
+
+def _saturate_7(x, p1, p2, clip_ratio=1.0, dst_dtype=torch.int32):
+    return _codes(x, p1, p2, clip_ratio, rounding=lambda t: torch.round(t).clamp(-7, 7))
+
+
+def _p1_untransposed(x, p1, p2, clip_ratio=1.0, dst_dtype=torch.int32):
+    # computes L^T... with L itself: p1 is L^T already, and this transposes it back
+    return ref.kronecker_quant(x, p1.t().contiguous(), p2, clip_ratio=clip_ratio, dst_dtype=dst_dtype)
+
+
+def _b_bf16(x, p1, p2, clip_ratio=1.0, dst_dtype=torch.int32):
+    return _codes(x, p1, p2, clip_ratio, b_dtype=torch.bfloat16)
+
+
+def _clip_ignored(x, p1, p2, clip_ratio=1.0, dst_dtype=torch.int32):
+    return ref.kronecker_quant(x, p1, p2, clip_ratio=1.0, dst_dtype=dst_dtype)
+
+
+def _swap_two_scales(x, p1, p2, clip_ratio=1.0, dst_dtype=torch.int32):
+    out, scale = ref.kronecker_quant(x, p1, p2, clip_ratio=clip_ratio, dst_dtype=dst_dtype)
+    if scale.shape[0] >= 4:  # tokens 2 and 3 of each chunk trade scales
+        scale = scale.clone()
+        scale[[2, 3]] = scale[[3, 2]]
+    return out, scale
+
+
+def _f64_accumulation(x, p1, p2, clip_ratio=1.0, dst_dtype=torch.int32):
+    # legitimate: another accumulation (float64) can differ from the reference only in the last bit
+    return _codes(x, p1, p2, clip_ratio, acc_dtype=torch.float64)
+
+
+# ------------------------------------------------------------------ packing faults
+def _offset8_kronecker_quant(x, p1, p2, clip_ratio=1.0, dst_dtype=torch.int32):
+    out, scale = ref.kronecker_quant(x, p1, p2, clip_ratio=clip_ratio, dst_dtype=dst_dtype)
+    return offset8_to_npu(out), scale  # the same bit flip turns the NPU layout into offset-8
+
+
+def _offset8_pack(weight, inner_k_tiles=1):
+    return offset8_to_npu(ref.convert_weight_to_int4pack(weight, inner_k_tiles))
+
+
+def _offset8_matmul(x1, x2, scale, offset=None, pertoken_scale=None, bias=None, output_dtype=torch.float16):
+    # reads its operands as offset-8, consistent with its own packers (not with an NPU-layout checkpoint)
+    return ref.quant_matmul(offset8_to_npu(x1), offset8_to_npu(x2.t()).t(), scale, offset=offset,
+                            pertoken_scale=pertoken_scale, bias=bias, output_dtype=output_dtype)
+
+
+# ------------------------------------------------------------------ npu_quant_matmul faults
+def _epilogue(acc, scale, pertoken_scale, bias, output_dtype, row_scale=False):
+    if row_scale:  # the weight scale indexed by token instead of by output column
+        y = acc * scale[torch.arange(acc.shape[0], device=acc.device) % scale.shape[0]][:, None]
+    else:
+        y = acc * scale[None, :]
+    if pertoken_scale is not None:
+        y = y * pertoken_scale[:, None]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(output_dtype)
+
+
+def _operands(x1, x2):
+    return unpack_int4(x1).float(), unpack_int4(x2.t().contiguous()).float()
+
+
+def _scale_wrong_axis(x1, x2, scale, offset=None, pertoken_scale=None, bias=None, output_dtype=torch.float16):
+    a, w = _operands(x1, x2)
+    return _epilogue(a @ w.T, scale, pertoken_scale, bias, output_dtype, row_scale=True)
+
+
+def _fp16_accumulation(x1, x2, scale, offset=None, pertoken_scale=None, bias=None, output_dtype=torch.float16):
+    a, w = _operands(x1, x2)
+    acc = torch.zeros(a.shape[0], w.shape[0], dtype=torch.float16)
+    for k in range(a.shape[1]):  # every partial sum rounded to fp16
+        acc = acc + (a[:, k:k + 1] * w[None, :, k]).half()
+    return _epilogue(acc.float(), scale, pertoken_scale, bias, output_dtype)
+
+
+class Broken(NamedTuple):
+    backend: types.SimpleNamespace
+    part: str  # the first part of check_linear that must fail
+    fault: str
+
+
+scale_x1_5 = _backend(kronecker_quant=_scale_times(1.5))
+scale_x1_2m10 = _backend(kronecker_quant=_scale_times(1 + 2**-10))
+half_away = _backend(kronecker_quant=_half_away)
+saturate_7 = _backend(kronecker_quant=_saturate_7)
+offset8 = _backend(kronecker_quant=_offset8_kronecker_quant, convert_weight_to_int4pack=_offset8_pack,
+                   quant_matmul=_offset8_matmul)
+p1_untransposed = _backend(kronecker_quant=_p1_untransposed)
+b_bf16 = _backend(kronecker_quant=_b_bf16)
+clip_ignored = _backend(kronecker_quant=_clip_ignored)
+swapped_scales = _backend(kronecker_quant=_swap_two_scales)
+weight_scale_axis = _backend(quant_matmul=_scale_wrong_axis)
+fp16_accumulation = _backend(quant_matmul=_fp16_accumulation)
+
+BROKEN = {
+    "scale-x1-5": Broken(scale_x1_5, "scale", "every per-token scale x 1.5"),
+    "scale-x1-2m10": Broken(scale_x1_2m10, "scale", "every per-token scale x (1 + 2^-10)"),
+    "half-away": Broken(half_away, "codes", "codes rounded half away from zero"),
+    "saturate-7": Broken(saturate_7, "codes", "codes saturated to [-7, 7]"),
+    "offset8": Broken(offset8, "codes", "the offset-8 nibble layout (packing and reading)"),
+    "p1-untransposed": Broken(p1_untransposed, "scale", "p1 used untransposed"),
+    "b-bf16": Broken(b_bf16, "scale", "the second intermediate rounded to bf16"),
+    "clip-ignored": Broken(clip_ignored, "scale", "the clip ratio ignored"),
+    "swapped-scales": Broken(swapped_scales, "scale", "two tokens' scales swapped"),
+    "weight-scale-axis": Broken(weight_scale_axis, "output", "weight scales applied along the token axis"),
+    "fp16-accumulation": Broken(fp16_accumulation, "product", "the integer product accumulated in fp16"),
+}
+
+LEGITIMATE = {
+    "f64-accumulation": _backend(kronecker_quant=_f64_accumulation),
+}
