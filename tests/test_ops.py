@@ -3,6 +3,7 @@ backend selection."""
 import importlib
 import importlib.abc
 import sys
+import types
 
 import pytest
 import torch
@@ -332,6 +333,128 @@ def test_bad_env_value(monkeypatch):
 def test_bad_backend_argument():
     with pytest.raises(ValueError, match="backend: expected one of auto, npu, reference"):
         ops.resolve_backend("gpu")
+
+
+# ------------------------------------------------------------------ the backend registry
+def _namespace(**over):
+    base = {op: getattr(ref, op) for op in ops.OPS}
+    return types.SimpleNamespace(**{**base, **over})
+
+
+@pytest.fixture
+def registered():
+    names = []
+    yield names
+    for name in names:
+        if name in ops.backends():
+            ops.unregister_backend(name)
+
+
+def test_builtin_backends_are_registered_like_any_other():
+    assert ops.backends() == ("npu", "reference")
+    assert ops.get_backend("reference") is ref and ops.get_backend("npu") is npu_mod
+
+
+def test_a_registered_backend_runs_every_op(registered):
+    calls = []
+
+    def counting(op):
+        def run(*args, **kwargs):
+            calls.append(op)
+            return getattr(ref, op)(*args, **kwargs)
+        return run
+
+    ops.register_backend("counting", _namespace(**{op: counting(op) for op in ops.OPS}))
+    registered.append("counting")
+    assert "counting" in ops.backends() and ops.resolve_backend(" Counting ") == "counting"
+    x = torch.ones(1, 2, 8, dtype=torch.float16)
+    kq(x, backend="counting")
+    w = torch.zeros(2, 8, dtype=torch.int32)
+    packed = ops.convert_weight_to_int4pack(w, backend="counting")
+    ops.quant_matmul(packed, packed.t(), torch.ones(2), output_dtype=torch.float16, backend="counting")
+    ops.dynamic_quant(torch.ones(2, 8), backend="counting")
+    assert sorted(calls) == sorted(ops.OPS) and len(calls) == 4
+
+
+def test_a_registered_backend_from_the_environment(registered, monkeypatch):
+    ops.register_backend("env-one", _namespace())
+    registered.append("env-one")
+    monkeypatch.setenv("FLATQUANT_BACKEND", "env-one")
+    assert ops.resolve_backend(None, torch.zeros(1)) == "env-one"
+
+
+@pytest.mark.parametrize("name, msg", [
+    ("", "name: expected lowercase letters"),
+    ("Mine", "name: expected lowercase letters"),
+    ("1st", "name: expected lowercase letters"),
+    ("my backend", "name: expected lowercase letters"),
+    (None, "name: expected lowercase letters"),
+    ("auto", "name: 'auto' is reserved"),
+    ("npu", "name: 'npu' is reserved"),
+    ("reference", "name: 'reference' is reserved"),
+])
+def test_register_backend_bad_names(name, msg):
+    with pytest.raises(ValueError, match=msg):
+        ops.register_backend(name, _namespace())
+
+
+def test_register_backend_missing_ops():
+    with pytest.raises(ValueError, match="backend 'half': expected a module or namespace with callables "
+                                         "kronecker_quant, .* lacks quant_matmul, dynamic_quant"):
+        ops.register_backend("half", types.SimpleNamespace(kronecker_quant=ref.kronecker_quant,
+                                                           convert_weight_to_int4pack=ref.convert_weight_to_int4pack,
+                                                           quant_matmul=3))
+    assert "half" not in ops.backends()
+
+
+def test_register_backend_twice(registered):
+    first, second = _namespace(), _namespace()
+    ops.register_backend("twice", first)
+    registered.append("twice")
+    ops.register_backend("twice", first)  # the same object again: nothing changes
+    with pytest.raises(ValueError, match="name: a backend 'twice' is already registered; pass replace=True"):
+        ops.register_backend("twice", second)
+    ops.register_backend("twice", second, replace=True)
+    assert ops.get_backend("twice") is second
+
+
+def test_unregister_backend(registered):
+    ops.register_backend("gone", _namespace())
+    ops.unregister_backend("gone")
+    with pytest.raises(ValueError, match="backend: expected one of auto, npu, reference, got 'gone'"):
+        ops.resolve_backend("gone")
+    with pytest.raises(ValueError, match="name: no backend 'gone' is registered"):
+        ops.unregister_backend("gone")
+    with pytest.raises(ValueError, match="name: the built-in backend 'reference' cannot be removed"):
+        ops.unregister_backend("reference")
+
+
+def test_backend_spec_is_imported_and_registered(registered, monkeypatch):
+    mod = types.ModuleType("my_out_of_tree_backend")
+    mod.BACKEND = types.SimpleNamespace(inner=_namespace())
+    monkeypatch.setitem(sys.modules, "my_out_of_tree_backend", mod)
+    spec = "my_out_of_tree_backend:BACKEND.inner"
+    registered.append(spec)
+    assert ops.resolve_backend(f" {spec} ") == spec  # the attribute path keeps its case
+    assert ops.get_backend(spec) is mod.BACKEND.inner and spec in ops.backends()
+    out, _ = kq(torch.ones(1, 2, 8, dtype=torch.float16), backend=spec)
+    assert out.shape == (1, 2, 1)
+
+
+@pytest.mark.parametrize("spec, msg", [
+    ("no_such_module_xyz:B", "backend: cannot import module 'no_such_module_xyz' of backend spec"),
+    ("flatquant_lab.ops:nothing", "backend: module 'flatquant_lab.ops' has no attribute 'nothing'"),
+    ("flatquant_lab.ops:OPS", "backend 'flatquant_lab.ops:OPS': expected a module or namespace with callables"),
+])
+def test_bad_backend_spec(spec, msg):
+    with pytest.raises(ValueError, match=msg):
+        ops.resolve_backend(spec)
+    assert spec not in ops.backends()
+
+
+def test_backend_must_be_a_name():
+    with pytest.raises(ValueError, match="backend: expected a backend name"):
+        ops.resolve_backend(ref)
 
 
 class _NoCannFinder(importlib.abc.MetaPathFinder):
