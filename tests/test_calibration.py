@@ -122,7 +122,8 @@ def test_flatquant_beats_hadamard_beats_rtn(mt):
     """
     fm = hidden_outlier_model(mt)
     reference = logits(fm)
-    assert rel(logits(tiny_model(mt, outliers=False)), reference) < 1e-5  # the function is unchanged
+    # the function is unchanged: measured 3.2e-7 to 3.7e-7 (llama, qwen2, qwen3)
+    assert rel(logits(tiny_model(mt, outliers=False)), reference) < 4e-6
     err = {(m, w): logit_error(fm, reference, method=m, weight_quantizer=w)
            for m, w in (("rtn", "rtn"), ("hadamard", "rtn"), ("flatquant", "rtn"),
                         ("hadamard", "gptq"), ("flatquant", "gptq"))}
@@ -206,7 +207,7 @@ def test_quantized_layers_carry_the_learned_tensors(mt, calibrated):
         for g, norm in (("attn", "input_layernorm"), ("mlp", "post_attention_layernorm")):
             d = learned[f"{g}.log_smooth"].double().exp()
             want = f_layer.get_submodule(norm).weight.double() / d
-            assert rel(layer.get_submodule(norm).weight, want) < 1e-7, (i, norm)
+            assert rel(layer.get_submodule(norm).weight, want) < 1e-7, (i, norm)  # measured <= 4.3e-8
     report = model.flatquant_report
     assert [e["layer"] for e in report["layers"]] == [0, 1]
     for e in report["layers"]:
@@ -239,9 +240,9 @@ def test_int4_codes_match_the_fake_quant_forward(mt, calibrated):
     ``b = L^T (x / d) R`` (rounded as the kernel rounds); weight side: ``weight_int`` equals
     ``rint(fold(W * d) / s)`` and ``weight_scale`` equals ``s``. They can only differ at rounding
     ties, by one step: the fake forward folds and sums in float32 (and multiplies the dequantized
-    values), the export folds in float64 and the ops sum integers. Measured: 0-1 weight codes of
-    73728 per model and a handful of activation codes; the outputs agree to <= 2e-3 relative
-    (one flipped code) and usually to 1e-6.
+    values), the export folds in float64 and the ops sum integers. Measured on these seeds: no code
+    of 73728 weight and 131072 activation codes per family differs (with 1 and 2 threads), scales
+    are equal, and the outputs agree to <= 4.1e-5 relative (a flipped code would give ~2e-3).
     """
     c = calibrated(mt)
     qlayers, flayers = decoder_layers(c["quantized"]), decoder_layers(c["fake"])
@@ -262,7 +263,7 @@ def test_int4_codes_match_the_fake_quant_forward(mt, calibrated):
             w_total += wdiff.numel()
             if fq.out_div is not None:  # v_proj / up_proj rows carry the next group's 1 / d
                 s = s / fq.out_div.log_smooth.exp()[:, None]
-            assert rel(ql.weight_scale, s) < 1e-5, (i, name)
+            assert rel(ql.weight_scale, s) < 2e-6, (i, name)  # measured <= 1.8e-7 over the 42 linears
             # activations: the int4 layer sees x / d where the smoothing folds into a norm
             d = tr.smooth_in()
             x_int4 = x / d if tr.group.smooth_target.endswith("layernorm") else x
@@ -275,12 +276,14 @@ def test_int4_codes_match_the_fake_quant_forward(mt, calibrated):
             assert adiff.max() <= 1, (i, name)
             act_diff += int(adiff.count_nonzero())
             act_total += adiff.numel()
-            assert rel(s_tok, s_fake) < 1e-2, (i, name)  # per-token scales: same max, up to a last-bit b
+            # per-token scales: measured equal in all 42 linears (a last-bit max|b| would differ by ~1e-3)
+            assert torch.equal(s_tok, s_fake), (i, name)
             # the outputs, same input
             tr.clear_cache()
-            assert rel(ql(x_int4), fq(x)) < 1e-2, (i, name)
-    assert w_diff <= 1e-3 * w_total, f"{w_diff} of {w_total} weight codes differ"
-    assert act_diff <= 1e-3 * act_total, f"{act_diff} of {act_total} activation codes differ"
+            assert rel(ql(x_int4), fq(x)) < 4e-4, (i, name)  # measured 1e-10 to 4.1e-5 over the 42 linears
+    # measured: no code differs (of 73728 weight and 131072 activation codes per family, 1 and 2 threads)
+    assert w_diff == 0, f"{w_diff} of {w_total} weight codes differ"
+    assert act_diff == 0, f"{act_diff} of {act_total} activation codes differ"
 
 
 @pytest.mark.parametrize("mt", MODEL_TYPES)
@@ -299,8 +302,9 @@ def test_int4_model_logits_follow_the_fake_quant_model(mt, calibrated):
     fake, q = logits(c["fake"]), logits(c["quantized"])
     ref = logits(c["float"])
     quant_err = rel(q, ref)
-    assert rel(q, fake) < 0.25 * quant_err, (rel(q, fake), quant_err)
-    assert (q.argmax(-1) == fake.argmax(-1)).float().mean() >= 0.9
+    # measured here 4.0e-3 (llama), 2.2e-6 (qwen2), 2.1e-6 (qwen3); up to 2.7e-2 on other seeds (above)
+    assert rel(q, fake) < 0.04 < 0.25 * quant_err, (rel(q, fake), quant_err)
+    assert (q.argmax(-1) == fake.argmax(-1)).float().mean() >= 0.99  # measured 1.0: all 128 tokens agree
 
 
 @pytest.mark.parametrize("mt", ["llama", "qwen2"])  # tied and untied embeddings
@@ -516,7 +520,7 @@ def test_down_proj_the_npu_cannot_run_stays_float(intermediate, reason, tmp_path
             if n != "mlp.down_proj":
                 assert type(layer.get_submodule(n)) is W4A4FlatQuantLinear, n
     out = logits(model)
-    assert torch.isfinite(out).all() and rel(out, logits(fm)) < 1.0
+    assert torch.isfinite(out).all() and rel(out, logits(fm)) < 1.0  # the quantization error: measured 0.24-0.26
     saved = save_quantized(model, tmp_path / "out")
     assert json.loads((saved / DESCRIPTION_FILE).read_text())["model.layers.0.mlp.down_proj.weight"] == FLOAT_TYPE
     assert torch.equal(logits(load_quantized(saved)), out)
@@ -665,7 +669,8 @@ def test_gptq_beats_rtn_on_correlated_inputs(act_order):
     acc = HessianAccumulator(k)
     acc.add(x[:256])
     acc.add(x[256:])
-    assert acc.tokens == 512 and torch.allclose(acc.h, x.T @ x)
+    # measured bit-equal; 1e-13 is the float64 rounding of a 512-term sum taken in another order
+    assert acc.tokens == 512 and torch.allclose(acc.h, x.T @ x, rtol=1e-13, atol=0)
     w = _weight(k=k)
     q_rtn, scale = quantize_weight(w)
     q = gptq_quantize(w, acc.h, scale, block=16, act_order=act_order)
