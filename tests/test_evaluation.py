@@ -62,7 +62,8 @@ def test_token_perplexity(tiny):
     ppl = token_perplexity(model, tok, docs, window=64, max_windows=3, batch_size=2)
     assert math.isfinite(ppl) and ppl > 1
     # Same windows one at a time: batching must not change the number.
-    assert token_perplexity(model, tok, docs, window=64, max_windows=3) == pytest.approx(ppl, rel=1e-5)
+    # measured 3.2e-7 apart (batched padding changes the float32 sums)
+    assert token_perplexity(model, tok, docs, window=64, max_windows=3) == pytest.approx(ppl, rel=3e-6)
     # A random model over a ~49k vocabulary is close to uniform, nowhere near a trained model.
     assert ppl > 1000
     with pytest.raises(ValueError, match="max_windows"):

@@ -129,7 +129,8 @@ def test_forward_leading_dims_and_accuracy(dtype):
     y = layer(x)
     assert y.shape == (2, 3, 4, O) and y.dtype == dtype
     assert torch.equal(y.reshape(-1, O), layer(x.reshape(-1, K)))
-    # the int4 path tracks the float layer (W4A4 with a Hadamard/random transform: ~17% here)
+    # the int4 path tracks the float layer (W4A4 with a Hadamard/random transform): measured 0.121 (fp16),
+    # 0.118 (bf16)
     with torch.no_grad():
         yf = float_linear()(x.float()).double()
     rel = float((y.double() - yf).norm() / yf.norm())
