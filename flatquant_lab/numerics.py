@@ -398,8 +398,9 @@ def _check_product(qlinear, q_ref: torch.Tensor, backend: str) -> PartCheck:
         top = float(acc.abs().max())
         shift = max(0, math.ceil(math.log2(top)) - 15) if top > 0 else 0  # keep |y| <= 2^15 < fp16 max
         unit = 2.0**-shift  # a power of two: acc * unit is exact in fp32
-        y = ops.quant_matmul(pack_int4(a).to(device), x2, torch.full((w.shape[0],), unit, device=device),
-                             pertoken_scale=torch.ones(a.shape[0], device=device), output_dtype=torch.float16,
+        scale = torch.full((w.shape[0],), unit, dtype=torch.float32, device=device)
+        ones = torch.ones(a.shape[0], dtype=torch.float32, device=device)
+        y = ops.quant_matmul(pack_int4(a).to(device), x2, scale, pertoken_scale=ones, output_dtype=torch.float16,
                              backend=backend)
         why = _malformed(y, f"quant_matmul ({label})", (a.shape[0], w.shape[0]), torch.float16)
         if why:
@@ -438,7 +439,7 @@ def _outside(y: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tenso
 
 
 def _check_output(qlinear, x_act, q_ref, s_ref, q_b, s_b, backend: str):
-    """``(PartCheck, the layer's output, max |y - y_ref|, max error in output ulps)`` of the epilogue and the forward."""
+    """The epilogue and the forward: ``(PartCheck, the layer's output, max |y - y_ref|, max error in ulps)``."""
     act = qlinear.act_dtype
     device = qlinear.weight_packed.device
     w = qlinear.weight_int.cpu()
@@ -510,14 +511,14 @@ def check_linear(qlinear: W4A4FlatQuantLinear, x: torch.Tensor, float_linear: nn
     section 3): ``mult`` times ``b``'s ulp, plus ``t``'s own fp16 rounding. Only a code inside that
     window may differ, only by one step, and only to the other side of the tie. Such codes are
     counted (``tie_codes``, ``tie_code_share`` of all codes) and bounded: at most ``tie_share`` (1/32)
-    of the ``near_tie_codes`` inside the window, and at least one (none with ``tie_share=0``). Why the bound is safe: every code
-    outside the window must match exactly, so no error larger than one step, or away from a tie, is
-    ever excused; a legitimate last-bit difference flips a window code only when that ``b`` itself
-    flips, in the right direction (float64 and permuted-order fp32 accumulation of ``a`` and ``b``
-    flipped 0 and 1 of about 4,300 window codes, 0.02%, among 1M codes), whereas a systematic fault
-    flips a fixed fraction of them (half away from zero flips every exact tie with an even floor:
-    12-19% of window codes measured). 1/32 sits four times below the latter and over 100 times above
-    the former. A scale that differs by more than one fp32 ulp fails outright: ``m = max|b|`` would
+    of the ``near_tie_codes`` inside the window, and at least one (none with ``tie_share=0``).
+    Why the bound is safe: every code outside the window must match exactly, so no error larger than
+    one step, or away from a tie, is ever excused; a legitimate last-bit difference flips a window
+    code only when that ``b`` itself flips, in the right direction (float64 and permuted-order fp32
+    accumulation of ``a`` and ``b`` flipped at most 1 of the 4,200-4,600 window codes of a 1M-code
+    run, 0.02%), whereas a systematic fault flips a fixed fraction of them (half away from zero flips
+    every exact tie with an even floor: 12-19% of window codes measured). 1/32 sits four times below
+    the latter and over 100 times above the former. A scale that differs by more than one fp32 ulp fails outright: ``m = max|b|`` would
     have to differ, and no such token was seen in those runs either.
     """
     _check_inputs(qlinear, x, float_linear)

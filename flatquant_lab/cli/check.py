@@ -1,4 +1,5 @@
-"""``flatquant-lab check``: the int4 path of one random layer (with planted outlier channels) against its references."""
+"""``flatquant-lab check``: a backend's int4 path on one random layer (with planted outlier channels)
+against the reference, op by op; exit status 1, with the reason printed, when the verdict is false."""
 from __future__ import annotations
 
 import argparse

@@ -76,7 +76,8 @@ class KroneckerTrace(NamedTuple):
     mult: torch.Tensor
 
 
-def kronecker_quant_trace(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, clip_ratio: float = 1.0) -> KroneckerTrace:
+def kronecker_quant_trace(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor,
+                          clip_ratio: float = 1.0) -> KroneckerTrace:
     """Every step of ``npu_kronecker_quant`` (SPEC section 3) on tokens ``x[T, n1, n2]``, kept.
 
     a = round_t(x @ p2) with fp32 accumulation;  b = round_fp16(p1 @ a) with fp32 accumulation;
