@@ -518,8 +518,8 @@ def check_linear(qlinear: W4A4FlatQuantLinear, x: torch.Tensor, float_linear: nn
     accumulation of ``a`` and ``b`` flipped at most 1 of the 4,200-4,600 window codes of a 1M-code
     run, 0.02%), whereas a systematic fault flips a fixed fraction of them (half away from zero flips
     every exact tie with an even floor: 11-19% of window codes measured). 1/32 sits 3.5 times below
-    the latter and over 100 times above the former. A scale that differs by more than one fp32 ulp fails outright: ``m = max|b|`` would
-    have to differ, and no such token was seen in those runs either.
+    the latter and over 100 times above the former. A scale that differs by more than one fp32 ulp
+    fails outright: ``m = max|b|`` would have to differ, and no such token was seen in those runs.
     """
     _check_inputs(qlinear, x, float_linear)
     tie_ulps, tie_share = float(tie_ulps), float(tie_share)
