@@ -48,6 +48,8 @@ class W4A4FlatQuantLinear(nn.Module):
     see half inputs, and the result is returned in float32 (it carries the half dtype's rounding).
     """
 
+    quant_type = "W4A4_FLATQUANT_DYNAMIC"
+
     def __init__(self, in_features: int, out_features: int, n1: int, n2: int, act_dtype: torch.dtype,
                  bias: bool, backend: str | None = None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
                  check_finite: bool = True):
