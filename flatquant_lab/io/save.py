@@ -53,8 +53,9 @@ def _shard_limit(max_shard_size) -> int:
                      f"got {max_shard_size!r}")
 
 
-def checkpoint_state(model: nn.Module, dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], set[str]]:
-    """The tensors to store, in state-dict order, and the set of quantized linear prefixes.
+def checkpoint_state(model: nn.Module, dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors to store, in state-dict order, and the quantized linear prefixes with their types
+    (``W4A4_FLATQUANT_DYNAMIC``, ``W8A8_DYNAMIC``).
 
     Quantized linears contribute their SPEC section 1 tensors (``checkpoint_tensors``); every other
     entry of the state dict is stored as is, except tied weights (stored once, as Hugging Face does).
@@ -64,7 +65,7 @@ def checkpoint_state(model: nn.Module, dtype: torch.dtype | None = None) -> tupl
     only after a float32 cast of the model, where the cast back is exact).
     """
     dtype = as_dtype(dtype, optional=True)
-    quantized = set(quantized_linear_names(model))
+    quantized = {name: model.get_submodule(name).quant_type for name in quantized_linear_names(model)}
     state = model.state_dict()
     ties = tie_targets(model)
     out: dict[str, torch.Tensor] = {}
@@ -156,7 +157,7 @@ def _config_dict(model: nn.Module, float_dtype: torch.dtype) -> dict:
     return out
 
 
-def _float_dtype(tensors: Mapping[str, torch.Tensor], quantized: set[str], dtype: torch.dtype | None) -> torch.dtype:
+def _float_dtype(tensors: Mapping[str, torch.Tensor], quantized: Mapping[str, str], dtype: torch.dtype | None) -> torch.dtype:
     if dtype is not None:
         return dtype
     found: dict[torch.dtype, str] = {}
@@ -198,7 +199,7 @@ def save_quantized(model: nn.Module, out_dir, tokenizer=None, max_shard_size="2G
         # fp32 transforms from another exporter): record it, so that a load computes as saved.
         desc["metadata"] = {ACT_DTYPE_KEY: dtype_name(acts.pop())}
     elif acts:
-        warnings.warn(f"model: its W4A4 layers compute in {sorted(map(dtype_name, acts))}; the checkpoint "
+        warnings.warn(f"model: its quantized layers compute in {sorted(map(dtype_name, acts))}; the checkpoint "
                       "cannot record one activation dtype, so a load takes each layer's from its transforms",
                       stacklevel=2)
     check_checkpoint(tensors, desc, tied_listed)  # refuse before writing anything
