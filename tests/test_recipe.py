@@ -147,3 +147,35 @@ def test_w8a8_gptq_weights_come_from_the_layer_inputs(monkeypatch):
     o_g = decoder_layers(model)[0].self_attn.o_proj
     o_r = decoder_layers(rtn)[0].self_attn.o_proj
     assert torch.equal(o_g.weight_scale, o_r.weight_scale) and not torch.equal(o_g.weight_int, o_r.weight_int)
+
+
+# ------------------------------------------------------------------ the CLI
+def test_quantize_cli_recipe(tmp_path, capsys):
+    import json
+
+    from test_calibration import _write_tiny_model_dir
+
+    from flatquant_lab.cli import main
+    from flatquant_lab.io import DESCRIPTION_FILE, load_quantized
+
+    fm = tiny_model("llama")
+    src = tmp_path / "tiny"
+    _write_tiny_model_dir(src, fm)
+    out = tmp_path / "mix"
+    assert main(["quantize", "--model", str(src), "--method", "rtn", "--recipe", "msmodelslim", "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert set(printed["kept_float"]) == {"lm_head"} and printed["fallbacks"] == {}
+    desc = json.loads((out / DESCRIPTION_FILE).read_text())
+    assert desc["model.layers.0.mlp.down_proj.weight"] == "W8A8_DYNAMIC"
+    assert desc["model.layers.0.mlp.up_proj.weight"] == "W4A4_FLATQUANT_DYNAMIC"
+    assert type(load_quantized(out).model.layers[1].self_attn.o_proj) is W8A8DynamicLinear
+    # a JSON mapping; the fused q/k/v all float
+    out2 = tmp_path / "map"
+    assert main(["quantize", "--model", str(src), "--method", "rtn", "--out", str(out2), "--recipe",
+                 '{"*.self_attn.[qkv]_proj": "float", "*": "w4a4_flatquant"}']) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert set(printed["kept_float"]) == {f"model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "qkv"} | {
+        "lm_head"}
+    with pytest.raises(SystemExit):
+        main(["quantize", "--model", str(src), "--out", str(tmp_path / "x"), "--recipe", "w8a8"])
+    assert "expected a preset (w4a4, msmodelslim)" in capsys.readouterr().err
