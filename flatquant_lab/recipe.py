@@ -82,6 +82,9 @@ class QuantConfig:
     # A preset name (RECIPES) or a mapping fnmatch pattern -> scheme (SCHEMES), first match wins.
     recipe: str | Mapping[str, str] = "w4a4"
     fallback: str = W8A8_DYNAMIC  # the scheme of a linear the recipe puts on FlatQuant but the NPU op cannot run
+    # vLLM tensor-parallel size the export serves at: row-parallel FlatQuant transforms become
+    # kron(I_N, L, R) with (n1, n2) = decompose_dim(K / N), each rank's slice quantized on its own
+    tp_size: int = 1
     seed: int = 0
     work_dir: str | None = None  # per-layer results, for resuming an interrupted run
     gptq_damp: float = 0.01
@@ -118,6 +121,8 @@ class QuantConfig:
         else:
             raise ValueError(f"recipe: expected a preset {tuple(RECIPES)} or a mapping pattern -> scheme, "
                              f"got {type(self.recipe).__name__}")
+        if not _is_int(self.tp_size) or self.tp_size < 1:
+            raise ValueError(f"tp_size: expected a positive int (vLLM's --tensor-parallel-size), got {self.tp_size!r}")
         if self.fallback not in FALLBACKS:
             raise ValueError(f"fallback: expected one of {FALLBACKS}, got {self.fallback!r}")
         for name in ("samples", "seqlen", "batch_size", "gptq_block"):

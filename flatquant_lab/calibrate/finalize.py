@@ -71,7 +71,7 @@ def finalize_layer(layer, groups, learned, cfg: QuantConfig, hessians=None, back
             w = layer.get_submodule(path).weight.double()
             if g.name in d_in:
                 w = w * d_in[g.name]
-            folded.append(fold_weight(w, lt, rt))
+            folded.append(fold_weight(w, lt, rt, blocks=g.tp))
             q, scale = quantize_weight(folded[-1], torch.sigmoid(learned[f"{path}.weight_clip"]).double())
             qs.append(q)
             scales.append(scale)
@@ -87,4 +87,4 @@ def finalize_layer(layer, groups, learned, cfg: QuantConfig, hessians=None, back
             if lin.bias is not None:
                 tensors["bias"] = lin.bias.detach().to(cfg.act_dtype)
             set_submodule(layer, path, W4A4FlatQuantLinear.from_checkpoint(
-                tensors, backend=backend, act_dtype=cfg.act_dtype))
+                tensors, backend=backend, act_dtype=cfg.act_dtype, tp_size=g.tp))

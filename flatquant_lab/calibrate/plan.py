@@ -30,6 +30,7 @@ class Group:
     row_parallel: bool = False  # vLLM splits this group's input across tensor-parallel ranks
     scheme: str = FLATQUANT  # w4a4_flatquant | w8a8_dynamic | float (recipe.SCHEMES)
     fallback: bool = False  # the recipe said FlatQuant, but the NPU op cannot run this size
+    tp: int = 1  # diagonal blocks of the transform, kron(I_tp, L, R): QuantConfig.tp_size for row-parallel groups
 
     @property
     def quantized(self) -> bool:
@@ -45,7 +46,9 @@ def plan_layer(model: nn.Module, index: int, cfg: QuantConfig, info=None) -> lis
     groups = []
     for spec in adapter.groups:
         size = adapter.group_size(spec, info)
-        n1, n2 = decompose_dim(size)
+        # vLLM splits a row-parallel input in tp_size slices; each rank transforms its own with one L, R
+        tp = cfg.tp_size if spec.row_parallel else 1
+        n1, n2 = decompose_dim(size // tp) if size % tp == 0 else decompose_dim(size)
         names = [f"{prefix}.{lin}" for lin in spec.linears]
         picks = [cfg.scheme_for(n) for n in names]
         skipped = [hit for hit in map(cfg.skip_match, names) if hit is not None]
@@ -62,10 +65,12 @@ def plan_layer(model: nn.Module, index: int, cfg: QuantConfig, info=None) -> lis
             scheme, reason = picks[0]
             if scheme == FLATQUANT:
                 support = npu_supported(n1, n2, cfg.cann)
-                why = (f"input size {size} is not divisible by 8" if size % 8 else
+                why = (f"input size {size} is not divisible by tp_size {tp}" if size % tp else
+                       f"input size {size // tp} per rank is not divisible by 8" if tp > 1 and (size // tp) % 8 else
+                       f"input size {size} is not divisible by 8" if size % 8 else
                        f"npu_kronecker_quant cannot run {n1}x{n2}: {support.reason}" if not support else "")
                 scheme, reason, fallback = (cfg.fallback, why, True) if why else (FLATQUANT, "", False)
         kv_tied = (info.num_kv_heads, info.num_heads // info.num_kv_heads) if spec.kv_tied else None
         groups.append(Group(spec.name, spec.linears, size, n1, n2, spec.smooth_target if cfg.smooth else None,
-                            kv_tied, reason, spec.row_parallel, scheme, fallback))
+                            kv_tied, reason, spec.row_parallel, scheme, fallback, tp if scheme == FLATQUANT else 1))
     return groups

@@ -45,6 +45,9 @@ def add_arguments(p) -> None:
                         "(w4a4_flatquant, w8a8_dynamic, float), first match wins")
     p.add_argument("--fallback", default="w8a8_dynamic", choices=FALLBACKS,
                    help="scheme of a linear whose size npu_kronecker_quant cannot run")
+    p.add_argument("--tp-size", type=int, default=1,
+                   help="vLLM tensor-parallel size to serve at: row-parallel FlatQuant transforms are sized for it "
+                        "and the export is checked to load there")
     p.add_argument("--num-layers", type=int, default=None, help="truncate the model to its first N layers")
     p.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
                    help="dtype of the float tensors in the export (default: the model's)")
@@ -60,7 +63,7 @@ def run(args) -> int:
     cfg = QuantConfig(method=args.method, weight_quantizer=args.weight_quantizer, profile=args.profile,
                       samples=args.samples, seqlen=args.seqlen, epochs=args.epochs, lr=args.lr,
                       work_dir=args.work_dir, skip=tuple(args.skip), seed=args.seed, recipe=args.recipe,
-                      fallback=args.fallback)
+                      fallback=args.fallback, tp_size=args.tp_size)
     if cfg.method != "flatquant":  # flags that would change nothing are an error, not a silent no-op
         flags = {"--epochs": args.epochs, "--lr": args.lr}
         if cfg.weight_quantizer != "gptq":
@@ -76,7 +79,7 @@ def run(args) -> int:
         ids = calibration_ids(source, tok, cfg.budget("samples"), cfg.budget("seqlen"), seed=cfg.seed)
     quantize(model, cfg, ids)
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    save_quantized(model, args.out, tokenizer=tok, dtype=dtype, overwrite=args.overwrite)
+    save_quantized(model, args.out, tokenizer=tok, dtype=dtype, overwrite=args.overwrite, tp_size=cfg.tp_size)
     print(json.dumps({"out": args.out, "seconds": round(model.flatquant_report["seconds"], 1),
                       "kept_float": model.flatquant_report["skipped"],
                       "fallbacks": model.flatquant_report["fallbacks"]}, indent=1))

@@ -38,7 +38,7 @@ from torch import nn
 from ..dtypes import FLOAT_DTYPES, dtype_name
 from ..kronecker import decompose_dim
 from ..layers import CHECKPOINT_KEYS, W8A8_CHECKPOINT_KEYS
-from ..models import FUSED_MODULES
+from ..models import FUSED_MODULES, is_row_parallel
 
 QUANT_TYPE = "W4A4_FLATQUANT_DYNAMIC"
 W8A8_DYNAMIC_TYPE = "W8A8_DYNAMIC"
@@ -56,6 +56,8 @@ DESCRIPTION_VERSION = "1.0.0"
 TOP_LEVEL_FIELDS = ("model_quant_type", "version", "group_size", "metadata")
 # Our own entry in the description's metadata: the activation dtype of the W4A4 layers.
 ACT_DTYPE_KEY = "flatquant_lab_act_dtype"
+# ... and the tensor-parallel size the row-parallel FlatQuant transforms are sized for (1 when absent).
+TP_SIZE_KEY = "tp_size"
 _SHARED_KEYS = ("left_trans", "right_trans", "clip_ratio")
 
 
@@ -134,13 +136,31 @@ def _weight_shape(prefix: str, tensors: Mapping[str, torch.Tensor]) -> tuple[int
     return tuple(w.shape)
 
 
-def _check_quantized(prefix: str, tensors: Mapping[str, torch.Tensor], desc: Mapping) -> None:
-    """SPEC section 1 for one W4A4 FlatQuant linear: keys, labels, shapes and dtypes."""
+def saved_tp_size(desc: Mapping) -> int:
+    """The tensor-parallel size the description's metadata records (1 when it records none)."""
+    meta = desc.get("metadata")
+    tp = meta.get(TP_SIZE_KEY, 1) if isinstance(meta, Mapping) else 1
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise CheckpointError(f"{DESCRIPTION_FILE}: metadata.{TP_SIZE_KEY} is {tp!r}, expected a positive int")
+    return tp
+
+
+def layer_tp(prefix: str, tp_size: int) -> int:
+    """Blocks of a FlatQuant layer's transform: ``tp_size`` for a row-parallel linear, else 1."""
+    return tp_size if is_row_parallel(prefix) else 1
+
+
+def _check_quantized(prefix: str, tensors: Mapping[str, torch.Tensor], desc: Mapping, tp_size: int = 1) -> None:
+    """SPEC section 1 for one W4A4 FlatQuant linear: keys, labels, shapes and dtypes; a row-parallel
+    linear of a checkpoint made for ``tp_size`` ranks has transforms of ``decompose_dim(K / tp_size)``."""
     _check_labels(prefix, QUANT_TYPE, tensors, desc)
     out_f, in_f = _weight_shape(prefix, tensors)
-    if in_f % 8:
-        raise CheckpointError(f"{prefix}.weight: in-features K = {in_f} must be divisible by 8 (int4 packing)")
-    n1, n2 = decompose_dim(in_f)
+    tp = layer_tp(prefix, tp_size)
+    if in_f % (8 * tp):
+        raise CheckpointError(f"{prefix}.weight: in-features K = {in_f} must be divisible by 8"
+                              + (f" * tp_size = {8 * tp} (int4 packing of each rank's slice)" if tp > 1 else
+                                 " (int4 packing)"))
+    n1, n2 = decompose_dim(in_f // tp)
     expect(f"{prefix}.weight_scale", tensors[f"{prefix}.weight_scale"], (out_f, 1), (torch.float32,))
     expect(f"{prefix}.weight_offset", tensors[f"{prefix}.weight_offset"], (out_f, 1), (torch.float32,))
     # vllm-ascend allocates left/right_trans from get_decompose_dim(K): any other factor pair fails to load.
@@ -153,7 +173,7 @@ def _check_quantized(prefix: str, tensors: Mapping[str, torch.Tensor], desc: Map
         expect(f"{prefix}.bias", bias, (out_f,), (trans_dtype,))
 
 
-def _check_w8a8_dynamic(prefix: str, tensors: Mapping[str, torch.Tensor], desc: Mapping) -> None:
+def _check_w8a8_dynamic(prefix: str, tensors: Mapping[str, torch.Tensor], desc: Mapping, tp_size: int = 1) -> None:
     """SPEC section 10 for one W8A8_DYNAMIC linear: int8 weight, per-channel scale and offset, optional bias.
 
     Scales and bias may be any float dtype: msModelSlim writes float32, vllm-ascend rounds them to
@@ -205,11 +225,13 @@ def _check_fused(tensors: Mapping[str, torch.Tensor], desc: Mapping) -> None:
                         )
 
 
-def check_checkpoint(tensors: Mapping[str, torch.Tensor], desc: Mapping, tied: Iterable[str] = ()) -> dict[str, str]:
+def check_checkpoint(tensors: Mapping[str, torch.Tensor], desc: Mapping, tied: Iterable[str] = (),
+                     tp_size: int | None = None) -> dict[str, str]:
     """Check tensors against a description (both directions) and SPEC sections 1 and 10; return the
     quantized prefixes and their types.
 
     ``tied``: keys a description may list as FLOAT without a stored tensor (tied embeddings).
+    ``tp_size``: what the row-parallel FlatQuant transforms are sized for (default: the metadata's).
     Raises ``CheckpointError`` naming the first offending tensor (for static ``W8A8``: the layer).
     """
     tied = set(tied)
@@ -238,8 +260,9 @@ def check_checkpoint(tensors: Mapping[str, torch.Tensor], desc: Mapping, tied: I
         if key not in entries:
             raise CheckpointError(f"{key}: stored but not listed in {DESCRIPTION_FILE}")
     quantized = {k[: -len(".weight")]: v for k, v in entries.items() if k.endswith(".weight") and v in LAYER_KEYS}
+    tp = saved_tp_size(desc) if tp_size is None else tp_size
     for prefix in sorted(quantized):
-        _LAYER_CHECKS[quantized[prefix]](prefix, tensors, desc)
+        _LAYER_CHECKS[quantized[prefix]](prefix, tensors, desc, tp)
     for key, t in tensors.items():
         prefix, _, leaf = key.rpartition(".")
         kind = entries[key]

@@ -24,7 +24,7 @@ from ..layers import CHECKPOINT_KEYS, W4A4FlatQuantLinear, W8A8DynamicLinear
 from ..models import set_submodule
 from .format import (
     ACT_DTYPE_KEY, CONFIG_FILE, DESCRIPTION_FILE, INDEX_FILE, LAYER_KEYS, QUANT_TYPE, SINGLE_FILE,
-    W8A8_DYNAMIC_TYPE, CheckpointError, check_checkpoint, expect, is_field, tie_targets,
+    W8A8_DYNAMIC_TYPE, CheckpointError, check_checkpoint, expect, is_field, layer_tp, saved_tp_size, tie_targets,
 )
 
 # msModelSlim's legacy saver names the description after the quant type (SPEC section 13).
@@ -120,7 +120,7 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_quantized(path, backend: str | None = None, dtype=None) -> nn.Module:
+def load_quantized(path, backend: str | None = None, dtype=None, tp_size: int | None = None) -> nn.Module:
     """Rebuild a model saved by :func:`save_quantized` (or any checkpoint in that format).
 
     Reads ``config.json``, ``quant_model_description.json`` and the safetensors only (no pickle, no
@@ -134,6 +134,10 @@ def load_quantized(path, backend: str | None = None, dtype=None) -> nn.Module:
     default attention implementation). ``dtype`` loads the float tensors in another dtype instead,
     as ``from_pretrained(dtype=...)`` would: the model is built in it, quantized layers run in it
     when it is a half type, and their float32 scales and clip ratios stay untouched. Eval mode.
+
+    ``tp_size`` (default: the description's ``metadata.tp_size``, else 1): the row-parallel layers
+    compute what vLLM's ``tp_size`` ranks compute, each on its slice of the input, summed as the
+    all-reduce (SPEC section 11); FlatQuant ones must have transforms sized for it, as vLLM asserts.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -160,16 +164,21 @@ def load_quantized(path, backend: str | None = None, dtype=None) -> nn.Module:
             mod = _find(model, key[: -len(".weight")])
             if isinstance(mod, nn.Linear):
                 expect(key, tensors[key], (mod.out_features, mod.in_features))
-    quantized = check_checkpoint(tensors, desc, tied=ties)
+    if tp_size is not None and (isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1):
+        raise ValueError(f"tp_size: expected a positive int or None, got {tp_size!r}")
+    tp = saved_tp_size(desc) if tp_size is None else tp_size
+    quantized = check_checkpoint(tensors, desc, tied=ties, tp_size=tp)
 
     state = model.state_dict()
     used: set[str] = set()
     lossy: list[str] = []
     for prefix in sorted(quantized):
         if quantized[prefix] == W8A8_DYNAMIC_TYPE:
-            layer = _w8a8_layer(model, prefix, tensors, backend, dtype, saved_dtype, _saved_act_dtype(desc))
+            layer = _w8a8_layer(model, prefix, tensors, backend, dtype, saved_dtype, _saved_act_dtype(desc),
+                                layer_tp(prefix, tp))
         else:
-            layer = _quantized_layer(model, prefix, tensors, backend, dtype, _saved_act_dtype(desc), lossy)
+            layer = _quantized_layer(model, prefix, tensors, backend, dtype, _saved_act_dtype(desc), lossy,
+                                     layer_tp(prefix, tp))
         set_submodule(model, prefix, layer)
         names = LAYER_KEYS[quantized[prefix]] + ("bias",)
         used.update(f"{prefix}.{n}" for n in names if f"{prefix}.{n}" in tensors)
@@ -233,7 +242,8 @@ def _linear_of(model: nn.Module, prefix: str, tensors: Mapping[str, torch.Tensor
 
 
 def _w8a8_layer(model: nn.Module, prefix: str, tensors: Mapping[str, torch.Tensor], backend,
-                dtype: torch.dtype | None, saved_dtype: torch.dtype, saved_act: torch.dtype | None) -> W8A8DynamicLinear:
+                dtype: torch.dtype | None, saved_dtype: torch.dtype, saved_act: torch.dtype | None,
+                tp: int = 1) -> W8A8DynamicLinear:
     """A W8A8_DYNAMIC layer in the model dtype (vllm-ascend's params dtype): the requested half dtype, else
     the one the description records, else config.json's when half, else bfloat16."""
     _linear_of(model, prefix, tensors, W8A8_DYNAMIC_TYPE)
@@ -241,14 +251,14 @@ def _w8a8_layer(model: nn.Module, prefix: str, tensors: Mapping[str, torch.Tenso
            else saved_dtype if saved_dtype in HALF_DTYPES else torch.bfloat16)
     parts = {n: tensors[f"{prefix}.{n}"] for n in LAYER_KEYS[W8A8_DYNAMIC_TYPE] + ("bias",) if f"{prefix}.{n}" in tensors}
     try:
-        return W8A8DynamicLinear.from_checkpoint(parts, act_dtype=act, backend=backend)
+        return W8A8DynamicLinear.from_checkpoint(parts, act_dtype=act, backend=backend, tp_size=tp)
     except ValueError as e:  # its messages start with the tensor's short name
         raise CheckpointError(f"{prefix}.{e}") from None
 
 
 def _quantized_layer(model: nn.Module, prefix: str, tensors: Mapping[str, torch.Tensor], backend,
                      dtype: torch.dtype | None, saved_act: torch.dtype | None = None,
-                     lossy: list[str] | None = None) -> W4A4FlatQuantLinear:
+                     lossy: list[str] | None = None, tp: int = 1) -> W4A4FlatQuantLinear:
     _linear_of(model, prefix, tensors, QUANT_TYPE)
     has_bias = f"{prefix}.bias" in tensors
     parts = {n: tensors[f"{prefix}.{n}"] for n in CHECKPOINT_KEYS + (("bias",) if has_bias else ())}
@@ -266,6 +276,6 @@ def _quantized_layer(model: nn.Module, prefix: str, tensors: Mapping[str, torch.
     if has_bias:
         parts["bias"] = parts["bias"].to(act)  # added in the activation dtype, as vllm-ascend does
     try:
-        return W4A4FlatQuantLinear.from_checkpoint(parts, backend=backend, act_dtype=act)
+        return W4A4FlatQuantLinear.from_checkpoint(parts, backend=backend, act_dtype=act, tp_size=tp)
     except ValueError as e:  # its messages start with the tensor's short name
         raise CheckpointError(f"{prefix}.{e}") from None

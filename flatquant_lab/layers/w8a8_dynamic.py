@@ -54,14 +54,18 @@ class W8A8DynamicLinear(nn.Module):
     quant_type = QUANT_TYPE
 
     def __init__(self, in_features: int, out_features: int, act_dtype: torch.dtype, bias: bool,
-                 backend: str | None = None):
+                 backend: str | None = None, tp_size: int = 1):
         super().__init__()
-        for name, v in (("in_features", in_features), ("out_features", out_features)):
+        for name, v in (("in_features", in_features), ("out_features", out_features), ("tp_size", tp_size)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: expected a positive int, got {v!r}")
+        if in_features % tp_size:
+            raise ValueError(f"tp_size: expected a divisor of in_features {in_features}, got {tp_size}")
         check_half(act_dtype)
         ops.resolve_backend(backend)  # a misspelt backend fails here, not at the first forward
         self.in_features, self.out_features = in_features, out_features
+        # > 1: compute as vLLM's ranks of a row-parallel layer do, each quantizing its K / tp inputs
+        self.tp_size = tp_size
         self.backend = backend
         self.act_dtype = act_dtype
         # The weight as vllm-ascend keeps it after loading: transposed to [K, O], contiguous.
@@ -76,8 +80,11 @@ class W8A8DynamicLinear(nn.Module):
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_checkpoint(cls, tensors: Mapping[str, torch.Tensor], act_dtype: torch.dtype = torch.bfloat16,
-                        backend: str | None = None) -> "W8A8DynamicLinear":
-        """Build from the SPEC section 10 tensors; ``act_dtype`` is the model dtype the scale and bias round to."""
+                        backend: str | None = None, tp_size: int = 1) -> "W8A8DynamicLinear":
+        """Build from the SPEC section 10 tensors; ``act_dtype`` is the model dtype the scale and bias round to.
+
+        ``tp_size > 1``: the layer computes what vLLM's ranks of a row-parallel layer compute (see forward).
+        """
         missing = [k for k in CHECKPOINT_KEYS if k not in tensors]
         if missing:
             raise ValueError(f"tensors: missing {missing} (expected {list(CHECKPOINT_KEYS)} and optional 'bias')")
@@ -99,7 +106,7 @@ class W8A8DynamicLinear(nn.Module):
         bias = tensors.get("bias")
         if bias is not None:
             _expect(bias, "bias", (out_f,), floating=True)
-        layer = cls(in_f, out_f, act_dtype, bias is not None, backend=backend)
+        layer = cls(in_f, out_f, act_dtype, bias is not None, backend=backend, tp_size=tp_size)
         with torch.no_grad():
             layer.weight_t.copy_(w.t())
             layer.weight_scale.copy_(tensors["weight_scale"].float())
@@ -182,7 +189,7 @@ class W8A8DynamicLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"act_dtype={dtype_name(self.act_dtype)}, bias={self.bias is not None}, "
+                f"{f'tp_size={self.tp_size}, ' if self.tp_size > 1 else ''}act_dtype={dtype_name(self.act_dtype)}, bias={self.bias is not None}, "
                 f"backend={self.backend or 'auto'}")
 
     # ------------------------------------------------------------------ forward
@@ -201,8 +208,27 @@ class W8A8DynamicLinear(nn.Module):
         if not bool(torch.isfinite(x2).all()):
             raise ValueError(f"x: expected finite activations, got {int((~torch.isfinite(x2)).sum())} non-finite "
                              f"values (in {dtype_name(self.act_dtype)})")
-        q, s_tok = ops.dynamic_quant(x2, dst_type=torch.int8, backend=self.backend)
-        y = ops.quant_matmul(q, self.weight_t, self.scale, pertoken_scale=s_tok, bias=self.bias,
-                             output_dtype=self.act_dtype, backend=self.backend)
+        if self.tp_size == 1:
+            q, s_tok = ops.dynamic_quant(x2, dst_type=torch.int8, backend=self.backend)
+            y = ops.quant_matmul(q, self.weight_t, self.scale, pertoken_scale=s_tok, bias=self.bias,
+                                 output_dtype=self.act_dtype, backend=self.backend)
+        else:
+            y = self._forward_ranks(x2)
         return y.view(*lead, self.out_features).to(in_dtype)
+
+    def _forward_ranks(self, x2: torch.Tensor) -> torch.Tensor:
+        """vLLM's ``tp_size`` ranks of a row-parallel layer, then their all-reduce.
+
+        Rank ``r`` quantizes its slice ``x[:, r K/tp : (r+1) K/tp]`` per token and multiplies its weight
+        rows (the bias on rank 0 only); all-reduce ``y = round_t(sum_r fp32(y_r))`` (assumed: HCCL's
+        order and precision are not known, SPEC section 11).
+        """
+        k = self.in_features // self.tp_size
+        total = None
+        for r in range(self.tp_size):
+            q, s_tok = ops.dynamic_quant(x2[:, r * k:(r + 1) * k].contiguous(), dst_type=torch.int8, backend=self.backend)
+            yr = ops.quant_matmul(q, self.weight_t[r * k:(r + 1) * k], self.scale, pertoken_scale=s_tok,
+                                  bias=self.bias if r == 0 else None, output_dtype=self.act_dtype, backend=self.backend)
+            total = yr.float() if total is None else total + yr.float()
+        return total.to(self.act_dtype)
 

@@ -25,9 +25,16 @@ GROUPS = {g.name: g.linears for g in LLAMA_GROUPS}
 LINEAR_NAMES = tuple(n for names in GROUPS.values() for n in names)
 # vLLM fused module -> its shards, over every registered family.
 FUSED_MODULES = {name: shards for a in ADAPTERS for name, shards in a.fused_modules.items()}
+# Paths (inside a decoder layer) of the linears vLLM splits along their input (RowParallelLinear).
+ROW_PARALLEL_LINEARS = tuple(sorted({n for a in ADAPTERS for g in a.groups if g.row_parallel for n in g.linears}))
+
+
+def is_row_parallel(prefix: str) -> bool:
+    """Whether the linear at state-dict ``prefix`` (``model.layers.0.self_attn.o_proj``) is row-parallel in vLLM."""
+    return any(prefix.endswith("." + n) for n in ROW_PARALLEL_LINEARS)
 
 __all__ = [
-    "ADAPTERS", "FUSED_MODULES", "GROUPS", "GroupSpec", "LINEAR_NAMES", "ModelAdapter", "ModelInfo",
+    "ADAPTERS", "FUSED_MODULES", "GROUPS", "ROW_PARALLEL_LINEARS", "is_row_parallel", "GroupSpec", "LINEAR_NAMES", "ModelAdapter", "ModelInfo",
     "SUPPORTED_MODEL_TYPES", "UnsupportedModelError", "adapter_for", "decoder_layers", "layer_prefix",
     "linear_weight_bytes", "model_info", "quantized_linear_names", "set_submodule",
 ]
