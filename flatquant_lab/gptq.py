@@ -27,7 +27,7 @@ class HessianAccumulator:
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, block: int = 128,
                   damp: float = 0.01, act_order: bool = True, bits: int = 4) -> torch.Tensor:
-    """int8 ``[O, K]`` int4 (``bits=4``) or int8 (``bits=8``) values for ``weight`` with the fixed per-row ``scale [O, 1]``.
+    """int8 ``[O, K]`` codes, int4 (``bits=4``) or int8 (``bits=8``), for ``weight`` with the fixed ``scale [O, 1]``.
 
     Rows are independent, so linears that share one input (q/k/v, gate/up) are best passed
     concatenated along ``O``: the factorisation and the column loop then run once for all of them.

@@ -106,7 +106,9 @@ def kron_inverse_t(left: torch.Tensor, right: torch.Tensor,
 
 def fold_weight(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
                 inverse_t: tuple[torch.Tensor, torch.Tensor] | None = None, blocks: int = 1) -> torch.Tensor:
-    """``W' = W @ kron(I_blocks, L, R)^{-T}``, i.e. ``L^{-1} W_o R^{-T}`` per output row and block, so that ``kron_apply(x, L, R, blocks) @ W'^T == x @ W^T``.
+    """``W' = W @ kron(I_blocks, L, R)^{-T}``, so that ``kron_apply(x, L, R, blocks) @ W'^T == x @ W^T``.
+
+    Per output row and block that is ``L^{-1} W_o R^{-T}``.
 
     In float64 unless ``inverse_t`` (the factors of :func:`kron_inverse_t`, e.g. float32 ones kept
     across training steps) says otherwise; differentiable either way.

@@ -215,8 +215,8 @@ def test_convert_weight_to_int4pack_and_dynamic_quant():
     y, s = ops.dynamic_quant(x, backend="reference")
     assert y.tolist() == [[32, -64, 16, 127], [0, 0, 0, 0]]  # mult = 127 / 4
     assert s.tolist() == [pytest.approx(4 / 127), pytest.approx(1 / 127)]
-    y4, s4 = ops.dynamic_quant(torch.tensor([[7.0, -7.0, 3.5, 0, 0, 0, 0, 1]], dtype=torch.bfloat16), dst_type=torch.quint4x2,
-                               backend="reference")
+    x4 = torch.tensor([[7.0, -7.0, 3.5, 0, 0, 0, 0, 1]], dtype=torch.bfloat16)
+    y4, s4 = ops.dynamic_quant(x4, dst_type=torch.quint4x2, backend="reference")
     assert unpack_int4(y4).tolist() == [[7, -7, 4, 0, 0, 0, 0, 1]] and s4.tolist() == [1.0]
 
 
@@ -256,7 +256,8 @@ def test_golden_quant_matmul_int8():
     a = torch.tensor([[127, -128, 1], [0, 2, -3]], dtype=torch.int8)
     w = torch.tensor([[1, 1, 1], [-127, 0, 2]], dtype=torch.int8)
     y = ops.quant_matmul(a, w.t().contiguous(), torch.tensor([0.5, 0.25], dtype=torch.bfloat16),
-                         pertoken_scale=torch.tensor([2.0, 0.125]), bias=torch.tensor([1.0, -0.5], dtype=torch.bfloat16),
+                         pertoken_scale=torch.tensor([2.0, 0.125]),
+                         bias=torch.tensor([1.0, -0.5], dtype=torch.bfloat16),
                          output_dtype=torch.bfloat16, backend="reference")
     assert y.dtype == torch.bfloat16 and y.tolist() == [[1.0, -8064.0], [0.9375, -0.6875]]
 

@@ -37,7 +37,8 @@ def rel(a, b):
 # ------------------------------------------------------------------ the transform kron(I_N, L, R)
 def test_block_kron_is_the_dense_block_diagonal_and_folds_exactly():
     g = torch.Generator().manual_seed(0)
-    left, right = torch.randn(2, 2, generator=g, dtype=torch.float64), torch.randn(4, 4, generator=g, dtype=torch.float64)
+    left = torch.randn(2, 2, generator=g, dtype=torch.float64)
+    right = torch.randn(4, 4, generator=g, dtype=torch.float64)
     x = torch.randn(5, 24, generator=g, dtype=torch.float64)
     dense = torch.kron(torch.eye(3, dtype=torch.float64), torch.kron(left, right))
     assert torch.allclose(kron_apply(x, left, right, blocks=3), x @ dense, atol=1e-12)

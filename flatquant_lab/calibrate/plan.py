@@ -56,7 +56,8 @@ def plan_layer(model: nn.Module, index: int, cfg: QuantConfig, info=None) -> lis
         if skipped:
             # vllm-ascend fuses q/k/v and gate/up: a fused module is all quantized or all float
             scheme = FLOAT
-            reason = f"QuantConfig.skip matches {skipped[0]!r}" + (" (the fused group stays float together)" if len(spec.linears) > 1 else "")
+            together = " (the fused group stays float together)" if len(spec.linears) > 1 else ""
+            reason = f"QuantConfig.skip matches {skipped[0]!r}{together}"
         else:
             if len({scheme for scheme, _ in picks}) > 1:
                 listing = ", ".join(f"{n} is {scheme}" for n, (scheme, _) in zip(names, picks))

@@ -122,7 +122,8 @@ def _check_labels(prefix: str, kind: str, tensors: Mapping[str, torch.Tensor], d
         if key not in tensors:
             raise CheckpointError(f"{key}: missing ({prefix}.weight is {kind}, which needs {list(LAYER_KEYS[kind])})")
         if desc.get(key) != kind:
-            raise CheckpointError(f"{key}: description says {desc.get(key)!r}, expected {kind!r} (as for {prefix}.weight)")
+            raise CheckpointError(f"{key}: description says {desc.get(key)!r}, expected {kind!r} "
+                                  f"(as for {prefix}.weight)")
     # msModelSlim labels a quantized layer's bias FLOAT; vllm-ascend never reads the label. Accept both.
     if f"{prefix}.bias" in tensors and desc.get(f"{prefix}.bias") not in (kind, FLOAT_TYPE):
         raise CheckpointError(f"{prefix}.bias: description says {desc.get(f'{prefix}.bias')!r}, expected {kind!r}")
@@ -239,7 +240,8 @@ def check_checkpoint(tensors: Mapping[str, torch.Tensor], desc: Mapping, tied: I
         raise CheckpointError(f"{DESCRIPTION_FILE}: expected a JSON object, got {type(desc).__name__}")
     mqt = desc.get("model_quant_type")
     if mqt is not None and not isinstance(mqt, str):  # informational only (SPEC section 13): not dispatched on
-        raise CheckpointError(f"{DESCRIPTION_FILE}: model_quant_type is {mqt!r}, expected a string such as {QUANT_TYPE!r}")
+        raise CheckpointError(f"{DESCRIPTION_FILE}: model_quant_type is {mqt!r}, expected a string such as "
+                              f"{QUANT_TYPE!r}")
     if desc.get("group_size", 0) not in (0, None):
         raise CheckpointError(f"{DESCRIPTION_FILE}: group_size is {desc['group_size']!r}, expected 0 "
                               "(per-channel weight scales)")

@@ -249,7 +249,8 @@ def _w8a8_layer(model: nn.Module, prefix: str, tensors: Mapping[str, torch.Tenso
     _linear_of(model, prefix, tensors, W8A8_DYNAMIC_TYPE)
     act = (dtype if dtype in HALF_DTYPES else saved_act if saved_act is not None
            else saved_dtype if saved_dtype in HALF_DTYPES else torch.bfloat16)
-    parts = {n: tensors[f"{prefix}.{n}"] for n in LAYER_KEYS[W8A8_DYNAMIC_TYPE] + ("bias",) if f"{prefix}.{n}" in tensors}
+    names = LAYER_KEYS[W8A8_DYNAMIC_TYPE] + ("bias",)
+    parts = {n: tensors[f"{prefix}.{n}"] for n in names if f"{prefix}.{n}" in tensors}
     try:
         return W8A8DynamicLinear.from_checkpoint(parts, act_dtype=act, backend=backend, tp_size=tp)
     except ValueError as e:  # its messages start with the tensor's short name

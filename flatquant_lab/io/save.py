@@ -24,8 +24,8 @@ from torch import nn
 from ..dtypes import as_dtype, cast_rounds, dtype_name
 from ..models import is_row_parallel, quantized_linear_names
 from .format import (
-    ACT_DTYPE_KEY, CONFIG_FILE, DESCRIPTION_FILE, INDEX_FILE, QUANT_TYPE, TP_SIZE_KEY, CheckpointError, build_description, check_checkpoint,
-    shares_storage, tie_targets,
+    ACT_DTYPE_KEY, CONFIG_FILE, DESCRIPTION_FILE, INDEX_FILE, QUANT_TYPE, TP_SIZE_KEY, CheckpointError,
+    build_description, check_checkpoint, shares_storage, tie_targets,
 )
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,8 @@ def _shard_limit(max_shard_size) -> int:
                      f"got {max_shard_size!r}")
 
 
-def checkpoint_state(model: nn.Module, dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def checkpoint_state(model: nn.Module,
+                     dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors to store, in state-dict order, and the quantized linear prefixes with their types
     (``W4A4_FLATQUANT_DYNAMIC``, ``W8A8_DYNAMIC``).
 
@@ -157,7 +158,8 @@ def _config_dict(model: nn.Module, float_dtype: torch.dtype) -> dict:
     return out
 
 
-def _float_dtype(tensors: Mapping[str, torch.Tensor], quantized: Mapping[str, str], dtype: torch.dtype | None) -> torch.dtype:
+def _float_dtype(tensors: Mapping[str, torch.Tensor], quantized: Mapping[str, str],
+                 dtype: torch.dtype | None) -> torch.dtype:
     if dtype is not None:
         return dtype
     found: dict[torch.dtype, str] = {}

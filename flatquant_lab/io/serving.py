@@ -110,7 +110,8 @@ def vllm_load_problem(tensors: Mapping[str, torch.Tensor], desc: Mapping, config
             return f"{prefix}.weight: each rank's {k_rank} input columns do not pack into int4 words of 8"
         support = npu_supported(n1, n2, cann)
         if not support:
-            return f"{prefix}: each rank's transform is {n1}x{n2}, which npu_kronecker_quant cannot run ({support.reason})"
+            return (f"{prefix}: each rank's transform is {n1}x{n2}, which npu_kronecker_quant cannot run "
+                    f"({support.reason})")
     return ""
 
 

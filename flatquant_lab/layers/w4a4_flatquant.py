@@ -279,7 +279,8 @@ class W4A4FlatQuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"kron=({self.n1}x{self.n2}){f', tp_size={self.tp_size}' if self.tp_size > 1 else ''}, clip_ratio={self.clip_ratio.item():.4f}, "
+                f"kron=({self.n1}x{self.n2}){f', tp_size={self.tp_size}' if self.tp_size > 1 else ''}, "
+                f"clip_ratio={self.clip_ratio.item():.4f}, "
                 f"act_dtype={str(self.act_dtype).replace('torch.', '')}, bias={self.bias is not None}, "
                 f"backend={self.backend or 'auto'}")
 

@@ -189,7 +189,8 @@ class W8A8DynamicLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"{f'tp_size={self.tp_size}, ' if self.tp_size > 1 else ''}act_dtype={dtype_name(self.act_dtype)}, bias={self.bias is not None}, "
+                f"{f'tp_size={self.tp_size}, ' if self.tp_size > 1 else ''}act_dtype={dtype_name(self.act_dtype)}, "
+                f"bias={self.bias is not None}, "
                 f"backend={self.backend or 'auto'}")
 
     # ------------------------------------------------------------------ forward
@@ -226,7 +227,8 @@ class W8A8DynamicLinear(nn.Module):
         k = self.in_features // self.tp_size
         total = None
         for r in range(self.tp_size):
-            q, s_tok = ops.dynamic_quant(x2[:, r * k:(r + 1) * k].contiguous(), dst_type=torch.int8, backend=self.backend)
+            xr = x2[:, r * k:(r + 1) * k].contiguous()
+            q, s_tok = ops.dynamic_quant(xr, dst_type=torch.int8, backend=self.backend)
             yr = ops.quant_matmul(q, self.weight_t[r * k:(r + 1) * k], self.scale, pertoken_scale=s_tok,
                                   bias=self.bias if r == 0 else None, output_dtype=self.act_dtype, backend=self.backend)
             total = yr.float() if total is None else total + yr.float()

@@ -34,7 +34,8 @@ def is_row_parallel(prefix: str) -> bool:
     return any(prefix.endswith("." + n) for n in ROW_PARALLEL_LINEARS)
 
 __all__ = [
-    "ADAPTERS", "FUSED_MODULES", "GROUPS", "ROW_PARALLEL_LINEARS", "is_row_parallel", "GroupSpec", "LINEAR_NAMES", "ModelAdapter", "ModelInfo",
+    "ADAPTERS", "FUSED_MODULES", "GROUPS", "ROW_PARALLEL_LINEARS", "is_row_parallel", "GroupSpec", "LINEAR_NAMES",
+    "ModelAdapter", "ModelInfo",
     "SUPPORTED_MODEL_TYPES", "UnsupportedModelError", "adapter_for", "decoder_layers", "layer_prefix",
     "linear_weight_bytes", "model_info", "quantized_linear_names", "set_submodule",
 ]
@@ -71,7 +72,7 @@ def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def quantized_linear_names(model: nn.Module) -> list[str]:
-    """Module names of every quantized linear (``W4A4FlatQuantLinear``, ``W8A8DynamicLinear``) in ``model``, in module order."""
+    """Module names of every quantized linear (``W4A4FlatQuantLinear``, ``W8A8DynamicLinear``), in module order."""
     return [name for name, mod in model.named_modules() if isinstance(mod, QUANTIZED_LAYERS)]
 
 

@@ -125,8 +125,8 @@ def _quant_matmul_int8(x1, x2, scale, offset, pertoken_scale, bias, output_dtype
                              f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
     m, k = x1.shape
     if x2.shape[0] != k:
-        raise ValueError(f"x2: k dim {x2.shape[0]} disagrees with x1's {k} (x1 {tuple(x1.shape)}, x2 {tuple(x2.shape)}; "
-                         "x2 is the weight transposed to [k, n])")
+        raise ValueError(f"x2: k dim {x2.shape[0]} disagrees with x1's {k} (x1 {tuple(x1.shape)}, "
+                         f"x2 {tuple(x2.shape)}; x2 is the weight transposed to [k, n])")
     n = x2.shape[1]
     if max(k, n) > MAX_PACKED_DIM:
         raise ValueError(f"x2: dims ({k}, {n}) exceed {MAX_PACKED_DIM}")
@@ -135,7 +135,8 @@ def _quant_matmul_int8(x1, x2, scale, offset, pertoken_scale, bias, output_dtype
         raise ValueError(f"scale: expected float32 or bfloat16 [{n}], got {getattr(scale, 'dtype', scale)} "
                          f"{tuple(getattr(scale, 'shape', ()))}")
     if pertoken_scale is not None and (pertoken_scale.dtype != torch.float32 or tuple(pertoken_scale.shape) != (m,)):
-        raise ValueError(f"pertoken_scale: expected float32 [{m}], got {pertoken_scale.dtype} {tuple(pertoken_scale.shape)}")
+        raise ValueError(f"pertoken_scale: expected float32 [{m}], got {pertoken_scale.dtype} "
+                         f"{tuple(pertoken_scale.shape)}")
     if offset is not None:
         raise ValueError("offset: W8A8_DYNAMIC weights are symmetric; expected None")
     if bias is not None and (tuple(bias.shape) != (n,) or not bias.is_floating_point()):
