@@ -49,7 +49,7 @@ class TPCheck:
             return f"TP {self.tp_size}: does not load: {self.problem}"
         diff = "n/a" if self.worst_rel_diff is None else f"{self.worst_rel_diff:.3g}"
         return (f"TP {self.tp_size}: loads; {self.linears} quantized linears run rank by rank, worst relative "
-                f"difference to load_quantized {diff}" + (f" ({self.worst_linear})" if self.worst_rel_diff else ""))
+                f"difference to load_quantized {diff}" + (f" ({self.worst_linear})" if self.worst_linear else ""))
 
 
 def _sizes(config: Mapping) -> dict:
@@ -203,7 +203,7 @@ def serve_check(path, tp_sizes: Sequence[int] = (1, 2, 4), tokens: int = 16, see
             got = ranks_output(prefix, kind, tensors, x, tp, config)
             rel = float((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30))
             if worst is None or rel > worst:
-                worst, worst_name = rel, prefix
+                worst, worst_name = rel, (prefix if rel > 0 else "")
         results.append(TPCheck(tp, True, "", worst, worst_name, len(layers)))
     return results
 
