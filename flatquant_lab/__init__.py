@@ -14,7 +14,7 @@ import importlib
 from . import offline  # noqa: F401  (first: the Hugging Face libraries read the offline switch at import)
 from . import ops
 from .kronecker import decompose_dim, kron_apply, npu_supported
-from .layers import W4A4FlatQuantLinear
+from .layers import W4A4FlatQuantLinear, W8A8DynamicLinear
 from .packing import offset8_to_npu, pack_int4, unpack_int4
 
 __version__ = "0.1.0"
@@ -28,6 +28,8 @@ _LAZY = {
     "save_quantized": "flatquant_lab.io",
     "load_quantized": "flatquant_lab.io",
     "CheckpointError": "flatquant_lab.io",
+    "serve_check": "flatquant_lab.io",
+    "RECIPES": "flatquant_lab.recipe",
     "check_linear": "flatquant_lab.numerics",
     "sweep_clip_ratio": "flatquant_lab.numerics",
     "sweep_layer_clip_ratio": "flatquant_lab.numerics",
@@ -41,7 +43,7 @@ _LAZY = {
 }
 
 __all__ = [
-    "W4A4FlatQuantLinear", "decompose_dim", "kron_apply", "npu_supported", "ops", "offset8_to_npu",
+    "W4A4FlatQuantLinear", "W8A8DynamicLinear", "decompose_dim", "kron_apply", "npu_supported", "ops", "offset8_to_npu",
     "pack_int4", "unpack_int4", *_LAZY,
 ]
 

@@ -34,9 +34,10 @@ def _as_ids(calib_data) -> torch.Tensor | None:
 
 def quantize(model: nn.Module, config: QuantConfig | None = None, calib_data=None, backend: str | None = None,
              after_layer=None) -> nn.Module:
-    """Quantize ``model`` in place to W4A4 FlatQuant and return it.
+    """Quantize ``model`` in place to W4A4 FlatQuant (or the schemes ``config.recipe`` gives) and return it.
 
-    Every supported decoder linear becomes a ``W4A4FlatQuantLinear``; the calibration report
+    Every decoder linear takes its recipe scheme: ``W4A4FlatQuantLinear``, ``W8A8DynamicLinear`` or
+    float (with the default recipe, every one the NPU op can run is FlatQuant); the calibration report
     (losses, clip ratios, what stayed float and why, what data) is left on ``model.flatquant_report``.
     ``calib_data`` must hold at least the config's ``samples`` x ``seqlen`` token ids; the first
     ``samples`` sequences, cut to ``seqlen``, are what calibration runs on (the config records it).

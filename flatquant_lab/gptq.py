@@ -1,4 +1,4 @@
-"""GPTQ for per-output-channel symmetric int4 weights in the transformed basis.
+"""GPTQ for per-output-channel symmetric int4 (or int8) weights in the transformed basis.
 
 Minimises ``||X W^T - X W_q^T||^2`` column by column: quantize column ``i``, then spread its error
 ``e = (w_i - q_i s) / [H^-1]_ii`` over the remaining columns with the Cholesky factor of ``H^-1``,
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .quantizers import QMAX, QMIN
+from .quantizers import qrange
 
 
 class HessianAccumulator:
@@ -26,12 +26,13 @@ class HessianAccumulator:
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, block: int = 128,
-                  damp: float = 0.01, act_order: bool = True) -> torch.Tensor:
-    """int8 ``[O, K]`` int4 values for ``weight`` with the fixed per-row ``scale [O, 1]``.
+                  damp: float = 0.01, act_order: bool = True, bits: int = 4) -> torch.Tensor:
+    """int8 ``[O, K]`` codes, int4 (``bits=4``) or int8 (``bits=8``), for ``weight`` with the fixed ``scale [O, 1]``.
 
     Rows are independent, so linears that share one input (q/k/v, gate/up) are best passed
     concatenated along ``O``: the factorisation and the column loop then run once for all of them.
     """
+    qmin, qmax = qrange(bits)
     w = weight.detach().double().clone()
     h = hessian.detach().double().clone()
     o, k = w.shape
@@ -60,7 +61,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tens
         dinv = 1.0 / torch.diagonal(hinv1)
         for i in range(i2 - i1):  # few ops per column: this loop is GPTQ's cost on a CPU
             col = w1[:, i]
-            qi = (col * inv_s1).round_().clamp_(QMIN, QMAX)  # a zero-scale row has zero weights: q = 0
+            qi = (col * inv_s1).round_().clamp_(qmin, qmax)  # a zero-scale row has zero weights: q = 0
             q[:, i1 + i] = qi
             e = (col - qi * s1) * dinv[i]
             w1[:, i + 1:].addr_(e, hinv1[i, i + 1:], alpha=-1.0)

@@ -72,11 +72,21 @@ def _check_factors(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> 
     return n1, n2
 
 
-def kron_apply(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """``x @ kron(left, right)`` for ``x[..., n1*n2]`` without forming the Kronecker product.
+def _blocks(t: torch.Tensor, blocks: int, name: str) -> torch.Tensor:
+    """``t[..., blocks * k]`` viewed as ``[..., blocks, k]``."""
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1 or t.shape[-1] % blocks:
+        raise ValueError(f"blocks: expected a positive int dividing {name}'s last dim {t.shape[-1]}, got {blocks!r}")
+    return t.unflatten(-1, (blocks, t.shape[-1] // blocks))
 
-    Costs ``2 * K * (n1 + n2)`` multiply-adds per token instead of ``2 * K^2``.
+
+def kron_apply(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, blocks: int = 1) -> torch.Tensor:
+    """``x @ kron(I_blocks, left, right)`` for ``x[..., blocks*n1*n2]`` without forming the Kronecker product.
+
+    Costs ``2 * K * (n1 + n2)`` multiply-adds per token instead of ``2 * K^2``. ``blocks > 1`` is the
+    tensor-parallel form: each of the ``blocks`` slices of ``x`` is transformed on its own.
     """
+    if blocks != 1:
+        return kron_apply(_blocks(x, blocks, "x"), left, right).reshape(x.shape)
     n1, n2 = _check_factors(x, left, right)
     xm = x.reshape(-1, n1, n2)  # row-major X per token
     # X R as one small GEMM per token: on CPU a batched GEMM beats the equivalent tall-skinny
@@ -95,12 +105,16 @@ def kron_inverse_t(left: torch.Tensor, right: torch.Tensor,
 
 
 def fold_weight(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
-                inverse_t: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """``W' = W @ kron(L, R)^{-T}``, i.e. ``L^{-1} W_o R^{-T}`` per output row, so that ``kron_apply(x, L, R) @ W'^T == x @ W^T``.
+                inverse_t: tuple[torch.Tensor, torch.Tensor] | None = None, blocks: int = 1) -> torch.Tensor:
+    """``W' = W @ kron(I_blocks, L, R)^{-T}``, so that ``kron_apply(x, L, R, blocks) @ W'^T == x @ W^T``.
+
+    Per output row and block that is ``L^{-1} W_o R^{-T}``.
 
     In float64 unless ``inverse_t`` (the factors of :func:`kron_inverse_t`, e.g. float32 ones kept
     across training steps) says otherwise; differentiable either way.
     """
+    if blocks != 1:
+        return fold_weight(_blocks(weight, blocks, "weight"), left, right, inverse_t).reshape(weight.shape)
     n1, n2 = _check_factors(weight, left, right)
     li, ri = inverse_t if inverse_t is not None else kron_inverse_t(left, right)
     wm = weight.to(li.dtype).reshape(*weight.shape[:-1], n1, n2)

@@ -123,15 +123,17 @@ def weight_scale(weight: torch.Tensor, clip: torch.Tensor | float | None = None,
     return amax / qrange(bits)[1]
 
 
-def quantize_weight(weight: torch.Tensor, clip=None, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_weight(weight: torch.Tensor, clip=None, bits: int = 4,
+                    scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """Round-to-nearest weights: ``(q int8 [O, K], scale float32 [O, 1])``.
 
-    The scale is rounded to float32 first and ``q`` computed from that stored scale, so that
-    ``q * scale`` is exactly what the NPU multiplies. All-zero rows get scale 0 and q 0.
+    The scale is rounded to ``scale_dtype`` first (float32; W8A8_DYNAMIC passes the model dtype,
+    which vllm-ascend rounds its scales to on load) and ``q`` computed from that rounded scale, so
+    that ``q * scale`` is exactly what the NPU multiplies. All-zero rows get scale 0 and q 0.
     """
     qmin, qmax = qrange(bits)
     w = weight.double()
-    scale = weight_scale(w, clip, bits).float()
+    scale = weight_scale(w, clip, bits).to(scale_dtype).float()
     s = scale.double()
     q = torch.where(s > 0, torch.round(w / torch.where(s > 0, s, torch.ones_like(s))), torch.zeros_like(w))
     return q.clamp_(qmin, qmax).to(torch.int8), scale

@@ -1,9 +1,16 @@
-"""``QuantConfig``: one small dataclass per quantization run (method, weights, profile, options), validated once."""
+"""``QuantConfig``: one small dataclass per quantization run (method, weights, profile, options), validated once.
+
+The per-module recipe maps fnmatch patterns of decoder-linear names to schemes; the first pattern (in
+order) that matches a name decides its scheme, ``skip`` patterns before all of them (they mean
+``"float"``). A linear no pattern matches stays float.
+"""
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +26,17 @@ PROFILES = {
     "paper": dict(samples=128, seqlen=2048, epochs=15, lr=5e-3, batch_size=4),
     "full": dict(samples=64, seqlen=256, epochs=6, lr=5e-3, batch_size=4),
     "fast": dict(samples=32, seqlen=128, epochs=2, lr=5e-3, batch_size=4),
+}
+
+
+FLATQUANT, W8A8_DYNAMIC, FLOAT = "w4a4_flatquant", "w8a8_dynamic", "float"
+SCHEMES = (FLATQUANT, W8A8_DYNAMIC, FLOAT)
+FALLBACKS = (W8A8_DYNAMIC, FLOAT)  # what a linear FlatQuant cannot serve may take instead
+RECIPES = {
+    # FlatQuant on every decoder linear (row-parallel layers then load in vLLM at TP 1 only)
+    "w4a4": {"*": FLATQUANT},
+    # msModelSlim's W4A4 recipe (example/Qwen/w4a4.py): the row-parallel o/down at W8A8_DYNAMIC
+    "msmodelslim": {"*.self_attn.o_proj": W8A8_DYNAMIC, "*.mlp.down_proj": W8A8_DYNAMIC, "*": FLATQUANT},
 }
 
 
@@ -61,6 +79,12 @@ class QuantConfig:
     learn_act_clip: bool = True
     act_dtype: torch.dtype = torch.bfloat16
     skip: tuple[str, ...] = ()  # fnmatch patterns of module names kept in float
+    # A preset name (RECIPES) or a mapping fnmatch pattern -> scheme (SCHEMES), first match wins.
+    recipe: str | Mapping[str, str] = "w4a4"
+    fallback: str = W8A8_DYNAMIC  # the scheme of a linear the recipe puts on FlatQuant but the NPU op cannot run
+    # vLLM tensor-parallel size the export serves at: row-parallel FlatQuant transforms become
+    # kron(I_N, L, R) with (n1, n2) = decompose_dim(K / N), each rank's slice quantized on its own
+    tp_size: int = 1
     seed: int = 0
     work_dir: str | None = None  # per-layer results, for resuming an interrupted run
     gptq_damp: float = 0.01
@@ -81,6 +105,26 @@ class QuantConfig:
         if isinstance(self.skip, str):
             self.skip = (self.skip,)
         self.skip = tuple(self.skip)
+        if isinstance(self.recipe, str):
+            if self.recipe not in RECIPES:
+                raise ValueError(f"recipe: expected a preset {tuple(RECIPES)} or a mapping pattern -> scheme, "
+                                 f"got {self.recipe!r}")
+        elif isinstance(self.recipe, Mapping):
+            if not self.recipe:
+                raise ValueError("recipe: expected at least one pattern -> scheme entry, got an empty mapping")
+            for pattern, scheme in self.recipe.items():
+                if not isinstance(pattern, str) or not pattern:
+                    raise ValueError(f"recipe: expected fnmatch patterns (non-empty str) as keys, got {pattern!r}")
+                if scheme not in SCHEMES:
+                    raise ValueError(f"recipe: {pattern!r} maps to {scheme!r}; expected one of {SCHEMES}")
+            self.recipe = dict(self.recipe)
+        else:
+            raise ValueError(f"recipe: expected a preset {tuple(RECIPES)} or a mapping pattern -> scheme, "
+                             f"got {type(self.recipe).__name__}")
+        if not _is_int(self.tp_size) or self.tp_size < 1:
+            raise ValueError(f"tp_size: expected a positive int (vLLM's --tensor-parallel-size), got {self.tp_size!r}")
+        if self.fallback not in FALLBACKS:
+            raise ValueError(f"fallback: expected one of {FALLBACKS}, got {self.fallback!r}")
         for name in ("samples", "seqlen", "batch_size", "gptq_block"):
             v = getattr(self, name)
             if v is not None and (not _is_int(v) or v < 1):
@@ -106,6 +150,40 @@ class QuantConfig:
             elif not _is_float(v):
                 raise ValueError(f"{name}: expected a finite float logit or 'search', got {v!r}")
 
+    @property
+    def recipe_rules(self) -> tuple[tuple[str, str], ...]:
+        """``(pattern, scheme)`` pairs in match order: the recipe's (a preset's or the mapping's)."""
+        rules = RECIPES[self.recipe] if isinstance(self.recipe, str) else self.recipe
+        return tuple(rules.items())
+
+    def scheme_for(self, name: str) -> tuple[str, str]:
+        """``(scheme, why)`` of the decoder linear ``name``: a skip pattern, else the first recipe pattern
+        that matches, else ``"float"``."""
+        hit = self.skip_match(name)
+        if hit is not None:
+            return FLOAT, f"QuantConfig.skip matches {hit!r}"
+        for p, scheme in self.recipe_rules:
+            if fnmatch.fnmatchcase(name, p):
+                return scheme, f"recipe {self.recipe_label} maps {p!r} to {scheme}"
+        return FLOAT, f"no pattern of recipe {self.recipe_label} matches it"
+
+    def skip_match(self, name: str) -> str | None:
+        """The first ``skip`` pattern that matches ``name``, or None."""
+        return next((p for p in self.skip if fnmatch.fnmatchcase(name, p)), None)
+
+    @property
+    def recipe_label(self) -> str:
+        return repr(self.recipe) if isinstance(self.recipe, str) else "(mapping)"
+
+    def check_recipe(self, names) -> None:
+        """Refuse a recipe mapping with a pattern that matches none of ``names`` (the model's decoder linears)."""
+        if isinstance(self.recipe, str):
+            return  # the presets' patterns are written for every family's layout
+        unmatched = [p for p in self.recipe if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+        if unmatched:
+            raise ValueError(f"recipe: {unmatched} match no decoder linear (their names look like "
+                             f"{names[-1]!r}; e.g. '*.o_proj' or 'model.layers.0.*')")
+
     def budget(self, name: str):
         """A budget field (samples, seqlen, epochs, lr, batch_size): the override or the profile's."""
         v = getattr(self, name)
@@ -119,6 +197,7 @@ class QuantConfig:
         d = dataclasses.asdict(self)
         d["act_dtype"] = str(self.act_dtype).replace("torch.", "")
         d["skip"] = list(self.skip)
+        d["recipe"] = self.recipe if isinstance(self.recipe, str) else dict(self.recipe)
         d.update({k: self.budget(k) for k in PROFILES["paper"]})
         return d
 

@@ -68,9 +68,15 @@ class FakeTorchNpu(types.ModuleType):
                      {"x1": x1, "x2": x2, "scale": scale, "offset": offset, "pertoken_scale": pertoken_scale,
                       "bias": bias},
                      {"output_dtype": output_dtype})
-        assert x1.dtype == x2.dtype == torch.int32, "int4 path: int32-packed operands"
-        # x2 must be the transpose of a contiguous [n, k/8] (SPEC section 5)
-        assert x2.t().is_contiguous(), "x2: expected the transposed view of a contiguous [n, k/8]"
+        if x1.dtype == torch.int8:  # the int8 path (W8A8_DYNAMIC, SPEC section 10)
+            assert x2.dtype == torch.int8, "int8 path: both operands int8"
+            # vllm-ascend stores the weight transposed to [k, n], contiguous (then NZ: layout only)
+            assert x2.is_contiguous() and x2.shape[0] == x1.shape[1], "x2: expected a contiguous int8 [k, n]"
+            assert scale.dtype in (torch.float32, torch.bfloat16), "int8 path: float32 or bfloat16 scale"
+        else:
+            assert x1.dtype == x2.dtype == torch.int32, "int4 path: int32-packed operands"
+            # x2 must be the transpose of a contiguous [n, k/8] (SPEC section 5)
+            assert x2.t().is_contiguous(), "x2: expected the transposed view of a contiguous [n, k/8]"
         return reference.quant_matmul(x1, x2, scale, offset=offset, pertoken_scale=pertoken_scale, bias=bias,
                                       output_dtype=output_dtype)
 
@@ -80,6 +86,7 @@ class FakeTorchNpu(types.ModuleType):
 
     def npu_dynamic_quant(self, x, smooth_scales=None, dst_type=torch.int8):
         self._record("npu_dynamic_quant", {"x": x, "smooth_scales": smooth_scales}, {"dst_type": dst_type})
+        assert x.dtype in (torch.float16, torch.bfloat16), "x: fp16/bf16 (the op takes half inputs)"
         return reference.dynamic_quant(x, smooth_scales=smooth_scales, dst_type=dst_type)
 
 

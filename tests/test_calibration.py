@@ -506,11 +506,12 @@ def test_lm_head_stays_float_and_is_reported():
     (96, "npu_kronecker_quant cannot run 8x12: " + npu_supported(8, 12).reason),  # 96 = 8 x 12, 12 % 8 != 0
     (100, "input size 100 is not divisible by 8"),
 ])
-def test_down_proj_the_npu_cannot_run_stays_float(intermediate, reason, tmp_path):
+def test_down_proj_the_npu_cannot_run_stays_float_with_fallback_float(intermediate, reason, tmp_path):
+    # (the default fallback, W8A8_DYNAMIC, is tested in test_recipe.py)
     if intermediate == 96:
         assert decompose_dim(96) == (8, 12) and not npu_supported(8, 12)
     fm = tiny_model_with("llama", intermediate_size=intermediate)
-    model = quantized_copy(fm, config(epochs=1))
+    model = quantized_copy(fm, config(epochs=1, fallback="float"))
     skipped = model.flatquant_report["skipped"]
     assert skipped == {"model.layers.0.mlp.down_proj": reason, "model.layers.1.mlp.down_proj": reason,
                        "lm_head": skipped["lm_head"]}

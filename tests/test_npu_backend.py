@@ -119,7 +119,7 @@ def test_env_selects_the_double(fake, monkeypatch):
 def test_ops_entry_points_route_to_the_double(fake):
     w = torch.randint(-8, 8, (4, 16), dtype=torch.int32)
     packed = ops.convert_weight_to_int4pack(w, backend="npu")
-    x = torch.randn(2, 16)
+    x = torch.randn(2, 16).bfloat16()
     ops.dynamic_quant(x, backend="npu")
     assert fake.ops() == ["npu_convert_weight_to_int4pack", "npu_dynamic_quant"]
     assert torch.equal(packed, ops.convert_weight_to_int4pack(w, backend="reference"))

@@ -212,14 +212,122 @@ def test_int8_and_fp32_gemm_paths_agree(monkeypatch):
 def test_convert_weight_to_int4pack_and_dynamic_quant():
     w = torch.randint(-8, 8, (4, 16), dtype=torch.int32)
     assert torch.equal(ops.convert_weight_to_int4pack(w, backend="reference"), pack_int4(w))
-    x = torch.tensor([[1.0, -2.0, 0.5, 4.0], [0.0, 0.0, 0.0, 0.0]])
+    x = torch.tensor([[1.0, -2.0, 0.5, 4.0], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float16)
     y, s = ops.dynamic_quant(x, backend="reference")
     assert y.tolist() == [[32, -64, 16, 127], [0, 0, 0, 0]]  # mult = 127 / 4
     # scale = 1 / mult in fp32: measured 3.7e-9 off the exact ratio
     assert s.tolist() == [pytest.approx(4 / 127, rel=4e-8), pytest.approx(1 / 127, rel=4e-8)]
-    y4, s4 = ops.dynamic_quant(torch.tensor([[7.0, -7.0, 3.5, 0, 0, 0, 0, 1]]), dst_type=torch.quint4x2,
-                               backend="reference")
+    x4 = torch.tensor([[7.0, -7.0, 3.5, 0, 0, 0, 0, 1]], dtype=torch.bfloat16)
+    y4, s4 = ops.dynamic_quant(x4, dst_type=torch.quint4x2, backend="reference")
     assert unpack_int4(y4).tolist() == [[7, -7, 4, 0, 0, 0, 0, 1]] and s4.tolist() == [1.0]
+
+
+# ------------------------------------------------------------------ the int8 path (W8A8_DYNAMIC, SPEC section 10)
+def test_golden_dynamic_quant_int8_bf16():
+    # row 0: max|x| = 2, mult = 127 / 2 = 63.5: x * mult = [127, -63.5, 31.75, -15.875]
+    #   -> rint half-even [127, -64, 32, -16]; scale = 1 / 63.5
+    # row 1: max|x| = 254, mult = 0.5: [127, 0.5, 1.5, -2.5] -> [127, 0, 2, -2] (ties to even); scale 2
+    # row 2: zeros -> mult = 127 (the op's 0 row), codes 0, scale 1 / 127
+    x = torch.tensor([[2, -1, 0.5, -0.25], [254, 1, 3, -5], [0, 0, 0, 0]], dtype=torch.bfloat16)
+    y, s = ops.dynamic_quant(x, backend="reference")
+    assert y.dtype == torch.int8 and y.tolist() == [[127, -64, 32, -16], [127, 0, 2, -2], [0, 0, 0, 0]]
+    assert s.dtype == torch.float32
+    assert s.tolist() == [(1 / torch.tensor(63.5)).item(), 2.0, (1 / torch.tensor(127.0)).item()]
+
+
+def test_dynamic_quant_int8_is_fp32_mult_then_rint_without_a_half_rounding():
+    # An independent emulation in numpy: mult = fp32(127 / m), q = rint(fp32(x * mult)).
+    np = pytest.importorskip("numpy")
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(64, 96, generator=g) * 3).to(torch.float16)
+    y, s = ops.dynamic_quant(x, backend="reference")
+    xf = x.float().numpy()
+    m = np.abs(xf).max(axis=1, keepdims=True).astype(np.float32)
+    mult = (np.float32(127.0) / m).astype(np.float32)
+    want = np.rint((xf * mult).astype(np.float32))
+    assert np.array_equal(y.numpy(), want.astype(np.int8))
+    assert np.array_equal(s.numpy(), (np.float32(1.0) / mult[:, 0]).astype(np.float32))
+    # rounding x * mult to fp16 first (the kronecker op's step) changes some codes: the test can tell
+    assert not np.array_equal(np.rint((xf * mult).astype(np.float16).astype(np.float32)), want)
+
+
+def test_golden_quant_matmul_int8():
+    # acc = a @ w^T: row 0 [127 - 128 + 1, -127 * 127 + 2] = [0, -16127]; row 1 [2 - 3, -6] = [-1, -6]
+    # y = acc * scale * pertoken + bias, scale (bf16) [0.5, 0.25], pertoken [2, 0.125], bias [1, -0.5]:
+    #   [[0 + 1, -8063.5 - 0.5], [-0.0625 + 1, -0.1875 - 0.5]] = [[1, -8064], [0.9375, -0.6875]] (exact in bf16)
+    a = torch.tensor([[127, -128, 1], [0, 2, -3]], dtype=torch.int8)
+    w = torch.tensor([[1, 1, 1], [-127, 0, 2]], dtype=torch.int8)
+    y = ops.quant_matmul(a, w.t().contiguous(), torch.tensor([0.5, 0.25], dtype=torch.bfloat16),
+                         pertoken_scale=torch.tensor([2.0, 0.125]),
+                         bias=torch.tensor([1.0, -0.5], dtype=torch.bfloat16),
+                         output_dtype=torch.bfloat16, backend="reference")
+    assert y.dtype == torch.bfloat16 and y.tolist() == [[1.0, -8064.0], [0.9375, -0.6875]]
+
+
+def test_golden_quant_matmul_int8_rounds_the_output_half_to_even():
+    # acc = 1; y = 257 and 259 in fp32; bf16 holds 256, 258, 260 here: 257 -> 256, 259 -> 260 (even mantissa)
+    y = ops.quant_matmul(torch.ones(1, 1, dtype=torch.int8), torch.ones(1, 2, dtype=torch.int8),
+                         torch.tensor([257.0, 259.0]), pertoken_scale=torch.ones(1), output_dtype=torch.bfloat16,
+                         backend="reference")
+    assert y.tolist() == [[256.0, 260.0]]
+
+
+@pytest.mark.parametrize("int_mm", [True, False])
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
+def test_quant_matmul_int8_equals_exact_int64(monkeypatch, int_mm, out_dtype):
+    # k = 4096: |acc| reaches ~2**26, past fp32's exact integers; both the int32 GEMM and the fallback
+    # (float64) must give the exact accumulator, converted once to fp32
+    if not int_mm:
+        monkeypatch.delattr(torch, "_int_mm", raising=False)
+    g = torch.Generator().manual_seed(6)
+    m, k, n = 5, 4096, 7
+    a = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
+    a[0] = -128
+    w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    w[0] = -127
+    scale = torch.rand(n, generator=g) * 1e-4
+    pertoken = torch.rand(m, generator=g) * 1e-2
+    bias = torch.randn(n, generator=g)
+    y = ops.quant_matmul(a, w.t().contiguous(), scale, pertoken_scale=pertoken, bias=bias, output_dtype=out_dtype,
+                         backend="reference")
+    acc = a.long() @ w.long().T
+    want = ((acc.float() * scale) * pertoken[:, None] + bias).to(out_dtype)
+    assert torch.equal(y, want)
+    assert acc.abs().max() > 2**24  # the case where an fp32 accumulator would not be exact
+
+
+def test_quant_matmul_int8_bad_inputs():
+    a = torch.zeros(3, 4, dtype=torch.int8)
+    w = torch.zeros(4, 5, dtype=torch.int8)
+    s, pt = torch.ones(5), torch.ones(3)
+    good = dict(pertoken_scale=pt, output_dtype=torch.bfloat16, backend="reference")
+    with pytest.raises(ValueError, match="x2: expected a 2-D int8 tensor"):
+        ops.quant_matmul(a, w.int(), s, **good)
+    with pytest.raises(ValueError, match="x2: k dim 5 disagrees with x1's 4"):
+        ops.quant_matmul(a, w.t(), s, **good)
+    with pytest.raises(ValueError, match=r"scale: expected float32 or bfloat16 \[5\]"):
+        ops.quant_matmul(a, w, s.half(), **good)
+    with pytest.raises(ValueError, match=r"scale: expected float32 or bfloat16 \[5\]"):
+        ops.quant_matmul(a, w, torch.ones(5, 1), **good)
+    with pytest.raises(ValueError, match=r"pertoken_scale: expected float32 \[3\]"):
+        ops.quant_matmul(a, w, s, pertoken_scale=torch.ones(3, 1), output_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="offset: W8A8_DYNAMIC weights are symmetric"):
+        ops.quant_matmul(a, w, s, offset=torch.zeros(5), **good)
+    with pytest.raises(ValueError, match=r"bias: expected a float tensor of shape \[5\]"):
+        ops.quant_matmul(a, w, s, bias=torch.zeros(5, dtype=torch.int32), **good)
+    with pytest.raises(ValueError, match="output_dtype: expected torch.float16 or torch.bfloat16"):
+        ops.quant_matmul(a, w, s, pertoken_scale=pt, output_dtype=torch.float32)
+    with pytest.raises(ValueError, match="x2: dims .* exceed 65535"):
+        ops.quant_matmul(a, torch.zeros(4, 65536, dtype=torch.int8), torch.ones(65536), **good)
+
+
+def test_dynamic_quant_bad_inputs():
+    with pytest.raises(ValueError, match="x: expected a float16 or bfloat16 tensor"):
+        ops.dynamic_quant(torch.ones(2, 4), backend="reference")
+    with pytest.raises(ValueError, match="x: expected a float16 or bfloat16 tensor"):
+        ops.dynamic_quant(torch.ones(2, 4, dtype=torch.int8), backend="reference")
+    with pytest.raises(ValueError, match="dst_type: expected torch.int8 or torch.quint4x2"):
+        ops.dynamic_quant(torch.ones(2, 4, dtype=torch.float16), dst_type=torch.int32, backend="reference")
 
 
 # ------------------------------------------------------------------ bad input

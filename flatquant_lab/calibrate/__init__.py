@@ -50,10 +50,12 @@ class CalibrationReport:
     skipped: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     calibration: dict | None = None  # what the layers were calibrated on: samples, seqlen, ids digest
+    schemes: dict[str, str] = field(default_factory=dict)  # decoder linear -> its recipe scheme
+    fallbacks: dict[str, str] = field(default_factory=dict)  # linear -> why FlatQuant could not serve it
 
     def to_dict(self) -> dict:
         return {"method": self.method, "layers": self.layers, "skipped": self.skipped, "seconds": self.seconds,
-                "calibration": self.calibration}
+                "calibration": self.calibration, "schemes": self.schemes, "fallbacks": self.fallbacks}
 
 
 def budget_ids(calib_ids: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
@@ -119,11 +121,23 @@ def calibrate(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor | None
     if unmatched:
         raise ValueError(f"skip: {unmatched} match no decoder linear (their names look like {names[-1]!r}; "
                          "e.g. '*.o_proj' or 'model.layers.0.*'); the output head always stays float")
+    cfg.check_recipe(names)
     for i, groups in enumerate(plans):
         for g in groups:
-            if not g.quantized:
-                for lin in g.linears:
-                    report.skipped[f"{adapter.layer_prefix(i)}.{lin}"] = g.skip_reason
+            for lin in g.linears:
+                name = f"{adapter.layer_prefix(i)}.{lin}"
+                report.schemes[name] = g.scheme
+                if g.scheme == "float":
+                    report.skipped[name] = g.skip_reason
+                if g.fallback:
+                    report.fallbacks[name] = g.skip_reason
+    if report.fallbacks:  # reported once per cause, not per layer
+        causes = {}
+        for name, why in report.fallbacks.items():
+            causes.setdefault(why, []).append(name)
+        for why, names_ in causes.items():
+            log.warning("FlatQuant cannot serve %s (%s): using the fallback scheme %s", ", ".join(names_[:6])
+                        + (" ..." if len(names_) > 6 else ""), why, cfg.fallback)
     if report.skipped:
         reasons = {}
         for name, why in report.skipped.items():
@@ -162,7 +176,7 @@ def calibrate(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor | None
                 work.save(i, learned, losses)
         entry = {"layer": i, "epoch_losses": losses, "resumed": resumed}
         hess = None
-        if need_data and any(g.quantized for g in groups):
+        if need_data and any(g.quantized or g.scheme == "w8a8_dynamic" for g in groups):
             entry["fake_quant_mse"], hess = fake_quant_pass(layer, groups, learned, X, Y, kwargs_by_bs, cfg,
                                                             collect=cfg.weight_quantizer == "gptq")
         finalize_layer(layer, groups, learned, cfg, hess, backend=backend)

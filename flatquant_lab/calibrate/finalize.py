@@ -1,20 +1,41 @@
-"""Finalisation of one decoder layer: fold the smoothing, quantize every weight (RTN or GPTQ), swap in the int4 layers."""
+"""Finalisation of one decoder layer: fold the smoothing, quantize every weight (RTN or GPTQ), swap in the
+quantized layers (``W4A4FlatQuantLinear`` for FlatQuant groups, ``W8A8DynamicLinear`` for W8A8_DYNAMIC ones)."""
 from __future__ import annotations
 
 import torch
 from einops import rearrange
 
-from ..gptq import gptq_quantize
+from ..gptq import HessianAccumulator, gptq_quantize
 from ..kronecker import fold_weight
-from ..layers import W4A4FlatQuantLinear
+from ..layers import W4A4FlatQuantLinear, W8A8DynamicLinear
 from ..models import set_submodule
 from ..quantizers import quantize_weight
-from ..recipe import QuantConfig
+from ..recipe import W8A8_DYNAMIC, QuantConfig
+
+
+def w8a8_hessian_hooks(layer, groups, hessians: dict) -> list:
+    """Forward pre-hooks that add ``H = x^T x`` of each W8A8_DYNAMIC group's input to ``hessians[group]``
+    (one per group: q/k/v share their input); returns the handles to remove."""
+    handles = []
+    for g in groups:
+        if g.scheme != W8A8_DYNAMIC:
+            continue
+        acc = hessians[g.name] = HessianAccumulator(g.size)
+
+        def hook(_mod, args, acc=acc):
+            acc.add(args[0].detach())
+
+        handles.append(layer.get_submodule(g.linears[0]).register_forward_pre_hook(hook))
+    return handles
 
 
 @torch.no_grad()
 def finalize_layer(layer, groups, learned, cfg: QuantConfig, hessians=None, backend=None) -> None:
-    """Fold the smoothing scales, quantize every weight, and swap in ``W4A4FlatQuantLinear`` modules."""
+    """Fold the smoothing scales, quantize every weight, and swap in the quantized layers of each group's scheme.
+
+    ``hessians``: group name -> ``HessianAccumulator`` for GPTQ weights (FlatQuant groups: of the
+    quantized transformed inputs; W8A8_DYNAMIC groups: of the float inputs); RTN without.
+    """
     d_in = {}
     for g in groups:
         if not g.quantized or f"{g.name}.log_smooth" not in learned:
@@ -32,6 +53,14 @@ def finalize_layer(layer, groups, learned, cfg: QuantConfig, hessians=None, back
             d = rearrange(d, "(kv hd) -> kv hd", kv=kv).repeat_interleave(rep, 0).flatten()
         d_in[g.name] = d
     for g in groups:
+        if g.scheme == W8A8_DYNAMIC:  # after the smoothing fold above: these rows may have taken a 1 / d
+            h = hessians[g.name].h if hessians is not None and g.name in hessians else None
+            for path in g.linears:
+                set_submodule(layer, path, W8A8DynamicLinear.from_float(
+                    layer.get_submodule(path), weights="gptq" if h is not None else "rtn", hessian=h,
+                    act_dtype=cfg.act_dtype, backend=backend, gptq_block=cfg.gptq_block, gptq_damp=cfg.gptq_damp,
+                    gptq_act_order=cfg.gptq_act_order))
+            continue
         if not g.quantized:
             continue
         lt = learned[f"{g.name}.left"].to(cfg.act_dtype)
@@ -42,7 +71,7 @@ def finalize_layer(layer, groups, learned, cfg: QuantConfig, hessians=None, back
             w = layer.get_submodule(path).weight.double()
             if g.name in d_in:
                 w = w * d_in[g.name]
-            folded.append(fold_weight(w, lt, rt))
+            folded.append(fold_weight(w, lt, rt, blocks=g.tp))
             q, scale = quantize_weight(folded[-1], torch.sigmoid(learned[f"{path}.weight_clip"]).double())
             qs.append(q)
             scales.append(scale)
@@ -58,4 +87,4 @@ def finalize_layer(layer, groups, learned, cfg: QuantConfig, hessians=None, back
             if lin.bias is not None:
                 tensors["bias"] = lin.bias.detach().to(cfg.act_dtype)
             set_submodule(layer, path, W4A4FlatQuantLinear.from_checkpoint(
-                tensors, backend=backend, act_dtype=cfg.act_dtype))
+                tensors, backend=backend, act_dtype=cfg.act_dtype, tp_size=g.tp))

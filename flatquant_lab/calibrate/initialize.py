@@ -59,7 +59,7 @@ def init_learned(layer: nn.Module, groups: list[Group], cfg: QuantConfig, stats:
         if baseline:  # the baselines use the full range: clip ratio 1 (logit +inf)
             act_clip = math.inf
         elif cfg.act_clip_init == "search" and stats is not None:
-            act_clip = logit(min(_search_act_clip(tr.transformed(stats[g.name]["sample"])), CLIP_CAP))
+            act_clip = logit(min(_search_act_clip(tr.per_rank(tr.transformed(stats[g.name]["sample"]))), CLIP_CAP))
         else:
             act_clip = logit(CLIP_CAP) if cfg.act_clip_init == "search" else float(cfg.act_clip_init)
         learned[f"{g.name}.act_clip"] = torch.tensor([act_clip])

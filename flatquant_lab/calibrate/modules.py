@@ -61,11 +61,15 @@ class KronTransform(nn.Module):
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
         if self._last is not None and self._last[0] is x:
             return self._last[1]
-        bq = fake_quant_act(self.transformed(x), self.clip_ratio())
+        bq = fake_quant_act(self.per_rank(self.transformed(x)), self.clip_ratio()).flatten(-2)
         if self.collect is not None:
             self.collect.add(bq.detach())
         self._last = (x, bq)
         return bq
+
+    def per_rank(self, b: torch.Tensor) -> torch.Tensor:
+        """``b[..., K]`` as ``[..., tp, K / tp]``: each tensor-parallel rank quantizes its slice per token."""
+        return b.unflatten(-1, (self.group.tp, -1))
 
     def clear_cache(self) -> None:
         self._last = self._inv = None
@@ -87,16 +91,16 @@ class KronTransform(nn.Module):
             x = x / d
         x = ste_cast(x, self.act_dtype)
         lt, rt = self.factors()
-        xm = rearrange(x, "... (a b) -> ... a b", a=self.group.n1)
+        xm = rearrange(x, "... (t a b) -> ... t a b", t=self.group.tp, a=self.group.n1)  # kron(I_tp, L, R)
         a = ste_cast(xm @ rt, self.act_dtype)
         b = ste_cast(lt.transpose(0, 1) @ a, torch.float16)
-        return rearrange(b, "... a b -> ... (a b)")
+        return rearrange(b, "... t a b -> ... (t a b)")
 
     def fold(self, weight: torch.Tensor) -> torch.Tensor:
         """``(W * d) @ kron(L, R)^{-T}`` (float32, differentiable)."""
         d = self.smooth_in()
         w = weight * d if d is not None else weight
-        return fold_weight(w, self.left, self.right, inverse_t=self.inverse_t())
+        return fold_weight(w, self.left, self.right, inverse_t=self.inverse_t(), blocks=self.group.tp)
 
 
 class FakeQuantLinear(nn.Module):

@@ -1,14 +1,19 @@
-"""The plan of one decoder layer: its transform groups, their sizes, and which stay in float and why."""
+"""The plan of one decoder layer: its transform groups, their sizes, each group's scheme and why.
+
+A group's scheme comes from the recipe (``QuantConfig.scheme_for``); the linears vLLM fuses into
+one module (q/k/v, gate/up) must get one scheme, except that a ``skip`` on any of them keeps the
+whole fused group float. A group the recipe puts on FlatQuant whose size the NPU op cannot run
+takes ``QuantConfig.fallback``.
+"""
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
 
 from torch import nn
 
 from ..kronecker import decompose_dim, npu_supported
 from ..models import adapter_for
-from ..recipe import QuantConfig
+from ..recipe import FLATQUANT, FLOAT, QuantConfig
 
 @dataclass
 class Group:
@@ -21,11 +26,15 @@ class Group:
     n2: int
     smooth_target: str | None  # where d folds: a norm, or the rows of a preceding linear
     kv_tied: tuple[int, int] | None = None  # (num_kv_heads, n_rep) when d is tied across GQA heads
-    skip_reason: str = ""
+    skip_reason: str = ""  # why the group has no FlatQuant transform (empty when it has one)
     row_parallel: bool = False  # vLLM splits this group's input across tensor-parallel ranks
+    scheme: str = FLATQUANT  # w4a4_flatquant | w8a8_dynamic | float (recipe.SCHEMES)
+    fallback: bool = False  # the recipe said FlatQuant, but the NPU op cannot run this size
+    tp: int = 1  # diagonal blocks of the transform, kron(I_tp, L, R): QuantConfig.tp_size for row-parallel groups
 
     @property
     def quantized(self) -> bool:
+        """Whether the group has a FlatQuant transform (``scheme == "w4a4_flatquant"``)."""
         return not self.skip_reason
 
 
@@ -37,20 +46,32 @@ def plan_layer(model: nn.Module, index: int, cfg: QuantConfig, info=None) -> lis
     groups = []
     for spec in adapter.groups:
         size = adapter.group_size(spec, info)
-        n1, n2 = decompose_dim(size)
-        reason = ""
-        support = npu_supported(n1, n2, cfg.cann)
-        if size % 8:
-            reason = f"input size {size} is not divisible by 8"
-        elif not support:
-            reason = f"npu_kronecker_quant cannot run {n1}x{n2}: {support.reason}"
+        # vLLM splits a row-parallel input in tp_size slices; each rank transforms its own with one L, R
+        tp = cfg.tp_size if spec.row_parallel else 1
+        n1, n2 = decompose_dim(size // tp) if size % tp == 0 else decompose_dim(size)
+        names = [f"{prefix}.{lin}" for lin in spec.linears]
+        picks = [cfg.scheme_for(n) for n in names]
+        skipped = [hit for hit in map(cfg.skip_match, names) if hit is not None]
+        fallback = False
+        if skipped:
+            # vllm-ascend fuses q/k/v and gate/up: a fused module is all quantized or all float
+            scheme = FLOAT
+            together = " (the fused group stays float together)" if len(spec.linears) > 1 else ""
+            reason = f"QuantConfig.skip matches {skipped[0]!r}{together}"
         else:
-            hit = [p for p in cfg.skip for lin in spec.linears if fnmatch.fnmatchcase(f"{prefix}.{lin}", p)]
-            if hit:
-                # vllm-ascend fuses q/k/v and gate/up: a fused module is all W4A4 or all float
-                reason = f"QuantConfig.skip matches {hit[0]!r}" + (
-                    " (the fused group stays float together)" if len(spec.linears) > 1 else "")
+            if len({scheme for scheme, _ in picks}) > 1:
+                listing = ", ".join(f"{n} is {scheme}" for n, (scheme, _) in zip(names, picks))
+                raise ValueError(f"recipe: {listing}; vLLM loads them as one fused module "
+                                 f"({spec.fused_name or spec.name}), so they need one scheme")
+            scheme, reason = picks[0]
+            if scheme == FLATQUANT:
+                support = npu_supported(n1, n2, cfg.cann)
+                why = (f"input size {size} is not divisible by tp_size {tp}" if size % tp else
+                       f"input size {size // tp} per rank is not divisible by 8" if tp > 1 and (size // tp) % 8 else
+                       f"input size {size} is not divisible by 8" if size % 8 else
+                       f"npu_kronecker_quant cannot run {n1}x{n2}: {support.reason}" if not support else "")
+                scheme, reason, fallback = (cfg.fallback, why, True) if why else (FLATQUANT, "", False)
         kv_tied = (info.num_kv_heads, info.num_heads // info.num_kv_heads) if spec.kv_tied else None
         groups.append(Group(spec.name, spec.linears, size, n1, n2, spec.smooth_target if cfg.smooth else None,
-                            kv_tied, reason, spec.row_parallel))
+                            kv_tied, reason, spec.row_parallel, scheme, fallback, tp if scheme == FLATQUANT else 1))
     return groups

@@ -8,6 +8,7 @@ import torch
 from ..gptq import HessianAccumulator
 from ..recipe import QuantConfig
 from .capture import batches, run_layer
+from .finalize import w8a8_hessian_hooks
 from .modules import FakeQuantLinear, install_fake_quant, uninstall_fake_quant
 
 
@@ -78,17 +79,21 @@ def train_layer(layer, groups, learned, X, Y, kwargs_by_bs, cfg: QuantConfig, la
 @torch.no_grad()
 def fake_quant_pass(layer, groups, learned, X, Y, kwargs_by_bs, cfg, collect: bool):
     """One pass of the fake-quant layer built from ``learned``: its mean MSE against ``Y`` and,
-    with ``collect``, ``H = b^T b`` of each group's quantized transformed inputs (for GPTQ)."""
+    with ``collect``, ``H = b^T b`` of each group's quantized transformed inputs (for GPTQ; of the
+    float inputs for W8A8_DYNAMIC groups)."""
     transforms = install_fake_quant(layer, groups, learned, cfg)
-    hess = {}
+    hess, handles = {}, []
     try:
         if collect:
             for name, tr in transforms.items():  # the shared-input cache makes q/k/v count once
                 tr.collect = hess[name] = HessianAccumulator(tr.group.size)
+            handles = w8a8_hessian_hooks(layer, groups, hess)
         tot = 0.0
         for s, e in batches(X.shape[0], cfg.budget("batch_size")):
             out = run_layer(layer, X[s:e], kwargs_by_bs[e - s])
             tot += float(torch.nn.functional.mse_loss(out, Y[s:e])) * (e - s)
         return tot / X.shape[0], (hess if collect else None)
     finally:
+        for h in handles:
+            h.remove()
         uninstall_fake_quant(layer)

@@ -16,6 +16,7 @@ COMMANDS = {
     "check": ("check", "report the int4 path of one layer against its references"),
     "quantize": ("quantize", "quantize a Hugging Face model and export it for vllm-ascend"),
     "eval": ("eval", "evaluate a float or quantized model with lm-eval"),
+    "serve-check": ("serve_check", "emulate how vLLM loads a checkpoint at tensor-parallel size N, rank by rank"),
     "build-data": ("build_data", "rebuild the bundled wiki_*.jsonl from gensim's Wikipedia test data"),
     "demo": ("demo", "the main job: FP vs W4A16 RTN vs W4A4 RTN / Hadamard / FlatQuant"),
 }

@@ -1,12 +1,29 @@
 """``flatquant-lab quantize``: quantize a Hugging Face model and export it for vllm-ascend."""
 from __future__ import annotations
 
+import argparse
 import json
 
 import torch
 
 from ..api import quantize
-from ..recipe import PROFILES, QuantConfig
+from ..recipe import FALLBACKS, PROFILES, RECIPES, QuantConfig
+
+
+def _recipe(text: str):
+    """``--recipe``: a preset name, or a JSON object mapping fnmatch patterns to schemes."""
+    if text.lstrip().startswith("{"):
+        try:
+            mapping = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"not a JSON object of pattern -> scheme ({e})") from None
+        if not isinstance(mapping, dict):
+            raise argparse.ArgumentTypeError("expected a JSON object of pattern -> scheme")
+        return mapping
+    if text not in RECIPES:
+        raise argparse.ArgumentTypeError(f"expected a preset ({', '.join(RECIPES)}) or a JSON object "
+                                         f"of pattern -> scheme, got {text!r}")
+    return text
 
 
 def add_arguments(p) -> None:
@@ -22,6 +39,15 @@ def add_arguments(p) -> None:
     p.add_argument("--calib-data", default=None, help="jsonl/text file for calibration (bundled wiki_calib by default)")
     p.add_argument("--work-dir", default=None, help="keep per-layer results here; rerun to resume")
     p.add_argument("--skip", nargs="*", default=(), help="fnmatch patterns of linears to keep in float")
+    p.add_argument("--recipe", type=_recipe, default="w4a4",
+                   help="per-module schemes: w4a4 (FlatQuant everywhere), msmodelslim (FlatQuant on q/k/v and "
+                        "gate/up, W8A8_DYNAMIC on o_proj and down_proj), or a JSON object pattern -> scheme "
+                        "(w4a4_flatquant, w8a8_dynamic, float), first match wins")
+    p.add_argument("--fallback", default="w8a8_dynamic", choices=FALLBACKS,
+                   help="scheme of a linear whose size npu_kronecker_quant cannot run")
+    p.add_argument("--tp-size", type=int, default=1,
+                   help="vLLM tensor-parallel size to serve at: row-parallel FlatQuant transforms are sized for it "
+                        "and the export is checked to load there")
     p.add_argument("--num-layers", type=int, default=None, help="truncate the model to its first N layers")
     p.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
                    help="dtype of the float tensors in the export (default: the model's)")
@@ -36,7 +62,8 @@ def run(args) -> int:
 
     cfg = QuantConfig(method=args.method, weight_quantizer=args.weight_quantizer, profile=args.profile,
                       samples=args.samples, seqlen=args.seqlen, epochs=args.epochs, lr=args.lr,
-                      work_dir=args.work_dir, skip=tuple(args.skip), seed=args.seed)
+                      work_dir=args.work_dir, skip=tuple(args.skip), seed=args.seed, recipe=args.recipe,
+                      fallback=args.fallback, tp_size=args.tp_size)
     if cfg.method != "flatquant":  # flags that would change nothing are an error, not a silent no-op
         flags = {"--epochs": args.epochs, "--lr": args.lr}
         if cfg.weight_quantizer != "gptq":
@@ -52,7 +79,8 @@ def run(args) -> int:
         ids = calibration_ids(source, tok, cfg.budget("samples"), cfg.budget("seqlen"), seed=cfg.seed)
     quantize(model, cfg, ids)
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    save_quantized(model, args.out, tokenizer=tok, dtype=dtype, overwrite=args.overwrite)
+    save_quantized(model, args.out, tokenizer=tok, dtype=dtype, overwrite=args.overwrite, tp_size=cfg.tp_size)
     print(json.dumps({"out": args.out, "seconds": round(model.flatquant_report["seconds"], 1),
-                      "kept_float": model.flatquant_report["skipped"]}, indent=1))
+                      "kept_float": model.flatquant_report["skipped"],
+                      "fallbacks": model.flatquant_report["fallbacks"]}, indent=1))
     return 0

@@ -9,8 +9,9 @@ from .format import (
 )
 from .load import load_quantized
 from .save import checkpoint_state, save_quantized
+from .serving import TPCheck, serve_check, vllm_load_problem
 
 __all__ = [
     "CheckpointError", "DESCRIPTION_FILE", "FLOAT_TYPE", "QUANT_TYPE", "build_description", "check_checkpoint",
-    "checkpoint_state", "load_quantized", "save_quantized",
+    "checkpoint_state", "load_quantized", "save_quantized", "serve_check", "TPCheck", "vllm_load_problem",
 ]

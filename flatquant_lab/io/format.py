@@ -7,7 +7,8 @@ A saved directory holds:
 - ``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` shards plus
   ``model.safetensors.index.json``;
 - ``quant_model_description.json``: msModelSlim's description file. Every stored tensor key maps
-  to ``"W4A4_FLATQUANT_DYNAMIC"`` (the tensors of a quantized linear) or ``"FLOAT"``; top-level
+  to ``"W4A4_FLATQUANT_DYNAMIC"`` or ``"W8A8_DYNAMIC"`` (the tensors of a quantized linear of that
+  scheme) or ``"FLOAT"``; top-level
   fields ``model_quant_type``, ``version`` and ``group_size`` as msModelSlim writes them, and
   ``metadata.flatquant_lab_act_dtype``, the dtype the W4A4 layers compute in (ignored by
   vllm-ascend, which computes in the model dtype; a load without it goes by the transforms). With tied
@@ -21,6 +22,9 @@ unpacked), ``weight_scale`` / ``weight_offset`` float32 ``[O, 1]``, ``left_trans
 ``right_trans`` ``[n2, n2]`` with ``(n1, n2) = decompose_dim(K)`` (the sizes vllm-ascend allocates),
 ``clip_ratio`` float32 ``[1]`` and an optional ``bias`` ``[O]``. Transforms and bias are stored in
 the layer's activation dtype (the dtype its kernels run in), or in ``dtype`` when one is given.
+Per W8A8_DYNAMIC linear (``W8A8DynamicLinear``, SPEC section 10): ``weight`` int8 ``[O, K]``,
+``weight_scale`` / ``weight_offset`` float32 ``[O, 1]`` (msModelSlim's dtype; any float dtype is
+read, since vllm-ascend rounds them to the model dtype on load), optional ``bias`` ``[O]``.
 
 Nothing is pickled: tensors go through safetensors, everything else is JSON.
 """
@@ -33,11 +37,16 @@ from torch import nn
 
 from ..dtypes import FLOAT_DTYPES, dtype_name
 from ..kronecker import decompose_dim
-from ..layers import CHECKPOINT_KEYS
-from ..models import FUSED_MODULES
+from ..layers import CHECKPOINT_KEYS, W8A8_CHECKPOINT_KEYS
+from ..models import FUSED_MODULES, is_row_parallel
 
 QUANT_TYPE = "W4A4_FLATQUANT_DYNAMIC"
+W8A8_DYNAMIC_TYPE = "W8A8_DYNAMIC"
+W8A8_STATIC_TYPE = "W8A8"  # msModelSlim's static W8A8 (quant_bias, deq_scale, input_scale): not loaded here
 FLOAT_TYPE = "FLOAT"
+# The tensors each quantized layer type stores (plus an optional bias), from its layer class.
+LAYER_KEYS = {QUANT_TYPE: CHECKPOINT_KEYS, W8A8_DYNAMIC_TYPE: W8A8_CHECKPOINT_KEYS}
+KNOWN_TYPES = (QUANT_TYPE, W8A8_DYNAMIC_TYPE, FLOAT_TYPE)
 DESCRIPTION_FILE = "quant_model_description.json"
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -47,7 +56,15 @@ DESCRIPTION_VERSION = "1.0.0"
 TOP_LEVEL_FIELDS = ("model_quant_type", "version", "group_size", "metadata")
 # Our own entry in the description's metadata: the activation dtype of the W4A4 layers.
 ACT_DTYPE_KEY = "flatquant_lab_act_dtype"
+# ... and the tensor-parallel size the row-parallel FlatQuant transforms are sized for (1 when absent).
+TP_SIZE_KEY = "tp_size"
 _SHARED_KEYS = ("left_trans", "right_trans", "clip_ratio")
+
+
+def is_field(key: str, value) -> bool:
+    """Whether a description entry is a top-level field (``model_quant_type``, ``kv_cache_type`` ...),
+    not a tensor key: tensor keys are dotted paths with a string type."""
+    return key in TOP_LEVEL_FIELDS or not isinstance(value, str) or "." not in key
 
 
 class CheckpointError(ValueError):
@@ -70,20 +87,22 @@ def shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
-def build_description(keys: Iterable[str], quantized: Iterable[str], tied: Iterable[str] = ()) -> dict:
+def build_description(keys: Iterable[str], quantized: Mapping[str, str] | Iterable[str],
+                      tied: Iterable[str] = ()) -> dict:
     """msModelSlim's description: top-level fields, then every key -> its quant type.
 
-    ``keys`` are the stored tensor keys, ``quantized`` the prefixes of quantized linears (all their
-    tensors are W4A4_FLATQUANT_DYNAMIC), ``tied`` tied weights that are listed as FLOAT but not stored.
+    ``keys`` are the stored tensor keys, ``quantized`` maps the prefixes of quantized linears to their
+    type (a plain iterable means all W4A4_FLATQUANT_DYNAMIC); all of a layer's tensors carry its type.
+    ``tied``: tied weights listed as FLOAT but not stored.
     """
-    quantized = set(quantized)
-    desc: dict = {
-        "model_quant_type": QUANT_TYPE if quantized else FLOAT_TYPE,
-        "version": DESCRIPTION_VERSION,
-        "group_size": 0,
-    }
+    if not isinstance(quantized, Mapping):
+        quantized = dict.fromkeys(quantized, QUANT_TYPE)
+    types = set(quantized.values())
+    # model_quant_type is informational (SPEC section 13): the main scheme of the model
+    main = QUANT_TYPE if QUANT_TYPE in types else W8A8_DYNAMIC_TYPE if types else FLOAT_TYPE
+    desc: dict = {"model_quant_type": main, "version": DESCRIPTION_VERSION, "group_size": 0}
     for key in keys:
-        desc[key] = QUANT_TYPE if key.rpartition(".")[0] in quantized else FLOAT_TYPE
+        desc[key] = quantized.get(key.rpartition(".")[0], FLOAT_TYPE)
     for key in tied:
         desc.setdefault(key, FLOAT_TYPE)
     return desc
@@ -97,23 +116,52 @@ def expect(key: str, t: torch.Tensor, shape=None, dtypes=None) -> None:
         raise CheckpointError(f"{key}: expected dtype {names}, got {dtype_name(t.dtype)}")
 
 
-def _check_quantized(prefix: str, tensors: Mapping[str, torch.Tensor], desc: Mapping) -> None:
-    """SPEC section 1 for one quantized linear: keys, labels, shapes and dtypes."""
-    for name in CHECKPOINT_KEYS:
+def _check_labels(prefix: str, kind: str, tensors: Mapping[str, torch.Tensor], desc: Mapping) -> None:
+    for name in LAYER_KEYS[kind]:
         key = f"{prefix}.{name}"
         if key not in tensors:
-            raise CheckpointError(f"{key}: missing ({prefix}.weight is {QUANT_TYPE}, which needs {list(CHECKPOINT_KEYS)})")
-        if desc.get(key) != QUANT_TYPE:
-            raise CheckpointError(f"{key}: description says {desc.get(key)!r}, expected {QUANT_TYPE!r} "
+            raise CheckpointError(f"{key}: missing ({prefix}.weight is {kind}, which needs {list(LAYER_KEYS[kind])})")
+        if desc.get(key) != kind:
+            raise CheckpointError(f"{key}: description says {desc.get(key)!r}, expected {kind!r} "
                                   f"(as for {prefix}.weight)")
+    # msModelSlim labels a quantized layer's bias FLOAT; vllm-ascend never reads the label. Accept both.
+    if f"{prefix}.bias" in tensors and desc.get(f"{prefix}.bias") not in (kind, FLOAT_TYPE):
+        raise CheckpointError(f"{prefix}.bias: description says {desc.get(f'{prefix}.bias')!r}, expected {kind!r}")
+
+
+def _weight_shape(prefix: str, tensors: Mapping[str, torch.Tensor]) -> tuple[int, int]:
     w = tensors[f"{prefix}.weight"]
     if w.dim() != 2:
         raise CheckpointError(f"{prefix}.weight: expected an int8 matrix [O, K], got shape {list(w.shape)}")
-    out_f, in_f = w.shape
     expect(f"{prefix}.weight", w, dtypes=(torch.int8,))
-    if in_f % 8:
-        raise CheckpointError(f"{prefix}.weight: in-features K = {in_f} must be divisible by 8 (int4 packing)")
-    n1, n2 = decompose_dim(in_f)
+    return tuple(w.shape)
+
+
+def saved_tp_size(desc: Mapping) -> int:
+    """The tensor-parallel size the description's metadata records (1 when it records none)."""
+    meta = desc.get("metadata")
+    tp = meta.get(TP_SIZE_KEY, 1) if isinstance(meta, Mapping) else 1
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise CheckpointError(f"{DESCRIPTION_FILE}: metadata.{TP_SIZE_KEY} is {tp!r}, expected a positive int")
+    return tp
+
+
+def layer_tp(prefix: str, tp_size: int) -> int:
+    """Blocks of a FlatQuant layer's transform: ``tp_size`` for a row-parallel linear, else 1."""
+    return tp_size if is_row_parallel(prefix) else 1
+
+
+def _check_quantized(prefix: str, tensors: Mapping[str, torch.Tensor], desc: Mapping, tp_size: int = 1) -> None:
+    """SPEC section 1 for one W4A4 FlatQuant linear: keys, labels, shapes and dtypes; a row-parallel
+    linear of a checkpoint made for ``tp_size`` ranks has transforms of ``decompose_dim(K / tp_size)``."""
+    _check_labels(prefix, QUANT_TYPE, tensors, desc)
+    out_f, in_f = _weight_shape(prefix, tensors)
+    tp = layer_tp(prefix, tp_size)
+    if in_f % (8 * tp):
+        raise CheckpointError(f"{prefix}.weight: in-features K = {in_f} must be divisible by 8"
+                              + (f" * tp_size = {8 * tp} (int4 packing of each rank's slice)" if tp > 1 else
+                                 " (int4 packing)"))
+    n1, n2 = decompose_dim(in_f // tp)
     expect(f"{prefix}.weight_scale", tensors[f"{prefix}.weight_scale"], (out_f, 1), (torch.float32,))
     expect(f"{prefix}.weight_offset", tensors[f"{prefix}.weight_offset"], (out_f, 1), (torch.float32,))
     # vllm-ascend allocates left/right_trans from get_decompose_dim(K): any other factor pair fails to load.
@@ -124,10 +172,23 @@ def _check_quantized(prefix: str, tensors: Mapping[str, torch.Tensor], desc: Map
     bias = tensors.get(f"{prefix}.bias")
     if bias is not None:
         expect(f"{prefix}.bias", bias, (out_f,), (trans_dtype,))
-        # msModelSlim labels a quantized layer's bias FLOAT; vllm-ascend never reads the label. Accept both.
-        if desc.get(f"{prefix}.bias") not in (QUANT_TYPE, FLOAT_TYPE):
-            raise CheckpointError(f"{prefix}.bias: description says {desc.get(f'{prefix}.bias')!r}, "
-                                  f"expected {QUANT_TYPE!r}")
+
+
+def _check_w8a8_dynamic(prefix: str, tensors: Mapping[str, torch.Tensor], desc: Mapping, tp_size: int = 1) -> None:
+    """SPEC section 10 for one W8A8_DYNAMIC linear: int8 weight, per-channel scale and offset, optional bias.
+
+    Scales and bias may be any float dtype: msModelSlim writes float32, vllm-ascend rounds them to
+    the model dtype on load.
+    """
+    _check_labels(prefix, W8A8_DYNAMIC_TYPE, tensors, desc)
+    out_f, _ = _weight_shape(prefix, tensors)
+    for name in ("weight_scale", "weight_offset"):
+        expect(f"{prefix}.{name}", tensors[f"{prefix}.{name}"], (out_f, 1), FLOAT_DTYPES)
+    if f"{prefix}.bias" in tensors:
+        expect(f"{prefix}.bias", tensors[f"{prefix}.bias"], (out_f,), FLOAT_DTYPES)
+
+
+_LAYER_CHECKS = {QUANT_TYPE: _check_quantized, W8A8_DYNAMIC_TYPE: _check_w8a8_dynamic}
 
 
 def _check_fused(tensors: Mapping[str, torch.Tensor], desc: Mapping) -> None:
@@ -165,46 +226,56 @@ def _check_fused(tensors: Mapping[str, torch.Tensor], desc: Mapping) -> None:
                         )
 
 
-def check_checkpoint(tensors: Mapping[str, torch.Tensor], desc: Mapping, tied: Iterable[str] = ()) -> set[str]:
-    """Check tensors against a description (both directions) and SPEC section 1; return quantized prefixes.
+def check_checkpoint(tensors: Mapping[str, torch.Tensor], desc: Mapping, tied: Iterable[str] = (),
+                     tp_size: int | None = None) -> dict[str, str]:
+    """Check tensors against a description (both directions) and SPEC sections 1 and 10; return the
+    quantized prefixes and their types.
 
     ``tied``: keys a description may list as FLOAT without a stored tensor (tied embeddings).
-    Raises ``CheckpointError`` naming the first offending tensor.
+    ``tp_size``: what the row-parallel FlatQuant transforms are sized for (default: the metadata's).
+    Raises ``CheckpointError`` naming the first offending tensor (for static ``W8A8``: the layer).
     """
     tied = set(tied)
     if not isinstance(desc, Mapping):
         raise CheckpointError(f"{DESCRIPTION_FILE}: expected a JSON object, got {type(desc).__name__}")
     mqt = desc.get("model_quant_type")
-    if mqt not in (QUANT_TYPE, FLOAT_TYPE):
-        raise CheckpointError(f"{DESCRIPTION_FILE}: model_quant_type is {mqt!r}, expected {QUANT_TYPE!r} "
-                              f"(or {FLOAT_TYPE!r} for an unquantized model)")
+    if mqt is not None and not isinstance(mqt, str):  # informational only (SPEC section 13): not dispatched on
+        raise CheckpointError(f"{DESCRIPTION_FILE}: model_quant_type is {mqt!r}, expected a string such as "
+                              f"{QUANT_TYPE!r}")
     if desc.get("group_size", 0) not in (0, None):
         raise CheckpointError(f"{DESCRIPTION_FILE}: group_size is {desc['group_size']!r}, expected 0 "
                               "(per-channel weight scales)")
-    for key, kind in desc.items():
-        if key in TOP_LEVEL_FIELDS:
-            continue
-        if kind not in (QUANT_TYPE, FLOAT_TYPE):
+    entries = {k: v for k, v in desc.items() if not is_field(k, v)}
+    for key, kind in entries.items():
+        if kind == W8A8_STATIC_TYPE:
+            layer = key.rpartition(".")[0]
+            raise CheckpointError(
+                f"{layer}: description says {kind!r} for {key} (static W8A8: quant_bias, deq_scale, input_scale); "
+                f"flatquant_lab loads only {', '.join(map(repr, KNOWN_TYPES))} layers"
+            )
+        if kind not in KNOWN_TYPES:
             raise CheckpointError(f"{key}: description says {kind!r}; flatquant_lab handles only "
-                                  f"{QUANT_TYPE!r} and {FLOAT_TYPE!r}")
+                                  f"{', '.join(map(repr, KNOWN_TYPES))}")
         if key not in tensors and not (key in tied and kind == FLOAT_TYPE):
             raise CheckpointError(f"{key}: listed in {DESCRIPTION_FILE} as {kind} but no such tensor is stored")
     for key in tensors:
-        if key not in desc:
+        if key not in entries:
             raise CheckpointError(f"{key}: stored but not listed in {DESCRIPTION_FILE}")
-    quantized = {k[: -len(".weight")] for k, v in desc.items()
-                 if k.endswith(".weight") and v == QUANT_TYPE and k not in TOP_LEVEL_FIELDS}
+    quantized = {k[: -len(".weight")]: v for k, v in entries.items() if k.endswith(".weight") and v in LAYER_KEYS}
+    tp = saved_tp_size(desc) if tp_size is None else tp_size
     for prefix in sorted(quantized):
-        _check_quantized(prefix, tensors, desc)
+        _LAYER_CHECKS[quantized[prefix]](prefix, tensors, desc, tp)
     for key, t in tensors.items():
         prefix, _, leaf = key.rpartition(".")
-        if desc[key] == QUANT_TYPE and prefix not in quantized:
-            raise CheckpointError(f"{key}: description says {QUANT_TYPE} but {prefix}.weight is not {QUANT_TYPE}")
-        if desc[key] == FLOAT_TYPE and prefix not in quantized and not t.is_floating_point():
+        kind = entries[key]
+        if kind in LAYER_KEYS and quantized.get(prefix) != kind:
+            have = quantized.get(prefix, FLOAT_TYPE)
+            raise CheckpointError(f"{key}: description says {kind} but {prefix}.weight is {have}")
+        if kind == FLOAT_TYPE and prefix not in quantized and not t.is_floating_point():
             raise CheckpointError(f"{key}: description says {FLOAT_TYPE} but the tensor is {dtype_name(t.dtype)} "
-                                  f"(a quantized weight needs {QUANT_TYPE} and its scales)")
-        if prefix in quantized and leaf not in CHECKPOINT_KEYS + ("bias",):
-            raise CheckpointError(f"{key}: unexpected tensor of quantized linear {prefix} "
-                                  f"(expected {list(CHECKPOINT_KEYS)} and optional 'bias')")
-    _check_fused(tensors, desc)
+                                  f"(a quantized weight needs a quantized type and its scales)")
+        if prefix in quantized and leaf not in LAYER_KEYS[quantized[prefix]] + ("bias",):
+            raise CheckpointError(f"{key}: unexpected tensor of {quantized[prefix]} linear {prefix} "
+                                  f"(expected {list(LAYER_KEYS[quantized[prefix]])} and optional 'bias')")
+    _check_fused(tensors, entries)
     return quantized

@@ -1,8 +1,16 @@
-"""``load_quantized``: rebuild a model from a checkpoint in the vllm-ascend layout (no pickle, no network)."""
+"""``load_quantized``: rebuild a model from a checkpoint in the vllm-ascend layout (no pickle, no network).
+
+Reads our own exports and msModelSlim's (SPEC section 13): the description as
+``quant_model_description.json`` or the legacy ``quant_model_description_{type}.json``; weights as
+``model.safetensors``, ``quant_model_weights-0000N-of-0000M.safetensors`` or
+``quant_model_weight_w4a4_flatquant_dynamic-000NN-of-000MM.safetensors`` shards with or without their
+``*.safetensors.index.json``; keys ending in ``weight_packed`` read as ``weight``.
+"""
 from __future__ import annotations
 
 import copy
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Mapping
@@ -12,12 +20,61 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..dtypes import HALF_DTYPES, as_dtype, cast_rounds, dtype_name
-from ..layers import CHECKPOINT_KEYS, W4A4FlatQuantLinear
+from ..layers import CHECKPOINT_KEYS, W4A4FlatQuantLinear, W8A8DynamicLinear
 from ..models import set_submodule
 from .format import (
-    ACT_DTYPE_KEY, CONFIG_FILE, DESCRIPTION_FILE, INDEX_FILE, QUANT_TYPE, SINGLE_FILE, CheckpointError,
-    check_checkpoint, expect, tie_targets,
+    ACT_DTYPE_KEY, CONFIG_FILE, DESCRIPTION_FILE, INDEX_FILE, LAYER_KEYS, QUANT_TYPE, SINGLE_FILE,
+    W8A8_DYNAMIC_TYPE, CheckpointError, check_checkpoint, expect, is_field, layer_tp, saved_tp_size, tie_targets,
 )
+
+# msModelSlim's legacy saver names the description after the quant type (SPEC section 13).
+LEGACY_DESCRIPTION_GLOB = "quant_model_description_*.json"
+SHARD_RE = re.compile(r"^(?P<stem>.+)-(?P<i>\d+)-of-(?P<n>\d+)\.safetensors$")
+PACKED_ALIAS = "weight_packed"  # msModelSlim's legacy key for ``weight``
+
+
+def description_path(path: Path) -> Path:
+    """``quant_model_description.json``, else the one legacy ``quant_model_description_{type}.json``."""
+    main = path / DESCRIPTION_FILE
+    if main.is_file():
+        return main
+    legacy = sorted(path.glob(LEGACY_DESCRIPTION_GLOB))
+    if len(legacy) > 1:
+        raise CheckpointError(f"path: {path} has no {DESCRIPTION_FILE} and several legacy descriptions "
+                              f"({', '.join(p.name for p in legacy)}); keep the one that matches the weights")
+    return legacy[0] if legacy else main
+
+
+def _weight_files(path: Path) -> list[str]:
+    """Without an index: ``model.safetensors``, the only ``*.safetensors``, or one complete set of shards."""
+    if (path / SINGLE_FILE).is_file():
+        return [SINGLE_FILE]
+    files = sorted(p.name for p in path.glob("*.safetensors"))
+    if len(files) == 1:
+        return files
+    shards = [SHARD_RE.match(f) for f in files]
+    if files and all(shards):
+        sets = {(m["stem"], int(m["n"])) for m in shards}
+        if len(sets) == 1:
+            (stem, n), = sets
+            have = {int(m["i"]) for m in shards}
+            if have == set(range(1, n + 1)) and len(files) == n:
+                return files
+            missing = sorted(set(range(1, n + 1)) - have)
+            raise FileNotFoundError(f"path: {path} holds shards of {stem} 'of {n}' but misses number(s) {missing}")
+    raise FileNotFoundError(f"path: {path} has no {SINGLE_FILE} or {INDEX_FILE}"
+                            + (f" (found {files})" if files else ""))
+
+
+def _alias_packed(tensors: dict, desc: dict) -> None:
+    """Rename ``<prefix>.weight_packed`` to ``<prefix>.weight`` in both the tensors and the description."""
+    for table, what in ((tensors, "stored"), (desc, f"listed in {DESCRIPTION_FILE}")):
+        for key in [k for k in table if isinstance(k, str) and k.endswith("." + PACKED_ALIAS)]:
+            new = key[: -len(PACKED_ALIAS)] + "weight"
+            if new in table:
+                raise CheckpointError(f"{key}: {what} beside {new}; {PACKED_ALIAS} is an alias of weight, "
+                                      "so only one may be present")
+            table[new] = table.pop(key)
 
 
 def _read_json(path: Path, what: str):
@@ -44,10 +101,7 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         files = sorted(set(weight_map.values()))
     else:
         weight_map = None
-        files = [SINGLE_FILE] if (path / SINGLE_FILE).is_file() else sorted(p.name for p in path.glob("*.safetensors"))
-        if len(files) != 1:
-            raise FileNotFoundError(f"path: {path} has no {SINGLE_FILE} or {INDEX_FILE}"
-                                    + (f" (found {files})" if files else ""))
+        files = _weight_files(path)
     tensors: dict[str, torch.Tensor] = {}
     for name in files:
         file = path / name
@@ -66,12 +120,13 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_quantized(path, backend: str | None = None, dtype=None) -> nn.Module:
+def load_quantized(path, backend: str | None = None, dtype=None, tp_size: int | None = None) -> nn.Module:
     """Rebuild a model saved by :func:`save_quantized` (or any checkpoint in that format).
 
     Reads ``config.json``, ``quant_model_description.json`` and the safetensors only (no pickle, no
     network). Layers the description marks ``W4A4_FLATQUANT_DYNAMIC`` become
-    ``W4A4FlatQuantLinear`` (with ``backend``); the rest are loaded as plain weights. Missing, extra,
+    ``W4A4FlatQuantLinear``, ``W8A8_DYNAMIC`` ones ``W8A8DynamicLinear`` (both with ``backend``); the
+    rest are loaded as plain weights; a static ``W8A8`` layer is refused, naming it. Missing, extra,
     mis-shaped or mis-typed tensors (float tensors must have the dtype ``config.json`` names) and a
     description that disagrees with them raise ``CheckpointError`` naming the tensor.
 
@@ -79,6 +134,10 @@ def load_quantized(path, backend: str | None = None, dtype=None) -> nn.Module:
     default attention implementation). ``dtype`` loads the float tensors in another dtype instead,
     as ``from_pretrained(dtype=...)`` would: the model is built in it, quantized layers run in it
     when it is a half type, and their float32 scales and clip ratios stay untouched. Eval mode.
+
+    ``tp_size`` (default: the description's ``metadata.tp_size``, else 1): the row-parallel layers
+    compute what vLLM's ``tp_size`` ranks compute, each on its slice of the input, summed as the
+    all-reduce (SPEC section 11); FlatQuant ones must have transforms sized for it, as vLLM asserts.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -87,8 +146,10 @@ def load_quantized(path, backend: str | None = None, dtype=None) -> nn.Module:
         raise FileNotFoundError(f"path: {path} is not a directory")
     dtype = as_dtype(dtype, optional=True)
     _read_json(path / CONFIG_FILE, "model config")  # a clear error before transformers' own
-    desc = _read_json(path / DESCRIPTION_FILE, "msModelSlim description")
+    desc = _read_json(description_path(path), "msModelSlim description")
     tensors = _read_tensors(path)
+    if isinstance(desc, dict):
+        _alias_packed(tensors, desc)
 
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     saved_dtype = as_dtype(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
@@ -98,20 +159,29 @@ def load_quantized(path, backend: str | None = None, dtype=None) -> nn.Module:
     model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=dtype or saved_dtype)
     ties = tie_targets(model)
     # The model's sizes first: the checks below take [O, K] from the weight itself.
-    for key, kind in desc.items():
-        if kind == QUANT_TYPE and key.endswith(".weight") and key in tensors:
+    for key, kind in (desc.items() if isinstance(desc, dict) else ()):
+        if not is_field(key, kind) and kind in LAYER_KEYS and key.endswith(".weight") and key in tensors:
             mod = _find(model, key[: -len(".weight")])
             if isinstance(mod, nn.Linear):
                 expect(key, tensors[key], (mod.out_features, mod.in_features))
-    quantized = check_checkpoint(tensors, desc, tied=ties)
+    if tp_size is not None and (isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1):
+        raise ValueError(f"tp_size: expected a positive int or None, got {tp_size!r}")
+    tp = saved_tp_size(desc) if tp_size is None else tp_size
+    quantized = check_checkpoint(tensors, desc, tied=ties, tp_size=tp)
 
     state = model.state_dict()
     used: set[str] = set()
     lossy: list[str] = []
     for prefix in sorted(quantized):
-        layer = _quantized_layer(model, prefix, tensors, backend, dtype, _saved_act_dtype(desc), lossy)
+        if quantized[prefix] == W8A8_DYNAMIC_TYPE:
+            layer = _w8a8_layer(model, prefix, tensors, backend, dtype, saved_dtype, _saved_act_dtype(desc),
+                                layer_tp(prefix, tp))
+        else:
+            layer = _quantized_layer(model, prefix, tensors, backend, dtype, _saved_act_dtype(desc), lossy,
+                                     layer_tp(prefix, tp))
         set_submodule(model, prefix, layer)
-        used.update(f"{prefix}.{n}" for n in CHECKPOINT_KEYS + ("bias",) if f"{prefix}.{n}" in tensors)
+        names = LAYER_KEYS[quantized[prefix]] + ("bias",)
+        used.update(f"{prefix}.{n}" for n in names if f"{prefix}.{n}" in tensors)
         for key in [k for k in state if k.startswith(prefix + ".")]:
             del state[key]
 
@@ -156,12 +226,11 @@ def _saved_act_dtype(desc: Mapping) -> torch.dtype | None:
     return act
 
 
-def _quantized_layer(model: nn.Module, prefix: str, tensors: Mapping[str, torch.Tensor], backend,
-                     dtype: torch.dtype | None, saved_act: torch.dtype | None = None,
-                     lossy: list[str] | None = None) -> W4A4FlatQuantLinear:
+def _linear_of(model: nn.Module, prefix: str, tensors: Mapping[str, torch.Tensor], kind: str) -> nn.Linear:
+    """The float linear a quantized layer replaces, checked against the stored weight shape and bias."""
     linear = _find(model, prefix)
     if not isinstance(linear, nn.Linear):
-        raise CheckpointError(f"{prefix}.weight: the description quantizes {prefix}, which is not an "
+        raise CheckpointError(f"{prefix}.weight: the description makes {prefix} {kind}, which needs an "
                               f"nn.Linear of {type(model).__name__} (got {type(linear).__name__})")
     expect(f"{prefix}.weight", tensors[f"{prefix}.weight"], (linear.out_features, linear.in_features))
     has_bias = f"{prefix}.bias" in tensors
@@ -169,6 +238,30 @@ def _quantized_layer(model: nn.Module, prefix: str, tensors: Mapping[str, torch.
         raise CheckpointError(f"{prefix}.bias: missing ({type(model).__name__}'s {prefix} has a bias)")
     if linear.bias is None and has_bias:
         raise CheckpointError(f"{prefix}.bias: unexpected ({type(model).__name__}'s {prefix} has no bias)")
+    return linear
+
+
+def _w8a8_layer(model: nn.Module, prefix: str, tensors: Mapping[str, torch.Tensor], backend,
+                dtype: torch.dtype | None, saved_dtype: torch.dtype, saved_act: torch.dtype | None,
+                tp: int = 1) -> W8A8DynamicLinear:
+    """A W8A8_DYNAMIC layer in the model dtype (vllm-ascend's params dtype): the requested half dtype, else
+    the one the description records, else config.json's when half, else bfloat16."""
+    _linear_of(model, prefix, tensors, W8A8_DYNAMIC_TYPE)
+    act = (dtype if dtype in HALF_DTYPES else saved_act if saved_act is not None
+           else saved_dtype if saved_dtype in HALF_DTYPES else torch.bfloat16)
+    names = LAYER_KEYS[W8A8_DYNAMIC_TYPE] + ("bias",)
+    parts = {n: tensors[f"{prefix}.{n}"] for n in names if f"{prefix}.{n}" in tensors}
+    try:
+        return W8A8DynamicLinear.from_checkpoint(parts, act_dtype=act, backend=backend, tp_size=tp)
+    except ValueError as e:  # its messages start with the tensor's short name
+        raise CheckpointError(f"{prefix}.{e}") from None
+
+
+def _quantized_layer(model: nn.Module, prefix: str, tensors: Mapping[str, torch.Tensor], backend,
+                     dtype: torch.dtype | None, saved_act: torch.dtype | None = None,
+                     lossy: list[str] | None = None, tp: int = 1) -> W4A4FlatQuantLinear:
+    _linear_of(model, prefix, tensors, QUANT_TYPE)
+    has_bias = f"{prefix}.bias" in tensors
     parts = {n: tensors[f"{prefix}.{n}"] for n in CHECKPOINT_KEYS + (("bias",) if has_bias else ())}
     stored = parts["left_trans"].dtype
     # The activation dtype: the requested half dtype, else the one the description records, else the
@@ -184,6 +277,6 @@ def _quantized_layer(model: nn.Module, prefix: str, tensors: Mapping[str, torch.
     if has_bias:
         parts["bias"] = parts["bias"].to(act)  # added in the activation dtype, as vllm-ascend does
     try:
-        return W4A4FlatQuantLinear.from_checkpoint(parts, backend=backend, act_dtype=act)
+        return W4A4FlatQuantLinear.from_checkpoint(parts, backend=backend, act_dtype=act, tp_size=tp)
     except ValueError as e:  # its messages start with the tensor's short name
         raise CheckpointError(f"{prefix}.{e}") from None

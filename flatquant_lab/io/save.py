@@ -22,10 +22,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..dtypes import as_dtype, cast_rounds, dtype_name
-from ..models import quantized_linear_names
+from ..models import is_row_parallel, quantized_linear_names
 from .format import (
-    ACT_DTYPE_KEY, CONFIG_FILE, DESCRIPTION_FILE, INDEX_FILE, CheckpointError, build_description, check_checkpoint,
-    shares_storage, tie_targets,
+    ACT_DTYPE_KEY, CONFIG_FILE, DESCRIPTION_FILE, INDEX_FILE, QUANT_TYPE, TP_SIZE_KEY, CheckpointError,
+    build_description, check_checkpoint, shares_storage, tie_targets,
 )
 
 log = logging.getLogger(__name__)
@@ -53,8 +53,10 @@ def _shard_limit(max_shard_size) -> int:
                      f"got {max_shard_size!r}")
 
 
-def checkpoint_state(model: nn.Module, dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], set[str]]:
-    """The tensors to store, in state-dict order, and the set of quantized linear prefixes.
+def checkpoint_state(model: nn.Module,
+                     dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors to store, in state-dict order, and the quantized linear prefixes with their types
+    (``W4A4_FLATQUANT_DYNAMIC``, ``W8A8_DYNAMIC``).
 
     Quantized linears contribute their SPEC section 1 tensors (``checkpoint_tensors``); every other
     entry of the state dict is stored as is, except tied weights (stored once, as Hugging Face does).
@@ -64,7 +66,7 @@ def checkpoint_state(model: nn.Module, dtype: torch.dtype | None = None) -> tupl
     only after a float32 cast of the model, where the cast back is exact).
     """
     dtype = as_dtype(dtype, optional=True)
-    quantized = set(quantized_linear_names(model))
+    quantized = {name: model.get_submodule(name).quant_type for name in quantized_linear_names(model)}
     state = model.state_dict()
     ties = tie_targets(model)
     out: dict[str, torch.Tensor] = {}
@@ -156,7 +158,8 @@ def _config_dict(model: nn.Module, float_dtype: torch.dtype) -> dict:
     return out
 
 
-def _float_dtype(tensors: Mapping[str, torch.Tensor], quantized: set[str], dtype: torch.dtype | None) -> torch.dtype:
+def _float_dtype(tensors: Mapping[str, torch.Tensor], quantized: Mapping[str, str],
+                 dtype: torch.dtype | None) -> torch.dtype:
     if dtype is not None:
         return dtype
     found: dict[torch.dtype, str] = {}
@@ -170,7 +173,7 @@ def _float_dtype(tensors: Mapping[str, torch.Tensor], quantized: set[str], dtype
 
 
 def save_quantized(model: nn.Module, out_dir, tokenizer=None, max_shard_size="2GB", dtype=None,
-                   overwrite: bool = False) -> Path:
+                   overwrite: bool = False, tp_size: int | None = None) -> Path:
     """Write ``model`` in the vllm-ascend (msModelSlim) format to ``out_dir``; return its path.
 
     ``dtype`` (float16 / bfloat16 / float32) casts every float tensor, transforms and biases
@@ -178,11 +181,15 @@ def save_quantized(model: nn.Module, out_dir, tokenizer=None, max_shard_size="2G
     representable in ``dtype`` warns. The checkpoint is checked before anything is written (fused
     q/k/v and gate/up shards must share type, transforms and clip ratio), written into a temporary
     directory beside ``out_dir``, fsynced, and renamed into place: ``out_dir`` appears complete or
-    not at all. An existing ``out_dir`` is an error unless ``overwrite=True``.
+    not at all. An existing ``out_dir`` is an error unless ``overwrite=True``. ``tp_size``: the
+    tensor-parallel size the checkpoint must load at in vLLM; SPEC section 11's load (shape asserts,
+    narrowing) is emulated first and a checkpoint that would fail there is refused.
     """
     out_dir = Path(out_dir)
     dtype = as_dtype(dtype, optional=True)
     limit = _shard_limit(max_shard_size)
+    if tp_size is not None and (isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1):
+        raise ValueError(f"tp_size: expected a positive int or None, got {tp_size!r}")
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"out_dir: {out_dir} already exists (pass overwrite=True to replace it)")
     if out_dir.exists() and not out_dir.is_dir():
@@ -192,18 +199,35 @@ def save_quantized(model: nn.Module, out_dir, tokenizer=None, max_shard_size="2G
     ties = tie_targets(model)
     tied_listed = [k for k in ties if k not in tensors]
     desc = build_description(tensors, quantized, tied_listed)
+    tps = {model.get_submodule(p).tp_size for p in quantized if is_row_parallel(p)}
+    if len(tps) > 1:
+        raise CheckpointError(f"model: its row-parallel layers are built for tp_size {sorted(tps)}; a checkpoint "
+                              "serves at one tensor-parallel size (quantize with one QuantConfig.tp_size)")
+    model_tp = tps.pop() if tps else 1
+    if tp_size is not None and tp_size != model_tp and any(
+            quantized[p] == QUANT_TYPE and is_row_parallel(p) for p in quantized):
+        raise CheckpointError(f"tp_size: the model's row-parallel FlatQuant transforms are sized for tp_size "
+                              f"{model_tp}, not {tp_size}; re-quantize with QuantConfig(tp_size={tp_size})")
     acts = {model.get_submodule(p).act_dtype for p in quantized}
     if len(acts) == 1:
         # The transforms' stored dtype need not be the one the layers compute in (dtype=float32, or
         # fp32 transforms from another exporter): record it, so that a load computes as saved.
         desc["metadata"] = {ACT_DTYPE_KEY: dtype_name(acts.pop())}
     elif acts:
-        warnings.warn(f"model: its W4A4 layers compute in {sorted(map(dtype_name, acts))}; the checkpoint "
+        warnings.warn(f"model: its quantized layers compute in {sorted(map(dtype_name, acts))}; the checkpoint "
                       "cannot record one activation dtype, so a load takes each layer's from its transforms",
                       stacklevel=2)
+    if model_tp > 1:
+        desc.setdefault("metadata", {})[TP_SIZE_KEY] = model_tp
     check_checkpoint(tensors, desc, tied_listed)  # refuse before writing anything
     float_dtype = _float_dtype(tensors, quantized, dtype)
     config = _config_dict(model, float_dtype)
+    if tp_size is not None:  # the TP size the checkpoint claims: vLLM must be able to load it there
+        from .serving import vllm_load_problem
+
+        problem = vllm_load_problem(tensors, desc, config, tp_size, cann="8.5")  # quantize checked the op for its CANN
+        if problem:
+            raise CheckpointError(f"tp_size: vLLM would not load this checkpoint at TP {tp_size}: {problem}")
 
     parent = out_dir.absolute().parent
     parent.mkdir(parents=True, exist_ok=True)

@@ -5,5 +5,11 @@ Each layer's forward calls :mod:`flatquant_lab.ops` only; which backend runs is 
 from __future__ import annotations
 
 from .w4a4_flatquant import CHECKPOINT_KEYS, DEFAULT_CHUNK_TOKENS, MAX_CHUNK_TOKENS, W4A4FlatQuantLinear
+from .w8a8_dynamic import CHECKPOINT_KEYS as W8A8_CHECKPOINT_KEYS
+from .w8a8_dynamic import W8A8DynamicLinear
 
-__all__ = ["CHECKPOINT_KEYS", "DEFAULT_CHUNK_TOKENS", "MAX_CHUNK_TOKENS", "W4A4FlatQuantLinear"]
+# Every quantized layer class; each has ``quant_type``, the description value of its tensors.
+QUANTIZED_LAYERS = (W4A4FlatQuantLinear, W8A8DynamicLinear)
+
+__all__ = ["CHECKPOINT_KEYS", "DEFAULT_CHUNK_TOKENS", "MAX_CHUNK_TOKENS", "QUANTIZED_LAYERS", "W4A4FlatQuantLinear",
+           "W8A8DynamicLinear", "W8A8_CHECKPOINT_KEYS"]

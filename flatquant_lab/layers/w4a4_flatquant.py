@@ -11,6 +11,7 @@ import logging
 from typing import Mapping
 
 import torch
+from einops import rearrange
 from torch import nn
 
 from .. import ops
@@ -48,26 +49,32 @@ class W4A4FlatQuantLinear(nn.Module):
     see half inputs, and the result is returned in float32 (it carries the half dtype's rounding).
     """
 
+    quant_type = "W4A4_FLATQUANT_DYNAMIC"
+
     def __init__(self, in_features: int, out_features: int, n1: int, n2: int, act_dtype: torch.dtype,
                  bias: bool, backend: str | None = None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-                 check_finite: bool = True):
+                 check_finite: bool = True, tp_size: int = 1):
         super().__init__()
         if (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int)
                 or not 1 <= chunk_tokens <= MAX_CHUNK_TOKENS):
             raise ValueError(f"chunk_tokens: expected an int in [1, {MAX_CHUNK_TOKENS}] (the op's token limit: "
                              f"8192 on CANN 8.1/8.2, 32768 on 8.3, 262144 on 8.5), got {chunk_tokens!r}")
-        for name, v in (("in_features", in_features), ("out_features", out_features), ("n1", n1), ("n2", n2)):
+        for name, v in (("in_features", in_features), ("out_features", out_features), ("n1", n1), ("n2", n2),
+                        ("tp_size", tp_size)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: expected a positive int, got {v!r}")
-        if in_features % 8:
-            raise ValueError(f"in_features: expected a multiple of 8 (int4 packing), got {in_features}")
-        if n1 * n2 != in_features:
-            raise ValueError(f"n1, n2: expected n1 * n2 == in_features = {in_features}, got {n1} x {n2}")
+        if in_features % (8 * tp_size):
+            raise ValueError(f"in_features: expected a multiple of 8 * tp_size = {8 * tp_size} (int4 packing of "
+                             f"each rank's slice), got {in_features}")
+        if n1 * n2 * tp_size != in_features:
+            per = f"in_features / tp_size = {in_features // tp_size}" if tp_size > 1 else f"in_features = {in_features}"
+            raise ValueError(f"n1, n2: expected n1 * n2 == {per}, got {n1} x {n2}")
         check_half(act_dtype)
         if backend is not None:
             ops.resolve_backend(backend)  # a misspelt backend fails here, not at the first forward
         self.in_features, self.out_features = in_features, out_features
         self.n1, self.n2 = n1, n2
+        self.tp_size = tp_size  # kron(I_tp, L, R): vLLM's ranks of a row-parallel layer, each on K / tp inputs
         self.backend = backend
         self.chunk_tokens = chunk_tokens
         self.check_finite = check_finite
@@ -81,15 +88,18 @@ class W4A4FlatQuantLinear(nn.Module):
         # What vllm-ascend derives once after loading: p1 = L^T (contiguous), p2 = R, in the act dtype.
         self.register_buffer("p1", torch.eye(n1, dtype=act_dtype), persistent=False)
         self.register_buffer("p2", torch.eye(n2, dtype=act_dtype), persistent=False)
+        # tp_size > 1: each rank's packed weight columns, contiguous [tp, O, K / (8 tp)] (as each rank holds them)
+        self.register_buffer("weight_ranks", None, persistent=False)
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_checkpoint(cls, tensors: Mapping[str, torch.Tensor], backend: str | None = None,
-                        act_dtype: torch.dtype | None = None, **kwargs) -> "W4A4FlatQuantLinear":
+                        act_dtype: torch.dtype | None = None, tp_size: int = 1, **kwargs) -> "W4A4FlatQuantLinear":
         """Build from the SPEC section 1 tensors (``weight`` int8 [O, K], ``weight_scale`` ...).
 
         Every shape and dtype is checked; a wrong one raises ``ValueError`` naming the tensor.
-        ``act_dtype`` defaults to the transforms' dtype when that is half, else bfloat16.
+        ``act_dtype`` defaults to the transforms' dtype when that is half, else bfloat16. ``tp_size``:
+        the transforms are one rank's (``n1 * n2 = K / tp_size``) of a row-parallel layer.
         """
         missing = [k for k in CHECKPOINT_KEYS if k not in tensors]
         if missing:
@@ -101,8 +111,11 @@ class W4A4FlatQuantLinear(nn.Module):
         if not isinstance(w, torch.Tensor) or w.dim() != 2:
             raise ValueError(f"weight: expected an int8 tensor [O, K], got {getattr(w, 'shape', w)}")
         out_f, in_f = w.shape
-        if in_f % 8:
-            raise ValueError(f"weight: in-features K = {in_f} must be divisible by 8 (int4 packing)")
+        if isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1:
+            raise ValueError(f"tp_size: expected a positive int, got {tp_size!r}")
+        if in_f % (8 * tp_size):
+            raise ValueError(f"weight: in-features K = {in_f} must be divisible by 8 * tp_size = {8 * tp_size} "
+                             "(int4 packing of each rank's slice)")
         _expect(w, "weight", (out_f, in_f), (torch.int8,))
         lt, rt = tensors["left_trans"], tensors["right_trans"]
         for name, t in (("left_trans", lt), ("right_trans", rt)):
@@ -111,10 +124,11 @@ class W4A4FlatQuantLinear(nn.Module):
             if not t.is_floating_point():
                 raise ValueError(f"{name}: expected a float dtype, got {t.dtype}")
         n1, n2 = lt.shape[0], rt.shape[0]
-        if n1 * n2 != in_f:
+        if n1 * n2 * tp_size != in_f:
+            per = f"in-features / tp_size = {in_f} / {tp_size}" if tp_size > 1 else f"in-features {in_f}"
             raise ValueError(
-                f"left_trans/right_trans: sizes {n1} x {n2} = {n1 * n2} must multiply to in-features {in_f} "
-                f"(expected {decompose_dim(in_f)})"
+                f"left_trans/right_trans: sizes {n1} x {n2} = {n1 * n2} must multiply to {per} "
+                f"(expected {decompose_dim(in_f // tp_size)})"
             )
         if lt.dtype != rt.dtype:
             raise ValueError(f"right_trans: expected dtype {lt.dtype} (that of left_trans), got {rt.dtype}")
@@ -134,7 +148,7 @@ class W4A4FlatQuantLinear(nn.Module):
         if bias is not None:
             if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (out_f,) or not bias.is_floating_point():
                 raise ValueError(f"bias: expected a float tensor [{out_f}], got {getattr(bias, 'shape', bias)}")
-        layer = cls(in_f, out_f, n1, n2, act_dtype, bias is not None, backend=backend, **kwargs)
+        layer = cls(in_f, out_f, n1, n2, act_dtype, bias is not None, backend=backend, tp_size=tp_size, **kwargs)
         with torch.no_grad():
             layer.weight_packed.copy_(ops.convert_weight_to_int4pack(w.to(torch.int32), backend="reference"))
             layer.weight_scale.copy_(tensors["weight_scale"])
@@ -150,7 +164,7 @@ class W4A4FlatQuantLinear(nn.Module):
     @classmethod
     def from_float(cls, linear: nn.Linear, left_trans: torch.Tensor, right_trans: torch.Tensor,
                    clip_ratio: float = 1.0, weight_clip: torch.Tensor | None = None,
-                   act_dtype: torch.dtype | None = None, backend: str | None = None,
+                   act_dtype: torch.dtype | None = None, backend: str | None = None, tp_size: int = 1,
                    **kwargs) -> "W4A4FlatQuantLinear":
         """Fold ``kron(L, R)^{-T}`` into ``linear.weight``, quantize it per channel to int4, and build.
 
@@ -174,11 +188,14 @@ class W4A4FlatQuantLinear(nn.Module):
             if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] != t.shape[1] or not t.is_floating_point():
                 raise ValueError(f"{name}: expected a square float matrix, got "
                                  f"{list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-        if left_trans.shape[0] * right_trans.shape[0] != w.shape[1]:
+        if isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1 or w.shape[1] % tp_size:
+            raise ValueError(f"tp_size: expected a positive int dividing in_features {w.shape[1]}, got {tp_size!r}")
+        if left_trans.shape[0] * right_trans.shape[0] * tp_size != w.shape[1]:
+            per = f"in_features / tp_size = {w.shape[1] // tp_size}" if tp_size > 1 else f"in_features {w.shape[1]}"
             raise ValueError(f"left_trans/right_trans: sizes {left_trans.shape[0]} x {right_trans.shape[0]} must "
-                             f"multiply to linear's in_features {w.shape[1]} (expected {decompose_dim(w.shape[1])})")
+                             f"multiply to linear's {per} (expected {decompose_dim(w.shape[1] // tp_size)})")
         lt, rt = left_trans.detach().to(act_dtype), right_trans.detach().to(act_dtype)
-        folded = fold_weight(w, lt, rt)
+        folded = fold_weight(w, lt, rt, blocks=tp_size)
         q, scale = quantize_weight(folded, weight_clip)
         tensors = {
             "weight": q,
@@ -190,13 +207,15 @@ class W4A4FlatQuantLinear(nn.Module):
         }
         if linear.bias is not None:
             tensors["bias"] = linear.bias.detach().to(act_dtype)
-        return cls.from_checkpoint(tensors, backend=backend, act_dtype=act_dtype, **kwargs)
+        return cls.from_checkpoint(tensors, backend=backend, act_dtype=act_dtype, tp_size=tp_size, **kwargs)
 
     def _derive(self) -> None:
         """What vllm-ascend does once after loading: ``p1 = L^T`` contiguous, ``p2 = R``, in the act dtype."""
         act = self.p1.dtype
         self.p1 = self.left_trans.detach().transpose(0, 1).contiguous().to(act)
         self.p2 = self.right_trans.detach().contiguous().to(act)
+        if self.tp_size > 1:  # rank r holds columns [r K / tp, (r + 1) K / tp) of the weight (SPEC section 11)
+            self.weight_ranks = rearrange(self.weight_packed, "o (t k) -> t o k", t=self.tp_size).contiguous()
 
     def _apply(self, fn, recurse=True):
         # Module.to(dtype) would cast the fp32 scales too; the contract keeps them float32.
@@ -260,7 +279,8 @@ class W4A4FlatQuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"kron=({self.n1}x{self.n2}), clip_ratio={self.clip_ratio.item():.4f}, "
+                f"kron=({self.n1}x{self.n2}){f', tp_size={self.tp_size}' if self.tp_size > 1 else ''}, "
+                f"clip_ratio={self.clip_ratio.item():.4f}, "
                 f"act_dtype={str(self.act_dtype).replace('torch.', '')}, bias={self.bias is not None}, "
                 f"backend={self.backend or 'auto'}")
 
@@ -304,16 +324,43 @@ class W4A4FlatQuantLinear(nn.Module):
         if self.check_finite and in_dtype != torch.float32:  # float32 input was checked before the cast
             self._check_finite(x2)
         c = float(self.clip_ratio.item())
-        w_t = self.weight_packed.t()  # a transposed view of the contiguous [O, K/8], as vllm-ascend passes it
+        if self.tp_size > 1:
+            y = self._forward_ranks(x2, c)
+        else:
+            w_t = self.weight_packed.t()  # a transposed view of the contiguous [O, K/8], as vllm-ascend passes it
+            scale = self.weight_scale.view(-1)
+            outs = []
+            for start in range(0, tokens, self.chunk_tokens):
+                chunk = x2[start:start + self.chunk_tokens].view(-1, self.n1, self.n2)
+                xq, s_tok = ops.kronecker_quant(chunk, self.p1, self.p2, clip_ratio=c, backend=self.backend)
+                outs.append(ops.quant_matmul(xq.view(-1, self.in_features // 8), w_t, scale,
+                                             pertoken_scale=s_tok, output_dtype=self.act_dtype,
+                                             backend=self.backend))
+            y = outs[0] if len(outs) == 1 else torch.cat(outs)
+            if self.bias is not None:
+                y = y + self.bias  # in the output dtype, as vllm-ascend adds it
+        return y.view(*lead, self.out_features).to(in_dtype)
+
+    def _forward_ranks(self, x2: torch.Tensor, c: float) -> torch.Tensor:
+        """What vLLM's ``tp_size`` ranks of a row-parallel layer compute, then their all-reduce.
+
+        Rank ``r``: ``y_r = W4A4(x[:, r K/tp : (r+1) K/tp])`` with its weight columns (+ bias on rank 0,
+        in the output dtype); all-reduce ``y = round_t(sum_r fp32(y_r))``. Assumed: HCCL's order and
+        precision are not known, so the sum is emulated in fp32 and rounded once (SPEC section 11).
+        """
+        tp, k_rank = self.tp_size, self.in_features // self.tp_size
         scale = self.weight_scale.view(-1)
         outs = []
-        for start in range(0, tokens, self.chunk_tokens):
-            chunk = x2[start:start + self.chunk_tokens].view(-1, self.n1, self.n2)
-            xq, s_tok = ops.kronecker_quant(chunk, self.p1, self.p2, clip_ratio=c, backend=self.backend)
-            outs.append(ops.quant_matmul(xq.view(-1, self.in_features // 8), w_t, scale,
-                                         pertoken_scale=s_tok, output_dtype=self.act_dtype,
-                                         backend=self.backend))
-        y = outs[0] if len(outs) == 1 else torch.cat(outs)
-        if self.bias is not None:
-            y = y + self.bias  # in the output dtype, as vllm-ascend adds it
-        return y.view(*lead, self.out_features).to(in_dtype)
+        for start in range(0, x2.shape[0], self.chunk_tokens):
+            chunk = x2[start:start + self.chunk_tokens]
+            total = None
+            for r in range(tp):
+                xr = chunk[:, r * k_rank:(r + 1) * k_rank].contiguous().view(-1, self.n1, self.n2)
+                xq, s_tok = ops.kronecker_quant(xr, self.p1, self.p2, clip_ratio=c, backend=self.backend)
+                yr = ops.quant_matmul(xq.view(-1, k_rank // 8), self.weight_ranks[r].t(), scale, pertoken_scale=s_tok,
+                                      output_dtype=self.act_dtype, backend=self.backend)
+                if r == 0 and self.bias is not None:
+                    yr = yr + self.bias  # vLLM adds a row-parallel bias on rank 0 only
+                total = yr.float() if total is None else total + yr.float()
+            outs.append(total.to(self.act_dtype))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)

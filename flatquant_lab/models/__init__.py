@@ -8,9 +8,10 @@ Adding a family: a module here with a :class:`ModelAdapter` subclass, and one li
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-from ..layers import W4A4FlatQuantLinear
+from ..layers import QUANTIZED_LAYERS, W4A4FlatQuantLinear, W8A8DynamicLinear
 from .base import GroupSpec, ModelAdapter, ModelInfo, UnsupportedModelError, supported_text
 from .llama import LLAMA_GROUPS, LlamaAdapter
 from .qwen2 import Qwen2Adapter
@@ -24,9 +25,17 @@ GROUPS = {g.name: g.linears for g in LLAMA_GROUPS}
 LINEAR_NAMES = tuple(n for names in GROUPS.values() for n in names)
 # vLLM fused module -> its shards, over every registered family.
 FUSED_MODULES = {name: shards for a in ADAPTERS for name, shards in a.fused_modules.items()}
+# Paths (inside a decoder layer) of the linears vLLM splits along their input (RowParallelLinear).
+ROW_PARALLEL_LINEARS = tuple(sorted({n for a in ADAPTERS for g in a.groups if g.row_parallel for n in g.linears}))
+
+
+def is_row_parallel(prefix: str) -> bool:
+    """Whether the linear at state-dict ``prefix`` (``model.layers.0.self_attn.o_proj``) is row-parallel in vLLM."""
+    return any(prefix.endswith("." + n) for n in ROW_PARALLEL_LINEARS)
 
 __all__ = [
-    "ADAPTERS", "FUSED_MODULES", "GROUPS", "GroupSpec", "LINEAR_NAMES", "ModelAdapter", "ModelInfo",
+    "ADAPTERS", "FUSED_MODULES", "GROUPS", "ROW_PARALLEL_LINEARS", "is_row_parallel", "GroupSpec", "LINEAR_NAMES",
+    "ModelAdapter", "ModelInfo",
     "SUPPORTED_MODEL_TYPES", "UnsupportedModelError", "adapter_for", "decoder_layers", "layer_prefix",
     "linear_weight_bytes", "model_info", "quantized_linear_names", "set_submodule",
 ]
@@ -63,8 +72,8 @@ def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def quantized_linear_names(model: nn.Module) -> list[str]:
-    """Module names of every ``W4A4FlatQuantLinear`` in ``model``, in module order."""
-    return [name for name, mod in model.named_modules() if isinstance(mod, W4A4FlatQuantLinear)]
+    """Module names of every quantized linear (``W4A4FlatQuantLinear``, ``W8A8DynamicLinear``), in module order."""
+    return [name for name, mod in model.named_modules() if isinstance(mod, QUANTIZED_LAYERS)]
 
 
 def linear_weight_bytes(model: nn.Module, decoder_only: bool = True) -> int:
@@ -74,7 +83,8 @@ def linear_weight_bytes(model: nn.Module, decoder_only: bool = True) -> int:
     ``nn.Linear``: its ``weight`` (bias not counted). ``W4A4FlatQuantLinear``: the packed int4
     weight, ``weight_scale``, ``weight_offset``, ``left_trans``, ``right_trans`` and ``clip_ratio``
     (bias not counted; the derived copies ``p1``/``p2`` are not counted either, as vllm-ascend keeps
-    one copy of each transform).
+    one copy of each transform). ``W8A8DynamicLinear``: the int8 weight, its scale and offset as the
+    model dtype holds them (vllm-ascend's allocation).
     """
     total = 0
     root = decoder_layers(model) if decoder_only else model
@@ -83,6 +93,9 @@ def linear_weight_bytes(model: nn.Module, decoder_only: bool = True) -> int:
             for name in ("weight_packed", "weight_scale", "weight_offset", "left_trans", "right_trans", "clip_ratio"):
                 t = getattr(mod, name)
                 total += t.numel() * t.element_size()
+        elif isinstance(mod, W8A8DynamicLinear):
+            half_bytes = torch.finfo(mod.act_dtype).bits // 8
+            total += mod.weight_t.numel() + 2 * mod.out_features * half_bytes  # int8 weight; scale, offset
         elif isinstance(mod, nn.Linear):
             total += mod.weight.numel() * mod.weight.element_size()
     return total

@@ -36,6 +36,9 @@ MAX_PACKED_DIM = 65535
 _NAME = re.compile(r"[a-z][a-z0-9_\-]*\Z")
 _SPEC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*\Z")
 _REGISTRY: dict[str, object] = {}
+# int8 path: the scale dtypes aclnnQuantMatmul takes with a per-token scale (assumed from the
+# torch_npu docs: float32 or bfloat16; vllm-ascend passes bf16 scales for bf16 models)
+INT8_SCALE_DTYPES = (torch.float32, torch.bfloat16)
 
 __all__ = [
     "BACKENDS", "OPS", "Fp16OverflowError", "KroneckerTrace", "NPUUnavailableError", "backends",
@@ -169,7 +172,10 @@ def kronecker_quant(x, p1, p2, clip_ratio=1.0, dst_dtype=torch.int32, backend=No
 
 def quant_matmul(x1, x2, scale, offset=None, pertoken_scale=None, bias=None,
                  output_dtype=torch.float16, backend=None):
-    """``npu_quant_matmul`` int4 path: ``x1`` int32 [m, k/8], ``x2`` int32 [k/8, n] (transposed)."""
+    """``npu_quant_matmul``: int4 path ``x1`` int32 [m, k/8], ``x2`` int32 [k/8, n] (transposed);
+    int8 path (``x1`` int8) ``x1`` int8 [m, k], ``x2`` int8 [k, n] (see :func:`_quant_matmul_int8`)."""
+    if isinstance(x1, torch.Tensor) and x1.dtype == torch.int8:
+        return _quant_matmul_int8(x1, x2, scale, offset, pertoken_scale, bias, output_dtype, backend)
     for name, t in (("x1", x1), ("x2", x2)):
         if t.dtype != torch.int32 or t.dim() != 2:
             raise ValueError(f"{name}: expected a 2-D int32 tensor of packed int4, got {t.dtype} {tuple(t.shape)}")
@@ -194,6 +200,41 @@ def quant_matmul(x1, x2, scale, offset=None, pertoken_scale=None, bias=None,
     )
 
 
+def _quant_matmul_int8(x1, x2, scale, offset, pertoken_scale, bias, output_dtype, backend):
+    """``npu_quant_matmul`` int8 path (W8A8_DYNAMIC, SPEC section 10): ``x1`` int8 [m, k], ``x2`` int8 [k, n].
+
+    ``x2`` is the weight ``[n, k]`` transposed to ``[k, n]`` (vllm-ascend stores it so, contiguous);
+    ``scale`` float32 or bfloat16 ``[n]``; ``pertoken_scale`` float32 ``[m]``; ``bias`` ``[n]`` any float.
+    """
+    for name, t in (("x1", x1), ("x2", x2)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int8 or t.dim() != 2:
+            raise ValueError(f"{name}: expected a 2-D int8 tensor (the int8 path, as x1 is int8), got "
+                             f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+    m, k = x1.shape
+    if x2.shape[0] != k:
+        raise ValueError(f"x2: k dim {x2.shape[0]} disagrees with x1's {k} (x1 {tuple(x1.shape)}, "
+                         f"x2 {tuple(x2.shape)}; x2 is the weight transposed to [k, n])")
+    n = x2.shape[1]
+    if max(k, n) > MAX_PACKED_DIM:
+        raise ValueError(f"x2: dims ({k}, {n}) exceed {MAX_PACKED_DIM}")
+    if (not isinstance(scale, torch.Tensor) or scale.dtype not in INT8_SCALE_DTYPES
+            or tuple(scale.shape) != (n,)):
+        raise ValueError(f"scale: expected float32 or bfloat16 [{n}], got {getattr(scale, 'dtype', scale)} "
+                         f"{tuple(getattr(scale, 'shape', ()))}")
+    if pertoken_scale is not None and (pertoken_scale.dtype != torch.float32 or tuple(pertoken_scale.shape) != (m,)):
+        raise ValueError(f"pertoken_scale: expected float32 [{m}], got {pertoken_scale.dtype} "
+                         f"{tuple(pertoken_scale.shape)}")
+    if offset is not None:
+        raise ValueError("offset: W8A8_DYNAMIC weights are symmetric; expected None")
+    if bias is not None and (tuple(bias.shape) != (n,) or not bias.is_floating_point()):
+        raise ValueError(f"bias: expected a float tensor of shape [{n}], got {bias.dtype} {tuple(bias.shape)}")
+    if output_dtype not in HALF_DTYPES:
+        raise ValueError(f"output_dtype: expected torch.float16 or torch.bfloat16, got {output_dtype}")
+    return get_backend(backend, x1, x2).quant_matmul(
+        x1, x2, scale, offset=offset, pertoken_scale=pertoken_scale, bias=bias, output_dtype=output_dtype
+    )
+
+
 def convert_weight_to_int4pack(weight, inner_k_tiles=1, backend=None):
     """``npu_convert_weight_to_int4pack``: int32 values [n, k] in [-8, 7] -> int32 [n, k/8]."""
     if weight.dtype != torch.int32 or weight.dim() != 2:
@@ -202,9 +243,13 @@ def convert_weight_to_int4pack(weight, inner_k_tiles=1, backend=None):
 
 
 def dynamic_quant(x, smooth_scales=None, dst_type=torch.int8, backend=None):
-    """``npu_dynamic_quant``: per-row symmetric int8 (or packed int4) with ``scale = max|x| / qmax``."""
-    if not x.is_floating_point():
-        raise ValueError(f"x: expected a float tensor, got {x.dtype}")
+    """``npu_dynamic_quant``: per row ``mult = qmax / max|x|``, ``y = rint(x * mult)``, ``scale = 1 / mult`` (float32).
+
+    ``x[..., k]`` float16 / bfloat16; ``dst_type`` int8 (qmax 127) or ``torch.quint4x2`` (qmax 7, packed 8 per int32).
+    """
+    if not isinstance(x, torch.Tensor) or x.dtype not in HALF_DTYPES:
+        raise ValueError(f"x: expected a float16 or bfloat16 tensor (the op's input dtypes), got "
+                         f"{getattr(x, 'dtype', type(x).__name__)}")
     if smooth_scales is not None and smooth_scales.shape[-1:] != x.shape[-1:]:
         raise ValueError(f"smooth_scales: expected shape [{x.shape[-1]}], got {tuple(smooth_scales.shape)}")
     return get_backend(backend, x).dynamic_quant(x, smooth_scales=smooth_scales, dst_type=dst_type)

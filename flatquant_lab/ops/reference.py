@@ -16,6 +16,7 @@ from ..quantizers import kron_act_codes, quant_dynamic_reference
 
 FP16_MAX = 65504.0
 MAX_K_EXACT = 262144  # |acc| <= 64 * k stays below 2**24 up to here
+INT8_K_FP32_EXACT = 1024  # int8 x int8: |acc| <= 2**14 * k stays below 2**24 up to here
 
 
 class Fp16OverflowError(ValueError):
@@ -46,12 +47,13 @@ def _pack_int4_checked(q: torch.Tensor) -> torch.Tensor:
     return _pack_int4_bytes(q)
 
 
-def _int_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def _int_matmul(a: torch.Tensor, w: torch.Tensor, float_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``acc[i, j] = sum_k a[i, k] w[j, k]`` for int8 ``a[m, k]``, ``w[n, k]``, exactly.
 
     Uses the int8 x int8 -> int32 GEMM where PyTorch has one (an int32 accumulator, like the
-    device's) and returns int32; otherwise an fp32 GEMM over the integer values, exact as
-    |acc| <= 64 k < 2**24. Either converts to the same fp32 numbers: results are bit-identical.
+    device's) and returns int32; otherwise a ``float_dtype`` GEMM over the integer values: fp32 is
+    exact for int4 values (|acc| <= 64 k < 2**24), int8 values need float64 past k = 1024. Either
+    converts to the same fp32 numbers: results are bit-identical.
     """
     int_mm = getattr(torch, "_int_mm", None)
     if int_mm is not None and a.device.type == "cpu" and a.shape[0] > 0:
@@ -59,7 +61,7 @@ def _int_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
             return int_mm(a, w.t())
         except RuntimeError:  # a build or shape the int8 kernel does not take: use the fp32 GEMM
             pass
-    return a.to(torch.float32) @ w.to(torch.float32).t()
+    return a.to(float_dtype) @ w.to(float_dtype).t()
 
 
 class KroneckerTrace(NamedTuple):
@@ -136,11 +138,13 @@ def quant_matmul(
     bias: torch.Tensor | None = None,
     output_dtype: torch.dtype = torch.float16,
 ) -> torch.Tensor:
-    """Emulate ``npu_quant_matmul`` on int4-packed int32 operands.
+    """Emulate ``npu_quant_matmul`` on int4-packed int32 operands (int8 operands: :func:`quant_matmul_int8`).
 
     ``acc[i, j] = sum_k a[i, k] w[j, k]`` (exact);  ``y = acc * scale[j] * pertoken[i]`` in fp32;
     ``y += bias`` in fp32;  cast to ``output_dtype`` (round half to even).
     """
+    if x1.dtype == torch.int8:
+        return quant_matmul_int8(x1, x2, scale, offset, pertoken_scale, bias, output_dtype)
     k = x1.shape[-1] * 8
     if k > MAX_K_EXACT:
         raise ValueError(f"x1: k = {k} exceeds {MAX_K_EXACT}, where an fp32 accumulator stays exact")
@@ -150,6 +154,38 @@ def quant_matmul(
     y = acc * scale.float()  # int32 * fp32 promotes: float(acc) (exact) * scale, in fp32
     if pertoken_scale is not None:
         y.mul_(pertoken_scale.float()[:, None])
+    if bias is not None:
+        y.add_(bias.float())
+    return y.to(output_dtype)
+
+
+def quant_matmul_int8(
+    x1: torch.Tensor,
+    x2: torch.Tensor,
+    scale: torch.Tensor,
+    offset: torch.Tensor | None = None,
+    pertoken_scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    output_dtype: torch.dtype = torch.float16,
+) -> torch.Tensor:
+    """Emulate ``npu_quant_matmul``'s int8 pertoken path (W8A8_DYNAMIC, SPEC section 10).
+
+    ``x1`` int8 ``[m, k]``, ``x2`` int8 ``[k, n]`` (the weight ``[n, k]`` transposed).
+    ``acc[i, j] = sum_k a[i, k] w[j, k]`` exact in int32;  ``y = fp32(acc) * fp32(scale[j]) * pertoken[i]``;
+    ``y += fp32(bias)``;  cast to ``output_dtype`` (round half to even).
+    """
+    if offset is not None:
+        raise ValueError("offset: W8A8_DYNAMIC weights are symmetric; expected None")
+    k = x1.shape[-1]
+    # step 1: the exact integer accumulator (fp32 holds it only up to k = 1024 for int8 values)
+    wide = torch.float32 if k <= INT8_K_FP32_EXACT else torch.float64
+    acc = _int_matmul(x1, x2.transpose(0, 1), float_dtype=wide)
+    # step 2: to fp32 (one rounding, as the device's int32 -> fp32 conversion), times the weight's scale
+    y = acc.to(torch.float32) * scale.float()
+    # step 3: times the token's scale, in fp32
+    if pertoken_scale is not None:
+        y.mul_(pertoken_scale.float()[:, None])
+    # step 4: the bias in fp32, then one rounding to the output dtype
     if bias is not None:
         y.add_(bias.float())
     return y.to(output_dtype)

@@ -1,0 +1,181 @@
+"""Per-module recipes: presets, mappings, fused modules, the fallback for sizes the NPU op cannot run,
+and calibrate building W8A8DynamicLinear (RTN or GPTQ) where the recipe says so."""
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from flatquant_lab.api import quantize
+from flatquant_lab.calibrate import plan_layer
+from flatquant_lab.kronecker import npu_supported
+from flatquant_lab.layers import W4A4FlatQuantLinear, W8A8DynamicLinear
+from flatquant_lab.models import LINEAR_NAMES, decoder_layers
+from flatquant_lab.recipe import RECIPES, QuantConfig
+from tiny_models import tiny_config, tiny_model
+
+CALIB = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(123))
+HELD = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(7))
+BUDGET = dict(samples=8, seqlen=32, batch_size=4)
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=HELD).logits.float()
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def tiny_model_with(model_type, **overrides):
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config(model_type)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+
+
+# ------------------------------------------------------------------ the config
+def test_presets_and_mapping_resolve_first_match_wins():
+    cfg = QuantConfig(recipe="msmodelslim")
+    assert cfg.scheme_for("model.layers.3.self_attn.o_proj")[0] == "w8a8_dynamic"
+    assert cfg.scheme_for("model.layers.3.mlp.down_proj")[0] == "w8a8_dynamic"
+    assert cfg.scheme_for("model.layers.3.self_attn.q_proj")[0] == "w4a4_flatquant"
+    assert QuantConfig().scheme_for("model.layers.0.mlp.down_proj")[0] == "w4a4_flatquant"  # "w4a4", the default
+    m = QuantConfig(recipe={"model.layers.0.*": "float", "*.down_proj": "w8a8_dynamic"})
+    assert m.scheme_for("model.layers.0.mlp.down_proj")[0] == "float"  # the first pattern wins
+    assert m.scheme_for("model.layers.1.mlp.down_proj")[0] == "w8a8_dynamic"
+    assert m.scheme_for("model.layers.1.mlp.up_proj") == ("float", "no pattern of recipe (mapping) matches it")
+    # skip comes before every recipe pattern, as "float"
+    s = QuantConfig(recipe="msmodelslim", skip=("*.layers.1.*",))
+    assert s.scheme_for("model.layers.1.self_attn.o_proj") == ("float", "QuantConfig.skip matches '*.layers.1.*'")
+    assert QuantConfig(recipe="msmodelslim").to_dict()["recipe"] == "msmodelslim"
+    assert set(RECIPES) == {"w4a4", "msmodelslim"}
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(recipe="msmodelslim2"), r"recipe: expected a preset \('w4a4', 'msmodelslim'\)"),
+    (dict(recipe={"*": "w4a8"}), r"recipe: '\*' maps to 'w4a8'; expected one of"),
+    (dict(recipe={}), "recipe: expected at least one pattern"),
+    (dict(recipe=["*"]), "recipe: expected a preset .* got list"),
+    (dict(fallback="w4a4_flatquant"), r"fallback: expected one of \('w8a8_dynamic', 'float'\)"),
+])
+def test_bad_recipes(kw, match):
+    with pytest.raises(ValueError, match=match):
+        QuantConfig(**kw)
+
+
+def test_a_fused_module_split_across_schemes_is_refused():
+    cfg = QuantConfig(recipe={"*.k_proj": "w8a8_dynamic", "*": "w4a4_flatquant"})
+    with pytest.raises(ValueError, match=r"recipe: model.layers.0.self_attn.q_proj is w4a4_flatquant, "
+                                         r"model.layers.0.self_attn.k_proj is w8a8_dynamic, .* \(qkv_proj\)"):
+        plan_layer(tiny_model("llama"), 0, cfg)
+
+
+def test_a_recipe_pattern_that_matches_nothing_is_an_error():
+    with pytest.raises(ValueError, match=r"recipe: \['\*\.o_prj'\] match no decoder linear"):
+        quantize(tiny_model("llama"), QuantConfig(method="rtn", recipe={"*.o_prj": "float", "*": "w4a4_flatquant"}))
+
+
+# ------------------------------------------------------------------ plans
+def test_fallback_for_a_size_the_npu_op_cannot_run(caplog):
+    # intermediate 96 = 8 x 12: n2 % 8 != 0, so down_proj cannot take FlatQuant
+    fm = tiny_model_with("llama", intermediate_size=96)
+    reason = "npu_kronecker_quant cannot run 8x12: " + npu_supported(8, 12).reason
+    down = {g.name: g for g in plan_layer(fm, 0, QuantConfig())}["down"]
+    assert (down.scheme, down.fallback, down.skip_reason, down.quantized) == ("w8a8_dynamic", True, reason, False)
+    down_f = {g.name: g for g in plan_layer(fm, 0, QuantConfig(fallback="float"))}["down"]
+    assert (down_f.scheme, down_f.skip_reason) == ("float", reason)
+    with caplog.at_level("WARNING", logger="flatquant_lab.calibrate"):
+        model = quantize(copy.deepcopy(fm), QuantConfig(method="rtn"))
+    rep = model.flatquant_report
+    names = [f"model.layers.{i}.mlp.down_proj" for i in range(2)]
+    assert rep["fallbacks"] == {n: reason for n in names}
+    assert set(rep["skipped"]) == {"lm_head"}
+    warned = [r.getMessage() for r in caplog.records if "FlatQuant cannot serve" in r.getMessage()]
+    assert len(warned) == 1 and all(n in warned[0] for n in names) and "w8a8_dynamic" in warned[0]  # once
+    for layer in decoder_layers(model):
+        assert type(layer.mlp.down_proj) is W8A8DynamicLinear
+        assert type(layer.mlp.up_proj) is W4A4FlatQuantLinear
+    assert torch.isfinite(logits(model)).all() and rel(logits(model), logits(fm)) < 1.0
+    floats = quantize(copy.deepcopy(fm), QuantConfig(method="rtn", fallback="float"))
+    assert set(floats.flatquant_report["skipped"]) == {*names, "lm_head"}
+    assert all(type(layer.mlp.down_proj) is nn.Linear for layer in decoder_layers(floats))
+
+
+# ------------------------------------------------------------------ calibrate with the msModelSlim recipe
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_msmodelslim_recipe_builds_w8a8_on_o_and_down(model_type):
+    fm = tiny_model(model_type)
+    model = quantize(copy.deepcopy(fm), QuantConfig(recipe="msmodelslim", epochs=1, **BUDGET), CALIB)
+    for layer in decoder_layers(model):
+        for n in LINEAR_NAMES:
+            want = W8A8DynamicLinear if n in ("self_attn.o_proj", "mlp.down_proj") else W4A4FlatQuantLinear
+            assert type(layer.get_submodule(n)) is want, n
+    schemes = model.flatquant_report["schemes"]
+    assert schemes["model.layers.1.mlp.down_proj"] == "w8a8_dynamic"
+    assert schemes["model.layers.1.mlp.gate_proj"] == "w4a4_flatquant"
+    assert set(model.flatquant_report["skipped"]) == {"lm_head"}
+    assert set(model.flatquant_report["layers"][0]["clip_ratios"]) == {"attn", "mlp"}  # no transform on o/down
+    err = rel(logits(model), logits(fm))
+    w4 = quantize(copy.deepcopy(fm), QuantConfig(epochs=1, **BUDGET), CALIB)
+    assert err < rel(logits(w4), logits(fm)), "int8 on o/down should be closer to float than int4 everywhere"
+
+
+def test_w8a8_gptq_weights_come_from_the_layer_inputs(monkeypatch):
+    fm = tiny_model("llama")
+    seen = []
+    real = W8A8DynamicLinear.from_float.__func__
+
+    def spy(cls, linear, weights="rtn", hessian=None, **kw):
+        seen.append((weights, None if hessian is None else tuple(hessian.shape)))
+        return real(cls, linear, weights=weights, hessian=hessian, **kw)
+
+    monkeypatch.setattr(W8A8DynamicLinear, "from_float", classmethod(spy))
+    cfg = QuantConfig(method="rtn", weight_quantizer="gptq", recipe="msmodelslim", samples=8, seqlen=32, batch_size=4)
+    model = quantize(copy.deepcopy(fm), cfg, CALIB)
+    # o_proj's input is [.., 64] (4 heads x 16), down_proj's [.., 128]; two layers
+    assert seen == [("gptq", (64, 64)), ("gptq", (128, 128))] * 2
+    rtn = quantize(copy.deepcopy(fm), QuantConfig(method="rtn", recipe="msmodelslim"))
+    o_g = decoder_layers(model)[0].self_attn.o_proj
+    o_r = decoder_layers(rtn)[0].self_attn.o_proj
+    assert torch.equal(o_g.weight_scale, o_r.weight_scale) and not torch.equal(o_g.weight_int, o_r.weight_int)
+
+
+# ------------------------------------------------------------------ the CLI
+def test_quantize_cli_recipe(tmp_path, capsys):
+    import json
+
+    from test_calibration import _write_tiny_model_dir
+
+    from flatquant_lab.cli import main
+    from flatquant_lab.io import DESCRIPTION_FILE, load_quantized
+
+    fm = tiny_model("llama")
+    src = tmp_path / "tiny"
+    _write_tiny_model_dir(src, fm)
+    out = tmp_path / "mix"
+    assert main(["quantize", "--model", str(src), "--method", "rtn", "--recipe", "msmodelslim", "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert set(printed["kept_float"]) == {"lm_head"} and printed["fallbacks"] == {}
+    desc = json.loads((out / DESCRIPTION_FILE).read_text())
+    assert desc["model.layers.0.mlp.down_proj.weight"] == "W8A8_DYNAMIC"
+    assert desc["model.layers.0.mlp.up_proj.weight"] == "W4A4_FLATQUANT_DYNAMIC"
+    assert type(load_quantized(out).model.layers[1].self_attn.o_proj) is W8A8DynamicLinear
+    # a JSON mapping; the fused q/k/v all float
+    out2 = tmp_path / "map"
+    assert main(["quantize", "--model", str(src), "--method", "rtn", "--out", str(out2), "--recipe",
+                 '{"*.self_attn.[qkv]_proj": "float", "*": "w4a4_flatquant"}']) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert set(printed["kept_float"]) == {f"model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "qkv"} | {
+        "lm_head"}
+    with pytest.raises(SystemExit):
+        main(["quantize", "--model", str(src), "--out", str(tmp_path / "x"), "--recipe", "w8a8"])
+    assert "expected a preset (w4a4, msmodelslim)" in capsys.readouterr().err
