@@ -481,7 +481,7 @@ def test_a_registered_backend_runs_every_op(registered):
     w = torch.zeros(2, 8, dtype=torch.int32)
     packed = ops.convert_weight_to_int4pack(w, backend="counting")
     ops.quant_matmul(packed, packed.t(), torch.ones(2), output_dtype=torch.float16, backend="counting")
-    ops.dynamic_quant(torch.ones(2, 8), backend="counting")
+    ops.dynamic_quant(torch.ones(2, 8, dtype=torch.float16), backend="counting")
     assert sorted(calls) == sorted(ops.OPS) and len(calls) == 4
 
 
