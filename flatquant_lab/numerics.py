@@ -27,7 +27,7 @@ from torch import nn
 from . import ops
 from .dtypes import dtype_name
 from .kronecker import fold_weight, kron_apply
-from .layers import W4A4FlatQuantLinear
+from .layers import W4A4FlatQuantLinear, W8A8DynamicLinear
 from .packing import INT4_MAX, INT4_MIN, offset8_to_npu, pack_int4, unpack_int4
 
 PARTS = ("scale", "codes", "pack", "product", "output")
@@ -92,24 +92,21 @@ class PartCheck:
     reason: str = ""  # one line, "" when the part passed
 
 
-@dataclass
-class LinearReport:
-    """What :func:`check_linear` found; ``table()`` renders it, ``to_dict()`` is JSON-ready."""
+@dataclass(kw_only=True)
+class CheckReport:
+    """What a layer check found (:class:`LinearReport`, :class:`W8A8Report`); ``table()`` renders it,
+    ``to_dict()`` is JSON-ready."""
 
     in_features: int
     out_features: int
     tokens: int
-    n1: int
-    n2: int
     act_dtype: str
-    clip_ratio: float
     backend: str
     has_bias: bool
     passed: bool  # THE verdict: every part in ``parts`` passed
-    failed_part: str | None  # the first failing part, in PARTS order
+    failed_part: str | None  # the first failing part, in the check's part order
     reason: str  # why it failed, with where and both values ("" when passed)
     parts: list[PartCheck]
-    probe_clip_ratios: list[float]  # clip ratios npu_kronecker_quant was checked at
     # codes that differ from the reference by one step at a rounding tie (tolerated, bounded)
     tie_codes: int
     tie_code_share: float  # ... of all codes checked
@@ -119,7 +116,7 @@ class LinearReport:
     # the layer's forward against the exact result of the backend's own codes and scales
     max_abs_diff_ref: float
     max_err_ulps: float  # |y - y_ref| / (ulp(z) [+ ulp(y_ref) with a bias]), output dtype: about 1/2
-    # int4 path vs the float layer (None without float_linear); not part of the verdict
+    # the quantized path vs the float layer (None without float_linear); not part of the verdict
     sqnr_db: float | None = None
     cosine: float | None = None
     rel_err: float | None = None
@@ -127,10 +124,9 @@ class LinearReport:
     worst_token: int | None = None
     worst_token_err: float | None = None  # ||y_int - y_fp|| of that token (L2)
     worst_token_rel_err: float | None = None
-    # transform reconstruction at full precision (None without float_linear)
-    transform_rel_err: float | None = None
-    transform_max_abs_err: float | None = None
     notes: list[str] = field(default_factory=list)
+
+    _path = "quantized path"  # how the table names what is compared with the float layer
 
     @property
     def bound_ok(self) -> bool:
@@ -141,23 +137,27 @@ class LinearReport:
         for p in self.parts:
             if p.part == name:
                 return p
-        raise ValueError(f"name: expected one of {', '.join(PARTS)}, got {name!r}")
+        raise ValueError(f"name: expected one of {', '.join(p.part for p in self.parts)}, got {name!r}")
 
     def to_dict(self) -> dict:
         return _json_float(asdict(self))
 
-    def table(self) -> str:
-        def fmt(v, spec=".4g"):
-            if v is None:
-                return "n/a"
-            if isinstance(v, float):
-                return format(v, spec)
-            return str(v)
+    def _layer_row(self) -> str:
+        """The ``layer`` row of the table."""
+        return f"{self.out_features} x {self.in_features}, {self.act_dtype}, bias {'yes' if self.has_bias else 'no'}"
 
+    def _probe_rows(self) -> list[tuple[str, str]]:
+        """Rows after the tie count: what else the ops were run on."""
+        return []
+
+    def _tail_rows(self) -> list[tuple[str, str]]:
+        """Rows at the end of the table."""
+        return []
+
+    def table(self) -> str:
         verdict = "PASSED" if self.passed else f"FAILED ({self.failed_part}): {self.reason}"
         rows = [
-            ("layer", f"{self.out_features} x {self.in_features}, kron {self.n1} x {self.n2}, "
-                      f"{self.act_dtype}, clip_ratio {self.clip_ratio:.4g}, bias {'yes' if self.has_bias else 'no'}"),
+            ("layer", self._layer_row()),
             ("tokens / backend", f"{self.tokens} / {self.backend}"),
             ("verdict", verdict),
             ("-- backend vs reference, op by op", ""),
@@ -168,26 +168,79 @@ class LinearReport:
         rows += [
             ("codes differing at a tie", f"{self.tie_codes} ({self.tie_code_share:.3g} of all codes; "
              f"{self.near_tie_codes} codes near a tie, bound {self.tie_share_bound:.3g} of those)"),
-            ("kronecker_quant clip ratios", ", ".join(f"{r:g}" for r in self.probe_clip_ratios)),
-            ("max |y - y_ref| (layer forward)", fmt(self.max_abs_diff_ref)),
-            ("max error in output ulps", fmt(self.max_err_ulps, ".3f")),
-            ("-- int4 path vs float layer (information)", ""),
-            ("SQNR (dB)", fmt(self.sqnr_db, ".2f")),
-            ("cosine similarity", fmt(self.cosine, ".6f")),
-            ("relative error (Frobenius)", fmt(self.rel_err)),
-            ("max abs error", fmt(self.max_abs_err)),
+            *self._probe_rows(),
+            ("max |y - y_ref| (layer forward)", _fmt(self.max_abs_diff_ref)),
+            ("max error in output ulps", _fmt(self.max_err_ulps, ".3f")),
+            (f"-- {self._path} vs float layer (information)", ""),
+            ("SQNR (dB)", _fmt(self.sqnr_db, ".2f")),
+            ("cosine similarity", _fmt(self.cosine, ".6f")),
+            ("relative error (Frobenius)", _fmt(self.rel_err)),
+            ("max abs error", _fmt(self.max_abs_err)),
             ("worst token", "n/a" if self.worst_token is None else
              f"#{self.worst_token}: L2 error {self.worst_token_err:.4g} (relative {self.worst_token_rel_err:.4g})"),
-            ("-- transform at full precision (float64)", ""),
-            ("relative reconstruction error", fmt(self.transform_rel_err)),
-            ("max abs reconstruction error", fmt(self.transform_max_abs_err)),
+            *self._tail_rows(),
         ]
         width = max(len(k) for k, _ in rows)
         lines = [f"{k:<{width}}  {v}" if v else k for k, v in rows]
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
-    __str__ = table
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _fmt(v, spec=".4g") -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return format(v, spec)
+    return str(v)
+
+
+@dataclass(kw_only=True)
+class LinearReport(CheckReport):
+    """What :func:`check_linear` found (W4A4 FlatQuant): the shared fields, the Kronecker factors, the
+    clip ratios probed and the transform's full-precision reconstruction."""
+
+    n1: int
+    n2: int
+    clip_ratio: float
+    probe_clip_ratios: list[float]  # clip ratios npu_kronecker_quant was checked at
+    # transform reconstruction at full precision (None without float_linear)
+    transform_rel_err: float | None = None
+    transform_max_abs_err: float | None = None
+
+    _path = "int4 path"
+
+    def _layer_row(self) -> str:
+        return (f"{self.out_features} x {self.in_features}, kron {self.n1} x {self.n2}, {self.act_dtype}, "
+                f"clip_ratio {self.clip_ratio:.4g}, bias {'yes' if self.has_bias else 'no'}")
+
+    def _probe_rows(self) -> list[tuple[str, str]]:
+        return [("kronecker_quant clip ratios", ", ".join(f"{r:g}" for r in self.probe_clip_ratios))]
+
+    def _tail_rows(self) -> list[tuple[str, str]]:
+        return [("-- transform at full precision (float64)", ""),
+                ("relative reconstruction error", _fmt(self.transform_rel_err)),
+                ("max abs reconstruction error", _fmt(self.transform_max_abs_err))]
+
+
+@dataclass(kw_only=True)
+class W8A8Report(CheckReport):
+    """What :func:`check_linear_w8a8` found (W8A8_DYNAMIC): the shared fields, the dtype of the weight
+    scale the layer runs, and the probes the ops were also run on."""
+
+    weight_scale_dtype: str  # the dtype the layer hands its (model-dtype rounded) weight scale to quant_matmul in
+    tie_probe_tokens: int  # dynamic_quant also ran on these tokens, whose every code sits on an exact tie
+
+    _path = "int8 path"
+
+    def _layer_row(self) -> str:
+        return (f"{self.out_features} x {self.in_features}, W8A8_DYNAMIC, {self.act_dtype}, weight scale "
+                f"{self.weight_scale_dtype}, bias {'yes' if self.has_bias else 'no'}")
+
+    def _probe_rows(self) -> list[tuple[str, str]]:
+        return [("dynamic_quant tie probe", f"{self.tie_probe_tokens} tokens, max|x| = 127 * 2^j (exact ties)")]
 
 
 @dataclass
@@ -220,9 +273,11 @@ class SweepResult:
 
 
 # ---------------------------------------------------------------------------------------- checks
-def _check_inputs(qlinear, x, float_linear, name: str = "float_linear") -> None:
-    if not isinstance(qlinear, W4A4FlatQuantLinear):
-        raise ValueError(f"qlinear: expected a W4A4FlatQuantLinear, got {type(qlinear).__name__}")
+def _check_inputs(qlinear, x, float_linear, name: str = "float_linear", layer_cls: type = W4A4FlatQuantLinear) -> None:
+    if not isinstance(qlinear, layer_cls):
+        hint = (" (a W8A8_DYNAMIC layer: use check_linear_w8a8)" if isinstance(qlinear, W8A8DynamicLinear)
+                and layer_cls is W4A4FlatQuantLinear else "")
+        raise ValueError(f"qlinear: expected a {layer_cls.__name__}, got {type(qlinear).__name__}{hint}")
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise ValueError(f"x: expected a float tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     if x.dim() == 0 or x.shape[-1] != qlinear.in_features:
@@ -297,43 +352,64 @@ def _check_kronecker(qlinear, x_act, c: float, backend: str, tie_ulps: float, ti
         fail = PartCheck("codes", False, reason=why + at)
         return PartCheck("scale", False, reason=why + at), fail, (0, 0, 0), tr, None, None
     # scales: equal up to one fp32 ulp (SPEC section 3: (m * c) / 7 in fp32, two roundings)
-    s_ref = tr.scale
-    bad = ~((s_b.double() - s_ref.double()).abs() <= ulp(s_ref, torch.float32))  # a NaN is bad too
-    if bool(bad.any()):
-        scale = _first_bad("scale", bad[:, None], s_b[:, None], s_ref[:, None], "per-token scales")
-        scale.reason = (f"{scale.mismatches} of {t_count} per-token scales differ from the reference by more than "
-                        f"one fp32 ulp; first at token {scale.token}: backend {scale.backend_value:.9g}, "
-                        f"reference {scale.reference_value:.9g} (ratio "
-                        f"{scale.backend_value / scale.reference_value if scale.reference_value else math.nan:.9g})"
-                        + at)
-    else:
-        scale = PartCheck("scale", True, t_count)
+    scale = _compare_scales(s_b, tr.scale, at)
     # codes: equal, or one step across a tie the device may see from the other side
     q_b = unpack_int4(out).reshape(t_count, k).to(torch.int16)
     q_ref = tr.q.to(torch.int16)
     t = tr.t.double()
+    window = tie_ulps * (tr.mult.double()[:, None] * ulp(tr.b, torch.float16)
+                         + ulp(torch.floor(t) + 0.5, torch.float16))
+    codes, n_flip, n_near = _compare_codes(q_b, q_ref, t, window, (INT4_MIN, INT4_MAX), tie_share, "int4", at)
+    if not codes.passed and "away from a rounding tie" in codes.reason:
+        if float((_from_offset8(q_b) == q_ref).double().mean()) > 0.99:
+            codes.reason += ("; read as the offset-8 layout (nibble v + 8) they match: the backend packs in the "
+                             "offset-8 layout, not the NPU layout (SPEC section 4)")
+    return scale, codes, (n_flip, n_near, q_ref.numel()), tr, q_b, s_b
+
+
+def _compare_scales(s_b: torch.Tensor, s_ref: torch.Tensor, at: str, free: torch.Tensor | None = None) -> PartCheck:
+    """Per-token scales: ``|s_b - s_ref| <= ulp_fp32(s_ref)``; a token in ``free`` takes any finite scale >= 0."""
+    t_count = s_ref.shape[0]
+    ok = (s_b.double() - s_ref.double()).abs() <= ulp(s_ref, torch.float32)  # a NaN is not ok
+    if free is not None:
+        ok = ok | (free & torch.isfinite(s_b) & (s_b >= 0))
+    bad = ~ok
+    if not bool(bad.any()):
+        return PartCheck("scale", True, t_count)
+    c = _first_bad("scale", bad[:, None], s_b[:, None], s_ref[:, None], "per-token scales")
+    ratio = c.backend_value / c.reference_value if c.reference_value else math.nan
+    c.reason = (f"{c.mismatches} of {t_count} per-token scales differ from the reference by more than one fp32 ulp; "
+                f"first at token {c.token}: backend {c.backend_value:.9g}, reference {c.reference_value:.9g} "
+                f"(ratio {ratio:.9g})" + at)
+    return c
+
+
+def _compare_codes(q_b, q_ref, t, window, qrange: tuple, tie_share: float, bits: str, at: str):
+    """``(PartCheck, tie flips, codes near a tie)``: codes ``q_b`` against ``q_ref`` (int16 ``[T, K]``).
+
+    A code may differ only by one step to the other side of the tie ``h = floor(t) + 1/2`` nearest the
+    reference's value before rounding ``t``, when ``|t - h| <= window``; at most ``tie_share`` of the
+    codes inside the window (and at least one) may do so.
+    """
+    t_count = q_ref.shape[0]
     h = torch.floor(t) + 0.5  # the nearest half-integer
-    window = tie_ulps * (tr.mult.double()[:, None] * ulp(tr.b, torch.float16) + ulp(h, torch.float16))
     near = (t - h).abs() <= window
-    lo = torch.floor(h).clamp(INT4_MIN, INT4_MAX).to(torch.int16)
-    hi = (torch.floor(h) + 1).clamp(INT4_MIN, INT4_MAX).to(torch.int16)
+    lo = torch.floor(h).clamp(*qrange).to(torch.int16)
+    hi = (torch.floor(h) + 1).clamp(*qrange).to(torch.int16)
     differ = q_b != q_ref
     flip = differ & near & (((q_ref == lo) & (q_b == hi)) | ((q_ref == hi) & (q_b == lo)))
     bad = differ & ~flip
     n_near, n_flip = int(near.sum()), int(flip.sum())
     allowed = max(1, math.floor(tie_share * n_near)) if tie_share > 0 else 0
     if bool(bad.any()):
-        codes = _first_bad("codes", bad, q_b, q_ref, "int4 codes")
-        codes.reason = (f"{codes.mismatches} int4 codes in {int(bad.any(dim=1).sum())} of {t_count} tokens differ from "
-                        f"the reference away from a rounding tie; first at token {codes.token}, code {codes.index}: "
-                        f"backend {codes.backend_value:g}, reference {codes.reference_value:g} (reference value "
-                        f"before rounding {float(t[codes.token, codes.index]):.6g})" + at)
-        if float((_from_offset8(q_b) == q_ref).double().mean()) > 0.99:
-            codes.reason += ("; read as the offset-8 layout (nibble v + 8) they match: the backend packs in the "
-                             "offset-8 layout, not the NPU layout (SPEC section 4)")
+        codes = _first_bad("codes", bad, q_b, q_ref, f"{bits} codes")
+        codes.reason = (f"{codes.mismatches} {bits} codes in {int(bad.any(dim=1).sum())} of {t_count} tokens differ "
+                        f"from the reference away from a rounding tie; first at token {codes.token}, code "
+                        f"{codes.index}: backend {codes.backend_value:g}, reference {codes.reference_value:g} "
+                        f"(reference value before rounding {float(t[codes.token, codes.index]):.6g})" + at)
     elif n_flip > allowed:
-        codes = _first_bad("codes", flip, q_b, q_ref, "int4 codes")
-        codes.reason = (f"{n_flip} int4 codes differ by one step at a rounding tie, {n_flip / n_near:.1%} of the "
+        codes = _first_bad("codes", flip, q_b, q_ref, f"{bits} codes")
+        codes.reason = (f"{n_flip} {bits} codes differ by one step at a rounding tie, {n_flip / n_near:.1%} of the "
                         f"{n_near} codes within the tie window (at most {allowed} allowed): a systematic rounding "
                         f"difference (a tie rule other than half to even, another intermediate precision); first at "
                         f"token {codes.token}, code {codes.index}: backend {codes.backend_value:g}, reference "
@@ -341,7 +417,7 @@ def _check_kronecker(qlinear, x_act, c: float, backend: str, tie_ulps: float, ti
                         f"{float(t[codes.token, codes.index]):.6g})" + at)
     else:
         codes = PartCheck("codes", True, q_ref.numel())
-    return scale, codes, (n_flip, n_near, q_ref.numel()), tr, q_b, s_b
+    return codes, n_flip, n_near
 
 
 def _pack_probe() -> torch.Tensor:
@@ -374,10 +450,10 @@ def _check_pack(qlinear, backend: str) -> PartCheck:
     return _merge("pack", checks)
 
 
-def _exact_acc(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def _exact_acc(a: torch.Tensor, w: torch.Tensor, gemm_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``acc[i, j] = sum_k a[i, k] w[j, k]`` in float64, exact: an fp32 GEMM of int4 values is exact
-    while |acc| <= 64 K < 2^24 (SPEC section 5)."""
-    return (a.float() @ w.float().T).double()
+    while |acc| <= 64 K < 2^24 (SPEC section 5); int8 values take a float64 GEMM (|acc| <= 2^14 K < 2^53)."""
+    return (a.to(gemm_dtype) @ w.to(gemm_dtype).T).double()
 
 
 def _check_product(qlinear, q_ref: torch.Tensor, backend: str) -> PartCheck:
@@ -395,9 +471,7 @@ def _check_product(qlinear, q_ref: torch.Tensor, backend: str) -> PartCheck:
     for label, a, w, x2 in (("layer", q_ref, qlinear.weight_int.cpu(), qlinear.weight_packed.t()),
                             ("probe", probe_a, probe_w, pack_int4(probe_w).to(device).t())):
         acc = _exact_acc(a, w)
-        top = float(acc.abs().max())
-        shift = max(0, math.ceil(math.log2(top)) - 15) if top > 0 else 0  # keep |y| <= 2^15 < fp16 max
-        unit = 2.0**-shift  # a power of two: acc * unit is exact in fp32
+        unit = _unit_scale(acc)
         scale = torch.full((w.shape[0],), unit, dtype=torch.float32, device=device)
         ones = torch.ones(a.shape[0], dtype=torch.float32, device=device)
         y = ops.quant_matmul(pack_int4(a).to(device), x2, scale, pertoken_scale=ones, output_dtype=torch.float16,
@@ -405,29 +479,43 @@ def _check_product(qlinear, q_ref: torch.Tensor, backend: str) -> PartCheck:
         why = _malformed(y, f"quant_matmul ({label})", (a.shape[0], w.shape[0]), torch.float16)
         if why:
             return PartCheck("product", False, reason=why)
-        want = (acc * unit).float().half()  # exact in fp32, one rounding to fp16
-        y = y.cpu()
-        bad = ~(y == want)
-        if not bool(bad.any()):
-            checks.append(PartCheck("product", True, want.numel()))
-            continue
-        c = _first_bad("product", bad, y.double() / unit, want.double() / unit, "integer products")
-        c.reason = (f"quant_matmul ({label}, unit scales): {c.mismatches} of {want.numel()} integer products differ "
-                    f"from the exact int32 sum; first at row {c.token}, column {c.index}: backend "
-                    f"{c.backend_value:.9g}, reference {c.reference_value:.9g} (the exact sum "
-                    f"{float(acc[c.token, c.index]):.0f} rounded to fp16)")
-        checks.append(c)
+        checks.append(_compare_unit_product(label, y.cpu(), acc, unit))
     return _merge("product", checks)
 
 
-def _interval(z: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _unit_scale(acc: torch.Tensor) -> float:
+    """A power of two ``2^-s`` with ``|acc| 2^-s <= 2^15`` (below fp16's max); exact as a scale."""
+    top = float(acc.abs().max())
+    return 2.0**-(max(0, math.ceil(math.log2(top)) - 15) if top > 0 else 0)
+
+
+def _compare_unit_product(label: str, y: torch.Tensor, acc: torch.Tensor, unit: float) -> PartCheck:
+    """``y == round_fp16(fl32(acc) * unit)``: the product at unit scales (fp32 holds ``acc`` up to 2^24)."""
+    want = (acc.float() * unit).half()  # the int32 -> fp32 conversion, an exact scaling, one rounding to fp16
+    bad = ~(y == want)
+    if not bool(bad.any()):
+        return PartCheck("product", True, want.numel())
+    c = _first_bad("product", bad, y.double() / unit, want.double() / unit, "integer products")
+    c.reason = (f"quant_matmul ({label}, unit scales): {c.mismatches} of {want.numel()} integer products differ "
+                f"from the exact int32 sum; first at row {c.token}, column {c.index}: backend "
+                f"{c.backend_value:.9g}, reference {c.reference_value:.9g} (the exact sum "
+                f"{float(acc[c.token, c.index]):.0f} rounded to fp16)")
+    return c
+
+
+def _interval(z: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The outputs in ``dtype`` an fp32 epilogue within ``FP32_EPILOGUE_REL`` of exact ``z`` can give.
 
-    ``[round(z_lo), round(z_hi)]``, ``z_lo, z_hi = z (1 -+ 2^-22)`` taken to fp32 outwards: rounding is
-    monotone, so any fp32 value between them rounds into this range.
+    ``[round(v_lo), round(v_hi)]``, ``v = z + bias -+ (|z| 2^-22 + |z + bias| 2^-23)`` taken to fp32 outwards
+    (the second term, for the bias added in fp32: one more fp32 rounding, with a factor of two; absent
+    without a bias): rounding is monotone, so any fp32 value between them rounds into this range.
     """
-    a, b = z * (1 - FP32_EPILOGUE_REL), z * (1 + FP32_EPILOGUE_REL)
-    lo, hi = torch.minimum(a, b), torch.maximum(a, b)
+    radius = z.abs() * FP32_EPILOGUE_REL
+    centre = z
+    if bias is not None:
+        centre = z + bias.detach().cpu().double()
+        radius = radius + centre.abs() * 2.0**-23
+    lo, hi = centre - radius, centre + radius
     lo32, hi32 = lo.float(), hi.float()
     lo32 = torch.where(lo32.double() > lo, torch.nextafter(lo32, torch.tensor(-math.inf)), lo32)
     hi32 = torch.where(hi32.double() < hi, torch.nextafter(hi32, torch.tensor(math.inf)), hi32)
@@ -571,27 +659,33 @@ def check_linear(qlinear: W4A4FlatQuantLinear, x: torch.Tensor, float_linear: nn
 def _float_comparison(qlinear, x2, y_int, float_linear) -> dict:
     """Against the float layer (SQNR, cosine, worst token) and the transform alone in float64."""
     w = float_linear.weight.detach().cpu().double()
-    fb = float_linear.bias.detach().cpu().double() if float_linear.bias is not None else None
     xf = x2.detach().cpu().double()
     y_plain = xf @ w.T
+    out = _float_metrics(y_int, float_linear, y_plain)
+    # the transform alone: exact algebra, so only float64 rounding remains
+    lt, rt = qlinear.left_trans.cpu().double(), qlinear.right_trans.cpu().double()
+    y_tr = kron_apply(xf, lt, rt) @ fold_weight(w, lt, rt).T
+    plain_norm = float(y_plain.norm())
+    out.update(transform_rel_err=float((y_tr - y_plain).norm()) / plain_norm if plain_norm > 0 else 0.0,
+               transform_max_abs_err=float((y_tr - y_plain).abs().max()))
+    return out
+
+
+def _float_metrics(y_int: torch.Tensor, float_linear: nn.Linear, y_plain: torch.Tensor) -> dict:
+    """SQNR, cosine, relative and worst-token error of ``y_int`` against ``y_plain (+ float_linear.bias)``, float64."""
+    fb = float_linear.bias.detach().cpu().double() if float_linear.bias is not None else None
     y_fp = y_plain + fb if fb is not None else y_plain
     err = y_int - y_fp
     tok_err = err.norm(dim=1)
     worst = int(tok_err.argmax())
     ref_norm = float(y_fp.norm())
     tok_norm = float(y_fp[worst].norm())
-    # the transform alone: exact algebra, so only float64 rounding remains
-    lt, rt = qlinear.left_trans.cpu().double(), qlinear.right_trans.cpu().double()
-    y_tr = kron_apply(xf, lt, rt) @ fold_weight(w, lt, rt).T
-    plain_norm = float(y_plain.norm())
     return dict(
         sqnr_db=_sqnr_db(y_fp, err),
         cosine=float(torch.nn.functional.cosine_similarity(y_int.flatten(), y_fp.flatten(), dim=0)),
         rel_err=float(err.norm()) / ref_norm if ref_norm > 0 else math.inf,
         max_abs_err=float(err.abs().max()), worst_token=worst, worst_token_err=float(tok_err[worst]),
         worst_token_rel_err=float(tok_err[worst]) / tok_norm if tok_norm > 0 else math.inf,
-        transform_rel_err=float((y_tr - y_plain).norm()) / plain_norm if plain_norm > 0 else 0.0,
-        transform_max_abs_err=float((y_tr - y_plain).abs().max()),
     )
 
 
