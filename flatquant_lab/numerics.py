@@ -592,7 +592,9 @@ def _report_fields(parts: list[PartCheck], ties, notes: list[str], tie_share: fl
     failed = next((p for p in parts if not p.passed), None)
     n_flip, n_near, n_codes = ties
     if n_flip:
-        notes.append(f"{n_flip} code(s) differ from the reference by one step at a rounding tie (allowed)")
+        over = any(p.part == "codes" and not p.passed for p in parts)
+        notes.append(f"{n_flip} code(s) differ from the reference by one step at a rounding tie "
+                     f"({'more than the bound allows' if over else 'allowed'})")
     return dict(passed=failed is None, failed_part=failed.part if failed else None,
                 reason=failed.reason if failed else "", parts=parts, tie_codes=n_flip,
                 tie_code_share=n_flip / n_codes if n_codes else 0.0, near_tie_codes=n_near,
@@ -882,7 +884,8 @@ def check_linear_w8a8(qlinear: W8A8DynamicLinear, x: torch.Tensor, float_linear:
     notes: list[str] = []
     with torch.no_grad():
         scale, codes, ties, tr, q_b, s_b = _check_dynamic(x_act, backend, tie_ulps, tie_share, "")
-        p_scale, p_codes, p_ties, _, _, _ = _check_dynamic(probe, backend, tie_ulps, tie_share, " (tie probe)")
+        p_scale, p_codes, p_ties, _, _, _ = _check_dynamic(probe, backend, tie_ulps, tie_share,
+                                                       " (in the tie probe; its tokens are numbered from 0)")
         parts = [_merge("scale", [scale, p_scale]), _merge("codes", [codes, p_codes]),
                  _check_product_int8(qlinear, tr.q, backend)]
         output, y_int, max_diff, err_ulps = _check_output_int8(qlinear, x_act, tr, q_b, s_b, backend)
