@@ -564,27 +564,38 @@ def _check_output(qlinear, x_act, q_ref, s_ref, q_b, s_b, backend: str):
         lo, hi = lo + bias, hi + bias  # the layer adds the bias in the output dtype; rounding is monotone
         y_ref = z + bias.double()
         budget = budget + ulp(y_ref, act)
-    bad = _outside(y_layer, lo, hi)
     diff = (y_layer.double() - y_ref).abs()
-    err_ulps = float((diff / budget).max())
-    if bool(bad.any()):
-        c = _first_bad("output", bad, y_layer, y_ref, "outputs")
-        c.reason = (f"the layer's forward: {c.mismatches} of {bad.numel()} outputs lie outside one {dtype_name(act)} "
-                    f"rounding of the exact result of the backend's own codes and scales; first at token {c.token}, "
-                    f"column {c.index}: backend {c.backend_value:.6g}, reference {c.reference_value:.6g}")
-        checks.append(c)
-    else:
-        checks.append(PartCheck("output", True, bad.numel()))
-    return _merge("output", checks), y_layer, float(diff.max()), err_ulps
+    checks.append(_check_forward(y_layer, lo, hi, y_ref, act))
+    return _merge("output", checks), y_layer, float(diff.max()), float((diff / budget).max())
 
 
-def _check_tie_params(tie_ulps, tie_share) -> tuple[float, float]:
+def _check_forward(y_layer: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, y_ref: torch.Tensor,
+                   act: torch.dtype) -> PartCheck:
+    """The layer's forward ``y_layer`` inside ``[lo, hi]``, the roundings of the exact result ``y_ref`` of
+    the backend's own codes and scales."""
+    bad = _outside(y_layer, lo, hi)
+    if not bool(bad.any()):
+        return PartCheck("output", True, bad.numel())
+    c = _first_bad("output", bad, y_layer, y_ref, "outputs")
+    c.reason = (f"the layer's forward: {c.mismatches} of {bad.numel()} outputs lie outside one {dtype_name(act)} "
+                f"rounding of the exact result of the backend's own codes and scales; first at token {c.token}, "
+                f"column {c.index}: backend {c.backend_value:.6g}, reference {c.reference_value:.6g}")
+    return c
+
+
+def _prepare(qlinear, x, float_linear, layer_cls: type, weight_attr: str, tie_ulps, tie_share):
+    """Validated inputs: ``(tie_ulps, tie_share, backend, x as [T, K], x in the act dtype on the weight's device)``."""
+    _check_inputs(qlinear, x, float_linear, layer_cls=layer_cls)
+    weight = getattr(qlinear, weight_attr)
     tie_ulps, tie_share = float(tie_ulps), float(tie_share)
     if not math.isfinite(tie_ulps) or tie_ulps < 0:
         raise ValueError(f"tie_ulps: expected a finite float >= 0, got {tie_ulps}")
     if not 0.0 <= tie_share <= 1.0:
         raise ValueError(f"tie_share: expected a float in [0, 1], got {tie_share}")
-    return tie_ulps, tie_share
+    backend = ops.resolve_backend(qlinear.backend, weight)
+    x2 = x.reshape(-1, qlinear.in_features)
+    x_act = x2.to(device=weight.device, dtype=qlinear.act_dtype).contiguous()
+    return tie_ulps, tie_share, backend, x2, x_act
 
 
 def _report_fields(parts: list[PartCheck], ties, notes: list[str], tie_share: float, tie_ulps: float) -> dict:
@@ -633,13 +644,10 @@ def check_linear(qlinear: W4A4FlatQuantLinear, x: torch.Tensor, float_linear: nn
     the latter and over 100 times above the former. A scale that differs by more than one fp32 ulp
     fails outright: ``m = max|b|`` would have to differ, and no such token was seen in those runs.
     """
-    _check_inputs(qlinear, x, float_linear)
-    tie_ulps, tie_share = _check_tie_params(tie_ulps, tie_share)
+    tie_ulps, tie_share, backend, x2, x_act = _prepare(qlinear, x, float_linear, W4A4FlatQuantLinear,
+                                                       "weight_packed", tie_ulps, tie_share)
     act = qlinear.act_dtype
     k, o = qlinear.in_features, qlinear.out_features
-    backend = ops.resolve_backend(qlinear.backend, qlinear.weight_packed)
-    x2 = x.reshape(-1, k)
-    x_act = x2.to(device=qlinear.weight_packed.device, dtype=act).contiguous()
     t = x_act.shape[0]
     c = float(qlinear.clip_ratio.item())
     ratios = [c] + ([PROBE_CLIP_RATIO] if c == 1.0 else [])
@@ -823,18 +831,10 @@ def _check_output_int8(qlinear, x_act, tr, q_b, s_b, backend: str):
     z = _exact_acc(q_b, qlinear.weight_int.cpu(), torch.float64) * s_run.double()[None, :] * s_b.double()[:, None]
     y_ref = z if bias is None else z + bias.double()
     lo, hi = _interval(z, act, bias)
-    bad = _outside(y_layer, lo, hi)
     diff = (y_layer.double() - y_ref).abs()
-    err_ulps = float((diff / ulp(y_ref, act)).max())
-    if bool(bad.any()):
-        c = _first_bad("output", bad, y_layer, y_ref, "outputs")
-        c.reason = (f"the layer's forward: {c.mismatches} of {bad.numel()} outputs lie outside one {dtype_name(act)} "
-                    f"rounding of the exact result of the backend's own codes and scales; first at token {c.token}, "
-                    f"column {c.index}: backend {c.backend_value:.6g}, reference {c.reference_value:.6g}")
-        checks.append(c)
-    else:
-        checks.append(PartCheck("output", True, bad.numel()))
-    return _merge("output", checks), y_layer, float(diff.max()), err_ulps
+    checks.append(_check_forward(y_layer, lo, hi, y_ref, act))
+    # one rounding of z + bias (in fp32) to the output dtype: about half an ulp
+    return _merge("output", checks), y_layer, float(diff.max()), float((diff / ulp(y_ref, act)).max())
 
 
 def check_linear_w8a8(qlinear: W8A8DynamicLinear, x: torch.Tensor, float_linear: nn.Linear | None = None,
@@ -870,16 +870,13 @@ def check_linear_w8a8(qlinear: W8A8DynamicLinear, x: torch.Tensor, float_linear:
     Saturation: ``|t| <= 127 (1 + 2^-24)^2`` rounds to at most 127, so the reference never reaches -128 and a
     kernel saturating to [-127, 127] computes the same codes; -128 is still fed to quant_matmul by the probe.
     """
-    _check_inputs(qlinear, x, float_linear, layer_cls=W8A8DynamicLinear)
+    tie_ulps, tie_share, backend, x2, x_act = _prepare(qlinear, x, float_linear, W8A8DynamicLinear,
+                                                       "weight_t", tie_ulps, tie_share)
     if qlinear.tp_size != 1:
         raise ValueError(f"qlinear: expected tp_size 1 (the check runs one rank's ops), got tp_size "
                          f"{qlinear.tp_size}; check a layer built with tp_size=1")
-    tie_ulps, tie_share = _check_tie_params(tie_ulps, tie_share)
     act = qlinear.act_dtype
     k, o = qlinear.in_features, qlinear.out_features
-    backend = ops.resolve_backend(qlinear.backend, qlinear.weight_t)
-    x2 = x.reshape(-1, k)
-    x_act = x2.to(device=qlinear.weight_t.device, dtype=act).contiguous()
     probe = _tie_probe(k, act).to(x_act.device)
     notes: list[str] = []
     with torch.no_grad():
