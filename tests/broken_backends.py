@@ -175,6 +175,14 @@ def _dq_divide_by_scale(x, smooth_scales=None, dst_type=torch.int8):
     return torch.round(x.float() / scale[:, None]).clamp(-128, 127).to(torch.int8), scale
 
 
+def _dq_reciprocal_mult(x, smooth_scales=None, dst_type=torch.int8):
+    # legitimate: the codes' multiplier formed as 127 * fl(1 / max), at times one fp32 ulp from 127 / max;
+    # the scale as SPEC section 10 has it (1 / that multiplier would be 2 ulps off at times: not allowed)
+    m = x.float().abs().amax(dim=-1)
+    mult = torch.where(m == 0, torch.full_like(m, 127.0), 127.0 * (1.0 / torch.where(m == 0, torch.ones_like(m), m)))
+    return torch.round(x.float() * mult[:, None]).clamp(-128, 127).to(torch.int8), ref.dynamic_quant(x)[1]
+
+
 def _int8_acc(x1, x2):
     return x1.double() @ x2.double()  # exact for int8 operands
 
@@ -281,4 +289,5 @@ LEGITIMATE_INT8 = {
     "dq-saturate-127": _backend(dynamic_quant=_dq_saturate_127),
     "dq-scale-max-times-inv127": _backend(dynamic_quant=_dq_scale_max_times_inv127),
     "dq-divide-by-scale": _backend(dynamic_quant=_dq_divide_by_scale),
+    "dq-reciprocal-mult": _backend(dynamic_quant=_dq_reciprocal_mult),
 }
