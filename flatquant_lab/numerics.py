@@ -1,4 +1,4 @@
-"""Numerical checks of one W4A4 FlatQuant layer: does a backend compute what vllm-ascend expects?
+"""Numerical checks of one quantized layer: does a backend compute what vllm-ascend expects?
 
 :func:`check_linear` runs the layer's backend (``npu``, ``reference``, or one plugged in with
 :func:`flatquant_lab.ops.register_backend`) op by op against the reference arithmetic of SPEC
@@ -11,6 +11,9 @@ sections 3-5. Each op gets the reference's own inputs, so a fault is pinned on t
 The report has one verdict, ``passed``, and names the first failing part, the token and both values.
 For information only (outside the verdict) it also compares with the float layer (SQNR, cosine,
 worst token) and checks the transform alone at full precision.
+:func:`check_linear_w8a8` does the same for a W8A8_DYNAMIC layer (SPEC section 10), parts ``scale`` and
+``codes`` (``npu_dynamic_quant``), ``product`` and ``output`` (int8 ``npu_quant_matmul``, the forward);
+both return a :class:`CheckReport` (:class:`LinearReport`, :class:`W8A8Report`).
 :func:`sweep_clip_ratio` tabulates SQNR against the float layer over activation clip ratios;
 :func:`sweep_layer_clip_ratio` does the same for an existing layer (a loaded checkpoint), by default
 against that layer with unquantized activations.
