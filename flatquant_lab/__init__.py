@@ -31,6 +31,7 @@ _LAZY = {
     "serve_check": "flatquant_lab.io",
     "RECIPES": "flatquant_lab.recipe",
     "check_linear": "flatquant_lab.numerics",
+    "check_linear_w8a8": "flatquant_lab.numerics",
     "sweep_clip_ratio": "flatquant_lab.numerics",
     "sweep_layer_clip_ratio": "flatquant_lab.numerics",
     "load_model": "flatquant_lab.hub",

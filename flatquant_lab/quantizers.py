@@ -60,19 +60,29 @@ def quant_act_reference(b: torch.Tensor, clip_ratio: float | torch.Tensor = 1.0)
     return q, s.squeeze(-1)
 
 
-def quant_dynamic_reference(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row codes ``q`` (float32, integer-valued) and scales ``1 / mult`` (float32 ``[...]``) of ``x[..., K]``.
+def dynamic_codes(x: torch.Tensor, bits: int = 8):
+    """``npu_dynamic_quant``'s steps on ``x[..., K]``: ``(q, scale, t, mult)``; ``t = fl32(x * mult)``, the value rint sees.
 
-    ``npu_dynamic_quant``'s arithmetic: fp32 ``mult = qmax / max|x|`` (``qmax`` when the row is 0),
-    ``q = sat(rint(x * mult))`` with no intermediate rounding, ``scale = 1 / mult``.
+    fp32 ``mult = qmax / max|x|`` (``qmax`` when the row is 0), ``q = sat(rint(t))``, ``scale = 1 / mult``.
     """
     qmin, qmax = qrange(bits)
     xf = x.float()
     amax = xf.abs().amax(dim=-1)
     top = torch.full_like(amax, qmax)
     mult = torch.where(amax == 0, top, top / torch.where(amax == 0, torch.ones_like(amax), amax))
-    q = torch.round(xf * mult[..., None]).clamp_(qmin, qmax)
-    return q, 1.0 / mult
+    t = xf * mult[..., None]
+    q = torch.round(t).clamp_(qmin, qmax)
+    return q, 1.0 / mult, t, mult
+
+
+def quant_dynamic_reference(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row codes ``q`` (float32, integer-valued) and scales ``1 / mult`` (float32 ``[...]``) of ``x[..., K]``.
+
+    ``npu_dynamic_quant``'s arithmetic (:func:`dynamic_codes`): fp32 ``mult = qmax / max|x|``,
+    ``q = sat(rint(x * mult))`` with no intermediate rounding, ``scale = 1 / mult``.
+    """
+    q, scale, _, _ = dynamic_codes(x, bits)
+    return q, scale
 
 
 class _ActQuant(torch.autograd.Function):

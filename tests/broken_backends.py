@@ -6,6 +6,8 @@ plugged in the way any backend is: ``ops.register_backend(name, BROKEN[name].bac
 ``backend="broken_backends:scale_x1_5"`` (this folder is on ``sys.path`` under pytest).
 ``BROKEN[name].part`` is the part of :func:`flatquant_lab.numerics.check_linear` that must catch it.
 ``LEGITIMATE`` holds backends that differ from the reference only where a device may, and must pass.
+``BROKEN_INT8`` and ``LEGITIMATE_INT8`` do the same for the int8 path (``dynamic_quant`` and int8
+``quant_matmul``, SPEC section 10) and :func:`flatquant_lab.numerics.check_linear_w8a8`.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import torch
 
 from flatquant_lab.ops import reference as ref
 from flatquant_lab.packing import offset8_to_npu, pack_int4, unpack_int4
-from flatquant_lab.quantizers import kron_act_codes
+from flatquant_lab.quantizers import dynamic_codes, kron_act_codes
 
 
 def _backend(**ops) -> types.SimpleNamespace:
@@ -125,6 +127,107 @@ def _fp16_accumulation(x1, x2, scale, offset=None, pertoken_scale=None, bias=Non
     return _epilogue(acc.float(), scale, pertoken_scale, bias, output_dtype)
 
 
+# ------------------------------------------------------------------ int8 faults (W8A8_DYNAMIC)
+def _int8_quant(x, scale_fn=None, rounding=None, qrange=(-128, 127)):
+    """``npu_dynamic_quant`` int8 with knobs: the scale from ``(m, mult)``, the integer rounding of ``t``."""
+    q, scale, t, mult = dynamic_codes(x, bits=8)
+    if rounding is not None:
+        q = rounding(t)
+    if scale_fn is not None:
+        scale = scale_fn(x.float().abs().amax(dim=-1), mult)
+    return q.clamp(*qrange).to(torch.int8), scale
+
+
+def _dq_scale_times(factor):
+    def dynamic_quant(x, smooth_scales=None, dst_type=torch.int8):
+        q, scale = ref.dynamic_quant(x, smooth_scales=smooth_scales, dst_type=dst_type)
+        return q, scale * torch.tensor(factor, dtype=torch.float32)
+    return dynamic_quant
+
+
+def _dq_half_away(x, smooth_scales=None, dst_type=torch.int8):
+    return _int8_quant(x, rounding=lambda t: torch.sign(t) * torch.floor(t.abs() + 0.5))
+
+
+def _dq_swap_two_scales(x, smooth_scales=None, dst_type=torch.int8):
+    q, scale = ref.dynamic_quant(x, smooth_scales=smooth_scales, dst_type=dst_type)
+    if scale.shape[0] >= 4:  # tokens 2 and 3 of each call trade scales
+        scale = scale.clone()
+        scale[[2, 3]] = scale[[3, 2]]
+    return q, scale
+
+
+def _dq_saturate_127(x, smooth_scales=None, dst_type=torch.int8):
+    # legitimate: |x * mult| never rounds past 127, so [-127, 127] and [-128, 127] give the same codes
+    return _int8_quant(x, qrange=(-127, 127))
+
+
+def _dq_scale_max_times_inv127(x, smooth_scales=None, dst_type=torch.int8):
+    # legitimate: the kernel path that forms the scale as max * (1/127) (SPEC section 10), 0 for a zero row
+    inv = torch.tensor(1.0, dtype=torch.float32) / torch.tensor(127.0, dtype=torch.float32)
+    return _int8_quant(x, scale_fn=lambda m, mult: m * inv)
+
+
+def _dq_divide_by_scale(x, smooth_scales=None, dst_type=torch.int8):
+    # legitimate: the CANN docs' formula, scale = max / 127 and y = round(x / scale)
+    m = x.float().abs().amax(dim=-1)
+    scale = torch.where(m == 0, torch.ones_like(m) / 127.0, m / 127.0)
+    return torch.round(x.float() / scale[:, None]).clamp(-128, 127).to(torch.int8), scale
+
+
+def _dq_reciprocal_mult(x, smooth_scales=None, dst_type=torch.int8):
+    # legitimate: the codes' multiplier formed as 127 * fl(1 / max), at times one fp32 ulp from 127 / max;
+    # the scale as SPEC section 10 has it (1 / that multiplier would be 2 ulps off at times: not allowed)
+    m = x.float().abs().amax(dim=-1)
+    mult = torch.where(m == 0, torch.full_like(m, 127.0), 127.0 * (1.0 / torch.where(m == 0, torch.ones_like(m), m)))
+    return torch.round(x.float() * mult[:, None]).clamp(-128, 127).to(torch.int8), ref.dynamic_quant(x)[1]
+
+
+def _int8_acc(x1, x2):
+    return x1.double() @ x2.double()  # exact for int8 operands
+
+
+def _int8_epilogue(acc, scale, pertoken_scale, bias, output_dtype, scale_dtype=None, bias_after=False):
+    s = scale.to(scale_dtype) if scale_dtype is not None else scale
+    y = acc.float() * s.float()[None, :]
+    if pertoken_scale is not None:
+        y = y * pertoken_scale.float()[:, None]
+    if bias is None:
+        return y.to(output_dtype)
+    if bias_after:  # rounded to the output dtype first, then the bias added in that dtype
+        return y.to(output_dtype) + bias.to(output_dtype)
+    return (y + bias.float()).to(output_dtype)
+
+
+def _mm_scale_fp16(x1, x2, scale, offset=None, pertoken_scale=None, bias=None, output_dtype=torch.float16):
+    if x1.dtype != torch.int8:
+        return ref.quant_matmul(x1, x2, scale, offset, pertoken_scale, bias, output_dtype)
+    return _int8_epilogue(_int8_acc(x1, x2), scale, pertoken_scale, bias, output_dtype, scale_dtype=torch.float16)
+
+
+def _mm_bias_after(x1, x2, scale, offset=None, pertoken_scale=None, bias=None, output_dtype=torch.float16):
+    if x1.dtype != torch.int8:
+        return ref.quant_matmul(x1, x2, scale, offset, pertoken_scale, bias, output_dtype)
+    return _int8_epilogue(_int8_acc(x1, x2), scale, pertoken_scale, bias, output_dtype, bias_after=True)
+
+
+def _mm_int8_fp16_accumulation(x1, x2, scale, offset=None, pertoken_scale=None, bias=None,
+                               output_dtype=torch.float16):
+    if x1.dtype != torch.int8:
+        return ref.quant_matmul(x1, x2, scale, offset, pertoken_scale, bias, output_dtype)
+    a, w = x1.float(), x2.float()
+    acc = torch.zeros(a.shape[0], w.shape[1], dtype=torch.float16)
+    for k in range(a.shape[1]):  # every partial sum rounded to fp16
+        acc = acc + (a[:, k:k + 1] * w[k][None, :]).half()
+    return _int8_epilogue(acc.double(), scale, pertoken_scale, bias, output_dtype)
+
+
+def _mm_misreads_min(x1, x2, scale, offset=None, pertoken_scale=None, bias=None, output_dtype=torch.float16):
+    if x1.dtype != torch.int8:
+        return ref.quant_matmul(x1, x2, scale, offset, pertoken_scale, bias, output_dtype)
+    return ref.quant_matmul(x1.clamp(-127, 127), x2, scale, offset, pertoken_scale, bias, output_dtype)
+
+
 class Broken(NamedTuple):
     backend: types.SimpleNamespace
     part: str  # the first part of check_linear that must fail
@@ -160,4 +263,31 @@ BROKEN = {
 
 LEGITIMATE = {
     "f64-accumulation": _backend(kronecker_quant=_f64_accumulation),
+}
+
+dq_scale_x1_2m10 = _backend(dynamic_quant=_dq_scale_times(1 + 2**-10))
+dq_half_away = _backend(dynamic_quant=_dq_half_away)
+dq_swapped_scales = _backend(dynamic_quant=_dq_swap_two_scales)
+mm_weight_scale_fp16 = _backend(quant_matmul=_mm_scale_fp16)
+mm_int8_fp16_accumulation = _backend(quant_matmul=_mm_int8_fp16_accumulation)
+mm_bias_after_rounding = _backend(quant_matmul=_mm_bias_after)
+mm_misreads_min = _backend(quant_matmul=_mm_misreads_min)
+
+BROKEN_INT8 = {
+    "dq-scale-x1-2m10": Broken(dq_scale_x1_2m10, "scale", "every dynamic_quant per-token scale x (1 + 2^-10)"),
+    "dq-half-away": Broken(dq_half_away, "codes", "dynamic_quant codes rounded half away from zero"),
+    "dq-swapped-scales": Broken(dq_swapped_scales, "scale", "two tokens' dynamic_quant scales swapped"),
+    "mm-weight-scale-fp16": Broken(mm_weight_scale_fp16, "output", "the weight scale rounded to fp16"),
+    "mm-int8-fp16-accumulation": Broken(mm_int8_fp16_accumulation, "product",
+                                        "the int8 product accumulated in fp16"),
+    "mm-bias-after-rounding": Broken(mm_bias_after_rounding, "output",
+                                     "the bias added after the rounding to the output dtype"),
+    "mm-misreads-min": Broken(mm_misreads_min, "product", "int8 quant_matmul reading -128 as -127"),
+}
+
+LEGITIMATE_INT8 = {
+    "dq-saturate-127": _backend(dynamic_quant=_dq_saturate_127),
+    "dq-scale-max-times-inv127": _backend(dynamic_quant=_dq_scale_max_times_inv127),
+    "dq-divide-by-scale": _backend(dynamic_quant=_dq_divide_by_scale),
+    "dq-reciprocal-mult": _backend(dynamic_quant=_dq_reciprocal_mult),
 }

@@ -8,13 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from broken_backends import BROKEN, LEGITIMATE
+from broken_backends import BROKEN, BROKEN_INT8, LEGITIMATE, LEGITIMATE_INT8
 from fake_torch_npu import make_fake_torch_npu
 from flatquant_lab import cli, numerics, ops
 from flatquant_lab.cli import check as cli_check
 from flatquant_lab.kronecker import decompose_dim
-from flatquant_lab.layers import W4A4FlatQuantLinear
-from flatquant_lab.numerics import check_linear, random_problem, sweep_clip_ratio, sweep_layer_clip_ratio, ulp
+from flatquant_lab.layers import W4A4FlatQuantLinear, W8A8DynamicLinear
+from flatquant_lab.numerics import (check_linear, check_linear_w8a8, random_problem, sweep_clip_ratio,
+                                    sweep_layer_clip_ratio, ulp)
 from flatquant_lab.ops import reference as ref
 from flatquant_lab.packing import pack_int4, unpack_int4
 from flatquant_lab.transforms import orthogonal_factor
@@ -105,7 +106,11 @@ def test_broken_backend_is_caught(plug, name, dtype, clip, bias):
     broken = BROKEN[name]
     q, x, lin = problem(dtype, bias=bias, clip=clip)
     q.backend = plug(name, broken.backend)
-    r = check_linear(q, x, lin)
+    assert_caught(check_linear(q, x, lin), broken, name)
+
+
+def assert_caught(r, broken, name):
+    """The report fails, names ``broken.part`` first, with where and both values, in the table and the JSON."""
     assert not r.passed and not r.bound_ok, f"{broken.fault} passed the check"
     assert r.failed_part == broken.part, (broken.fault, r.reason)
     part = r.part(broken.part)
@@ -584,3 +589,236 @@ def test_cli_check_bad_backend(backend, msg, capsys):
     with pytest.raises(SystemExit, match=msg.replace("(", r"\(")):
         cli.main(["check", "--in-features", "64", "--out-features", "8", "--tokens", "2", "--backend", backend])
     assert "flatquant-lab check:" not in capsys.readouterr().out  # rejected before any work
+
+
+# ------------------------------------------------------------------ the int8 path (W8A8_DYNAMIC)
+def problem8(dtype=torch.bfloat16, bias=False, seed=0, tokens=T):
+    lin, x = random_problem(K, O, tokens, outlier_channels=4, outlier_scale=20.0, bias=bias, seed=seed)
+    q = W8A8DynamicLinear.from_float(lin, act_dtype=dtype, backend="reference")
+    return q, x.to(dtype), lin
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_w8a8_reference_passes(dtype, bias):
+    q, x, lin = problem8(dtype, bias, seed=3)
+    r = check_linear_w8a8(q, x, lin)
+    assert isinstance(r, numerics.W8A8Report) and isinstance(r, numerics.CheckReport)
+    assert r.passed and r.bound_ok and r.failed_part is None and r.reason == "", r.table()
+    assert [p.part for p in r.parts] == list(numerics.PARTS_W8A8) and all(p.passed and p.compared > 0 for p in r.parts)
+    probe = numerics.TIE_PROBE_EXPONENTS
+    assert r.tie_codes == 0 and r.tie_probe_tokens == len(probe) + 1
+    # every probe code but each row's max sits on a tie: K - 1 per tie row, plus the few of the random tokens
+    assert r.probe_near_tie_codes == len(probe) * (K - 1) and r.probe_tie_codes == 0
+    assert r.near_tie_codes - r.probe_near_tie_codes <= 20  # the random tokens' few: measured 3 .. 16
+    assert r.part("scale").compared == T + len(probe) + 1 and r.part("codes").compared == (T + len(probe) + 1) * K
+    # one rounding to the output dtype: about half an ulp (measured 0.49999 .. 0.50004, the bias's fp32 rounding)
+    assert 0.25 < r.max_err_ulps <= 0.5001
+    assert r.weight_scale_dtype == ("bfloat16" if dtype == torch.bfloat16 else "float32")
+    assert 0.999 < r.cosine < 1.0 and r.sqnr_db > 25  # measured 0.99969 .. 0.99980 and 30-34 dB
+    assert "W8A8_DYNAMIC" in r.table() and "int8 path vs float layer" in r.table()
+    d = json.loads(json.dumps(r.to_dict()))
+    assert d["passed"] is True and d["tie_probe_tokens"] == len(probe) + 1 and "n1" not in d
+
+
+@pytest.mark.parametrize("dtype, bias", [(torch.bfloat16, False), (torch.float16, True)])
+@pytest.mark.parametrize("name", sorted(BROKEN_INT8))
+def test_broken_int8_backend_is_caught(plug, name, dtype, bias):
+    broken = BROKEN_INT8[name]
+    q, x, lin = problem8(dtype, bias)
+    q.backend = plug(name, broken.backend)
+    r = check_linear_w8a8(q, x, lin)
+    assert_caught(r, broken, name)
+    assert r.part(broken.part).index is not None
+
+
+@pytest.mark.parametrize("name", sorted(LEGITIMATE_INT8))
+def test_legitimately_different_int8_backends_pass(plug, name):
+    for dtype, bias in ((torch.bfloat16, False), (torch.float16, True)):
+        q, x, lin = problem8(dtype, bias, seed=1)
+        q.backend = plug(f"{name}-{str(dtype)[6:]}", LEGITIMATE_INT8[name])
+        r = check_linear_w8a8(q, x, lin)
+        assert r.passed, r.reason
+
+
+def test_w8a8_token_tie_flips_are_allowed_within_their_bound(plug):
+    # fp16, 4096 tokens: the reciprocal multiplier flips a few window codes of the layer's tokens (measured
+    # 5 of 24), none of the probe's; without the token allowance that is a failure
+    q, x, _ = problem8(torch.float16, seed=2, tokens=4096)
+    q.backend = plug("recip", LEGITIMATE_INT8["dq-reciprocal-mult"])
+    r = check_linear_w8a8(q, x)
+    token_flips = r.tie_codes - r.probe_tie_codes
+    assert r.passed and r.probe_tie_codes == 0 and token_flips > 0, r.reason
+    assert f"{token_flips} of {r.near_tie_codes - r.probe_near_tie_codes} near a tie" in r.table()
+    strict = check_linear_w8a8(q, x, token_tie_share=0.0)
+    assert not strict.passed and strict.failed_part == "codes" and "at most 0 allowed" in strict.reason
+    with pytest.raises(ValueError, match=r"token_tie_share: expected a float in \[0, 1\]"):
+        check_linear_w8a8(q, x, token_tie_share=-0.1)
+
+
+def test_w8a8_tie_probe_sits_on_exact_ties_under_every_formulation():
+    for dtype in (torch.float16, torch.bfloat16):
+        probe = numerics._tie_probe(K, dtype)
+        assert torch.equal(probe.double(), numerics._tie_probe(K, torch.float64))  # exact in both half dtypes
+        tr = ops.dynamic_quant_trace(probe)
+        for row, j in enumerate(numerics.TIE_PROBE_EXPONENTS):
+            m = torch.tensor(127 * 2.0**j, dtype=torch.float32)
+            inv127 = torch.tensor(1.0) / torch.tensor(127.0)
+            for mult in (127 / m, 127 * (1 / m), 1 / (m * inv127), 1 / (m / 127)):
+                assert float(mult) == 2.0**-j
+            t = tr.t[row].double()
+            assert bool((t[1:] - torch.floor(t[1:]) == 0.5).all()) and abs(float(t[0])) == 127
+        assert bool((tr.q[-1] == 0).all()) and float(tr.scale[-1]) == float(torch.tensor(1.0) / 127)
+
+
+def test_w8a8_scale_tolerance_covers_max_times_inverse_127():
+    # every positive finite fp16 m: 1 / fl(127 / m) and fl(m * fl(1/127)) differ by at most one fp32 ulp
+    m = torch.arange(1, 0x7C00, dtype=torch.int32).to(torch.int16).view(torch.float16).float()
+    s1 = 1.0 / (torch.tensor(127.0) / m)
+    s2 = m * (torch.tensor(1.0) / torch.tensor(127.0))
+    d = (s1.double() - s2.double()).abs() / ulp(s1, torch.float32)
+    assert float(d.max()) == 1.0 and float((d > 0).double().mean()) > 0.2  # measured 1.0 and 0.286
+
+
+def test_w8a8_saturation_never_reaches_minus_128():
+    # |x * mult| <= 127 (1 + 2^-24)^2 rounds to 127 at most: a row whose max is negative gives -127
+    m = torch.arange(1, 0x7C00, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    x = torch.stack([-m, m, m / 2], dim=1)
+    q, _ = ops.dynamic_quant(x, backend="reference")
+    assert int(q.min()) == -127 and int(q.max()) == 127
+    legit = LEGITIMATE_INT8["dq-saturate-127"].dynamic_quant(x)[0]
+    assert torch.equal(legit, q)
+
+
+def test_w8a8_swapped_scales_name_the_token_and_both_values(plug):
+    q, x, _ = problem8(torch.float16)
+    s_ref = ops.dynamic_quant_trace(x).scale
+    q.backend = plug("swapped8", BROKEN_INT8["dq-swapped-scales"].backend)
+    r = check_linear_w8a8(q, x)
+    part = r.part("scale")
+    assert (part.token, part.mismatches) == (2, 2)
+    assert part.backend_value == float(s_ref[3]) and part.reference_value == float(s_ref[2])
+    assert "first at token 2" in part.reason and "tie probe" not in part.reason
+
+
+def test_w8a8_half_away_is_named_on_the_probe(plug):
+    q, x, _ = problem8(torch.bfloat16)
+    q.backend = plug("half-away8", BROKEN_INT8["dq-half-away"].backend)
+    r = check_linear_w8a8(q, x)
+    part = r.part("codes")
+    # the first tie row: -126.5 rounds to -126 (even), half away from zero gives -127
+    assert (part.token, part.index, part.backend_value, part.reference_value) == (0, 1, -127.0, -126.0)
+    assert "in the tie probe" in part.reason and "more than the bound allows" in " ".join(r.notes)
+    # on the layer's random tokens alone it would go unseen: no code of theirs sits on a tie
+    tr = ops.dynamic_quant_trace(x)
+    assert torch.equal(BROKEN_INT8["dq-half-away"].backend.dynamic_quant(x)[0], tr.q)
+
+
+def _int8_code_edit(edits):
+    def dynamic_quant(x, smooth_scales=None, dst_type=torch.int8):
+        q, s = ref.dynamic_quant(x, smooth_scales=smooth_scales, dst_type=dst_type)
+        if x.shape[0] == T:  # the layer's tokens, not the probe
+            q = q.clone()
+            for (tok, idx), v in edits.items():
+                q[tok, idx] = v
+        return q, s
+    return types.SimpleNamespace(**{**vars(ref), "dynamic_quant": dynamic_quant})
+
+
+def test_w8a8_code_off_by_one_away_from_a_tie_fails(plug):
+    q, x, lin = problem8(torch.float16)
+    tr = ops.dynamic_quant_trace(x)
+    dist = (tr.t.double() - torch.floor(tr.t.double()) - 0.5).abs()
+    dist[tr.q.abs() >= 127] = -1
+    tok, idx = divmod(int(dist.argmax()), K)
+    q.backend = plug("off-by-one8", _int8_code_edit({(tok, idx): int(tr.q[tok, idx]) + 1}))
+    r = check_linear_w8a8(q, x, lin)
+    part = r.part("codes")
+    assert not r.passed and r.failed_part == "codes" and part.mismatches == 1
+    assert (part.token, part.index) == (tok, idx) and part.backend_value == part.reference_value + 1
+    assert "int8 codes" in part.reason and "away from a rounding tie" in part.reason
+
+
+def test_w8a8_zero_token_takes_any_finite_scale_but_not_nan(plug):
+    q, x, _ = problem8(torch.bfloat16)
+    x[5] = 0
+
+    def with_zero_scale(value):
+        def dynamic_quant(x, smooth_scales=None, dst_type=torch.int8):
+            y, s = ref.dynamic_quant(x, smooth_scales=smooth_scales, dst_type=dst_type)
+            s = s.clone()
+            s[(x == 0).all(dim=1)] = value
+            return y, s
+        return types.SimpleNamespace(**{**vars(ref), "dynamic_quant": dynamic_quant})
+
+    q.backend = plug("zero-scale-0", with_zero_scale(0.0))
+    assert check_linear_w8a8(q, x).passed
+    q.backend = plug("zero-scale-nan", with_zero_scale(math.nan))
+    r = check_linear_w8a8(q, x)
+    assert not r.passed and r.failed_part == "scale" and r.part("scale").token == 5
+
+
+def test_w8a8_npu_double_passes_and_every_op_goes_through_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_npu", make_fake_torch_npu())
+    q, x, lin = problem8(torch.bfloat16, bias=True)
+    q.backend = "npu"
+    r = check_linear_w8a8(q, x, lin)
+    assert r.backend == "npu" and r.passed, r.reason
+    calls = sys.modules["torch_npu"].ops()
+    # dynamic_quant: the layer's tokens, the tie probe, the forward; quant_matmul: two unit-scale products,
+    # two epilogues, the forward
+    assert calls.count("npu_dynamic_quant") == 3 and calls.count("npu_quant_matmul") == 5
+    assert "npu_kronecker_quant" not in calls
+
+
+def test_check_linear_w8a8_bad_inputs():
+    q, x, lin = problem8(torch.bfloat16)
+    q4, _, _ = problem(torch.bfloat16)
+    with pytest.raises(ValueError, match="qlinear: expected a W8A8DynamicLinear, got W4A4FlatQuantLinear"):
+        check_linear_w8a8(q4, x)
+    with pytest.raises(ValueError, match="a W8A8_DYNAMIC layer: use check_linear_w8a8"):
+        check_linear(q, x)
+    with pytest.raises(ValueError, match="x: expected last dim 256"):
+        check_linear_w8a8(q, x[:, :128])
+    with pytest.raises(ValueError, match=r"float_linear: expected weight shape \[64, 256\]"):
+        check_linear_w8a8(q, x, nn.Linear(K, O + 1))
+    with pytest.raises(ValueError, match=r"tie_share: expected a float in \[0, 1\]"):
+        check_linear_w8a8(q, x, tie_share=2.0)
+    q2 = W8A8DynamicLinear.from_checkpoint(q.checkpoint_tensors(), act_dtype=torch.bfloat16, tp_size=2)
+    with pytest.raises(ValueError, match="qlinear: expected tp_size 1 .* got tp_size 2"):
+        check_linear_w8a8(q2, x)
+
+
+def test_cli_check_w8a8_passes_on_the_reference(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    rc = cli.main(["check", "--scheme", "w8a8_dynamic", "--in-features", "200", "--out-features", "16",
+                   "--tokens", "12", "--bias", "--dtype", "fp16", "--backend", "reference", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0 and "flatquant-lab check: passed (backend reference)" in text
+    assert "16 x 200, W8A8_DYNAMIC, float16, weight scale float32, bias yes" in text
+    data = json.loads(out.read_text())
+    assert data["config"]["scheme"] == "w8a8_dynamic" and "clip_ratio" not in data["config"]
+    assert data["report"]["passed"] is True and [p["part"] for p in data["report"]["parts"]] == list(numerics.PARTS_W8A8)
+
+
+def test_cli_check_w8a8_fails_on_an_out_of_tree_broken_backend(tmp_path, capsys):
+    spec = "broken_backends:mm_bias_after_rounding"
+    out = tmp_path / "r.json"
+    try:
+        rc = cli.main(["check", "--scheme", "w8a8_dynamic", "--in-features", "256", "--out-features", "16",
+                       "--tokens", "8", "--backend", spec, "--json", str(out)])
+    finally:
+        ops.unregister_backend(spec)
+    text = capsys.readouterr().out
+    assert rc == 1
+    assert f"flatquant-lab check: FAILED: backend {spec}, part output: int8 quant_matmul on the reference's" in text
+    report = json.loads(out.read_text())["report"]
+    assert report["passed"] is False and report["failed_part"] == "output" and report["backend"] == spec
+
+
+@pytest.mark.parametrize("flag", [["--clip-ratio", "0.9"], ["--transform", "random"], ["--sweep"],
+                                  ["--ratios", "0.9"]])
+def test_cli_check_w8a8_refuses_w4a4_options(flag, capsys):
+    with pytest.raises(SystemExit, match=f"{flag[0]}: only used with --scheme w4a4_flatquant"):
+        cli.main(["check", "--scheme", "w8a8_dynamic", "--tokens", "2", *flag])
+    assert "flatquant-lab check:" not in capsys.readouterr().out

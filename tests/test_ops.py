@@ -235,6 +235,20 @@ def test_golden_dynamic_quant_int8_bf16():
     assert s.tolist() == [(1 / torch.tensor(63.5)).item(), 2.0, (1 / torch.tensor(127.0)).item()]
 
 
+def test_dynamic_quant_trace_keeps_each_step():
+    # row 0: max|x| = 254 -> mult = 0.5 exactly: t = [127, -63.5, 1.5, 0.5] -> q [127, -64, 2, 0] (half to even)
+    # row 1: max|x| = 3 -> mult = fl32(127 / 3); row 2: zeros -> mult 127, t and q 0
+    x = torch.tensor([[254, -127, 3, 1], [3, -1, 0.5, 2], [0, 0, 0, 0]], dtype=torch.bfloat16)
+    tr = ops.dynamic_quant_trace(x)
+    mult1 = (torch.tensor(127.0) / torch.tensor(3.0)).item()
+    assert tr.mult.tolist() == [0.5, mult1, 127.0]
+    assert tr.t[0].tolist() == [127.0, -63.5, 1.5, 0.5] and tr.t[1].tolist() == (x[1].float() * mult1).tolist()
+    assert tr.q.dtype == torch.int8 and tr.q[0].tolist() == [127, -64, 2, 0] and tr.q[2].tolist() == [0] * 4
+    assert tr.scale.tolist() == (1.0 / tr.mult).tolist()
+    y, s = ops.dynamic_quant(x, backend="reference")  # the op is the trace's q and scale
+    assert torch.equal(y, tr.q) and torch.equal(s, tr.scale)
+
+
 def test_dynamic_quant_int8_is_fp32_mult_then_rint_without_a_half_rounding():
     # An independent emulation in numpy: mult = fp32(127 / m), q = rint(fp32(x * mult)).
     np = pytest.importorskip("numpy")

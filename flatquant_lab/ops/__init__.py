@@ -25,7 +25,7 @@ from ..dtypes import HALF_DTYPES
 from . import npu as _npu
 from . import reference as _ref
 from .npu import NPUUnavailableError
-from .reference import Fp16OverflowError, KroneckerTrace, kronecker_quant_trace
+from .reference import DynamicTrace, Fp16OverflowError, KroneckerTrace, dynamic_quant_trace, kronecker_quant_trace
 
 BACKENDS = ("reference", "npu")  # the built-in backends, always registered
 ENV_VAR = "FLATQUANT_BACKEND"
@@ -41,8 +41,8 @@ _REGISTRY: dict[str, object] = {}
 INT8_SCALE_DTYPES = (torch.float32, torch.bfloat16)
 
 __all__ = [
-    "BACKENDS", "OPS", "Fp16OverflowError", "KroneckerTrace", "NPUUnavailableError", "backends",
-    "convert_weight_to_int4pack", "dynamic_quant", "get_backend", "kronecker_quant", "kronecker_quant_trace",
+    "BACKENDS", "OPS", "DynamicTrace", "Fp16OverflowError", "KroneckerTrace", "NPUUnavailableError", "backends",
+    "convert_weight_to_int4pack", "dynamic_quant", "dynamic_quant_trace", "get_backend", "kronecker_quant", "kronecker_quant_trace",
     "quant_matmul", "register_backend", "resolve_backend", "unregister_backend",
 ]
 

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 
 from ..packing import _pack_int4_bytes, pack_int4, unpack_int4
-from ..quantizers import kron_act_codes, quant_dynamic_reference
+from ..quantizers import dynamic_codes, kron_act_codes, quant_dynamic_reference
 
 FP16_MAX = 65504.0
 MAX_K_EXACT = 262144  # |acc| <= 64 * k stays below 2**24 up to here
@@ -109,6 +109,28 @@ def kronecker_quant_trace(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor,
     clip = torch.tensor(float(clip_ratio), dtype=torch.float32, device=b.device)
     q, scale, t, _, mult = kron_act_codes(b.float(), clip)
     return KroneckerTrace(b, t, q.to(torch.int8), scale.squeeze(-1), mult.squeeze(-1))
+
+
+class DynamicTrace(NamedTuple):
+    """``npu_dynamic_quant``'s intermediates (int8) for rows ``x[T, K]``.
+
+    ``t``: ``fl32(x * mult)`` float32 ``[T, K]``, the value the integer rounding sees; ``q``: int8 codes;
+    ``scale``: float32 ``[T]``; ``mult``: float32 ``[T]``.
+    """
+
+    t: torch.Tensor
+    q: torch.Tensor
+    scale: torch.Tensor
+    mult: torch.Tensor
+
+
+def dynamic_quant_trace(x: torch.Tensor) -> DynamicTrace:
+    """Every step of int8 ``npu_dynamic_quant`` (SPEC section 10) on rows ``x[T, K]``, kept.
+
+    mult = 127 / max|x|  (127 when the row is 0);  t = fl32(x * mult);  q = sat[-128, 127](rint(t));  scale = 1 / mult.
+    """
+    q, scale, t, mult = dynamic_codes(x, bits=8)
+    return DynamicTrace(t, q.to(torch.int8), scale, mult)
 
 
 def kronecker_quant(
