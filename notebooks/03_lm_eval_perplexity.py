@@ -1,0 +1,247 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 03 · lm-eval perplexity: float, RTN, Hadamard, FlatQuant, and a model-wide clip ratio
+#
+# Word perplexity on the bundled held-out Wikipedia articles (lm-eval task `wiki_fq_eval`,
+# offline, through `flatquant_lab.eval.evaluate`) for the float model and for three
+# W4A4 checkpoints in the vllm-ascend format: RTN (identity transforms), Hadamard (fixed
+# orthogonal Kronecker factors) and FlatQuant (learned transforms, smoothing and clipping).
+# Saved checkpoints can be passed in; any that is missing is quantized and saved here.
+# Then one checkpoint gets every W4A4 layer's clip ratio overridden to the same `r`, for a
+# range of `r` (one value for all layers keeps the fused q/k/v and gate/up shards identical).
+
+# %% tags=["parameters"]
+model: str = "smollm2-135m"  # float model: alias or local Hugging Face directory
+backend = None  # "npu", "reference", or None: npu on an Ascend host, else reference
+threads = None  # torch CPU threads; None: torch's default (on a busy machine, 1 avoids thrashing)
+smoke: bool = False  # CI size: 2 layers, 2 documents, 2 ratios, a token calibration budget
+rtn_dir = None  # saved W4A4 checkpoints of model (flatquant-lab quantize); None: quantize here
+hadamard_dir = None
+flatquant_dir = None
+work_dir = None  # where checkpoints quantized here are saved; None: a temporary folder
+profile: str = "fast"  # FlatQuant calibration budget for a checkpoint made here (recipe.PROFILES)
+task: str = "wiki_fq_eval"  # lm-eval perplexity task (the bundled held-out articles)
+limit = None  # evaluate the first limit documents; None: all of them
+docs = None  # or these document indices (lm-eval samples), e.g. [1, 2]; not with limit
+max_length: int = 512  # lm-eval rolling window
+clip_ratios = None  # model-wide clip ratios to sweep; None: 1.0 down to 0.7
+sweep_method: str = "hadamard"  # which checkpoint the sweep runs on: rtn, hadamard or flatquant
+figure_path = None  # where to save the perplexity-vs-clip-ratio plot (PNG)
+
+# %%
+import os
+import time
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+import flatquant_lab as fq
+from flatquant_lab.ops import npu as fq_npu
+
+# is_available() imports torch_npu lazily and says False off an Ascend host (no CANN).
+on_ascend = fq_npu.is_available()
+if backend is None:
+    backend = "npu" if on_ascend else "reference"
+if backend not in ("npu", "reference"):
+    raise ValueError(f"backend: expected 'npu', 'reference' or None (auto-detect), got {backend!r}")
+if backend == "npu" and not on_ascend:
+    raise ValueError("backend: 'npu' needs torch_npu and an Ascend device, and none was found; "
+                     "use 'reference' or None")
+# Layers built without an explicit backend (load_quantized, quantize) follow this variable.
+os.environ["FLATQUANT_BACKEND"] = backend
+device = torch.device("npu" if backend == "npu" else "cpu")
+if threads is not None:
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads: expected a positive int or None, got {threads!r}")
+    torch.set_num_threads(threads)
+if not isinstance(smoke, bool):
+    raise ValueError(f"smoke: expected True or False, got {smoke!r}")
+if figure_path is not None:
+    figure_path = os.path.abspath(figure_path)
+    os.makedirs(os.path.dirname(figure_path), exist_ok=True)
+t_start = time.perf_counter()
+print(f"flatquant_lab {fq.__version__}; backend {backend} on {device}, {torch.get_num_threads()} thread(s)"
+      f"{' (torch_npu found)' if on_ascend else ' (no Ascend device: CPU reference ops)'}; smoke={smoke}")
+
+# %%
+import logging
+import tempfile
+
+from flatquant_lab.recipe import PROFILES, QuantConfig
+from flatquant_lab.data import bundled_data_path, calibration_ids, load_texts
+from flatquant_lab.eval import evaluate
+from flatquant_lab.io import load_quantized, save_quantized
+from flatquant_lab.models import linear_weight_bytes, quantized_linear_names
+from flatquant_lab.hub import load_model
+
+logging.getLogger("lm_eval").setLevel(logging.ERROR)  # per-call notes about in-memory models and task kwargs
+METHODS = ("rtn", "hadamard", "flatquant")
+saved = {"rtn": rtn_dir, "hadamard": hadamard_dir, "flatquant": flatquant_dir}
+if sweep_method not in METHODS:
+    raise ValueError(f"sweep_method: expected one of {METHODS}, got {sweep_method!r}")
+if profile not in PROFILES:
+    raise ValueError(f"profile: expected one of {tuple(PROFILES)}, got {profile!r}")
+for pname, pval in (("clip_ratios", clip_ratios), ("docs", docs)):
+    if isinstance(pval, str):  # papermill -p passes text; lists go through -y / -f
+        raise ValueError(f"{pname}: expected a list, got the string {pval!r}")
+clip_ratios = [float(r) for r in (clip_ratios if clip_ratios is not None else (1.0, 0.95, 0.9, 0.85, 0.8, 0.7))]
+if not clip_ratios:
+    raise ValueError("clip_ratios: expected at least one clip ratio in (0, 1], got none")
+num_layers = None
+budget = {}
+if smoke:
+    num_layers = 2
+    if docs is None and limit is None and task == "wiki_fq_eval":
+        # its two shortest articles: whole articles are scored, and the first two hold ~8,000 tokens
+        lengths = [len(t) for t in load_texts(bundled_data_path("eval"))]
+        docs = sorted(sorted(range(len(lengths)), key=lengths.__getitem__)[:2])
+    elif docs is None and limit is None:
+        limit = 2
+    clip_ratios = clip_ratios[:: max(1, len(clip_ratios) - 1)][:2]  # the two ends
+    # a token FlatQuant budget; the clip grid searches alone would outlast the smoke run
+    budget = dict(samples=4, seqlen=32, epochs=1, act_clip_init=4.0, weight_clip_init=4.0)
+if docs is not None and limit is not None:
+    raise ValueError(f"docs: expected None when limit is given (limit={limit!r}, docs={docs!r}); pick one")
+select = {"samples": {task: [int(i) for i in docs]}} if docs is not None else {"limit": limit}
+docs_label = (f"documents {list(docs)}" if docs is not None else
+              "all documents" if limit is None else f"first {limit} documents")
+work_dir = work_dir or tempfile.mkdtemp(prefix="flatquant_03_")
+print(f"task {task}, {docs_label}, clip ratios {clip_ratios}, checkpoints in {work_dir}")
+
+# %% [markdown]
+# ## Checkpoints
+#
+# Each missing checkpoint is made with `quantize` and written with `save_quantized`, exactly
+# as `flatquant-lab quantize` would; every evaluation below loads it back with
+# `load_quantized`, so what is measured is what vllm-ascend would be given.
+
+# %%
+fmodel, tok = load_model(model, num_layers=num_layers)
+for method in METHODS:
+    if saved[method] is not None:
+        continue
+    t0 = time.perf_counter()
+    m, _ = load_model(model, num_layers=num_layers)
+    cfg = QuantConfig(method=method, profile=profile, **(budget if method == "flatquant" else {}))
+    ids = None
+    if method == "flatquant":
+        ids = calibration_ids(bundled_data_path("calib"), tok, cfg.budget("samples"), cfg.budget("seqlen"))
+    fq.quantize(m, cfg, ids, backend=backend)
+    saved[method] = save_quantized(m, os.path.join(work_dir, method), tokenizer=tok, overwrite=True)
+    print(f"{method}: quantized and saved to {saved[method]} in {time.perf_counter() - t0:.0f} s")
+    del m
+pd.Series({k: str(v) for k, v in saved.items()}, name="checkpoint").to_frame()
+
+
+# %% [markdown]
+# ## Perplexity of each model
+#
+# `evaluate` runs lm-eval's `simple_evaluate` on the model in memory (rolling windows of
+# `max_length` tokens over each whole document) and returns lm-eval's results dict; the
+# task reports word perplexity, byte perplexity and bits per byte.
+
+# %%
+def lm_eval_ppl(m):
+    res = evaluate(m, tok, tasks=(task,), max_length=max_length, **select)["results"][task]
+    return {"word perplexity": res["word_perplexity,none"], "byte perplexity": res["byte_perplexity,none"],
+            "bits per byte": res["bits_per_byte,none"]}
+
+
+def load_checkpoint(method):
+    m = load_quantized(saved[method], backend=backend).to(device)
+    if m.config.num_hidden_layers != fmodel.config.num_hidden_layers:
+        raise ValueError(f"{method}_dir: {saved[method]} has {m.config.num_hidden_layers} layers, "
+                         f"the float model {fmodel.config.num_hidden_layers}; pass checkpoints of {model}"
+                         f"{' (smoke runs keep 2 layers)' if smoke else ''}")
+    return m
+
+
+results, weight_bytes = {}, {}
+results["float"] = lm_eval_ppl(fmodel.to(device))
+weight_bytes["float"] = linear_weight_bytes(fmodel)
+for method in tqdm(METHODS, desc="checkpoints"):
+    m = load_checkpoint(method)
+    results[f"W4A4 {method}"] = lm_eval_ppl(m)
+    weight_bytes[f"W4A4 {method}"] = linear_weight_bytes(m)
+    del m
+pd.DataFrame(results).T
+
+# %% [markdown]
+# ## A model-wide clip-ratio override
+#
+# Every W4A4 layer of one checkpoint gets `set_clip_ratio(r)`; the rest stays as saved.
+
+# %%
+sweep_model = load_checkpoint(sweep_method)
+qnames = quantized_linear_names(sweep_model)
+sweep = {}
+for r in tqdm(clip_ratios, desc="clip ratio"):
+    for n in qnames:
+        sweep_model.get_submodule(n).set_clip_ratio(r)
+    sweep[r] = lm_eval_ppl(sweep_model)
+del sweep_model
+sweep_df = pd.DataFrame(sweep).T.rename_axis(index="clip ratio")
+sweep_df
+
+# %%
+fig, ax = plt.subplots(figsize=(7.0, 4.2))
+ax.plot(sweep_df.index, sweep_df["word perplexity"], marker="o", color="black",
+        label=f"W4A4 {sweep_method}, every layer at clip ratio r")
+styles = {"float": "tab:green", "W4A4 rtn": "tab:red", "W4A4 hadamard": "tab:orange",
+          "W4A4 flatquant": "tab:blue"}
+# A model far above the sweep (W4A4 RTN, typically) would squash it: list it, but off the axes.
+top = 20 * float(sweep_df["word perplexity"].max())
+levels = [float(v) for v in sweep_df["word perplexity"]]
+for name, color in styles.items():
+    v = results[name]["word perplexity"]
+    how = "" if name == "float" else " (its saved clip ratios)"
+    label = f"{name}{how}: {v:.4g}" + (" (above the plot)" if v > top else "")
+    if v > top:
+        ax.plot([], [], ls="--", color=color, label=label)
+    else:
+        ax.axhline(v, ls="--", color=color, label=label)
+        levels.append(v)
+ax.set_yscale("log")
+ax.set_ylim(min(levels) / 1.5, max(levels) * 1.5)
+ax.set_xticks(list(sweep_df.index))
+ax.set_xlabel("activation clip ratio r (all W4A4 layers)")
+ax.set_ylabel(f"word perplexity, {task} (log)")
+ax.set_title(f"{model}{' (2 layers)' if smoke else ''}: {task} perplexity vs clip ratio ({docs_label})",
+             fontsize=10)
+ax.legend(fontsize=8, loc="best")
+ax.grid(alpha=0.3, which="both")
+fig.tight_layout()
+if figure_path:
+    fq.save_figure(fig, figure_path, dpi=120, bbox_inches="tight")  # atomic: temp file + rename
+    print(f"saved {figure_path}")
+plt.show()
+
+# %% [markdown]
+# ## Results
+
+# %%
+rows = dict(results)
+rows.update({f"W4A4 {sweep_method}, all clip ratios {r:g}": v for r, v in sweep.items()})
+table = pd.DataFrame(rows).T
+table["x float"] = table["word perplexity"] / results["float"]["word perplexity"]
+table["linear weights (MiB)"] = pd.Series({k: v / 2**20 for k, v in weight_bytes.items()})
+table.style.format({"word perplexity": "{:.4g}", "byte perplexity": "{:.4f}", "bits per byte": "{:.4f}",
+                    "x float": "{:.2f}", "linear weights (MiB)": "{:.1f}"}, na_rep="")
+
+# %%
+print(f"03_lm_eval_perplexity done in {time.perf_counter() - t_start:.1f} s")
