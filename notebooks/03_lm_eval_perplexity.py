@@ -31,7 +31,7 @@ smoke: bool = False  # CI size: 2 layers, 2 documents, 2 ratios, a token calibra
 rtn_dir = None  # saved W4A4 checkpoints of model (flatquant-lab quantize); None: quantize here
 hadamard_dir = None
 flatquant_dir = None
-work_dir = None  # where checkpoints quantized here are saved; None: a temporary folder
+work_dir = None  # where checkpoints quantized here are saved; None: outputs/03_lm_eval_perplexity-<smoke|full>
 profile: str = "fast"  # FlatQuant calibration budget for a checkpoint made here (recipe.PROFILES)
 task: str = "wiki_fq_eval"  # lm-eval perplexity task (the bundled held-out articles)
 limit = None  # evaluate the first limit documents; None: all of them
@@ -42,12 +42,18 @@ sweep_method: str = "hadamard"  # which checkpoint the sweep runs on: rtn, hadam
 figure_path = None  # where to save the perplexity-vs-clip-ratio plot (PNG)
 
 # %%
+import logging
 import os
+import sys
 import time
 
 import matplotlib.pyplot as plt
 import pandas as pd
+import datasets
 import torch
+import transformers
+from IPython.display import Markdown, display
+from pandas.io.formats.style import Styler
 from tqdm.auto import tqdm
 
 import flatquant_lab as fq
@@ -74,14 +80,71 @@ if not isinstance(smoke, bool):
 if figure_path is not None:
     figure_path = os.path.abspath(figure_path)
     os.makedirs(os.path.dirname(figure_path), exist_ok=True)
+
+
+class _Below(logging.Filter):
+    def __init__(self, level):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record):
+        return record.levelno < self.level
+
+
+# flatquant_lab's INFO lines are information: plain text on stdout; warnings stay on stderr, marked as such.
+_info = logging.StreamHandler(sys.stdout)
+_info.setFormatter(logging.Formatter("%(message)s"))
+_info.addFilter(_Below(logging.WARNING))
+_warn = logging.StreamHandler(sys.stderr)
+_warn.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+_warn.setLevel(logging.WARNING)
+_fq_log = logging.getLogger("flatquant_lab")
+_fq_log.handlers[:] = [_info, _warn]  # assigned, not appended: re-running this cell adds no duplicates
+_fq_log.setLevel(logging.INFO)
+_fq_log.propagate = False
+# A bar per model load and per text read: both are quick here, and the long steps have bars of their own.
+transformers.utils.logging.disable_progress_bar()
+datasets.disable_progress_bars()
+
+SMOKE_NOTICE = ("SMOKE RUN: the model is truncated to 2 layers and every budget is a token one, so these "
+                "numbers say only that the code runs; they say nothing about quantization quality.")
+
+
+def smoke_figure(fig):
+    """On a smoke run, stamp the notice across the figure, so that no copy of it travels without it."""
+    if smoke:
+        fig.text(0.5, 0.5, "SMOKE RUN (2-layer truncation)\nnumbers meaningless", ha="center", va="center",
+                 fontsize=20, color="tab:red", alpha=0.35, rotation=12, zorder=10)
+    return fig
+
+
+def smoke_table(df):
+    """On a smoke run, the table with the notice as its caption; else the table as it is."""
+    if not smoke:
+        return df
+    style = df if isinstance(df, Styler) else df.style
+    return style.set_caption(SMOKE_NOTICE).set_table_styles(
+        [{"selector": "caption", "props": "color: #b00; font-weight: bold; caption-side: top"}], overwrite=False)
+
+
+def output_folder(notebook: str) -> str:
+    """notebooks/outputs/<notebook>-<smoke|full>/: git-ignored, overwritten by the next run, yours to reuse or delete."""
+    path = os.path.abspath(os.path.join("outputs", f"{notebook}-{'smoke' if smoke else 'full'}"))
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def folder_mib(path) -> float:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files) / 2**20
+
+
 t_start = time.perf_counter()
 print(f"flatquant_lab {fq.__version__}; backend {backend} on {device}, {torch.get_num_threads()} thread(s)"
       f"{' (torch_npu found)' if on_ascend else ' (no Ascend device: CPU reference ops)'}; smoke={smoke}")
+if smoke:
+    display(Markdown(f"**{SMOKE_NOTICE}**"))
 
 # %%
-import logging
-import tempfile
-
 from flatquant_lab.recipe import PROFILES, QuantConfig
 from flatquant_lab.data import bundled_data_path, calibration_ids, load_texts
 from flatquant_lab.eval import evaluate
@@ -89,7 +152,6 @@ from flatquant_lab.io import load_quantized, save_quantized
 from flatquant_lab.models import linear_weight_bytes, quantized_linear_names
 from flatquant_lab.hub import load_model
 
-logging.getLogger("lm_eval").setLevel(logging.ERROR)  # per-call notes about in-memory models and task kwargs
 METHODS = ("rtn", "hadamard", "flatquant")
 saved = {"rtn": rtn_dir, "hadamard": hadamard_dir, "flatquant": flatquant_dir}
 if sweep_method not in METHODS:
@@ -120,7 +182,7 @@ if docs is not None and limit is not None:
 select = {"samples": {task: [int(i) for i in docs]}} if docs is not None else {"limit": limit}
 docs_label = (f"documents {list(docs)}" if docs is not None else
               "all documents" if limit is None else f"first {limit} documents")
-work_dir = work_dir or tempfile.mkdtemp(prefix="flatquant_03_")
+work_dir = os.path.abspath(work_dir) if work_dir else output_folder("03_lm_eval_perplexity")
 print(f"task {task}, {docs_label}, clip ratios {clip_ratios}, checkpoints in {work_dir}")
 
 # %% [markdown]
@@ -128,7 +190,10 @@ print(f"task {task}, {docs_label}, clip ratios {clip_ratios}, checkpoints in {wo
 #
 # Each missing checkpoint is made with `quantize` and written with `save_quantized`, exactly
 # as `flatquant-lab quantize` would; every evaluation below loads it back with
-# `load_quantized`, so what is measured is what vllm-ascend would be given.
+# `load_quantized`, so what is measured is what vllm-ascend would be given. They go to
+# `work_dir`, by default `outputs/03_lm_eval_perplexity-<smoke|full>/` beside this notebook
+# (git-ignored, overwritten by the next run): pass them back as `rtn_dir` / `hadamard_dir` /
+# `flatquant_dir` to skip quantizing, or delete the folder.
 
 # %%
 fmodel, tok = load_model(model, num_layers=num_layers)
@@ -145,7 +210,8 @@ for method in METHODS:
     saved[method] = save_quantized(m, os.path.join(work_dir, method), tokenizer=tok, overwrite=True)
     print(f"{method}: quantized and saved to {saved[method]} in {time.perf_counter() - t0:.0f} s")
     del m
-pd.Series({k: str(v) for k, v in saved.items()}, name="checkpoint").to_frame()
+print(f"{work_dir}: {folder_mib(work_dir):.0f} MiB of checkpoints (delete the folder when done with them)")
+smoke_table(pd.Series({k: str(v) for k, v in saved.items()}, name="checkpoint").to_frame())
 
 
 # %% [markdown]
@@ -153,11 +219,12 @@ pd.Series({k: str(v) for k, v in saved.items()}, name="checkpoint").to_frame()
 #
 # `evaluate` runs lm-eval's `simple_evaluate` on the model in memory (rolling windows of
 # `max_length` tokens over each whole document) and returns lm-eval's results dict; the
-# task reports word perplexity, byte perplexity and bits per byte.
+# task reports word perplexity, byte perplexity and bits per byte. Each evaluation shows one
+# progress bar, over the tokens it scores.
 
 # %%
-def lm_eval_ppl(m):
-    res = evaluate(m, tok, tasks=(task,), max_length=max_length, **select)["results"][task]
+def lm_eval_ppl(m, label):
+    res = evaluate(m, tok, tasks=(task,), max_length=max_length, progress=label, **select)["results"][task]
     return {"word perplexity": res["word_perplexity,none"], "byte perplexity": res["byte_perplexity,none"],
             "bits per byte": res["bits_per_byte,none"]}
 
@@ -172,14 +239,14 @@ def load_checkpoint(method):
 
 
 results, weight_bytes = {}, {}
-results["float"] = lm_eval_ppl(fmodel.to(device))
+results["float"] = lm_eval_ppl(fmodel.to(device), "float")
 weight_bytes["float"] = linear_weight_bytes(fmodel)
-for method in tqdm(METHODS, desc="checkpoints"):
+for method in METHODS:
     m = load_checkpoint(method)
-    results[f"W4A4 {method}"] = lm_eval_ppl(m)
+    results[f"W4A4 {method}"] = lm_eval_ppl(m, f"W4A4 {method}")
     weight_bytes[f"W4A4 {method}"] = linear_weight_bytes(m)
     del m
-pd.DataFrame(results).T
+smoke_table(pd.DataFrame(results).T)
 
 # %% [markdown]
 # ## A model-wide clip-ratio override
@@ -190,13 +257,13 @@ pd.DataFrame(results).T
 sweep_model = load_checkpoint(sweep_method)
 qnames = quantized_linear_names(sweep_model)
 sweep = {}
-for r in tqdm(clip_ratios, desc="clip ratio"):
+for r in clip_ratios:
     for n in qnames:
         sweep_model.get_submodule(n).set_clip_ratio(r)
-    sweep[r] = lm_eval_ppl(sweep_model)
+    sweep[r] = lm_eval_ppl(sweep_model, f"W4A4 {sweep_method}, clip ratio {r:g}")
 del sweep_model
 sweep_df = pd.DataFrame(sweep).T.rename_axis(index="clip ratio")
-sweep_df
+smoke_table(sweep_df)
 
 # %%
 fig, ax = plt.subplots(figsize=(7.0, 4.2))
@@ -226,6 +293,7 @@ ax.set_title(f"{model}{' (2 layers)' if smoke else ''}: {task} perplexity vs cli
 ax.legend(fontsize=8, loc="best")
 ax.grid(alpha=0.3, which="both")
 fig.tight_layout()
+smoke_figure(fig)
 if figure_path:
     fq.save_figure(fig, figure_path, dpi=120, bbox_inches="tight")  # atomic: temp file + rename
     print(f"saved {figure_path}")
@@ -240,8 +308,8 @@ rows.update({f"W4A4 {sweep_method}, all clip ratios {r:g}": v for r, v in sweep.
 table = pd.DataFrame(rows).T
 table["x float"] = table["word perplexity"] / results["float"]["word perplexity"]
 table["linear weights (MiB)"] = pd.Series({k: v / 2**20 for k, v in weight_bytes.items()})
-table.style.format({"word perplexity": "{:.4g}", "byte perplexity": "{:.4f}", "bits per byte": "{:.4f}",
-                    "x float": "{:.2f}", "linear weights (MiB)": "{:.1f}"}, na_rep="")
+smoke_table(table.style.format({"word perplexity": "{:.4g}", "byte perplexity": "{:.4f}", "bits per byte": "{:.4f}",
+                                "x float": "{:.2f}", "linear weights (MiB)": "{:.1f}"}, na_rep=""))
 
 # %%
 print(f"03_lm_eval_perplexity done in {time.perf_counter() - t_start:.1f} s")
