@@ -253,3 +253,15 @@ def test_notebook_runs_headless(name, kernel_name, tmp_path, record_property):
     tables = [(i, o.data["text/html"]) for i, o in outputs if "<table" in o.get("data", {}).get("text/html", "")]
     assert tables and all(SMOKE_MARK in html for _, html in tables), [i for i, h in tables if SMOKE_MARK not in h]
     assert any(SMOKE_MARK in o.get("data", {}).get("text/markdown", "") for _, o in outputs)
+
+
+def test_lab_requirements_carry_the_test_pins():
+    """`make lab` installs requirements-lab.txt over requirements.txt: the same jupyterlab and jupytext."""
+    root = NB_DIR.parent
+
+    def pins(name):
+        return {ln.strip() for ln in (root / name).read_text().splitlines() if ln.strip() and not ln.startswith("#")}
+
+    lab = pins("requirements-lab.txt")
+    assert {p.split("==")[0] for p in lab} >= {"jupyterlab", "jupytext"}
+    assert lab <= pins("requirements.txt"), lab - pins("requirements.txt")
