@@ -35,6 +35,7 @@ bench: $(STAMP)
 data: $(STAMP)
 	$(PY) data/build_data.py
 
+# JupyterLab with jupytext: open a notebook's .ipynb, or its .py (Open With > Notebook); saving writes both.
 lab: $(STAMP)
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements-lab.txt
 	$(VENV)/bin/jupyter lab notebooks/

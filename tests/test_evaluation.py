@@ -173,3 +173,33 @@ def test_eval_cli_limit_batch_size_backend_values():
     assert set(evaluation.BACKEND_CHOICES) == {"auto", *ops.BACKENDS}
     for name in evaluation.BACKEND_CHOICES:
         assert parser.parse_args(["--backend", name]).backend == name
+
+
+def test_evaluate_shows_one_bar_and_none_of_lm_evals_noise(tiny, tmp_path, monkeypatch, capfd, caplog):
+    """Outside a git checkout: no `fatal: not a git repository`, no per-window plain bars, and lm-eval's
+    notes about in-memory models and our task loader at DEBUG; one bar that counts every scored token."""
+    import logging
+
+    model, tok = tiny
+    monkeypatch.chdir(tmp_path)  # lm-eval ran `git describe` here, printing git's fatal line to stderr
+    capfd.readouterr()
+    with caplog.at_level(logging.DEBUG):
+        res = evaluate(model, tok, tasks="wiki_fq_eval", limit=1, max_length=256, log_samples=True,
+                       progress="scoring")
+    err = capfd.readouterr().err
+    assert "fatal" not in err and "Running loglikelihood" not in err and "it/s" not in err, err[-2000:]
+    noisy = [r.getMessage()[:80] for r in caplog.records if r.name.startswith("lm_eval") and r.levelno >= logging.WARNING]
+    assert not noisy, noisy
+    notes = [r for r in caplog.records if "already-initialized model" in r.getMessage()]
+    assert notes and all(r.levelno == logging.DEBUG for r in notes)  # still there for who wants it
+    (sample,) = res["samples"]["wiki_fq_eval"]
+    n = len(tok(sample["doc"]["text"], add_special_tokens=False).input_ids)
+    lines = [ln for ln in err.replace("\r", "\n").splitlines() if ln.strip()]
+    assert lines and all(ln.startswith("scoring") for ln in lines), lines[:3]
+    assert f" {n}/{n} " in lines[-1], (n, lines[-1])
+    assert res["git_hash"] is None or res["git_hash"] == evaluate.__globals__["package_git_hash"]()
+
+    evaluate(model, tok, tasks="wiki_fq_eval", limit=1, max_length=256, progress=False)
+    assert capfd.readouterr().err == ""
+    with pytest.raises(TypeError, match="progress: expected True, False or a label"):
+        evaluate(model, tok, progress=1)

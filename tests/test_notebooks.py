@@ -1,15 +1,20 @@
-"""The research notebooks: they run headless at smoke size, and are committed clean.
+"""The research notebooks: jupytext pairs in sync, committed clean, and they run headless at smoke size.
+
+Each notebook is a pair: ``notebooks/NN_name.py`` (jupytext percent format, the reviewed source) and
+``notebooks/NN_name.ipynb`` (what Jupyter and papermill open), kept in step by jupytext
+(``jupytext --sync notebooks/*.py``, or JupyterLab with jupytext installed).
 
 Execution goes through papermill with ``smoke=True`` (2-layer model, a few tokens), in a Jupyter
-kernel running this very interpreter. The three runs share one xdist group, so under
+kernel running this very interpreter. The runs share one xdist group, so under
 ``pytest -n 2 --dist loadgroup`` they take turns on one worker (each kernel already uses both
 cores) while the other worker runs the rest of the suite.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
+import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -18,16 +23,29 @@ import pytest
 
 NB_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = ["01_numerics.ipynb", "02_clip_ratio_sweep.ipynb", "03_lm_eval_perplexity.ipynb"]
-# Where a notebook writes checkpoints, pointed into the test's tmp_path (defaults are temp folders).
+# Where a notebook writes checkpoints, pointed into the test's tmp_path (defaults: notebooks/outputs/).
 OUTPUT_PARAMS = {"02_clip_ratio_sweep.ipynb": "output_dir", "03_lm_eval_perplexity.ipynb": "work_dir"}
 CELL_TIMEOUT_S = 600  # a hung kernel fails the test instead of blocking the run
+SMOKE_MARK = "SMOKE RUN"
 
 
-def _load_generator():
-    spec = importlib.util.spec_from_file_location("make_notebooks", NB_DIR / "make_notebooks.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def pair_difference(py_path: Path, ipynb_path: Path) -> str | None:
+    """jupytext's own comparison of the two halves of a pair (cells, their types, sources and metadata,
+    as the percent format keeps them); None when in sync, else jupytext's description of the first difference."""
+    import jupytext
+    from jupytext.compare import NotebookDifference, compare_notebooks
+
+    try:
+        compare_notebooks(jupytext.read(py_path), jupytext.read(ipynb_path), fmt="py:percent")
+    except NotebookDifference as exc:
+        return str(exc)
+    return None
+
+
+def _code_sources(name: str) -> list[str]:
+    import jupytext
+
+    return [c.source for c in jupytext.read(NB_DIR / name.replace(".ipynb", ".py")).cells if c.cell_type == "code"]
 
 
 def _runs_this_python(argv0: str) -> bool:
@@ -58,13 +76,44 @@ def kernel_name(tmp_path_factory) -> str:
     return "flatquant-lab-test"
 
 
-def test_generator_lists_the_notebooks():
-    assert sorted(_load_generator().NOTEBOOKS) == NOTEBOOKS
+def test_the_notebook_folder_holds_pairs_and_no_generator():
+    assert sorted(p.name for p in NB_DIR.glob("*.ipynb")) == NOTEBOOKS
+    assert sorted(p.name for p in NB_DIR.glob("*.py")) == [n.replace(".ipynb", ".py") for n in NOTEBOOKS]
+    assert not (NB_DIR / "make_notebooks.py").exists()
+    config = (NB_DIR / "jupytext.toml").read_text()
+    assert re.search(r'^formats = "ipynb,py:percent"$', config, re.M), config
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_pair_is_in_sync(name):
+    diff = pair_difference(NB_DIR / name.replace(".ipynb", ".py"), NB_DIR / name)
+    assert diff is None, f"{name} and its .py differ; run `jupytext --sync notebooks/*.py` (or save in JupyterLab):\n{diff}"
+
+
+def test_pair_check_catches_an_edit_in_either_half(tmp_path):
+    """The check above can fail: one changed line, a dropped tag or a removed cell in either file."""
+    import jupytext
+
+    py, nb = tmp_path / "n.py", tmp_path / "n.ipynb"
+    name = NOTEBOOKS[1]
+    shutil.copy(NB_DIR / name.replace(".ipynb", ".py"), py)
+    shutil.copy(NB_DIR / name, nb)
+    assert pair_difference(py, nb) is None
+    text = py.read_text()
+    py.write_text(text.replace("tokens: int = 256", "tokens: int = 512", 1))
+    assert "Cell content differ" in pair_difference(py, nb)
+    py.write_text(text.replace('# %% tags=["parameters"]', "# %%", 1))
+    assert "Metadata differ" in pair_difference(py, nb)
+    py.write_text(text)
+    notebook = jupytext.read(nb)
+    del notebook.cells[3]
+    jupytext.write(notebook, nb)
+    assert pair_difference(py, nb) is not None
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_committed_notebook_is_clean(name):
-    """No outputs or execution counts, a tagged parameters cell first, and in sync with the generator."""
+    """No outputs or execution counts, and a tagged parameters cell first."""
     import nbformat
 
     path = NB_DIR / name
@@ -72,11 +121,31 @@ def test_committed_notebook_is_clean(name):
     nbformat.validate(nb)
     code = [c for c in nb.cells if c.cell_type == "code"]
     dirty = [i for i, c in enumerate(code) if c.outputs or c.execution_count is not None]
-    assert not dirty, f"{name}: code cells {dirty} carry outputs; regenerate with notebooks/make_notebooks.py"
+    assert not dirty, f"{name}: code cells {dirty} carry outputs; clear them (Edit > Clear Outputs of All Cells) and save"
+    assert not nb.metadata.get("widgets"), f"{name}: saved widget state; clear it before committing"
     assert "parameters" in code[0].metadata.get("tags", []), f"{name}: first code cell is not tagged 'parameters'"
     assert "smoke" in code[0].source and "backend" in code[0].source
-    fresh = nbformat.writes(_load_generator().NOTEBOOKS[name]())
-    assert path.read_text().rstrip("\n") == fresh.rstrip("\n"), f"{name} differs from what notebooks/make_notebooks.py writes; rerun it"
+
+
+def test_notebooks_share_one_setup_cell():
+    """The cell after the parameters (backend choice, logging, smoke notice, output folder) is the same in all."""
+    setups = {name: _code_sources(name)[1] for name in NOTEBOOKS}
+    assert len(set(setups.values())) == 1, "the set-up cells differ; edit all three alike"
+    assert "def smoke_figure" in setups[NOTEBOOKS[0]] and "def output_folder" in setups[NOTEBOOKS[0]]
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_cells_mark_smoke_figures_and_save_through_save_figure(name):
+    """Every figure is stamped on smoke runs, and saved with fq.save_figure (atomic), never fig.savefig;
+    nothing is written to a temporary folder that nobody removes."""
+    sources = _code_sources(name)
+    drawing = [src for src in sources if "plt.subplots(" in src]
+    assert drawing and all("smoke_figure(fig)" in src for src in drawing), name
+    saving = [src for src in sources if "if figure_path:" in src]
+    assert saving, f"{name}: no cell saves the figure"
+    assert not any(".savefig(" in src for src in sources), f"{name}: a cell calls savefig directly"
+    assert all("fq.save_figure(fig, figure_path" in src for src in saving), name
+    assert not any("tempfile" in src or "mkdtemp" in src for src in sources), name
 
 
 @pytest.mark.slow
@@ -100,46 +169,24 @@ def test_clip_sweep_notebook_tunes_a_flatquant_checkpoint(kernel_name, tmp_path)
                                parameters={"smoke": True, "threads": 1, "quantized_dir": str(tmp_path / "fq"),
                                            "output_dir": str(tmp_path / "tuned")},
                                progress_bar=False, execution_timeout=CELL_TIMEOUT_S)
-    text = "".join(o.get("text", "") for c in nbformat.read(out, as_version=4).cells if c.cell_type == "code"
-                   for o in c.outputs)
-    assert "14 W4A4 linears in 2 layers" in text and "captured 64 tokens for each of 14 linears" in text
-    assert "int4 path within its bound of the dequantized reference: True" in text
+    ran = nbformat.read(out, as_version=4)
+    text = "".join(o.get("text", "") for c in ran.cells if c.cell_type == "code" for o in c.outputs)
+    assert "14 W4A4 linears in 2 layers" in text
+    assert "captured 64 calibration-set tokens (2 windows of 32) for each of 14 linears" in text
+    # The readout lives in the widget's Output only: no static copy above it.
+    assert "int4 path within its bound" not in text
+    readout = widget_output_text(ran)
+    assert "int4 path within its bound of the dequantized reference: True" in readout, readout
+    assert readout.startswith("[smoke run: numbers meaningless] model.layers.1.mlp.down_proj at clip ratio 1.000")
     tuned = fq.load_quantized(tmp_path / "tuned")
     assert sum(isinstance(m, fq.W4A4FlatQuantLinear) for m in tuned.modules()) == 14
 
 
-def test_generator_writes_each_notebook_atomically(tmp_path, monkeypatch):
-    """Temp file beside the target, then a rename: an interrupted run never leaves a torn .ipynb."""
-    import nbformat
-
-    gen = _load_generator()
-    monkeypatch.setattr(gen, "HERE", tmp_path)
-    target = tmp_path / NOTEBOOKS[0]
-    target.write_text("old\n")
-    inode = target.stat().st_ino
-    assert gen.main([NOTEBOOKS[0]]) == 0
-    assert target.stat().st_ino != inode  # replaced, not rewritten in place
-    good = nbformat.writes(gen.NOTEBOOKS[NOTEBOOKS[0]]()) + "\n"
-    assert target.read_text() == good
-    assert sorted(p.name for p in tmp_path.iterdir()) == [NOTEBOOKS[0]]
-    # A failure half-way through the write leaves the previous file whole and no temp file behind
-    # (a lone surrogate cannot be encoded as UTF-8).
-    monkeypatch.setattr(gen.nbformat, "writes", lambda nb, *args, **kwargs: '{"cells": [' + chr(0xD800))
-    with pytest.raises(UnicodeEncodeError):
-        gen.main([NOTEBOOKS[0]])
-    assert target.read_text() == good
-    assert sorted(p.name for p in tmp_path.iterdir()) == [NOTEBOOKS[0]]
-
-
-def test_generator_cells_save_figures_through_save_figure():
-    """Figures are saved with fq.save_figure (atomic), never fig.savefig straight onto figure_path."""
-    gen = _load_generator()
-    for name in NOTEBOOKS:
-        sources = [c.source for c in gen.NOTEBOOKS[name]().cells if c.cell_type == "code"]
-        saving = [src for src in sources if "if figure_path:" in src]
-        assert saving, f"{name}: no cell saves the figure"
-        assert not any(".savefig(" in src for src in sources), f"{name}: a cell calls savefig directly"
-        assert all("fq.save_figure(fig, figure_path" in src for src in saving), name
+def widget_output_text(nb) -> str:
+    """The text that ipywidgets Output widgets held when the notebook was saved (nbclient stores their state)."""
+    state = nb.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {}).get("state", {})
+    return "".join(o.get("text", "") for m in state.values() if m["model_name"] == "OutputModel"
+                   for o in m["state"].get("outputs", []))
 
 
 def test_save_figure_is_atomic(tmp_path, monkeypatch):
@@ -182,6 +229,7 @@ def test_save_figure_is_atomic(tmp_path, monkeypatch):
 @pytest.mark.xdist_group("notebooks")
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs_headless(name, kernel_name, tmp_path, record_property):
+    import nbformat
     import papermill
 
     # One torch thread per kernel, as conftest gives each xdist worker: with 2 workers on 2 cores, more
@@ -197,3 +245,23 @@ def test_notebook_runs_headless(name, kernel_name, tmp_path, record_property):
     seconds = time.perf_counter() - t0
     record_property("seconds", round(seconds, 1))
     print(f"{name}: {seconds:.1f} s")
+    ran = nbformat.read(tmp_path / name, as_version=4)
+    outputs = [(i, o) for i, c in enumerate(ran.cells) if c.cell_type == "code" for o in c.outputs]
+    # Nothing on stderr: no plain progress bars, no git noise, information logged as information.
+    stderr = [(i, o.text[:200]) for i, o in outputs if o.output_type == "stream" and o.name == "stderr"]
+    assert not stderr, stderr
+    tables = [(i, o.data["text/html"]) for i, o in outputs if "<table" in o.get("data", {}).get("text/html", "")]
+    assert tables and all(SMOKE_MARK in html for _, html in tables), [i for i, h in tables if SMOKE_MARK not in h]
+    assert any(SMOKE_MARK in o.get("data", {}).get("text/markdown", "") for _, o in outputs)
+
+
+def test_lab_requirements_carry_the_test_pins():
+    """`make lab` installs requirements-lab.txt over requirements.txt: the same jupyterlab and jupytext."""
+    root = NB_DIR.parent
+
+    def pins(name):
+        return {ln.strip() for ln in (root / name).read_text().splitlines() if ln.strip() and not ln.startswith("#")}
+
+    lab = pins("requirements-lab.txt")
+    assert {p.split("==")[0] for p in lab} >= {"jupyterlab", "jupytext"}
+    assert lab <= pins("requirements.txt"), lab - pins("requirements.txt")

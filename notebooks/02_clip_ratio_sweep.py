@@ -1,0 +1,401 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 02 · Activation clip ratio: per-layer sweep, choice, and a tuned checkpoint
+#
+# `npu_kronecker_quant` scales each token by `max |b| * c / 7`: a clip ratio `c < 1` clips the
+# largest values and gives every other value a finer grid. Each W4A4 layer stores its `c`
+# (`clip_ratio`, float32 `[1]`); vllm-ascend loads q/k/v and gate/up as one fused module each,
+# so those shards must share one ratio.
+#
+# This notebook quantizes the bundled model with fixed Hadamard transforms (all ratios 1.0), or
+# loads a saved W4A4 checkpoint of any method (RTN, Hadamard, FlatQuant), then: explores one
+# layer interactively (layer, ratio, backend); sweeps every quantized linear over a grid of
+# ratios (SQNR heatmap); picks one ratio per fused group; writes them into a copy of the
+# checkpoint with `set_clip_ratio` and `save_quantized(..., overwrite=True)` (atomic); and
+# measures token perplexity before and after.
+#
+# **Tuning data and evaluation data never meet.** The clip ratios are chosen on activations of
+# calibration-set tokens (`flatquant_lab.data.calibration_ids` on the bundled `calib` split, or
+# on `calib_data`); perplexity is measured on the evaluation split (`data`), which nothing in
+# this notebook tunes on. The two bundled splits hold different Wikipedia articles.
+
+# %% tags=["parameters"]
+model: str = "smollm2-135m"  # float model: alias or local Hugging Face directory
+data = None  # evaluation text, for perplexity only (.jsonl or text file); None: bundled eval split
+calib_data = None  # calibration text, the only text the clip ratios are tuned on; None: bundled calib split
+backend = None  # "npu", "reference", or None: npu on an Ascend host, else reference
+threads = None  # torch CPU threads; None: torch's default (on a busy machine, 1 avoids thrashing)
+smoke: bool = False  # CI size: 2 layers, 3 ratios, a short perplexity slice
+quantized_dir = None  # a saved W4A4 checkpoint of model (any method); None: quantize with method hadamard here
+output_dir = None  # where the tuned checkpoint goes; None: outputs/02_clip_ratio_sweep-<smoke|full>/clip_tuned
+ratios = None  # clip ratios to sweep; None: 1.0 down to 0.6
+tokens: int = 256  # calibration tokens of activations per linear for the sweep: tokens / calib_seqlen windows
+calib_seqlen: int = 128  # length of each calibration window (taken at random offsets, seeded)
+seed: int = 0
+ppl_windows: int = 8  # token perplexity before/after: this many windows of ppl_window tokens
+ppl_window: int = 512
+figure_path = None  # where to save the heatmap (PNG), e.g. "../docs/img/02_clip_ratio_heatmap.png"
+
+# %%
+import logging
+import os
+import sys
+import time
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import datasets
+import torch
+import transformers
+from IPython.display import Markdown, display
+from pandas.io.formats.style import Styler
+from tqdm.auto import tqdm
+
+import flatquant_lab as fq
+from flatquant_lab.ops import npu as fq_npu
+
+# is_available() imports torch_npu lazily and says False off an Ascend host (no CANN).
+on_ascend = fq_npu.is_available()
+if backend is None:
+    backend = "npu" if on_ascend else "reference"
+if backend not in ("npu", "reference"):
+    raise ValueError(f"backend: expected 'npu', 'reference' or None (auto-detect), got {backend!r}")
+if backend == "npu" and not on_ascend:
+    raise ValueError("backend: 'npu' needs torch_npu and an Ascend device, and none was found; "
+                     "use 'reference' or None")
+# Layers built without an explicit backend (load_quantized, quantize) follow this variable.
+os.environ["FLATQUANT_BACKEND"] = backend
+device = torch.device("npu" if backend == "npu" else "cpu")
+if threads is not None:
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads: expected a positive int or None, got {threads!r}")
+    torch.set_num_threads(threads)
+if not isinstance(smoke, bool):
+    raise ValueError(f"smoke: expected True or False, got {smoke!r}")
+if figure_path is not None:
+    figure_path = os.path.abspath(figure_path)
+    os.makedirs(os.path.dirname(figure_path), exist_ok=True)
+
+
+class _Below(logging.Filter):
+    def __init__(self, level):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record):
+        return record.levelno < self.level
+
+
+# flatquant_lab's INFO lines are information: plain text on stdout; warnings stay on stderr, marked as such.
+_info = logging.StreamHandler(sys.stdout)
+_info.setFormatter(logging.Formatter("%(message)s"))
+_info.addFilter(_Below(logging.WARNING))
+_warn = logging.StreamHandler(sys.stderr)
+_warn.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+_warn.setLevel(logging.WARNING)
+_fq_log = logging.getLogger("flatquant_lab")
+_fq_log.handlers[:] = [_info, _warn]  # assigned, not appended: re-running this cell adds no duplicates
+_fq_log.setLevel(logging.INFO)
+_fq_log.propagate = False
+# A bar per model load and per text read: both are quick here, and the long steps have bars of their own.
+transformers.utils.logging.disable_progress_bar()
+datasets.disable_progress_bars()
+
+SMOKE_NOTICE = ("SMOKE RUN: the model is truncated to 2 layers and every budget is a token one, so these "
+                "numbers say only that the code runs; they say nothing about quantization quality.")
+
+
+def smoke_figure(fig):
+    """On a smoke run, stamp the notice across the figure, so that no copy of it travels without it."""
+    if smoke:
+        fig.text(0.5, 0.5, "SMOKE RUN (2-layer truncation)\nnumbers meaningless", ha="center", va="center",
+                 fontsize=20, color="tab:red", alpha=0.35, rotation=12, zorder=10)
+    return fig
+
+
+def smoke_table(df):
+    """On a smoke run, the table with the notice as its caption; else the table as it is."""
+    if not smoke:
+        return df
+    style = df if isinstance(df, Styler) else df.style
+    return style.set_caption(SMOKE_NOTICE).set_table_styles(
+        [{"selector": "caption", "props": "color: #b00; font-weight: bold; caption-side: top"}], overwrite=False)
+
+
+def output_folder(notebook: str) -> str:
+    """notebooks/outputs/<notebook>-<smoke|full>/: git-ignored, overwritten by the next run, yours to reuse or delete."""
+    path = os.path.abspath(os.path.join("outputs", f"{notebook}-{'smoke' if smoke else 'full'}"))
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def folder_mib(path) -> float:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files) / 2**20
+
+
+t_start = time.perf_counter()
+print(f"flatquant_lab {fq.__version__}; backend {backend} on {device}, {torch.get_num_threads()} thread(s)"
+      f"{' (torch_npu found)' if on_ascend else ' (no Ascend device: CPU reference ops)'}; smoke={smoke}")
+if smoke:
+    display(Markdown(f"**{SMOKE_NOTICE}**"))
+
+# %%
+import copy
+
+import ipywidgets as widgets
+
+from flatquant_lab.recipe import QuantConfig
+from flatquant_lab.data import bundled_data_path, calibration_ids
+from flatquant_lab.eval import token_perplexity
+from flatquant_lab.io import load_quantized, save_quantized
+from flatquant_lab.models import quantized_linear_names
+from flatquant_lab.hub import load_model
+from flatquant_lab.models import GROUPS
+from flatquant_lab.numerics import DEFAULT_RATIOS, check_linear, sweep_layer_clip_ratio
+
+if isinstance(ratios, str):  # papermill -p passes text; lists go through -y / -f
+    raise ValueError(f"ratios: expected a list of floats in (0, 1], got the string {ratios!r}")
+ratios = [float(r) for r in (ratios if ratios is not None else DEFAULT_RATIOS)]
+if not ratios:
+    raise ValueError("ratios: expected at least one clip ratio in (0, 1], got none")
+if smoke:
+    ratios = ratios[:: max(1, len(ratios) // 3)][:3]
+    tokens, calib_seqlen = min(tokens, 64), min(calib_seqlen, 32)
+    ppl_windows, ppl_window = min(ppl_windows, 2), min(ppl_window, 128)
+for pname, pval in (("tokens", tokens), ("calib_seqlen", calib_seqlen)):
+    if isinstance(pval, bool) or not isinstance(pval, int) or pval < 1:
+        raise ValueError(f"{pname}: expected a positive int, got {pval!r}")
+if tokens % calib_seqlen:
+    raise ValueError(f"tokens: expected a multiple of calib_seqlen={calib_seqlen} (whole windows), got {tokens}")
+eval_source = data or bundled_data_path("eval")
+calib_source = calib_data or bundled_data_path("calib")
+paths = all(isinstance(v, (str, os.PathLike)) for v in (eval_source, calib_source))
+if paths and os.path.realpath(eval_source) == os.path.realpath(calib_source):
+    raise ValueError(f"calib_data: {calib_source} is the evaluation text too; tuning on it would make the "
+                     "perplexity below meaningless. Pass a separate calibration text, or None for the bundled one")
+num_layers = 2 if smoke else None
+
+# %% [markdown]
+# ## Models
+#
+# The W4A4 model is what gets swept and tuned; the float model is the perplexity reference.
+# Each linear is swept on the inputs it sees inside the W4A4 model, against itself with
+# unquantized activations (`sweep_layer_clip_ratio`'s default reference:
+# `kron_apply(x, L, R) @ W_hat^T`, its own int4 weights). That isolates the error the clip
+# ratio trades, and works for any checkpoint: FlatQuant's smoothing is folded into the norms,
+# so its layers' inputs are not the float model's, and GPTQ weights are not RTN of the float
+# ones.
+
+# %%
+if quantized_dir is not None:
+    qmodel = load_quantized(quantized_dir, backend=backend)
+    num_layers = qmodel.config.num_hidden_layers
+    fmodel, tok = load_model(model, num_layers=num_layers)
+else:
+    fmodel, tok = load_model(model, num_layers=num_layers)
+    qmodel = fq.quantize(copy.deepcopy(fmodel), QuantConfig(method="hadamard"), backend=backend)
+fmodel.to(device)
+qmodel.to(device)
+names = quantized_linear_names(qmodel)
+if not names:
+    raise ValueError(f"quantized_dir: {quantized_dir} holds no W4A4 layers")
+print(f"{len(names)} W4A4 linears in {qmodel.config.num_hidden_layers} layers; "
+      f"clip ratios now: {sorted({round(float(qmodel.get_submodule(n).clip_ratio), 4) for n in names})}")
+
+# %% [markdown]
+# ## Calibration activations
+#
+# Each W4A4 linear's input, recorded by forward pre-hooks while the W4A4 model reads
+# `tokens / calib_seqlen` windows of the calibration text. Everything tuned below (the live
+# readout, the sweep, the choice) sees only these activations.
+
+# %%
+calib_ids = calibration_ids(calib_source, tok, tokens // calib_seqlen, calib_seqlen, seed=seed)
+acts, hooks = {}, []
+for n in names:
+    hooks.append(qmodel.get_submodule(n).register_forward_pre_hook(
+        lambda mod, args, n=n: acts.__setitem__(n, args[0].detach().reshape(-1, args[0].shape[-1]).float())))
+try:
+    with torch.no_grad():
+        qmodel(calib_ids.to(device))
+finally:
+    for h in hooks:
+        h.remove()
+print(f"captured {calib_ids.numel()} calibration-set tokens ({calib_ids.shape[0]} windows of {calib_seqlen}) "
+      f"for each of {len(acts)} linears")
+
+# %% [markdown]
+# ## One layer, live
+#
+# Pick a layer, a clip ratio and a backend: the readout is that layer's SQNR at the ratio (on a
+# copy; the model is not touched) and `check_linear`'s verdict on its int4 path, the curve its
+# SQNR over a fine grid of ratios. The controls need a live kernel (JupyterLab); a saved copy of
+# the notebook keeps the readout of the values it was saved with.
+
+# %%
+grid = [round(float(r), 3) for r in torch.linspace(0.5, 1.0, 6 if smoke else 26)]
+backends = ["reference"] + (["npu"] if on_ascend else [])
+_probes, _curves = {}, {}
+
+
+def probe(name, be):
+    # A copy of the model's layer on backend be, so that the slider never changes the model.
+    if (name, be) not in _probes:
+        q = qmodel.get_submodule(name)
+        _probes[name, be] = fq.W4A4FlatQuantLinear.from_checkpoint(
+            q.checkpoint_tensors(), backend=be, act_dtype=q.act_dtype).to(device)
+    return _probes[name, be]
+
+
+def sqnr_curve(name, be):
+    if (name, be) not in _curves:
+        res = sweep_layer_clip_ratio(probe(name, be), acts[name], grid)
+        _curves[name, be] = [row.sqnr_db for row in res.rows]
+    return _curves[name, be]
+
+
+def show(name, ratio, be):
+    p = probe(name, be)
+    p.set_clip_ratio(ratio)
+    (row,) = sweep_layer_clip_ratio(p, acts[name], [ratio]).rows
+    rep = check_linear(p, acts[name])
+    print(f"{'[smoke run: numbers meaningless] ' if smoke else ''}"
+          f"{name} at clip ratio {ratio:.3f} on {rep.backend}: SQNR {row.sqnr_db:.2f} dB, "
+          f"relative error {row.rel_err:.4f} (against unquantized activations); int4 path within its "
+          f"bound of the dequantized reference: {rep.bound_ok}")
+    fig, ax = plt.subplots(figsize=(6.4, 3.0))
+    ax.plot(grid, sqnr_curve(name, be), marker=".", label="SQNR vs unquantized activations")
+    ax.plot([ratio], [row.sqnr_db], "o", color="tab:red", label=f"clip ratio {ratio:.3f}")
+    ax.set_xlabel("activation clip ratio")
+    ax.set_ylabel("SQNR (dB)")
+    ax.set_title(name, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    smoke_figure(fig)
+    plt.show()
+
+
+layer_dd = widgets.Dropdown(options=names, value=names[-1], description="layer")
+ratio_sl = widgets.FloatSlider(value=1.0, min=0.5, max=1.0, step=0.01, description="clip ratio",
+                               continuous_update=False, readout_format=".2f")
+backend_dd = widgets.Dropdown(options=backends, value=backend, description="backend")
+# interactive_output draws the readout once now, then again whenever a control changes
+live = widgets.interactive_output(show, {"name": layer_dd, "ratio": ratio_sl, "be": backend_dd})
+display(widgets.VBox([widgets.HBox([layer_dd, ratio_sl, backend_dd]), live]))
+
+# %% [markdown]
+# ## Every linear, every ratio
+#
+# `sweep_layer_clip_ratio` per linear: SQNR of the W4A4 layer at each ratio against itself with
+# unquantized activations, on that linear's captured inputs (the layer keeps its ratio). One
+# panel per linear kind; a dot marks each row's best.
+
+# %%
+rows = {}
+for n in tqdm(names, desc="sweep"):
+    rows[n] = [row.sqnr_db for row in sweep_layer_clip_ratio(qmodel.get_submodule(n), acts[n], ratios).rows]
+sqnr = pd.DataFrame.from_dict(rows, orient="index", columns=ratios)
+sqnr.columns.name = "clip ratio"
+
+kinds = [m for members in GROUPS.values() for m in members]
+layer_ids = sorted({int(n.split(".")[2]) for n in names})
+vmin, vmax = float(sqnr.min().min()), float(sqnr.max().max())
+fig, axes = plt.subplots(1, len(kinds), figsize=(2.0 * len(kinds) + 1.2, 1.6 + 0.22 * len(layer_ids)),
+                         sharey=True, squeeze=False, layout="constrained")
+for ax, kind in zip(axes[0], kinds):
+    block = sqnr.reindex([f"model.layers.{i}.{kind}" for i in layer_ids])
+    im = ax.imshow(block.to_numpy(dtype=float), aspect="auto", cmap="viridis", vmin=vmin, vmax=vmax,
+                   interpolation="nearest")
+    best = block.to_numpy(dtype=float).argmax(1)
+    ax.plot(best, range(len(layer_ids)), "o", color="white", markersize=3)
+    ax.set_title(kind.split(".")[-1], fontsize=10)
+    ax.set_xticks(range(len(ratios)))
+    ax.set_xticklabels([f"{r:g}" for r in ratios], rotation=90, fontsize=8)
+    ax.set_xlabel("clip ratio", fontsize=9)
+axes[0, 0].set_yticks(range(len(layer_ids)))
+axes[0, 0].set_yticklabels(layer_ids, fontsize=7)
+axes[0, 0].set_ylabel("decoder layer")
+fig.colorbar(im, ax=axes[0].tolist(), label="SQNR vs unquantized activations (dB)", fraction=0.03, pad=0.02)
+fig.suptitle(f"W4A4 SQNR per linear and activation clip ratio ({tokens} calibration tokens each; dot: best)",
+             fontsize=11)
+smoke_figure(fig)
+if figure_path:
+    fq.save_figure(fig, figure_path, dpi=120, bbox_inches="tight")  # atomic: temp file + rename
+    print(f"saved {figure_path}")
+plt.show()
+
+# %% [markdown]
+# ## One ratio per fused group
+#
+# q/k/v and gate/up must share one clip ratio (vllm-ascend loads each set as one module), so
+# each group takes the ratio with the highest mean SQNR over its members; o_proj and down_proj
+# are groups of one.
+
+# %%
+choice = {}
+for i in layer_ids:
+    for group, members in GROUPS.items():
+        member_names = [f"model.layers.{i}.{m}" for m in members if f"model.layers.{i}.{m}" in rows]
+        if member_names:
+            best = float(sqnr.loc[member_names].mean(axis=0).idxmax())
+            choice.update({n: best for n in member_names})
+at_choice = pd.Series({n: sqnr.loc[n, r] for n, r in choice.items()})
+at_first = sqnr[ratios[0]]
+print(f"mean SQNR over {len(choice)} linears: {at_first.mean():.2f} dB at clip ratio {ratios[0]:g}, "
+      f"{at_choice.mean():.2f} dB at the chosen ratios")
+# layer x group: the ratio each fused module gets
+smoke_table(pd.DataFrame([{g: choice.get(f"model.layers.{i}.{members[0]}") for g, members in GROUPS.items()}
+                          for i in layer_ids], index=pd.Index(layer_ids, name="layer")))
+
+
+# %% [markdown]
+# ## Perplexity before and after, and the tuned checkpoint
+#
+# Token perplexity (`flatquant_lab.eval.token_perplexity`: the first `ppl_windows`
+# windows of `ppl_window` tokens of the evaluation text, which the ratios were not tuned on)
+# with the ratios as loaded and with the chosen ones; the float model for reference. The chosen
+# ratios are set on the model with `set_clip_ratio` and saved with
+# `save_quantized(..., overwrite=True)`, which writes a temporary folder and renames it into
+# place: by default into `outputs/02_clip_ratio_sweep-<smoke|full>/clip_tuned` beside this
+# notebook (git-ignored; load it with `load_quantized`, pass it to notebook 03, or delete it).
+
+# %%
+def ppl(m):
+    return token_perplexity(m, tok, eval_source, window=ppl_window, max_windows=ppl_windows)
+
+
+ppl_fp = ppl(fmodel)
+ppl_before = ppl(qmodel)
+for n, r in choice.items():
+    qmodel.get_submodule(n).set_clip_ratio(r)
+ppl_after = ppl(qmodel)
+smoke_table(pd.DataFrame({"token perplexity (evaluation set)": {
+    "float": ppl_fp, "W4A4, ratios as loaded": ppl_before, "W4A4, chosen ratios": ppl_after}}))
+
+# %%
+out_dir = os.path.abspath(output_dir or os.path.join(output_folder("02_clip_ratio_sweep"), "clip_tuned"))
+save_quantized(qmodel, out_dir, tokenizer=tok, overwrite=True)
+reloaded = load_quantized(out_dir, backend=backend)
+stored = {n: float(reloaded.get_submodule(n).clip_ratio) for n in names}
+mismatch = [n for n in names if stored[n] != float(torch.tensor(choice[n], dtype=torch.float32))]
+if mismatch:
+    raise AssertionError(f"{out_dir}: clip ratios of {mismatch[:3]} did not round-trip")
+print(f"wrote {out_dir} ({folder_mib(out_dir):.0f} MiB) with {len(set(choice.values()))} distinct clip ratios; "
+      f"evaluation-set perplexity {ppl_before:.2f} -> {ppl_after:.2f} (float {ppl_fp:.2f})"
+      f"{' [smoke run: numbers meaningless]' if smoke else ''}")
+
+# %%
+print(f"02_clip_ratio_sweep done in {time.perf_counter() - t_start:.1f} s")

@@ -1,0 +1,315 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 03 · lm-eval perplexity: float, RTN, Hadamard, FlatQuant, and a model-wide clip ratio
+#
+# Word perplexity on the bundled held-out Wikipedia articles (lm-eval task `wiki_fq_eval`,
+# offline, through `flatquant_lab.eval.evaluate`) for the float model and for three
+# W4A4 checkpoints in the vllm-ascend format: RTN (identity transforms), Hadamard (fixed
+# orthogonal Kronecker factors) and FlatQuant (learned transforms, smoothing and clipping).
+# Saved checkpoints can be passed in; any that is missing is quantized and saved here.
+# Then one checkpoint gets every W4A4 layer's clip ratio overridden to the same `r`, for a
+# range of `r` (one value for all layers keeps the fused q/k/v and gate/up shards identical).
+
+# %% tags=["parameters"]
+model: str = "smollm2-135m"  # float model: alias or local Hugging Face directory
+backend = None  # "npu", "reference", or None: npu on an Ascend host, else reference
+threads = None  # torch CPU threads; None: torch's default (on a busy machine, 1 avoids thrashing)
+smoke: bool = False  # CI size: 2 layers, 2 documents, 2 ratios, a token calibration budget
+rtn_dir = None  # saved W4A4 checkpoints of model (flatquant-lab quantize); None: quantize here
+hadamard_dir = None
+flatquant_dir = None
+work_dir = None  # where checkpoints quantized here are saved; None: outputs/03_lm_eval_perplexity-<smoke|full>
+profile: str = "fast"  # FlatQuant calibration budget for a checkpoint made here (recipe.PROFILES)
+task: str = "wiki_fq_eval"  # lm-eval perplexity task (the bundled held-out articles)
+limit = None  # evaluate the first limit documents; None: all of them
+docs = None  # or these document indices (lm-eval samples), e.g. [1, 2]; not with limit
+max_length: int = 512  # lm-eval rolling window
+clip_ratios = None  # model-wide clip ratios to sweep; None: 1.0 down to 0.7
+sweep_method: str = "hadamard"  # which checkpoint the sweep runs on: rtn, hadamard or flatquant
+figure_path = None  # where to save the perplexity-vs-clip-ratio plot (PNG)
+
+# %%
+import logging
+import os
+import sys
+import time
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import datasets
+import torch
+import transformers
+from IPython.display import Markdown, display
+from pandas.io.formats.style import Styler
+from tqdm.auto import tqdm
+
+import flatquant_lab as fq
+from flatquant_lab.ops import npu as fq_npu
+
+# is_available() imports torch_npu lazily and says False off an Ascend host (no CANN).
+on_ascend = fq_npu.is_available()
+if backend is None:
+    backend = "npu" if on_ascend else "reference"
+if backend not in ("npu", "reference"):
+    raise ValueError(f"backend: expected 'npu', 'reference' or None (auto-detect), got {backend!r}")
+if backend == "npu" and not on_ascend:
+    raise ValueError("backend: 'npu' needs torch_npu and an Ascend device, and none was found; "
+                     "use 'reference' or None")
+# Layers built without an explicit backend (load_quantized, quantize) follow this variable.
+os.environ["FLATQUANT_BACKEND"] = backend
+device = torch.device("npu" if backend == "npu" else "cpu")
+if threads is not None:
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads: expected a positive int or None, got {threads!r}")
+    torch.set_num_threads(threads)
+if not isinstance(smoke, bool):
+    raise ValueError(f"smoke: expected True or False, got {smoke!r}")
+if figure_path is not None:
+    figure_path = os.path.abspath(figure_path)
+    os.makedirs(os.path.dirname(figure_path), exist_ok=True)
+
+
+class _Below(logging.Filter):
+    def __init__(self, level):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record):
+        return record.levelno < self.level
+
+
+# flatquant_lab's INFO lines are information: plain text on stdout; warnings stay on stderr, marked as such.
+_info = logging.StreamHandler(sys.stdout)
+_info.setFormatter(logging.Formatter("%(message)s"))
+_info.addFilter(_Below(logging.WARNING))
+_warn = logging.StreamHandler(sys.stderr)
+_warn.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+_warn.setLevel(logging.WARNING)
+_fq_log = logging.getLogger("flatquant_lab")
+_fq_log.handlers[:] = [_info, _warn]  # assigned, not appended: re-running this cell adds no duplicates
+_fq_log.setLevel(logging.INFO)
+_fq_log.propagate = False
+# A bar per model load and per text read: both are quick here, and the long steps have bars of their own.
+transformers.utils.logging.disable_progress_bar()
+datasets.disable_progress_bars()
+
+SMOKE_NOTICE = ("SMOKE RUN: the model is truncated to 2 layers and every budget is a token one, so these "
+                "numbers say only that the code runs; they say nothing about quantization quality.")
+
+
+def smoke_figure(fig):
+    """On a smoke run, stamp the notice across the figure, so that no copy of it travels without it."""
+    if smoke:
+        fig.text(0.5, 0.5, "SMOKE RUN (2-layer truncation)\nnumbers meaningless", ha="center", va="center",
+                 fontsize=20, color="tab:red", alpha=0.35, rotation=12, zorder=10)
+    return fig
+
+
+def smoke_table(df):
+    """On a smoke run, the table with the notice as its caption; else the table as it is."""
+    if not smoke:
+        return df
+    style = df if isinstance(df, Styler) else df.style
+    return style.set_caption(SMOKE_NOTICE).set_table_styles(
+        [{"selector": "caption", "props": "color: #b00; font-weight: bold; caption-side: top"}], overwrite=False)
+
+
+def output_folder(notebook: str) -> str:
+    """notebooks/outputs/<notebook>-<smoke|full>/: git-ignored, overwritten by the next run, yours to reuse or delete."""
+    path = os.path.abspath(os.path.join("outputs", f"{notebook}-{'smoke' if smoke else 'full'}"))
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def folder_mib(path) -> float:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files) / 2**20
+
+
+t_start = time.perf_counter()
+print(f"flatquant_lab {fq.__version__}; backend {backend} on {device}, {torch.get_num_threads()} thread(s)"
+      f"{' (torch_npu found)' if on_ascend else ' (no Ascend device: CPU reference ops)'}; smoke={smoke}")
+if smoke:
+    display(Markdown(f"**{SMOKE_NOTICE}**"))
+
+# %%
+from flatquant_lab.recipe import PROFILES, QuantConfig
+from flatquant_lab.data import bundled_data_path, calibration_ids, load_texts
+from flatquant_lab.eval import evaluate
+from flatquant_lab.io import load_quantized, save_quantized
+from flatquant_lab.models import linear_weight_bytes, quantized_linear_names
+from flatquant_lab.hub import load_model
+
+METHODS = ("rtn", "hadamard", "flatquant")
+saved = {"rtn": rtn_dir, "hadamard": hadamard_dir, "flatquant": flatquant_dir}
+if sweep_method not in METHODS:
+    raise ValueError(f"sweep_method: expected one of {METHODS}, got {sweep_method!r}")
+if profile not in PROFILES:
+    raise ValueError(f"profile: expected one of {tuple(PROFILES)}, got {profile!r}")
+for pname, pval in (("clip_ratios", clip_ratios), ("docs", docs)):
+    if isinstance(pval, str):  # papermill -p passes text; lists go through -y / -f
+        raise ValueError(f"{pname}: expected a list, got the string {pval!r}")
+clip_ratios = [float(r) for r in (clip_ratios if clip_ratios is not None else (1.0, 0.95, 0.9, 0.85, 0.8, 0.7))]
+if not clip_ratios:
+    raise ValueError("clip_ratios: expected at least one clip ratio in (0, 1], got none")
+num_layers = None
+budget = {}
+if smoke:
+    num_layers = 2
+    if docs is None and limit is None and task == "wiki_fq_eval":
+        # its two shortest articles: whole articles are scored, and the first two hold ~8,000 tokens
+        lengths = [len(t) for t in load_texts(bundled_data_path("eval"))]
+        docs = sorted(sorted(range(len(lengths)), key=lengths.__getitem__)[:2])
+    elif docs is None and limit is None:
+        limit = 2
+    clip_ratios = clip_ratios[:: max(1, len(clip_ratios) - 1)][:2]  # the two ends
+    # a token FlatQuant budget; the clip grid searches alone would outlast the smoke run
+    budget = dict(samples=4, seqlen=32, epochs=1, act_clip_init=4.0, weight_clip_init=4.0)
+if docs is not None and limit is not None:
+    raise ValueError(f"docs: expected None when limit is given (limit={limit!r}, docs={docs!r}); pick one")
+select = {"samples": {task: [int(i) for i in docs]}} if docs is not None else {"limit": limit}
+docs_label = (f"documents {list(docs)}" if docs is not None else
+              "all documents" if limit is None else f"first {limit} documents")
+work_dir = os.path.abspath(work_dir) if work_dir else output_folder("03_lm_eval_perplexity")
+print(f"task {task}, {docs_label}, clip ratios {clip_ratios}, checkpoints in {work_dir}")
+
+# %% [markdown]
+# ## Checkpoints
+#
+# Each missing checkpoint is made with `quantize` and written with `save_quantized`, exactly
+# as `flatquant-lab quantize` would; every evaluation below loads it back with
+# `load_quantized`, so what is measured is what vllm-ascend would be given. They go to
+# `work_dir`, by default `outputs/03_lm_eval_perplexity-<smoke|full>/` beside this notebook
+# (git-ignored, overwritten by the next run): pass them back as `rtn_dir` / `hadamard_dir` /
+# `flatquant_dir` to skip quantizing, or delete the folder.
+
+# %%
+fmodel, tok = load_model(model, num_layers=num_layers)
+for method in METHODS:
+    if saved[method] is not None:
+        continue
+    t0 = time.perf_counter()
+    m, _ = load_model(model, num_layers=num_layers)
+    cfg = QuantConfig(method=method, profile=profile, **(budget if method == "flatquant" else {}))
+    ids = None
+    if method == "flatquant":
+        ids = calibration_ids(bundled_data_path("calib"), tok, cfg.budget("samples"), cfg.budget("seqlen"))
+    fq.quantize(m, cfg, ids, backend=backend)
+    saved[method] = save_quantized(m, os.path.join(work_dir, method), tokenizer=tok, overwrite=True)
+    print(f"{method}: quantized and saved to {saved[method]} in {time.perf_counter() - t0:.0f} s")
+    del m
+print(f"{work_dir}: {folder_mib(work_dir):.0f} MiB of checkpoints (delete the folder when done with them)")
+smoke_table(pd.Series({k: str(v) for k, v in saved.items()}, name="checkpoint").to_frame())
+
+
+# %% [markdown]
+# ## Perplexity of each model
+#
+# `evaluate` runs lm-eval's `simple_evaluate` on the model in memory (rolling windows of
+# `max_length` tokens over each whole document) and returns lm-eval's results dict; the
+# task reports word perplexity, byte perplexity and bits per byte. Each evaluation shows one
+# progress bar, over the tokens it scores.
+
+# %%
+def lm_eval_ppl(m, label):
+    res = evaluate(m, tok, tasks=(task,), max_length=max_length, progress=label, **select)["results"][task]
+    return {"word perplexity": res["word_perplexity,none"], "byte perplexity": res["byte_perplexity,none"],
+            "bits per byte": res["bits_per_byte,none"]}
+
+
+def load_checkpoint(method):
+    m = load_quantized(saved[method], backend=backend).to(device)
+    if m.config.num_hidden_layers != fmodel.config.num_hidden_layers:
+        raise ValueError(f"{method}_dir: {saved[method]} has {m.config.num_hidden_layers} layers, "
+                         f"the float model {fmodel.config.num_hidden_layers}; pass checkpoints of {model}"
+                         f"{' (smoke runs keep 2 layers)' if smoke else ''}")
+    return m
+
+
+results, weight_bytes = {}, {}
+results["float"] = lm_eval_ppl(fmodel.to(device), "float")
+weight_bytes["float"] = linear_weight_bytes(fmodel)
+for method in METHODS:
+    m = load_checkpoint(method)
+    results[f"W4A4 {method}"] = lm_eval_ppl(m, f"W4A4 {method}")
+    weight_bytes[f"W4A4 {method}"] = linear_weight_bytes(m)
+    del m
+smoke_table(pd.DataFrame(results).T)
+
+# %% [markdown]
+# ## A model-wide clip-ratio override
+#
+# Every W4A4 layer of one checkpoint gets `set_clip_ratio(r)`; the rest stays as saved.
+
+# %%
+sweep_model = load_checkpoint(sweep_method)
+qnames = quantized_linear_names(sweep_model)
+sweep = {}
+for r in clip_ratios:
+    for n in qnames:
+        sweep_model.get_submodule(n).set_clip_ratio(r)
+    sweep[r] = lm_eval_ppl(sweep_model, f"W4A4 {sweep_method}, clip ratio {r:g}")
+del sweep_model
+sweep_df = pd.DataFrame(sweep).T.rename_axis(index="clip ratio")
+smoke_table(sweep_df)
+
+# %%
+fig, ax = plt.subplots(figsize=(7.0, 4.2))
+ax.plot(sweep_df.index, sweep_df["word perplexity"], marker="o", color="black",
+        label=f"W4A4 {sweep_method}, every layer at clip ratio r")
+styles = {"float": "tab:green", "W4A4 rtn": "tab:red", "W4A4 hadamard": "tab:orange",
+          "W4A4 flatquant": "tab:blue"}
+# A model far above the sweep (W4A4 RTN, typically) would squash it: list it, but off the axes.
+top = 20 * float(sweep_df["word perplexity"].max())
+levels = [float(v) for v in sweep_df["word perplexity"]]
+for name, color in styles.items():
+    v = results[name]["word perplexity"]
+    how = "" if name == "float" else " (its saved clip ratios)"
+    label = f"{name}{how}: {v:.4g}" + (" (above the plot)" if v > top else "")
+    if v > top:
+        ax.plot([], [], ls="--", color=color, label=label)
+    else:
+        ax.axhline(v, ls="--", color=color, label=label)
+        levels.append(v)
+ax.set_yscale("log")
+ax.set_ylim(min(levels) / 1.5, max(levels) * 1.5)
+ax.set_xticks(list(sweep_df.index))
+ax.set_xlabel("activation clip ratio r (all W4A4 layers)")
+ax.set_ylabel(f"word perplexity, {task} (log)")
+ax.set_title(f"{model}{' (2 layers)' if smoke else ''}: {task} perplexity vs clip ratio ({docs_label})",
+             fontsize=10)
+ax.legend(fontsize=8, loc="best")
+ax.grid(alpha=0.3, which="both")
+fig.tight_layout()
+smoke_figure(fig)
+if figure_path:
+    fq.save_figure(fig, figure_path, dpi=120, bbox_inches="tight")  # atomic: temp file + rename
+    print(f"saved {figure_path}")
+plt.show()
+
+# %% [markdown]
+# ## Results
+
+# %%
+rows = dict(results)
+rows.update({f"W4A4 {sweep_method}, all clip ratios {r:g}": v for r, v in sweep.items()})
+table = pd.DataFrame(rows).T
+table["x float"] = table["word perplexity"] / results["float"]["word perplexity"]
+table["linear weights (MiB)"] = pd.Series({k: v / 2**20 for k, v in weight_bytes.items()})
+smoke_table(table.style.format({"word perplexity": "{:.4g}", "byte perplexity": "{:.4f}", "bits per byte": "{:.4f}",
+                                "x float": "{:.2f}", "linear weights (MiB)": "{:.1f}"}, na_rep=""))
+
+# %%
+print(f"03_lm_eval_perplexity done in {time.perf_counter() - t_start:.1f} s")
