@@ -18,7 +18,9 @@ Model: the bundled SmolLM2-135M (``hub.load_model``); data: the demo's calibrati
 * ``table``: prints what ``results/ablation/ablation.json`` holds.
 
 Configs (``CONFIGS``): ``today`` is the current default loop; ``svd``, ``loss_norm``, ``wd``, ``fixed`` each
-change one thing; ``official_loop`` changes all four. ``ostart_*`` are the same loops started from the
+change one thing; ``official_loop`` changes all four; ``*_e6`` train 6 epochs (48 steps, not 16) on the
+same data, to see whether a choice pays off with more steps; ``name@seed<N>`` runs with seed N (with the
+Hadamard start the seed only orders the batches: the spread of ``today@seed*`` is the noise floor). ``ostart_*`` are the same loops started from the
 official code's initial point (random orthogonal factors, both clip factors at logit 4.0, i.e. sigmoid
 0.982, instead of Hadamard factors and searched clip ratios); ``*_start`` runs no training (epochs=0).
 Every run merges its rows into the JSON (atomic write), so runs can be made one at a time.
@@ -52,6 +54,10 @@ CONFIGS = {
     "wd": dict(weight_decay=0.01),
     "fixed": dict(batch_order="fixed"),
     "official_loop": OFFICIAL_LOOP,
+    "norm_fixed": dict(loss_norm=True, batch_order="fixed"),
+    "today_e6": dict(epochs=6),
+    "svd_e6": dict(factor_param="svd", epochs=6),
+    "norm_fixed_e6": dict(loss_norm=True, batch_order="fixed", epochs=6),
     "ostart_start": dict(OFFICIAL_START, epochs=0),
     "ostart_today": dict(OFFICIAL_START),
     "ostart_svd": dict(OFFICIAL_START, factor_param="svd"),
@@ -59,14 +65,18 @@ CONFIGS = {
     "ostart_wd": dict(OFFICIAL_START, weight_decay=0.01),
     "ostart_fixed": dict(OFFICIAL_START, batch_order="fixed"),
     "ostart_official_loop": dict(OFFICIAL_START, **OFFICIAL_LOOP),
+    "ostart_norm_fixed": dict(OFFICIAL_START, loss_norm=True, batch_order="fixed"),
 }
 
 
-def config(name: str, weight_quantizer: str, extra: dict | None = None) -> QuantConfig:
-    if name not in CONFIGS:
-        raise SystemExit(f"--configs: unknown {name!r}; expected some of {', '.join(CONFIGS)}")
-    return QuantConfig(method="flatquant", profile=PROFILE, weight_quantizer=weight_quantizer, seed=0,
-                       **{**CONFIGS[name], **(extra or {})})
+def config(name: str, weight_quantizer: str, seed: int = 0) -> QuantConfig:
+    """``name`` may carry a seed of the batch order / random start: ``today@seed1``."""
+    base, _, s = name.partition("@seed")
+    if base not in CONFIGS or (s and not s.isdigit()):
+        raise SystemExit(f"--configs: unknown {name!r}; expected some of {', '.join(CONFIGS)}, optionally "
+                         "followed by @seed<N>")
+    return QuantConfig(method="flatquant", profile=PROFILE, weight_quantizer=weight_quantizer,
+                       seed=int(s) if s else seed, **CONFIGS[base])
 
 
 def load(path: str) -> dict:
@@ -97,7 +107,7 @@ def run_layers(args, data: dict) -> None:
     for name in args.configs:
         model, _, cfg, seconds = calibrated(name, "rtn", args.num_layers)
         rep = model.flatquant_report["layers"]
-        row = {"config": {k: v for k, v in CONFIGS[name].items()}, "num_layers": args.num_layers,
+        row = {"config": CONFIGS[name.partition("@")[0]], "seed": cfg.seed, "num_layers": args.num_layers,
                "final_layer_loss": [e["fake_quant_mse"] for e in rep],
                "epoch_losses": [e["epoch_losses"] for e in rep],
                "clip_ratios": [e["clip_ratios"] for e in rep],
@@ -118,7 +128,7 @@ def run_ppl(args, data: dict) -> None:
             seconds, cfg_d = 0.0, None
         else:
             model, tok, cfg, seconds = calibrated(name, args.weight_quantizer, None)
-            cfg_d = CONFIGS[name]
+            cfg_d = CONFIGS[name.partition("@")[0]]
         res = evaluate_model(model, tok, limit=args.limit)
         row = {"config": cfg_d, "weight_quantizer": None if name == "fp" else args.weight_quantizer,
                "token_perplexity": res["token_perplexity"], "word_perplexity": res["word_perplexity"],
@@ -150,10 +160,12 @@ def format_table(data: dict) -> str:
     head = f"{'config':22} " + " ".join(f"{'L' + str(i):>9}" for i in range(n)) + \
         f" {'x today':>8} {'x ostart':>9} {'s':>5}   {'tokPPL':>8} {'x FP':>6}"
     lines = [head, "-" * len(head)]
-    names = [k for k in CONFIGS if k in rows] + [k for k in rows if k not in CONFIGS]
+    names = [k for k in CONFIGS if k in rows] + sorted(k for k in rows if k not in CONFIGS)
     for name in names:
         r = rows[name]
         base = rows.get("ostart_today" if name.startswith("ostart") else "today")
+        if name.partition("@")[0].endswith("_e6"):
+            base = rows.get("today_e6")
         x = gm_ratio(r, base)
         xo = gm_ratio(r, rows.get("ostart_official_loop")) if name.startswith("ostart") else None
         pp = [v for k, v in data["ppl"].items() if k.split("/")[0] == name]
