@@ -58,6 +58,10 @@ CONFIGS = {
     "today_e6": dict(epochs=6),
     "svd_e6": dict(factor_param="svd", epochs=6),
     "norm_fixed_e6": dict(loss_norm=True, batch_order="fixed", epochs=6),
+    # not loop choices of the issue, budget knobs of the profile: does the fast profile lack steps?
+    "lr1e-2": dict(lr=1e-2),
+    "lr2e-2": dict(lr=2e-2),
+    "bs2": dict(batch_size=2),
     "ostart_start": dict(OFFICIAL_START, epochs=0),
     "ostart_today": dict(OFFICIAL_START),
     "ostart_svd": dict(OFFICIAL_START, factor_param="svd"),
