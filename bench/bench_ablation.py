@@ -62,6 +62,7 @@ CONFIGS = {
     "lr1e-2": dict(lr=1e-2),
     "lr2e-2": dict(lr=2e-2),
     "bs2": dict(batch_size=2),
+    "norm_bs2": dict(loss_norm=True, batch_size=2),
     "ostart_start": dict(OFFICIAL_START, epochs=0),
     "ostart_today": dict(OFFICIAL_START),
     "ostart_svd": dict(OFFICIAL_START, factor_param="svd"),
