@@ -17,7 +17,7 @@ Model: the bundled SmolLM2-135M (``hub.load_model``); data: the demo's calibrati
   perplexity on the bundled evaluation set (``demo.evaluate_model``); ``fp`` evaluates the float model.
 * ``table``: prints what ``results/ablation/ablation.json`` holds.
 
-Configs (``CONFIGS``): ``today`` is the current default loop; ``svd``, ``loss_norm``, ``wd``, ``fixed`` each
+Configs (``CONFIGS``, each a change to ``BEFORE``): ``today`` is the loop before issue 13; ``svd``, ``loss_norm``, ``wd``, ``fixed`` each
 change one thing; ``official_loop`` changes all four; ``*_e6`` train 6 epochs (48 steps, not 16) on the
 same data, to see whether a choice pays off with more steps; ``name@seed<N>`` runs with seed N (with the
 Hadamard start the seed only orders the batches: the spread of ``today@seed*`` is the noise floor). ``ostart_*`` are the same loops started from the
@@ -74,6 +74,10 @@ CONFIGS = {
 }
 
 
+# The loop before issue 13 (the rows are changes to it, whatever QuantConfig's defaults are now).
+BEFORE = dict(factor_param="plain", loss_norm=False, weight_decay=0.0, batch_order="shuffle")
+
+
 def config(name: str, weight_quantizer: str, seed: int = 0) -> QuantConfig:
     """``name`` may carry a seed of the batch order / random start: ``today@seed1``."""
     base, _, s = name.partition("@seed")
@@ -81,7 +85,7 @@ def config(name: str, weight_quantizer: str, seed: int = 0) -> QuantConfig:
         raise SystemExit(f"--configs: unknown {name!r}; expected some of {', '.join(CONFIGS)}, optionally "
                          "followed by @seed<N>")
     return QuantConfig(method="flatquant", profile=PROFILE, weight_quantizer=weight_quantizer,
-                       seed=int(s) if s else seed, **CONFIGS[base])
+                       seed=int(s) if s else seed, **{**BEFORE, **CONFIGS[base]})
 
 
 def load(path: str) -> dict:

@@ -20,6 +20,7 @@ from tiny_models import tiny_model
 CALIB = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(123))
 BUDGET = dict(samples=8, seqlen=32, epochs=2, batch_size=4)
 OFFICIAL_LOOP = dict(factor_param="svd", loss_norm=True, weight_decay=0.01, batch_order="fixed")
+BEFORE = dict(factor_param="plain", loss_norm=False, weight_decay=0.0, batch_order="shuffle")  # the loop before
 
 
 def config(**kw) -> QuantConfig:
@@ -143,9 +144,9 @@ def test_svd_gradients_are_the_chain_rule_of_the_plain_ones():
                                     dict(batch_order="fixed")], ids=lambda d: next(iter(d)))
 def test_each_option_changes_the_training_and_is_deterministic(option):
     fm = tiny_model("qwen2")
-    base = state(quantize(copy.deepcopy(fm), config(transform_init="random"), CALIB))
-    a = quantize(copy.deepcopy(fm), config(transform_init="random", **option), CALIB)
-    b = quantize(copy.deepcopy(fm), config(transform_init="random", **option), CALIB)
+    base = state(quantize(copy.deepcopy(fm), config(transform_init="random", **BEFORE), CALIB))
+    a = quantize(copy.deepcopy(fm), config(transform_init="random", **{**BEFORE, **option}), CALIB)
+    b = quantize(copy.deepcopy(fm), config(transform_init="random", **{**BEFORE, **option}), CALIB)
     assert same_state(state(a), state(b))
     assert not same_state(state(a), base)
     for e in a.flatquant_report["layers"]:  # the logged losses are the MSE, also under loss_norm
