@@ -25,21 +25,92 @@ def logit(p: float) -> float:
     return math.log(p / (1.0 - p))
 
 
-class KronTransform(nn.Module):
-    """Learnable ``x -> Q4_tok((x / d) @ kron(L, R); c)`` with ``c = sigmoid(act_clip)``."""
+def cayley(p: torch.Tensor) -> torch.Tensor:
+    """``Q = (I - A/2)^{-1} (I + A/2)`` with ``A = tril(p, -1) - tril(p, -1)^T`` skew: orthogonal, ``I`` at ``p = 0``."""
+    low = torch.tril(p, -1)
+    a = 0.5 * (low - low.transpose(0, 1))
+    eye = torch.eye(p.shape[0], dtype=p.dtype, device=p.device)
+    # I - A/2 has eigenvalues 1 - i*lambda/2 (|.| >= 1): the solve is always well conditioned
+    return torch.linalg.solve(eye - a, eye + a)
 
-    def __init__(self, group: Group, left, right, log_smooth, act_clip, act_dtype, learn_clip=True):
+
+class SVDFactor(nn.Module):
+    """One learnable factor ``F = (U0 C(P_u)) diag(exp(log_s)) (V0 C(P_v))^T`` around a start ``F0 = U0 diag(s0) V0^T``.
+
+    ``U0, s0, V0`` are ``F0``'s SVD (float64, then float32); ``P_u = P_v = 0`` and ``log_s = log s0``
+    at the start, so ``F == F0`` there. ``C`` is the Cayley map (``cayley``): U and V stay orthogonal
+    whatever the optimiser does, and ``F^{-T} = U diag(1/s) V^T`` needs no matrix inverse.
+    """
+
+    def __init__(self, start: torch.Tensor):
+        super().__init__()
+        u0, s0, vh0 = torch.linalg.svd(start.double())
+        if float(s0.min()) <= 0:
+            raise ValueError(f"start: expected an invertible factor, got singular values down to {float(s0.min())}")
+        self.register_buffer("u0", u0.float())
+        self.register_buffer("v0", vh0.transpose(0, 1).float())
+        n = start.shape[0]
+        self.p_u = nn.Parameter(torch.zeros(n, n, dtype=torch.float32, device=start.device))
+        self.p_v = nn.Parameter(torch.zeros(n, n, dtype=torch.float32, device=start.device))
+        self.log_s = nn.Parameter(s0.log().float())
+
+    def parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``U``, ``s``, ``V`` (float32, differentiable)."""
+        return self.u0 @ cayley(self.p_u), self.log_s.exp(), self.v0 @ cayley(self.p_v)
+
+    def learnable(self) -> list[nn.Parameter]:
+        return [self.p_u, self.p_v, self.log_s]
+
+    def version(self) -> tuple[int, ...]:
+        return tuple(p._version for p in self.learnable())
+
+
+class KronTransform(nn.Module):
+    """Learnable ``x -> Q4_tok((x / d) @ kron(L, R); c)`` with ``c = sigmoid(act_clip)``.
+
+    ``param="plain"``: ``L``, ``R`` are parameters, their inverses taken with ``linalg.inv`` (float32).
+    ``param="svd"``: each is an ``SVDFactor``; the forward is the same function of the same ``L``, ``R``
+    (the weight side holds the inverse of the rounded factors the device holds), but the gradient of
+    ``L^{-T}`` is taken through the exact ``U diag(1/s) V^T``.
+    """
+
+    def __init__(self, group: Group, left, right, log_smooth, act_clip, act_dtype, learn_clip=True,
+                 param: str = "plain"):
         super().__init__()
         self.group = group
-        self.left = nn.Parameter(left.float().clone())
-        self.right = nn.Parameter(right.float().clone())
+        self.param = param
+        if param == "plain":
+            self.left = nn.Parameter(left.float().clone())
+            self.right = nn.Parameter(right.float().clone())
+        elif param == "svd":
+            self.left_svd, self.right_svd = SVDFactor(left), SVDFactor(right)
+        else:
+            raise ValueError(f"param: expected 'plain' or 'svd', got {param!r}")
         self.log_smooth = nn.Parameter(log_smooth.float().clone()) if log_smooth is not None else None
         self.act_clip = nn.Parameter(act_clip.float().clone().reshape(1), requires_grad=learn_clip)
         self.act_dtype = act_dtype
         self.collect: HessianAccumulator | None = None
         # q/k/v (gate/up) call this transform with one input tensor per forward: compute once.
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._inv: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._mats: tuple[tuple, tuple[torch.Tensor, ...]] | None = None
+
+    def factor_parameters(self) -> list[nn.Parameter]:
+        """What the optimiser moves to change ``L`` and ``R``."""
+        if self.param == "plain":
+            return [self.left, self.right]
+        return self.left_svd.learnable() + self.right_svd.learnable()
+
+    def factor_version(self) -> tuple[int, ...]:
+        """Changes whenever an optimiser step moved ``L`` or ``R`` (cache key)."""
+        return tuple(p._version for p in self.factor_parameters())
+
+    def matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``L``, ``R`` in float32, unrounded, detached: what the checkpoint stores (rounded there)."""
+        with torch.no_grad():
+            if self.param == "plain":
+                return self.left.detach().clone(), self.right.detach().clone()
+            return tuple(u @ torch.diag(s) @ v.transpose(0, 1)
+                         for u, s, v in (self.left_svd.parts(), self.right_svd.parts()))
 
     def smooth_in(self) -> torch.Tensor | None:
         """``d`` over the group's input channels (expanded across the query heads of a kv head)."""
@@ -54,9 +125,30 @@ class KronTransform(nn.Module):
     def clip_ratio(self) -> torch.Tensor:
         return torch.sigmoid(self.act_clip)
 
+    def _factors_and_inverses(self) -> tuple[torch.Tensor, ...]:
+        """``(L_r, R_r, L_r^{-T}, R_r^{-T})``, ``L_r`` = ``L`` rounded to the act dtype (straight-through);
+        built once per optimiser step (q/k/v share it) or once for a no-grad pass."""
+        key = (self.factor_version(), torch.is_grad_enabled())
+        if self._mats is not None and self._mats[0] == key:
+            return self._mats[1]
+        if self.param == "plain":
+            lt, rt = ste_cast(self.left, self.act_dtype), ste_cast(self.right, self.act_dtype)
+            li, ri = kron_inverse_t(lt, rt, dtype=torch.float32)
+        else:
+            mats = []
+            for u, s, v in (self.left_svd.parts(), self.right_svd.parts()):
+                f = ste_cast(u @ torch.diag(s) @ v.transpose(0, 1), self.act_dtype)
+                exact = u @ torch.diag(1.0 / s) @ v.transpose(0, 1)  # (U S V^T)^{-T}, no inverse taken
+                # value: the inverse of the rounded factor (what finalize folds); gradient: the exact one
+                rounded = torch.linalg.inv(f.detach()).transpose(0, 1)
+                mats.append((f, exact + (rounded - exact).detach()))
+            (lt, li), (rt, ri) = mats
+        self._mats = (key, (lt, rt, li, ri))
+        return self._mats[1]
+
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``L``, ``R`` as the device holds them: rounded to the activation dtype."""
-        return ste_cast(self.left, self.act_dtype), ste_cast(self.right, self.act_dtype)
+        return self._factors_and_inverses()[:2]
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
         if self._last is not None and self._last[0] is x:
@@ -72,14 +164,11 @@ class KronTransform(nn.Module):
         return b.unflatten(-1, (self.group.tp, -1))
 
     def clear_cache(self) -> None:
-        self._last = self._inv = None
+        self._last = self._mats = None
 
     def inverse_t(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``L^{-T}``, ``R^{-T}`` of the rounded factors, recomputed only after an update."""
-        key = (self.left._version, self.right._version, torch.is_grad_enabled())
-        if self._inv is None or self._inv[0] != key:
-            self._inv = (key, kron_inverse_t(*self.factors(), dtype=torch.float32))
-        return self._inv[1]
+        return self._factors_and_inverses()[2:]
 
     def transformed(self, x: torch.Tensor) -> torch.Tensor:
         """``b = L^T (X / d) R`` per token, rounded as the kernel rounds (the straight-through twin of
@@ -100,7 +189,7 @@ class KronTransform(nn.Module):
         """``(W * d) @ kron(L, R)^{-T}`` (float32, differentiable)."""
         d = self.smooth_in()
         w = weight * d if d is not None else weight
-        return fold_weight(w, self.left, self.right, inverse_t=self.inverse_t(), blocks=self.group.tp)
+        return fold_weight(w, *self.factors(), inverse_t=self.inverse_t(), blocks=self.group.tp)
 
 
 class FakeQuantLinear(nn.Module):
@@ -117,7 +206,7 @@ class FakeQuantLinear(nn.Module):
     def quantized_weight(self) -> torch.Tensor:
         """``Q4(fold(W))``; reused across batches while nothing it depends on has moved."""
         tr = self.transform
-        key = (tr.left._version, tr.right._version, None if tr.log_smooth is None else tr.log_smooth._version,
+        key = (tr.factor_version(), None if tr.log_smooth is None else tr.log_smooth._version,
                self.weight_clip._version, torch.is_grad_enabled())
         if getattr(self, "_wq", None) is None or self._wq[0] != key or torch.is_grad_enabled():
             wq = fake_quant_weight(tr.fold(self.linear.weight.float()), torch.sigmoid(self.weight_clip))
@@ -159,7 +248,8 @@ def install_fake_quant(layer: nn.Module, groups: list[Group], learned: dict, cfg
             continue
         transforms[g.name] = KronTransform(
             g, learned[f"{g.name}.left"], learned[f"{g.name}.right"], learned.get(f"{g.name}.log_smooth"),
-            learned[f"{g.name}.act_clip"], cfg.act_dtype, learn_clip=learn and cfg.learn_act_clip)
+            learned[f"{g.name}.act_clip"], cfg.act_dtype, learn_clip=learn and cfg.learn_act_clip,
+            param=cfg.factor_param if learn else "plain")
     row_div = _divides_rows_of(groups, learned)
     for g in groups:
         if not g.quantized:

@@ -14,16 +14,20 @@ from .modules import FakeQuantLinear, install_fake_quant, uninstall_fake_quant
 
 def train_layer(layer, groups, learned, X, Y, kwargs_by_bs, cfg: QuantConfig, layer_index: int,
                 progress=None) -> tuple[dict, list[float]]:
-    """AdamW on the layer-wise MSE; returns the learned tensors and the per-epoch mean losses."""
+    """AdamW on the layer-wise MSE; returns the learned tensors and the per-epoch mean losses.
+
+    The loop's choices come from ``cfg``: ``factor_param`` (how L, R are learned), ``loss_norm``,
+    ``weight_decay`` (on every learned tensor), ``batch_order``; the logged losses are the plain MSE.
+    """
     transforms = install_fake_quant(layer, groups, learned, cfg, learn=True)
     try:
         for p in layer.parameters():
             p.requires_grad_(False)
         main, clips = [], []
         for tr in transforms.values():
-            tr.left.requires_grad_(True)
-            tr.right.requires_grad_(True)
-            main += [tr.left, tr.right]
+            for p in tr.factor_parameters():
+                p.requires_grad_(True)
+                main.append(p)
             if tr.log_smooth is not None:
                 tr.log_smooth.requires_grad_(True)
                 main.append(tr.log_smooth)
@@ -37,7 +41,7 @@ def train_layer(layer, groups, learned, X, Y, kwargs_by_bs, cfg: QuantConfig, la
                 clips.append(m.weight_clip)
         lr = cfg.budget("lr")
         opt = torch.optim.AdamW([{"params": main, "lr": lr},
-                                 {"params": clips, "lr": lr * cfg.clip_lr_mult}], weight_decay=0.0)
+                                 {"params": clips, "lr": lr * cfg.clip_lr_mult}], weight_decay=cfg.weight_decay)
         spans = batches(X.shape[0], cfg.budget("batch_size"))
         epochs = cfg.budget("epochs")
         total = max(1, epochs * len(spans))
@@ -47,14 +51,20 @@ def train_layer(layer, groups, learned, X, Y, kwargs_by_bs, cfg: QuantConfig, la
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + layer_index)
         epoch_losses = []
         for epoch in range(epochs):
-            order = torch.randperm(len(spans), generator=gen).tolist()
+            if cfg.batch_order == "shuffle":
+                order = torch.randperm(len(spans), generator=gen).tolist()
+            else:
+                order = range(len(spans))
             tot = 0.0
             for bi in order:
                 s, e = spans[bi]
                 out = run_layer(layer, X[s:e], kwargs_by_bs[e - s])
                 loss = torch.nn.functional.mse_loss(out, Y[s:e])
+                # loss / loss.detach() has value 1 and gradient grad(loss) / loss: every batch moves the
+                # parameters as if its loss were 1, and Adam's epsilon no longer swamps tiny gradients
+                objective = loss / loss.detach() if cfg.loss_norm else loss
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                objective.backward()
                 opt.step()
                 sched.step()
                 tot += float(loss.detach()) * (e - s)
@@ -63,8 +73,7 @@ def train_layer(layer, groups, learned, X, Y, kwargs_by_bs, cfg: QuantConfig, la
                 progress.set_postfix(layer=layer_index, epoch=epoch + 1, loss=f"{epoch_losses[-1]:.3g}")
         out = {}
         for name, tr in transforms.items():
-            out[f"{name}.left"] = tr.left.detach().clone()
-            out[f"{name}.right"] = tr.right.detach().clone()
+            out[f"{name}.left"], out[f"{name}.right"] = tr.matrices()
             if tr.log_smooth is not None:
                 out[f"{name}.log_smooth"] = tr.log_smooth.detach().clone()
             out[f"{name}.act_clip"] = tr.act_clip.detach().clone()

@@ -1,0 +1,220 @@
+"""Which of the official FlatQuant loop's choices help our calibration: layer loss and perplexity per change.
+
+    .venv/bin/python bench/bench_ablation.py layers [--configs a,b] [--num-layers 4]
+    .venv/bin/python bench/bench_ablation.py ppl --configs a,b [--weight-quantizer gptq]
+    .venv/bin/python bench/bench_ablation.py table
+
+Model: the bundled SmolLM2-135M (``hub.load_model``); data: the demo's calibration windows
+(``data.calibration_ids`` on the bundled calib split, seed 0) at the ``fast`` profile (32 x 128 tokens,
+2 epochs, lr 5e-3, batch 4). One config per child of the loop below, one after the other, 1 thread.
+
+* ``layers``: the model cut to its first ``--num-layers`` decoder layers (``load_model(num_layers=N)``;
+  calibration is layer by layer on full-precision inputs, so layers 0..N-1 learn exactly what they learn in
+  the whole model), RTN weights. Per layer the *final layer loss*: ``fake_quant_mse`` of the report, the
+  mean MSE between the full-precision layer output and the fake-quant layer built from the learned tensors,
+  over all calibration samples, after training (the same measure for every config).
+* ``ppl``: the whole model calibrated (weights as ``--weight-quantizer``, the demo uses GPTQ) and its token
+  perplexity on the bundled evaluation set (``demo.evaluate_model``); ``fp`` evaluates the float model.
+* ``table``: prints what ``results/ablation/ablation.json`` holds.
+
+Configs (``CONFIGS``, each a change to ``BEFORE``): ``today`` is the loop before issue 13; ``svd``, ``loss_norm``, ``wd``, ``fixed`` each
+change one thing; ``official_loop`` changes all four; ``*_e6`` train 6 epochs (48 steps, not 16) on the
+same data, to see whether a choice pays off with more steps; ``name@seed<N>`` runs with seed N (with the
+Hadamard start the seed only orders the batches: the spread of ``today@seed*`` is the noise floor). ``ostart_*`` are the same loops started from the
+official code's initial point (random orthogonal factors, both clip factors at logit 4.0, i.e. sigmoid
+0.982, instead of Hadamard factors and searched clip ratios); ``*_start`` runs no training (epochs=0).
+Every run merges its rows into the JSON (atomic write), so runs can be made one at a time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from flatquant_lab.files import atomic_write_text  # noqa: E402
+from flatquant_lab.recipe import QuantConfig  # noqa: E402
+
+OUT = os.path.join("results", "ablation", "ablation.json")
+MODEL = "smollm2-135m"
+PROFILE = "fast"
+OFFICIAL_LOOP = dict(factor_param="svd", loss_norm=True, weight_decay=0.01, batch_order="fixed")
+OFFICIAL_START = dict(transform_init="random", act_clip_init=4.0, weight_clip_init=4.0)
+CONFIGS = {
+    "today_start": dict(epochs=0),
+    "today": {},
+    "svd": dict(factor_param="svd"),
+    "loss_norm": dict(loss_norm=True),
+    "wd": dict(weight_decay=0.01),
+    "fixed": dict(batch_order="fixed"),
+    "official_loop": OFFICIAL_LOOP,
+    "norm_fixed": dict(loss_norm=True, batch_order="fixed"),
+    "today_e6": dict(epochs=6),
+    "svd_e6": dict(factor_param="svd", epochs=6),
+    "norm_fixed_e6": dict(loss_norm=True, batch_order="fixed", epochs=6),
+    # not loop choices of the issue, budget knobs of the profile: does the fast profile lack steps?
+    "lr1e-2": dict(lr=1e-2),
+    "lr2e-2": dict(lr=2e-2),
+    "bs2": dict(batch_size=2),
+    "norm_bs2": dict(loss_norm=True, batch_size=2),
+    "ostart_start": dict(OFFICIAL_START, epochs=0),
+    "ostart_today": dict(OFFICIAL_START),
+    "ostart_svd": dict(OFFICIAL_START, factor_param="svd"),
+    "ostart_loss_norm": dict(OFFICIAL_START, loss_norm=True),
+    "ostart_wd": dict(OFFICIAL_START, weight_decay=0.01),
+    "ostart_fixed": dict(OFFICIAL_START, batch_order="fixed"),
+    "ostart_official_loop": dict(OFFICIAL_START, **OFFICIAL_LOOP),
+    "ostart_norm_fixed": dict(OFFICIAL_START, loss_norm=True, batch_order="fixed"),
+}
+
+
+# The loop before issue 13 (the rows are changes to it, whatever QuantConfig's defaults are now).
+BEFORE = dict(factor_param="plain", loss_norm=False, weight_decay=0.0, batch_order="shuffle")
+
+
+def config(name: str, weight_quantizer: str, seed: int = 0) -> QuantConfig:
+    """``name`` may carry a seed of the batch order / random start: ``today@seed1``."""
+    base, _, s = name.partition("@seed")
+    if base not in CONFIGS or (s and not s.isdigit()):
+        raise SystemExit(f"--configs: unknown {name!r}; expected some of {', '.join(CONFIGS)}, optionally "
+                         "followed by @seed<N>")
+    return QuantConfig(method="flatquant", profile=PROFILE, weight_quantizer=weight_quantizer,
+                       seed=int(s) if s else seed, **{**BEFORE, **CONFIGS[base]})
+
+
+def load(path: str) -> dict:
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return {"model": MODEL, "profile": PROFILE, "layers": {}, "ppl": {}}
+
+
+def save(path: str, data: dict) -> None:
+    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True))
+
+
+def calibrated(name: str, weight_quantizer: str, num_layers: int | None):
+    from flatquant_lab.api import quantize
+    from flatquant_lab.data import bundled_data_path, calibration_ids
+    from flatquant_lab.hub import load_model
+
+    model, tok = load_model(MODEL, num_layers=num_layers)
+    cfg = config(name, weight_quantizer)
+    ids = calibration_ids(bundled_data_path("calib"), tok, cfg.budget("samples"), cfg.budget("seqlen"), seed=0)
+    t0 = time.perf_counter()
+    quantize(model, cfg, ids)
+    return model, tok, cfg, time.perf_counter() - t0
+
+
+def run_layers(args, data: dict) -> None:
+    for name in args.configs:
+        model, _, cfg, seconds = calibrated(name, "rtn", args.num_layers)
+        rep = model.flatquant_report["layers"]
+        row = {"config": CONFIGS[name.partition("@")[0]], "seed": cfg.seed, "num_layers": args.num_layers,
+               "final_layer_loss": [e["fake_quant_mse"] for e in rep],
+               "epoch_losses": [e["epoch_losses"] for e in rep],
+               "clip_ratios": [e["clip_ratios"] for e in rep],
+               "seconds": seconds, "threads": torch.get_num_threads(), "load_avg": os.getloadavg()[0]}
+        data["layers"][name] = row
+        save(args.out, data)
+        print(f"{name}: final layer loss {['%.4g' % v for v in row['final_layer_loss']]} ({seconds:.0f} s)",
+              flush=True)
+
+
+def run_ppl(args, data: dict) -> None:
+    from flatquant_lab.demo import evaluate_model
+    from flatquant_lab.hub import load_model
+
+    for name in args.configs:
+        if name == "fp":
+            model, tok = load_model(MODEL)
+            seconds, cfg_d = 0.0, None
+        else:
+            model, tok, cfg, seconds = calibrated(name, args.weight_quantizer, None)
+            cfg_d = CONFIGS[name.partition("@")[0]]
+        res = evaluate_model(model, tok, limit=args.limit)
+        row = {"config": cfg_d, "weight_quantizer": None if name == "fp" else args.weight_quantizer,
+               "token_perplexity": res["token_perplexity"], "word_perplexity": res["word_perplexity"],
+               "eval_tokens": res["eval_tokens"], "calib_seconds": seconds, "eval_seconds": res["eval_seconds"],
+               "limit": args.limit, "threads": torch.get_num_threads(), "load_avg": os.getloadavg()[0]}
+        if name != "fp":
+            row["final_layer_loss"] = [e["fake_quant_mse"] for e in model.flatquant_report["layers"]]
+        key = name if name == "fp" else f"{name}/{args.weight_quantizer}"
+        data["ppl"][key] = row
+        save(args.out, data)
+        print(f"{key}: token PPL {row['token_perplexity']:.3f} (calib {seconds:.0f} s, eval {res['eval_seconds']:.0f} s)",
+              flush=True)
+        del model
+
+
+def format_table(data: dict) -> str:
+    """One row per config: final layer loss per layer, its ratio to ``today`` (geometric mean over the
+    layers), and where measured the whole model's token perplexity and its ratio to full precision."""
+    rows = data["layers"]
+    n = max((len(r["final_layer_loss"]) for r in rows.values()), default=0)
+    fp = data["ppl"].get("fp", {}).get("token_perplexity")
+
+    def gm_ratio(r, ref):
+        if ref is None or len(ref["final_layer_loss"]) != len(r["final_layer_loss"]):
+            return None
+        return math.exp(sum(math.log(a / b) for a, b in zip(r["final_layer_loss"], ref["final_layer_loss"]))
+                        / len(r["final_layer_loss"]))
+
+    head = f"{'config':22} " + " ".join(f"{'L' + str(i):>9}" for i in range(n)) + \
+        f" {'x today':>8} {'x ostart':>9} {'s':>5}   {'tokPPL':>8} {'x FP':>6}"
+    lines = [head, "-" * len(head)]
+    names = [k for k in CONFIGS if k in rows] + sorted(k for k in rows if k not in CONFIGS)
+    for name in names:
+        r = rows[name]
+        base = rows.get("ostart_today" if name.startswith("ostart") else "today")
+        if name.partition("@")[0].endswith("_e6"):
+            base = rows.get("today_e6")
+        x = gm_ratio(r, base)
+        xo = gm_ratio(r, rows.get("ostart_official_loop")) if name.startswith("ostart") else None
+        pp = [v for k, v in data["ppl"].items() if k.split("/")[0] == name]
+        ppl = pp[0]["token_perplexity"] if pp else None
+        losses = " ".join(f"{v:9.4g}" for v in r["final_layer_loss"]) + " " * 10 * (n - len(r["final_layer_loss"]))
+        lines.append(f"{name:22} {losses} {'-' if x is None else f'{x:.3f}':>8} {'-' if xo is None else f'{xo:.3f}':>9} "
+                     f"{r['seconds']:5.0f}   {'-' if ppl is None else f'{ppl:.3f}':>8} "
+                     f"{'-' if ppl is None or fp is None else f'{ppl / fp:.3f}':>6}")
+    for key, r in data["ppl"].items():
+        if key.split("/")[0] not in rows:
+            ratio = "" if fp is None else f" x FP {r['token_perplexity'] / fp:.3f}"
+            lines.append(f"{key:22} token PPL {r['token_perplexity']:.3f}{ratio} (calib {r['calib_seconds']:.0f} s)")
+    lines += ["", "L<i>: final layer loss of decoder layer i (fake-quant MSE after training, RTN weights, first "
+              f"{n} layers); x today / x ostart: geometric mean over the layers of the ratio to 'today' "
+              "(to 'ostart_today' for ostart_* rows) / to 'ostart_official_loop'; s: calibration seconds; "
+              "tokPPL: whole model, weights as run (see ablation.json), x FP: ratio to full precision."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("what", choices=("layers", "ppl", "table"))
+    p.add_argument("--configs", default=None, help="comma-separated names of CONFIGS (ppl: also 'fp')")
+    p.add_argument("--num-layers", type=int, default=4)
+    p.add_argument("--weight-quantizer", default="gptq", choices=("rtn", "gptq"))
+    p.add_argument("--limit", type=int, default=None, help="evaluate on the first N documents only")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=OUT)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    data = load(args.out)
+    if args.what != "table":
+        args.configs = (args.configs or ",".join(CONFIGS)).split(",")
+        for name in args.configs:
+            if not (args.what == "ppl" and name == "fp"):
+                config(name, "rtn")  # refuse an unknown name before any work
+        (run_layers if args.what == "layers" else run_ppl)(args, data)
+    print(format_table(data))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
