@@ -50,105 +50,27 @@ ppl_window: int = 512
 figure_path = None  # where to save the heatmap (PNG), e.g. "../docs/img/02_clip_ratio_heatmap.png"
 
 # %%
-import logging
 import os
-import sys
 import time
 
 import matplotlib.pyplot as plt
 import pandas as pd
-import datasets
 import torch
-import transformers
 from IPython.display import Markdown, display
-from pandas.io.formats.style import Styler
 from tqdm.auto import tqdm
 
 import flatquant_lab as fq
-from flatquant_lab.ops import npu as fq_npu
+from flatquant_lab.notebook import SMOKE_NOTICE, folder_mib, setup
 
-# is_available() imports torch_npu lazily and says False off an Ascend host (no CANN).
-on_ascend = fq_npu.is_available()
-if backend is None:
-    backend = "npu" if on_ascend else "reference"
-if backend not in ("npu", "reference"):
-    raise ValueError(f"backend: expected 'npu', 'reference' or None (auto-detect), got {backend!r}")
-if backend == "npu" and not on_ascend:
-    raise ValueError("backend: 'npu' needs torch_npu and an Ascend device, and none was found; "
-                     "use 'reference' or None")
-# Layers built without an explicit backend (load_quantized, quantize) follow this variable.
-os.environ["FLATQUANT_BACKEND"] = backend
-device = torch.device("npu" if backend == "npu" else "cpu")
-if threads is not None:
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"threads: expected a positive int or None, got {threads!r}")
-    torch.set_num_threads(threads)
-if not isinstance(smoke, bool):
-    raise ValueError(f"smoke: expected True or False, got {smoke!r}")
+# backend, threads and smoke checked; logging as information; FLATQUANT_BACKEND set for layers built below
+nb = setup(backend=backend, threads=threads, smoke=smoke)
+backend, device, on_ascend = nb.backend, nb.device, nb.on_ascend
+smoke_figure, smoke_table, output_folder = nb.smoke_figure, nb.smoke_table, nb.output_folder
 if figure_path is not None:
     figure_path = os.path.abspath(figure_path)
     os.makedirs(os.path.dirname(figure_path), exist_ok=True)
-
-
-class _Below(logging.Filter):
-    def __init__(self, level):
-        super().__init__()
-        self.level = level
-
-    def filter(self, record):
-        return record.levelno < self.level
-
-
-# flatquant_lab's INFO lines are information: plain text on stdout; warnings stay on stderr, marked as such.
-_info = logging.StreamHandler(sys.stdout)
-_info.setFormatter(logging.Formatter("%(message)s"))
-_info.addFilter(_Below(logging.WARNING))
-_warn = logging.StreamHandler(sys.stderr)
-_warn.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-_warn.setLevel(logging.WARNING)
-_fq_log = logging.getLogger("flatquant_lab")
-_fq_log.handlers[:] = [_info, _warn]  # assigned, not appended: re-running this cell adds no duplicates
-_fq_log.setLevel(logging.INFO)
-_fq_log.propagate = False
-# A bar per model load and per text read: both are quick here, and the long steps have bars of their own.
-transformers.utils.logging.disable_progress_bar()
-datasets.disable_progress_bars()
-
-SMOKE_NOTICE = ("SMOKE RUN: the model is truncated to 2 layers and every budget is a token one, so these "
-                "numbers say only that the code runs; they say nothing about quantization quality.")
-
-
-def smoke_figure(fig):
-    """On a smoke run, stamp the notice across the figure, so that no copy of it travels without it."""
-    if smoke:
-        fig.text(0.5, 0.5, "SMOKE RUN (2-layer truncation)\nnumbers meaningless", ha="center", va="center",
-                 fontsize=20, color="tab:red", alpha=0.35, rotation=12, zorder=10)
-    return fig
-
-
-def smoke_table(df):
-    """On a smoke run, the table with the notice as its caption; else the table as it is."""
-    if not smoke:
-        return df
-    style = df if isinstance(df, Styler) else df.style
-    return style.set_caption(SMOKE_NOTICE).set_table_styles(
-        [{"selector": "caption", "props": "color: #b00; font-weight: bold; caption-side: top"}], overwrite=False)
-
-
-def output_folder(notebook: str) -> str:
-    """notebooks/outputs/<notebook>-<smoke|full>/: git-ignored, overwritten by the next run, yours to reuse or delete."""
-    path = os.path.abspath(os.path.join("outputs", f"{notebook}-{'smoke' if smoke else 'full'}"))
-    os.makedirs(path, exist_ok=True)
-    return path
-
-
-def folder_mib(path) -> float:
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files) / 2**20
-
-
-t_start = time.perf_counter()
-print(f"flatquant_lab {fq.__version__}; backend {backend} on {device}, {torch.get_num_threads()} thread(s)"
-      f"{' (torch_npu found)' if on_ascend else ' (no Ascend device: CPU reference ops)'}; smoke={smoke}")
+t_start = nb.started
+print(nb.banner())
 if smoke:
     display(Markdown(f"**{SMOKE_NOTICE}**"))
 

@@ -128,10 +128,44 @@ def test_committed_notebook_is_clean(name):
 
 
 def test_notebooks_share_one_setup_cell():
-    """The cell after the parameters (backend choice, logging, smoke notice, output folder) is the same in all."""
+    """The cell after the parameters (backend choice, logging, smoke notice, output folder) is the same in all,
+    and it calls the package's ``flatquant_lab.notebook.setup`` instead of holding its own copy."""
     setups = {name: _code_sources(name)[1] for name in NOTEBOOKS}
     assert len(set(setups.values())) == 1, "the set-up cells differ; edit all three alike"
-    assert "def smoke_figure" in setups[NOTEBOOKS[0]] and "def output_folder" in setups[NOTEBOOKS[0]]
+    assert "setup(backend=backend, threads=threads, smoke=smoke)" in setups[NOTEBOOKS[0]]
+    assert "def " not in setups[NOTEBOOKS[0]], "helpers belong in flatquant_lab/notebook.py"
+
+
+def test_notebook_setup_checks_its_parameters_and_marks_smoke_output(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from flatquant_lab.notebook import SMOKE_NOTICE, setup
+
+    with pytest.raises(ValueError, match="backend: expected 'npu', 'reference' or None"):
+        setup(backend="cuda")
+    with pytest.raises(ValueError, match="backend: 'npu' needs torch_npu and an Ascend device"):
+        setup(backend="npu")
+    with pytest.raises(ValueError, match="threads: expected a positive int or None, got 0"):
+        setup(threads=0)
+    with pytest.raises(ValueError, match="smoke: expected True or False, got 'yes'"):
+        setup(smoke="yes")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FLATQUANT_BACKEND", raising=False)
+    nb = setup(smoke=True, quiet_loaders=False)
+    assert nb.backend == "reference" and str(nb.device) == "cpu" and os.environ["FLATQUANT_BACKEND"] == "reference"
+    assert nb.output_folder("02_x") == str(tmp_path / "outputs" / "02_x-smoke")
+    fig = plt.figure()
+    assert "numbers meaningless" in nb.smoke_figure(fig).texts[0].get_text()
+    plt.close(fig)
+    assert nb.smoke_table(pd.DataFrame({"a": [1]})).caption == SMOKE_NOTICE
+    full = setup(smoke=False, quiet_loaders=False)
+    df = pd.DataFrame({"a": [1]})
+    assert full.smoke_table(df) is df and full.output_folder("02_x").endswith("02_x-full")
+    monkeypatch.delenv("FLATQUANT_BACKEND", raising=False)
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)

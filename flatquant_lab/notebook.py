@@ -1,0 +1,124 @@
+"""What every notebook's set-up cell does, once: the backend, threads, logging as information, smoke notices.
+
+    from flatquant_lab.notebook import setup
+    nb = setup(backend=backend, threads=threads, smoke=smoke)   # nb.backend, nb.device
+    nb.smoke_figure(fig); display(nb.smoke_table(df)); out = nb.output_folder("02_clip_ratio_sweep")
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+SMOKE_NOTICE = ("SMOKE RUN: the model is truncated to 2 layers and every budget is a token one, so these "
+                "numbers say only that the code runs; they say nothing about quantization quality.")
+
+
+class _Below(logging.Filter):
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < self.level
+
+
+def route_logging() -> None:
+    """flatquant_lab's INFO lines as plain text on stdout (information), its warnings on stderr (marked).
+
+    The handlers are assigned, not appended, so running a set-up cell again adds no duplicates.
+    """
+    info = logging.StreamHandler(sys.stdout)
+    info.setFormatter(logging.Formatter("%(message)s"))
+    info.addFilter(_Below(logging.WARNING))
+    warn = logging.StreamHandler(sys.stderr)
+    warn.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    warn.setLevel(logging.WARNING)
+    log = logging.getLogger("flatquant_lab")
+    log.handlers[:] = [info, warn]
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+@dataclass
+class Session:
+    """One notebook run: where it computes and whether it is a smoke run."""
+
+    backend: str
+    device: torch.device
+    smoke: bool
+    on_ascend: bool
+    started: float = field(default_factory=time.perf_counter)
+
+    def smoke_figure(self, fig):
+        """On a smoke run, stamp the notice across the figure, so that no copy of it travels without it."""
+        if self.smoke:
+            fig.text(0.5, 0.5, "SMOKE RUN (2-layer truncation)\nnumbers meaningless", ha="center", va="center",
+                     fontsize=20, color="tab:red", alpha=0.35, rotation=12, zorder=10)
+        return fig
+
+    def smoke_table(self, df):
+        """On a smoke run, the table (a DataFrame or its Styler) with the notice as its caption; else as it is."""
+        if not self.smoke:
+            return df
+        style = df if hasattr(df, "set_caption") else df.style
+        return style.set_caption(SMOKE_NOTICE).set_table_styles(
+            [{"selector": "caption", "props": "color: #b00; font-weight: bold; caption-side: top"}], overwrite=False)
+
+    def output_folder(self, notebook: str) -> str:
+        """``outputs/<notebook>-<smoke|full>/`` below the working directory: git-ignored, overwritten by the
+        next run of the same size, yours to reuse or delete."""
+        path = os.path.abspath(os.path.join("outputs", f"{notebook}-{'smoke' if self.smoke else 'full'}"))
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    def banner(self) -> str:
+        from . import __version__
+
+        where = " (torch_npu found)" if self.on_ascend else " (no Ascend device: CPU reference ops)"
+        return (f"flatquant_lab {__version__}; backend {self.backend} on {self.device}, "
+                f"{torch.get_num_threads()} thread(s){where}; smoke={self.smoke}")
+
+
+def setup(backend: str | None = None, threads: int | None = None, smoke: bool = False,
+          quiet_loaders: bool = True) -> Session:
+    """Validate a notebook's common parameters and set the session up.
+
+    ``backend``: ``"npu"``, ``"reference"`` or ``None`` (npu on an Ascend host, else reference); layers built
+    without an explicit backend follow it (``FLATQUANT_BACKEND``). ``threads``: torch CPU threads.
+    ``quiet_loaders``: no progress bar per model load or text read (quick here; long steps have their own).
+    """
+    from .ops import npu as fq_npu
+
+    on_ascend = fq_npu.is_available()  # imports torch_npu lazily; False off an Ascend host
+    if backend is None:
+        backend = "npu" if on_ascend else "reference"
+    if backend not in ("npu", "reference"):
+        raise ValueError(f"backend: expected 'npu', 'reference' or None (auto-detect), got {backend!r}")
+    if backend == "npu" and not on_ascend:
+        raise ValueError("backend: 'npu' needs torch_npu and an Ascend device, and none was found; "
+                         "use 'reference' or None")
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads: expected a positive int or None, got {threads!r}")
+        torch.set_num_threads(threads)
+    if not isinstance(smoke, bool):
+        raise ValueError(f"smoke: expected True or False, got {smoke!r}")
+    os.environ["FLATQUANT_BACKEND"] = backend
+    route_logging()
+    if quiet_loaders:
+        import datasets
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+    return Session(backend, torch.device("npu" if backend == "npu" else "cpu"), smoke, on_ascend)
+
+
+def folder_mib(path) -> float:
+    """Size of the files below ``path``, in MiB."""
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files) / 2**20
