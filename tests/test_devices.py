@@ -214,3 +214,30 @@ def test_fold_in_float32_stays_within_its_stated_bound(size):
     q64, _ = quantize_weight(ref)
     q32, _ = quantize_weight(got.double())
     assert float((q64 != q32).float().mean()) < 1e-3
+
+
+# ================================================================================= reference ops
+def test_reference_ops_force_ieee_fp32_matmuls_and_restore_the_setting():
+    from flatquant_lab.ops import reference
+
+    seen = []
+    real = torch.matmul
+
+    def spy(*a, **k):
+        seen.append((torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.fp32_precision))
+        return real(*a, **k)
+
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # what a user enabling TF32 does
+    try:
+        x = torch.randn(4, 8, 16, generator=torch.Generator().manual_seed(0)).bfloat16()
+        p1, p2 = torch.eye(8, dtype=torch.bfloat16), torch.eye(16, dtype=torch.bfloat16)
+        torch.matmul = spy
+        try:
+            reference.kronecker_quant(x, p1, p2)
+        finally:
+            torch.matmul = real
+        assert seen and all(s == ("highest", "ieee") for s in seen)
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
