@@ -241,3 +241,23 @@ def test_reference_ops_force_ieee_fp32_matmuls_and_restore_the_setting():
         assert torch.get_float32_matmul_precision() == "high"
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+# ================================================================================= command line
+def test_quantize_cli_loads_in_its_dtype_and_calibrates_on_its_device(tmp_path, capsys):
+    from flatquant_lab.cli import main
+    from flatquant_lab.io import load_quantized
+    from test_calibration import _write_tiny_model_dir
+
+    src = tmp_path / "tiny"
+    _write_tiny_model_dir(src, tiny_model("llama"))
+    with pytest.raises(SystemExit):
+        main(["quantize", "--model", str(src), "--method", "rtn", "--out", str(tmp_path / "x"), "--device", "gpu"])
+    assert "--device: expected cpu, cuda, cuda:N, npu or npu:N, got 'gpu'" in capsys.readouterr().err
+    out = tmp_path / "rtn"
+    assert main(["quantize", "--model", str(src), "--method", "rtn", "--out", str(out), "--dtype", "bfloat16",
+                 "--device", "cpu"]) == 0
+    loaded = load_quantized(out)
+    floats = {t.dtype for k, t in loaded.state_dict().items() if t.is_floating_point() and "weight_scale" not in k
+              and "weight_offset" not in k and "clip_ratio" not in k}
+    assert floats == {torch.bfloat16}
