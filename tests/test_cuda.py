@@ -153,3 +153,16 @@ def test_fold_and_gptq_on_cuda_stay_close_to_float64():
     q_gpu = gptq_quantize(wq.cuda(), acc_gpu.h, scale.cuda(), block=64)
     assert q_gpu.device.type == "cuda"
     assert float((q_gpu.cpu() != q_cpu).float().mean()) < 0.01
+
+
+def test_load_quantized_puts_every_tensor_on_cuda(tmp_path):
+    from flatquant_lab.io import load_quantized, save_quantized
+
+    model = quantize(tiny_model("qwen2"), QuantConfig(method="rtn"))
+    save_quantized(model, tmp_path / "q")
+    loaded = load_quantized(tmp_path / "q", device="cuda")
+    assert devices_of(loaded) == {"cuda"} and {b.device.type for b in loaded.buffers()} == {"cuda"}
+    with torch.no_grad():
+        got = loaded(input_ids=CALIB[:2].cuda()).logits.cpu()
+        ref = model(input_ids=CALIB[:2]).logits
+    assert float((got - ref).norm() / ref.norm()) < 1e-3

@@ -261,3 +261,39 @@ def test_quantize_cli_loads_in_its_dtype_and_calibrates_on_its_device(tmp_path, 
     floats = {t.dtype for k, t in loaded.state_dict().items() if t.is_floating_point() and "weight_scale" not in k
               and "weight_offset" not in k and "clip_ratio" not in k}
     assert floats == {torch.bfloat16}
+
+
+# ================================================================================= loading
+def test_load_quantized_fills_a_meta_model_without_copying_the_tensors(tmp_path, monkeypatch):
+    """Built on the meta device, filled with the tensors read from the files: the loaded float weights
+    are those very tensors (one host copy of the checkpoint), and the model computes what was saved."""
+    import flatquant_lab.io.load as load
+    from flatquant_lab.io import load_quantized, save_quantized
+
+    model = quantize(tiny_model("qwen2"), QuantConfig(method="rtn"))
+    save_quantized(model, tmp_path / "q")
+    read = {}
+    real = load._read_tensors
+
+    def spy(path):
+        out = real(path)
+        read.update(out)
+        return out
+
+    monkeypatch.setattr(load, "_read_tensors", spy)
+    loaded = load_quantized(tmp_path / "q", device="cpu")
+    from flatquant_lab.layers import W4A4FlatQuantLinear
+
+    int4 = {n for n, m in loaded.named_modules() if isinstance(m, W4A4FlatQuantLinear)}
+    plain = [k for k, t in loaded.state_dict().items()
+             if k in read and t.is_floating_point() and k.rpartition(".")[0] not in int4]
+    assert "model.embed_tokens.weight" in plain and "model.norm.weight" in plain
+    for k in plain:
+        assert loaded.state_dict()[k].data_ptr() == read[k].data_ptr(), k
+    assert not any(t.is_meta for t in loaded.state_dict().values())
+    assert not any(b.is_meta for b in loaded.buffers())
+    ids = CALIB[:2]
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    with pytest.raises(ValueError, match="device: expected"):
+        load_quantized(tmp_path / "q", device="tpu")
