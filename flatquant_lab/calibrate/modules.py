@@ -12,6 +12,7 @@ import math
 import torch
 from einops import rearrange
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..gptq import HessianAccumulator
 from ..kronecker import fold_weight, kron_inverse_t
@@ -92,11 +93,11 @@ class KronTransform(nn.Module):
         b = ste_cast(lt.transpose(0, 1) @ a, torch.float16)
         return rearrange(b, "... a b -> ... (a b)")
 
-    def fold(self, weight: torch.Tensor) -> torch.Tensor:
-        """``(W * d) @ kron(L, R)^{-T}`` (float32, differentiable)."""
+    def fold(self, weight: torch.Tensor, inverse_t=None) -> torch.Tensor:
+        """``(W * d) @ kron(L, R)^{-T}`` (float32, differentiable); ``inverse_t`` defaults to :meth:`inverse_t`."""
         d = self.smooth_in()
         w = weight * d if d is not None else weight
-        return fold_weight(w, self.left, self.right, inverse_t=self.inverse_t())
+        return fold_weight(w, self.left, self.right, inverse_t=inverse_t or self.inverse_t())
 
 
 class FakeQuantLinear(nn.Module):
@@ -116,7 +117,14 @@ class FakeQuantLinear(nn.Module):
         key = (tr.left._version, tr.right._version, None if tr.log_smooth is None else tr.log_smooth._version,
                self.weight_clip._version, torch.is_grad_enabled())
         if getattr(self, "_wq", None) is None or self._wq[0] != key or torch.is_grad_enabled():
-            wq = fake_quant_weight(tr.fold(self.linear.weight.float()), torch.sigmoid(self.weight_clip))
+            def fq(li, ri):
+                return fake_quant_weight(tr.fold(self.linear.weight.float(), (li, ri)), torch.sigmoid(self.weight_clip))
+            if torch.is_grad_enabled():
+                # Recomputed in the backward pass: autograd keeps one weight-sized tensor per linear,
+                # not the fold's and the rounding's half-dozen (GiBs for a 7B layer).
+                wq = checkpoint(fq, *tr.inverse_t(), use_reentrant=False, preserve_rng_state=False)
+            else:
+                wq = fq(*tr.inverse_t())
             self._wq = (key, wq)
         return self._wq[1]
 
