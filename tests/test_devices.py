@@ -300,6 +300,43 @@ def test_load_quantized_fills_a_meta_model_without_copying_the_tensors(tmp_path,
 
 
 # ================================================================================= training memory
+def _saved_bytes(o: int, k: int, tokens: int) -> tuple[int, int]:
+    """Bytes autograd keeps for one fake-quant linear [o, k] on ``tokens`` inputs (its float weight not
+    counted: the layer holds it anyway), and the bytes of one token-sized float32 tensor."""
+    from flatquant_lab.calibrate import FakeQuantLinear, KronTransform, plan_layer
+
+    model = tiny_model("llama")
+    g = plan_layer(model, 0, QuantConfig())[0]
+    g.size, g.n1, g.n2, g.kv_tied, g.smooth_target = k, 16, k // 16, None, "input_layernorm"
+    tr = KronTransform(g, orthogonal_factor(16, "random", 1), orthogonal_factor(k // 16, "random", 2),
+                       torch.zeros(k), torch.tensor([3.0]), torch.bfloat16)
+    lin = torch.nn.Linear(k, o, bias=False)
+    fq = FakeQuantLinear(lin, tr, torch.full((o,), 3.0))
+    for p in (tr.left, tr.right, tr.log_smooth, tr.act_clip, fq.weight_clip):
+        p.requires_grad_(True)
+    lin.weight.requires_grad_(False)
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    x = torch.randn(1, tokens, k, generator=torch.Generator().manual_seed(0))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = fq(x)
+    saved.pop(lin.weight.data_ptr(), None)
+    y.square().sum().backward()
+    assert tr.left.grad is not None and fq.weight_clip.grad is not None and tr.act_clip.grad is not None
+    return sum(saved.values()), tokens * k * 4
+
+
+def test_a_training_step_keeps_two_token_sized_tensors_per_transform():
+    """The transform and the activation rounding are recomputed in the backward pass: autograd keeps
+    the input and the quantized input, not the five intermediates between them."""
+    kept, token_bytes = _saved_bytes(o=16, k=512, tokens=512)
+    assert kept <= 2.2 * token_bytes, kept / token_bytes
+
+
 def test_a_training_step_keeps_one_weight_sized_tensor_per_linear():
     """The fold and the weight rounding are recomputed in the backward pass: what autograd keeps of a
     fake-quant linear is its quantized weight (O x K float32) plus token-sized tensors, not the

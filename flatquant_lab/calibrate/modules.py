@@ -62,7 +62,13 @@ class KronTransform(nn.Module):
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
         if self._last is not None and self._last[0] is x:
             return self._last[1]
-        bq = fake_quant_act(self.transformed(x), self.clip_ratio())
+        if torch.is_grad_enabled():
+            # Recomputed in the backward pass (a few % of the step's FLOPs): autograd keeps x and bq,
+            # not the transform's five token-sized intermediates.
+            bq = checkpoint(lambda t: fake_quant_act(self.transformed(t), self.clip_ratio()), x,
+                            use_reentrant=False, preserve_rng_state=False)
+        else:
+            bq = fake_quant_act(self.transformed(x), self.clip_ratio())
         if self.collect is not None:
             self.collect.add(bq.detach())
         self._last = (x, bq)
