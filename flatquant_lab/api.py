@@ -1,6 +1,7 @@
 """``quantize(model, config, calib_data)``: the one verb, and the ``flatquant-lab quantize`` command."""
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 
 import torch
@@ -33,8 +34,11 @@ def _as_ids(calib_data) -> torch.Tensor | None:
 
 
 def quantize(model: nn.Module, config: QuantConfig | None = None, calib_data=None, backend: str | None = None,
-             after_layer=None) -> nn.Module:
+             after_layer=None, device=None) -> nn.Module:
     """Quantize ``model`` in place to W4A4 FlatQuant (or the schemes ``config.recipe`` gives) and return it.
+
+    ``device`` (``cpu``, ``cuda``, ``cuda:1``, ``npu``, ``npu:0``; overrides ``config.device``; default:
+    the model's device) is where each decoder layer is calibrated; the model itself stays where it is.
 
     Every decoder linear takes its recipe scheme: ``W4A4FlatQuantLinear``, ``W8A8DynamicLinear`` or
     float (with the default recipe, every one the NPU op can run is FlatQuant); the calibration report
@@ -43,6 +47,8 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, calib_data=Non
     ``samples`` sequences, cut to ``seqlen``, are what calibration runs on (the config records it).
     """
     config = config or QuantConfig()
+    if device is not None:
+        config = dataclasses.replace(config, device=device)  # validated by QuantConfig
     ids = _as_ids(calib_data)
     model.eval()
     report = calibrate(model, config, ids, backend=backend, after_layer=after_layer)

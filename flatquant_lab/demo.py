@@ -103,7 +103,7 @@ def evaluate_model(model, tokenizer, limit=None, batch_size=1, max_length=512) -
 
 def run_demo(model_name: str = "smollm2-135m", profile: str = "fast", out_dir: str = "results",
              methods=METHODS, limit=None, num_layers=None, batch_size: int = 1, seed: int = 0,
-             samples=None, epochs=None, seqlen=None) -> dict:
+             samples=None, epochs=None, seqlen=None, device=None) -> dict:
     """Run every method in ``methods``; write ``demo.json`` and ``demo.png`` to ``out_dir``; return the summary."""
     from .data import bundled_data_path, calibration_ids
     from .hub import load_model
@@ -142,7 +142,7 @@ def run_demo(model_name: str = "smollm2-135m", profile: str = "fast", out_dir: s
                 ids = calibration_ids(bundled_data_path("calib"), tok, cfg.budget("samples"),
                                       cfg.budget("seqlen"), seed=seed)
             t0 = time.perf_counter()
-            quantize(model, cfg, ids)
+            quantize(model, cfg, ids, device=device)
             calib_s = time.perf_counter() - t0
             if method in FLATQUANT_ROWS:
                 export = out / f"export-{method.replace('_', '-')}"

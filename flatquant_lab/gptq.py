@@ -3,24 +3,32 @@
 Minimises ``||X W^T - X W_q^T||^2`` column by column: quantize column ``i``, then spread its error
 ``e = (w_i - q_i s) / [H^-1]_ii`` over the remaining columns with the Cholesky factor of ``H^-1``,
 ``H = X^T X``. Scales are fixed per row beforehand (what ``npu_quant_matmul`` consumes: no groups).
+Where: ``H``'s Cholesky factorisations run in float64 on the CPU (a ``K x K`` matrix, seconds even at
+``K = 11008``); the column loop runs on the weight's device, in float64 on the CPU and in float32
+on an accelerator (no float64 there; the usual GPTQ precision on GPUs).
 """
 from __future__ import annotations
 
 import torch
 
+from .devices import exact_dtype
 from .quantizers import qrange
 
 
 class HessianAccumulator:
-    """Running ``H = sum_t x_t^T x_t`` over calibration tokens (float64)."""
+    """Running ``H = sum_t x_t^T x_t`` over calibration tokens, on the inputs' device: float64 on the CPU,
+    float32 on an accelerator. ``h`` is allocated by the first ``add`` unless ``device`` is given."""
 
-    def __init__(self, k: int):
-        self.h = torch.zeros(k, k, dtype=torch.float64)
+    def __init__(self, k: int, device=None):
+        self.k = k
+        self.h = None if device is None else torch.zeros(k, k, dtype=exact_dtype(device), device=device)
         self.tokens = 0
 
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).double()
+        if self.h is None:
+            self.h = torch.zeros(self.k, self.k, dtype=exact_dtype(x.device), device=x.device)
+        x = x.reshape(-1, x.shape[-1]).to(self.h.dtype)
         self.h.addmm_(x.t(), x)
         self.tokens += x.shape[0]
 
@@ -33,24 +41,26 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tens
     concatenated along ``O``: the factorisation and the column loop then run once for all of them.
     """
     qmin, qmax = qrange(bits)
-    w = weight.detach().double().clone()
-    h = hessian.detach().double().clone()
+    dev, wd = weight.device, exact_dtype(weight.device)
+    w = weight.detach().to(wd).clone()
+    h = hessian.detach().to("cpu", torch.float64).clone()
     o, k = w.shape
     if tuple(h.shape) != (k, k):
         raise ValueError(f"hessian: expected shape [{k}, {k}], got {list(h.shape)}")
     if tuple(scale.shape) != (o, 1):
         raise ValueError(f"scale: expected shape [{o}, 1], got {list(scale.shape)}")
-    s = scale.double()
+    s = scale.to(dev, wd)
     inv_s = torch.where(s > 0, 1.0 / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(s))
     dead = torch.diagonal(h) == 0  # inputs never seen: their weights cannot matter
     h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(k)
-    w, h = w[:, perm], h[perm][:, perm]
-    h += damp * torch.diagonal(h).mean() * torch.eye(k, dtype=torch.float64)
+    w[:, dead.to(dev)] = 0.0
+    perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(k, device="cpu")
+    w, h = w[:, perm.to(dev)], h[perm][:, perm]
+    eye = torch.eye(k, dtype=torch.float64, device="cpu")
+    h += damp * torch.diagonal(h).mean() * eye
     # H^-1 by a Cholesky solve (torch.cholesky_inverse is ~10x slower on CPU), then its upper factor
-    hinv = torch.cholesky_solve(torch.eye(k, dtype=torch.float64), torch.linalg.cholesky(h))
-    hinv = torch.linalg.cholesky(hinv, upper=True)
+    hinv = torch.cholesky_solve(eye, torch.linalg.cholesky(h))
+    hinv = torch.linalg.cholesky(hinv, upper=True).to(dev, wd)
     q = torch.empty_like(w)
     s1, inv_s1 = s[:, 0], inv_s[:, 0]
     for i1 in range(0, k, block):
@@ -67,5 +77,5 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tens
             w1[:, i + 1:].addr_(e, hinv1[i, i + 1:], alpha=-1.0)
             err1[:, i] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    q = q[:, torch.argsort(perm)]
+    q = q[:, torch.argsort(perm).to(dev)]
     return q.to(torch.int8)

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from . import offline  # noqa: F401  (sets the offline variables before transformers is imported)
+from .devices import require_available
 from .dtypes import as_dtype
 
 log = logging.getLogger(__name__)
@@ -200,9 +201,11 @@ def resolve(name_or_dir: str | os.PathLike) -> Path:
     return path
 
 
-def load_model(name_or_dir: str | os.PathLike, dtype=torch.float32, num_layers: int | None = None):
+def load_model(name_or_dir: str | os.PathLike, dtype=torch.float32, num_layers: int | None = None, device=None):
     """Load ``(model, tokenizer)`` from an alias (``smollm2-135m``) or a local HF model directory.
 
+    The weights are read tensor by tensor straight into ``dtype`` (no float32 copy of a half model) on
+    ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``npu``, ``npu:N``; default the CPU).
     ``num_layers=k`` keeps only the first ``k`` decoder layers (``config.num_hidden_layers = k``);
     the rest are never loaded. Meant for tests and CI. The model is returned in eval mode.
     """
@@ -210,6 +213,7 @@ def load_model(name_or_dir: str | os.PathLike, dtype=torch.float32, num_layers: 
     from transformers.utils import logging as hf_logging
 
     dtype = as_dtype(dtype)
+    dev = require_available(device) if device is not None else torch.device("cpu")
     path = resolve(name_or_dir)
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     full = config.num_hidden_layers
@@ -227,7 +231,8 @@ def load_model(name_or_dir: str | os.PathLike, dtype=torch.float32, num_layers: 
     if num_layers is not None and num_layers < full:
         hf_logging.set_verbosity_error()
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), config=config, dtype=dtype, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(str(path), config=config, dtype=dtype, local_files_only=True,
+                                                     device_map={"": dev})
     finally:
         hf_logging.set_verbosity(verbosity)
     try:
@@ -239,5 +244,5 @@ def load_model(name_or_dir: str | os.PathLike, dtype=torch.float32, num_layers: 
             f"tokenizer.json or tokenizer_config.json with its vocabulary files): {exc}"
         ) from exc
     model.eval()
-    log.info("loaded %s: %d of %d layers, %s", path, config.num_hidden_layers, full, dtype)
+    log.info("loaded %s: %d of %d layers, %s on %s", path, config.num_hidden_layers, full, dtype, dev)
     return model, tokenizer

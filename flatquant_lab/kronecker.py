@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .devices import exact_dtype
+
 # Largest factor size npu_kronecker_quant accepts, by CANN release (SPEC section 3).
 NPU_MAX_FACTOR = {"8.1": 128, "8.2": 128, "8.3": 128, "8.5": 256}
 DEFAULT_CANN = "8.3"
@@ -98,24 +100,38 @@ def kron_apply(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, blocks:
 
 def kron_inverse_t(left: torch.Tensor, right: torch.Tensor,
                    dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factors of ``kron(L, R)^{-T} = kron(L^{-T}, R^{-T})``, inverted in ``dtype`` (differentiable)."""
+    """Factors of ``kron(L, R)^{-T} = kron(L^{-T}, R^{-T})``, inverted in ``dtype`` where the factors are
+    (differentiable). Never ask for float64 on an accelerator: :func:`fold_weight` inverts on the CPU."""
     li = torch.linalg.inv(left.to(dtype)).transpose(0, 1)
     ri = torch.linalg.inv(right.to(dtype)).transpose(0, 1)
     return li, ri
 
 
+# Measured bound of the float32 fold against float64 (tests/test_devices.py): per output row,
+# max |W'_fp32 - W'_fp64| <= FOLD_FP32_RTOL * max |W'_fp64|, 4 orders below half an int4 step (1 / 14).
+FOLD_FP32_RTOL = 2.0**-18
+
+
 def fold_weight(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
-                inverse_t: tuple[torch.Tensor, torch.Tensor] | None = None, blocks: int = 1) -> torch.Tensor:
+                inverse_t: tuple[torch.Tensor, torch.Tensor] | None = None, blocks: int = 1,
+                dtype: torch.dtype | None = None) -> torch.Tensor:
     """``W' = W @ kron(I_blocks, L, R)^{-T}``, so that ``kron_apply(x, L, R, blocks) @ W'^T == x @ W^T``.
 
     Per output row and block that is ``L^{-1} W_o R^{-T}``.
 
-    In float64 unless ``inverse_t`` (the factors of :func:`kron_inverse_t`, e.g. float32 ones kept
-    across training steps) says otherwise; differentiable either way.
+    The inverse in float64 on the CPU (the factors are small), the product on the weight's device in
+    ``dtype``: by default float64 on the CPU and float32 on an accelerator (error bound FOLD_FP32_RTOL).
+    ``inverse_t`` (the factors of :func:`kron_inverse_t`, e.g. float32 ones kept across training
+    steps) replaces the inverse and sets the dtype; differentiable either way.
     """
     if blocks != 1:
-        return fold_weight(_blocks(weight, blocks, "weight"), left, right, inverse_t).reshape(weight.shape)
+        return fold_weight(_blocks(weight, blocks, "weight"), left, right, inverse_t, dtype=dtype).reshape(weight.shape)
     n1, n2 = _check_factors(weight, left, right)
-    li, ri = inverse_t if inverse_t is not None else kron_inverse_t(left, right)
+    if inverse_t is not None:
+        li, ri = inverse_t
+    else:
+        dtype = dtype if dtype is not None else exact_dtype(weight.device)
+        li, ri = kron_inverse_t(left.to("cpu"), right.to("cpu"))
+        li, ri = li.to(weight.device, dtype), ri.to(weight.device, dtype)
     wm = weight.to(li.dtype).reshape(*weight.shape[:-1], n1, n2)
     return (li.transpose(0, 1) @ wm @ ri).reshape(weight.shape)

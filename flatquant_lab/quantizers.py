@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from .devices import exact_dtype
+
 QMAX = 7.0  # int4
 QMIN = -8.0
 INT8_QMAX = 127.0
@@ -139,12 +141,13 @@ def quantize_weight(weight: torch.Tensor, clip=None, bits: int = 4,
 
     The scale is rounded to ``scale_dtype`` first (float32; W8A8_DYNAMIC passes the model dtype,
     which vllm-ascend rounds its scales to on load) and ``q`` computed from that rounded scale, so
-    that ``q * scale`` is exactly what the NPU multiplies. All-zero rows get scale 0 and q 0.
+    that ``q * scale`` is exactly what the NPU multiplies. All-zero rows get scale 0 and q 0. The
+    division runs in float64 on the CPU and in float32 on an accelerator (no float64 there).
     """
     qmin, qmax = qrange(bits)
-    w = weight.double()
+    w = weight.to(exact_dtype(weight.device))
     scale = weight_scale(w, clip, bits).to(scale_dtype).float()
-    s = scale.double()
+    s = scale.to(w.dtype)
     q = torch.where(s > 0, torch.round(w / torch.where(s > 0, s, torch.ones_like(s))), torch.zeros_like(w))
     return q.clamp_(qmin, qmax).to(torch.int8), scale
 

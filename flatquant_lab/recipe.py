@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .devices import ACTIVATIONS, check_device
 from .dtypes import check_half
 
 METHODS = ("rtn", "hadamard", "flatquant")
@@ -105,6 +106,11 @@ class QuantConfig:
     gptq_block: int = 128
     gptq_act_order: bool = True
     cann: str = "8.3"  # which CANN's kronecker_quant limits decide what can run on the NPU
+    # Where each decoder layer is calibrated (cpu, cuda, cuda:N, npu, npu:N); None: the model's device.
+    device: str | None = None
+    # Where the layer inputs and targets are held: on the device, on the host (pinned), or "auto"
+    # (the device when they fit in a share of its free memory). Results are the same bit for bit.
+    activations: str = "auto"
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -124,6 +130,10 @@ class QuantConfig:
         if not (_is_float(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"weight_decay: expected a finite float >= 0, got {self.weight_decay!r}")
         check_half(self.act_dtype)
+        if self.device is not None:
+            self.device = check_device(self.device)
+        if self.activations not in ACTIVATIONS:
+            raise ValueError(f"activations: expected one of {ACTIVATIONS}, got {self.activations!r}")
         if isinstance(self.skip, str):
             self.skip = (self.skip,)
         self.skip = tuple(self.skip)
@@ -227,7 +237,8 @@ class QuantConfig:
         """What decides the learned tensors: a resumed run must match it."""
         d = self.to_dict()
         # skip decides which transforms exist, so it belongs; the weight quantizer runs after the
-        # learned tensors are saved, so a resumed run may change it.
-        for k in ("work_dir", "weight_quantizer", "gptq_damp", "gptq_block", "gptq_act_order"):
+        # learned tensors are saved, so a resumed run may change it. A run may resume on another device.
+        for k in ("work_dir", "weight_quantizer", "gptq_damp", "gptq_block", "gptq_act_order", "device",
+                  "activations"):
             d.pop(k, None)
         return json.dumps(d, sort_keys=True)

@@ -121,3 +121,18 @@ def test_bundled_alias(smollm2_2layers):
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits
     assert logits.shape == (1, len(ids), 49152) and torch.isfinite(logits).all()
+
+
+def test_dtype_and_device(tiny_dir):
+    """Loaded in the requested dtype on the requested device; a bad or missing device is a clear error."""
+    full, _ = load_model(tiny_dir, num_layers=2)
+    half, _ = load_model(tiny_dir, dtype=torch.bfloat16, device="cpu", num_layers=2)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    assert {p.device.type for p in half.parameters()} == {"cpu"}
+    for (name, a), (_, b) in zip(full.named_parameters(), half.named_parameters()):
+        assert torch.equal(a.bfloat16(), b), name  # read from the file and rounded once, like full's
+    with pytest.raises(ValueError, match="device: expected 'cpu', 'cuda', 'cuda:N', 'npu' or 'npu:N', got 'gpu'"):
+        load_model(tiny_dir, device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match=r"device: 'cuda:1' requested, but torch.cuda.is_available\(\)"):
+            load_model(tiny_dir, device="cuda:1")

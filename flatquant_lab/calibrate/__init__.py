@@ -22,9 +22,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..devices import module_device, peak_memory, require_available, reset_peak
 from ..models import adapter_for
 from ..recipe import QuantConfig
-from .capture import capture_layer_inputs, float_forward
+from .capture import HeldActivations, capture_layer_inputs, choose_activations, float_forward
 from .finalize import finalize_layer
 from .initialize import init_learned
 from .modules import FakeQuantLinear, KronTransform, install_fake_quant, uninstall_fake_quant
@@ -35,7 +36,7 @@ from .workdir import WorkDir
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "CalibrationReport", "FakeQuantLinear", "Group", "KronTransform", "WorkDir", "calibrate",
+    "CalibrationReport", "FakeQuantLinear", "Group", "HeldActivations", "KronTransform", "WorkDir", "calibrate",
     "capture_layer_inputs", "fake_quant_pass", "finalize_layer", "float_forward", "init_learned",
     "install_fake_quant", "plan_layer", "train_layer", "uninstall_fake_quant",
 ]
@@ -52,10 +53,12 @@ class CalibrationReport:
     calibration: dict | None = None  # what the layers were calibrated on: samples, seqlen, ids digest
     schemes: dict[str, str] = field(default_factory=dict)  # decoder linear -> its recipe scheme
     fallbacks: dict[str, str] = field(default_factory=dict)  # linear -> why FlatQuant could not serve it
+    placement: dict | None = None  # where: the device, and where the activations were held (bytes)
 
     def to_dict(self) -> dict:
         return {"method": self.method, "layers": self.layers, "skipped": self.skipped, "seconds": self.seconds,
-                "calibration": self.calibration, "schemes": self.schemes, "fallbacks": self.fallbacks}
+                "calibration": self.calibration, "schemes": self.schemes, "fallbacks": self.fallbacks,
+                "placement": self.placement}
 
 
 def budget_ids(calib_ids: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
@@ -92,8 +95,12 @@ def calibrate(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor | None
 
     ``calib_ids``: token ids ``[n, seqlen]``; needed for ``flatquant`` and for GPTQ weights.
     ``after_layer(i)``: called after each finished layer (progress hooks, tests of resumption).
+    The model stays on its device and in its dtype; each decoder layer moves to ``cfg.device`` (default:
+    the model's device) for capture, training, GPTQ and finalisation, in float32, and then back.
     """
     t0 = time.perf_counter()
+    home = module_device(model)
+    dev = require_available(cfg.device) if cfg.device is not None else home
     adapter = adapter_for(model)
     info = adapter.info(model)
     layers = adapter.decoder_layers(model)
@@ -152,21 +159,32 @@ def calibrate(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor | None
         digest = ids_digest(calib_ids)
         report.calibration = {"samples": calib_ids.shape[0], "seqlen": calib_ids.shape[1], "ids_sha256": digest}
     work = WorkDir(cfg.work_dir, cfg, info.num_layers, digest) if cfg.work_dir else None
-    X = kwargs_by_bs = None
+    X = Y = kwargs_by_bs = None
     bs = cfg.budget("batch_size")
+    report.placement = {"device": str(dev), "model_device": str(home), "activations": None}
     if need_data:
-        X, kwargs_by_bs = capture_layer_inputs(model, calib_ids, bs)
+        # Held in the model's dtype: a float32 model keeps float32 inputs and targets (as before).
+        shape = (*calib_ids.shape, info.hidden_size)
+        nbytes = 2 * shape[0] * shape[1] * shape[2] * torch.finfo(model_dtype).bits // 8
+        on_host = choose_activations(cfg.activations, nbytes, dev)
+        X, kwargs_by_bs = capture_layer_inputs(model, calib_ids, bs, dev, model_dtype, on_host)
+        Y = HeldActivations(tuple(X.shape), model_dtype, dev, on_host)
+        report.placement.update(activations="host" if on_host else "device", activation_bytes=X.nbytes + Y.nbytes,
+                                activation_dtype=str(model_dtype).replace("torch.", ""))
     bar = tqdm(range(info.num_layers), desc=f"{cfg.method} layers", unit="layer")
     for i in bar:
         lt0 = time.perf_counter()
         layer, groups = layers[i], plans[i]
+        reset_peak(dev)
+        layer.to(dev)
         layer.float()
-        Y = stats = None
+        stats = None
         if need_data:
-            Y, stats = float_forward(layer, groups, X, kwargs_by_bs, bs)
+            Y, stats = float_forward(layer, groups, X, kwargs_by_bs, bs, Y)
         losses, resumed = [], False
         if work is not None and work.has(i):
             learned, losses = work.load(i)
+            learned = {k: v.to(dev) for k, v in learned.items()}
             resumed = True
         else:
             learned = init_learned(layer, groups, cfg, stats, i)
@@ -181,12 +199,18 @@ def calibrate(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor | None
                                                             collect=cfg.weight_quantizer == "gptq")
         finalize_layer(layer, groups, learned, cfg, hess, backend=backend)
         layer.to(model_dtype)
+        layer.to(home)
         entry["clip_ratios"] = {g.name: float(torch.sigmoid(learned[f"{g.name}.act_clip"]).item())
                                 for g in groups if g.quantized}
         entry["seconds"] = time.perf_counter() - lt0
+        where, peak = peak_memory(dev)
+        entry[f"peak_{where}_bytes"] = peak
         report.layers.append(entry)
+        loss = entry.get("fake_quant_mse")
+        bar.set_postfix(layer=i, loss="-" if loss is None else f"{loss:.3g}", s=f"{entry['seconds']:.1f}",
+                        **{f"peak_{where}": f"{peak / 2**30:.2f}GiB"})
         if need_data:
-            X = Y  # the next layer learns from full-precision inputs
+            X, Y = Y, X  # the next layer learns from full-precision inputs; its targets overwrite these
         if after_layer is not None:
             after_layer(i)
     report.seconds = time.perf_counter() - t0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
+from ..devices import exact_dtype
 from ..gptq import HessianAccumulator, gptq_quantize
 from ..kronecker import fold_weight
 from ..layers import W4A4FlatQuantLinear, W8A8DynamicLinear
@@ -37,17 +38,19 @@ def finalize_layer(layer, groups, learned, cfg: QuantConfig, hessians=None, back
     quantized transformed inputs; W8A8_DYNAMIC groups: of the float inputs); RTN without.
     """
     d_in = {}
+    dev = next(layer.parameters()).device
+    xd = exact_dtype(dev)  # float64 on the CPU; float32 on an accelerator
     for g in groups:
         if not g.quantized or f"{g.name}.log_smooth" not in learned:
             continue
-        d = learned[f"{g.name}.log_smooth"].double().exp()
+        d = learned[f"{g.name}.log_smooth"].to(xd).exp()
         target = layer.get_submodule(g.smooth_target)
         if g.smooth_target.endswith("layernorm"):
-            target.weight.copy_((target.weight.double() / d).to(target.weight.dtype))
+            target.weight.copy_((target.weight.to(xd) / d).to(target.weight.dtype))
         else:  # rows of v_proj (kv channels) or up_proj
-            target.weight.copy_((target.weight.double() / d[:, None]).to(target.weight.dtype))
+            target.weight.copy_((target.weight.to(xd) / d[:, None]).to(target.weight.dtype))
             if target.bias is not None:
-                target.bias.copy_((target.bias.double() / d).to(target.bias.dtype))
+                target.bias.copy_((target.bias.to(xd) / d).to(target.bias.dtype))
         if g.kv_tied is not None:
             kv, rep = g.kv_tied
             d = rearrange(d, "(kv hd) -> kv hd", kv=kv).repeat_interleave(rep, 0).flatten()
@@ -68,11 +71,11 @@ def finalize_layer(layer, groups, learned, cfg: QuantConfig, hessians=None, back
         clip_ratio = float(torch.sigmoid(learned[f"{g.name}.act_clip"]).item())
         folded, scales, qs = [], [], []
         for path in g.linears:
-            w = layer.get_submodule(path).weight.double()
+            w = layer.get_submodule(path).weight.to(xd)
             if g.name in d_in:
                 w = w * d_in[g.name]
             folded.append(fold_weight(w, lt, rt, blocks=g.tp))
-            q, scale = quantize_weight(folded[-1], torch.sigmoid(learned[f"{path}.weight_clip"]).double())
+            q, scale = quantize_weight(folded[-1], torch.sigmoid(learned[f"{path}.weight_clip"]).to(xd))
             qs.append(q)
             scales.append(scale)
         if hessians is not None:  # one GPTQ pass for the linears sharing this input
@@ -83,7 +86,7 @@ def finalize_layer(layer, groups, learned, cfg: QuantConfig, hessians=None, back
             lin = layer.get_submodule(path)
             tensors = {"weight": q.contiguous(), "weight_scale": scale, "weight_offset": torch.zeros_like(scale),
                        "left_trans": lt, "right_trans": rt,
-                       "clip_ratio": torch.tensor([clip_ratio], dtype=torch.float32)}
+                       "clip_ratio": torch.tensor([clip_ratio], dtype=torch.float32, device=dev)}
             if lin.bias is not None:
                 tensors["bias"] = lin.bias.detach().to(cfg.act_dtype)
             set_submodule(layer, path, W4A4FlatQuantLinear.from_checkpoint(

@@ -13,21 +13,21 @@ from ..transforms import orthogonal_factor
 from .modules import KronTransform, logit
 from .plan import Group
 
-CLIP_GRID = torch.linspace(1.0, 0.55, 16)  # candidate clip ratios for the initial search
+CLIP_GRID = tuple(float(c) for c in torch.linspace(1.0, 0.55, 16))  # candidate clip ratios (float32 values)
 CLIP_CAP = 0.995  # a sigmoid factor cannot reach 1: start searches' winners here at most
 
 
 def _search_act_clip(b: torch.Tensor) -> float:
     """The clip ratio in CLIP_GRID with the least per-token int4 MSE on transformed activations ``b``."""
-    errs = [float(((fake_quant_act(b, float(c)) - b) ** 2).sum()) for c in CLIP_GRID]
-    return float(CLIP_GRID[int(torch.tensor(errs).argmin())])
+    errs = [float(((fake_quant_act(b, c) - b) ** 2).sum()) for c in CLIP_GRID]
+    return CLIP_GRID[min(range(len(errs)), key=errs.__getitem__)]  # the first of equal minima, as argmin
 
 
 def _search_weight_clip(w: torch.Tensor) -> torch.Tensor:
     """Per row, the clip ratio in CLIP_GRID with the least int4 round-to-nearest MSE."""
-    errs = torch.stack([((fake_quant_weight(w, torch.full((w.shape[0],), float(c))) - w) ** 2).sum(1)
+    errs = torch.stack([((fake_quant_weight(w, torch.full((w.shape[0],), c, device=w.device)) - w) ** 2).sum(1)
                         for c in CLIP_GRID])
-    return CLIP_GRID[errs.argmin(0)]
+    return torch.tensor(CLIP_GRID, dtype=torch.float32, device=w.device)[errs.argmin(0)]
 
 
 @torch.no_grad()
@@ -37,12 +37,13 @@ def init_learned(layer: nn.Module, groups: list[Group], cfg: QuantConfig, stats:
     learned = {}
     baseline = cfg.method != "flatquant"
     kind = {"rtn": "identity", "hadamard": "hadamard"}.get(cfg.method, cfg.transform_init)
+    dev = next(layer.parameters()).device  # every starting tensor is made where the layer is
     for gi, g in enumerate(groups):
         if not g.quantized:
             continue
         seed = cfg.seed * 100003 + layer_index * 17 + gi * 2
-        left = orthogonal_factor(g.n1, kind, seed).float()
-        right = orthogonal_factor(g.n2, kind, seed + 1).float()
+        left = orthogonal_factor(g.n1, kind, seed, device=dev, dtype=torch.float32)
+        right = orthogonal_factor(g.n2, kind, seed + 1, device=dev, dtype=torch.float32)
         learned[f"{g.name}.left"], learned[f"{g.name}.right"] = left, right
         weights = [layer.get_submodule(p).weight.detach().float() for p in g.linears]
         d = None
@@ -55,20 +56,20 @@ def init_learned(layer: nn.Module, groups: list[Group], cfg: QuantConfig, stats:
                 wmax = rearrange(wmax, "(kv rep hd) -> kv rep hd", kv=kv, rep=rep).amax(1).flatten()
             d = (act.pow(cfg.smooth_alpha) / wmax.pow(1 - cfg.smooth_alpha)).clamp(1e-4, 1e4)
             learned[f"{g.name}.log_smooth"] = d.log()
-        tr = KronTransform(g, left, right, learned.get(f"{g.name}.log_smooth"), torch.zeros(1), cfg.act_dtype)
+        tr = KronTransform(g, left, right, learned.get(f"{g.name}.log_smooth"), torch.zeros(1, device=dev), cfg.act_dtype)
         if baseline:  # the baselines use the full range: clip ratio 1 (logit +inf)
             act_clip = math.inf
         elif cfg.act_clip_init == "search" and stats is not None:
             act_clip = logit(min(_search_act_clip(tr.per_rank(tr.transformed(stats[g.name]["sample"]))), CLIP_CAP))
         else:
             act_clip = logit(CLIP_CAP) if cfg.act_clip_init == "search" else float(cfg.act_clip_init)
-        learned[f"{g.name}.act_clip"] = torch.tensor([act_clip])
+        learned[f"{g.name}.act_clip"] = torch.tensor([act_clip], device=dev)
         for p, w in zip(g.linears, weights):
             if baseline:
-                logits = torch.full((w.shape[0],), math.inf)
+                logits = torch.full((w.shape[0],), math.inf, device=dev)
             elif cfg.weight_clip_init == "search":
                 logits = torch.logit(_search_weight_clip(tr.fold(w)).clamp_max(CLIP_CAP))
             else:
-                logits = torch.full((w.shape[0],), float(cfg.weight_clip_init))
+                logits = torch.full((w.shape[0],), float(cfg.weight_clip_init), device=dev)
             learned[f"{p}.weight_clip"] = logits
     return learned

@@ -12,6 +12,7 @@ import math
 import torch
 from einops import rearrange
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..gptq import HessianAccumulator
 from ..kronecker import fold_weight, kron_inverse_t
@@ -153,7 +154,18 @@ class KronTransform(nn.Module):
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
         if self._last is not None and self._last[0] is x:
             return self._last[1]
-        bq = fake_quant_act(self.per_rank(self.transformed(x)), self.clip_ratio()).flatten(-2)
+        def quant(t, lt, rt):
+            return fake_quant_act(self.per_rank(self.transformed(t, (lt, rt))), self.clip_ratio()).flatten(-2)
+
+        # The factors come from a cache filled once per step: taken outside the checkpointed region so that
+        # its recomputation sees the same graph as the forward.
+        lt, rt = self.factors()
+        if torch.is_grad_enabled():
+            # Recomputed in the backward pass (a few % of the step's FLOPs): autograd keeps x and bq,
+            # not the transform's five token-sized intermediates.
+            bq = checkpoint(quant, x, lt, rt, use_reentrant=False, preserve_rng_state=False)
+        else:
+            bq = quant(x, lt, rt)
         if self.collect is not None:
             self.collect.add(bq.detach())
         self._last = (x, bq)
@@ -170,26 +182,26 @@ class KronTransform(nn.Module):
         """``L^{-T}``, ``R^{-T}`` of the rounded factors, recomputed only after an update."""
         return self._factors_and_inverses()[2:]
 
-    def transformed(self, x: torch.Tensor) -> torch.Tensor:
+    def transformed(self, x: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """``b = L^T (X / d) R`` per token, rounded as the kernel rounds (the straight-through twin of
-        steps 1-2 of ``ops.reference.kronecker_quant``)."""
+        steps 1-2 of ``ops.reference.kronecker_quant``); ``factors`` default to :meth:`factors`."""
         d = self.smooth_in()
         # A norm-folded d divides here; a row-folded one (o, down) was already divided out by the
         # preceding linear's output rows (FakeQuantLinear.out_div), as in the exported model.
         if d is not None and self.group.smooth_target.endswith("layernorm"):
             x = x / d
         x = ste_cast(x, self.act_dtype)
-        lt, rt = self.factors()
+        lt, rt = self.factors() if factors is None else factors
         xm = rearrange(x, "... (t a b) -> ... t a b", t=self.group.tp, a=self.group.n1)  # kron(I_tp, L, R)
         a = ste_cast(xm @ rt, self.act_dtype)
         b = ste_cast(lt.transpose(0, 1) @ a, torch.float16)
         return rearrange(b, "... t a b -> ... (t a b)")
 
-    def fold(self, weight: torch.Tensor) -> torch.Tensor:
-        """``(W * d) @ kron(L, R)^{-T}`` (float32, differentiable)."""
+    def fold(self, weight: torch.Tensor, inverse_t=None) -> torch.Tensor:
+        """``(W * d) @ kron(L, R)^{-T}`` (float32, differentiable); ``inverse_t`` defaults to :meth:`inverse_t`."""
         d = self.smooth_in()
         w = weight * d if d is not None else weight
-        return fold_weight(w, *self.factors(), inverse_t=self.inverse_t(), blocks=self.group.tp)
+        return fold_weight(w, *self.factors(), inverse_t=inverse_t or self.inverse_t(), blocks=self.group.tp)
 
 
 class FakeQuantLinear(nn.Module):
@@ -209,7 +221,14 @@ class FakeQuantLinear(nn.Module):
         key = (tr.factor_version(), None if tr.log_smooth is None else tr.log_smooth._version,
                self.weight_clip._version, torch.is_grad_enabled())
         if getattr(self, "_wq", None) is None or self._wq[0] != key or torch.is_grad_enabled():
-            wq = fake_quant_weight(tr.fold(self.linear.weight.float()), torch.sigmoid(self.weight_clip))
+            def fq(li, ri):
+                return fake_quant_weight(tr.fold(self.linear.weight.float(), (li, ri)), torch.sigmoid(self.weight_clip))
+            if torch.is_grad_enabled():
+                # Recomputed in the backward pass: autograd keeps one weight-sized tensor per linear,
+                # not the fold's and the rounding's half-dozen (GiBs for a 7B layer).
+                wq = checkpoint(fq, *tr.inverse_t(), use_reentrant=False, preserve_rng_state=False)
+            else:
+                wq = fq(*tr.inverse_t())
             self._wq = (key, wq)
         return self._wq[1]
 

@@ -48,11 +48,11 @@ def train_layer(layer, groups, learned, X, Y, kwargs_by_bs, cfg: QuantConfig, la
         r = cfg.min_lr_ratio
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda t: r + (1 - r) * 0.5 * (1 + math.cos(math.pi * min(t, total) / total)))
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + layer_index)
+        gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + layer_index)
         epoch_losses = []
         for epoch in range(epochs):
             if cfg.batch_order == "shuffle":
-                order = torch.randperm(len(spans), generator=gen).tolist()
+                order = torch.randperm(len(spans), generator=gen, device="cpu").tolist()
             else:
                 order = range(len(spans))
             tot = 0.0

@@ -45,12 +45,12 @@ class WorkDir:
         return os.path.exists(self.file(i))
 
     def load(self, i: int) -> tuple[dict, list[float]]:
-        t = load_file(self.file(i))
+        t = load_file(self.file(i), device="cpu")
         losses = t.pop("__epoch_losses__", torch.zeros(0)).tolist()
         return t, losses
 
     def save(self, i: int, learned: dict, losses: list[float]) -> None:
-        tensors = {k: v.detach().contiguous() for k, v in learned.items()}
-        tensors["__epoch_losses__"] = torch.tensor(losses, dtype=torch.float64)
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in learned.items()}
+        tensors["__epoch_losses__"] = torch.tensor(losses, dtype=torch.float64, device="cpu")
         # a unique temp name per write: two runs sharing a work_dir never write into each other's file
         atomic_write_bytes(self.file(i), save_tensors(tensors))

@@ -45,3 +45,13 @@ def batch_size_arg(text: str) -> int | str:
     if not sep and text.isdigit() and int(text) >= 1:
         return int(text)
     raise argparse.ArgumentTypeError(f"expected an int >= 1, 'auto' or 'auto:N' with N an int >= 1, got {text!r}")
+
+
+def device_arg(text: str) -> str:
+    """A device name: ``cpu``, ``cuda``, ``cuda:N``, ``npu`` or ``npu:N`` (whether it exists is checked on use)."""
+    from ..devices import check_device
+
+    try:
+        return check_device(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:N, npu or npu:N, got {text!r}") from None

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..demo import DEMO_PROFILES, METHODS, format_table, run_demo
-from .args import non_negative_int, positive_int
+from .args import device_arg, non_negative_int, positive_int
 
 
 def add_arguments(p) -> None:
@@ -20,11 +20,14 @@ def add_arguments(p) -> None:
     p.add_argument("--epochs", type=non_negative_int, default=None, help="override the profile's epochs")
     p.add_argument("--batch-size", type=positive_int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", type=device_arg, default=None,
+                   help="where each decoder layer is calibrated: cpu, cuda, cuda:N, npu, npu:N (default: cpu)")
 
 
 def run(args) -> int:
     summary = run_demo(args.model, args.profile, args.out, tuple(args.methods), args.limit, args.num_layers,
-                       args.batch_size, args.seed, args.samples, args.epochs, args.seqlen)
+                       args.batch_size, args.seed, args.samples, args.epochs, args.seqlen,
+                       device=args.device)
     print()
     print(format_table(summary))
     print(f"\nwrote {Path(args.out) / 'demo.json'} and {Path(args.out) / 'demo.png'} "

@@ -12,7 +12,7 @@ import torch
 
 from .. import ops
 from ..eval import SPEC_WINDOWS, evaluate, format_results, token_perplexity
-from .args import batch_size_arg, int_at_least, limit_arg, non_negative_int, positive_int
+from .args import batch_size_arg, device_arg, int_at_least, limit_arg, non_negative_int, positive_int
 
 # What flatquant_lab.ops resolves: "auto" (npu for tensors on an NPU) or one of its backends.
 BACKEND_CHOICES = ("auto", *ops.BACKENDS)
@@ -30,6 +30,8 @@ def add_arguments(parser) -> None:
     src.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                      help="model dtype, e.g. float32, bfloat16 (default: float32 for --model, the saved one "
                           "for --quantized)")
+    src.add_argument("--device", type=device_arg, default=None,
+                     help="where the model is loaded and run: cpu, cuda, cuda:N, npu, npu:N (default: cpu)")
     src.add_argument("--num-layers", type=positive_int, default=None,
                      help="keep only the first N decoder layers of --model (quick checks)")
     ev = parser.add_argument_group("lm-eval (same names as the lm_eval CLI)")
@@ -63,14 +65,14 @@ def _load_for_cli(args):
             raise SystemExit(f"flatquant-lab eval: --quantized {qdir} is not a directory")
         if args.num_layers is not None:
             raise SystemExit("flatquant-lab eval: --num-layers applies to --model only")
-        model = load_quantized(qdir, backend=args.backend, dtype=args.dtype)
+        model = load_quantized(qdir, backend=args.backend, dtype=args.dtype, device=args.device)
         tokenizer = AutoTokenizer.from_pretrained(str(qdir), local_files_only=True)
         return model, tokenizer
     from ..hub import load_model
 
     if args.backend is not None:
         raise SystemExit("flatquant-lab eval: --backend applies to --quantized only")
-    return load_model(args.model, dtype=args.dtype or torch.float32, num_layers=args.num_layers)
+    return load_model(args.model, dtype=args.dtype or torch.float32, num_layers=args.num_layers, device=args.device)
 
 
 def run(args) -> int:

@@ -8,6 +8,7 @@ import torch
 
 from ..api import quantize
 from ..recipe import FALLBACKS, PROFILES, RECIPES, QuantConfig
+from .args import device_arg
 
 
 def _recipe(text: str):
@@ -50,7 +51,13 @@ def add_arguments(p) -> None:
                         "and the export is checked to load there")
     p.add_argument("--num-layers", type=int, default=None, help="truncate the model to its first N layers")
     p.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
-                   help="dtype of the float tensors in the export (default: the model's)")
+                   help="dtype the model is loaded in (no float32 copy), calibrated from and exported in "
+                        "(default: float32; a half dtype is also the activation dtype)")
+    p.add_argument("--device", type=device_arg, default=None,
+                   help="where each decoder layer is calibrated: cpu, cuda, cuda:N, npu, npu:N (default: cpu, where "
+                        "the model is loaded; the model stays there and one layer at a time moves)")
+    p.add_argument("--activations", default="auto", choices=("auto", "device", "host"),
+                   help="where the layer inputs and targets are held (auto: the device if they fit)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
 
@@ -63,7 +70,9 @@ def run(args) -> int:
     cfg = QuantConfig(method=args.method, weight_quantizer=args.weight_quantizer, profile=args.profile,
                       samples=args.samples, seqlen=args.seqlen, epochs=args.epochs, lr=args.lr,
                       work_dir=args.work_dir, skip=tuple(args.skip), seed=args.seed, recipe=args.recipe,
-                      fallback=args.fallback, tp_size=args.tp_size)
+                      fallback=args.fallback, tp_size=args.tp_size, device=args.device,
+                      activations=args.activations,
+                      **({"act_dtype": torch.float16} if args.dtype == "float16" else {}))
     if cfg.method != "flatquant":  # flags that would change nothing are an error, not a silent no-op
         flags = {"--epochs": args.epochs, "--lr": args.lr}
         if cfg.weight_quantizer != "gptq":
@@ -72,14 +81,13 @@ def run(args) -> int:
         if given:
             raise SystemExit(f"flatquant-lab quantize: error: {', '.join(given)}: not used by --method {cfg.method} "
                              f"with --weight-quantizer {cfg.weight_quantizer}")
-    model, tok = load_model(args.model, num_layers=args.num_layers)
+    model, tok = load_model(args.model, dtype=args.dtype or torch.float32, num_layers=args.num_layers)
     ids = None
     if cfg.method == "flatquant" or cfg.weight_quantizer == "gptq":
         source = args.calib_data or bundled_data_path("calib")
         ids = calibration_ids(source, tok, cfg.budget("samples"), cfg.budget("seqlen"), seed=cfg.seed)
     quantize(model, cfg, ids)
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    save_quantized(model, args.out, tokenizer=tok, dtype=dtype, overwrite=args.overwrite, tp_size=cfg.tp_size)
+    save_quantized(model, args.out, tokenizer=tok, overwrite=args.overwrite, tp_size=cfg.tp_size)
     print(json.dumps({"out": args.out, "seconds": round(model.flatquant_report["seconds"], 1),
                       "kept_float": model.flatquant_report["skipped"],
                       "fallbacks": model.flatquant_report["fallbacks"]}, indent=1))

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from ..devices import require_available
 from ..dtypes import HALF_DTYPES, as_dtype, cast_rounds, dtype_name
 from ..layers import CHECKPOINT_KEYS, W4A4FlatQuantLinear, W8A8DynamicLinear
 from ..models import set_submodule
@@ -120,7 +121,37 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_quantized(path, backend: str | None = None, dtype=None, tp_size: int | None = None) -> nn.Module:
+def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
+    """Put ``value`` in place of the (meta) parameter or buffer ``key``, keeping its kind."""
+    owner, _, name = key.rpartition(".")
+    mod = model.get_submodule(owner) if owner else model
+    if name in mod._parameters:
+        old = mod._parameters[name]
+        mod._parameters[name] = value if isinstance(value, nn.Parameter) else nn.Parameter(
+            value, requires_grad=old.requires_grad)
+    else:
+        mod._buffers[name] = value
+
+
+def _empty_model(config, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """The model of ``config`` with every parameter and buffer on the meta device (no memory, no init),
+    except the computed non-persistent buffers (rotary ``inv_freq``): their modules are rebuilt on ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=dtype)
+    persistent = set(model.state_dict())
+    for name, mod in list(model.named_modules()):
+        own = [f"{name}.{b}" if name else b for b, t in mod._buffers.items() if t is not None and t.is_meta]
+        if own and not (set(own) & persistent) and not list(mod.parameters(recurse=False)):
+            # rotary embeddings: computed from the config alone, in float32 as from_pretrained keeps them
+            with torch.device(device):
+                set_submodule(model, name, type(mod)(config=getattr(mod, "config", model.config)))
+    return model
+
+
+def load_quantized(path, backend: str | None = None, dtype=None, tp_size: int | None = None,
+                   device=None) -> nn.Module:
     """Rebuild a model saved by :func:`save_quantized` (or any checkpoint in that format).
 
     Reads ``config.json``, ``quant_model_description.json`` and the safetensors only (no pickle, no
@@ -138,13 +169,18 @@ def load_quantized(path, backend: str | None = None, dtype=None, tp_size: int | 
     ``tp_size`` (default: the description's ``metadata.tp_size``, else 1): the row-parallel layers
     compute what vLLM's ``tp_size`` ranks compute, each on its slice of the input, summed as the
     all-reduce (SPEC section 11); FlatQuant ones must have transforms sized for it, as vLLM asserts.
+
+    The model is built on the meta device and filled tensor by tensor from the files, so the peak host
+    memory is about one copy of the checkpoint; every tensor (int4 layers included) goes straight to
+    ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``npu``, ``npu:N``; default the CPU).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"path: {path} is not a directory")
     dtype = as_dtype(dtype, optional=True)
+    dev = require_available(device) if device is not None else torch.device("cpu")
     _read_json(path / CONFIG_FILE, "model config")  # a clear error before transformers' own
     desc = _read_json(description_path(path), "msModelSlim description")
     tensors = _read_tensors(path)
@@ -156,7 +192,7 @@ def load_quantized(path, backend: str | None = None, dtype=None, tp_size: int | 
                                   or torch.float32, name=f"{CONFIG_FILE} dtype")
     # Built directly in the target dtype: Module.to() would also cast the rotary inv_freq buffers,
     # which from_pretrained keeps in float32.
-    model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=dtype or saved_dtype)
+    model = _empty_model(config, dtype or saved_dtype, dev)
     ties = tie_targets(model)
     # The model's sizes first: the checks below take [O, K] from the weight itself.
     for key, kind in (desc.items() if isinstance(desc, dict) else ()):
@@ -173,15 +209,19 @@ def load_quantized(path, backend: str | None = None, dtype=None, tp_size: int | 
     used: set[str] = set()
     lossy: list[str] = []
     for prefix in sorted(quantized):
+        names = LAYER_KEYS[quantized[prefix]] + ("bias",)
+        keys = [f"{prefix}.{n}" for n in names if f"{prefix}.{n}" in tensors]
+        on_dev = {k: tensors[k].to(dev) for k in keys}  # straight to the device, checked there
         if quantized[prefix] == W8A8_DYNAMIC_TYPE:
-            layer = _w8a8_layer(model, prefix, tensors, backend, dtype, saved_dtype, _saved_act_dtype(desc),
+            layer = _w8a8_layer(model, prefix, on_dev, backend, dtype, saved_dtype, _saved_act_dtype(desc),
                                 layer_tp(prefix, tp))
         else:
-            layer = _quantized_layer(model, prefix, tensors, backend, dtype, _saved_act_dtype(desc), lossy,
+            layer = _quantized_layer(model, prefix, on_dev, backend, dtype, _saved_act_dtype(desc), lossy,
                                      layer_tp(prefix, tp))
         set_submodule(model, prefix, layer)
-        names = LAYER_KEYS[quantized[prefix]] + ("bias",)
-        used.update(f"{prefix}.{n}" for n in names if f"{prefix}.{n}" in tensors)
+        used.update(keys)
+        for k in keys:  # the host copy goes as soon as the layer is built
+            tensors[k] = None
         for key in [k for k in state if k.startswith(prefix + ".")]:
             del state[key]
 
@@ -194,8 +234,11 @@ def load_quantized(path, backend: str | None = None, dtype=None, tp_size: int | 
             t = tensors[key]
             want = saved_dtype if target.is_floating_point() else target.dtype
             expect(key, t, tuple(target.shape), (want,))
-            target.copy_(t)  # casts when dtype was given
+            _set_tensor(model, key, t.to(dev, target.dtype))  # no copy on the CPU in the saved dtype
+            tensors[key] = None
             used.add(key)
+        for key, source in ties.items():  # tied weights share the one loaded parameter again
+            _set_tensor(model, key, model.get_parameter(source))
     if lossy:
         more = f" and {len(lossy) - 1} more" if len(lossy) > 1 else ""
         warnings.warn(f"dtype: loading rounds transforms that the int4 weights were folded with, so the layers "

@@ -53,7 +53,7 @@ class W4A4FlatQuantLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, n1: int, n2: int, act_dtype: torch.dtype,
                  bias: bool, backend: str | None = None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-                 check_finite: bool = True, tp_size: int = 1):
+                 check_finite: bool = True, tp_size: int = 1, device=None):
         super().__init__()
         if (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int)
                 or not 1 <= chunk_tokens <= MAX_CHUNK_TOKENS):
@@ -78,16 +78,17 @@ class W4A4FlatQuantLinear(nn.Module):
         self.backend = backend
         self.chunk_tokens = chunk_tokens
         self.check_finite = check_finite
-        self.register_buffer("weight_packed", torch.zeros(out_features, in_features // 8, dtype=torch.int32))
-        self.register_buffer("weight_scale", torch.zeros(out_features, 1, dtype=torch.float32))
-        self.register_buffer("weight_offset", torch.zeros(out_features, 1, dtype=torch.float32))
-        self.register_buffer("left_trans", torch.eye(n1, dtype=act_dtype))
-        self.register_buffer("right_trans", torch.eye(n2, dtype=act_dtype))
-        self.register_buffer("clip_ratio", torch.ones(1, dtype=torch.float32))
-        self.register_buffer("bias", torch.zeros(out_features, dtype=act_dtype) if bias else None)
+        i32, f32, act = (dict(dtype=t, device=device) for t in (torch.int32, torch.float32, act_dtype))
+        self.register_buffer("weight_packed", torch.zeros(out_features, in_features // 8, **i32))
+        self.register_buffer("weight_scale", torch.zeros(out_features, 1, **f32))
+        self.register_buffer("weight_offset", torch.zeros(out_features, 1, **f32))
+        self.register_buffer("left_trans", torch.eye(n1, **act))
+        self.register_buffer("right_trans", torch.eye(n2, **act))
+        self.register_buffer("clip_ratio", torch.ones(1, **f32))
+        self.register_buffer("bias", torch.zeros(out_features, **act) if bias else None)
         # What vllm-ascend derives once after loading: p1 = L^T (contiguous), p2 = R, in the act dtype.
-        self.register_buffer("p1", torch.eye(n1, dtype=act_dtype), persistent=False)
-        self.register_buffer("p2", torch.eye(n2, dtype=act_dtype), persistent=False)
+        self.register_buffer("p1", torch.eye(n1, **act), persistent=False)
+        self.register_buffer("p2", torch.eye(n2, **act), persistent=False)
         # tp_size > 1: each rank's packed weight columns, contiguous [tp, O, K / (8 tp)] (as each rank holds them)
         self.register_buffer("weight_ranks", None, persistent=False)
 
@@ -99,7 +100,8 @@ class W4A4FlatQuantLinear(nn.Module):
 
         Every shape and dtype is checked; a wrong one raises ``ValueError`` naming the tensor.
         ``act_dtype`` defaults to the transforms' dtype when that is half, else bfloat16. ``tp_size``:
-        the transforms are one rank's (``n1 * n2 = K / tp_size``) of a row-parallel layer.
+        the transforms are one rank's (``n1 * n2 = K / tp_size``) of a row-parallel layer. The layer is
+        built on ``weight``'s device (or ``device=`` in ``kwargs``).
         """
         missing = [k for k in CHECKPOINT_KEYS if k not in tensors]
         if missing:
@@ -148,6 +150,7 @@ class W4A4FlatQuantLinear(nn.Module):
         if bias is not None:
             if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (out_f,) or not bias.is_floating_point():
                 raise ValueError(f"bias: expected a float tensor [{out_f}], got {getattr(bias, 'shape', bias)}")
+        kwargs.setdefault("device", w.device)
         layer = cls(in_f, out_f, n1, n2, act_dtype, bias is not None, backend=backend, tp_size=tp_size, **kwargs)
         with torch.no_grad():
             layer.weight_packed.copy_(ops.convert_weight_to_int4pack(w.to(torch.int32), backend="reference"))
@@ -194,7 +197,7 @@ class W4A4FlatQuantLinear(nn.Module):
             per = f"in_features / tp_size = {w.shape[1] // tp_size}" if tp_size > 1 else f"in_features {w.shape[1]}"
             raise ValueError(f"left_trans/right_trans: sizes {left_trans.shape[0]} x {right_trans.shape[0]} must "
                              f"multiply to linear's {per} (expected {decompose_dim(w.shape[1] // tp_size)})")
-        lt, rt = left_trans.detach().to(act_dtype), right_trans.detach().to(act_dtype)
+        lt, rt = (t.detach().to(w.device, act_dtype) for t in (left_trans, right_trans))
         folded = fold_weight(w, lt, rt, blocks=tp_size)
         q, scale = quantize_weight(folded, weight_clip)
         tensors = {
@@ -203,7 +206,7 @@ class W4A4FlatQuantLinear(nn.Module):
             "weight_offset": torch.zeros_like(scale),
             "left_trans": lt,
             "right_trans": rt,
-            "clip_ratio": torch.tensor([float(clip_ratio)], dtype=torch.float32),
+            "clip_ratio": torch.tensor([float(clip_ratio)], dtype=torch.float32, device=w.device),
         }
         if linear.bias is not None:
             tensors["bias"] = linear.bias.detach().to(act_dtype)

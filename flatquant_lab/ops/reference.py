@@ -2,10 +2,14 @@
 
 Runs on any device. Integer products are formed as fp32 GEMMs over integer-valued operands: every
 partial sum is an integer of magnitude <= 64 * k < 2**24 for k <= 262144, so fp32 holds it exactly
-whatever the summation order, and the result equals the device's int32 accumulator.
+whatever the summation order, and the result equals the device's int32 accumulator. The fp32
+matmuls run in full IEEE precision (:func:`ieee_fp32_matmul`): TF32 (CUDA) or bf16 passes (oneDNN)
+would change the transformed activations, so the emulation would stop being bit-exact.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import sys
 from typing import NamedTuple
 
@@ -17,6 +21,32 @@ from ..quantizers import dynamic_codes, kron_act_codes, quant_dynamic_reference
 FP16_MAX = 65504.0
 MAX_K_EXACT = 262144  # |acc| <= 64 * k stays below 2**24 up to here
 INT8_K_FP32_EXACT = 1024  # int8 x int8: |acc| <= 2**14 * k stays below 2**24 up to here
+
+
+@contextlib.contextmanager
+def ieee_fp32_matmul():
+    """fp32 matmuls in IEEE precision inside; the caller's precision settings are restored on exit."""
+    backends = [b for b in (torch.backends.cuda.matmul, getattr(torch.backends.mkldnn, "matmul", None))
+                if b is not None and hasattr(b, "fp32_precision")]
+    saved_global = torch.get_float32_matmul_precision()
+    saved = [b.fp32_precision for b in backends]
+    try:
+        torch.set_float32_matmul_precision("highest")
+        for b in backends:
+            b.fp32_precision = "ieee"
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved_global)
+        for b, v in zip(backends, saved):
+            b.fp32_precision = v
+
+
+def _ieee(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with ieee_fp32_matmul():
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 class Fp16OverflowError(ValueError):
@@ -78,6 +108,7 @@ class KroneckerTrace(NamedTuple):
     mult: torch.Tensor
 
 
+@_ieee
 def kronecker_quant_trace(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor,
                           clip_ratio: float = 1.0) -> KroneckerTrace:
     """Every step of ``npu_kronecker_quant`` (SPEC section 3) on tokens ``x[T, n1, n2]``, kept.
@@ -151,6 +182,7 @@ def kronecker_quant(
     return _pack_int4_checked(tr.q.reshape(x.shape)), tr.scale
 
 
+@_ieee
 def quant_matmul(
     x1: torch.Tensor,
     x2: torch.Tensor,

@@ -1,0 +1,370 @@
+"""Device placement on the CPU: no tensor created without a device, offload bit-exact, no float64 where
+an accelerator would run, the fold's float32 error bounded. (tests/test_cuda.py runs the same on CUDA.)"""
+from __future__ import annotations
+
+import copy
+import os
+import sys
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+import flatquant_lab
+from flatquant_lab.api import quantize
+from flatquant_lab.calibrate import HeldActivations, choose_activations
+from flatquant_lab.devices import exact_dtype, require_available
+from flatquant_lab.kronecker import FOLD_FP32_RTOL, fold_weight
+from flatquant_lab.quantizers import quantize_weight
+from flatquant_lab.recipe import QuantConfig
+from flatquant_lab.transforms import orthogonal_factor
+from tiny_models import tiny_model
+
+CALIB = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(123))
+BUDGET = dict(samples=8, seqlen=32, epochs=1, batch_size=4)
+PACKAGE = os.path.dirname(flatquant_lab.__file__)
+FACTORIES = {torch.zeros, torch.ones, torch.empty, torch.full, torch.eye, torch.arange, torch.tensor, torch.linspace,
+             torch.randn, torch.rand, torch.randint, torch.randperm, torch.as_tensor, torch.logspace}
+
+
+class FactoryTrap(TorchFunctionMode):
+    """Fails on a factory call without ``device=`` made from flatquant_lab's own code (transformers'
+    code is not ours to fix); runs under ``torch.set_default_device("meta")``, so one that slipped
+    past would make meta tensors and fail at the first value read."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in FACTORIES and kwargs.get("device") is None:
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(PACKAGE) and not (func is torch.as_tensor and isinstance(args[0], torch.Tensor)):
+                raise AssertionError(f"{func.__name__} without device= at {caller}:{sys._getframe(1).f_lineno}")
+        return func(*args, **kwargs)
+
+
+def trapped(fn):
+    torch.set_default_device("meta")
+    try:
+        with FactoryTrap():
+            return fn()
+    finally:
+        torch.set_default_device(None)
+
+
+def state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+# ================================================================================= factory calls
+def test_the_trap_catches_a_factory_call_without_device():
+    code = compile("torch.zeros(3)", os.path.join(PACKAGE, "calibrate", "x.py"), "exec")
+    with pytest.raises(AssertionError, match="zeros without device="):
+        trapped(lambda: exec(code, {"torch": torch}))
+    # ... and the meta default alone turns one into a tensor without data
+    torch.set_default_device("meta")
+    try:
+        assert torch.zeros(3).is_meta
+    finally:
+        torch.set_default_device(None)
+
+
+@pytest.mark.parametrize("mt", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kw", [dict(weight_quantizer="gptq"), dict(method="hadamard", epochs=None),
+                                dict(weight_quantizer="rtn", smooth=False)])
+def test_a_whole_calibration_creates_every_tensor_on_a_device(mt, kw, tmp_path):
+    """calibrate/, gptq.py, layers/ under the trap: a whole run, with a work dir, gives the model of a
+    run without the trap, bit for bit."""
+    model = tiny_model(mt)
+    ids = None if kw.get("method") == "hadamard" else CALIB
+    ref = quantize(copy.deepcopy(model), QuantConfig(**{**BUDGET, **kw}), ids)
+    cfg = QuantConfig(**{**BUDGET, **kw}, work_dir=str(tmp_path / "w"))
+    got = trapped(lambda: quantize(model, cfg, ids))
+    assert_same(state(got), state(ref))
+    assert all(not t.is_meta for t in got.state_dict().values())
+
+
+# ================================================================================= offload
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("wq", ["rtn", "gptq"])
+def test_activations_on_the_host_or_the_device_give_the_same_model(dtype, wq):
+    model = tiny_model("llama").to(dtype)
+    runs = {}
+    for where in ("device", "host", "auto"):
+        m = quantize(copy.deepcopy(model), QuantConfig(**BUDGET, weight_quantizer=wq, activations=where), CALIB)
+        runs[where] = (state(m), m.flatquant_report)
+    assert runs["host"][1]["placement"]["activations"] == "host"
+    assert runs["device"][1]["placement"]["activations"] == "device"
+    assert runs["auto"][1]["placement"]["activations"] == "device"  # host and device are one on the CPU
+    for where in ("host", "auto"):
+        assert_same(runs[where][0], runs["device"][0])
+        assert [e["epoch_losses"] for e in runs[where][1]["layers"]] == \
+               [e["epoch_losses"] for e in runs["device"][1]["layers"]]
+    # held in the model's dtype: 2 buffers of 8 x 32 x 64
+    place = runs["host"][1]["placement"]
+    assert place["activation_bytes"] == 2 * 8 * 32 * 64 * (4 if dtype == torch.float32 else 2)
+    assert place["activation_dtype"] == str(dtype).replace("torch.", "")
+
+
+def test_held_activations_come_back_in_float32_and_are_written_in_their_dtype():
+    held = HeldActivations((3, 2, 4), torch.bfloat16, torch.device("cpu"), on_host=True)
+    y = torch.randn(2, 2, 4, generator=torch.Generator().manual_seed(0))
+    held.write(1, y)
+    got = held[1:3]
+    assert got.dtype == torch.float32 and torch.equal(got, y.bfloat16().float())
+    got.add_(1.0)  # a batch handed out is a copy: training cannot write into the held inputs
+    assert torch.equal(held[1:3], y.bfloat16().float())
+
+
+def test_the_next_layer_reuses_the_two_buffers(monkeypatch):
+    """Two activation buffers for the whole run, whatever the number of layers (no third copy)."""
+    made = []
+    real = HeldActivations.__init__
+
+    def spy(self, *a, **k):
+        made.append(a[0])
+        real(self, *a, **k)
+
+    monkeypatch.setattr(HeldActivations, "__init__", spy)
+    quantize(tiny_model("qwen2"), QuantConfig(**BUDGET), CALIB)
+    assert made == [(8, 32, 64), (8, 32, 64)]
+
+
+def test_auto_keeps_activations_on_the_device_only_when_they_fit(monkeypatch):
+    import flatquant_lab.calibrate.capture as capture
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(capture, "free_memory", lambda dev: 10 * 2**30)
+    assert choose_activations("auto", 3 * 2**30, cuda) is False
+    assert choose_activations("auto", 5 * 2**30, cuda) is True
+    assert choose_activations("device", 50 * 2**30, cuda) is False
+    assert choose_activations("host", 1, cuda) is True
+
+
+# ================================================================================= placement settings
+@pytest.mark.parametrize("name", ["cpu", "cuda", "cuda:1", "npu", "npu:0", " CUDA:0 "])
+def test_device_names_are_accepted(name):
+    assert QuantConfig(device=name).device == name.strip().lower()
+
+
+@pytest.mark.parametrize("bad", ["gpu", "cuda:", "cpu:0", "cuda:x", "meta", "", 3])
+def test_bad_device_names_are_refused(bad):
+    with pytest.raises(ValueError, match="device: expected 'cpu', 'cuda', 'cuda:N', 'npu' or 'npu:N'"):
+        QuantConfig(device=bad)
+    with pytest.raises(ValueError, match="device: expected"):
+        quantize(tiny_model("llama"), QuantConfig(**BUDGET), CALIB, device=bad)
+
+
+def test_bad_activations_setting_is_refused():
+    with pytest.raises(ValueError, match="activations: expected one of"):
+        QuantConfig(activations="disk")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a host without CUDA")
+def test_a_missing_device_is_a_clear_error():
+    with pytest.raises(RuntimeError, match=r"device: 'cuda' requested, but torch.cuda.is_available\(\)"):
+        quantize(tiny_model("llama"), QuantConfig(**BUDGET), CALIB, device="cuda")
+    with pytest.raises(RuntimeError, match=r"device: 'npu:0' requested, but torch.npu.is_available\(\) .*torch_npu"):
+        require_available("npu:0")
+
+
+def test_device_does_not_change_the_fingerprint():
+    """A run may resume on another device: the work dir does not refuse it."""
+    assert QuantConfig(device="cuda", activations="host").fingerprint() == QuantConfig().fingerprint()
+
+
+def test_cpu_device_is_the_default_on_a_cpu_model():
+    a = quantize(tiny_model("qwen3"), QuantConfig(**BUDGET), CALIB)
+    b = quantize(tiny_model("qwen3"), QuantConfig(**BUDGET), CALIB, device="cpu")
+    assert_same(state(a), state(b))
+    assert b.flatquant_config.device == "cpu" and b.flatquant_report["placement"]["device"] == "cpu"
+    assert a.flatquant_report["placement"]["model_device"] == "cpu"
+    assert any(k.startswith("peak_host") for k in a.flatquant_report["layers"][0])
+
+
+# ================================================================================= float64
+def test_exact_dtype_is_float64_only_on_the_cpu():
+    assert exact_dtype(torch.device("cpu")) == torch.float64
+    assert exact_dtype(torch.device("cuda")) == torch.float32
+    assert exact_dtype("npu:0") == torch.float32
+
+
+@pytest.mark.parametrize("size", [(256, 64 * 64), (384, 64 * 172), (128, 86 * 128)])
+def test_fold_in_float32_stays_within_its_stated_bound(size):
+    """An accelerator folds in float32 (inverse in float64 on the CPU): per row, the error against the
+    float64 fold is at most FOLD_FP32_RTOL x the row's max, and few int4 codes move."""
+    o, k = size
+    n1, n2 = {64 * 64: (64, 64), 64 * 172: (64, 172), 86 * 128: (86, 128)}[k]
+    g = torch.Generator().manual_seed(k)
+    w = torch.randn(o, k, generator=g) * torch.rand(1, k, generator=g).add(0.05)
+    # learned factors: near-orthogonal with a spread of singular values, rounded to bf16
+    lt = (orthogonal_factor(n1, "random", 1) @ torch.diag(torch.rand(n1, generator=g, dtype=torch.float64) + 0.5))
+    rt = (orthogonal_factor(n2, "random", 2) @ torch.diag(torch.rand(n2, generator=g, dtype=torch.float64) + 0.5))
+    lt, rt = lt.bfloat16(), rt.bfloat16()
+    ref = fold_weight(w.double(), lt, rt)
+    got = fold_weight(w.float(), lt, rt, dtype=torch.float32)
+    assert got.dtype == torch.float32 and ref.dtype == torch.float64
+    err = (got.double() - ref).abs().amax(1) / ref.abs().amax(1)
+    assert float(err.max()) <= FOLD_FP32_RTOL, float(err.max())
+    assert float(err.max()) > 0  # a float32 fold is not float64: the bound is what is tested
+    q64, _ = quantize_weight(ref)
+    q32, _ = quantize_weight(got.double())
+    assert float((q64 != q32).float().mean()) < 1e-3
+
+
+# ================================================================================= reference ops
+def test_reference_ops_force_ieee_fp32_matmuls_and_restore_the_setting():
+    from flatquant_lab.ops import reference
+
+    seen = []
+    real = torch.matmul
+
+    def spy(*a, **k):
+        seen.append((torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.fp32_precision))
+        return real(*a, **k)
+
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # what a user enabling TF32 does
+    try:
+        x = torch.randn(4, 8, 16, generator=torch.Generator().manual_seed(0)).bfloat16()
+        p1, p2 = torch.eye(8, dtype=torch.bfloat16), torch.eye(16, dtype=torch.bfloat16)
+        torch.matmul = spy
+        try:
+            reference.kronecker_quant(x, p1, p2)
+        finally:
+            torch.matmul = real
+        assert seen and all(s == ("highest", "ieee") for s in seen)
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+# ================================================================================= command line
+def test_quantize_cli_loads_in_its_dtype_and_calibrates_on_its_device(tmp_path, capsys):
+    from flatquant_lab.cli import main
+    from flatquant_lab.io import load_quantized
+    from test_calibration import _write_tiny_model_dir
+
+    src = tmp_path / "tiny"
+    _write_tiny_model_dir(src, tiny_model("llama"))
+    with pytest.raises(SystemExit):
+        main(["quantize", "--model", str(src), "--method", "rtn", "--out", str(tmp_path / "x"), "--device", "gpu"])
+    assert "--device: expected cpu, cuda, cuda:N, npu or npu:N, got 'gpu'" in capsys.readouterr().err
+    out = tmp_path / "rtn"
+    assert main(["quantize", "--model", str(src), "--method", "rtn", "--out", str(out), "--dtype", "bfloat16",
+                 "--device", "cpu"]) == 0
+    loaded = load_quantized(out)
+    floats = {t.dtype for k, t in loaded.state_dict().items() if t.is_floating_point() and "weight_scale" not in k
+              and "weight_offset" not in k and "clip_ratio" not in k}
+    assert floats == {torch.bfloat16}
+
+
+# ================================================================================= loading
+def test_load_quantized_fills_a_meta_model_without_copying_the_tensors(tmp_path, monkeypatch):
+    """Built on the meta device, filled with the tensors read from the files: the loaded float weights
+    are those very tensors (one host copy of the checkpoint), and the model computes what was saved."""
+    import flatquant_lab.io.load as load
+    from flatquant_lab.io import load_quantized, save_quantized
+
+    model = quantize(tiny_model("qwen2"), QuantConfig(method="rtn"))
+    save_quantized(model, tmp_path / "q")
+    read = {}
+    real = load._read_tensors
+
+    def spy(path):
+        out = real(path)
+        read.update(out)
+        return out
+
+    monkeypatch.setattr(load, "_read_tensors", spy)
+    loaded = load_quantized(tmp_path / "q", device="cpu")
+    from flatquant_lab.layers import W4A4FlatQuantLinear
+
+    int4 = {n for n, m in loaded.named_modules() if isinstance(m, W4A4FlatQuantLinear)}
+    plain = [k for k, t in loaded.state_dict().items()
+             if k in read and t.is_floating_point() and k.rpartition(".")[0] not in int4]
+    assert "model.embed_tokens.weight" in plain and "model.norm.weight" in plain
+    for k in plain:
+        assert loaded.state_dict()[k].data_ptr() == read[k].data_ptr(), k
+    assert not any(t.is_meta for t in loaded.state_dict().values())
+    assert not any(b.is_meta for b in loaded.buffers())
+    ids = CALIB[:2]
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    with pytest.raises(ValueError, match="device: expected"):
+        load_quantized(tmp_path / "q", device="tpu")
+
+
+# ================================================================================= training memory
+def _saved_bytes(o: int, k: int, tokens: int) -> tuple[int, int]:
+    """Bytes autograd keeps for one fake-quant linear [o, k] on ``tokens`` inputs (its float weight not
+    counted: the layer holds it anyway), and the bytes of one token-sized float32 tensor."""
+    from flatquant_lab.calibrate import FakeQuantLinear, KronTransform, plan_layer
+
+    model = tiny_model("llama")
+    g = plan_layer(model, 0, QuantConfig())[0]
+    g.size, g.n1, g.n2, g.kv_tied, g.smooth_target = k, 16, k // 16, None, "input_layernorm"
+    tr = KronTransform(g, orthogonal_factor(16, "random", 1), orthogonal_factor(k // 16, "random", 2),
+                       torch.zeros(k), torch.tensor([3.0]), torch.bfloat16)
+    lin = torch.nn.Linear(k, o, bias=False)
+    fq = FakeQuantLinear(lin, tr, torch.full((o,), 3.0))
+    for p in (tr.left, tr.right, tr.log_smooth, tr.act_clip, fq.weight_clip):
+        p.requires_grad_(True)
+    lin.weight.requires_grad_(False)
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    x = torch.randn(1, tokens, k, generator=torch.Generator().manual_seed(0))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = fq(x)
+    saved.pop(lin.weight.data_ptr(), None)
+    y.square().sum().backward()
+    assert tr.left.grad is not None and fq.weight_clip.grad is not None and tr.act_clip.grad is not None
+    return sum(saved.values()), tokens * k * 4
+
+
+def test_a_training_step_keeps_two_token_sized_tensors_per_transform():
+    """The transform and the activation rounding are recomputed in the backward pass: autograd keeps
+    the input and the quantized input, not the five intermediates between them."""
+    kept, token_bytes = _saved_bytes(o=16, k=512, tokens=512)
+    assert kept <= 2.2 * token_bytes, kept / token_bytes
+
+
+def test_a_training_step_keeps_one_weight_sized_tensor_per_linear():
+    """The fold and the weight rounding are recomputed in the backward pass: what autograd keeps of a
+    fake-quant linear is its quantized weight (O x K float32) plus token-sized tensors, not the
+    half-dozen weight-sized intermediates (which, for a 7B layer, are GiBs)."""
+    from flatquant_lab.calibrate import FakeQuantLinear, KronTransform, plan_layer
+
+    o, k = 512, 512
+    model = tiny_model("llama")
+    g = plan_layer(model, 0, QuantConfig())[0]
+    g.size, g.n1, g.n2, g.kv_tied, g.smooth_target = k, 16, 32, None, "input_layernorm"
+    gen = torch.Generator().manual_seed(0)
+    tr = KronTransform(g, orthogonal_factor(16, "random", 1), orthogonal_factor(32, "random", 2),
+                       torch.zeros(k), torch.tensor([3.0]), torch.bfloat16)
+    lin = torch.nn.Linear(k, o, bias=False)
+    fq = FakeQuantLinear(lin, tr, torch.full((o,), 3.0))
+    for p in (tr.left, tr.right, tr.log_smooth, tr.act_clip, fq.weight_clip):
+        p.requires_grad_(True)
+    lin.weight.requires_grad_(False)
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    x = torch.randn(1, 4, k, generator=gen)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = fq(x)
+    kept = sum(saved.values()) - lin.weight.numel() * 4 * (lin.weight.data_ptr() in saved)
+    assert kept <= 1.25 * o * k * 4, kept / (o * k * 4)
+    y.square().sum().backward()
+    assert tr.left.grad is not None and fq.weight_clip.grad is not None
