@@ -29,6 +29,9 @@ LABELS = {"fp": "full precision (dequantized GGUF)", "rtn_w4a16": "W4A16 RTN (we
           "flatquant_msmodelslim": "W4A4 FlatQuant + W8A8 o/down (msModelSlim recipe)",
           "flatquant_tp": "W4A4 FlatQuant, TP-{tp}-aware"}
 FLATQUANT_ROWS = ("flatquant", "flatquant_msmodelslim", "flatquant_tp")
+# What each profile runs by default: the serving rows (msModelSlim recipe, TP-aware) show where an
+# export loads and at what cost; the full profile would triple its 18-minute calibration with them.
+DEFAULT_METHODS = {"fast": METHODS, "full": ("fp", "rtn_w4a16", "rtn", "hadamard", "flatquant")}
 # The TP sizes serve_check tries on every export (plus the TP-aware row's own size).
 SERVE_TP_SIZES = (1, 2, 4)
 TASK = "wiki_fq_eval"
@@ -102,7 +105,7 @@ def evaluate_model(model, tokenizer, limit=None, batch_size=1, max_length=512) -
 
 
 def run_demo(model_name: str = "smollm2-135m", profile: str = "fast", out_dir: str = "results",
-             methods=METHODS, limit=None, num_layers=None, batch_size: int = 1, seed: int = 0,
+             methods=None, limit=None, num_layers=None, batch_size: int = 1, seed: int = 0,
              samples=None, epochs=None, seqlen=None, device=None) -> dict:
     """Run every method in ``methods``; write ``demo.json`` and ``demo.png`` to ``out_dir``; return the summary."""
     from .data import bundled_data_path, calibration_ids
@@ -112,6 +115,7 @@ def run_demo(model_name: str = "smollm2-135m", profile: str = "fast", out_dir: s
 
     if profile not in DEMO_PROFILES:
         raise ValueError(f"profile: expected one of {DEMO_PROFILES}, got {profile!r}")
+    methods = DEFAULT_METHODS[profile] if methods is None else tuple(methods)
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise ValueError(f"methods: unknown {bad}; expected some of {METHODS}")

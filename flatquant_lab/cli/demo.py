@@ -12,7 +12,8 @@ def add_arguments(p) -> None:
     p.add_argument("--profile", default="fast", choices=DEMO_PROFILES,
                    help="FlatQuant calibration budget: fast (minutes) or full (12x the training tokens)")
     p.add_argument("--out", default="results", help="where demo.json, demo.png and the export go")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=None, choices=METHODS,
+                   help="default: all for --profile fast; without the two serving rows for full")
     p.add_argument("--limit", type=positive_int, default=None, help="evaluate on the first N documents only")
     p.add_argument("--num-layers", type=positive_int, default=None, help="truncate the model (smoke runs)")
     p.add_argument("--samples", type=positive_int, default=None, help="override the profile's calibration samples")
@@ -25,7 +26,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    summary = run_demo(args.model, args.profile, args.out, tuple(args.methods), args.limit, args.num_layers,
+    summary = run_demo(args.model, args.profile, args.out, args.methods, args.limit, args.num_layers,
                        args.batch_size, args.seed, args.samples, args.epochs, args.seqlen,
                        device=args.device)
     print()
