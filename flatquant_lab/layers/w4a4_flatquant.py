@@ -19,14 +19,13 @@ from ..dtypes import HALF_DTYPES, cast_rounds, check_half
 from ..kronecker import decompose_dim, fold_weight
 from ..packing import INT4_MAX, INT4_MIN, unpack_int4
 from ..quantizers import quantize_weight
+from .base import QuantizedLayer
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_KEYS = ("weight", "weight_scale", "weight_offset", "left_trans", "right_trans", "clip_ratio")
 DEFAULT_CHUNK_TOKENS = 8192  # npu_kronecker_quant's token limit on CANN 8.1/8.2
 MAX_CHUNK_TOKENS = 262144  # ... and on CANN 8.5, the largest of any release (SPEC section 2)
-# Buffers whose dtype is part of the contract: Module.to(dtype) must not touch them.
-_FP32_BUFFERS = ("weight_scale", "weight_offset", "clip_ratio")
 
 
 def _expect(t, name: str, shape: tuple, dtypes: tuple) -> None:
@@ -39,7 +38,7 @@ def _expect(t, name: str, shape: tuple, dtypes: tuple) -> None:
         raise ValueError(f"{name}: expected dtype {names}, got {str(t.dtype).replace('torch.', '')}")
 
 
-class W4A4FlatQuantLinear(nn.Module):
+class W4A4FlatQuantLinear(QuantizedLayer):
     """``y = Q4(x @ kron(L, R)) @ Q4(W @ kron(L, R)^{-T})^T * scales (+ bias)`` on int4 operands.
 
     Build it with :meth:`from_checkpoint` (the per-layer tensors of the vllm-ascend contract) or
@@ -48,6 +47,8 @@ class W4A4FlatQuantLinear(nn.Module):
     inputs are rounded to the activation dtype before the ops, as a serving engine would only ever
     see half inputs, and the result is returned in float32 (it carries the half dtype's rounding).
     """
+
+    FP32_BUFFERS = ("weight_scale", "weight_offset", "clip_ratio")  # their dtype is the contract's: Module.to(dtype) keeps it
 
     quant_type = "W4A4_FLATQUANT_DYNAMIC"
 
@@ -235,13 +236,7 @@ class W4A4FlatQuantLinear(nn.Module):
                         f"{str(new).replace('torch.', '')} rounds it, and this layer's int4 weights were folded "
                         f"with the stored values; re-quantize from the float layer with act_dtype={new}"
                     )
-        # fn would round them to the new dtype: keep the originals and move them by device only.
-        kept = {name: getattr(self, name) for name in _FP32_BUFFERS}
-        super()._apply(fn, recurse)
-        for name, old in kept.items():
-            new = getattr(self, name)
-            if new.dtype != torch.float32:
-                setattr(self, name, old.to(new.device))
+        self._apply_keeping_fp32(fn, recurse)
         if self.p1.dtype not in HALF_DTYPES:  # an fp32 model cast must not make the act dtype fp32
             self.p1, self.p2 = self.p1.to(act), self.p2.to(act)
         if self.bias is not None and self.bias.dtype != self.p1.dtype:

@@ -17,12 +17,11 @@ from .. import ops
 from ..dtypes import HALF_DTYPES, check_half, dtype_name
 from ..gptq import gptq_quantize
 from ..quantizers import quantize_weight
+from .base import QuantizedLayer
 
 QUANT_TYPE = "W8A8_DYNAMIC"
 CHECKPOINT_KEYS = ("weight", "weight_scale", "weight_offset")
 WEIGHT_SOURCES = ("rtn", "gptq")
-# Buffers whose dtype is part of the contract: Module.to(dtype) must not touch them.
-_FP32_BUFFERS = ("weight_scale", "weight_offset")
 
 
 def _expect(t, name: str, shape: tuple, floating: bool | None = None, dtype: torch.dtype | None = None) -> None:
@@ -42,7 +41,7 @@ def op_scale_dtype(act_dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if act_dtype == torch.bfloat16 else torch.float32
 
 
-class W8A8DynamicLinear(nn.Module):
+class W8A8DynamicLinear(QuantizedLayer):
     """``y = Q8_tok(x) @ (weight * round_t(weight_scale))^T (+ bias)`` on int8 operands, ``t`` the model dtype.
 
     Build it with :meth:`from_checkpoint` (``weight`` int8 [O, K], ``weight_scale`` / ``weight_offset``
@@ -50,6 +49,8 @@ class W8A8DynamicLinear(nn.Module):
     ``nn.Linear``). Inputs are ``act_dtype`` (the model dtype) or float32, which is rounded to
     ``act_dtype`` first and the result returned in float32.
     """
+
+    FP32_BUFFERS = ("weight_scale", "weight_offset")  # their dtype is the contract's: Module.to(dtype) keeps it
 
     quant_type = QUANT_TYPE
 
@@ -156,12 +157,7 @@ class W8A8DynamicLinear(nn.Module):
         # Module.to(dtype) would cast the float32 checkpoint scales: keep them, move them by device only,
         # and re-derive the running scale for the new model dtype (as a load into that dtype would).
         probe = fn(torch.zeros((), dtype=self.act_dtype, device=self.weight_scale.device))
-        kept = {name: getattr(self, name) for name in _FP32_BUFFERS}
-        super()._apply(fn, recurse)
-        for name, old in kept.items():
-            new = getattr(self, name)
-            if new.dtype != torch.float32:
-                setattr(self, name, old.to(new.device))
+        self._apply_keeping_fp32(fn, recurse)
         if probe.dtype in HALF_DTYPES:  # a float32 model cast leaves the act dtype as it was
             self.act_dtype = probe.dtype
         if self.bias is not None and self.bias.dtype != self.act_dtype:
