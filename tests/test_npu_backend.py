@@ -1,11 +1,9 @@
 """The npu backend, run against the torch_npu test double: the exact call sequence vllm-ascend makes."""
-import sys
 
 import pytest
 import torch
 from torch import nn
 
-from fake_torch_npu import make_fake_torch_npu
 from flatquant_lab import ops
 from flatquant_lab.layers import W4A4FlatQuantLinear
 from flatquant_lab.transforms import orthogonal_factor
@@ -14,12 +12,6 @@ K, O = 128, 24  # decompose_dim(128) = (8, 16)
 N1, N2 = 8, 16
 
 
-@pytest.fixture
-def fake(monkeypatch):
-    double = make_fake_torch_npu()
-    monkeypatch.setitem(sys.modules, "torch_npu", double)
-    monkeypatch.delenv("FLATQUANT_BACKEND", raising=False)
-    return double
 
 
 def _layers(dtype, chunk_tokens, bias=False):

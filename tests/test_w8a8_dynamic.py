@@ -1,12 +1,10 @@
 """W8A8DynamicLinear (SPEC section 10): built from checkpoint tensors, the scale rounded as vllm-ascend
 rounds it on load, RTN / GPTQ weights, and the npu call sequence against the torch_npu double."""
-import sys
 
 import pytest
 import torch
 from torch import nn
 
-from fake_torch_npu import make_fake_torch_npu
 from flatquant_lab import ops
 from flatquant_lab.gptq import HessianAccumulator
 from flatquant_lab.layers import W8A8DynamicLinear
@@ -138,12 +136,6 @@ def test_bad_inputs():
 
 
 # ------------------------------------------------------------------ the npu backend's calls
-@pytest.fixture
-def fake(monkeypatch):
-    double = make_fake_torch_npu()
-    monkeypatch.setitem(sys.modules, "torch_npu", double)
-    monkeypatch.delenv("FLATQUANT_BACKEND", raising=False)
-    return double
 
 
 def test_npu_call_sequence_as_vllm_ascend(fake):
