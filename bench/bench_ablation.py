@@ -175,6 +175,8 @@ def format_table(data: dict) -> str:
         base = rows.get("ostart_today" if name.startswith("ostart") else "today")
         if name.partition("@")[0].endswith("_e6"):
             base = rows.get("today_e6")
+        if "@seed" in name:  # paired: the same batch orders as today@seedN
+            base = rows.get("today@" + name.partition("@")[2])
         x = gm_ratio(r, base)
         xo = gm_ratio(r, rows.get("ostart_official_loop")) if name.startswith("ostart") else None
         pp = [v for k, v in data["ppl"].items() if k.split("/")[0] == name]
@@ -189,7 +191,9 @@ def format_table(data: dict) -> str:
             lines.append(f"{key:22} token PPL {r['token_perplexity']:.3f}{ratio} (calib {r['calib_seconds']:.0f} s)")
     lines += ["", "L<i>: final layer loss of decoder layer i (fake-quant MSE after training, RTN weights, first "
               f"{n} layers); x today / x ostart: geometric mean over the layers of the ratio to 'today' "
-              "(to 'ostart_today' for ostart_* rows) / to 'ostart_official_loop'; s: calibration seconds; "
+              "(to 'ostart_today' for ostart_* rows, 'today_e6' for *_e6, 'today@seedN' for *@seedN) / to "
+              "'ostart_official_loop'; s: calibration seconds (1 thread, under whatever load the shared machine "
+              "had: not comparable between rows); "
               "tokPPL: whole model, weights as run (see ablation.json), x FP: ratio to full precision."]
     return "\n".join(lines)
 
