@@ -131,11 +131,14 @@ else:
     qmodel = fq.quantize(copy.deepcopy(fmodel), QuantConfig(method="hadamard"), backend=backend)
 fmodel.to(device)
 qmodel.to(device)
-names = quantized_linear_names(qmodel)
+# Only W4A4 FlatQuant layers have an activation clip ratio; W8A8_DYNAMIC ones (msModelSlim's o/down) do not.
+names = [n for n in quantized_linear_names(qmodel) if isinstance(qmodel.get_submodule(n), fq.W4A4FlatQuantLinear)]
+others = [n for n in quantized_linear_names(qmodel) if n not in names]
 if not names:
     raise ValueError(f"quantized_dir: {quantized_dir} holds no W4A4 layers")
 print(f"{len(names)} W4A4 linears in {qmodel.config.num_hidden_layers} layers; "
-      f"clip ratios now: {sorted({round(float(qmodel.get_submodule(n).clip_ratio), 4) for n in names})}")
+      f"clip ratios now: {sorted({round(float(qmodel.get_submodule(n).clip_ratio), 4) for n in names})}"
+      + (f"; {len(others)} W8A8_DYNAMIC linears (no clip ratio) left as they are" if others else ""))
 
 # %% [markdown]
 # ## Calibration activations

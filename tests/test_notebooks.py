@@ -216,6 +216,36 @@ def test_clip_sweep_notebook_tunes_a_flatquant_checkpoint(kernel_name, tmp_path)
     assert sum(isinstance(m, fq.W4A4FlatQuantLinear) for m in tuned.modules()) == 14
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("notebooks")
+def test_clip_sweep_notebook_tunes_an_msmodelslim_checkpoint(kernel_name, tmp_path):
+    """Notebook 02 on a checkpoint in msModelSlim's own layout (v1 file names, W4A4 FlatQuant q/k/v and
+    gate/up, W8A8_DYNAMIC o/down, a FLOAT MLP), written by the test helper from SPEC section 13."""
+    import nbformat
+    import papermill
+    import torch
+
+    import flatquant_lab as fq
+    from msmodelslim_fixture import write_msmodelslim
+
+    torch.set_num_threads(1)
+    model, tok = fq.load_model("smollm2-135m", num_layers=2)
+    path = write_msmodelslim(tmp_path / "msms", model)
+    tok.save_pretrained(str(path))
+    out = tmp_path / "02.ipynb"
+    papermill.execute_notebook(str(NB_DIR / NOTEBOOKS[1]), str(out), kernel_name=kernel_name, cwd=str(NB_DIR),
+                               parameters={"smoke": True, "threads": 1, "quantized_dir": str(path),
+                                           "output_dir": str(tmp_path / "tuned")},
+                               progress_bar=False, execution_timeout=CELL_TIMEOUT_S)
+    ran = nbformat.read(out, as_version=4)
+    text = "".join(o.get("text", "") for c in ran.cells if c.cell_type == "code" for o in c.outputs)
+    # layer 0: q/k/v + gate/up W4A4, o/down W8A8; layer 1: q/k/v W4A4, o W8A8, its MLP float
+    assert "8 W4A4 linears in 2 layers" in text and "3 W8A8_DYNAMIC linears (no clip ratio) left as they are" in text
+    tuned = fq.load_quantized(tmp_path / "tuned")
+    assert sum(isinstance(m, fq.W4A4FlatQuantLinear) for m in tuned.modules()) == 8
+    assert sum(type(m).__name__ == "W8A8DynamicLinear" for m in tuned.modules()) == 3
+
+
 def widget_output_text(nb) -> str:
     """The text that ipywidgets Output widgets held when the notebook was saved (nbclient stores their state)."""
     state = nb.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {}).get("state", {})
