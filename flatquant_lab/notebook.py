@@ -61,6 +61,18 @@ class Session:
                      fontsize=20, color="tab:red", alpha=0.35, rotation=12, zorder=10)
         return fig
 
+    def show_figure(self, fig, path=None) -> None:
+        """Stamp a smoke run's figure, save it to ``path`` when given (atomic: temp file + rename), show it."""
+        import matplotlib.pyplot as plt
+
+        from .files import save_figure
+
+        self.smoke_figure(fig)
+        if path:
+            save_figure(fig, path, dpi=120, bbox_inches="tight")
+            print(f"saved {path}")
+        plt.show()
+
     def smoke_table(self, df):
         """On a smoke run, the table (a DataFrame or its Styler) with the notice as its caption; else as it is."""
         if not self.smoke:

@@ -191,11 +191,7 @@ axes[0, 0].set_ylabel("|activation|")
 axes[0, 0].legend(loc="upper right", fontsize=8)
 fig.suptitle(f"{name}: per-channel activation magnitude ({x.shape[0]} tokens)", fontsize=11)
 fig.tight_layout()
-smoke_figure(fig)
-if figure_path:
-    fq.save_figure(fig, figure_path, dpi=120, bbox_inches="tight")  # atomic: temp file + rename
-    print(f"saved {figure_path}")
-plt.show()
+nb.show_figure(fig, figure_path)  # smoke stamp, atomic save, show
 
 # %% [markdown]
 # ## Histograms: activations and weights

@@ -256,11 +256,7 @@ axes[0, 0].set_ylabel("decoder layer")
 fig.colorbar(im, ax=axes[0].tolist(), label="SQNR vs unquantized activations (dB)", fraction=0.03, pad=0.02)
 fig.suptitle(f"W4A4 SQNR per linear and activation clip ratio ({tokens} calibration tokens each; dot: best)",
              fontsize=11)
-smoke_figure(fig)
-if figure_path:
-    fq.save_figure(fig, figure_path, dpi=120, bbox_inches="tight")  # atomic: temp file + rename
-    print(f"saved {figure_path}")
-plt.show()
+nb.show_figure(fig, figure_path)  # smoke stamp, atomic save, show
 
 # %% [markdown]
 # ## One ratio per fused group

@@ -215,11 +215,7 @@ ax.set_title(f"{model}{' (2 layers)' if smoke else ''}: {task} perplexity vs cli
 ax.legend(fontsize=8, loc="best")
 ax.grid(alpha=0.3, which="both")
 fig.tight_layout()
-smoke_figure(fig)
-if figure_path:
-    fq.save_figure(fig, figure_path, dpi=120, bbox_inches="tight")  # atomic: temp file + rename
-    print(f"saved {figure_path}")
-plt.show()
+nb.show_figure(fig, figure_path)  # smoke stamp, atomic save, show
 
 # %% [markdown]
 # ## Results

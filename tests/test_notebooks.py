@@ -162,6 +162,10 @@ def test_notebook_setup_checks_its_parameters_and_marks_smoke_output(tmp_path, m
     assert "numbers meaningless" in nb.smoke_figure(fig).texts[0].get_text()
     plt.close(fig)
     assert nb.smoke_table(pd.DataFrame({"a": [1]})).caption == SMOKE_NOTICE
+    fig = plt.figure()
+    nb.show_figure(fig, str(tmp_path / "figs" / "f.png"))
+    assert (tmp_path / "figs" / "f.png").read_bytes().startswith(b"\x89PNG") and fig.texts
+    plt.close(fig)
     full = setup(smoke=False, quiet_loaders=False)
     df = pd.DataFrame({"a": [1]})
     assert full.smoke_table(df) is df and full.output_folder("02_x").endswith("02_x-full")
@@ -174,11 +178,11 @@ def test_cells_mark_smoke_figures_and_save_through_save_figure(name):
     nothing is written to a temporary folder that nobody removes."""
     sources = _code_sources(name)
     drawing = [src for src in sources if "plt.subplots(" in src]
-    assert drawing and all("smoke_figure(fig)" in src for src in drawing), name
-    saving = [src for src in sources if "if figure_path:" in src]
-    assert saving, f"{name}: no cell saves the figure"
-    assert not any(".savefig(" in src for src in sources), f"{name}: a cell calls savefig directly"
-    assert all("fq.save_figure(fig, figure_path" in src for src in saving), name
+    assert drawing and all("smoke_figure(fig)" in src or "nb.show_figure(fig" in src for src in drawing), name
+    saving = [src for src in sources if "nb.show_figure(fig, figure_path)" in src]
+    assert saving, f"{name}: no cell saves the figure through nb.show_figure (stamp, atomic save)"
+    assert not any(".savefig(" in src or "save_figure(" in src for src in sources), \
+        f"{name}: a cell saves a figure itself instead of through nb.show_figure"
     assert not any("tempfile" in src or "mkdtemp" in src for src in sources), name
 
 
