@@ -546,9 +546,9 @@ def test_cli_json_is_written_atomically(tmp_path, monkeypatch, capsys):
 
 
 def test_report_dict_makes_non_finite_floats_json_strings():
-    assert numerics._json_float(math.inf) == "inf" and numerics._json_float(-math.inf) == "-inf"
-    assert numerics._json_float(math.nan) == "nan"
-    assert numerics._json_float(1.5) == 1.5 and numerics._json_float(None) is None
+    assert numerics.report._json_float(math.inf) == "inf" and numerics.report._json_float(-math.inf) == "-inf"
+    assert numerics.report._json_float(math.nan) == "nan"
+    assert numerics.report._json_float(1.5) == 1.5 and numerics.report._json_float(None) is None
 
 
 # ------------------------------------------------------------------ CLI with a backend under test
@@ -658,8 +658,8 @@ def test_w8a8_token_tie_flips_are_allowed_within_their_bound(plug):
 
 def test_w8a8_tie_probe_sits_on_exact_ties_under_every_formulation():
     for dtype in (torch.float16, torch.bfloat16):
-        probe = numerics._tie_probe(K, dtype)
-        assert torch.equal(probe.double(), numerics._tie_probe(K, torch.float64))  # exact in both half dtypes
+        probe = numerics.int8._tie_probe(K, dtype)
+        assert torch.equal(probe.double(), numerics.int8._tie_probe(K, torch.float64))  # exact in both half dtypes
         tr = ops.dynamic_quant_trace(probe)
         for row, j in enumerate(numerics.TIE_PROBE_EXPONENTS):
             m = torch.tensor(127 * 2.0**j, dtype=torch.float32)
