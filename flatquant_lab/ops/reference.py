@@ -192,54 +192,42 @@ def quant_matmul(
     bias: torch.Tensor | None = None,
     output_dtype: torch.dtype = torch.float16,
 ) -> torch.Tensor:
-    """Emulate ``npu_quant_matmul`` on int4-packed int32 operands (int8 operands: :func:`quant_matmul_int8`).
+    """Emulate ``npu_quant_matmul`` on int4-packed int32 operands (int8 operands: :func:`_quant_matmul_int8`).
 
     ``acc[i, j] = sum_k a[i, k] w[j, k]`` (exact);  ``y = acc * scale[j] * pertoken[i]`` in fp32;
     ``y += bias`` in fp32;  cast to ``output_dtype`` (round half to even).
     """
     if x1.dtype == torch.int8:
-        return quant_matmul_int8(x1, x2, scale, offset, pertoken_scale, bias, output_dtype)
+        return _quant_matmul_int8(x1, x2, scale, pertoken_scale, bias, output_dtype)
     k = x1.shape[-1] * 8
     if k > MAX_K_EXACT:
         raise ValueError(f"x1: k = {k} exceeds {MAX_K_EXACT}, where an fp32 accumulator stays exact")
     a = unpack_int4_int8(x1)  # [m, k]
     w = unpack_int4_int8(x2.transpose(0, 1))  # x2 is [k/8, n], the transpose of [n, k/8]
     acc = _int_matmul(a, w)  # exact integers (int32, or fp32 where |acc| < 2**24 is exact)
-    y = acc * scale.float()  # int32 * fp32 promotes: float(acc) (exact) * scale, in fp32
-    if pertoken_scale is not None:
-        y.mul_(pertoken_scale.float()[:, None])
-    if bias is not None:
-        y.add_(bias.float())
-    return y.to(output_dtype)
+    return _epilogue(acc, scale, pertoken_scale, bias, output_dtype)
 
 
-def quant_matmul_int8(
-    x1: torch.Tensor,
-    x2: torch.Tensor,
-    scale: torch.Tensor,
-    offset: torch.Tensor | None = None,
-    pertoken_scale: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-    output_dtype: torch.dtype = torch.float16,
-) -> torch.Tensor:
-    """Emulate ``npu_quant_matmul``'s int8 pertoken path (W8A8_DYNAMIC, SPEC section 10).
+def _quant_matmul_int8(x1, x2, scale, pertoken_scale, bias, output_dtype) -> torch.Tensor:
+    """``npu_quant_matmul``'s int8 pertoken path (W8A8_DYNAMIC, SPEC section 10).
 
-    ``x1`` int8 ``[m, k]``, ``x2`` int8 ``[k, n]`` (the weight ``[n, k]`` transposed).
-    ``acc[i, j] = sum_k a[i, k] w[j, k]`` exact in int32;  ``y = fp32(acc) * fp32(scale[j]) * pertoken[i]``;
-    ``y += fp32(bias)``;  cast to ``output_dtype`` (round half to even).
+    ``x1`` int8 ``[m, k]``, ``x2`` int8 ``[k, n]`` (the weight ``[n, k]`` transposed);
+    ``acc[i, j] = sum_k a[i, k] w[j, k]`` exact in int32, then the same epilogue as the int4 path.
     """
-    if offset is not None:
-        raise ValueError("offset: W8A8_DYNAMIC weights are symmetric; expected None")
     k = x1.shape[-1]
-    # step 1: the exact integer accumulator (fp32 holds it only up to k = 1024 for int8 values)
+    # the exact integer accumulator (fp32 holds it only up to k = 1024 for int8 values)
     wide = torch.float32 if k <= INT8_K_FP32_EXACT else torch.float64
-    acc = _int_matmul(x1, x2.transpose(0, 1), float_dtype=wide)
-    # step 2: to fp32 (one rounding, as the device's int32 -> fp32 conversion), times the weight's scale
+    return _epilogue(_int_matmul(x1, x2.transpose(0, 1), float_dtype=wide), scale, pertoken_scale, bias, output_dtype)
+
+
+def _epilogue(acc, scale, pertoken_scale, bias, output_dtype) -> torch.Tensor:
+    """``y = fp32(acc) * fp32(scale[j])``, ``* pertoken[i]`` in fp32, ``+ fp32(bias)``, one rounding to ``output_dtype``.
+
+    ``fp32(acc)`` is one rounding, as the device's int32 -> fp32 conversion (exact for int4 products).
+    """
     y = acc.to(torch.float32) * scale.float()
-    # step 3: times the token's scale, in fp32
     if pertoken_scale is not None:
         y.mul_(pertoken_scale.float()[:, None])
-    # step 4: the bias in fp32, then one rounding to the output dtype
     if bias is not None:
         y.add_(bias.float())
     return y.to(output_dtype)
