@@ -46,7 +46,8 @@ class WorkDir:
 
     def load(self, i: int) -> tuple[dict, list[float]]:
         t = load_file(self.file(i), device="cpu")
-        losses = t.pop("__epoch_losses__", torch.zeros(0)).tolist()
+        saved = t.pop("__epoch_losses__", None)
+        losses = [] if saved is None else saved.tolist()
         return t, losses
 
     def save(self, i: int, learned: dict, losses: list[float]) -> None:

@@ -55,7 +55,7 @@ class W8A8DynamicLinear(QuantizedLayer):
     quant_type = QUANT_TYPE
 
     def __init__(self, in_features: int, out_features: int, act_dtype: torch.dtype, bias: bool,
-                 backend: str | None = None, tp_size: int = 1):
+                 backend: str | None = None, tp_size: int = 1, device=None):
         super().__init__()
         for name, v in (("in_features", in_features), ("out_features", out_features), ("tp_size", tp_size)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -70,13 +70,14 @@ class W8A8DynamicLinear(QuantizedLayer):
         self.backend = backend
         self.act_dtype = act_dtype
         # The weight as vllm-ascend keeps it after loading: transposed to [K, O], contiguous.
-        self.register_buffer("weight_t", torch.zeros(in_features, out_features, dtype=torch.int8))
+        self.register_buffer("weight_t", torch.zeros(in_features, out_features, dtype=torch.int8, device=device))
         # The checkpoint's float32 scale, kept exactly (a round trip is bit-exact) ...
-        self.register_buffer("weight_scale", torch.zeros(out_features, 1, dtype=torch.float32))
-        self.register_buffer("weight_offset", torch.zeros(out_features, 1, dtype=torch.float32))
-        self.register_buffer("bias", torch.zeros(out_features, dtype=act_dtype) if bias else None)
+        self.register_buffer("weight_scale", torch.zeros(out_features, 1, dtype=torch.float32, device=device))
+        self.register_buffer("weight_offset", torch.zeros(out_features, 1, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=act_dtype, device=device) if bias else None)
         # ... and the one that runs: rounded to the model dtype, flattened (derived, not stored).
-        self.register_buffer("scale", torch.zeros(out_features, dtype=op_scale_dtype(act_dtype)), persistent=False)
+        self.register_buffer("scale", torch.zeros(out_features, dtype=op_scale_dtype(act_dtype), device=device),
+                             persistent=False)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -107,7 +108,8 @@ class W8A8DynamicLinear(QuantizedLayer):
         bias = tensors.get("bias")
         if bias is not None:
             _expect(bias, "bias", (out_f,), floating=True)
-        layer = cls(in_f, out_f, act_dtype, bias is not None, backend=backend, tp_size=tp_size)
+        # built where the weight is, as W4A4FlatQuantLinear.from_checkpoint is
+        layer = cls(in_f, out_f, act_dtype, bias is not None, backend=backend, tp_size=tp_size, device=w.device)
         with torch.no_grad():
             layer.weight_t.copy_(w.t())
             layer.weight_scale.copy_(tensors["weight_scale"].float())
@@ -133,7 +135,7 @@ class W8A8DynamicLinear(QuantizedLayer):
         if act_dtype is None:
             act_dtype = linear.weight.dtype if linear.weight.dtype in HALF_DTYPES else torch.bfloat16
         check_half(act_dtype)
-        w = linear.weight.detach().double()
+        w = linear.weight.detach()  # quantize_weight and gptq_quantize pick the exact dtype of its device
         q, scale = quantize_weight(w, bits=8, scale_dtype=act_dtype)
         if weights == "gptq":
             k = w.shape[1]
