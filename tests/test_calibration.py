@@ -28,7 +28,8 @@ from flatquant_lab.layers import W4A4FlatQuantLinear
 from flatquant_lab.models import GROUPS, LINEAR_NAMES, UnsupportedModelError, decoder_layers
 from flatquant_lab.packing import unpack_int4
 from flatquant_lab.quantizers import QMAX, QMIN, quant_act_reference, quantize_weight, weight_scale
-from tiny_models import MODEL_TYPES, OUTLIER_CHANNELS, OUTLIER_SCALES, tiny_config, tiny_model
+from tiny_models import (MODEL_TYPES, OUTLIER_CHANNELS, OUTLIER_SCALES, Interrupt, stop_after_layer_0, tiny_config,
+                         tiny_model)
 
 CALIB = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(123))
 HELD = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(7))
@@ -354,21 +355,12 @@ def test_training_moves_every_learned_tensor(tmp_path):
 
 
 # ==================================================================================== 4. resumption
-class _Interrupt(Exception):
-    pass
-
-
-def _stop_after_layer_0(i):
-    if i == 0:
-        raise _Interrupt
-
-
 def test_interrupted_run_resumes_to_the_same_model(tmp_path):
     fm = tiny_model("qwen2")
     work = str(tmp_path / "work")
     full = quantized_copy(fm, config())
-    with pytest.raises(_Interrupt):
-        quantized_copy(fm, config(work_dir=work), after_layer=_stop_after_layer_0)
+    with pytest.raises(Interrupt):
+        quantized_copy(fm, config(work_dir=work), after_layer=stop_after_layer_0)
     done = WorkDir(work, config(work_dir=work), 2)
     assert done.has(0) and not done.has(1)
     seen = []
@@ -395,8 +387,8 @@ def test_work_dir_calibrated_on_other_data_is_refused(tmp_path):
     """Same config, other token ids: resuming would mix layers learned on two data sets."""
     fm = tiny_model("llama")
     work = str(tmp_path / "work")
-    with pytest.raises(_Interrupt):
-        quantized_copy(fm, config(epochs=1, work_dir=work), after_layer=_stop_after_layer_0)
+    with pytest.raises(Interrupt):
+        quantized_copy(fm, config(epochs=1, work_dir=work), after_layer=stop_after_layer_0)
     other = torch.randint(0, 256, CALIB.shape, generator=torch.Generator().manual_seed(99))
     with pytest.raises(ValueError, match="^work_dir: .* calibrated on other data") as e:
         quantized_copy(fm, config(epochs=1, work_dir=work), ids=other)

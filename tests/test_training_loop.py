@@ -15,7 +15,7 @@ from flatquant_lab.api import quantize
 from flatquant_lab.calibrate import KronTransform, plan_layer
 from flatquant_lab.calibrate.modules import SVDFactor, cayley
 from flatquant_lab.recipe import QuantConfig
-from tiny_models import tiny_model
+from tiny_models import Interrupt, stop_after_layer_0, tiny_model
 
 CALIB = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(123))
 BUDGET = dict(samples=8, seqlen=32, epochs=2, batch_size=4)
@@ -170,21 +170,12 @@ def test_fixed_batch_order_ignores_the_seed():
     assert not same_state(run["shuffle", 0], run["shuffle", other])
 
 
-class _Interrupt(Exception):
-    pass
-
-
-def _stop_after_layer_0(i):
-    if i == 0:
-        raise _Interrupt
-
-
 def test_official_loop_resumes_to_the_same_model(tmp_path):
     fm = tiny_model("qwen3")
     work = str(tmp_path / "work")
     full = state(quantize(copy.deepcopy(fm), config(**OFFICIAL_LOOP), CALIB))
-    with pytest.raises(_Interrupt):
-        quantize(copy.deepcopy(fm), config(work_dir=work, **OFFICIAL_LOOP), CALIB, after_layer=_stop_after_layer_0)
+    with pytest.raises(Interrupt):
+        quantize(copy.deepcopy(fm), config(work_dir=work, **OFFICIAL_LOOP), CALIB, after_layer=stop_after_layer_0)
     resumed = quantize(copy.deepcopy(fm), config(work_dir=work, **OFFICIAL_LOOP), CALIB)
     assert [e["resumed"] for e in resumed.flatquant_report["layers"]] == [True, False]
     assert same_state(state(resumed), full)

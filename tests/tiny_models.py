@@ -99,3 +99,13 @@ def random_quantize(model: nn.Module, seed: int = 0, clip_ratio: float = 0.9, gr
                                                    act_dtype=act_dtype, backend=backend)
                 set_submodule(layer, name, q)
     return model
+
+
+class Interrupt(Exception):
+    """Raised by :func:`stop_after_layer_0`: a calibration cut short, for the resumption tests."""
+
+
+def stop_after_layer_0(i: int) -> None:
+    """``after_layer`` hook that interrupts a calibration once layer 0 is done (and saved to its work dir)."""
+    if i == 0:
+        raise Interrupt
