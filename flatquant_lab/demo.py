@@ -49,15 +49,13 @@ def decoder_linear_params(model) -> int:
 
 
 def demo_tp_size(model) -> int:
-    """The smallest TP size above 1 at which vLLM can split the model's attention heads (2 for most models;
-    3 for SmolLM2-135M's 9 heads and 3 kv heads)."""
-    cfg = model.config
-    heads = cfg.num_attention_heads
-    kv = getattr(cfg, "num_key_value_heads", None) or heads
-    for tp in range(2, heads + 1):
-        if heads % tp == 0 and (kv % tp == 0 if kv >= tp else tp % kv == 0) and cfg.intermediate_size % tp == 0:
-            return tp
-    return 1
+    """The smallest TP size above 1 at which vLLM can split the model (2 for most models; 3 for
+    SmolLM2-135M's 9 heads and 3 kv heads), by serve-check's own rule."""
+    from .io.serving import model_split_problem
+
+    config = model.config.to_dict()
+    return next((tp for tp in range(2, config["num_attention_heads"] + 1)
+                 if not model_split_problem(config, tp)), 1)
 
 
 def flatquant_config(method: str, profile: str, seed: int, samples=None, epochs=None, seqlen=None,

@@ -59,7 +59,8 @@ def _sizes(config: Mapping) -> dict:
     return {"heads": heads, "kv": kv, "head_dim": head_dim, "intermediate": config["intermediate_size"]}
 
 
-def _model_split_problem(config: Mapping, tp: int) -> str:
+def model_split_problem(config: Mapping, tp: int) -> str:
+    """Why vLLM cannot split a model of ``config`` (a config.json mapping) over ``tp`` ranks; ``""`` if it can."""
     s = _sizes(config)
     if s["heads"] % tp:
         return f"vLLM cannot split {s['heads']} attention heads over {tp} ranks"
@@ -86,7 +87,7 @@ def vllm_load_problem(tensors: Mapping[str, torch.Tensor], desc: Mapping, config
     """The first reason vLLM (with vllm-ascend) would fail to load or run the checkpoint at TP ``tp``, in
     words; ``""`` when it loads. Checks SPEC section 11's shape asserts and splits, and that each rank's
     FlatQuant transform is one ``npu_kronecker_quant`` runs (CANN ``cann``)."""
-    problem = _model_split_problem(config, tp)
+    problem = model_split_problem(config, tp)
     if problem:
         return problem
     for prefix, kind in sorted(_layers(desc).items()):
@@ -212,4 +213,5 @@ def results_json(results: Sequence[TPCheck]) -> str:
     return json.dumps([asdict(r) for r in results], indent=1)
 
 
-__all__ = ["CheckpointError", "TPCheck", "ranks_output", "results_json", "serve_check", "vllm_load_problem"]
+__all__ = ["CheckpointError", "TPCheck", "model_split_problem", "ranks_output", "results_json", "serve_check",
+           "vllm_load_problem"]
