@@ -63,6 +63,8 @@ CONFIGS = {
     "lr2e-2": dict(lr=2e-2),
     "bs2": dict(batch_size=2),
     "norm_bs2": dict(loss_norm=True, batch_size=2),
+    # not a loop choice of the official code: train each layer on the quantized model's hidden states
+    "norm_qin": dict(loss_norm=True, train_inputs="quantized"),
     "ostart_start": dict(OFFICIAL_START, epochs=0),
     "ostart_today": dict(OFFICIAL_START),
     "ostart_svd": dict(OFFICIAL_START, factor_param="svd"),

@@ -22,6 +22,7 @@ METHODS = ("rtn", "hadamard", "flatquant")
 WEIGHT_QUANTIZERS = ("rtn", "gptq")
 FACTOR_PARAMS = ("plain", "svd")
 BATCH_ORDERS = ("shuffle", "fixed")
+TRAIN_INPUTS = ("float", "quantized")
 # Calibration budgets. "paper" is FlatQuant's recipe (SPEC section 8); "full" and "fast" are CPU
 # budgets for the bundled 135M model (fast: ~2 minutes of calibration on 2 idle cores; full: 12x its
 # training tokens).
@@ -92,6 +93,11 @@ class QuantConfig:
     loss_norm: bool = True
     weight_decay: float = 0.0  # AdamW's decoupled decay on every learned tensor (official: 0.01)
     batch_order: str = "shuffle"  # shuffle (seeded, per epoch) | fixed (the official loop)
+    # What each layer is trained on: "float", the full-precision model's hidden states (the official
+    # loop), or "quantized", those of the model quantized so far (layers 0..i-1 as they will serve),
+    # against the full-precision model's outputs either way, so a layer learns to undo its
+    # predecessors' error. "quantized" holds a third activation buffer.
+    train_inputs: str = "float"
     act_dtype: torch.dtype = torch.bfloat16
     skip: tuple[str, ...] = ()  # fnmatch patterns of module names kept in float
     # A preset name (RECIPES) or a mapping fnmatch pattern -> scheme (SCHEMES), first match wins.
@@ -125,6 +131,8 @@ class QuantConfig:
             raise ValueError(f"factor_param: expected one of {FACTOR_PARAMS}, got {self.factor_param!r}")
         if self.batch_order not in BATCH_ORDERS:
             raise ValueError(f"batch_order: expected one of {BATCH_ORDERS}, got {self.batch_order!r}")
+        if self.train_inputs not in TRAIN_INPUTS:
+            raise ValueError(f"train_inputs: expected one of {TRAIN_INPUTS}, got {self.train_inputs!r}")
         if not isinstance(self.loss_norm, bool):
             raise ValueError(f"loss_norm: expected a bool, got {self.loss_norm!r}")
         if not (_is_float(self.weight_decay) and self.weight_decay >= 0):
@@ -237,8 +245,11 @@ class QuantConfig:
         """What decides the learned tensors: a resumed run must match it."""
         d = self.to_dict()
         # skip decides which transforms exist, so it belongs; the weight quantizer runs after the
-        # learned tensors are saved, so a resumed run may change it. A run may resume on another device.
-        for k in ("work_dir", "weight_quantizer", "gptq_damp", "gptq_block", "gptq_act_order", "device",
-                  "activations"):
+        # learned tensors are saved, so a resumed run may change it (unless later layers train on the
+        # quantized model's states: train_inputs="quantized"). A run may resume on another device.
+        drop = ["work_dir", "device", "activations"]
+        if self.train_inputs == "float":
+            drop += ["weight_quantizer", "gptq_damp", "gptq_block", "gptq_act_order"]
+        for k in drop:
             d.pop(k, None)
         return json.dumps(d, sort_keys=True)

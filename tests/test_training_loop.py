@@ -141,7 +141,8 @@ def test_svd_gradients_are_the_chain_rule_of_the_plain_ones():
 
 # ============================================================================ the loop's options
 @pytest.mark.parametrize("option", [dict(factor_param="svd"), dict(loss_norm=True), dict(weight_decay=0.05),
-                                    dict(batch_order="fixed")], ids=lambda d: next(iter(d)))
+                                    dict(batch_order="fixed"), dict(train_inputs="quantized")],
+                         ids=lambda d: next(iter(d)))
 def test_each_option_changes_the_training_and_is_deterministic(option):
     fm = tiny_model("qwen2")
     base = state(quantize(copy.deepcopy(fm), config(transform_init="random", **BEFORE), CALIB))
@@ -184,10 +185,72 @@ def test_official_loop_resumes_to_the_same_model(tmp_path):
         quantize(copy.deepcopy(fm), config(work_dir=work, **{**OFFICIAL_LOOP, "weight_decay": 0.0}), CALIB)
 
 
+def _layer1_io(model) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoder layer 1's input and output on CALIB, run in the calibration's batches of 4."""
+    xs, ys = [], []
+    layer = model.model.layers[1]
+    h_in = layer.register_forward_pre_hook(lambda _m, a, k: xs.append((a[0] if a else k["hidden_states"]).clone()),
+                                           with_kwargs=True)
+    h_out = layer.register_forward_hook(lambda _m, a, k, o: ys.append((o[0] if isinstance(o, tuple) else o).clone()),
+                                        with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for s in range(0, CALIB.shape[0], 4):
+                model(input_ids=CALIB[s:s + 4], use_cache=False)
+    finally:
+        h_in.remove()
+        h_out.remove()
+    return torch.cat(xs), torch.cat(ys)
+
+
+def test_quantized_inputs_are_the_quantized_model_so_far(monkeypatch):
+    """train_inputs="quantized": layer 1 trains on what the served (int4) layer 0 outputs, against the
+    full-precision model's layer-1 outputs; with "float" on the full-precision model's inputs."""
+    import flatquant_lab.calibrate as cal
+
+    seen, real = [], cal.train_layer
+
+    def spy(layer, groups, learned, X, Y, *a, **k):
+        seen.append((X[0:X.shape[0]].clone(), Y[0:Y.shape[0]].clone()))
+        return real(layer, groups, learned, X, Y, *a, **k)
+
+    monkeypatch.setattr(cal, "train_layer", spy)
+    fm = tiny_model("llama")
+    x_f, y_f = _layer1_io(fm)
+    q = quantize(copy.deepcopy(fm), config(train_inputs="quantized"), CALIB)
+    x_q, _ = _layer1_io(q)
+    assert len(seen) == 2
+    assert torch.equal(seen[1][0], x_q) and not torch.equal(x_q, x_f)
+    assert torch.equal(seen[1][1], y_f)
+    seen.clear()
+    quantize(copy.deepcopy(fm), config(), CALIB)
+    assert torch.equal(seen[1][0], x_f) and torch.equal(seen[1][1], y_f)
+
+
+def test_quantized_inputs_resume_and_tie_the_weight_quantizer(tmp_path):
+    """A resumed run gives the same model; since later layers learn from the quantized ones, a work dir
+    of another weight quantizer is refused (with float inputs it may change)."""
+    fm = tiny_model("qwen3")
+    work = str(tmp_path / "work")
+    kw = dict(train_inputs="quantized", weight_quantizer="gptq")
+    full = state(quantize(copy.deepcopy(fm), config(**kw), CALIB))
+    with pytest.raises(Interrupt):
+        quantize(copy.deepcopy(fm), config(work_dir=work, **kw), CALIB, after_layer=stop_after_layer_0)
+    resumed = quantize(copy.deepcopy(fm), config(work_dir=work, **kw), CALIB)
+    assert [e["resumed"] for e in resumed.flatquant_report["layers"]] == [True, False]
+    assert same_state(state(resumed), full)
+    with pytest.raises(ValueError, match="^work_dir"):
+        quantize(copy.deepcopy(fm), config(work_dir=work, train_inputs="quantized", weight_quantizer="rtn"), CALIB)
+    work2 = str(tmp_path / "work2")
+    quantize(copy.deepcopy(fm), config(work_dir=work2, weight_quantizer="gptq"), CALIB)
+    quantize(copy.deepcopy(fm), config(work_dir=work2, weight_quantizer="rtn"), CALIB)
+
+
 @pytest.mark.parametrize("kw, name", [
     (dict(factor_param="cayley"), "factor_param"),
     (dict(batch_order="random"), "batch_order"),
     (dict(loss_norm=1), "loss_norm"),
+    (dict(train_inputs="fp"), "train_inputs"),
     (dict(weight_decay=-0.01), "weight_decay"),
     (dict(weight_decay=float("nan")), "weight_decay"),
     (dict(weight_decay=True), "weight_decay"),

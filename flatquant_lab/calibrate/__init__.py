@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ..devices import module_device, peak_memory, require_available, reset_peak
 from ..models import adapter_for
 from ..recipe import QuantConfig
-from .capture import HeldActivations, capture_layer_inputs, choose_activations, float_forward
+from .capture import HeldActivations, capture_layer_inputs, choose_activations, float_forward, propagate
 from .finalize import finalize_layer
 from .initialize import init_learned
 from .modules import FakeQuantLinear, KronTransform, install_fake_quant, uninstall_fake_quant
@@ -159,7 +159,7 @@ def calibrate(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor | None
         digest = ids_digest(calib_ids)
         report.calibration = {"samples": calib_ids.shape[0], "seqlen": calib_ids.shape[1], "ids_sha256": digest}
     work = WorkDir(cfg.work_dir, cfg, info.num_layers, digest) if cfg.work_dir else None
-    X = Y = kwargs_by_bs = None
+    X = Y = XQ = kwargs_by_bs = None
     bs = cfg.budget("batch_size")
     report.placement = {"device": str(dev), "model_device": str(home), "activations": None}
     if need_data:
@@ -169,7 +169,11 @@ def calibrate(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor | None
         on_host = choose_activations(cfg.activations, nbytes, dev)
         X, kwargs_by_bs = capture_layer_inputs(model, calib_ids, bs, dev, model_dtype, on_host)
         Y = HeldActivations(tuple(X.shape), model_dtype, dev, on_host)
-        report.placement.update(activations="host" if on_host else "device", activation_bytes=X.nbytes + Y.nbytes,
+        if cfg.train_inputs == "quantized":  # the quantized model's states, starting as layer 0's inputs
+            XQ = HeldActivations(tuple(X.shape), model_dtype, dev, on_host)
+            XQ.buf.copy_(X.buf)
+        report.placement.update(activations="host" if on_host else "device",
+                                activation_bytes=sum(h.nbytes for h in (X, Y, XQ) if h is not None),
                                 activation_dtype=str(model_dtype).replace("torch.", ""))
     bar = tqdm(range(info.num_layers), desc=f"{cfg.method} layers", unit="layer")
     for i in bar:
@@ -189,16 +193,19 @@ def calibrate(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor | None
         else:
             learned = init_learned(layer, groups, cfg, stats, i)
             if cfg.trains and any(g.quantized for g in groups):
-                learned, losses = train_layer(layer, groups, learned, X, Y, kwargs_by_bs, cfg, i, progress=bar)
+                learned, losses = train_layer(layer, groups, learned, X if XQ is None else XQ, Y, kwargs_by_bs, cfg,
+                                              i, progress=bar)
             if work is not None:
                 work.save(i, learned, losses)
         entry = {"layer": i, "epoch_losses": losses, "resumed": resumed}
         hess = None
         if need_data and any(g.quantized or g.scheme == "w8a8_dynamic" for g in groups):
-            entry["fake_quant_mse"], hess = fake_quant_pass(layer, groups, learned, X, Y, kwargs_by_bs, cfg,
-                                                            collect=cfg.weight_quantizer == "gptq")
+            entry["fake_quant_mse"], hess = fake_quant_pass(layer, groups, learned, X if XQ is None else XQ, Y,
+                                                            kwargs_by_bs, cfg, collect=cfg.weight_quantizer == "gptq")
         finalize_layer(layer, groups, learned, cfg, hess, backend=backend)
         layer.to(model_dtype)
+        if XQ is not None:  # the next layer's inputs: this layer as it will serve, on its own inputs, in place
+            propagate(layer, XQ, kwargs_by_bs, bs, model_dtype)
         layer.to(home)
         entry["clip_ratios"] = {g.name: float(torch.sigmoid(learned[f"{g.name}.act_clip"]).item())
                                 for g in groups if g.quantized}

@@ -159,3 +159,11 @@ def float_forward(layer, groups, X, kwargs_by_bs, batch_size, Y=None):
     for st in stats.values():
         st["sample"] = torch.cat(st["sample"])[:STAT_TOKENS]
     return (torch.cat(outs).float() if Y is None else Y), stats
+
+
+@torch.no_grad()
+def propagate(layer, X: HeldActivations, kwargs_by_bs, batch_size, dtype) -> None:
+    """``X <- layer(X)`` batch by batch, in place (a batch's output depends on that batch only), the
+    layer run in ``dtype`` (the model's, as it serves)."""
+    for s, e in batches(X.shape[0], batch_size):
+        X.write(s, run_layer(layer, X[s:e].to(dtype), kwargs_by_bs[e - s]))
