@@ -153,10 +153,18 @@ def quantize_weight(weight: torch.Tensor, clip=None, bits: int = 4,
 
 
 def fake_quant_weight(weight: torch.Tensor, clip: torch.Tensor | None = None, bits: int = 4) -> torch.Tensor:
-    """Differentiable per-channel quantize-dequantize (STE on the rounding)."""
+    """Differentiable per-channel quantize-dequantize (STE on the rounding): ``codes * s``."""
+    codes, s = fake_quant_weight_codes(weight, clip, bits)
+    return codes * s
+
+
+def fake_quant_weight_codes(weight: torch.Tensor, clip: torch.Tensor | None = None,
+                            bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes, s)`` of :func:`fake_quant_weight`: ``codes = clamp(round(W / s))`` (integer values in
+    ``weight``'s dtype, STE on the rounding) and ``s [O, 1]``, both differentiable."""
     qmin, qmax = qrange(bits)
     s = weight_scale(weight, clip, bits).clamp_min(1e-12)
-    return torch.clamp(round_ste(weight / s), qmin, qmax) * s
+    return torch.clamp(round_ste(weight / s), qmin, qmax), s
 
 
 # ---------------------------------------------------------------------------------------- casts

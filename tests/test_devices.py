@@ -300,9 +300,9 @@ def test_load_quantized_fills_a_meta_model_without_copying_the_tensors(tmp_path,
 
 
 # ================================================================================= training memory
-def _saved_bytes(o: int, k: int, tokens: int) -> tuple[int, int]:
-    """Bytes autograd keeps for one fake-quant linear [o, k] on ``tokens`` inputs (its float weight not
-    counted: the layer holds it anyway), and the bytes of one token-sized float32 tensor."""
+def _saved_bytes(o: int, k: int, tokens: int, dtype=torch.float32) -> tuple[int, int]:
+    """Bytes autograd keeps for one fake-quant linear [o, k] (weight in ``dtype``) on ``tokens`` inputs
+    (its weight not counted: the layer holds it anyway), and the bytes of one token-sized float32 tensor."""
     from flatquant_lab.calibrate import FakeQuantLinear, KronTransform, plan_layer
 
     model = tiny_model("llama")
@@ -310,7 +310,7 @@ def _saved_bytes(o: int, k: int, tokens: int) -> tuple[int, int]:
     g.size, g.n1, g.n2, g.kv_tied, g.smooth_target = k, 16, k // 16, None, "input_layernorm"
     tr = KronTransform(g, orthogonal_factor(16, "random", 1), orthogonal_factor(k // 16, "random", 2),
                        torch.zeros(k), torch.tensor([3.0]), torch.bfloat16)
-    lin = torch.nn.Linear(k, o, bias=False)
+    lin = torch.nn.Linear(k, o, bias=False).to(dtype)
     fq = FakeQuantLinear(lin, tr, torch.full((o,), 3.0))
     for p in (tr.left, tr.right, tr.log_smooth, tr.act_clip, fq.weight_clip):
         p.requires_grad_(True)
@@ -337,10 +337,60 @@ def test_a_training_step_keeps_two_token_sized_tensors_per_transform():
     assert kept <= 2.2 * token_bytes, kept / token_bytes
 
 
-def test_a_training_step_keeps_one_weight_sized_tensor_per_linear():
-    """The fold and the weight rounding are recomputed in the backward pass: what autograd keeps of a
-    fake-quant linear is its quantized weight (O x K float32) plus token-sized tensors, not the
-    half-dozen weight-sized intermediates (which, for a 7B layer, are GiBs)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_training_step_keeps_an_int8_weight_per_linear(dtype):
+    """The fold and the weight rounding are recomputed in the backward pass, and the quantized weight is
+    kept as int8 codes: what autograd keeps of a fake-quant linear is O x K bytes plus token-sized
+    tensors, not the float32 weight (4 O K) nor the fold's half-dozen weight-sized intermediates
+    (which, for a 7B layer, are GiBs)."""
     o, k = 512, 512
-    kept, _ = _saved_bytes(o=o, k=k, tokens=4)
-    assert kept <= 1.25 * o * k * 4, kept / (o * k * 4)
+    kept, token_bytes = _saved_bytes(o=o, k=k, tokens=4, dtype=dtype)
+    # int8 codes, then x, the quantized x, the scales and the factors (measured: 3.5 token tensors' worth)
+    assert o * k <= kept <= o * k + 4 * token_bytes, (kept - o * k) / token_bytes
+
+
+def test_the_codes_matmul_has_the_gradient_of_the_float_product():
+    """``_CodesMatmul`` (int8 codes kept for the backward pass) is ``b @ (codes * s)^T``: its values and
+    gradients are those of the plain product (float64 gradcheck)."""
+    from flatquant_lab.calibrate.modules import _CodesMatmul
+
+    g = torch.Generator().manual_seed(0)
+    b = torch.randn(2, 5, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 8, generator=g, dtype=torch.float64)
+    s = (w.abs().amax(1, keepdim=True) / 7).requires_grad_(True)
+    codes = torch.round(w / s.detach()).clamp(-8, 7).requires_grad_(True)
+    assert torch.equal(_CodesMatmul.apply(b, codes, s), b @ (codes * s).T)
+    assert torch.autograd.gradcheck(_CodesMatmul.apply, (b, codes, s))
+
+
+def test_a_half_model_is_calibrated_without_a_float32_copy_of_its_weights(monkeypatch):
+    """The layer computes in float32 with its linear weights left in bf16 (upcast per use): the same model,
+    bit for bit, as converting the whole layer to float32 (the way before), and no float32 linear weight
+    during training."""
+    from contextlib import contextmanager
+
+    import flatquant_lab.calibrate as cal
+
+    model = tiny_model("qwen2").to(torch.bfloat16)
+    cfg = QuantConfig(**BUDGET, weight_quantizer="gptq")
+    dtypes, real_train = [], cal.train_layer
+
+    def spy(layer, *a, **k):
+        dtypes.extend(m.weight.dtype for m in layer.modules() if isinstance(m, torch.nn.Linear))
+        return real_train(layer, *a, **k)
+
+    monkeypatch.setattr(cal, "train_layer", spy)
+    got = quantize(copy.deepcopy(model), cfg, CALIB)
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+
+    @contextmanager
+    def whole_layer_float32(layer, dtype=torch.float32):
+        yield layer.to(dtype)
+
+    monkeypatch.setattr(cal, "float_compute", whole_layer_float32)
+    dtypes.clear()
+    ref = quantize(copy.deepcopy(model), cfg, CALIB)
+    assert set(dtypes) == {torch.float32}
+    assert_same(state(got), state(ref))
+    assert [e["epoch_losses"] for e in got.flatquant_report["layers"]] == \
+           [e["epoch_losses"] for e in ref.flatquant_report["layers"]]

@@ -31,6 +31,7 @@ from .initialize import init_learned
 from .modules import FakeQuantLinear, KronTransform, install_fake_quant, uninstall_fake_quant
 from .plan import Group, plan_layer
 from .train import fake_quant_pass, train_layer
+from .upcast import float_compute
 from .workdir import WorkDir
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,8 @@ def calibrate(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor | None
     ``calib_ids``: token ids ``[n, seqlen]``; needed for ``flatquant`` and for GPTQ weights.
     ``after_layer(i)``: called after each finished layer (progress hooks, tests of resumption).
     The model stays on its device and in its dtype; each decoder layer moves to ``cfg.device`` (default:
-    the model's device) for capture, training, GPTQ and finalisation, in float32, and then back.
+    the model's device) for capture, training, GPTQ and finalisation, computes there in float32 (its
+    weights kept in their dtype, upcast per use: ``float_compute``), and then goes back.
     """
     t0 = time.perf_counter()
     home = module_device(model)
@@ -181,28 +183,9 @@ def calibrate(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor | None
         layer, groups = layers[i], plans[i]
         reset_peak(dev)
         layer.to(dev)
-        layer.float()
-        stats = None
-        if need_data:
-            Y, stats = float_forward(layer, groups, X, kwargs_by_bs, bs, Y)
-        losses, resumed = [], False
-        if work is not None and work.has(i):
-            learned, losses = work.load(i)
-            learned = {k: v.to(dev) for k, v in learned.items()}
-            resumed = True
-        else:
-            learned = init_learned(layer, groups, cfg, stats, i)
-            if cfg.trains and any(g.quantized for g in groups):
-                learned, losses = train_layer(layer, groups, learned, X if XQ is None else XQ, Y, kwargs_by_bs, cfg,
-                                              i, progress=bar)
-            if work is not None:
-                work.save(i, learned, losses)
-        entry = {"layer": i, "epoch_losses": losses, "resumed": resumed}
-        hess = None
-        if need_data and any(g.quantized or g.scheme == "w8a8_dynamic" for g in groups):
-            entry["fake_quant_mse"], hess = fake_quant_pass(layer, groups, learned, X if XQ is None else XQ, Y,
-                                                            kwargs_by_bs, cfg, collect=cfg.weight_quantizer == "gptq")
-        finalize_layer(layer, groups, learned, cfg, hess, backend=backend)
+        with float_compute(layer):  # float32 compute, the linear weights kept in the model's dtype
+            entry, learned, Y = _calibrate_layer(layer, groups, i, cfg, X if XQ is None else XQ, X, Y, kwargs_by_bs,
+                                                 work, backend, bar)
         layer.to(model_dtype)
         if XQ is not None:  # the next layer's inputs: this layer as it will serve, on its own inputs, in place
             propagate(layer, XQ, kwargs_by_bs, bs, model_dtype)
@@ -217,8 +200,37 @@ def calibrate(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor | None
         bar.set_postfix(layer=i, loss="-" if loss is None else f"{loss:.3g}", s=f"{entry['seconds']:.1f}",
                         **{f"peak_{where}": f"{peak / 2**30:.2f}GiB"})
         if need_data:
-            X, Y = Y, X  # the next layer learns from full-precision inputs; its targets overwrite these
+            X, Y = Y, X  # these outputs are the next layer's float inputs; its targets overwrite the old inputs
         if after_layer is not None:
             after_layer(i)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _calibrate_layer(layer, groups, i, cfg: QuantConfig, inputs, X, Y, kwargs_by_bs, work, backend, bar):
+    """One decoder layer, on its device: full-precision targets ``Y`` of the float inputs ``X``, the
+    learned tensors (trained on ``inputs``, or resumed from ``work``), the fake-quant check, and the
+    swap to quantized linears. Returns the report entry, the learned tensors and ``Y``."""
+    need_data = X is not None
+    stats = None
+    if need_data:
+        Y, stats = float_forward(layer, groups, X, kwargs_by_bs, cfg.budget("batch_size"), Y)
+    dev = module_device(layer)
+    losses, resumed = [], False
+    if work is not None and work.has(i):
+        learned, losses = work.load(i)
+        learned = {k: v.to(dev) for k, v in learned.items()}
+        resumed = True
+    else:
+        learned = init_learned(layer, groups, cfg, stats, i)
+        if cfg.trains and any(g.quantized for g in groups):
+            learned, losses = train_layer(layer, groups, learned, inputs, Y, kwargs_by_bs, cfg, i, progress=bar)
+        if work is not None:
+            work.save(i, learned, losses)
+    entry = {"layer": i, "epoch_losses": losses, "resumed": resumed}
+    hess = None
+    if need_data and any(g.quantized or g.scheme == "w8a8_dynamic" for g in groups):
+        entry["fake_quant_mse"], hess = fake_quant_pass(layer, groups, learned, inputs, Y, kwargs_by_bs, cfg,
+                                                        collect=cfg.weight_quantizer == "gptq")
+    finalize_layer(layer, groups, learned, cfg, hess, backend=backend)
+    return entry, learned, Y

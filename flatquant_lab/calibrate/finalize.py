@@ -47,10 +47,11 @@ def finalize_layer(layer, groups, learned, cfg: QuantConfig, hessians=None, back
         target = layer.get_submodule(g.smooth_target)
         if g.smooth_target.endswith("layernorm"):
             target.weight.copy_((target.weight.to(xd) / d).to(target.weight.dtype))
-        else:  # rows of v_proj (kv channels) or up_proj
-            target.weight.copy_((target.weight.to(xd) / d[:, None]).to(target.weight.dtype))
+        else:  # rows of v_proj (kv channels) or up_proj, held in float32 until quantized (one linear's copy)
+            wd = torch.promote_types(target.weight.dtype, torch.float32)
+            target.weight.data = (target.weight.to(xd) / d[:, None]).to(wd)
             if target.bias is not None:
-                target.bias.copy_((target.bias.to(xd) / d).to(target.bias.dtype))
+                target.bias.data = (target.bias.to(xd) / d).to(wd)
         if g.kv_tied is not None:
             kv, rep = g.kv_tied
             d = rearrange(d, "(kv hd) -> kv hd", kv=kv).repeat_interleave(rep, 0).flatten()
@@ -74,8 +75,11 @@ def finalize_layer(layer, groups, learned, cfg: QuantConfig, hessians=None, back
             w = layer.get_submodule(path).weight.to(xd)
             if g.name in d_in:
                 w = w * d_in[g.name]
-            folded.append(fold_weight(w, lt, rt, blocks=g.tp))
-            q, scale = quantize_weight(folded[-1], torch.sigmoid(learned[f"{path}.weight_clip"]).to(xd))
+            w = fold_weight(w, lt, rt, blocks=g.tp)
+            q, scale = quantize_weight(w, torch.sigmoid(learned[f"{path}.weight_clip"]).to(xd))
+            if hessians is not None:  # GPTQ needs the group's folded weights together; RTN one at a time
+                folded.append(w)
+            del w
             qs.append(q)
             scales.append(scale)
         if hessians is not None:  # one GPTQ pass for the linears sharing this input

@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from ..gptq import HessianAccumulator
 from ..kronecker import fold_weight, kron_inverse_t
 from ..models import set_submodule
-from ..quantizers import fake_quant_act, fake_quant_weight, round_to as ste_cast
+from ..quantizers import fake_quant_act, fake_quant_weight_codes, round_to as ste_cast
 from ..recipe import QuantConfig
 from .plan import Group
 
@@ -204,8 +204,29 @@ class KronTransform(nn.Module):
         return fold_weight(w, *self.factors(), inverse_t=inverse_t or self.inverse_t(), blocks=self.group.tp)
 
 
+class _CodesMatmul(torch.autograd.Function):
+    """``y = b @ (codes * s)^T``, keeping ``codes`` for the backward pass as int8 (a quarter of the
+    float32 weight it stands for), ``s`` and ``b``; the float weight is rebuilt there, one linear at a time."""
+
+    @staticmethod
+    def forward(ctx, b, codes, s):
+        ctx.save_for_backward(b, codes.to(torch.int8), s)
+        return b @ (codes * s).transpose(0, 1)
+
+    @staticmethod
+    def backward(ctx, gy):
+        b, codes8, s = ctx.saved_tensors
+        codes = codes8.to(s.dtype)
+        gb = gy @ (codes * s) if ctx.needs_input_grad[0] else None
+        gw = gy.reshape(-1, gy.shape[-1]).transpose(0, 1) @ b.reshape(-1, b.shape[-1])  # dL/d(codes * s)
+        return gb, gw * s, (gw * codes).sum(1, keepdim=True)
+
+
 class FakeQuantLinear(nn.Module):
-    """Training stand-in for one linear: ``y = Q4(T(x)) @ Q4(fold(W))^T + bias``, optionally ``/ d_next``."""
+    """Training stand-in for one linear: ``y = Q4(T(x)) @ Q4(fold(W))^T + bias``, optionally ``/ d_next``.
+
+    The weight may stay in the model's dtype (bf16): it is upcast to float32 where it is folded.
+    """
 
     def __init__(self, linear: nn.Linear, transform: KronTransform, weight_clip: torch.Tensor,
                  out_div: KronTransform | None = None, learn_clip: bool = True):
@@ -214,28 +235,31 @@ class FakeQuantLinear(nn.Module):
         self.transform = transform
         self.weight_clip = nn.Parameter(weight_clip.float().clone(), requires_grad=learn_clip)
         self.out_div = out_div  # the next group's smoothing that folds into these output rows
+        self._codes = None  # no-grad passes: (key, int8 codes, s) while nothing they depend on moves
 
-    def quantized_weight(self) -> torch.Tensor:
-        """``Q4(fold(W))``; reused across batches while nothing it depends on has moved."""
+    def _fold_codes(self, li, ri) -> tuple[torch.Tensor, torch.Tensor]:
         tr = self.transform
-        key = (tr.factor_version(), None if tr.log_smooth is None else tr.log_smooth._version,
-               self.weight_clip._version, torch.is_grad_enabled())
-        if getattr(self, "_wq", None) is None or self._wq[0] != key or torch.is_grad_enabled():
-            def fq(li, ri):
-                return fake_quant_weight(tr.fold(self.linear.weight.float(), (li, ri)), torch.sigmoid(self.weight_clip))
-            if torch.is_grad_enabled():
-                # Recomputed in the backward pass: autograd keeps one weight-sized tensor per linear,
-                # not the fold's and the rounding's half-dozen (GiBs for a 7B layer).
-                wq = checkpoint(fq, *tr.inverse_t(), use_reentrant=False, preserve_rng_state=False)
-            else:
-                wq = fq(*tr.inverse_t())
-            self._wq = (key, wq)
-        return self._wq[1]
+        return fake_quant_weight_codes(tr.fold(self.linear.weight.float(), (li, ri)), torch.sigmoid(self.weight_clip))
+
+    def weight_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(codes, s)`` of ``Q4(fold(W))``. With grad: checkpointed, so autograd keeps neither the fold's
+        and the rounding's half-dozen weight-sized intermediates (GiBs for a 7B layer) nor the float
+        codes (``_CodesMatmul`` keeps int8 ones). Without: cached as int8 across batches."""
+        tr = self.transform
+        if torch.is_grad_enabled():
+            self._codes = None
+            return checkpoint(self._fold_codes, *tr.inverse_t(), use_reentrant=False, preserve_rng_state=False)
+        smooth = None if tr.log_smooth is None else tr.log_smooth._version
+        key = (tr.factor_version(), smooth, self.weight_clip._version)
+        if self._codes is None or self._codes[0] != key:
+            codes, s = self._fold_codes(*tr.inverse_t())
+            self._codes = (key, codes.to(torch.int8), s)
+        return self._codes[1].to(self._codes[2].dtype), self._codes[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bq = self.transform.quantized_input(x)
-        wq = self.quantized_weight()
-        y = bq @ wq.transpose(0, 1)
+        codes, s = self.weight_codes()
+        y = _CodesMatmul.apply(bq, codes, s) if torch.is_grad_enabled() else bq @ (codes * s).transpose(0, 1)
         bias = self.linear.bias.float() if self.linear.bias is not None else None
         if self.out_div is not None:  # v_proj's rows are kv channels: d is the un-expanded [kv * head_dim]
             d = self.out_div.log_smooth.exp()
