@@ -31,7 +31,7 @@ from .initialize import init_learned
 from .modules import FakeQuantLinear, KronTransform, install_fake_quant, uninstall_fake_quant
 from .plan import Group, plan_layer
 from .train import fake_quant_pass, train_layer
-from .upcast import float_compute
+from .memory import float_compute
 from .workdir import WorkDir
 
 log = logging.getLogger(__name__)

@@ -12,6 +12,7 @@ from ..layers import W4A4FlatQuantLinear, W8A8DynamicLinear
 from ..models import set_submodule
 from ..quantizers import quantize_weight
 from ..recipe import W8A8_DYNAMIC, QuantConfig
+from .memory import row_spans
 
 
 def w8a8_hessian_hooks(layer, groups, hessians: dict) -> list:
@@ -72,14 +73,20 @@ def finalize_layer(layer, groups, learned, cfg: QuantConfig, hessians=None, back
         clip_ratio = float(torch.sigmoid(learned[f"{g.name}.act_clip"]).item())
         folded, scales, qs = [], [], []
         for path in g.linears:
-            w = layer.get_submodule(path).weight.to(xd)
-            if g.name in d_in:
-                w = w * d_in[g.name]
-            w = fold_weight(w, lt, rt, blocks=g.tp)
-            q, scale = quantize_weight(w, torch.sigmoid(learned[f"{path}.weight_clip"]).to(xd))
-            if hessians is not None:  # GPTQ needs the group's folded weights together; RTN one at a time
-                folded.append(w)
-            del w
+            weight = layer.get_submodule(path).weight
+            clip = torch.sigmoid(learned[f"{path}.weight_clip"]).to(xd)
+
+            def fold(r0, r1):
+                w = weight[r0:r1].to(xd)
+                return fold_weight(w * d_in[g.name] if g.name in d_in else w, lt, rt, blocks=g.tp)
+
+            if hessians is not None:  # GPTQ needs the group's folded weights together
+                folded.append(fold(0, weight.shape[0]))
+                q, scale = quantize_weight(folded[-1], clip)
+            else:  # RTN: rows fold and round independently, a chunk at a time
+                parts = [quantize_weight(fold(r0, r1), clip[r0:r1])
+                         for r0, r1 in row_spans(*weight.shape, itemsize=torch.finfo(xd).bits // 8)]
+                q, scale = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
             qs.append(q)
             scales.append(scale)
         if hessians is not None:  # one GPTQ pass for the linears sharing this input

@@ -10,6 +10,7 @@ from torch import nn
 from ..quantizers import fake_quant_act, fake_quant_weight
 from ..recipe import QuantConfig
 from ..transforms import orthogonal_factor
+from .memory import row_spans
 from .modules import KronTransform, logit
 from .plan import Group
 
@@ -45,11 +46,11 @@ def init_learned(layer: nn.Module, groups: list[Group], cfg: QuantConfig, stats:
         left = orthogonal_factor(g.n1, kind, seed, device=dev, dtype=torch.float32)
         right = orthogonal_factor(g.n2, kind, seed + 1, device=dev, dtype=torch.float32)
         learned[f"{g.name}.left"], learned[f"{g.name}.right"] = left, right
-        weights = [layer.get_submodule(p).weight.detach().float() for p in g.linears]
+        weights = [layer.get_submodule(p).weight.detach() for p in g.linears]  # in the model's dtype
         d = None
         if not baseline and g.smooth_target and stats is not None:
             act = stats[g.name]["absmax"].clamp_min(1e-5)
-            wmax = torch.cat(weights).abs().amax(0).clamp_min(1e-5)
+            wmax = torch.stack([w.abs().amax(0) for w in weights]).amax(0).float().clamp_min(1e-5)
             if g.kv_tied is not None:  # one d per kv channel: reduce over the query heads sharing it
                 kv, rep = g.kv_tied
                 act = rearrange(act, "(kv rep hd) -> kv rep hd", kv=kv, rep=rep).amax(1).flatten()
@@ -67,8 +68,9 @@ def init_learned(layer: nn.Module, groups: list[Group], cfg: QuantConfig, stats:
         for p, w in zip(g.linears, weights):
             if baseline:
                 logits = torch.full((w.shape[0],), math.inf, device=dev)
-            elif cfg.weight_clip_init == "search":
-                logits = torch.logit(_search_weight_clip(tr.fold(w)).clamp_max(CLIP_CAP))
+            elif cfg.weight_clip_init == "search":  # rows search independently: a chunk of rows at a time
+                ratios = torch.cat([_search_weight_clip(tr.fold(w[r0:r1].float())) for r0, r1 in row_spans(*w.shape)])
+                logits = torch.logit(ratios.clamp_max(CLIP_CAP))
             else:
                 logits = torch.full((w.shape[0],), float(cfg.weight_clip_init), device=dev)
             learned[f"{p}.weight_clip"] = logits

@@ -19,6 +19,7 @@ from ..kronecker import fold_weight, kron_inverse_t
 from ..models import set_submodule
 from ..quantizers import fake_quant_act, fake_quant_weight_codes, round_to as ste_cast
 from ..recipe import QuantConfig
+from .memory import row_spans
 from .plan import Group
 
 def logit(p: float) -> float:
@@ -237,29 +238,44 @@ class FakeQuantLinear(nn.Module):
         self.out_div = out_div  # the next group's smoothing that folds into these output rows
         self._codes = None  # no-grad passes: (key, int8 codes, s) while nothing they depend on moves
 
-    def _fold_codes(self, li, ri) -> tuple[torch.Tensor, torch.Tensor]:
-        tr = self.transform
-        return fake_quant_weight_codes(tr.fold(self.linear.weight.float(), (li, ri)), torch.sigmoid(self.weight_clip))
+    def _fold_codes(self, li, ri, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(codes, s)`` of rows ``r0:r1`` of ``Q4(fold(W))`` (rows fold and round independently)."""
+        w = self.linear.weight[r0:r1].float()
+        return fake_quant_weight_codes(self.transform.fold(w, (li, ri)), torch.sigmoid(self.weight_clip[r0:r1]))
+
+    def _spans(self) -> list[tuple[int, int]]:
+        return row_spans(*self.linear.weight.shape)
 
     def weight_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(codes, s)`` of ``Q4(fold(W))``. With grad: checkpointed, so autograd keeps neither the fold's
-        and the rounding's half-dozen weight-sized intermediates (GiBs for a 7B layer) nor the float
-        codes (``_CodesMatmul`` keeps int8 ones). Without: cached as int8 across batches."""
+        """``(int8 codes, s)`` of ``Q4(fold(W))`` for no-grad passes, folded in row chunks and cached
+        across batches while nothing they depend on moves."""
         tr = self.transform
-        if torch.is_grad_enabled():
-            self._codes = None
-            return checkpoint(self._fold_codes, *tr.inverse_t(), use_reentrant=False, preserve_rng_state=False)
         smooth = None if tr.log_smooth is None else tr.log_smooth._version
         key = (tr.factor_version(), smooth, self.weight_clip._version)
         if self._codes is None or self._codes[0] != key:
-            codes, s = self._fold_codes(*tr.inverse_t())
-            self._codes = (key, codes.to(torch.int8), s)
-        return self._codes[1].to(self._codes[2].dtype), self._codes[2]
+            li, ri = tr.inverse_t()
+            parts = [self._fold_codes(li, ri, r0, r1) for r0, r1 in self._spans()]
+            self._codes = (key, torch.cat([c.to(torch.int8) for c, _ in parts]), torch.cat([s for _, s in parts]))
+        return self._codes[1], self._codes[2]
+
+    def _product(self, bq: torch.Tensor) -> torch.Tensor:
+        """``bq @ Q4(fold(W))^T``. With grad, per chunk of rows: the chunk's fold and rounding are
+        checkpointed (recomputed in the backward pass, so autograd keeps none of their weight-sized
+        intermediates) and ``_CodesMatmul`` keeps int8 codes, so a step holds one byte per weight and
+        the temporaries of one chunk at a time, not GiBs for a 7B layer."""
+        if not torch.is_grad_enabled():
+            codes, s = self.weight_codes()
+            return bq @ (codes.to(s.dtype) * s).transpose(0, 1)
+        self._codes = None
+        li, ri = self.transform.inverse_t()
+        ys = []
+        for r0, r1 in self._spans():
+            codes, s = checkpoint(self._fold_codes, li, ri, r0, r1, use_reentrant=False, preserve_rng_state=False)
+            ys.append(_CodesMatmul.apply(bq, codes, s))
+        return ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bq = self.transform.quantized_input(x)
-        codes, s = self.weight_codes()
-        y = _CodesMatmul.apply(bq, codes, s) if torch.is_grad_enabled() else bq @ (codes * s).transpose(0, 1)
+        y = self._product(self.transform.quantized_input(x))
         bias = self.linear.bias.float() if self.linear.bias is not None else None
         if self.out_div is not None:  # v_proj's rows are kv channels: d is the un-expanded [kv * head_dim]
             d = self.out_div.log_smooth.exp()
