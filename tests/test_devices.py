@@ -440,3 +440,22 @@ def test_the_training_product_in_row_chunks_is_the_whole_product(monkeypatch):
     assert torch.equal(y_chunked, y_whole)
     for a, b in zip(g_chunked, g_whole):
         assert float((a - b).norm() / b.norm()) < 5e-5  # measured: at most 4.5e-6 (the factors)
+
+
+def test_calibration_on_the_host_fixes_the_malloc_mmap_threshold(monkeypatch):
+    """On glibc, calibrating on the host fixes the mmap threshold (once) so that freed large tensors leave
+    the resident set; elsewhere the call reports that it did nothing."""
+    import flatquant_lab.devices as devices
+
+    calls = []
+    monkeypatch.setattr(devices, "_host_malloc_set", False)
+    real = devices.return_freed_host_memory
+    import flatquant_lab.calibrate as cal
+
+    monkeypatch.setattr(cal, "return_freed_host_memory", lambda: calls.append(1) or real())
+    quantize(tiny_model("llama"), QuantConfig(**BUDGET), CALIB)
+    assert calls == [1]
+    import platform
+
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert devices._host_malloc_set and real()

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..devices import module_device, peak_memory, require_available, reset_peak
+from ..devices import module_device, peak_memory, require_available, reset_peak, return_freed_host_memory
 from ..models import adapter_for
 from ..recipe import QuantConfig
 from .capture import HeldActivations, capture_layer_inputs, choose_activations, float_forward, propagate
@@ -103,6 +103,8 @@ def calibrate(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor | None
     t0 = time.perf_counter()
     home = module_device(model)
     dev = require_available(cfg.device) if cfg.device is not None else home
+    if dev.type == "cpu" or home.type == "cpu":  # the host holds the model: keep its resident set to what is live
+        return_freed_host_memory()
     adapter = adapter_for(model)
     info = adapter.info(model)
     layers = adapter.decoder_layers(model)
