@@ -459,3 +459,31 @@ def test_calibration_on_the_host_fixes_the_malloc_mmap_threshold(monkeypatch):
 
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert devices._host_malloc_set and real()
+
+
+def test_compacting_saved_activations_is_lossless(monkeypatch):
+    """Saved float32 activations whose values are exact bf16 (each quantized linear's output) are kept in
+    bf16 for the backward pass: the same trained model bit for bit, and some tensors did compact."""
+    from flatquant_lab.calibrate import memory
+
+    model = tiny_model("llama")
+    cfg = QuantConfig(**BUDGET)
+    monkeypatch.setattr(memory, "COMPACT_MIN_NUMEL", 2**62)  # off
+    plain = quantize(copy.deepcopy(model), cfg, CALIB)
+    monkeypatch.setattr(memory, "COMPACT_MIN_NUMEL", 1)  # every saved float32 activation is checked
+    packed = []
+    real_hooks = torch.autograd.graph.saved_tensors_hooks
+
+    def spy_hooks(pack, unpack):
+        def spy(t):
+            out = pack(t)
+            packed.append(out.dtype == torch.bfloat16 and t.dtype == torch.float32)
+            return out
+        return real_hooks(spy, unpack)
+
+    monkeypatch.setattr(torch.autograd.graph, "saved_tensors_hooks", spy_hooks)
+    compact = quantize(copy.deepcopy(model), cfg, CALIB)
+    assert sum(packed) > 0 and not all(packed)
+    assert_same(state(compact), state(plain))
+    assert [e["epoch_losses"] for e in compact.flatquant_report["layers"]] == \
+           [e["epoch_losses"] for e in plain.flatquant_report["layers"]]

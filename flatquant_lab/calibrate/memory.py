@@ -44,12 +44,37 @@ def float_compute(layer: nn.Module, dtype: torch.dtype = torch.float32):
 
 
 # Float32 bytes of one chunk of weight rows: the fold and the rounding make about ten temporaries of a
-# chunk (more while autograd recomputes them), so a 7B linear's [11008, 4096] becomes 11 chunks of
-# ~0.3 GiB peak each instead of ~2 GiB at once; the bundled 135M model's linears fit in one.
-CHUNK_BYTES = 32 * 2**20
+# chunk (more while autograd recomputes them), so a 7B linear's [11008, 4096] becomes 22 chunks of
+# ~0.16 GiB peak each instead of ~2 GiB at once; the bundled 135M model's linears fit in one.
+CHUNK_BYTES = 16 * 2**20
 
 
 def row_spans(rows: int, cols: int, itemsize: int = 4) -> list[tuple[int, int]]:
     """``[start, end)`` row ranges of a ``[rows, cols]`` weight, each at most ``CHUNK_BYTES`` at ``itemsize``."""
     step = max(1, CHUNK_BYTES // (cols * itemsize))
     return [(r, min(r + step, rows)) for r in range(0, rows, step)]
+
+
+COMPACT_MIN_NUMEL = 2**20  # smaller saved tensors are not worth the check
+
+
+@contextmanager
+def compact_saved_tensors(dtype: torch.dtype):
+    """Within: autograd keeps a float32 activation whose values are all exactly ``dtype`` values (bf16 or
+    fp16: what the kernels round to the activation dtype, e.g. every quantized linear's output) in
+    ``dtype`` and restores it for the backward pass. Lossless; half the bytes of those tensors."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        yield
+        return
+
+    def pack(t: torch.Tensor):
+        if t.dtype != torch.float32 or t.numel() < COMPACT_MIN_NUMEL or isinstance(t, nn.Parameter):
+            return t
+        half = t.to(dtype)
+        return half if torch.equal(half.to(torch.float32), t) else t
+
+    def unpack(t: torch.Tensor) -> torch.Tensor:
+        return t.to(torch.float32) if t.dtype == dtype else t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield

@@ -9,6 +9,7 @@ from ..gptq import HessianAccumulator
 from ..recipe import QuantConfig
 from .capture import batches, run_layer
 from .finalize import w8a8_hessian_hooks
+from .memory import compact_saved_tensors
 from .modules import FakeQuantLinear, install_fake_quant, uninstall_fake_quant
 
 
@@ -58,8 +59,9 @@ def train_layer(layer, groups, learned, X, Y, kwargs_by_bs, cfg: QuantConfig, la
             tot = 0.0
             for bi in order:
                 s, e = spans[bi]
-                out = run_layer(layer, X[s:e], kwargs_by_bs[e - s])
-                loss = torch.nn.functional.mse_loss(out, Y[s:e])
+                with compact_saved_tensors(cfg.act_dtype):
+                    out = run_layer(layer, X[s:e], kwargs_by_bs[e - s])
+                    loss = torch.nn.functional.mse_loss(out, Y[s:e])
                 # loss / loss.detach() has value 1 and gradient grad(loss) / loss: every batch moves the
                 # parameters as if its loss were 1, and Adam's epsilon no longer swamps tiny gradients
                 objective = loss / loss.detach() if cfg.loss_norm else loss
