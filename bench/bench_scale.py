@@ -1,6 +1,6 @@
 """Calibration at real size on the CPU: a LLaMA-2-7B-shaped model, layer by layer from the host.
 
-    .venv/bin/python bench/bench_scale.py [--layers 2] [--samples 2] [--epochs 1] [--batch-size 1]
+    .venv/bin/python bench/bench_scale.py [--layers 2] [--samples 2] [--epochs 1] [--batch-size 1] [--recompute-blocks]
 
 The model has LLaMA-2-7B's sizes (hidden 4096, intermediate 11008, 32 heads, vocab 32000, untied
 head) with random bf16 weights and ``--layers`` decoder layers. A child process writes it to a
@@ -109,6 +109,8 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--recompute-blocks", action="store_true",
+                    help="QuantConfig(recompute_blocks=True): checkpoint attention and MLP in training")
     ap.add_argument("--write", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.write:
@@ -136,7 +138,8 @@ def main(argv=None) -> int:
         layer_bytes = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
         ids = torch.randint(3, VOCAB, (args.samples, SEQLEN), generator=torch.Generator().manual_seed(0))
         cfg = QuantConfig(method="flatquant", weight_quantizer="rtn", samples=args.samples, seqlen=SEQLEN,
-                          epochs=args.epochs, batch_size=args.batch_size, device="cpu")
+                          epochs=args.epochs, batch_size=args.batch_size, device="cpu",
+                          recompute_blocks=args.recompute_blocks)
         groups = plan_layer(model, 0, cfg)
         train_s, phase_peak = [], {}
         phases = ("capture_layer_inputs", "float_forward", "init_learned", "train_layer", "fake_quant_pass",
@@ -179,7 +182,7 @@ def main(argv=None) -> int:
     gib = 2**30
     print(f"model: {args.layers} LLaMA-2-7B decoder layers (hidden {HIDDEN}, intermediate {INTER}, {HEADS} heads), "
           f"random bf16; samples {args.samples} x seqlen {SEQLEN}, epochs {args.epochs}, batch {args.batch_size}, "
-          f"threads {torch.get_num_threads()}")
+          f"threads {torch.get_num_threads()}, recompute_blocks {args.recompute_blocks}")
     print(f"write checkpoint (child process): {write_s:.1f} s; load_model(dtype=bfloat16): {load_s:.1f} s")
     print(f"model bytes (bf16):          {model_bytes / gib:7.3f} GiB  (one decoder layer {layer_bytes / gib:.3f} GiB)")
     print(f"held activations ({rep['placement']['activation_dtype']}, 2 buffers): {act_bytes / gib:7.3f} GiB")

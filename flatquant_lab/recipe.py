@@ -117,6 +117,10 @@ class QuantConfig:
     # Where the layer inputs and targets are held: on the device, on the host (pinned), or "auto"
     # (the device when they fit in a share of its free memory). Results are the same bit for bit.
     activations: str = "auto"
+    # Recompute each decoder layer's attention and MLP blocks in the backward pass (checkpointing): a
+    # training step's activation peak becomes the larger block's instead of the layer's, for one more
+    # forward per step (bench/bench_scale.py measures both). Same results bit for bit.
+    recompute_blocks: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -133,6 +137,8 @@ class QuantConfig:
             raise ValueError(f"batch_order: expected one of {BATCH_ORDERS}, got {self.batch_order!r}")
         if self.train_inputs not in TRAIN_INPUTS:
             raise ValueError(f"train_inputs: expected one of {TRAIN_INPUTS}, got {self.train_inputs!r}")
+        if not isinstance(self.recompute_blocks, bool):
+            raise ValueError(f"recompute_blocks: expected a bool, got {self.recompute_blocks!r}")
         if not isinstance(self.loss_norm, bool):
             raise ValueError(f"loss_norm: expected a bool, got {self.loss_norm!r}")
         if not (_is_float(self.weight_decay) and self.weight_decay >= 0):
@@ -247,7 +253,7 @@ class QuantConfig:
         # skip decides which transforms exist, so it belongs; the weight quantizer runs after the
         # learned tensors are saved, so a resumed run may change it (unless later layers train on the
         # quantized model's states: train_inputs="quantized"). A run may resume on another device.
-        drop = ["work_dir", "device", "activations"]
+        drop = ["work_dir", "device", "activations", "recompute_blocks"]
         if self.train_inputs == "float":
             drop += ["weight_quantizer", "gptq_damp", "gptq_block", "gptq_act_order"]
         for k in drop:

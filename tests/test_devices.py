@@ -487,3 +487,30 @@ def test_compacting_saved_activations_is_lossless(monkeypatch):
     assert_same(state(compact), state(plain))
     assert [e["epoch_losses"] for e in compact.flatquant_report["layers"]] == \
            [e["epoch_losses"] for e in plain.flatquant_report["layers"]]
+
+
+@pytest.mark.parametrize("mt", ["llama", "qwen3"])
+def test_recomputing_blocks_gives_the_same_model(mt, monkeypatch):
+    """recompute_blocks=True checkpoints the attention and the MLP of the layer in training: the same
+    model bit for bit, with both blocks recomputed in each backward pass."""
+    from flatquant_lab.calibrate import memory
+
+    model = tiny_model(mt)
+    plain = quantize(copy.deepcopy(model), QuantConfig(**BUDGET), CALIB)
+    wrapped, real = [], memory.recompute_blocks
+
+    def spy(blocks, after=None):
+        wrapped.append([type(b).__name__ for b in blocks])
+        return real(blocks, after)
+
+    import flatquant_lab.calibrate.train as train
+
+    monkeypatch.setattr(train, "recompute_blocks", spy)
+    again = quantize(copy.deepcopy(model), QuantConfig(**BUDGET, recompute_blocks=True), CALIB)
+    assert [sorted(w) for w in wrapped] == [sorted(["LlamaMLP" if mt == "llama" else "Qwen3MLP",
+                                                    "LlamaAttention" if mt == "llama" else "Qwen3Attention"])] * 2
+    assert_same(state(again), state(plain))
+    assert [e["epoch_losses"] for e in again.flatquant_report["layers"]] == \
+           [e["epoch_losses"] for e in plain.flatquant_report["layers"]]
+    with pytest.raises(ValueError, match="^recompute_blocks:"):
+        QuantConfig(recompute_blocks="yes")

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 def _upcast_linear(lin: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -78,3 +79,28 @@ def compact_saved_tensors(dtype: torch.dtype):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         yield
+
+
+@contextmanager
+def recompute_blocks(blocks: list[nn.Module], after=None):
+    """Within: each of ``blocks`` (a decoder layer's attention and MLP) runs checkpointed, so a training
+    step keeps each block's input, not its activations, and the backward pass recomputes one block at a
+    time: the step's activation peak is the larger block's, not their sum, for one more forward.
+    ``after(block)`` runs after each block's forward (to drop caches that would keep activations)."""
+    patched = []
+    for block in blocks:
+        run = block.forward
+
+        def forward(*args, _run=run, _block=block, **kwargs):
+            out = checkpoint(_run, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
+            if after is not None:
+                after(_block)
+            return out
+
+        block.forward = forward
+        patched.append(block)
+    try:
+        yield
+    finally:
+        for block in patched:
+            block.__dict__.pop("forward", None)

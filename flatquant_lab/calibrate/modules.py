@@ -176,6 +176,10 @@ class KronTransform(nn.Module):
         """``b[..., K]`` as ``[..., tp, K / tp]``: each tensor-parallel rank quantizes its slice per token."""
         return b.unflatten(-1, (self.group.tp, -1))
 
+    def forget_input(self) -> None:
+        """Drop the cached last input and its quantized form (kept so q/k/v quantize their input once)."""
+        self._last = None
+
     def clear_cache(self) -> None:
         self._last = self._mats = None
 

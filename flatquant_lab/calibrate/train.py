@@ -9,7 +9,7 @@ from ..gptq import HessianAccumulator
 from ..recipe import QuantConfig
 from .capture import batches, run_layer
 from .finalize import w8a8_hessian_hooks
-from .memory import compact_saved_tensors
+from .memory import compact_saved_tensors, recompute_blocks
 from .modules import FakeQuantLinear, install_fake_quant, uninstall_fake_quant
 
 
@@ -51,28 +51,36 @@ def train_layer(layer, groups, learned, X, Y, kwargs_by_bs, cfg: QuantConfig, la
             opt, lambda t: r + (1 - r) * 0.5 * (1 + math.cos(math.pi * min(t, total) / total)))
         gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + layer_index)
         epoch_losses = []
-        for epoch in range(epochs):
-            if cfg.batch_order == "shuffle":
-                order = torch.randperm(len(spans), generator=gen, device="cpu").tolist()
-            else:
-                order = range(len(spans))
-            tot = 0.0
-            for bi in order:
-                s, e = spans[bi]
-                with compact_saved_tensors(cfg.act_dtype):
-                    out = run_layer(layer, X[s:e], kwargs_by_bs[e - s])
-                    loss = torch.nn.functional.mse_loss(out, Y[s:e])
-                # loss / loss.detach() has value 1 and gradient grad(loss) / loss: every batch moves the
-                # parameters as if its loss were 1, and Adam's epsilon no longer swamps tiny gradients
-                objective = loss / loss.detach() if cfg.loss_norm else loss
-                opt.zero_grad(set_to_none=True)
-                objective.backward()
-                opt.step()
-                sched.step()
-                tot += float(loss.detach()) * (e - s)
-            epoch_losses.append(tot / X.shape[0])
-            if progress is not None:
-                progress.set_postfix(layer=layer_index, epoch=epoch + 1, loss=f"{epoch_losses[-1]:.3g}")
+        blocks = []
+        if cfg.recompute_blocks:  # the modules holding the quantized linears: attention and MLP
+            paths = sorted({lin.rpartition(".")[0] for g in groups if g.quantized for lin in g.linears})
+            blocks = [layer.get_submodule(p) for p in paths]
+        # a transform's last input would keep the block's activations alive: drop it after each block
+        with recompute_blocks(blocks, after=lambda _block: [tr.forget_input() for tr in transforms.values()]):
+            for epoch in range(epochs):
+                if cfg.batch_order == "shuffle":
+                    order = torch.randperm(len(spans), generator=gen, device="cpu").tolist()
+                else:
+                    order = range(len(spans))
+                tot = 0.0
+                for bi in order:
+                    s, e = spans[bi]
+                    for tr in transforms.values():  # this step's factors and inverses, built once outside the
+                        tr.factors()  # blocks: a recomputed block must save what its first forward saved
+                    with compact_saved_tensors(cfg.act_dtype):
+                        out = run_layer(layer, X[s:e], kwargs_by_bs[e - s])
+                        loss = torch.nn.functional.mse_loss(out, Y[s:e])
+                    # loss / loss.detach() has value 1 and gradient grad(loss) / loss: every batch moves the
+                    # parameters as if its loss were 1, and Adam's epsilon no longer swamps tiny gradients
+                    objective = loss / loss.detach() if cfg.loss_norm else loss
+                    opt.zero_grad(set_to_none=True)
+                    objective.backward()
+                    opt.step()
+                    sched.step()
+                    tot += float(loss.detach()) * (e - s)
+                epoch_losses.append(tot / X.shape[0])
+                if progress is not None:
+                    progress.set_postfix(layer=layer_index, epoch=epoch + 1, loss=f"{epoch_losses[-1]:.3g}")
         out = {}
         for name, tr in transforms.items():
             out[f"{name}.left"], out[f"{name}.right"] = tr.matrices()
