@@ -75,6 +75,14 @@ CONFIGS = {
     "norm_bs2_lr1e-2": dict(loss_norm=True, batch_size=2, lr=1e-2),
     "norm_bs2_e4": dict(loss_norm=True, batch_size=2, epochs=4),
     "norm_bs2_alpha0.5": dict(loss_norm=True, batch_size=2, smooth_alpha=0.5),
+    "norm_bs2_lr1e-2_alpha0.5": dict(loss_norm=True, batch_size=2, lr=1e-2, smooth_alpha=0.5),
+    "norm_bs2_lr1e-2_alpha0.7": dict(loss_norm=True, batch_size=2, lr=1e-2, smooth_alpha=0.7),
+    "norm_bs2_alpha0.6": dict(loss_norm=True, batch_size=2, smooth_alpha=0.6),
+    "norm_bs2_alpha0.7": dict(loss_norm=True, batch_size=2, smooth_alpha=0.7),
+    "norm_bs2_alpha0.5_qin": dict(loss_norm=True, batch_size=2, smooth_alpha=0.5, train_inputs="quantized"),
+    "defaults": dict(loss_norm=True, batch_size=None, smooth_alpha=QuantConfig.smooth_alpha,
+                     train_inputs=QuantConfig.train_inputs),  # QuantConfig's and the fast profile's, as they are now
+    "norm_alpha0.5_e3": dict(loss_norm=True, smooth_alpha=0.5, epochs=3),
     # GPTQ settings only: with train_inputs="float" these can reuse a loss_norm run's --work-dir
     "norm_damp0.1": dict(loss_norm=True, gptq_damp=0.1),
     "norm_noactorder": dict(loss_norm=True, gptq_act_order=False),
@@ -90,7 +98,8 @@ CONFIGS = {
 
 
 # The loop before issue 13 (the rows are changes to it, whatever QuantConfig's defaults are now).
-BEFORE = dict(factor_param="plain", loss_norm=False, weight_decay=0.0, batch_order="shuffle")
+BEFORE = dict(factor_param="plain", loss_norm=False, weight_decay=0.0, batch_order="shuffle", batch_size=4,
+              smooth_alpha=0.3, train_inputs="float")
 
 
 def config(name: str, weight_quantizer: str, seed: int = 0) -> QuantConfig:
