@@ -23,6 +23,9 @@ same data, to see whether a choice pays off with more steps; ``name@seed<N>`` ru
 Hadamard start the seed only orders the batches: the spread of ``today@seed*`` is the noise floor). ``ostart_*`` are the same loops started from the
 official code's initial point (random orthogonal factors, both clip factors at logit 4.0, i.e. sigmoid
 0.982, instead of Hadamard factors and searched clip ratios); ``*_start`` runs no training (epochs=0).
+``norm_*`` (issue 13's quality targets) change budget and starting-point knobs on top of ``loss_norm``: ``bs2``
+batch 2, ``alpha<a>`` smooth_alpha, ``qin`` train_inputs="quantized"; ``defaults`` is QuantConfig's and the
+fast profile's defaults as they are now (``BEFORE`` pins the pre-issue-13 values, so old rows keep their meaning).
 Every run merges its rows into the JSON (atomic write), so runs can be made one at a time.
 """
 from __future__ import annotations
