@@ -23,6 +23,9 @@ same data, to see whether a choice pays off with more steps; ``name@seed<N>`` ru
 Hadamard start the seed only orders the batches: the spread of ``today@seed*`` is the noise floor). ``ostart_*`` are the same loops started from the
 official code's initial point (random orthogonal factors, both clip factors at logit 4.0, i.e. sigmoid
 0.982, instead of Hadamard factors and searched clip ratios); ``*_start`` runs no training (epochs=0).
+``norm_*`` (issue 13's quality targets) change budget and starting-point knobs on top of ``loss_norm``: ``bs2``
+batch 2, ``alpha<a>`` smooth_alpha, ``qin`` train_inputs="quantized"; ``defaults`` is QuantConfig's and the
+fast profile's defaults as they are now (``BEFORE`` pins the pre-issue-13 values, so old rows keep their meaning).
 Every run merges its rows into the JSON (atomic write), so runs can be made one at a time.
 """
 from __future__ import annotations
@@ -65,6 +68,27 @@ CONFIGS = {
     "norm_bs2": dict(loss_norm=True, batch_size=2),
     # not a loop choice of the official code: train each layer on the quantized model's hidden states
     "norm_qin": dict(loss_norm=True, train_inputs="quantized"),
+    # issue 13's quality targets: budget and init knobs on top of loss_norm (the default loop)
+    "norm_lr1e-2": dict(loss_norm=True, lr=1e-2),
+    "norm_e4": dict(loss_norm=True, epochs=4),
+    "norm_minlr0.1": dict(loss_norm=True, min_lr_ratio=0.1),
+    "norm_clipmult1": dict(loss_norm=True, clip_lr_mult=1.0),
+    "norm_alpha0.5": dict(loss_norm=True, smooth_alpha=0.5),
+    "norm_nowclip": dict(loss_norm=True, learn_weight_clip=False),
+    "norm_bs2_lr1e-2": dict(loss_norm=True, batch_size=2, lr=1e-2),
+    "norm_bs2_e4": dict(loss_norm=True, batch_size=2, epochs=4),
+    "norm_bs2_alpha0.5": dict(loss_norm=True, batch_size=2, smooth_alpha=0.5),
+    "norm_bs2_lr1e-2_alpha0.5": dict(loss_norm=True, batch_size=2, lr=1e-2, smooth_alpha=0.5),
+    "norm_bs2_lr1e-2_alpha0.7": dict(loss_norm=True, batch_size=2, lr=1e-2, smooth_alpha=0.7),
+    "norm_bs2_alpha0.6": dict(loss_norm=True, batch_size=2, smooth_alpha=0.6),
+    "norm_bs2_alpha0.7": dict(loss_norm=True, batch_size=2, smooth_alpha=0.7),
+    "norm_bs2_alpha0.5_qin": dict(loss_norm=True, batch_size=2, smooth_alpha=0.5, train_inputs="quantized"),
+    "defaults": dict(loss_norm=True, batch_size=None, smooth_alpha=QuantConfig.smooth_alpha,
+                     train_inputs=QuantConfig.train_inputs),  # QuantConfig's and the fast profile's, as they are now
+    "norm_alpha0.5_e3": dict(loss_norm=True, smooth_alpha=0.5, epochs=3),
+    # GPTQ settings only: with train_inputs="float" these can reuse a loss_norm run's --work-dir
+    "norm_damp0.1": dict(loss_norm=True, gptq_damp=0.1),
+    "norm_noactorder": dict(loss_norm=True, gptq_act_order=False),
     "ostart_start": dict(OFFICIAL_START, epochs=0),
     "ostart_today": dict(OFFICIAL_START),
     "ostart_svd": dict(OFFICIAL_START, factor_param="svd"),
@@ -77,7 +101,8 @@ CONFIGS = {
 
 
 # The loop before issue 13 (the rows are changes to it, whatever QuantConfig's defaults are now).
-BEFORE = dict(factor_param="plain", loss_norm=False, weight_decay=0.0, batch_order="shuffle")
+BEFORE = dict(factor_param="plain", loss_norm=False, weight_decay=0.0, batch_order="shuffle", batch_size=4,
+              smooth_alpha=0.3, train_inputs="float")
 
 
 def config(name: str, weight_quantizer: str, seed: int = 0) -> QuantConfig:
@@ -101,13 +126,15 @@ def save(path: str, data: dict) -> None:
     atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True))
 
 
-def calibrated(name: str, weight_quantizer: str, num_layers: int | None):
+def calibrated(name: str, weight_quantizer: str, num_layers: int | None, work_dir: str | None = None):
     from flatquant_lab.api import quantize
     from flatquant_lab.data import bundled_data_path, calibration_ids
     from flatquant_lab.hub import load_model
 
     model, tok = load_model(MODEL, num_layers=num_layers)
     cfg = config(name, weight_quantizer)
+    if work_dir is not None:  # resume learned tensors (WorkDir refuses another training configuration)
+        cfg.work_dir = work_dir
     ids = calibration_ids(bundled_data_path("calib"), tok, cfg.budget("samples"), cfg.budget("seqlen"), seed=0)
     t0 = time.perf_counter()
     quantize(model, cfg, ids)
@@ -138,13 +165,13 @@ def run_ppl(args, data: dict) -> None:
             model, tok = load_model(MODEL)
             seconds, cfg_d = 0.0, None
         else:
-            model, tok, cfg, seconds = calibrated(name, args.weight_quantizer, None)
+            model, tok, cfg, seconds = calibrated(name, args.weight_quantizer, None, args.work_dir)
             cfg_d = CONFIGS[name.partition("@")[0]]
         res = evaluate_model(model, tok, limit=args.limit)
         row = {"config": cfg_d, "weight_quantizer": None if name == "fp" else args.weight_quantizer,
                "token_perplexity": res["token_perplexity"], "word_perplexity": res["word_perplexity"],
                "eval_tokens": res["eval_tokens"], "calib_seconds": seconds, "eval_seconds": res["eval_seconds"],
-               "limit": args.limit, "threads": torch.get_num_threads(), "load_avg": os.getloadavg()[0]}
+               "limit": args.limit, "work_dir": args.work_dir, "threads": torch.get_num_threads(), "load_avg": os.getloadavg()[0]}
         if name != "fp":
             row["final_layer_loss"] = [e["fake_quant_mse"] for e in model.flatquant_report["layers"]]
         key = name if name == "fp" else f"{name}/{args.weight_quantizer}"
@@ -208,6 +235,8 @@ def main(argv=None) -> int:
     p.add_argument("--weight-quantizer", default="gptq", choices=("rtn", "gptq"))
     p.add_argument("--limit", type=int, default=None, help="evaluate on the first N documents only")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--work-dir", default=None, help="ppl: keep (or resume) the learned tensors there; configs "
+                   "that differ only in what runs after training (GPTQ settings) may share one")
     p.add_argument("--out", default=OUT)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -428,12 +428,13 @@ def test_less_data_than_the_budget_is_refused(ids, what):
 
 
 def test_work_dir_resumes_across_weight_quantizers(tmp_path):
-    """The learned tensors do not depend on the weight quantizer: a GPTQ run may reuse an RTN run's."""
+    """With train_inputs="float" the learned tensors do not depend on the weight quantizer: a GPTQ run may
+    reuse an RTN run's."""
     fm = tiny_model("llama")
     work = str(tmp_path / "work")
-    quantized_copy(fm, config(epochs=1, work_dir=work))
-    resumed = quantized_copy(fm, config(epochs=1, work_dir=work, weight_quantizer="gptq"))
-    fresh = quantized_copy(fm, config(epochs=1, weight_quantizer="gptq"))
+    quantized_copy(fm, config(epochs=1, work_dir=work, train_inputs="float"))
+    resumed = quantized_copy(fm, config(epochs=1, work_dir=work, train_inputs="float", weight_quantizer="gptq"))
+    fresh = quantized_copy(fm, config(epochs=1, train_inputs="float", weight_quantizer="gptq"))
     assert [e["resumed"] for e in resumed.flatquant_report["layers"]] == [True, True]
     assert_same_state(state(resumed), state(fresh))
 

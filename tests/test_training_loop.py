@@ -20,7 +20,8 @@ from tiny_models import Interrupt, stop_after_layer_0, tiny_model
 CALIB = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(123))
 BUDGET = dict(samples=8, seqlen=32, epochs=2, batch_size=4)
 OFFICIAL_LOOP = dict(factor_param="svd", loss_norm=True, weight_decay=0.01, batch_order="fixed")
-BEFORE = dict(factor_param="plain", loss_norm=False, weight_decay=0.0, batch_order="shuffle")  # the loop before
+BEFORE = dict(factor_param="plain", loss_norm=False, weight_decay=0.0, batch_order="shuffle",
+              train_inputs="float")  # the loop before
 
 
 def config(**kw) -> QuantConfig:
@@ -223,7 +224,7 @@ def test_quantized_inputs_are_the_quantized_model_so_far(monkeypatch):
     assert torch.equal(seen[1][0], x_q) and not torch.equal(x_q, x_f)
     assert torch.equal(seen[1][1], y_f)
     seen.clear()
-    quantize(copy.deepcopy(fm), config(), CALIB)
+    quantize(copy.deepcopy(fm), config(train_inputs="float"), CALIB)
     assert torch.equal(seen[1][0], x_f) and torch.equal(seen[1][1], y_f)
 
 
@@ -242,8 +243,8 @@ def test_quantized_inputs_resume_and_tie_the_weight_quantizer(tmp_path):
     with pytest.raises(ValueError, match="^work_dir"):
         quantize(copy.deepcopy(fm), config(work_dir=work, train_inputs="quantized", weight_quantizer="rtn"), CALIB)
     work2 = str(tmp_path / "work2")
-    quantize(copy.deepcopy(fm), config(work_dir=work2, weight_quantizer="gptq"), CALIB)
-    quantize(copy.deepcopy(fm), config(work_dir=work2, weight_quantizer="rtn"), CALIB)
+    quantize(copy.deepcopy(fm), config(work_dir=work2, train_inputs="float", weight_quantizer="gptq"), CALIB)
+    quantize(copy.deepcopy(fm), config(work_dir=work2, train_inputs="float", weight_quantizer="rtn"), CALIB)
 
 
 @pytest.mark.parametrize("kw, name", [
