@@ -104,9 +104,10 @@ def test_activations_on_the_host_or_the_device_give_the_same_model(dtype, wq):
         assert_same(runs[where][0], runs["device"][0])
         assert [e["epoch_losses"] for e in runs[where][1]["layers"]] == \
                [e["epoch_losses"] for e in runs["device"][1]["layers"]]
-    # held in the model's dtype: 2 buffers of 8 x 32 x 64
+    # held in the model's dtype: 3 buffers of 8 x 32 x 64 (float inputs, targets, quantized inputs)
     place = runs["host"][1]["placement"]
-    assert place["activation_bytes"] == 2 * 8 * 32 * 64 * (4 if dtype == torch.float32 else 2)
+    assert QuantConfig().train_inputs == "quantized"
+    assert place["activation_bytes"] == 3 * 8 * 32 * 64 * (4 if dtype == torch.float32 else 2)
     assert place["activation_dtype"] == str(dtype).replace("torch.", "")
 
 
@@ -120,8 +121,10 @@ def test_held_activations_come_back_in_float32_and_are_written_in_their_dtype():
     assert torch.equal(held[1:3], y.bfloat16().float())
 
 
-def test_the_next_layer_reuses_the_two_buffers(monkeypatch):
-    """Two activation buffers for the whole run, whatever the number of layers (no third copy)."""
+@pytest.mark.parametrize("train_inputs, buffers", [("float", 2), ("quantized", 3)])
+def test_the_next_layer_reuses_the_buffers(train_inputs, buffers, monkeypatch):
+    """Two activation buffers for the whole run (three with the quantized model's inputs), whatever the
+    number of layers: the next layer's inputs reuse them in place."""
     made = []
     real = HeldActivations.__init__
 
@@ -130,8 +133,8 @@ def test_the_next_layer_reuses_the_two_buffers(monkeypatch):
         real(self, *a, **k)
 
     monkeypatch.setattr(HeldActivations, "__init__", spy)
-    quantize(tiny_model("qwen2"), QuantConfig(**BUDGET), CALIB)
-    assert made == [(8, 32, 64), (8, 32, 64)]
+    quantize(tiny_model("qwen2"), QuantConfig(**BUDGET, train_inputs=train_inputs), CALIB)
+    assert made == [(8, 32, 64)] * buffers
 
 
 def test_auto_keeps_activations_on_the_device_only_when_they_fit(monkeypatch):
