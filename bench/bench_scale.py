@@ -185,7 +185,8 @@ def main(argv=None) -> int:
           f"threads {torch.get_num_threads()}, recompute_blocks {args.recompute_blocks}")
     print(f"write checkpoint (child process): {write_s:.1f} s; load_model(dtype=bfloat16): {load_s:.1f} s")
     print(f"model bytes (bf16):          {model_bytes / gib:7.3f} GiB  (one decoder layer {layer_bytes / gib:.3f} GiB)")
-    print(f"held activations ({rep['placement']['activation_dtype']}, 2 buffers): {act_bytes / gib:7.3f} GiB")
+    buffers = act_bytes // (args.samples * SEQLEN * HIDDEN * torch.finfo(torch.bfloat16).bits // 8)
+    print(f"held activations ({rep['placement']['activation_dtype']}, {buffers} buffers): {act_bytes / gib:7.3f} GiB")
     print(f"peak host RSS before load:   {rss0 / gib:7.3f} GiB; after load {rss_load / gib:.3f} GiB")
     print(f"peak host RSS:               {peak / gib:7.3f} GiB")
     bound = model_bytes + act_bytes + 2 * gib
