@@ -4,7 +4,8 @@ Per decoder layer, one transform per linear input: q/k/v share one, o_proj has o
 one, down_proj has one. A transform is ``x -> (x / d) @ kron(L, R)`` followed by per-token int4
 fake quantization with clip ``c = sigmoid(alpha)``; its linears hold
 ``Q4((W * d) @ kron(L, R)^{-T})`` with per-channel clip ``sigmoid(beta)``.
-Training minimises ``MSE(layer_fp(X), layer_q(X))`` with ``X`` the full-precision input, AdamW and a
+Training minimises ``MSE(layer_fp(X), layer_q(X_q))`` with ``X`` the full-precision model's input and
+``X_q`` the quantized model's (``train_inputs="quantized"``; ``"float"``: ``X_q = X``), AdamW and a
 cosine schedule. The training forward rounds where the Ascend kernels round (x, ``x @ R`` to the
 activation dtype, ``L^T (x R)`` to fp16, the output to the activation dtype) with straight-through
 gradients, so what was trained is what the int4 path computes.

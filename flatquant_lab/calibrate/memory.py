@@ -1,5 +1,6 @@
-"""Calibration memory: a layer computing in float32 without a float32 copy of its weights, and weights
-processed in row chunks so that no weight-sized float temporaries pile up.
+"""Calibration memory: a layer computing in float32 without a float32 copy of its weights, weights
+processed in row chunks so that no weight-sized float temporaries pile up, exact-bf16 activations
+saved for the backward pass as bf16, and (optionally) attention and MLP recomputed in it.
 
 Calibration runs each layer in float32. ``layer.float()`` would hold a float32 copy of every weight
 (0.75 GiB for a LLaMA-2-7B layer, twice its bf16 bytes); instead each ``nn.Linear`` upcasts its weight
