@@ -1,6 +1,6 @@
 """Calibration at real size on the CPU: a LLaMA-2-7B-shaped model, layer by layer from the host.
 
-    .venv/bin/python bench/bench_scale.py [--layers 2] [--samples 2] [--epochs 1] [--batch-size 1] [--recompute-blocks]
+    .venv/bin/python bench/bench_scale.py [--layers 2] [--samples 2] [--epochs 1] [--batch-size 1] [--recompute-blocks auto|on|off]
 
 The model has LLaMA-2-7B's sizes (hidden 4096, intermediate 11008, 32 heads, vocab 32000, untied
 head) with random bf16 weights and ``--layers`` decoder layers. A child process writes it to a
@@ -109,8 +109,9 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--recompute-blocks", action="store_true",
-                    help="QuantConfig(recompute_blocks=True): checkpoint attention and MLP in training")
+    ap.add_argument("--recompute-blocks", choices=("auto", "on", "off"), default="auto",
+                    help="QuantConfig(recompute_blocks=...): checkpoint attention and MLP in training "
+                         "(auto, the default: when a step keeps more activations than the layer's weights)")
     ap.add_argument("--write", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.write:
@@ -139,7 +140,7 @@ def main(argv=None) -> int:
         ids = torch.randint(3, VOCAB, (args.samples, SEQLEN), generator=torch.Generator().manual_seed(0))
         cfg = QuantConfig(method="flatquant", weight_quantizer="rtn", samples=args.samples, seqlen=SEQLEN,
                           epochs=args.epochs, batch_size=args.batch_size, device="cpu",
-                          recompute_blocks=args.recompute_blocks)
+                          recompute_blocks={"on": True, "off": False}.get(args.recompute_blocks, "auto"))
         groups = plan_layer(model, 0, cfg)
         train_s, phase_peak = [], {}
         phases = ("capture_layer_inputs", "float_forward", "init_learned", "train_layer", "fake_quant_pass",
@@ -161,6 +162,16 @@ def main(argv=None) -> int:
 
         for n in phases:
             setattr(cal, n, timed(n))
+        import flatquant_lab.calibrate.train as train
+        decide, decided, probe_s = train._recompute, [], []
+
+        def deciding(*a, **k):  # recompute_blocks="auto" counts a step's activations with one forward
+            t = time.perf_counter()
+            decided.append(decide(*a, **k))
+            probe_s.append(time.perf_counter() - t)
+            return decided[-1]
+
+        train._recompute = deciding
         try:
             t0 = time.perf_counter()
             quantize(model, cfg, ids)
@@ -168,13 +179,15 @@ def main(argv=None) -> int:
         finally:
             for n in phases:
                 setattr(cal, n, real[n])
+            train._recompute = decide
     rep = model.flatquant_report
     act_bytes = rep["placement"]["activation_bytes"]
     # clearing VmHWM (per phase) also clears what ru_maxrss reports: the run's peak is the largest of
     # the phase peaks, the load's and the final one
     peak = max([host_peak_rss(), rss_load, *phase_peak.values()])
     steps = args.epochs * -(-args.samples // args.batch_size)
-    sec_step = sum(train_s) / (len(train_s) * steps)
+    # per layer, not per step: the paper recipe's extrapolation leaves the "auto" probe out
+    sec_step = (sum(train_s) - sum(probe_s)) / (len(train_s) * steps)
     flops = step_flops(args.batch_size, groups)
     # the paper's recipe: samples x epochs sample-steps per layer; a step's cost is linear in its samples
     paper_s = PAPER["layers"] * PAPER["samples"] * PAPER["epochs"] * sec_step / args.batch_size
@@ -182,7 +195,8 @@ def main(argv=None) -> int:
     gib = 2**30
     print(f"model: {args.layers} LLaMA-2-7B decoder layers (hidden {HIDDEN}, intermediate {INTER}, {HEADS} heads), "
           f"random bf16; samples {args.samples} x seqlen {SEQLEN}, epochs {args.epochs}, batch {args.batch_size}, "
-          f"threads {torch.get_num_threads()}, recompute_blocks {args.recompute_blocks}")
+          f"threads {torch.get_num_threads()}, recompute_blocks {args.recompute_blocks} "
+          f"(per layer: {', '.join('on' if d else 'off' for d in decided)})")
     print(f"write checkpoint (child process): {write_s:.1f} s; load_model(dtype=bfloat16): {load_s:.1f} s")
     print(f"model bytes (bf16):          {model_bytes / gib:7.3f} GiB  (one decoder layer {layer_bytes / gib:.3f} GiB)")
     buffers = act_bytes // (args.samples * SEQLEN * HIDDEN * torch.finfo(torch.bfloat16).bits // 8)
@@ -195,7 +209,7 @@ def main(argv=None) -> int:
     if phase_peak:
         print("peak host RSS by phase (VmHWM):", ", ".join(f"{n} {v / gib:.2f} GiB" for n, v in phase_peak.items()))
     print(f"calibration: {cal_s:.1f} s; training {sum(train_s):.1f} s in {len(train_s)} layers x {steps} steps; "
-          f"other work {other_s:.1f} s per layer")
+          f"other work {other_s:.1f} s per layer; recompute_blocks decision {sum(probe_s) / len(probe_s):.1f} s per layer")
     print(f"seconds per training step ({args.batch_size} x {SEQLEN} tokens): {sec_step:.1f}")
     print(f"FLOPs per training step (estimate, 3x forward): {flops:.3e}  -> {flops / sec_step / 1e9:.1f} GFLOP/s here")
     print(f"paper recipe (128 x 2048 tokens, 15 epochs) x 32 layers on this CPU, training only: "

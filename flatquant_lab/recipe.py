@@ -129,8 +129,10 @@ class QuantConfig:
     activations: str = "auto"
     # Recompute each decoder layer's attention and MLP blocks in the backward pass (checkpointing): a
     # training step's activation peak becomes the larger block's instead of the layer's, for one more
-    # forward per step (bench/bench_scale.py measures both). Same results bit for bit.
-    recompute_blocks: bool = False
+    # forward per step (bench/bench_scale.py measures both). Same results bit for bit. "auto": on when a
+    # training step would keep more activations than the layer's weight bytes and more than
+    # calibrate.train.RECOMPUTE_MIN_BYTES (counted per layer by one forward; a 7B layer at 2048 tokens: on).
+    recompute_blocks: bool | str = "auto"
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -147,8 +149,8 @@ class QuantConfig:
             raise ValueError(f"batch_order: expected one of {BATCH_ORDERS}, got {self.batch_order!r}")
         if self.train_inputs not in TRAIN_INPUTS:
             raise ValueError(f"train_inputs: expected one of {TRAIN_INPUTS}, got {self.train_inputs!r}")
-        if not isinstance(self.recompute_blocks, bool):
-            raise ValueError(f"recompute_blocks: expected a bool, got {self.recompute_blocks!r}")
+        if not (isinstance(self.recompute_blocks, bool) or self.recompute_blocks == "auto"):
+            raise ValueError(f"recompute_blocks: expected True, False or 'auto', got {self.recompute_blocks!r}")
         if not isinstance(self.loss_norm, bool):
             raise ValueError(f"loss_norm: expected a bool, got {self.loss_norm!r}")
         if not (_is_float(self.weight_decay) and self.weight_decay >= 0):

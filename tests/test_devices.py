@@ -515,5 +515,58 @@ def test_recomputing_blocks_gives_the_same_model(mt, monkeypatch):
     assert_same(state(again), state(plain))
     assert [e["epoch_losses"] for e in again.flatquant_report["layers"]] == \
            [e["epoch_losses"] for e in plain.flatquant_report["layers"]]
-    with pytest.raises(ValueError, match="^recompute_blocks:"):
+    with pytest.raises(ValueError, match="^recompute_blocks: expected True, False or 'auto'"):
         QuantConfig(recompute_blocks="yes")
+
+
+def test_saved_bytes_counts_each_kept_tensor_once_as_compaction_keeps_it():
+    """saved_bytes counts what autograd saves for backward: exp saves its output, sin its input (the
+    same tensor, counted once), a scalar multiply nothing; exact-bf16 float32 tensors count 2 bytes each
+    under bf16 (what compact_saved_tensors keeps), others 4; a parameter counts nothing."""
+    from flatquant_lab.calibrate.memory import COMPACT_MIN_NUMEL, saved_bytes
+
+    a = torch.randn(1000, requires_grad=True)
+    assert saved_bytes(lambda: (a.exp().sin() * 2).sum()) == 4000
+    n = COMPACT_MIN_NUMEL
+    exact = torch.randn(n).bfloat16().float().requires_grad_(True)
+    inexact = (torch.randn(n) + 2**-20).requires_grad_(True)
+    w = torch.nn.Parameter(torch.randn(n))
+    assert saved_bytes(lambda: (exact * w).sum(), torch.bfloat16) == 2 * n  # w: a parameter
+    assert saved_bytes(lambda: inexact.sin().sum(), torch.bfloat16) == 4 * n
+    assert saved_bytes(lambda: exact.sin().sum(), None) == 4 * n
+
+
+def test_auto_recompute_turns_on_when_a_step_keeps_more_than_the_layer(monkeypatch):
+    """recompute_blocks="auto" (the default) counts a training step's kept activations once per layer and
+    recomputes the blocks when they exceed the layer's weight bytes and RECOMPUTE_MIN_BYTES: off for the
+    tiny model as it is, on with the floor lowered below its steps; the model is the same bit for bit."""
+    import flatquant_lab.calibrate.train as train
+    from flatquant_lab.calibrate import memory
+
+    assert QuantConfig().recompute_blocks == "auto"
+    model = tiny_model("llama")
+    wrapped, kept, real, count = [], [], memory.recompute_blocks, memory.saved_bytes
+
+    def spy(blocks, after=None):
+        wrapped.append(len(blocks))
+        return real(blocks, after)
+
+    def spy_count(step, dtype=None):
+        kept.append(count(step, dtype))
+        return kept[-1]
+
+    monkeypatch.setattr(train, "recompute_blocks", spy)
+    monkeypatch.setattr(train, "saved_bytes", spy_count)
+    plain = quantize(copy.deepcopy(model), QuantConfig(**BUDGET, recompute_blocks=False), CALIB)
+    assert wrapped == [0, 0] and kept == []  # False: nothing counted
+    auto = quantize(copy.deepcopy(model), QuantConfig(**BUDGET), CALIB)
+    assert wrapped == [0, 0] * 2 and len(kept) == 2 and 0 < max(kept) < train.RECOMPUTE_MIN_BYTES
+    weights = sum(t.numel() * t.element_size() for t in model.model.layers[0].parameters())
+    assert min(kept) > weights  # the tiny layer's steps keep more than its weights: the floor decided
+    monkeypatch.setattr(train, "RECOMPUTE_MIN_BYTES", 0)
+    forced = quantize(copy.deepcopy(model), QuantConfig(**BUDGET), CALIB)
+    assert wrapped[4:] == [2, 2]
+    for other in (auto, forced):
+        assert_same(state(other), state(plain))
+        assert [e["epoch_losses"] for e in other.flatquant_report["layers"]] == \
+               [e["epoch_losses"] for e in plain.flatquant_report["layers"]]

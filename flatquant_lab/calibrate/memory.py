@@ -10,6 +10,7 @@ upcast it where they fold it.
 """
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -60,6 +61,14 @@ def row_spans(rows: int, cols: int, itemsize: int = 4) -> list[tuple[int, int]]:
 COMPACT_MIN_NUMEL = 2**20  # smaller saved tensors are not worth the check
 
 
+def _compact(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype`` when that loses nothing and is worth the check, else ``t`` itself."""
+    if t.dtype != torch.float32 or t.numel() < COMPACT_MIN_NUMEL or isinstance(t, nn.Parameter):
+        return t
+    half = t.to(dtype)
+    return half if torch.equal(half.to(torch.float32), t) else t
+
+
 @contextmanager
 def compact_saved_tensors(dtype: torch.dtype):
     """Within: autograd keeps a float32 activation whose values are all exactly ``dtype`` values (bf16 or
@@ -70,10 +79,7 @@ def compact_saved_tensors(dtype: torch.dtype):
         return
 
     def pack(t: torch.Tensor):
-        if t.dtype != torch.float32 or t.numel() < COMPACT_MIN_NUMEL or isinstance(t, nn.Parameter):
-            return t
-        half = t.to(dtype)
-        return half if torch.equal(half.to(torch.float32), t) else t
+        return _compact(t, dtype)
 
     def unpack(t: torch.Tensor) -> torch.Tensor:
         return t.to(torch.float32) if t.dtype == dtype else t
@@ -112,3 +118,26 @@ def recompute_blocks(blocks: list[nn.Module], after=None):
     finally:
         for block in patched:
             block.__dict__.pop("forward", None)
+
+
+def saved_bytes(step, dtype: torch.dtype | None = None) -> int:
+    """Bytes autograd would keep for the backward pass of ``step()`` (a forward), counted as
+    ``compact_saved_tensors(dtype)`` would keep them, each tensor once; nothing is kept meanwhile, so
+    the count costs a forward's transient memory, not a training step's."""
+    seen: dict[int, weakref.ref] = {}
+    total = 0
+
+    def pack(t: torch.Tensor):
+        nonlocal total
+        key = t.untyped_storage().data_ptr()
+        alive = seen.get(key)
+        if isinstance(t, nn.Parameter) or (alive is not None and alive() is not None):
+            return None  # a parameter, or a tensor already counted: no new bytes
+        seen[key] = weakref.ref(t)
+        kept = _compact(t, dtype) if dtype in (torch.bfloat16, torch.float16) else t
+        total += kept.numel() * kept.element_size()
+        return None  # dropped: this forward is never differentiated
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda _: None):
+        step()
+    return total

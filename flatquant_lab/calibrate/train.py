@@ -1,6 +1,7 @@
 """The training loop of one decoder layer: AdamW on the layer-wise MSE, then a fake-quant pass."""
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -9,8 +10,31 @@ from ..gptq import HessianAccumulator
 from ..recipe import QuantConfig
 from .capture import batches, run_layer
 from .finalize import w8a8_hessian_hooks
-from .memory import compact_saved_tensors, recompute_blocks
+from .memory import compact_saved_tensors, recompute_blocks, saved_bytes
 from .modules import FakeQuantLinear, install_fake_quant, uninstall_fake_quant
+
+log = logging.getLogger(__name__)
+
+# recompute_blocks="auto" leaves a step's activations in memory below this: recomputing them would cost
+# one more forward per step to save less than a quarter GiB (the bundled model's steps keep tens of MiB)
+RECOMPUTE_MIN_BYTES = 256 * 2**20
+
+
+def _recompute(layer, transforms, X, kwargs, cfg: QuantConfig, layer_index: int) -> bool:
+    """``cfg.recompute_blocks``, with "auto" decided from the bytes a training step on ``X`` would keep."""
+    if cfg.recompute_blocks != "auto":
+        return cfg.recompute_blocks
+    for tr in transforms.values():
+        tr.factors()
+    kept = saved_bytes(lambda: run_layer(layer, X, kwargs), cfg.act_dtype)
+    for tr in transforms.values():
+        tr.forget_input()
+    weights = sum(t.numel() * t.element_size() for t in layer.parameters())
+    on = kept > max(weights, RECOMPUTE_MIN_BYTES)
+    log.log(logging.INFO if layer_index == 0 else logging.DEBUG,
+            "layer %d: a training step keeps %.1f MiB of activations (weights %.1f MiB): recompute_blocks %s",
+            layer_index, kept / 2**20, weights / 2**20, "on" if on else "off")
+    return on
 
 
 def train_layer(layer, groups, learned, X, Y, kwargs_by_bs, cfg: QuantConfig, layer_index: int,
@@ -52,7 +76,8 @@ def train_layer(layer, groups, learned, X, Y, kwargs_by_bs, cfg: QuantConfig, la
         gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + layer_index)
         epoch_losses = []
         blocks = []
-        if cfg.recompute_blocks:  # the modules holding the quantized linears: attention and MLP
+        s, e = max(spans, key=lambda se: se[1] - se[0])
+        if _recompute(layer, transforms, X[s:e], kwargs_by_bs[e - s], cfg, layer_index):  # the modules holding the quantized linears: attention and MLP
             paths = sorted({lin.rpartition(".")[0] for g in groups if g.quantized for lin in g.linears})
             blocks = [layer.get_submodule(p) for p in paths]
         # a transform's last input would keep the block's activations alive: drop it after each block
