@@ -6,7 +6,8 @@
 
 Model: the bundled SmolLM2-135M (``hub.load_model``); data: the demo's calibration windows
 (``data.calibration_ids`` on the bundled calib split, seed 0) at the ``fast`` profile (32 x 128 tokens,
-2 epochs, lr 5e-3, batch 4). One config per child of the loop below, one after the other, 1 thread.
+2 epochs, lr 5e-3, batch 4), or with ``--profile full`` the full one (64 x 256, 6 epochs; rows in
+``ablation_full.json``). One config per child of the loop below, one after the other, 1 thread.
 
 * ``layers``: the model cut to its first ``--num-layers`` decoder layers (``load_model(num_layers=N)``;
   calibration is layer by layer on full-precision inputs, so layers 0..N-1 learn exactly what they learn in
@@ -45,6 +46,7 @@ from flatquant_lab.files import atomic_write_text  # noqa: E402
 from flatquant_lab.recipe import QuantConfig  # noqa: E402
 
 OUT = os.path.join("results", "ablation", "ablation.json")
+OUT_FULL = os.path.join("results", "ablation", "ablation_full.json")
 MODEL = "smollm2-135m"
 PROFILE = "fast"
 OFFICIAL_LOOP = dict(factor_param="svd", loss_norm=True, weight_decay=0.01, batch_order="fixed")
@@ -86,6 +88,11 @@ CONFIGS = {
     "defaults": dict(loss_norm=True, batch_size=None, smooth_alpha=QuantConfig.smooth_alpha,
                      train_inputs=QuantConfig.train_inputs),  # QuantConfig's and the fast profile's, as they are now
     "norm_alpha0.5_e3": dict(loss_norm=True, smooth_alpha=0.5, epochs=3),
+    # the full profile's budget (--profile full): does it need its 6 epochs, does batch 2 help it as it did fast?
+    "defaults_e4": dict(loss_norm=True, batch_size=None, smooth_alpha=QuantConfig.smooth_alpha,
+                        train_inputs=QuantConfig.train_inputs, epochs=4),
+    "defaults_bs2_e4": dict(loss_norm=True, batch_size=2, smooth_alpha=QuantConfig.smooth_alpha,
+                            train_inputs=QuantConfig.train_inputs, epochs=4),
     # GPTQ settings only: with train_inputs="float" these can reuse a loss_norm run's --work-dir
     "norm_damp0.1": dict(loss_norm=True, gptq_damp=0.1),
     "norm_noactorder": dict(loss_norm=True, gptq_act_order=False),
@@ -237,8 +244,14 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work-dir", default=None, help="ppl: keep (or resume) the learned tensors there; configs "
                    "that differ only in what runs after training (GPTQ settings) may share one")
-    p.add_argument("--out", default=OUT)
+    p.add_argument("--profile", default="fast", choices=("fast", "full"),
+                   help="the calibration budget the configs change (full: rows go to ablation_full.json)")
+    p.add_argument("--out", default=None, help=f"default {OUT} ({OUT_FULL} with --profile full)")
     args = p.parse_args(argv)
+    global PROFILE
+    PROFILE = args.profile
+    if args.out is None:
+        args.out = OUT_FULL if PROFILE == "full" else OUT
     torch.set_num_threads(args.threads)
     data = load(args.out)
     if args.what != "table":
