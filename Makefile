@@ -6,7 +6,8 @@ STAMP := $(VENV)/.installed
 PROFILE ?= fast
 MODEL ?= smollm2-135m
 # torch CPU threads for the demo (default: torch's own). The thread count changes floating-point summation
-# order and so the trained transforms: results/<profile>/demo.json was written with THREADS=1, which gives
+# order and so the trained transforms: results/fast/demo.json was written with THREADS=1 (results/full with
+# two threads, the budget the full profile is timed in); THREADS=1
 # the same figures on any machine.
 THREADS ?=
 PYTEST_ARGS ?=
