@@ -186,7 +186,7 @@ def main(argv=None) -> int:
     # the phase peaks, the load's and the final one
     peak = max([host_peak_rss(), rss_load, *phase_peak.values()])
     steps = args.epochs * -(-args.samples // args.batch_size)
-    # per layer, not per step: the paper recipe's extrapolation leaves the "auto" probe out
+    # the "auto" count runs once per layer, not per step: left out of the step time extrapolated below
     sec_step = (sum(train_s) - sum(probe_s)) / (len(train_s) * steps)
     flops = step_flops(args.batch_size, groups)
     # the paper's recipe: samples x epochs sample-steps per layer; a step's cost is linear in its samples

@@ -76,8 +76,9 @@ def train_layer(layer, groups, learned, X, Y, kwargs_by_bs, cfg: QuantConfig, la
         gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + layer_index)
         epoch_losses = []
         blocks = []
-        s, e = max(spans, key=lambda se: se[1] - se[0])
-        if _recompute(layer, transforms, X[s:e], kwargs_by_bs[e - s], cfg, layer_index):  # the modules holding the quantized linears: attention and MLP
+        s, e = max(spans, key=lambda se: se[1] - se[0])  # the largest step decides
+        if _recompute(layer, transforms, X[s:e], kwargs_by_bs[e - s], cfg, layer_index):
+            # the modules holding the quantized linears: attention and MLP
             paths = sorted({lin.rpartition(".")[0] for g in groups if g.quantized for lin in g.linears})
             blocks = [layer.get_submodule(p) for p in paths]
         # a transform's last input would keep the block's activations alive: drop it after each block
