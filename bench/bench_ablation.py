@@ -93,6 +93,11 @@ CONFIGS = {
                         train_inputs=QuantConfig.train_inputs, epochs=4),
     "defaults_bs2_e4": dict(loss_norm=True, batch_size=2, smooth_alpha=QuantConfig.smooth_alpha,
                             train_inputs=QuantConfig.train_inputs, epochs=4),
+    # the layer loss: each token's squared error relative to its target's mean square (QuantConfig.layer_loss)
+    "defaults_rel": dict(loss_norm=True, batch_size=None, smooth_alpha=QuantConfig.smooth_alpha,
+                         train_inputs=QuantConfig.train_inputs, layer_loss="relative"),
+    "defaults_bs2_e4_rel": dict(loss_norm=True, batch_size=2, smooth_alpha=QuantConfig.smooth_alpha,
+                                train_inputs=QuantConfig.train_inputs, epochs=4, layer_loss="relative"),
     # GPTQ settings only: with train_inputs="float" these can reuse a loss_norm run's --work-dir
     "norm_damp0.1": dict(loss_norm=True, gptq_damp=0.1),
     "norm_noactorder": dict(loss_norm=True, gptq_act_order=False),
@@ -109,7 +114,7 @@ CONFIGS = {
 
 # The loop before issue 13 (the rows are changes to it, whatever QuantConfig's defaults are now).
 BEFORE = dict(factor_param="plain", loss_norm=False, weight_decay=0.0, batch_order="shuffle", batch_size=4,
-              smooth_alpha=0.3, train_inputs="float")
+              smooth_alpha=0.3, train_inputs="float", layer_loss="mse")
 
 
 def config(name: str, weight_quantizer: str, seed: int = 0) -> QuantConfig:

@@ -21,7 +21,7 @@ CALIB = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1
 BUDGET = dict(samples=8, seqlen=32, epochs=2, batch_size=4)
 OFFICIAL_LOOP = dict(factor_param="svd", loss_norm=True, weight_decay=0.01, batch_order="fixed")
 BEFORE = dict(factor_param="plain", loss_norm=False, weight_decay=0.0, batch_order="shuffle",
-              train_inputs="float")  # the loop before
+              train_inputs="float", layer_loss="mse")  # the loop before
 
 
 def config(**kw) -> QuantConfig:
@@ -142,7 +142,8 @@ def test_svd_gradients_are_the_chain_rule_of_the_plain_ones():
 
 # ============================================================================ the loop's options
 @pytest.mark.parametrize("option", [dict(factor_param="svd"), dict(loss_norm=True), dict(weight_decay=0.05),
-                                    dict(batch_order="fixed"), dict(train_inputs="quantized")],
+                                    dict(batch_order="fixed"), dict(train_inputs="quantized"),
+                                    dict(layer_loss="relative")],
                          ids=lambda d: next(iter(d)))
 def test_each_option_changes_the_training_and_is_deterministic(option):
     fm = tiny_model("qwen2")
@@ -151,8 +152,25 @@ def test_each_option_changes_the_training_and_is_deterministic(option):
     b = quantize(copy.deepcopy(fm), config(transform_init="random", **{**BEFORE, **option}), CALIB)
     assert same_state(state(a), state(b))
     assert not same_state(state(a), base)
-    for e in a.flatquant_report["layers"]:  # the logged losses are the MSE, also under loss_norm
+    for e in a.flatquant_report["layers"]:  # the logged losses are the layer loss, also under loss_norm
         assert len(e["epoch_losses"]) == 2 and all(0 < v != 1.0 for v in e["epoch_losses"])
+
+
+def test_relative_layer_loss_counts_every_token_alike():
+    """``relative``: a token 1000x larger with the same relative error weighs as much as the others (under
+    ``mse`` it is all the loss); identical outputs give 0 under both."""
+    from flatquant_lab.calibrate.train import layer_loss
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(2, 8, 16, generator=g)
+    y[:, 0] *= 1000.0  # an attention-sink token
+    out = y * (1 + 0.01 * torch.randn(2, 8, 16, generator=g))
+    per_token = ((out - y).square().mean(-1) / y.square().mean(-1))
+    assert torch.allclose(layer_loss(out, y, "relative"), per_token.mean(), rtol=1e-6)
+    assert float(layer_loss(y, y, "relative")) == 0.0 == float(layer_loss(y, y, "mse"))
+    sink_share = (out - y)[:, 0].square().sum() / (out - y).square().sum()
+    assert float(sink_share) > 0.99  # what mse optimises: nearly the sink token alone
+    assert float(per_token[:, 0].sum() / per_token.sum()) < 0.5
 
 
 def _shuffled_orders(seed: int) -> list[list[int]]:
@@ -252,6 +270,7 @@ def test_quantized_inputs_resume_and_tie_the_weight_quantizer(tmp_path):
     (dict(batch_order="random"), "batch_order"),
     (dict(loss_norm=1), "loss_norm"),
     (dict(train_inputs="fp"), "train_inputs"),
+    (dict(layer_loss="l1"), "layer_loss"),
     (dict(weight_decay=-0.01), "weight_decay"),
     (dict(weight_decay=float("nan")), "weight_decay"),
     (dict(weight_decay=True), "weight_decay"),

@@ -37,12 +37,23 @@ def _recompute(layer, transforms, X, kwargs, cfg: QuantConfig, layer_index: int)
     return on
 
 
+def layer_loss(out: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+    """``mse``: ``mean_t,c (out - y)^2``; ``relative``: ``mean_t [mean_c (out - y)^2 / mean_c y^2]``, each token's
+    error relative to its target's mean square (detached), so that every token counts alike."""
+    if kind == "mse":
+        return torch.nn.functional.mse_loss(out, target)
+    t = target.float()
+    err = (out.float() - t).square().mean(-1)
+    return (err / t.square().mean(-1).clamp_min(torch.finfo(torch.float32).tiny)).mean()
+
+
 def train_layer(layer, groups, learned, X, Y, kwargs_by_bs, cfg: QuantConfig, layer_index: int,
                 progress=None) -> tuple[dict, list[float]]:
-    """AdamW on the layer-wise MSE; returns the learned tensors and the per-epoch mean losses.
+    """AdamW on the layer loss (``cfg.layer_loss``); returns the learned tensors and the per-epoch mean losses.
 
     The loop's choices come from ``cfg``: ``factor_param`` (how L, R are learned), ``loss_norm``,
-    ``weight_decay`` (on every learned tensor), ``batch_order``; the logged losses are the plain MSE.
+    ``weight_decay`` (on every learned tensor), ``batch_order``; the logged losses are the
+    layer loss (``cfg.layer_loss``) itself, not divided by its value as ``loss_norm`` steps.
     """
     transforms = install_fake_quant(layer, groups, learned, cfg, learn=True)
     try:
@@ -95,7 +106,7 @@ def train_layer(layer, groups, learned, X, Y, kwargs_by_bs, cfg: QuantConfig, la
                         tr.factors()  # blocks: a recomputed block must save what its first forward saved
                     with compact_saved_tensors(cfg.act_dtype):
                         out = run_layer(layer, X[s:e], kwargs_by_bs[e - s])
-                        loss = torch.nn.functional.mse_loss(out, Y[s:e])
+                        loss = layer_loss(out, Y[s:e], cfg.layer_loss)
                     # loss / loss.detach() has value 1 and gradient grad(loss) / loss: every batch moves the
                     # parameters as if its loss were 1, and Adam's epsilon no longer swamps tiny gradients
                     objective = loss / loss.detach() if cfg.loss_norm else loss
