@@ -417,8 +417,10 @@ def test_weights_in_row_chunks_give_the_same_start_and_export(wq, monkeypatch):
 
 
 def test_the_training_product_in_row_chunks_is_the_whole_product(monkeypatch):
-    """A fake-quant linear's training product per chunk of rows: the same output bit for bit, the same
-    gradients up to the order in which the chunks' contributions are summed."""
+    """A fake-quant linear's training product per chunk of rows: the same output up to the order of float32
+    sums (BLAS may sum one output's dot product in another order for another number of columns: measured
+    bit-equal on session 5's machine, 1-2 of 6,400 outputs one ulp apart on session 6's AVX-512 one), the
+    same gradients up to the order in which the chunks' contributions are summed."""
     from flatquant_lab.calibrate import FakeQuantLinear, KronTransform, memory, plan_layer
 
     model = tiny_model("llama")
@@ -440,7 +442,9 @@ def test_the_training_product_in_row_chunks_is_the_whole_product(monkeypatch):
         runs.append((len(fq._spans()), y.detach(), [p.grad for p in params]))
     (n_whole, y_whole, g_whole), (n_chunked, y_chunked, g_chunked) = runs
     assert (n_whole, n_chunked) == (1, 5)
-    assert torch.equal(y_chunked, y_whole)
+    diff = (y_chunked.float() - y_whole.float()).abs()
+    assert int((diff != 0).sum()) <= y_whole.numel() // 100
+    assert float(diff.max()) <= 1e-5 * float(y_whole.float().abs().max())
     for a, b in zip(g_chunked, g_whole):
         assert float((a - b).norm() / b.norm()) < 5e-5  # measured: at most 4.5e-6 (the factors)
 
