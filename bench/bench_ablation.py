@@ -6,7 +6,7 @@
 
 Model: the bundled SmolLM2-135M (``hub.load_model``); data: the demo's calibration windows
 (``data.calibration_ids`` on the bundled calib split, seed 0) at the ``fast`` profile (32 x 128 tokens,
-2 epochs, lr 5e-3, batch 4), or with ``--profile full`` the full one (64 x 256, 6 epochs; rows in
+2 epochs, lr 5e-3, batch 4), or with ``--profile full`` the full one (64 x 256, 4 epochs at batch 2 since session 6, 6 at batch 4 before; rows in
 ``ablation_full.json``). One config per child of the loop below, one after the other, 1 thread.
 
 * ``layers``: the model cut to its first ``--num-layers`` decoder layers (``load_model(num_layers=N)``;
@@ -25,8 +25,10 @@ Hadamard start the seed only orders the batches: the spread of ``today@seed*`` i
 official code's initial point (random orthogonal factors, both clip factors at logit 4.0, i.e. sigmoid
 0.982, instead of Hadamard factors and searched clip ratios); ``*_start`` runs no training (epochs=0).
 ``norm_*`` (issue 13's quality targets) change budget and starting-point knobs on top of ``loss_norm``: ``bs2``
-batch 2, ``alpha<a>`` smooth_alpha, ``qin`` train_inputs="quantized"; ``defaults`` is QuantConfig's and the
-fast profile's defaults as they are now (``BEFORE`` pins the pre-issue-13 values, so old rows keep their meaning).
+batch 2, ``alpha<a>`` smooth_alpha, ``qin`` train_inputs="quantized"; ``defaults`` is the previous session's
+defaults (the MSE layer loss), ``defaults_rel`` today's (``layer_loss="relative"``); ``BEFORE`` pins the
+pre-issue-13 values, so old rows keep their meaning. Rows with a ``machine`` field ran on this session's machine:
+compare rows of one machine only (the same run gave 28.121 and 28.851 at the full profile on two machines).
 Every run merges its rows into the JSON (atomic write), so runs can be made one at a time.
 """
 from __future__ import annotations
@@ -86,7 +88,7 @@ CONFIGS = {
     "norm_bs2_alpha0.7": dict(loss_norm=True, batch_size=2, smooth_alpha=0.7),
     "norm_bs2_alpha0.5_qin": dict(loss_norm=True, batch_size=2, smooth_alpha=0.5, train_inputs="quantized"),
     "defaults": dict(loss_norm=True, batch_size=None, smooth_alpha=QuantConfig.smooth_alpha,
-                     train_inputs=QuantConfig.train_inputs),  # QuantConfig's and the fast profile's, as they are now
+                     train_inputs=QuantConfig.train_inputs),  # the previous session's defaults (layer_loss "mse")
     "norm_alpha0.5_e3": dict(loss_norm=True, smooth_alpha=0.5, epochs=3),
     # the full profile's budget (--profile full): does it need its 6 epochs, does batch 2 help it as it did fast?
     "defaults_e4": dict(loss_norm=True, batch_size=None, smooth_alpha=QuantConfig.smooth_alpha,
