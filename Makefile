@@ -8,7 +8,7 @@ MODEL ?= smollm2-135m
 # torch CPU threads for the demo (default: torch's own). The thread count changes floating-point summation
 # order and so the trained transforms: results/fast/demo.json was written with THREADS=1 (results/full with
 # two threads, the budget the full profile is timed in); THREADS=1 gives
-# the same figures on any machine.
+# the same figures on machines of one CPU kind (not across kinds: BLAS kernels sum in another order).
 THREADS ?=
 PYTEST_ARGS ?=
 
