@@ -6,8 +6,9 @@
 
 Model: the bundled SmolLM2-135M (``hub.load_model``); data: the demo's calibration windows
 (``data.calibration_ids`` on the bundled calib split, seed 0) at the ``fast`` profile (32 x 128 tokens,
-2 epochs, lr 5e-3, batch 4), or with ``--profile full`` the full one (64 x 256, 4 epochs at batch 2 since session 6, 6 at batch 4 before; rows in
-``ablation_full.json``). One config per child of the loop below, one after the other, 1 thread.
+2 epochs, lr 5e-3, batch 4), or with ``--profile full`` the full one (64 x 256; 4 epochs at batch 2 since
+session 6, 6 at batch 4 before; rows in ``ablation_full.json``). One config per child of the loop below,
+one after the other, 1 thread.
 
 * ``layers``: the model cut to its first ``--num-layers`` decoder layers (``load_model(num_layers=N)``;
   calibration is layer by layer on full-precision inputs, so layers 0..N-1 learn exactly what they learn in
@@ -98,6 +99,10 @@ CONFIGS = {
     # the layer loss: each token's squared error relative to its target's mean square (QuantConfig.layer_loss)
     "defaults_rel": dict(loss_norm=True, batch_size=None, smooth_alpha=QuantConfig.smooth_alpha,
                          train_inputs=QuantConfig.train_inputs, layer_loss="relative"),
+    "defaults_rel_lr1e-2": dict(loss_norm=True, batch_size=None, smooth_alpha=QuantConfig.smooth_alpha,
+                                train_inputs=QuantConfig.train_inputs, layer_loss="relative", lr=1e-2),
+    "defaults_rel_alpha0.3": dict(loss_norm=True, batch_size=None, smooth_alpha=0.3,
+                                  train_inputs=QuantConfig.train_inputs, layer_loss="relative"),
     "defaults_bs2_e4_rel": dict(loss_norm=True, batch_size=2, smooth_alpha=QuantConfig.smooth_alpha,
                                 train_inputs=QuantConfig.train_inputs, epochs=4, layer_loss="relative"),
     # GPTQ settings only: with train_inputs="float" these can reuse a loss_norm run's --work-dir

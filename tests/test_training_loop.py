@@ -271,6 +271,7 @@ def test_quantized_inputs_resume_and_tie_the_weight_quantizer(tmp_path):
     (dict(loss_norm=1), "loss_norm"),
     (dict(train_inputs="fp"), "train_inputs"),
     (dict(layer_loss="l1"), "layer_loss"),
+    (dict(gptq_act_order=1), "gptq_act_order"),
     (dict(weight_decay=-0.01), "weight_decay"),
     (dict(weight_decay=float("nan")), "weight_decay"),
     (dict(weight_decay=True), "weight_decay"),
