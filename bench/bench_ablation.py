@@ -54,6 +54,8 @@ MODEL = "smollm2-135m"
 PROFILE = "fast"
 OFFICIAL_LOOP = dict(factor_param="svd", loss_norm=True, weight_decay=0.01, batch_order="fixed")
 OFFICIAL_START = dict(transform_init="random", act_clip_init=4.0, weight_clip_init=4.0)
+# Session 5's defaults as changes to BEFORE (batch_size None: the profile's); the defaults_* rows build on them.
+S5_DEFAULTS = dict(loss_norm=True, batch_size=None, smooth_alpha=0.5, train_inputs="quantized")
 CONFIGS = {
     "today_start": dict(epochs=0),
     "today": {},
@@ -88,23 +90,16 @@ CONFIGS = {
     "norm_bs2_alpha0.6": dict(loss_norm=True, batch_size=2, smooth_alpha=0.6),
     "norm_bs2_alpha0.7": dict(loss_norm=True, batch_size=2, smooth_alpha=0.7),
     "norm_bs2_alpha0.5_qin": dict(loss_norm=True, batch_size=2, smooth_alpha=0.5, train_inputs="quantized"),
-    "defaults": dict(loss_norm=True, batch_size=None, smooth_alpha=QuantConfig.smooth_alpha,
-                     train_inputs=QuantConfig.train_inputs),  # the previous session's defaults (layer_loss "mse")
+    "defaults": S5_DEFAULTS,  # the previous session's defaults (layer_loss "mse")
     "norm_alpha0.5_e3": dict(loss_norm=True, smooth_alpha=0.5, epochs=3),
     # the full profile's budget (--profile full): does it need its 6 epochs, does batch 2 help it as it did fast?
-    "defaults_e4": dict(loss_norm=True, batch_size=None, smooth_alpha=QuantConfig.smooth_alpha,
-                        train_inputs=QuantConfig.train_inputs, epochs=4),
-    "defaults_bs2_e4": dict(loss_norm=True, batch_size=2, smooth_alpha=QuantConfig.smooth_alpha,
-                            train_inputs=QuantConfig.train_inputs, epochs=4),
+    "defaults_e4": dict(S5_DEFAULTS, epochs=4),
+    "defaults_bs2_e4": dict(S5_DEFAULTS, batch_size=2, epochs=4),
     # the layer loss: each token's squared error relative to its target's mean square (QuantConfig.layer_loss)
-    "defaults_rel": dict(loss_norm=True, batch_size=None, smooth_alpha=QuantConfig.smooth_alpha,
-                         train_inputs=QuantConfig.train_inputs, layer_loss="relative"),
-    "defaults_rel_lr1e-2": dict(loss_norm=True, batch_size=None, smooth_alpha=QuantConfig.smooth_alpha,
-                                train_inputs=QuantConfig.train_inputs, layer_loss="relative", lr=1e-2),
-    "defaults_rel_alpha0.3": dict(loss_norm=True, batch_size=None, smooth_alpha=0.3,
-                                  train_inputs=QuantConfig.train_inputs, layer_loss="relative"),
-    "defaults_bs2_e4_rel": dict(loss_norm=True, batch_size=2, smooth_alpha=QuantConfig.smooth_alpha,
-                                train_inputs=QuantConfig.train_inputs, epochs=4, layer_loss="relative"),
+    "defaults_rel": dict(S5_DEFAULTS, layer_loss="relative"),
+    "defaults_rel_lr1e-2": dict(S5_DEFAULTS, layer_loss="relative", lr=1e-2),
+    "defaults_rel_alpha0.3": dict(S5_DEFAULTS, layer_loss="relative", smooth_alpha=0.3),
+    "defaults_bs2_e4_rel": dict(S5_DEFAULTS, batch_size=2, epochs=4, layer_loss="relative"),
     # GPTQ settings only: with train_inputs="float" these can reuse a loss_norm run's --work-dir
     "norm_damp0.1": dict(loss_norm=True, gptq_damp=0.1),
     "norm_noactorder": dict(loss_norm=True, gptq_act_order=False),
