@@ -28,9 +28,12 @@ official code's initial point (random orthogonal factors, both clip factors at l
 ``norm_*`` (issue 13's quality targets) change budget and starting-point knobs on top of ``loss_norm``: ``bs2``
 batch 2, ``alpha<a>`` smooth_alpha, ``qin`` train_inputs="quantized"; ``defaults`` is the previous session's
 defaults (the MSE layer loss), ``defaults_rel`` today's (``layer_loss="relative"``); ``BEFORE`` pins the
-pre-issue-13 values, so old rows keep their meaning. Rows with a ``machine`` field ran on this session's machine:
-compare rows of one machine only (the same run gave 28.121 and 28.851 at the full profile on two machines).
-Every run merges its rows into the JSON (atomic write), so runs can be made one at a time.
+pre-issue-13 values, so old rows keep their meaning. ``ppl`` rows carry a ``machine`` field (the CPU's model
+name; rows from before session 7 had it added by hand, or lack it): compare rows of one machine only (the same run
+gave 28.121 and 28.851 at the full profile on two machines). ``--tag T`` keys a row ``name/wq#T``, so a rerun on
+another machine keeps the earlier row. Every run merges its rows into the JSON as it is when the row is written
+(atomic write), so runs can be made one at a time or side by side. ``ostart_*`` rows of session 7 are in
+``ablation_s7.json`` (``layers --out``).
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ import argparse
 import json
 import math
 import os
+import platform
 import sys
 import time
 
@@ -100,6 +104,12 @@ CONFIGS = {
     "defaults_rel_lr1e-2": dict(S5_DEFAULTS, layer_loss="relative", lr=1e-2),
     "defaults_rel_alpha0.3": dict(S5_DEFAULTS, layer_loss="relative", smooth_alpha=0.3),
     "defaults_bs2_e4_rel": dict(S5_DEFAULTS, batch_size=2, epochs=4, layer_loss="relative"),
+    # the full profile's steps (2 epochs of 64 batches of 2) on twice the windows: does it lack data?
+    "defaults_bs2_rel_s128_e2": dict(S5_DEFAULTS, batch_size=2, epochs=2, samples=128, layer_loss="relative"),
+    # windows of the evaluation's 512 tokens: twice the tokens at the same training cost, or the same tokens
+    "defaults_bs2_rel_l512_e2": dict(S5_DEFAULTS, batch_size=2, epochs=2, seqlen=512, layer_loss="relative"),
+    "defaults_bs2_rel_s32_l512_e4": dict(S5_DEFAULTS, batch_size=2, epochs=4, samples=32, seqlen=512,
+                                         layer_loss="relative"),
     # GPTQ settings only: with train_inputs="float" these can reuse a loss_norm run's --work-dir
     "norm_damp0.1": dict(loss_norm=True, gptq_damp=0.1),
     "norm_noactorder": dict(loss_norm=True, gptq_act_order=False),
@@ -111,6 +121,11 @@ CONFIGS = {
     "ostart_fixed": dict(OFFICIAL_START, batch_order="fixed"),
     "ostart_official_loop": dict(OFFICIAL_START, **OFFICIAL_LOOP),
     "ostart_norm_fixed": dict(OFFICIAL_START, loss_norm=True, batch_order="fixed"),
+    # today's loop choices (loss_norm, the relative layer loss) from the official start; and all of today's defaults
+    "ostart_norm_rel": dict(OFFICIAL_START, loss_norm=True, layer_loss="relative"),
+    "ostart_defaults_rel": dict(OFFICIAL_START, **S5_DEFAULTS, layer_loss="relative"),
+    # today's loop (loss_norm, relative loss, the profile's batch 2) on the float inputs the official loop trains on
+    "ostart_loop_rel_bs2": dict(OFFICIAL_START, loss_norm=True, layer_loss="relative", batch_size=None),
 }
 
 
@@ -129,6 +144,16 @@ def config(name: str, weight_quantizer: str, seed: int = 0) -> QuantConfig:
                        seed=int(s) if s else seed, **{**BEFORE, **CONFIGS[base]})
 
 
+def machine() -> str:
+    """The CPU's model name: trained transforms follow the CPU's kernels, so rows compare within one machine."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.processor() or platform.machine()
+
+
 def load(path: str) -> dict:
     if os.path.exists(path):
         with open(path) as f:
@@ -136,7 +161,9 @@ def load(path: str) -> dict:
     return {"model": MODEL, "profile": PROFILE, "layers": {}, "ppl": {}}
 
 
-def save(path: str, data: dict) -> None:
+def save(path: str, data: dict, kind: str, key: str) -> None:
+    """Write row ``data[kind][key]`` into the file as it is now: runs in parallel each add their own rows."""
+    data[kind].update({k: v for k, v in load(path)[kind].items() if k != key})
     atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True))
 
 
@@ -165,7 +192,7 @@ def run_layers(args, data: dict) -> None:
                "clip_ratios": [e["clip_ratios"] for e in rep],
                "seconds": seconds, "threads": torch.get_num_threads(), "load_avg": os.getloadavg()[0]}
         data["layers"][name] = row
-        save(args.out, data)
+        save(args.out, data, "layers", name)
         print(f"{name}: final layer loss {['%.4g' % v for v in row['final_layer_loss']]} ({seconds:.0f} s)",
               flush=True)
 
@@ -185,12 +212,13 @@ def run_ppl(args, data: dict) -> None:
         row = {"config": cfg_d, "weight_quantizer": None if name == "fp" else args.weight_quantizer,
                "token_perplexity": res["token_perplexity"], "word_perplexity": res["word_perplexity"],
                "eval_tokens": res["eval_tokens"], "calib_seconds": seconds, "eval_seconds": res["eval_seconds"],
-               "limit": args.limit, "work_dir": args.work_dir, "threads": torch.get_num_threads(), "load_avg": os.getloadavg()[0]}
+               "limit": args.limit, "work_dir": args.work_dir, "threads": torch.get_num_threads(), "load_avg": os.getloadavg()[0],
+               "machine": f"{machine()}{' (' + args.tag + ')' if args.tag else ''}"}
         if name != "fp":
             row["final_layer_loss"] = [e["fake_quant_mse"] for e in model.flatquant_report["layers"]]
-        key = name if name == "fp" else f"{name}/{args.weight_quantizer}"
+        key = (name if name == "fp" else f"{name}/{args.weight_quantizer}") + (f"#{args.tag}" if args.tag else "")
         data["ppl"][key] = row
-        save(args.out, data)
+        save(args.out, data, "ppl", key)
         print(f"{key}: token PPL {row['token_perplexity']:.3f} (calib {seconds:.0f} s, eval {res['eval_seconds']:.0f} s)",
               flush=True)
         del model
@@ -253,6 +281,8 @@ def main(argv=None) -> int:
                    "that differ only in what runs after training (GPTQ settings) may share one")
     p.add_argument("--profile", default="fast", choices=("fast", "full"),
                    help="the calibration budget the configs change (full: rows go to ablation_full.json)")
+    p.add_argument("--tag", default=None, help="ppl: appended to the row's key (name/wq#tag) and machine, so that "
+                   "a rerun on another machine keeps the earlier row")
     p.add_argument("--out", default=None, help=f"default {OUT} ({OUT_FULL} with --profile full)")
     args = p.parse_args(argv)
     global PROFILE
