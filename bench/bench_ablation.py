@@ -132,6 +132,8 @@ CONFIGS = {
 # The loop before issue 13 (the rows are changes to it, whatever QuantConfig's defaults are now).
 BEFORE = dict(factor_param="plain", loss_norm=False, weight_decay=0.0, batch_order="shuffle", batch_size=4,
               smooth_alpha=0.3, train_inputs="float", layer_loss="mse")
+# The full profile's windows before session 7 (it calibrates on 128 since): the --profile full rows keep their meaning.
+FULL_BEFORE = dict(samples=64)
 
 
 def config(name: str, weight_quantizer: str, seed: int = 0) -> QuantConfig:
@@ -141,7 +143,8 @@ def config(name: str, weight_quantizer: str, seed: int = 0) -> QuantConfig:
         raise SystemExit(f"--configs: unknown {name!r}; expected some of {', '.join(CONFIGS)}, optionally "
                          "followed by @seed<N>")
     return QuantConfig(method="flatquant", profile=PROFILE, weight_quantizer=weight_quantizer,
-                       seed=int(s) if s else seed, **{**BEFORE, **CONFIGS[base]})
+                       seed=int(s) if s else seed, **{**BEFORE, **(FULL_BEFORE if PROFILE == "full" else {}),
+                                                       **CONFIGS[base]})
 
 
 def machine() -> str:
