@@ -6,9 +6,10 @@
 
 Model: the bundled SmolLM2-135M (``hub.load_model``); data: the demo's calibration windows
 (``data.calibration_ids`` on the bundled calib split, seed 0) at the ``fast`` profile (32 x 128 tokens,
-2 epochs, lr 5e-3, batch 4), or with ``--profile full`` the full one (64 x 256; 4 epochs at batch 2 since
-session 6, 6 at batch 4 before; rows in ``ablation_full.json``). One config per child of the loop below,
-one after the other, 1 thread.
+2 epochs, lr 5e-3, batch 4), or with ``--profile full`` the full one as it was before session 7 (64 x 256,
+pinned by ``FULL_BEFORE``; 4 epochs at batch 2 since session 6, 6 at batch 4 before; the profile itself is
+128 x 256 at 2 epochs since session 7, row ``defaults_bs2_rel_s128_e2``; rows in ``ablation_full.json``).
+One config per child of the loop below, one after the other, 1 thread (``--threads``).
 
 * ``layers``: the model cut to its first ``--num-layers`` decoder layers (``load_model(num_layers=N)``;
   calibration is layer by layer on full-precision inputs, so layers 0..N-1 learn exactly what they learn in

@@ -25,14 +25,14 @@ BATCH_ORDERS = ("shuffle", "fixed")
 TRAIN_INPUTS = ("float", "quantized")
 LAYER_LOSSES = ("mse", "relative")
 # Calibration budgets. "paper" is FlatQuant's recipe (SPEC section 8); "full" and "fast" are CPU
-# budgets for the bundled 135M model (fast: ~2 minutes of calibration on 2 idle cores; full: 12x its
+# budgets for the bundled 135M model (fast: ~2 minutes of calibration on 2 idle cores; full: 8x its
 # training tokens).
 PROFILES = {
     "paper": dict(samples=128, seqlen=2048, epochs=15, lr=5e-3, batch_size=4),
     # full: 4 epochs at batch 2 (128 steps per layer): token PPL (GPTQ, layer_loss "mse", bench/bench_ablation.py ppl
     # --profile full, 1 thread) 28.121 against 28.280 at batch 4 and 28.384 for 6 epochs at batch 4 (the demo at
     # 2 threads), for about a fifth less calibration time; the 6-epoch demo ran 26.5 min, over its 25-minute budget.
-    # (Measured on an earlier session's machine; on this session's, the same 4-epoch batch-2 run gave 28.851: the
+    # (Measured on session 5's machine; on session 6's, the same 4-epoch batch-2 run gave 28.851: the
     # trained transforms depend on the CPU's kernels, and from layer 11 on the runs part ways.) With layer_loss
     # "relative": 27.702 there; the demo at 2 threads 27.69 (1.277x) in 21.6 min. Session 7's machine (Intel
     # Xeon, 1 thread): 27.807 on 64 windows x 4 epochs, 27.542 on 128 windows x 2 epochs (the same 128 steps, 12%
@@ -41,7 +41,7 @@ PROFILES = {
     # fast: batch 2, i.e. 32 optimiser steps per layer instead of 16 on the same tokens. Token PPL (FP 21.681;
     # fast, GPTQ, 1 thread, bench/bench_ablation.py ppl): loss_norm 30.740 at batch 4, 30.543 at batch 2
     # (calibration 334 s against 312 s). With the defaults below (smooth_alpha 0.5, train_inputs
-    # "quantized") 29.187 = 1.346x FP, calibration 324 s at 1 thread. layer_loss "relative" (this session's
+    # "quantized") 29.187 = 1.346x FP, calibration 324 s at 1 thread. layer_loss "relative" (session 6's
     # machine): 29.575 -> 28.989.
     "fast": dict(samples=32, seqlen=128, epochs=2, lr=5e-3, batch_size=2),
 }
