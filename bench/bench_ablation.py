@@ -111,6 +111,8 @@ CONFIGS = {
     "defaults_bs2_rel_l512_e2": dict(S5_DEFAULTS, batch_size=2, epochs=2, seqlen=512, layer_loss="relative"),
     "defaults_bs2_rel_s32_l512_e4": dict(S5_DEFAULTS, batch_size=2, epochs=4, samples=32, seqlen=512,
                                          layer_loss="relative"),
+    # GPTQ's per-row clip: the learned one (learned for RTN) or the best of a grid by output error (session 8)
+    "defaults_rel_gclip": dict(S5_DEFAULTS, layer_loss="relative", gptq_clip_grid=(1.0, 0.95, 0.9, 0.85, 0.8, 0.75)),
     # GPTQ settings only: with train_inputs="float" these can reuse a loss_norm run's --work-dir
     "norm_damp0.1": dict(loss_norm=True, gptq_damp=0.1),
     "norm_noactorder": dict(loss_norm=True, gptq_act_order=False),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .devices import exact_dtype
-from .quantizers import qrange
+from .quantizers import qrange, quantize_weight
 
 
 class HessianAccumulator:
@@ -84,3 +84,33 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tens
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     q = q[:, torch.argsort(perm).to(dev)]
     return q.to(torch.int8)
+
+
+def output_error(weight: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """Per row ``d H d^T`` with ``d = w - q s``: each output channel's squared error summed over the tokens of ``H``."""
+    h = hessian.to(weight.device, exact_dtype(weight.device))
+    d = weight.to(h.dtype) - codes.to(h.dtype) * scale.to(h.dtype)
+    return ((d @ h) * d).sum(-1)
+
+
+def gptq_clip_search(weight: torch.Tensor, hessian: torch.Tensor, clips, block: int = 128, damp: float = 0.01,
+                     act_order: bool = True, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ under each candidate clip ratio, each row keeping the one of least output error: ``(codes, scale)``.
+
+    ``clips``: a sequence of candidates, each a float or a per-row tensor ``[O]``. GPTQ's error feedback stays
+    within a row, so one pass over the rows stacked once per candidate gives every row every candidate's result;
+    the row's ``d H d^T`` (``output_error``, the undamped ``H``) picks. The picked scale is what the checkpoint holds.
+    """
+    o = weight.shape[0]
+    if len(clips) == 0:
+        raise ValueError("clips: expected at least one candidate clip ratio")
+    scales = [quantize_weight(weight, c if torch.is_tensor(c) else torch.full((o,), float(c)), bits)[1]
+              for c in clips]
+    s_all = torch.cat(scales)
+    w_all = weight.repeat(len(clips), 1)
+    q_all = gptq_quantize(w_all, hessian, s_all, block=block, damp=damp, act_order=act_order, bits=bits)
+    err = output_error(w_all, q_all, s_all.to(w_all.device), hessian).reshape(len(clips), o)
+    best = err.argmin(0)
+    rows = torch.arange(o, device=best.device)
+    pick = best * o + rows
+    return q_all[pick.to(q_all.device)], s_all[pick.to(s_all.device)]

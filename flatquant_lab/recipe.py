@@ -137,6 +137,12 @@ class QuantConfig:
     gptq_damp: float = 0.01
     gptq_block: int = 128
     gptq_act_order: bool = True
+    # Clip ratios GPTQ tries beside each row's learned one (which was learned for round-to-nearest); each
+    # row keeps the candidate whose GPTQ result has the least output error on the calibration inputs
+    # (gptq.gptq_clip_search). Costs one more GPTQ pass per candidate. () : the learned clip only. Measured
+    # (fast profile, 1 thread, session 8's Intel Xeon, bench/bench_ablation.py ppl): grid 1.0 ... 0.75 token PPL
+    # 28.975 against 28.978 without, calibration 431 s against 303 s: no gain, so off by default.
+    gptq_clip_grid: tuple[float, ...] = ()
     cann: str = "8.3"  # which CANN's kronecker_quant limits decide what can run on the NPU
     # Where each decoder layer is calibrated (cpu, cuda, cuda:N, npu, npu:N); None: the model's device.
     device: str | None = None
@@ -219,6 +225,10 @@ class QuantConfig:
         if not (_is_float(self.gptq_damp) and self.gptq_damp > 0):
             raise ValueError(f"gptq_damp: expected a finite float > 0 (fraction of the mean Hessian diagonal), "
                              f"got {self.gptq_damp!r}")
+        if isinstance(self.gptq_clip_grid, (int, float)) or not all(
+                _is_float(c) and 0 < c <= 1 for c in self.gptq_clip_grid):
+            raise ValueError(f"gptq_clip_grid: expected a sequence of clip ratios in (0, 1], got {self.gptq_clip_grid!r}")
+        self.gptq_clip_grid = tuple(float(c) for c in self.gptq_clip_grid)
         for name in ("act_clip_init", "weight_clip_init"):
             v = getattr(self, name)
             if isinstance(v, str):
@@ -274,6 +284,7 @@ class QuantConfig:
         d = dataclasses.asdict(self)
         d["act_dtype"] = str(self.act_dtype).replace("torch.", "")
         d["skip"] = list(self.skip)
+        d["gptq_clip_grid"] = list(self.gptq_clip_grid)
         d["recipe"] = self.recipe if isinstance(self.recipe, str) else dict(self.recipe)
         d.update({k: self.budget(k) for k in PROFILES["paper"]})
         return d
@@ -286,7 +297,7 @@ class QuantConfig:
         # quantized model's states: train_inputs="quantized"). A run may resume on another device.
         drop = ["work_dir", "device", "activations", "recompute_blocks"]
         if self.train_inputs == "float":
-            drop += ["weight_quantizer", "gptq_damp", "gptq_block", "gptq_act_order"]
+            drop += ["weight_quantizer", "gptq_damp", "gptq_block", "gptq_act_order", "gptq_clip_grid"]
         for k in drop:
             d.pop(k, None)
         return json.dumps(d, sort_keys=True)

@@ -22,7 +22,7 @@ from flatquant_lab.api import quantize
 from flatquant_lab.calibrate import FakeQuantLinear, WorkDir, calibrate, install_fake_quant, plan_layer
 from flatquant_lab.recipe import QuantConfig
 from flatquant_lab.io import DESCRIPTION_FILE, FLOAT_TYPE, QUANT_TYPE, load_quantized, save_quantized
-from flatquant_lab.gptq import HessianAccumulator, gptq_quantize
+from flatquant_lab.gptq import HessianAccumulator, gptq_clip_search, gptq_quantize, output_error
 from flatquant_lab.kronecker import decompose_dim, npu_supported
 from flatquant_lab.layers import W4A4FlatQuantLinear
 from flatquant_lab.models import GROUPS, LINEAR_NAMES, UnsupportedModelError, decoder_layers
@@ -632,6 +632,9 @@ def test_int32_ids_and_batches_are_accepted():
     (dict(smooth_alpha=1.5), "smooth_alpha"),
     (dict(min_lr_ratio=-0.1), "min_lr_ratio"),
     (dict(clip_lr_mult=float("nan")), "clip_lr_mult"),
+    (dict(gptq_clip_grid=(1.0, 0.0)), "gptq_clip_grid"),
+    (dict(gptq_clip_grid=(1.1,)), "gptq_clip_grid"),
+    (dict(gptq_clip_grid=0.9), "gptq_clip_grid"),
 ])
 def test_bad_config_values_name_the_parameter(kw, name):
     with pytest.raises(ValueError, match=f"^{name}:"):
@@ -674,6 +677,60 @@ def test_gptq_beats_rtn_on_correlated_inputs(act_order):
         return float((x @ (w - qv.double() * scale.double()).T).norm())
 
     assert out_err(q) < 0.8 * out_err(q_rtn), (out_err(q), out_err(q_rtn))
+
+
+def _correlated_hessian(k=64, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(512, k, generator=g, dtype=torch.float64) @ (
+        torch.randn(k, k, generator=g, dtype=torch.float64) * 0.3 + torch.eye(k, dtype=torch.float64))
+    return x, x.T @ x
+
+
+def test_output_error_is_the_rows_squared_output_error():
+    x, h = _correlated_hessian()
+    w = _weight()
+    q, scale = quantize_weight(w, torch.full((24,), 0.9))
+    want = (x @ (w - q.double() * scale.double()).T).square().sum(0)
+    assert torch.allclose(output_error(w, q, scale, h), want, rtol=1e-10)
+
+
+def test_gptq_clip_search_keeps_each_rows_best_candidate():
+    x, h = _correlated_hessian()
+    w = _weight()
+    w[3] *= 0.0  # an all-zero row: scale 0 under every candidate
+    learned = torch.linspace(0.7, 1.0, 24, dtype=torch.float64)
+    cands = [learned, 1.0, 0.85, 0.75]
+    q, scale = gptq_clip_search(w, h, cands, block=16)
+    assert q.dtype == torch.int8 and q.shape == w.shape and scale.shape == (24, 1)
+    per = []
+    for c in cands:  # each candidate alone: plain GPTQ with that clip's scale
+        _, s_c = quantize_weight(w, c if torch.is_tensor(c) else torch.full((24,), c))
+        per.append(output_error(w, gptq_quantize(w, h, s_c, block=16), s_c, h))
+    best = torch.stack(per).min(0).values
+    got = output_error(w, q, scale, h)
+    assert torch.equal(got, best), (got, best)
+    # it picks different candidates for different rows here, and beats the learned clip alone in total
+    assert got.sum() < 0.97 * per[0].sum()
+    assert len({round(float(s / w[i].abs().max() * QMAX), 6) for i, s in enumerate(scale[:, 0]) if i != 3}) > 1
+    assert torch.equal(q[3], torch.zeros_like(q[3])) and scale[3, 0] == 0
+    with pytest.raises(ValueError, match="^clips"):
+        gptq_clip_search(w, h, [])
+
+
+def test_calibration_with_a_gptq_clip_grid_serves_the_picked_scales():
+    # train_inputs="float": both runs learn the same tensors, so only GPTQ's scales and codes may differ
+    fm = tiny_model("llama")
+    base = quantized_copy(fm, config(epochs=1, train_inputs="float", weight_quantizer="gptq"))
+    grid = quantized_copy(fm, config(epochs=1, train_inputs="float", weight_quantizer="gptq",
+                                     gptq_clip_grid=(1.0, 0.7)))
+    a, b = state(base), state(grid)
+    scales = [k for k in a if k.endswith("weight_scale") and "layers" in k]
+    assert scales and any(not torch.equal(a[k], b[k]) for k in scales)
+    for k in a:
+        if k.endswith(("left_trans", "right_trans", "clip_ratio")):
+            assert torch.equal(a[k], b[k]), k
+    ids = CALIB[:2]
+    assert torch.isfinite(grid(ids).logits).all()
 
 
 def test_gptq_refuses_mismatched_shapes():

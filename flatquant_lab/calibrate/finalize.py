@@ -6,7 +6,7 @@ import torch
 from einops import rearrange
 
 from ..devices import exact_dtype
-from ..gptq import HessianAccumulator, gptq_quantize
+from ..gptq import HessianAccumulator, gptq_clip_search, gptq_quantize
 from ..kronecker import fold_weight
 from ..layers import W4A4FlatQuantLinear, W8A8DynamicLinear
 from ..models import set_submodule
@@ -71,10 +71,11 @@ def finalize_layer(layer, groups, learned, cfg: QuantConfig, hessians=None, back
         lt = learned[f"{g.name}.left"].to(cfg.act_dtype)
         rt = learned[f"{g.name}.right"].to(cfg.act_dtype)
         clip_ratio = float(torch.sigmoid(learned[f"{g.name}.act_clip"]).item())
-        folded, scales, qs = [], [], []
+        folded, scales, qs, clips = [], [], [], []
         for path in g.linears:
             weight = layer.get_submodule(path).weight
             clip = torch.sigmoid(learned[f"{path}.weight_clip"]).to(xd)
+            clips.append(clip.reshape(-1))
 
             def fold(r0, r1):
                 w = weight[r0:r1].to(xd)
@@ -90,8 +91,13 @@ def finalize_layer(layer, groups, learned, cfg: QuantConfig, hessians=None, back
             qs.append(q)
             scales.append(scale)
         if hessians is not None:  # one GPTQ pass for the linears sharing this input
-            q_all = gptq_quantize(torch.cat(folded), hessians[g.name].h, torch.cat(scales), block=cfg.gptq_block,
-                                  damp=cfg.gptq_damp, act_order=cfg.gptq_act_order)
+            opts = dict(block=cfg.gptq_block, damp=cfg.gptq_damp, act_order=cfg.gptq_act_order)
+            if cfg.gptq_clip_grid:
+                q_all, s_all = gptq_clip_search(torch.cat(folded), hessians[g.name].h,
+                                                [torch.cat(clips), *cfg.gptq_clip_grid], **opts)
+                scales = list(s_all.split([q.shape[0] for q in qs]))
+            else:
+                q_all = gptq_quantize(torch.cat(folded), hessians[g.name].h, torch.cat(scales), **opts)
             qs = list(q_all.split([q.shape[0] for q in qs]))
         for path, q, scale in zip(g.linears, qs, scales):
             lin = layer.get_submodule(path)
