@@ -58,11 +58,18 @@ class E2E(nn.Module):
         if self.bias is not None: y = y + self.bias.float()
         return ste_cast(y, self.act).to(x.dtype)
 
+def fused_key(name):
+    """One clip per module vLLM fuses: q/k/v -> attn, gate/up -> mlp."""
+    for part, fused in (("q_proj", "attn"), ("k_proj", "attn"), ("v_proj", "attn"), ("gate_proj", "mlp"), ("up_proj", "mlp")):
+        name = name.replace(part, fused)
+    return name
+
+
 mods = {n: m for n, m in model.named_modules() if isinstance(m, W4A4FlatQuantLinear)}
 clips = {}
 wrapped = {}
 for n, m in mods.items():
-    key = n.replace("q_proj", "attn").replace("k_proj", "attn").replace("v_proj", "attn").replace("gate_proj", "mlp").replace("up_proj", "mlp")
+    key = fused_key(n)
     if key not in clips:
         c = float(m.clip_ratio.item()); clips[key] = nn.Parameter(torch.tensor(math.log(c / (1 - c))))
     wrapped[n] = E2E(m, clips[key]); set_submodule(model, n, wrapped[n])
@@ -93,8 +100,7 @@ for ep in range(a.epochs):
 with torch.no_grad():
     for n, w in wrapped.items():
         m = mods[n]; m.weight_scale.copy_((w.s0 * w.u.exp()).view_as(m.weight_scale))
-        key = n.replace("q_proj", "attn").replace("k_proj", "attn").replace("v_proj", "attn").replace("gate_proj", "mlp").replace("up_proj", "mlp")
-        m.set_clip_ratio(float(torch.sigmoid(clips[key])))
+        m.set_clip_ratio(float(torch.sigmoid(clips[fused_key(n)])))
         set_submodule(model, n, m)
 print("u range", min(float(w.u.min()) for w in wrapped.values()), max(float(w.u.max()) for w in wrapped.values()))
 r1 = evaluate_model(model, tok, limit=a.limit); print("E2E token ppl", r1["token_perplexity"], "e2e s", time.perf_counter() - t1, flush=True)

@@ -104,13 +104,11 @@ def gptq_clip_search(weight: torch.Tensor, hessian: torch.Tensor, clips, block: 
     o = weight.shape[0]
     if len(clips) == 0:
         raise ValueError("clips: expected at least one candidate clip ratio")
-    scales = [quantize_weight(weight, c if torch.is_tensor(c) else torch.full((o,), float(c)), bits)[1]
-              for c in clips]
-    s_all = torch.cat(scales)
+    # quantize_weight's scales (float32-rounded, on the weight's device), as the RTN path would hold them
+    s_all = torch.cat([quantize_weight(weight, c if torch.is_tensor(c) else torch.full(
+        (o,), float(c), device=weight.device), bits)[1] for c in clips])
     w_all = weight.repeat(len(clips), 1)
     q_all = gptq_quantize(w_all, hessian, s_all, block=block, damp=damp, act_order=act_order, bits=bits)
-    err = output_error(w_all, q_all, s_all.to(w_all.device), hessian).reshape(len(clips), o)
-    best = err.argmin(0)
-    rows = torch.arange(o, device=best.device)
-    pick = best * o + rows
-    return q_all[pick.to(q_all.device)], s_all[pick.to(s_all.device)]
+    err = output_error(w_all, q_all, s_all, hessian).reshape(len(clips), o)
+    pick = err.argmin(0) * o + torch.arange(o, device=err.device)  # row r of candidate c sits at c * o + r
+    return q_all[pick], s_all[pick]
