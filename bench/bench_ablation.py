@@ -113,6 +113,12 @@ CONFIGS = {
                                          layer_loss="relative"),
     # GPTQ's per-row clip: the learned one (learned for RTN) or the best of a grid by output error (session 8)
     "defaults_rel_gclip": dict(S5_DEFAULTS, layer_loss="relative", gptq_clip_grid=(1.0, 0.95, 0.9, 0.85, 0.8, 0.75)),
+    # the end-to-end stage after the layer-wise one (QuantConfig.e2e_*, calibrate/e2e.py): the profile's budget
+    "defaults_rel_e2e": dict(S5_DEFAULTS, layer_loss="relative", e2e_epochs=None),
+    "defaults_rel_e2e_lr1e-2": dict(S5_DEFAULTS, layer_loss="relative", e2e_epochs=None, e2e_lr=1e-2),
+    "defaults_rel_e2e_e8": dict(S5_DEFAULTS, layer_loss="relative", e2e_epochs=8),
+    "defaults_rel_e2e_bs2": dict(S5_DEFAULTS, layer_loss="relative", e2e_epochs=None, e2e_batch_size=2),
+    "defaults_rel_e2e_s64": dict(S5_DEFAULTS, layer_loss="relative", e2e_epochs=None, e2e_samples=64),
     # GPTQ settings only: with train_inputs="float" these can reuse a loss_norm run's --work-dir
     "norm_damp0.1": dict(loss_norm=True, gptq_damp=0.1),
     "norm_noactorder": dict(loss_norm=True, gptq_act_order=False),
@@ -134,7 +140,7 @@ CONFIGS = {
 
 # The loop before issue 13 (the rows are changes to it, whatever QuantConfig's defaults are now).
 BEFORE = dict(factor_param="plain", loss_norm=False, weight_decay=0.0, batch_order="shuffle", batch_size=4,
-              smooth_alpha=0.3, train_inputs="float", layer_loss="mse")
+              smooth_alpha=0.3, train_inputs="float", layer_loss="mse", e2e_epochs=0)
 # The full profile's windows before session 7 (it calibrates on 128 since): the --profile full rows keep their meaning.
 FULL_BEFORE = dict(samples=64)
 

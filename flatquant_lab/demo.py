@@ -167,6 +167,8 @@ def run_demo(model_name: str = "smollm2-135m", profile: str = "fast", out_dir: s
             row["clip_ratios"] = [l["clip_ratios"] for l in model.flatquant_report["layers"]]
             row["fake_quant_mse"] = [l.get("fake_quant_mse") for l in model.flatquant_report["layers"]]
             row["epoch_losses"] = [l["epoch_losses"] for l in model.flatquant_report["layers"]]
+            if model.flatquant_report.get("e2e"):  # the end-to-end stage: KL per epoch, its seconds, the served clips
+                row["e2e"] = model.flatquant_report["e2e"]
         results[method] = row
         log.info("%s: word PPL %.3f, token PPL %.3f (calib %.0f s, eval %.0f s)", method,
                  row["word_perplexity"], row["token_perplexity"], calib_s, row["eval_seconds"])

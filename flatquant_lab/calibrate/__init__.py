@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from ..devices import module_device, peak_memory, require_available, reset_peak, return_freed_host_memory
 from ..models import adapter_for
 from ..recipe import QuantConfig
+from .e2e import TunableW4A4, clip_groups, tune_scales
 from .capture import HeldActivations, capture_layer_inputs, choose_activations, float_forward, propagate
 from .finalize import finalize_layer
 from .initialize import init_learned
@@ -40,7 +41,8 @@ log = logging.getLogger(__name__)
 __all__ = [
     "CalibrationReport", "FakeQuantLinear", "Group", "HeldActivations", "KronTransform", "WorkDir", "calibrate",
     "capture_layer_inputs", "fake_quant_pass", "finalize_layer", "float_forward", "init_learned",
-    "install_fake_quant", "plan_layer", "train_layer", "uninstall_fake_quant",
+    "install_fake_quant", "plan_layer", "train_layer", "TunableW4A4", "clip_groups", "tune_scales",
+    "uninstall_fake_quant",
 ]
 
 
@@ -56,11 +58,12 @@ class CalibrationReport:
     schemes: dict[str, str] = field(default_factory=dict)  # decoder linear -> its recipe scheme
     fallbacks: dict[str, str] = field(default_factory=dict)  # linear -> why FlatQuant could not serve it
     placement: dict | None = None  # where: the device, and where the activations were held (bytes)
+    e2e: dict | None = None  # the end-to-end stage: KL per epoch, seconds, the tuned clips (None: not run)
 
     def to_dict(self) -> dict:
         return {"method": self.method, "layers": self.layers, "skipped": self.skipped, "seconds": self.seconds,
                 "calibration": self.calibration, "schemes": self.schemes, "fallbacks": self.fallbacks,
-                "placement": self.placement}
+                "placement": self.placement, "e2e": self.e2e}
 
 
 def budget_ids(calib_ids: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
@@ -117,7 +120,8 @@ def calibrate(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor | None
     if not need_data and calib_ids is not None:
         warnings.warn(f"calib_data: method={cfg.method!r} with weight_quantizer={cfg.weight_quantizer!r} uses no "
                       "calibration data; it is ignored", stacklevel=3)
-    unused = [n for n in ("epochs", "lr") if getattr(cfg, n) is not None and cfg.method != "flatquant"]
+    unused = [n for n in ("epochs", "lr", "e2e_epochs", "e2e_samples", "e2e_lr", "e2e_batch_size")
+              if getattr(cfg, n) is not None and cfg.method != "flatquant"]
     if unused:
         warnings.warn(f"{', '.join(unused)}: only method='flatquant' trains; ignored for method={cfg.method!r}",
                       stacklevel=3)
@@ -206,6 +210,13 @@ def calibrate(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor | None
             X, Y = Y, X  # these outputs are the next layer's float inputs; its targets overwrite the old inputs
         if after_layer is not None:
             after_layer(i)
+    if need_data and cfg.tunes_end_to_end:
+        if dev != home:  # the stage backpropagates through the whole model: it goes to the device for it
+            model.to(dev)
+        report.e2e = tune_scales(model, calib_ids, X, cfg)
+        model.to(home)
+        log.info("end-to-end stage: KL %s in %.0f s", " -> ".join(f"{v:.4f}" for v in report.e2e["kl"]),
+                 report.e2e["seconds"])
     report.seconds = time.perf_counter() - t0
     return report
 

@@ -224,7 +224,7 @@ class _CodesMatmul(torch.autograd.Function):
         codes = codes8.to(s.dtype)
         gb = gy @ (codes * s) if ctx.needs_input_grad[0] else None
         gw = gy.reshape(-1, gy.shape[-1]).transpose(0, 1) @ b.reshape(-1, b.shape[-1])  # dL/d(codes * s)
-        return gb, gw * s, (gw * codes).sum(1, keepdim=True)
+        return gb, gw * s if ctx.needs_input_grad[1] else None, (gw * codes).sum(1, keepdim=True)
 
 
 class FakeQuantLinear(nn.Module):

@@ -1,0 +1,177 @@
+"""The end-to-end stage: after every decoder layer is quantized, tune what the checkpoint holds as floats.
+
+Learned: one log-multiplier per output row of each ``W4A4FlatQuantLinear``, ``weight_scale <- weight_scale
+exp(u)``, and one activation clip per shared input (``c = sigmoid(a)``; q/k/v share one and gate/up share one,
+as vLLM loads one ``clip_ratio`` per fused module). The int4 codes and the transforms stay as the layer-wise
+stage left them. Loss: ``KL(p_fp || p_q)`` per token, with ``p_fp = softmax(lm_head(norm(h_fp)))`` from the
+full-precision last-layer hidden states the layer-wise stage already computed (no second model), Adam and a
+cosine schedule. The forward rounds where the Ascend kernels round (straight-through), so the tuned
+tensors written back are what the int4 path then computes.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import torch
+from einops import rearrange
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..devices import module_device
+from ..layers import W4A4FlatQuantLinear
+from ..models import adapter_for, set_submodule
+from ..quantizers import fake_quant_act, round_to as ste_cast
+from ..recipe import QuantConfig
+from .modules import _CodesMatmul, logit
+
+log = logging.getLogger(__name__)
+
+
+class TunableW4A4(nn.Module):
+    """Differentiable twin of one ``W4A4FlatQuantLinear``: its int4 path with ``weight_scale exp(u)`` and
+    ``clip = sigmoid(clip_logit)`` (shared with the other linears of its input).
+
+    Per tensor-parallel rank ``r`` (``kron(I_tp, L, R)``): ``b_r = Q4(round_16(L^T round_a(x_r) R))``,
+    ``y_r = round_a(b_r @ (codes_r s)^T)`` (+ bias on rank 0); ``y = round_a(sum_r y_r)``.
+    """
+
+    def __init__(self, linear: W4A4FlatQuantLinear, clip_logit: nn.Parameter):
+        super().__init__()
+        self.linear = linear
+        self.clip_logit = clip_logit
+        self.log_mult = nn.Parameter(torch.zeros(linear.out_features, device=linear.weight_scale.device))
+
+    def scale(self) -> torch.Tensor:
+        """``weight_scale exp(u)`` ``[O, 1]`` in float32."""
+        return self.linear.weight_scale.float() * self.log_mult.exp()[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.linear
+        act, tp = m.act_dtype, m.tp_size
+        xs = rearrange(ste_cast(x.float(), act), "... (t a b) -> ... t a b", t=tp, a=m.n1)
+        t = ste_cast(xs @ m.p2.float(), act)
+        t = ste_cast(m.p1.float() @ t, torch.float16)
+        bq = fake_quant_act(t.flatten(-2), torch.sigmoid(self.clip_logit))  # per token and rank
+        codes, s = m.weight_int, self.scale()
+        k = m.in_features // tp
+        total = None
+        for r in range(tp):
+            y = ste_cast(_CodesMatmul.apply(bq[..., r, :], codes[:, r * k:(r + 1) * k].float(), s), act)
+            if r == 0 and m.bias is not None:  # in the output dtype, as vllm-ascend adds it (rank 0 only)
+                y = ste_cast(y + m.bias.float(), act)
+            total = y if total is None else total + y
+        y = total if tp == 1 else ste_cast(total, act)  # the all-reduce: an fp32 sum, rounded once
+        return y.to(x.dtype)
+
+
+def clip_groups(model: nn.Module) -> dict[str, list[str]]:
+    """Module names of the ``W4A4FlatQuantLinear`` sharing one input (and so one clip), per group:
+    ``"model.layers.0.attn" -> [q_proj, k_proj, v_proj]`` (their full names)."""
+    adapter = adapter_for(model)
+    groups = {}
+    for i, layer in enumerate(adapter.decoder_layers(model)):
+        prefix = adapter.layer_prefix(i)
+        for g in adapter.groups:
+            names = [f"{prefix}.{lin}" for lin in g.linears
+                     if isinstance(layer.get_submodule(lin), W4A4FlatQuantLinear)]
+            if names:
+                groups[f"{prefix}.{g.name}"] = names
+    return groups
+
+
+def _final_norm_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    norm = getattr(getattr(model, "model", None), "norm", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(norm, nn.Module) or not isinstance(head, nn.Module):
+        raise ValueError(f"model: the end-to-end stage needs model.model.norm and an output head; "
+                         f"{type(model).__name__} lacks {'model.model.norm' if norm is None else 'the head'}")
+    return norm, head
+
+
+def tune_scales(model: nn.Module, calib_ids: torch.Tensor, teacher_hidden, cfg: QuantConfig,
+                progress: bool = True) -> dict:
+    """Tune every ``W4A4FlatQuantLinear``'s ``weight_scale`` rows and each input's ``clip_ratio`` in place
+    (see module docstring) on the first ``cfg.budget("e2e_samples")`` windows of ``calib_ids`` ``[n, seqlen]``.
+
+    ``teacher_hidden``: the full-precision model's last decoder layer outputs on ``calib_ids`` (a tensor or
+    ``HeldActivations`` ``[n, seqlen, hidden]``; batches are read as ``teacher_hidden[s:e]``). Runs where the
+    model is; returns the stage's report (per-epoch KL, seconds, the multipliers' range, the clips).
+    """
+    t0 = time.perf_counter()
+    n = cfg.budget("e2e_samples")
+    if calib_ids.dim() != 2 or calib_ids.shape[0] < n:
+        raise ValueError(f"calib_ids: expected [n >= {n} (e2e_samples), seqlen] token ids, got {tuple(calib_ids.shape)}")
+    if tuple(teacher_hidden.shape[:2]) != tuple(calib_ids.shape):
+        raise ValueError(f"teacher_hidden: expected [{calib_ids.shape[0]}, {calib_ids.shape[1]}, hidden] (one state "
+                         f"per calibration token), got {tuple(teacher_hidden.shape)}")
+    dev = module_device(model)
+    norm, head = _final_norm_and_head(model)
+    groups = clip_groups(model)
+    if not groups:
+        log.info("end-to-end stage: no W4A4FlatQuantLinear to tune")
+        return {"epochs": 0, "kl": [], "seconds": 0.0}
+    twins: dict[str, TunableW4A4] = {}
+    clips: dict[str, nn.Parameter] = {}
+    for key, names in groups.items():
+        mods = [model.get_submodule(nm) for nm in names]
+        c = {float(m.clip_ratio.item()) for m in mods}
+        if len(c) > 1:  # a checkpoint edited by hand: keep each its own clip rather than merge them
+            log.warning("%s: its linears have different clip ratios %s; each keeps its own", key, sorted(c))
+        for nm, m in zip(names, mods):
+            ck = key if len(c) == 1 else nm
+            if ck not in clips:
+                clips[ck] = nn.Parameter(torch.tensor(logit(min(float(m.clip_ratio.item()), 1 - 1e-6)), device=dev))
+            twins[nm] = TunableW4A4(m, clips[ck])
+    requires = {p: p.requires_grad for p in model.parameters()}
+    for p in requires:
+        p.requires_grad_(False)
+    for nm, tw in twins.items():
+        set_submodule(model, nm, tw)
+    lr = cfg.budget("e2e_lr")
+    opt = torch.optim.Adam([{"params": [tw.log_mult for tw in twins.values()], "lr": lr},
+                            {"params": list(clips.values()), "lr": lr * cfg.e2e_clip_lr_mult}])
+    bs, epochs = cfg.budget("e2e_batch_size"), cfg.budget("e2e_epochs")
+    steps = epochs * math.ceil(n / bs)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps)))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    kl_epochs = []
+    dtype = next(head.parameters()).dtype
+    try:
+        bar = tqdm(total=steps, desc="end-to-end", unit="step", disable=not progress)
+        for ep in range(epochs):
+            total = 0.0
+            for idx in torch.randperm(n, generator=gen).split(bs):
+                ids = calib_ids[idx].to(dev)
+                with torch.no_grad():
+                    h = torch.cat([teacher_hidden[i:i + 1] for i in idx.tolist()]).to(dev, dtype)
+                    target = head(norm(h)).float().log_softmax(-1)
+                out = model(input_ids=ids, use_cache=False).logits.float().log_softmax(-1)
+                loss = (target.exp() * (target - out)).sum(-1).mean()  # KL(p_fp || p_q) per token
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                kl = float(loss.detach())
+                total += kl * len(idx)
+                bar.update(1)
+                bar.set_postfix(epoch=ep, kl=f"{kl:.4f}")
+            kl_epochs.append(total / n)
+            log.info("end-to-end epoch %d: KL %.4f", ep, kl_epochs[-1])
+        bar.close()
+    finally:
+        with torch.no_grad():
+            for nm, tw in twins.items():
+                set_submodule(model, nm, tw.linear)
+            for p, r in requires.items():
+                p.requires_grad_(r)
+    with torch.no_grad():
+        mult = torch.cat([tw.log_mult.detach().exp() for tw in twins.values()])
+        for tw in twins.values():
+            tw.linear.weight_scale.copy_(tw.scale().to(tw.linear.weight_scale.dtype))
+            tw.linear.set_clip_ratio(float(torch.sigmoid(tw.clip_logit)))
+        tuned_clips = {k: float(torch.sigmoid(v)) for k, v in clips.items()}
+    return {"samples": n, "epochs": epochs, "batch_size": bs, "lr": lr, "kl": kl_epochs,
+            "scale_multiplier_range": [float(mult.min()), float(mult.max())], "clip_ratios": tuned_clips,
+            "seconds": time.perf_counter() - t0}
