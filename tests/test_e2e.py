@@ -249,3 +249,32 @@ def test_profiles_budget_the_stage():
 def test_e2e_settings_for_a_baseline_warn():
     with pytest.warns(UserWarning, match="e2e_epochs"):
         quantize(tiny_model("llama"), QuantConfig(method="rtn", e2e_epochs=2))
+
+
+def test_msmodelslim_recipe_tunes_through_its_w8a8_layers():
+    """o_proj / down_proj at W8A8_DYNAMIC: the int8 casts would cut the graph; gradients pass them straight
+    through, so the q/k/v and gate/up scales still learn, and the W8A8 layers stay as they were."""
+    fm = tiny_model("qwen2")
+    off = quantize(copy.deepcopy(fm), QuantConfig(**{**BUDGET, "e2e_epochs": 0}, recipe="msmodelslim"), CALIB)
+    on = quantize(copy.deepcopy(fm), QuantConfig(**{**BUDGET, "e2e_epochs": 2}, recipe="msmodelslim"), CALIB)
+    a, b = state(off), state(on)
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    assert changed and all(k.endswith(("weight_scale", "clip_ratio")) for k in changed), changed
+    for name in ("self_attn.q_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
+        assert f"model.layers.0.{name}.weight_scale" in changed, name  # the first layer learned too
+    assert not any("o_proj" in k or "down_proj" in k for k in changed)
+
+
+def test_w8a8_passes_its_forward_and_the_dequantized_gradient():
+    from flatquant_lab.calibrate.e2e import PassW8A8
+    from flatquant_lab.layers import W8A8DynamicLinear
+
+    g = torch.Generator().manual_seed(2)
+    lin = nn.Linear(64, 32, bias=True)
+    m = W8A8DynamicLinear.from_float(lin)
+    x = torch.randn(5, 64, generator=g).to(m.act_dtype).requires_grad_(True)
+    y = PassW8A8(m)(x)
+    assert torch.equal(y.detach(), m(x.detach()))
+    y.float().sum().backward()
+    want = torch.ones(5, 32) @ m.dequantized_weight(torch.float32)
+    assert torch.equal(x.grad, want.to(x.dtype))

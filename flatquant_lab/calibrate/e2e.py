@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..devices import module_device
-from ..layers import W4A4FlatQuantLinear
+from ..layers import W4A4FlatQuantLinear, W8A8DynamicLinear
 from ..models import adapter_for, set_submodule
 from ..quantizers import fake_quant_act, round_to as ste_cast
 from ..recipe import QuantConfig
@@ -64,6 +64,31 @@ class TunableW4A4(nn.Module):
             total = y if total is None else total + y
         y = total if tp == 1 else ste_cast(total, act)  # the all-reduce: an fp32 sum, rounded once
         return y.to(x.dtype)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """``y = layer(x)`` exactly (int8 per-token path); ``dx = g @ W_hat``, the dequantized weight (straight-through)."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer, ctx.in_dtype = layer, x.dtype
+        return layer(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return (g.float() @ ctx.layer.dequantized_weight(torch.float32)).to(ctx.in_dtype), None
+
+
+class PassW8A8(nn.Module):
+    """A ``W8A8DynamicLinear`` (msModelSlim's o/down) as it computes, passing gradients on to the layers
+    before it: without it the int8 casts would cut the graph and the W4A4 linears feeding it would learn nothing."""
+
+    def __init__(self, linear: W8A8DynamicLinear):
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _StraightThrough.apply(x, self.linear) if torch.is_grad_enabled() else self.linear(x)
 
 
 def clip_groups(model: nn.Module) -> dict[str, list[str]]:
@@ -124,10 +149,11 @@ def tune_scales(model: nn.Module, calib_ids: torch.Tensor, teacher_hidden, cfg: 
             if ck not in clips:
                 clips[ck] = nn.Parameter(torch.tensor(logit(min(float(m.clip_ratio.item()), 1 - 1e-6)), device=dev))
             twins[nm] = TunableW4A4(m, clips[ck])
+    passes = {nm: PassW8A8(m) for nm, m in model.named_modules() if isinstance(m, W8A8DynamicLinear)}
     requires = {p: p.requires_grad for p in model.parameters()}
     for p in requires:
         p.requires_grad_(False)
-    for nm, tw in twins.items():
+    for nm, tw in [*twins.items(), *passes.items()]:
         set_submodule(model, nm, tw)
     lr = cfg.budget("e2e_lr")
     opt = torch.optim.Adam([{"params": [tw.log_mult for tw in twins.values()], "lr": lr},
@@ -162,7 +188,7 @@ def tune_scales(model: nn.Module, calib_ids: torch.Tensor, teacher_hidden, cfg: 
         bar.close()
     finally:
         with torch.no_grad():
-            for nm, tw in twins.items():
+            for nm, tw in [*twins.items(), *passes.items()]:
                 set_submodule(model, nm, tw.linear)
             for p, r in requires.items():
                 p.requires_grad_(r)
