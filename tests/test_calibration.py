@@ -790,6 +790,8 @@ def test_quantize_cli_rejects_flags_it_would_ignore(tmp_path):
     with pytest.raises(SystemExit, match="--lr: not used by --method hadamard with --weight-quantizer gptq"):
         main(["quantize", "--model", "m", "--method", "hadamard", "--weight-quantizer", "gptq", "--samples", "4",
               "--lr", "0.1", "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="--e2e-epochs: not used by --method hadamard"):
+        main(["quantize", "--model", "m", "--method", "hadamard", "--e2e-epochs", "2", "--out", str(tmp_path / "o")])
 
 
 def test_quantize_cli_on_a_tiny_model_directory(tmp_path, capsys):
@@ -822,6 +824,7 @@ def test_quantize_cli_on_a_tiny_model_directory(tmp_path, capsys):
     assert main(argv) == 0
     printed = json.loads(capsys.readouterr().out)
     assert set(printed["kept_float"]) == {"model.layers.1.mlp.down_proj", "lm_head"}
+    assert len(printed["e2e_kl"]) == 4  # the fast profile's end-to-end stage ran (4 epochs)
     loaded2 = load_quantized(out2)
     assert type(loaded2.model.layers[1].mlp.down_proj) is nn.Linear
     assert type(loaded2.model.layers[0].mlp.down_proj) is W4A4FlatQuantLinear

@@ -37,6 +37,8 @@ def add_arguments(p) -> None:
     p.add_argument("--seqlen", type=int, help="tokens per calibration sequence (profile default)")
     p.add_argument("--epochs", type=int, help="training epochs per layer (profile default)")
     p.add_argument("--lr", type=float, help="learning rate of the transforms (profile default)")
+    p.add_argument("--e2e-epochs", type=int, help="epochs of the end-to-end stage after the layer-wise one "
+                   "(0: none; profile default: fast/full 4, paper 0)")
     p.add_argument("--calib-data", default=None, help="jsonl/text file for calibration (bundled wiki_calib by default)")
     p.add_argument("--work-dir", default=None, help="keep per-layer results here; rerun to resume")
     p.add_argument("--skip", nargs="*", default=(), help="fnmatch patterns of linears to keep in float")
@@ -68,13 +70,13 @@ def run(args) -> int:
     from ..io import save_quantized
 
     cfg = QuantConfig(method=args.method, weight_quantizer=args.weight_quantizer, profile=args.profile,
-                      samples=args.samples, seqlen=args.seqlen, epochs=args.epochs, lr=args.lr,
+                      samples=args.samples, seqlen=args.seqlen, epochs=args.epochs, lr=args.lr, e2e_epochs=args.e2e_epochs,
                       work_dir=args.work_dir, skip=tuple(args.skip), seed=args.seed, recipe=args.recipe,
                       fallback=args.fallback, tp_size=args.tp_size, device=args.device,
                       activations=args.activations,
                       **({"act_dtype": torch.float16} if args.dtype == "float16" else {}))
     if cfg.method != "flatquant":  # flags that would change nothing are an error, not a silent no-op
-        flags = {"--epochs": args.epochs, "--lr": args.lr}
+        flags = {"--epochs": args.epochs, "--lr": args.lr, "--e2e-epochs": args.e2e_epochs}
         if cfg.weight_quantizer != "gptq":
             flags.update({"--samples": args.samples, "--seqlen": args.seqlen, "--calib-data": args.calib_data})
         given = [f for f, v in flags.items() if v is not None]
@@ -90,5 +92,6 @@ def run(args) -> int:
     save_quantized(model, args.out, tokenizer=tok, overwrite=args.overwrite, tp_size=cfg.tp_size)
     print(json.dumps({"out": args.out, "seconds": round(model.flatquant_report["seconds"], 1),
                       "kept_float": model.flatquant_report["skipped"],
-                      "fallbacks": model.flatquant_report["fallbacks"]}, indent=1))
+                      "fallbacks": model.flatquant_report["fallbacks"],
+                      "e2e_kl": (model.flatquant_report["e2e"] or {}).get("kl")}, indent=1))
     return 0
