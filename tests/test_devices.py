@@ -75,7 +75,8 @@ def test_the_trap_catches_a_factory_call_without_device():
 
 @pytest.mark.parametrize("mt", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("kw", [dict(weight_quantizer="gptq"), dict(method="hadamard", epochs=None),
-                                dict(weight_quantizer="rtn", smooth=False)])
+                                dict(weight_quantizer="rtn", smooth=False),
+                                dict(profile="fast", e2e_epochs=1, recipe="msmodelslim")])  # + the end-to-end stage
 def test_a_whole_calibration_creates_every_tensor_on_a_device(mt, kw, tmp_path):
     """calibrate/, gptq.py, layers/ under the trap: a whole run, with a work dir, gives the model of a
     run without the trap, bit for bit."""

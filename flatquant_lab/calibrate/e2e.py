@@ -168,7 +168,7 @@ def tune_scales(model: nn.Module, calib_ids: torch.Tensor, teacher_hidden, cfg: 
         bar = tqdm(total=steps, desc="end-to-end", unit="step", disable=not progress)
         for ep in range(epochs):
             total = 0.0
-            for idx in torch.randperm(n, generator=gen).split(bs):
+            for idx in torch.randperm(n, generator=gen, device="cpu").split(bs):  # the generator is the host's
                 ids = calib_ids[idx].to(dev)
                 with torch.no_grad():
                     h = torch.cat([teacher_hidden[i:i + 1] for i in idx.tolist()]).to(dev, dtype)
