@@ -278,3 +278,13 @@ def test_w8a8_passes_its_forward_and_the_dequantized_gradient():
     y.float().sum().backward()
     want = torch.ones(5, 32) @ m.dequantized_weight(torch.float32)
     assert torch.equal(x.grad, want.to(x.dtype))
+
+
+def test_zero_epochs_or_nothing_to_tune_change_nothing():
+    model, th, _ = _quantized_with_teacher()
+    before = state(model)
+    rep = tune_scales(model, CALIB, th, QuantConfig(**{**BUDGET, "e2e_epochs": 0}), progress=False)
+    assert rep["kl"] == [] and all(torch.equal(v, state(model)[k]) for k, v in before.items())
+    fm = tiny_model("qwen2")
+    rep = tune_scales(fm, CALIB, th, QuantConfig(**BUDGET), progress=False)  # a float model: no W4A4 linear
+    assert rep["kl"] == []

@@ -121,8 +121,8 @@ def tune_scales(model: nn.Module, calib_ids: torch.Tensor, teacher_hidden, cfg: 
     (see module docstring) on the first ``cfg.budget("e2e_samples")`` windows of ``calib_ids`` ``[n, seqlen]``.
 
     ``teacher_hidden``: the full-precision model's last decoder layer outputs on ``calib_ids`` (a tensor or
-    ``HeldActivations`` ``[n, seqlen, hidden]``; batches are read as ``teacher_hidden[s:e]``). Runs where the
-    model is; returns the stage's report (per-epoch KL, seconds, the multipliers' range, the clips).
+    ``HeldActivations`` ``[n, seqlen, hidden]``, read one window at a time as ``teacher_hidden[i:i + 1]``). Runs
+    where the model is; returns the stage's report (per-epoch KL, seconds, the multipliers' range, the clips).
     """
     t0 = time.perf_counter()
     n = cfg.budget("e2e_samples")
@@ -134,9 +134,9 @@ def tune_scales(model: nn.Module, calib_ids: torch.Tensor, teacher_hidden, cfg: 
     dev = module_device(model)
     norm, head = _final_norm_and_head(model)
     groups = clip_groups(model)
-    if not groups:
-        log.info("end-to-end stage: no W4A4FlatQuantLinear to tune")
-        return {"epochs": 0, "kl": [], "seconds": 0.0}
+    if not groups or cfg.budget("e2e_epochs") == 0:
+        log.info("end-to-end stage: %s", "e2e_epochs=0" if groups else "no W4A4FlatQuantLinear to tune")
+        return {"samples": n, "epochs": 0, "kl": [], "seconds": 0.0}
     twins: dict[str, TunableW4A4] = {}
     clips: dict[str, nn.Parameter] = {}
     for key, names in groups.items():
