@@ -29,7 +29,9 @@ official code's initial point (random orthogonal factors, both clip factors at l
 ``norm_*`` (issue 13's quality targets) change budget and starting-point knobs on top of ``loss_norm``: ``bs2``
 batch 2, ``alpha<a>`` smooth_alpha, ``qin`` train_inputs="quantized"; ``defaults`` is the previous session's
 defaults (the MSE layer loss), ``defaults_rel`` today's (``layer_loss="relative"``); ``BEFORE`` pins the
-pre-issue-13 values, so old rows keep their meaning. ``ppl`` rows carry a ``machine`` field (the CPU's model
+pre-issue-13 values (no end-to-end stage: ``e2e_epochs=0``), so old rows keep their meaning; ``*_e2e*`` rows
+run the end-to-end stage (the profile's budget, or the change their name says). The stage's settings are not
+in the work dir's fingerprint, so ``--work-dir`` lets e2e variants share one layer-wise run. ``ppl`` rows carry a ``machine`` field (the CPU's model
 name; rows from before session 7 had it added by hand, or lack it): compare rows of one machine only (the same run
 gave 28.121 and 28.851 at the full profile on two machines). ``--tag T`` keys a row ``name/wq#T``, so a rerun on
 another machine keeps the earlier row. Every run merges its rows into the JSON as it is when the row is written
