@@ -169,6 +169,7 @@ class QuantConfig:
     # forward per step (bench/bench_scale.py measures both). Same results bit for bit. "auto": on when a
     # training step would keep more activations than the layer's weight bytes and more than
     # calibrate.train.RECOMPUTE_MIN_BYTES (counted per layer by one forward; a 7B layer at 2048 tokens: on).
+    # The end-to-end stage likewise recomputes each decoder layer (auto: above calibrate.e2e.E2E_RECOMPUTE_MIN_BYTES).
     recompute_blocks: bool | str = "auto"
 
     def __post_init__(self):

@@ -288,3 +288,28 @@ def test_zero_epochs_or_nothing_to_tune_change_nothing():
     fm = tiny_model("qwen2")
     rep = tune_scales(fm, CALIB, th, QuantConfig(**BUDGET), progress=False)  # a float model: no W4A4 linear
     assert rep["kl"] == []
+
+
+def test_recomputing_each_layer_gives_the_same_model(monkeypatch):
+    """recompute_blocks=True: each decoder layer recomputed in the backward pass (what a 7B model needs to fit),
+    bit for bit the model of the plain step; "auto" leaves these tiny steps alone."""
+    from flatquant_lab.calibrate import e2e, memory
+
+    patched = []
+
+    def spy(blocks, after=None):
+        patched.append(blocks)
+        return memory.recompute_blocks(blocks, after)
+
+    monkeypatch.setattr(e2e, "recompute_blocks", spy)
+    base, th, _ = _quantized_with_teacher("llama")
+    runs = {}
+    for setting in (False, True, "auto"):
+        m = copy.deepcopy(base)
+        rep = tune_scales(m, CALIB, th, QuantConfig(**BUDGET, recompute_blocks=setting), progress=False)
+        runs[setting] = (state(m), rep)
+    assert runs[True][1]["recompute_layers"] is True and runs["auto"][1]["recompute_layers"] is False
+    for k, v in runs[False][0].items():
+        assert torch.equal(v, runs[True][0][k]), k
+    assert runs[True][1]["kl"] == runs[False][1]["kl"]
+    assert len(patched) == 1 and [type(b).__name__ for b in patched[0]] == ["LlamaDecoderLayer"] * 2  # every layer

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import nullcontext
 
 import torch
 from einops import rearrange
@@ -24,9 +25,14 @@ from ..layers import W4A4FlatQuantLinear, W8A8DynamicLinear
 from ..models import adapter_for, set_submodule
 from ..quantizers import fake_quant_act, round_to as ste_cast
 from ..recipe import QuantConfig
+from .memory import recompute_blocks, saved_bytes
 from .modules import _CodesMatmul, logit
 
 log = logging.getLogger(__name__)
+
+# recompute_blocks="auto" recomputes each decoder layer in the backward pass when a step would keep more than
+# this (the bundled model's steps keep about a GiB; a 7B model's at 4 x 2048 tokens, tens of GiB)
+E2E_RECOMPUTE_MIN_BYTES = 4 * 2**30
 
 
 class TunableW4A4(nn.Module):
@@ -89,6 +95,46 @@ class PassW8A8(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _StraightThrough.apply(x, self.linear) if torch.is_grad_enabled() else self.linear(x)
+
+
+def _recompute(model: nn.Module, ids: torch.Tensor, cfg: QuantConfig) -> bool:
+    """``cfg.recompute_blocks`` for the whole model's step; "auto": on when a step on ``ids`` would keep more
+    than E2E_RECOMPUTE_MIN_BYTES of activations (counted by one forward)."""
+    if cfg.recompute_blocks != "auto":
+        return cfg.recompute_blocks
+    kept = saved_bytes(lambda: model(input_ids=ids, use_cache=False).logits)
+    on = kept > E2E_RECOMPUTE_MIN_BYTES
+    log.info("end-to-end stage: a step keeps %.2f GiB of activations: recomputing each decoder layer %s",
+             kept / 2**30, "on" if on else "off")
+    return on
+
+
+def _train(model, calib_ids, teacher_hidden, norm, head, opt, sched, gen, n, bs, epochs, steps, progress) -> list[float]:
+    """The stage's loop: per step, KL(p_fp || p_q) on a shuffled batch of windows; returns the mean KL per epoch."""
+    dev, dtype = module_device(model), next(head.parameters()).dtype
+    kl_epochs = []
+    bar = tqdm(total=steps, desc="end-to-end", unit="step", disable=not progress)
+    for ep in range(epochs):
+        total = 0.0
+        for idx in torch.randperm(n, generator=gen, device="cpu").split(bs):  # the generator is the host's
+            ids = calib_ids[idx].to(dev)
+            with torch.no_grad():
+                h = torch.cat([teacher_hidden[i:i + 1] for i in idx.tolist()]).to(dev, dtype)
+                target = head(norm(h)).float().log_softmax(-1)
+            out = model(input_ids=ids, use_cache=False).logits.float().log_softmax(-1)
+            loss = (target.exp() * (target - out)).sum(-1).mean()  # KL(p_fp || p_q) per token
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            kl = float(loss.detach())
+            total += kl * len(idx)
+            bar.update(1)
+            bar.set_postfix(epoch=ep, kl=f"{kl:.4f}")
+        kl_epochs.append(total / n)
+        log.info("end-to-end epoch %d: KL %.4f", ep, kl_epochs[-1])
+    bar.close()
+    return kl_epochs
 
 
 def clip_groups(model: nn.Module) -> dict[str, list[str]]:
@@ -162,30 +208,12 @@ def tune_scales(model: nn.Module, calib_ids: torch.Tensor, teacher_hidden, cfg: 
     steps = epochs * math.ceil(n / bs)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps)))
     gen = torch.Generator().manual_seed(cfg.seed)
-    kl_epochs = []
-    dtype = next(head.parameters()).dtype
     try:
-        bar = tqdm(total=steps, desc="end-to-end", unit="step", disable=not progress)
-        for ep in range(epochs):
-            total = 0.0
-            for idx in torch.randperm(n, generator=gen, device="cpu").split(bs):  # the generator is the host's
-                ids = calib_ids[idx].to(dev)
-                with torch.no_grad():
-                    h = torch.cat([teacher_hidden[i:i + 1] for i in idx.tolist()]).to(dev, dtype)
-                    target = head(norm(h)).float().log_softmax(-1)
-                out = model(input_ids=ids, use_cache=False).logits.float().log_softmax(-1)
-                loss = (target.exp() * (target - out)).sum(-1).mean()  # KL(p_fp || p_q) per token
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                kl = float(loss.detach())
-                total += kl * len(idx)
-                bar.update(1)
-                bar.set_postfix(epoch=ep, kl=f"{kl:.4f}")
-            kl_epochs.append(total / n)
-            log.info("end-to-end epoch %d: KL %.4f", ep, kl_epochs[-1])
-        bar.close()
+        recompute = _recompute(model, calib_ids[:bs].to(dev), cfg)
+        layers = list(adapter_for(model).decoder_layers(model))
+        with recompute_blocks(layers) if recompute else nullcontext():
+            kl_epochs = _train(model, calib_ids, teacher_hidden, norm, head, opt, sched, gen, n, bs, epochs, steps,
+                               progress)
     finally:
         with torch.no_grad():
             for nm, tw in [*twins.items(), *passes.items()]:
@@ -198,6 +226,6 @@ def tune_scales(model: nn.Module, calib_ids: torch.Tensor, teacher_hidden, cfg: 
             tw.linear.weight_scale.copy_(tw.scale().to(tw.linear.weight_scale.dtype))
             tw.linear.set_clip_ratio(float(torch.sigmoid(tw.clip_logit)))
         tuned_clips = {k: float(torch.sigmoid(v)) for k, v in clips.items()}
-    return {"samples": n, "epochs": epochs, "batch_size": bs, "lr": lr, "kl": kl_epochs,
+    return {"samples": n, "epochs": epochs, "batch_size": bs, "lr": lr, "kl": kl_epochs, "recompute_layers": recompute,
             "scale_multiplier_range": [float(mult.min()), float(mult.max())], "clip_ratios": tuned_clips,
             "seconds": time.perf_counter() - t0}
