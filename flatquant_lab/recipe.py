@@ -155,7 +155,8 @@ class QuantConfig:
     # W4A4 weight_scale and one clip_ratio per shared input (q/k/v, gate/up: one each, as vLLM loads them),
     # learned on KL(full-precision logits || quantized logits) over the first e2e_samples calibration
     # windows; None: the profile's. Session 8 (fast profile, 2 threads, an exploration script): token PPL
-    # 29.042 -> 27.345 with 4 epochs at lr 5e-3.
+    # 29.042 -> 27.345 with 4 epochs at lr 5e-3; session 9, this stage: 27.345 again (fast), and the full demo
+    # 27.852 (layer-wise only, session 7) -> 26.246 with it (128 windows), 26.331 (96 windows).
     e2e_samples: int | None = None
     e2e_epochs: int | None = None
     e2e_lr: float | None = None
