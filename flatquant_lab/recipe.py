@@ -25,8 +25,8 @@ BATCH_ORDERS = ("shuffle", "fixed")
 TRAIN_INPUTS = ("float", "quantized")
 LAYER_LOSSES = ("mse", "relative")
 # Calibration budgets. "paper" is FlatQuant's recipe (SPEC section 8); "full" and "fast" are CPU
-# budgets for the bundled 135M model (fast: ~2 minutes of calibration on 2 idle cores; full: 8x its
-# training tokens).
+# budgets for the bundled 135M model (fast: ~5 minutes of calibration on 2 idle cores, the end-to-end stage
+# included; full: 6x its layer-wise training tokens).
 PROFILES = {
     # e2e_*: the end-to-end stage after the layer-wise one (calibrate/e2e.py) on the first e2e_samples windows;
     # off at the paper's scale (unmeasured there: it backpropagates through the whole model).

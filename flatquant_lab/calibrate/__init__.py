@@ -213,8 +213,10 @@ def calibrate(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor | None
     if need_data and cfg.tunes_end_to_end:
         if dev != home:  # the stage backpropagates through the whole model: it goes to the device for it
             model.to(dev)
-        report.e2e = tune_scales(model, calib_ids, X, cfg)
-        model.to(home)
+        try:
+            report.e2e = tune_scales(model, calib_ids, X, cfg)
+        finally:
+            model.to(home)
         log.info("end-to-end stage: KL %s in %.0f s", " -> ".join(f"{v:.4f}" for v in report.e2e["kl"]),
                  report.e2e["seconds"])
     report.seconds = time.perf_counter() - t0

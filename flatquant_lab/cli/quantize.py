@@ -70,8 +70,8 @@ def run(args) -> int:
     from ..io import save_quantized
 
     cfg = QuantConfig(method=args.method, weight_quantizer=args.weight_quantizer, profile=args.profile,
-                      samples=args.samples, seqlen=args.seqlen, epochs=args.epochs, lr=args.lr, e2e_epochs=args.e2e_epochs,
-                      work_dir=args.work_dir, skip=tuple(args.skip), seed=args.seed, recipe=args.recipe,
+                      samples=args.samples, seqlen=args.seqlen, epochs=args.epochs, lr=args.lr,
+                      e2e_epochs=args.e2e_epochs, work_dir=args.work_dir, skip=tuple(args.skip), seed=args.seed, recipe=args.recipe,
                       fallback=args.fallback, tp_size=args.tp_size, device=args.device,
                       activations=args.activations,
                       **({"act_dtype": torch.float16} if args.dtype == "float16" else {}))
