@@ -232,10 +232,10 @@ class QuantConfig:
             v = getattr(self, name)
             if v is not None and (not _is_int(v) or v < 1):
                 raise ValueError(f"{name}: expected a positive int, got {v!r}")
-        if self.epochs is not None and (not _is_int(self.epochs) or self.epochs < 0):
-            raise ValueError(f"epochs: expected an int >= 0, got {self.epochs!r}")
-        if self.e2e_epochs is not None and (not _is_int(self.e2e_epochs) or self.e2e_epochs < 0):
-            raise ValueError(f"e2e_epochs: expected an int >= 0 (0: no end-to-end stage), got {self.e2e_epochs!r}")
+        for name in ("epochs", "e2e_epochs"):  # 0: no training (of the layers; of the end-to-end stage)
+            v = getattr(self, name)
+            if v is not None and (not _is_int(v) or v < 0):
+                raise ValueError(f"{name}: expected an int >= 0, got {v!r}")
         for name in ("lr", "e2e_lr"):
             v = getattr(self, name)
             if v is not None and not (_is_float(v) and v > 0):

@@ -16,7 +16,6 @@ import time
 from contextlib import nullcontext
 
 import torch
-from einops import rearrange
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -26,7 +25,8 @@ from ..models import adapter_for, set_submodule
 from ..quantizers import fake_quant_act, round_to as ste_cast
 from ..recipe import QuantConfig
 from .memory import recompute_blocks, saved_bytes
-from .modules import _CodesMatmul, logit
+from .modules import _CodesMatmul, kron_rounded, logit
+from .train import cosine_schedule
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +56,8 @@ class TunableW4A4(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.linear
         act, tp = m.act_dtype, m.tp_size
-        xs = rearrange(ste_cast(x.float(), act), "... (t a b) -> ... t a b", t=tp, a=m.n1)
-        t = ste_cast(xs @ m.p2.float(), act)
-        t = ste_cast(m.p1.float() @ t, torch.float16)
+        # p1 holds L^T: passing its transpose gives kron_rounded the L whose transpose it multiplies by
+        t = kron_rounded(x.float(), m.p1.float().transpose(0, 1), m.p2.float(), tp, act)
         bq = fake_quant_act(t.flatten(-2), torch.sigmoid(self.clip_logit))  # per token and rank
         codes, s = m.weight_int, self.scale()
         k = m.in_features // tp
@@ -206,7 +205,7 @@ def tune_scales(model: nn.Module, calib_ids: torch.Tensor, teacher_hidden, cfg: 
                             {"params": list(clips.values()), "lr": lr * cfg.e2e_clip_lr_mult}])
     bs, epochs = cfg.budget("e2e_batch_size"), cfg.budget("e2e_epochs")
     steps = epochs * math.ceil(n / bs)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps)))
+    sched = cosine_schedule(opt, steps)
     gen = torch.Generator().manual_seed(cfg.seed)
     try:
         recompute = _recompute(model, calib_ids[:bs].to(dev), cfg)

@@ -36,6 +36,15 @@ def cayley(p: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(eye - a, eye + a)
 
 
+def kron_rounded(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, tp: int,
+                 act_dtype: torch.dtype) -> torch.Tensor:
+    """``round_16(L^T round_a(round_a(x_r) R))`` per token and TP rank ``r`` (``kron(I_tp, L, R)``): steps 1-2 of
+    ``ops.reference.kronecker_quant``, rounded where the kernel rounds (straight-through); ``[..., tp, n1, n2]``."""
+    xm = rearrange(ste_cast(x, act_dtype), "... (t a b) -> ... t a b", t=tp, a=left.shape[0])
+    a = ste_cast(xm @ right, act_dtype)
+    return ste_cast(left.transpose(0, 1) @ a, torch.float16)
+
+
 class SVDFactor(nn.Module):
     """One learnable factor ``F = (U0 C(P_u)) diag(exp(log_s)) (V0 C(P_v))^T`` around a start ``F0 = U0 diag(s0) V0^T``.
 
@@ -195,12 +204,8 @@ class KronTransform(nn.Module):
         # preceding linear's output rows (FakeQuantLinear.out_div), as in the exported model.
         if d is not None and self.group.smooth_target.endswith("layernorm"):
             x = x / d
-        x = ste_cast(x, self.act_dtype)
         lt, rt = self.factors() if factors is None else factors
-        xm = rearrange(x, "... (t a b) -> ... t a b", t=self.group.tp, a=self.group.n1)  # kron(I_tp, L, R)
-        a = ste_cast(xm @ rt, self.act_dtype)
-        b = ste_cast(lt.transpose(0, 1) @ a, torch.float16)
-        return rearrange(b, "... t a b -> ... (t a b)")
+        return rearrange(kron_rounded(x, lt, rt, self.group.tp, self.act_dtype), "... t a b -> ... (t a b)")
 
     def fold(self, weight: torch.Tensor, inverse_t=None) -> torch.Tensor:
         """``(W * d) @ kron(L, R)^{-T}`` (float32, differentiable); ``inverse_t`` defaults to :meth:`inverse_t`."""

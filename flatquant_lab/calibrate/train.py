@@ -37,6 +37,13 @@ def _recompute(layer, transforms, X, kwargs, cfg: QuantConfig, layer_index: int)
     return on
 
 
+def cosine_schedule(opt: torch.optim.Optimizer, steps: int, min_ratio: float = 0.0):
+    """``lr_t = lr (r + (1 - r) (1 + cos(pi min(t, T) / T)) / 2)`` over ``T = max(1, steps)`` steps, ``r = min_ratio``."""
+    total = max(1, steps)
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda t: min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, total) / total)))
+
+
 def layer_loss(out: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> torch.Tensor:
     """``mse``: ``mean_t,c (out - y)^2``; ``relative``: ``mean_t [mean_c (out - y)^2 / mean_c y^2]``, each token's
     error relative to its target's mean square (detached), so that every token counts alike."""
@@ -80,10 +87,7 @@ def train_layer(layer, groups, learned, X, Y, kwargs_by_bs, cfg: QuantConfig, la
                                  {"params": clips, "lr": lr * cfg.clip_lr_mult}], weight_decay=cfg.weight_decay)
         spans = batches(X.shape[0], cfg.budget("batch_size"))
         epochs = cfg.budget("epochs")
-        total = max(1, epochs * len(spans))
-        r = cfg.min_lr_ratio
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda t: r + (1 - r) * 0.5 * (1 + math.cos(math.pi * min(t, total) / total)))
+        sched = cosine_schedule(opt, epochs * len(spans), cfg.min_lr_ratio)
         gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + layer_index)
         epoch_losses = []
         blocks = []
