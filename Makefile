@@ -26,7 +26,7 @@ $(STAMP): requirements.txt pyproject.toml
 setup: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadgroup -q $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist loadgroup -q --durations=10 $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	# results/<profile>/demo.json and demo.png are committed: the README's tables quote them

@@ -6,6 +6,11 @@ with ``smoke=True`` injected the way papermill does, and drives Debian's ``chrom
 Playwright's Python client (never ``playwright install``: the system browser is enough). It runs
 all cells from the Run menu, drags the clip-ratio slider, and asserts that the readout and the plot
 follow and that no cell shows an error or a stderr block. Where chromium is missing the test is skipped.
+
+Every start and run is bounded and fails naming what it waited for: the server's /api/status (a port
+taken between our pick and its bind is retried), chromium, the page, the kernel going idle, the run.
+The server's kernels use unix sockets in a folder of their own, as the notebook tests' do (no TCP
+ports picked by binding port 0 and letting go, which another process may take in between).
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -30,6 +36,10 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SERVER_START_S = 90
+SERVER_TRIES = 3  # fresh ports, when another process took ours before the server bound it
+BROWSER_START_S = 60
+PAGE_LOAD_S = 60
+KERNEL_IDLE_S = 120
 RUN_ALL_S = 420  # all of notebook 02 at smoke size: about 20 s alone, several times that beside other tests
 STDERR = '[data-mime-type="application/vnd.jupyter.stderr"]'  # how JupyterLab renders tracebacks and stderr
 
@@ -75,43 +85,69 @@ def jupyterlab(tmp_path):
         path = dirs["settings"] / "@jupyterlab" / f"{plugin}.jupyterlab-settings"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(settings))
-    port, token = _free_port(), secrets.token_hex(16)
+    token = secrets.token_hex(16)
+    sock_dir = tempfile.mkdtemp(prefix="fq-lab-")  # the kernels' unix sockets: a short path (~100 bytes at most)
     env = dict(os.environ, JUPYTER_CONFIG_DIR=str(dirs["config"]), JUPYTER_DATA_DIR=str(dirs["data"]),
                JUPYTER_RUNTIME_DIR=str(dirs["runtime"]), JUPYTERLAB_SETTINGS_DIR=str(dirs["settings"]),
                JUPYTERLAB_WORKSPACES_DIR=str(dirs["workspaces"]), IPYTHONDIR=str(dirs["ipython"]),
                OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    log = open(tmp_path / "jupyterlab.log", "wb")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
-         "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
-         "--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-         "--LabApp.extension_manager=readonly"] + (["--allow-root"] if os.geteuid() == 0 else []),  # CI is root
-        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
+    log_path = tmp_path / "jupyterlab.log"
+    server = log = None
     try:
-        deadline = time.monotonic() + SERVER_START_S
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError(f"jupyterlab exited with {server.returncode}: "
-                                   f"{(tmp_path / 'jupyterlab.log').read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=5) as resp:
-                    if resp.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"jupyterlab did not answer on {base} within {SERVER_START_S} s")
-            time.sleep(0.5)
+        for attempt in range(SERVER_TRIES):
+            port = _free_port()
+            log = open(log_path, "wb")
+            server = subprocess.Popen(
+                [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1",
+                 f"--ServerApp.port={port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",
+                 f"--ServerApp.root_dir={root}", "--KernelManager.transport=ipc",
+                 f"--KernelManager.ip={os.path.join(sock_dir, 'kernel')}",
+                 "--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+                 "--LabApp.extension_manager=readonly"] + (["--allow-root"] if os.geteuid() == 0 else []),  # CI is root
+                cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+            base = f"http://127.0.0.1:{port}"
+            if _await_status(server, base, token, log_path):
+                break
+            log.close()
+            if attempt == SERVER_TRIES - 1:
+                raise RuntimeError(f"JupyterLab server: port taken {SERVER_TRIES} times over; last log: "
+                                   f"{log_path.read_text()[-2000:]}")
         yield base, token
     finally:
-        server.terminate()
+        if server is not None and server.poll() is None:
+            server.terminate()
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait(timeout=20)
+        if log is not None:
+            log.close()
+        shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+def _await_status(server, base: str, token: str, log_path: Path) -> bool:
+    """True once the server answers /api/status; False if it exited because its port was taken; else raises,
+    naming the wait."""
+    port = base.rsplit(":", 1)[1]
+    deadline = time.monotonic() + SERVER_START_S
+    while True:
+        if server.poll() is not None:
+            text = log_path.read_text()
+            if "is already in use" in text or "is not available" in text:
+                return False
+            raise RuntimeError(f"JupyterLab server on port {port} exited with {server.returncode} before "
+                               f"answering /api/status: {text[-3000:]}")
         try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        log.close()
+            with urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=5) as resp:
+                if resp.status == 200:
+                    return True
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"JupyterLab server on port {port} did not answer /api/status within "
+                               f"{SERVER_START_S} s; log: {log_path.read_text()[-3000:]}")
+        time.sleep(0.5)
 
 
 def _wait(what: str, check, timeout_s: float, page, shots: Path):
@@ -126,23 +162,40 @@ def _wait(what: str, check, timeout_s: float, page, shots: Path):
         page.wait_for_timeout(500)
 
 
+def _named(what: str, timeout_s: float, step, page=None, shots: Path | None = None):
+    """A Playwright step with its own timeout of timeout_s; past it, fail naming what it waited for."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        return step()
+    except PlaywrightTimeout as exc:
+        if page is not None:
+            page.screenshot(path=str(shots / "timeout.png"), full_page=True)
+        raise TimeoutError(f"{what}: not within {timeout_s:.0f} s" + (f" (screenshot in {shots / 'timeout.png'})"
+                                                                       if page is not None else "")) from exc
+
+
 def test_notebook_02_runs_in_jupyterlab_and_its_slider_moves_the_readout(jupyterlab, tmp_path):
     from playwright.sync_api import sync_playwright
 
     base, token = jupyterlab
     t0 = time.perf_counter()
     with sync_playwright() as pw:
-        browser = pw.chromium.launch_persistent_context(
-            str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS,
-            viewport={"width": 1400, "height": 1000})
+        browser = _named(f"chromium ({CHROMIUM}) to start", BROWSER_START_S,
+                         lambda: pw.chromium.launch_persistent_context(
+                             str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, headless=True,
+                             args=CHROMIUM_FLAGS, viewport={"width": 1400, "height": 1000},
+                             timeout=BROWSER_START_S * 1000))
         try:
             page = browser.new_page()
             page.set_default_timeout(60_000)
-            page.goto(f"{base}/lab/tree/{NOTEBOOK}?token={token}")
+            _named(f"JupyterLab to show {NOTEBOOK} at {base}", PAGE_LOAD_S, lambda: (
+                page.goto(f"{base}/lab/tree/{NOTEBOOK}?token={token}", timeout=PAGE_LOAD_S * 1000),
+                page.locator(".jp-Notebook .jp-CodeCell").nth(3).wait_for(timeout=PAGE_LOAD_S * 1000)), page, tmp_path)
             # Loaded, and its kernel started: the status bar names the kernel and says it is idle.
-            page.locator(".jp-Notebook .jp-CodeCell").nth(3).wait_for()
-            page.locator(".jp-StatusBar-TextItem", has_text=re.compile(r"Python 3 .*\| Idle")).first.wait_for(
-                timeout=120_000)
+            idle = page.locator(".jp-StatusBar-TextItem", has_text=re.compile(r"Python 3 .*\| Idle")).first
+            _named(f"kernel for {NOTEBOOK} to start (status bar 'Python 3 | Idle')", KERNEL_IDLE_S,
+                   lambda: idle.wait_for(timeout=KERNEL_IDLE_S * 1000), page, tmp_path)
 
             page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
             page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
