@@ -1,6 +1,13 @@
-"""The end-to-end stage (``calibrate/e2e.py``): its differentiable twin is the int4 path, tuning lowers the KL to
-the float model and changes nothing but ``weight_scale`` and ``clip_ratio`` (one clip per fused module), it is
-deterministic, it survives a resumed calibration, and bad settings are refused by name.
+"""The end-to-end stage (``calibrate/e2e.py``): its differentiable twin is the int4 path; it changes nothing but
+``weight_scale`` and ``clip_ratio`` (one clip per fused module); its guard keeps the state with the least KL on
+held-out windows, the layer-wise one included, so the stage never hands back a model worse there than where it
+started, and hands back the layer-wise model bit for bit when it cannot improve; non-finite steps are skipped or
+end the stage, never the calibration; it is deterministic, survives a resumed calibration, and bad settings are
+refused by name.
+
+No assertion here depends on a training run happening to improve: whether a few steps on a tiny random model
+help differs between CPU kinds and thread counts. Where a test needs the stage to have moved something, the
+guard is told to keep the last epoch (``keep_last_epoch``), or the start is made deliberately bad.
 
 Tiny random models (``tiny_models``), a few 32-token windows, a few steps: fast on 2 shared cores.
 """
@@ -23,8 +30,10 @@ from flatquant_lab.recipe import QuantConfig
 from tiny_models import Interrupt, random_quantize, stop_after_layer_0, tiny_model
 
 CALIB = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(321))
-# fast profile (e2e on), shrunk to the tiny model: 8 windows, 2 layer-wise epochs, 2 end-to-end epochs of 2 steps
+# fast profile (e2e on), shrunk to the tiny model: 8 windows (6 trained on, the last 2 held out), 2 layer-wise
+# epochs, 2 end-to-end epochs of 2 steps
 BUDGET = dict(profile="fast", samples=8, seqlen=32, epochs=2, batch_size=4, e2e_epochs=2, e2e_batch_size=4)
+HELD = slice(6, 8)
 
 
 def last_hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -45,6 +54,22 @@ def kl_to(model: nn.Module, ref_logits: torch.Tensor, ids: torch.Tensor) -> floa
         out = model(input_ids=ids).logits.float().log_softmax(-1)
     ref = ref_logits.float().log_softmax(-1)
     return float((ref.exp() * (ref - out)).sum(-1).mean())
+
+
+@pytest.fixture
+def keep_last_epoch(monkeypatch):
+    """The guard sees every epoch as better than the one before, so the stage keeps its last state: for tests of
+    what training moves, independent of whether it helped on this machine."""
+    from flatquant_lab.calibrate import e2e
+
+    calls = []
+
+    def falling(model, calib_ids, teacher_hidden, idx, norm, head, bs):
+        calls.append(1)
+        return torch.full((len(idx),), 1.0 / len(calls), dtype=torch.float64)
+
+    monkeypatch.setattr(e2e, "_heldout_kl", falling)
+    return calls
 
 
 def w4a4_modules(model) -> dict[str, W4A4FlatQuantLinear]:
@@ -116,16 +141,13 @@ def _quantized_with_teacher(mt="qwen2", seed=0):
 
 
 @pytest.mark.parametrize("mt", ["llama", "qwen2", "qwen3"])
-def test_tuning_lowers_the_kl_and_changes_only_scales_and_clips(mt):
+def test_tuning_changes_only_scales_and_clips(mt, keep_last_epoch):
     model, teacher_hidden, ref = _quantized_with_teacher(mt)
-    before_state, before_kl = state(model), kl_to(model, ref, CALIB)
+    before_state = state(model)
     grads_before = {n: p.requires_grad for n, p in model.named_parameters()}
     cfg = QuantConfig(**{**BUDGET, "e2e_epochs": 6, "e2e_lr": 2e-2})
     rep = tune_scales(model, CALIB, teacher_hidden, cfg, progress=False)
-    after_kl = kl_to(model, ref, CALIB)
-    # measured: the KL falls by 28% (llama), 8% (qwen2), 41% (qwen3) in these 12 steps from random transforms
-    assert after_kl < 0.95 * before_kl, (before_kl, after_kl)
-    assert len(rep["kl"]) == 6 and rep["kl"][-1] < rep["kl"][0]
+    assert len(rep["kl"]) == 6 and len(rep["heldout_kl"]) == 7 and rep["kept_epoch"] == 6
     after = state(model)
     assert after.keys() == before_state.keys()
     changed = {k.rsplit(".", 1)[1] for k in after if not torch.equal(after[k], before_state[k])}
@@ -139,6 +161,155 @@ def test_tuning_lowers_the_kl_and_changes_only_scales_and_clips(mt):
         assert clips == {rep["clip_ratios"][key]}
     lo, hi = rep["scale_multiplier_range"]
     assert 0.5 < lo < 1 < hi < 2
+
+
+@pytest.mark.parametrize("mt", ["llama", "qwen2", "qwen3"])
+def test_the_guard_keeps_the_best_held_out_state(mt):
+    """What the code guarantees on any machine: the kept state has the least held-out KL of all states seen (the
+    layer-wise one included), measured on the int4 modules themselves, so an independent measurement on the held-out
+    windows is never worse than the layer-wise model's."""
+    model, teacher_hidden, ref = _quantized_with_teacher(mt)
+    before_kl = kl_to(model, ref[HELD], CALIB[HELD])
+    before_state = state(model)
+    rep = tune_scales(model, CALIB, teacher_hidden, QuantConfig(**{**BUDGET, "e2e_epochs": 6, "e2e_lr": 2e-2}),
+                      progress=False)
+    kept = rep["kept_epoch"]
+    assert rep["heldout_kl"][kept] == min(rep["heldout_kl"]) == rep["heldout_kl_after"]
+    assert rep["heldout_kl_after"] <= rep["heldout_kl_before"] == rep["heldout_kl"][0]
+    # the guard's teacher is the captured float states, this one a fresh float forward: they agree to float32
+    # rounding (measured: 2e-7 relative), far below any gain the guard keeps
+    assert rep["heldout_kl_before"] == pytest.approx(before_kl, rel=1e-5)
+    assert kl_to(model, ref[HELD], CALIB[HELD]) <= before_kl * (1 + 1e-5)
+    if kept == 0:
+        after = state(model)
+        assert all(torch.equal(after[k], before_state[k]) for k in after)
+
+
+def test_a_stage_that_cannot_improve_returns_the_layer_wise_model_bit_for_bit(monkeypatch):
+    """Every epoch made worse on purpose (every row scale pushed up 8x): the guard keeps the start, and the model
+    is the layer-wise one exactly, its clip ratios included (not a float round trip through a logit)."""
+    from flatquant_lab.calibrate import e2e
+
+    real = e2e._train_epoch
+
+    def harmful(model, *args, **kwargs):
+        out = real(model, *args, **kwargs)
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, TunableW4A4):
+                    m.log_mult.fill_(math.log(8.0))
+        return out
+
+    monkeypatch.setattr(e2e, "_train_epoch", harmful)
+    fm = tiny_model("qwen2")
+    off = quantize(copy.deepcopy(fm), QuantConfig(**{**BUDGET, "e2e_epochs": 0}), CALIB)
+    on = quantize(copy.deepcopy(fm), QuantConfig(**{**BUDGET, "e2e_epochs": 3}), CALIB)
+    rep = on.flatquant_report["e2e"]
+    assert rep["kept_epoch"] == 0 and len(rep["heldout_kl"]) == 4
+    assert all(v > rep["heldout_kl"][0] for v in rep["heldout_kl"][1:])
+    a, b = state(off), state(on)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_large_learning_rate_never_ends_worse_nor_kills_the_calibration():
+    """The reported failure: a large learning rate drove a clip logit to NaN and the calibration died at the end,
+    losing the layer-wise work. Now the calibration finishes and the held-out KL is no worse than the start."""
+    fm = tiny_model("qwen2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # skipped steps may warn; what matters is what comes back
+        on = quantize(copy.deepcopy(fm), QuantConfig(**{**BUDGET, "e2e_epochs": 4, "e2e_lr": 50.0}), CALIB)
+    rep = on.flatquant_report["e2e"]
+    assert rep["heldout_kl_after"] <= rep["heldout_kl_before"]
+    for m in w4a4_modules(on).values():
+        assert 0 < float(m.clip_ratio) <= 1 and bool(torch.isfinite(m.weight_scale).all())
+
+
+def test_non_finite_losses_are_skipped_with_a_warning(monkeypatch):
+    real = TunableW4A4.forward
+
+    def nan_out(self, x):
+        return real(self, x) * float("nan")
+
+    monkeypatch.setattr(TunableW4A4, "forward", nan_out)
+    model, th, _ = _quantized_with_teacher()
+    before = state(model)
+    with pytest.warns(UserWarning, match=r"4 step\(s\) skipped.*kept epoch 0"):
+        rep = tune_scales(model, CALIB, th, QuantConfig(**BUDGET), progress=False)
+    assert rep["skipped_steps"] == 4 and rep["kept_epoch"] == 0
+    after = state(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_non_finite_parameter_ends_the_stage_and_keeps_the_best(monkeypatch):
+    real = torch.optim.Adam.step
+    steps = []
+
+    def poisoned(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        steps.append(1)
+        if len(steps) == 3:  # the first step of the second epoch
+            with torch.no_grad():
+                self.param_groups[1]["params"][0].fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", poisoned)
+    model, th, _ = _quantized_with_teacher()
+    with pytest.warns(UserWarning, match="ended early: a step of epoch 1 made a parameter non-finite"):
+        rep = tune_scales(model, CALIB, th, QuantConfig(**{**BUDGET, "e2e_epochs": 3}), progress=False)
+    assert rep["stopped"] and len(rep["kl"]) == 2 and len(rep["heldout_kl"]) == 3 and rep["kept_epoch"] <= 2
+    for m in w4a4_modules(model).values():
+        assert 0 < float(m.clip_ratio) <= 1 and bool(torch.isfinite(m.weight_scale).all())
+
+
+def test_a_failing_stage_keeps_the_layer_wise_calibration(monkeypatch):
+    """An error inside the stage (here an injected out-of-memory) warns and hands back the layer-wise model."""
+    def boom(self, x):
+        raise RuntimeError("out of memory (injected)")
+
+    fm = tiny_model("llama")
+    off = quantize(copy.deepcopy(fm), QuantConfig(**{**BUDGET, "e2e_epochs": 0}), CALIB)
+    monkeypatch.setattr(TunableW4A4, "forward", boom)
+    with pytest.warns(UserWarning, match="end-to-end stage failed.*out of memory.*keeping the layer-wise model"):
+        on = quantize(copy.deepcopy(fm), QuantConfig(**BUDGET), CALIB)
+    assert "out of memory" in on.flatquant_report["e2e"]["error"]
+    a, b = state(off), state(on)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_stage_trains_only_on_its_windows_and_measures_the_held_out_ones(monkeypatch):
+    from flatquant_lab.calibrate import e2e
+
+    trained, measured = [], []
+    real_train, real_measure = e2e._train_epoch, e2e._heldout_kl
+
+    def train_spy(model, calib_ids, th, norm, head, opt, sched, order, *rest):
+        trained.append(order.tolist())
+        return real_train(model, calib_ids, th, norm, head, opt, sched, order, *rest)
+
+    def measure_spy(model, calib_ids, th, idx, *rest):
+        measured.append(idx.tolist())
+        return real_measure(model, calib_ids, th, idx, *rest)
+
+    monkeypatch.setattr(e2e, "_train_epoch", train_spy)
+    monkeypatch.setattr(e2e, "_heldout_kl", measure_spy)
+    model, th, _ = _quantized_with_teacher()
+    rep = tune_scales(model, CALIB, th, QuantConfig(**BUDGET), progress=False)
+    assert rep["samples"] == 6 and rep["holdout"] == 2
+    assert [sorted(o) for o in trained] == [list(range(6))] * 2
+    assert measured == [[6, 7]] * 3  # before the first epoch and after each
+
+
+def test_a_deliberately_bad_start_is_repaired():
+    """The stage can learn: every row scale of the layer-wise model doubled is a large, structural error that a
+    few steps undo (measured on this tiny Llama, AMD EPYC at 1 and 2 threads alike: held-out KL 0.247 -> 0.131,
+    0.53x, after one epoch), far beyond any difference between CPU kinds; the guard then keeps a trained epoch."""
+    model, th, ref = _quantized_with_teacher("llama")
+    with torch.no_grad():
+        for m in w4a4_modules(model).values():
+            m.weight_scale.mul_(2.0)
+    rep = tune_scales(model, CALIB, th, QuantConfig(**{**BUDGET, "e2e_epochs": 2, "e2e_lr": 1e-1}), progress=False)
+    assert rep["kept_epoch"] >= 1
+    assert rep["heldout_kl_after"] < 0.75 * rep["heldout_kl_before"], rep["heldout_kl"]
 
 
 def test_tuning_is_deterministic():
@@ -180,25 +351,23 @@ def test_teacher_states_of_other_tokens_are_refused(bad, match):
 
 def test_fewer_windows_than_e2e_samples_are_refused():
     model, th, _ = _quantized_with_teacher()
-    with pytest.raises(ValueError, match="^calib_ids:.*e2e_samples"):
-        tune_scales(model, CALIB[:4], th[:4], QuantConfig(**BUDGET), progress=False)
+    with pytest.raises(ValueError, match="^calib_ids:.*e2e_samples \\+ e2e_holdout"):
+        tune_scales(model, CALIB[:7], th[:7], QuantConfig(**BUDGET), progress=False)
 
 
 # ==================================================================================== inside calibrate
-def test_calibration_runs_the_stage_and_serves_what_it_tuned():
+def test_calibration_runs_the_stage_and_serves_what_it_tuned(keep_last_epoch):
     fm = tiny_model("qwen2")
-    with torch.no_grad():
-        ref = fm(input_ids=CALIB).logits
     off = quantize(copy.deepcopy(fm), QuantConfig(**{**BUDGET, "e2e_epochs": 0}), CALIB)
     on = quantize(copy.deepcopy(fm), QuantConfig(**{**BUDGET, "e2e_epochs": 4, "e2e_lr": 2e-2}), CALIB)
     assert off.flatquant_report["e2e"] is None
     rep = on.flatquant_report["e2e"]
-    assert rep["samples"] == 8 and rep["epochs"] == 4 and len(rep["kl"]) == 4
-    # the layer-wise tensors are the same; the stage moved scales and clips only, and lowered the KL
+    assert rep["samples"] == 6 and rep["holdout"] == 2 and rep["epochs"] == 4 and len(rep["kl"]) == 4
+    assert rep["kept_epoch"] == 4
+    # the layer-wise tensors are the same; the stage moved scales and clips only
     a, b = state(off), state(on)
     changed = {k.rsplit(".", 1)[1] for k in a if not torch.equal(a[k], b[k])}
     assert changed == {"weight_scale", "clip_ratio"}, changed
-    assert kl_to(on, ref, CALIB) < kl_to(off, ref, CALIB)
     for key, names in clip_groups(on).items():
         assert float(on.get_submodule(names[0]).clip_ratio) == pytest.approx(rep["clip_ratios"][key], abs=0)
 
@@ -229,6 +398,10 @@ def test_other_e2e_settings_resume_the_layer_wise_work(tmp_path):
     (dict(e2e_epochs=1.5), "e2e_epochs"),
     (dict(e2e_samples=0), "e2e_samples"),
     (dict(e2e_samples=64, samples=32), "e2e_samples"),
+    (dict(e2e_samples=30, samples=32), "e2e_samples"),  # 30 + the 8 held out > 32
+    (dict(e2e_holdout=0), "e2e_holdout"),
+    (dict(samples=1), "e2e_holdout"),  # nothing left to train on
+    (dict(e2e_holdout=32), "e2e_holdout"),
     (dict(e2e_batch_size=0), "e2e_batch_size"),
     (dict(e2e_lr=0.0), "e2e_lr"),
     (dict(e2e_lr=float("nan")), "e2e_lr"),
@@ -243,15 +416,19 @@ def test_profiles_budget_the_stage():
     assert QuantConfig(profile="fast").tunes_end_to_end and QuantConfig(profile="full").tunes_end_to_end
     assert not QuantConfig(profile="paper").tunes_end_to_end  # unmeasured at that scale: opt in
     assert not QuantConfig(profile="fast", method="hadamard").tunes_end_to_end  # baselines stay baselines
-    assert QuantConfig(profile="fast", samples=8).budget("e2e_samples") == 8  # within a smaller calibration set
+    # within a smaller calibration set: a quarter of it held out
+    assert QuantConfig(profile="fast", samples=8).budget("e2e_samples") == 6
+    assert QuantConfig(profile="fast", samples=8).budget("e2e_holdout") == 2
+    assert QuantConfig(profile="fast").budget("e2e_samples") + QuantConfig(profile="fast").budget("e2e_holdout") == 32
+    assert QuantConfig(profile="fast", samples=1, e2e_epochs=0).budget("e2e_holdout") == 1  # no stage: no refusal
 
 
 def test_e2e_settings_for_a_baseline_warn():
     with pytest.warns(UserWarning, match="e2e_epochs"):
-        quantize(tiny_model("llama"), QuantConfig(method="rtn", e2e_epochs=2))
+        quantize(tiny_model("llama"), QuantConfig(method="rtn", weight_quantizer="rtn", e2e_epochs=2))
 
 
-def test_msmodelslim_recipe_tunes_through_its_w8a8_layers():
+def test_msmodelslim_recipe_tunes_through_its_w8a8_layers(keep_last_epoch):
     """o_proj / down_proj at W8A8_DYNAMIC: the int8 casts would cut the graph; gradients pass them straight
     through, so the q/k/v and gate/up scales still learn, and the W8A8 layers stay as they were."""
     fm = tiny_model("qwen2")
@@ -312,4 +489,5 @@ def test_recomputing_each_layer_gives_the_same_model(monkeypatch):
     for k, v in runs[False][0].items():
         assert torch.equal(v, runs[True][0][k]), k
     assert runs[True][1]["kl"] == runs[False][1]["kl"]
-    assert len(patched) == 1 and [type(b).__name__ for b in patched[0]] == ["LlamaDecoderLayer"] * 2  # every layer
+    # entered once per epoch (the guard measures between epochs on the int4 modules), over every layer
+    assert len(patched) == 2 and all([type(b).__name__ for b in p] == ["LlamaDecoderLayer"] * 2 for p in patched)

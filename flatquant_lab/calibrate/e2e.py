@@ -7,12 +7,18 @@ stage left them. Loss: ``KL(p_fp || p_q)`` per token, with ``p_fp = softmax(lm_h
 full-precision last-layer hidden states the layer-wise stage already computed (no second model), Adam and a
 cosine schedule. The forward rounds where the Ascend kernels round (straight-through), so the tuned
 tensors written back are what the int4 path then computes.
+
+Guard: ``KL(p_fp || p_q)`` is measured on the real int4 modules over ``e2e_holdout`` calibration windows the
+stage never trains on, before it starts and after each epoch; the best state seen is kept, the starting one
+included (then the model is the layer-wise one bit for bit). A step with a non-finite loss or gradient is
+skipped; a non-finite parameter ends the stage. Both warn (docs/method.md, "The end-to-end stage").
 """
 from __future__ import annotations
 
 import logging
 import math
 import time
+import warnings
 from contextlib import nullcontext
 
 import torch
@@ -21,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..devices import module_device
 from ..layers import W4A4FlatQuantLinear, W8A8DynamicLinear
-from ..models import adapter_for, set_submodule
+from ..models import adapter_for, clip_groups, set_submodule
 from ..quantizers import fake_quant_act, round_to as ste_cast
 from ..recipe import QuantConfig
 from .memory import recompute_blocks, saved_bytes
@@ -48,10 +54,12 @@ class TunableW4A4(nn.Module):
         self.linear = linear
         self.clip_logit = clip_logit
         self.log_mult = nn.Parameter(torch.zeros(linear.out_features, device=linear.weight_scale.device))
+        # the layer-wise scale: the linear's own buffer is overwritten with candidates while the guard measures them
+        self.register_buffer("base_scale", linear.weight_scale.detach().clone(), persistent=False)
 
     def scale(self) -> torch.Tensor:
         """``weight_scale exp(u)`` ``[O, 1]`` in float32."""
-        return self.linear.weight_scale.float() * self.log_mult.exp()[:, None]
+        return self.base_scale.float() * self.log_mult.exp()[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.linear
@@ -108,47 +116,72 @@ def _recompute(model: nn.Module, ids: torch.Tensor, cfg: QuantConfig) -> bool:
     return on
 
 
-def _train(model, calib_ids, teacher_hidden, norm, head, opt, sched, gen, n, bs, epochs, steps, progress) -> list[float]:
-    """The stage's loop: per step, KL(p_fp || p_q) on a shuffled batch of windows; returns the mean KL per epoch."""
+def _kl(target_logp: torch.Tensor, out_logits: torch.Tensor) -> torch.Tensor:
+    """``KL(p_fp || p_q)`` per token ``[batch, seqlen]`` from the teacher's log-probabilities and the model's logits."""
+    out = out_logits.float().log_softmax(-1)
+    return (target_logp.exp() * (target_logp - out)).sum(-1)
+
+
+def _teacher(teacher_hidden, idx: torch.Tensor, norm, head, dev, dtype) -> torch.Tensor:
+    with torch.no_grad():
+        h = torch.cat([teacher_hidden[i:i + 1] for i in idx.tolist()]).to(dev, dtype)
+        return head(norm(h)).float().log_softmax(-1)
+
+
+def _heldout_kl(model, calib_ids, teacher_hidden, idx: torch.Tensor, norm, head, bs: int) -> torch.Tensor:
+    """Mean ``KL(p_fp || p_q)`` of each window of ``idx`` ``[len(idx)]`` (float64), the model as it serves."""
     dev, dtype = module_device(model), next(head.parameters()).dtype
-    kl_epochs = []
-    bar = tqdm(total=steps, desc="end-to-end", unit="step", disable=not progress)
-    for ep in range(epochs):
-        total = 0.0
-        for idx in torch.randperm(n, generator=gen, device="cpu").split(bs):  # the generator is the host's
-            ids = calib_ids[idx].to(dev)
-            with torch.no_grad():
-                h = torch.cat([teacher_hidden[i:i + 1] for i in idx.tolist()]).to(dev, dtype)
-                target = head(norm(h)).float().log_softmax(-1)
-            out = model(input_ids=ids, use_cache=False).logits.float().log_softmax(-1)
-            loss = (target.exp() * (target - out)).sum(-1).mean()  # KL(p_fp || p_q) per token
-            opt.zero_grad(set_to_none=True)
+    per_window = []
+    with torch.no_grad():
+        for b in idx.split(bs):
+            target = _teacher(teacher_hidden, b, norm, head, dev, dtype)
+            out = model(input_ids=calib_ids[b].to(dev), use_cache=False).logits
+            per_window.append(_kl(target, out).mean(-1).double().cpu())
+    return torch.cat(per_window)
+
+
+def _finite(tensors) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _train_epoch(model, calib_ids, teacher_hidden, norm, head, opt, sched, order, bs, params, bar, ep) -> dict:
+    """One epoch of ``KL(p_fp || p_q)`` steps over the windows ``order`` (already shuffled), in batches of ``bs``.
+
+    A step whose loss or gradient is not finite is skipped (the schedule still advances, so the run stays the
+    same run); a step that leaves a parameter non-finite ends the epoch with ``stopped`` set, the parameters
+    put back to where they were before it. Returns the mean training KL, the skipped steps and ``stopped``.
+    """
+    dev, dtype = module_device(model), next(head.parameters()).dtype
+    total, seen, skipped, stopped = 0.0, 0, 0, None
+    for idx in order.split(bs):
+        target = _teacher(teacher_hidden, idx, norm, head, dev, dtype)
+        loss = _kl(target, model(input_ids=calib_ids[idx].to(dev), use_cache=False).logits).mean()
+        opt.zero_grad(set_to_none=True)
+        kl = float(loss.detach())
+        if math.isfinite(kl):
             loss.backward()
-            opt.step()
-            sched.step()
-            kl = float(loss.detach())
-            total += kl * len(idx)
+        if not math.isfinite(kl) or not _finite(p.grad for p in params if p.grad is not None):
+            skipped += 1
+            opt.zero_grad(set_to_none=True)
+            with warnings.catch_warnings():  # torch warns when the schedule steps before any optimiser step
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                sched.step()
             bar.update(1)
-            bar.set_postfix(epoch=ep, kl=f"{kl:.4f}")
-        kl_epochs.append(total / n)
-        log.info("end-to-end epoch %d: KL %.4f", ep, kl_epochs[-1])
-    bar.close()
-    return kl_epochs
-
-
-def clip_groups(model: nn.Module) -> dict[str, list[str]]:
-    """Module names of the ``W4A4FlatQuantLinear`` sharing one input (and so one clip), per group:
-    ``"model.layers.0.attn" -> [q_proj, k_proj, v_proj]`` (their full names)."""
-    adapter = adapter_for(model)
-    groups = {}
-    for i, layer in enumerate(adapter.decoder_layers(model)):
-        prefix = adapter.layer_prefix(i)
-        for g in adapter.groups:
-            names = [f"{prefix}.{lin}" for lin in g.linears
-                     if isinstance(layer.get_submodule(lin), W4A4FlatQuantLinear)]
-            if names:
-                groups[f"{prefix}.{g.name}"] = names
-    return groups
+            continue
+        before = [p.detach().clone() for p in params]
+        opt.step()
+        sched.step()
+        bar.update(1)
+        if not _finite(p.detach() for p in params):
+            with torch.no_grad():
+                for p, b in zip(params, before):
+                    p.copy_(b)
+            stopped = f"a step of epoch {ep} made a parameter non-finite"
+            break
+        total += kl * len(idx)
+        seen += len(idx)
+        bar.set_postfix(epoch=ep, kl=f"{kl:.4f}")
+    return {"kl": total / seen if seen else float("nan"), "skipped": skipped, "stopped": stopped}
 
 
 def _final_norm_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -163,25 +196,30 @@ def _final_norm_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 def tune_scales(model: nn.Module, calib_ids: torch.Tensor, teacher_hidden, cfg: QuantConfig,
                 progress: bool = True) -> dict:
     """Tune every ``W4A4FlatQuantLinear``'s ``weight_scale`` rows and each input's ``clip_ratio`` in place
-    (see module docstring) on the first ``cfg.budget("e2e_samples")`` windows of ``calib_ids`` ``[n, seqlen]``.
+    (see module docstring) on the first ``e2e_samples`` windows of ``calib_ids`` ``[n, seqlen]``, keeping the state
+    with the least KL on its last ``e2e_holdout`` windows (the starting state included).
 
     ``teacher_hidden``: the full-precision model's last decoder layer outputs on ``calib_ids`` (a tensor or
     ``HeldActivations`` ``[n, seqlen, hidden]``, read one window at a time as ``teacher_hidden[i:i + 1]``). Runs
-    where the model is; returns the stage's report (per-epoch KL, seconds, the multipliers' range, the clips).
+    where the model is; returns the stage's report: training KL per epoch, held-out KL before and after each
+    epoch, the epoch kept (0: the layer-wise state), skipped steps, seconds, the multipliers' range, the clips.
     """
     t0 = time.perf_counter()
-    n = cfg.budget("e2e_samples")
-    if calib_ids.dim() != 2 or calib_ids.shape[0] < n:
-        raise ValueError(f"calib_ids: expected [n >= {n} (e2e_samples), seqlen] token ids, got {tuple(calib_ids.shape)}")
+    n, held = cfg.budget("e2e_samples"), cfg.budget("e2e_holdout")
+    if calib_ids.dim() != 2 or calib_ids.shape[0] < n + held:
+        raise ValueError(f"calib_ids: expected [n >= {n + held} (e2e_samples + e2e_holdout), seqlen] token ids, "
+                         f"got {tuple(calib_ids.shape)}")
     if tuple(teacher_hidden.shape[:2]) != tuple(calib_ids.shape):
         raise ValueError(f"teacher_hidden: expected [{calib_ids.shape[0]}, {calib_ids.shape[1]}, hidden] (one state "
                          f"per calibration token), got {tuple(teacher_hidden.shape)}")
     dev = module_device(model)
     norm, head = _final_norm_and_head(model)
     groups = clip_groups(model)
+    report = {"samples": n, "holdout": held, "epochs": 0, "kl": [], "heldout_kl": [], "kept_epoch": 0,
+              "skipped_steps": 0, "stopped": None, "seconds": 0.0}
     if not groups or cfg.budget("e2e_epochs") == 0:
         log.info("end-to-end stage: %s", "e2e_epochs=0" if groups else "no W4A4FlatQuantLinear to tune")
-        return {"samples": n, "epochs": 0, "kl": [], "seconds": 0.0}
+        return report
     twins: dict[str, TunableW4A4] = {}
     clips: dict[str, nn.Parameter] = {}
     for key, names in groups.items():
@@ -195,11 +233,9 @@ def tune_scales(model: nn.Module, calib_ids: torch.Tensor, teacher_hidden, cfg: 
                 clips[ck] = nn.Parameter(torch.tensor(logit(min(float(m.clip_ratio.item()), 1 - 1e-6)), device=dev))
             twins[nm] = TunableW4A4(m, clips[ck])
     passes = {nm: PassW8A8(m) for nm, m in model.named_modules() if isinstance(m, W8A8DynamicLinear)}
-    requires = {p: p.requires_grad for p in model.parameters()}
-    for p in requires:
-        p.requires_grad_(False)
-    for nm, tw in [*twins.items(), *passes.items()]:
-        set_submodule(model, nm, tw)
+    start = {nm: (tw.linear.weight_scale.detach().clone(), tw.linear.clip_ratio.detach().clone())
+             for nm, tw in twins.items()}
+    params = [*(tw.log_mult for tw in twins.values()), *clips.values()]
     lr = cfg.budget("e2e_lr")
     opt = torch.optim.Adam([{"params": [tw.log_mult for tw in twins.values()], "lr": lr},
                             {"params": list(clips.values()), "lr": lr * cfg.e2e_clip_lr_mult}])
@@ -207,24 +243,100 @@ def tune_scales(model: nn.Module, calib_ids: torch.Tensor, teacher_hidden, cfg: 
     steps = epochs * math.ceil(n / bs)
     sched = cosine_schedule(opt, steps)
     gen = torch.Generator().manual_seed(cfg.seed)
+    heldout = torch.arange(calib_ids.shape[0] - held, calib_ids.shape[0], device="cpu")  # indexes host tensors
+
+    def write(snapshot) -> None:
+        """Put a state into the int4 modules: ``None``, the layer-wise one exactly; else (log_mults, clip logits)."""
+        with torch.no_grad():
+            for nm, tw in twins.items():
+                scale, clip = start[nm]
+                if snapshot is None:
+                    tw.linear.weight_scale.copy_(scale)
+                    tw.linear.clip_ratio.copy_(clip)
+                else:
+                    mults, logits = snapshot
+                    tw.linear.weight_scale.copy_((scale.float() * mults[nm].exp()[:, None]).to(scale.dtype))
+                    tw.linear.set_clip_ratio(float(torch.sigmoid(logits[id(tw.clip_logit)])))
+
+    guard_seconds = [0.0]
+
+    def measure() -> torch.Tensor:
+        t = time.perf_counter()
+        kl = _heldout_kl(model, calib_ids, teacher_hidden, heldout, norm, head, bs)
+        guard_seconds[0] += time.perf_counter() - t
+        return kl
+
+    requires = {p: p.requires_grad for p in model.parameters()}
+    bar = tqdm(total=steps, desc="end-to-end", unit="step", disable=not progress)
     try:
+        kl0 = measure()
+        kept, best, best_snap = 0, kl0, None
+        heldout_kl = [float(kl0.mean())]
+        if not math.isfinite(heldout_kl[0]):
+            warnings.warn(f"end-to-end stage: the layer-wise model's held-out KL is {heldout_kl[0]}; stage skipped",
+                          stacklevel=2)
+            report.update(heldout_kl=heldout_kl, stopped="non-finite held-out KL before training")
+            return report
+        for p in requires:
+            p.requires_grad_(False)
+        for nm, tw in [*twins.items(), *passes.items()]:
+            set_submodule(model, nm, tw)
         recompute = _recompute(model, calib_ids[:bs].to(dev), cfg)
         layers = list(adapter_for(model).decoder_layers(model))
-        with recompute_blocks(layers) if recompute else nullcontext():
-            kl_epochs = _train(model, calib_ids, teacher_hidden, norm, head, opt, sched, gen, n, bs, epochs, steps,
-                               progress)
-    finally:
-        with torch.no_grad():
+        kl_epochs, skipped, stopped = [], 0, None
+        for ep in range(epochs):
             for nm, tw in [*twins.items(), *passes.items()]:
-                set_submodule(model, nm, tw.linear)
-            for p, r in requires.items():
-                p.requires_grad_(r)
+                set_submodule(model, nm, tw)
+            order = torch.randperm(n, generator=gen, device="cpu")  # the generator is the host's
+            try:
+                with recompute_blocks(layers) if recompute else nullcontext():
+                    out = _train_epoch(model, calib_ids, teacher_hidden, norm, head, opt, sched, order, bs, params,
+                                       bar, ep)
+            finally:
+                for nm, tw in [*twins.items(), *passes.items()]:
+                    set_submodule(model, nm, tw.linear)
+            kl_epochs.append(out["kl"])
+            skipped += out["skipped"]
+            snap = ({nm: tw.log_mult.detach().clone() for nm, tw in twins.items()},
+                    {id(c): c.detach().clone() for c in clips.values()})
+            ratios = torch.sigmoid(torch.stack(list(snap[1].values())))
+            if not bool(((ratios > 0) & (ratios <= 1)).all()):  # a logit so negative its sigmoid is 0 in float32
+                heldout_kl.append(float("nan"))
+                stopped = f"epoch {ep} left a clip ratio outside (0, 1]"
+                break
+            write(snap)
+            kl = measure()
+            heldout_kl.append(float(kl.mean()))
+            log.info("end-to-end epoch %d: training KL %.4f, held-out KL %.4f", ep + 1, out["kl"], heldout_kl[-1])
+            if heldout_kl[-1] < float(best.mean()):  # a non-finite KL is never better
+                kept, best, best_snap = ep + 1, kl, snap
+            if out["stopped"]:
+                stopped = out["stopped"]
+                break
+    except BaseException:
+        write(None)
+        raise
+    finally:
+        bar.close()
+        for nm, tw in [*twins.items(), *passes.items()]:
+            set_submodule(model, nm, tw.linear)
+        for p, r in requires.items():
+            p.requires_grad_(r)
+    write(best_snap)
+    if skipped or stopped:
+        warnings.warn(f"end-to-end stage: {skipped} step(s) skipped for a non-finite loss or gradient"
+                      + (f"; ended early: {stopped}" if stopped else "") + f"; kept epoch {kept}", stacklevel=2)
     with torch.no_grad():
-        mult = torch.cat([tw.log_mult.detach().exp() for tw in twins.values()])
-        for tw in twins.values():
-            tw.linear.weight_scale.copy_(tw.scale().to(tw.linear.weight_scale.dtype))
-            tw.linear.set_clip_ratio(float(torch.sigmoid(tw.clip_logit)))
-        tuned_clips = {k: float(torch.sigmoid(v)) for k, v in clips.items()}
-    return {"samples": n, "epochs": epochs, "batch_size": bs, "lr": lr, "kl": kl_epochs, "recompute_layers": recompute,
-            "scale_multiplier_range": [float(mult.min()), float(mult.max())], "clip_ratios": tuned_clips,
-            "seconds": time.perf_counter() - t0}
+        mult = torch.cat([(tw.linear.weight_scale.float() / start[nm][0].float()).flatten()
+                          for nm, tw in twins.items()])
+        tuned_clips = {k: float(model.get_submodule(groups[k][0] if k in groups else k).clip_ratio) for k in clips}
+    diff = (best - kl0)  # per held-out window: how sure the gain is
+    report.update(epochs=epochs, batch_size=bs, lr=lr, kl=kl_epochs, heldout_kl=heldout_kl, kept_epoch=kept,
+                  heldout_kl_before=heldout_kl[0], heldout_kl_after=float(best.mean()),
+                  heldout_gain_se=float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else None,
+                  skipped_steps=skipped, stopped=stopped, recompute_layers=recompute,
+                  scale_multiplier_range=[float(mult.min()), float(mult.max())], clip_ratios=tuned_clips,
+                  guard_seconds=guard_seconds[0], seconds=time.perf_counter() - t0)
+    log.info("end-to-end stage: held-out KL %.4f -> %.4f (kept epoch %d of %d)", heldout_kl[0], float(best.mean()),
+             kept, epochs)
+    return report

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..layers import QUANTIZED_LAYERS, W4A4FlatQuantLinear, W8A8DynamicLinear
 from .base import GroupSpec, ModelAdapter, ModelInfo, UnsupportedModelError, supported_text
+from .clip import clip_groups, set_group_clip_ratio
 from .llama import LLAMA_GROUPS, LlamaAdapter
 from .qwen2 import Qwen2Adapter
 from .qwen3 import Qwen3Adapter
@@ -36,8 +37,8 @@ def is_row_parallel(prefix: str) -> bool:
 __all__ = [
     "ADAPTERS", "FUSED_MODULES", "GROUPS", "ROW_PARALLEL_LINEARS", "is_row_parallel", "GroupSpec", "LINEAR_NAMES",
     "ModelAdapter", "ModelInfo",
-    "SUPPORTED_MODEL_TYPES", "UnsupportedModelError", "adapter_for", "decoder_layers", "layer_prefix",
-    "linear_weight_bytes", "model_info", "quantized_linear_names", "set_submodule",
+    "SUPPORTED_MODEL_TYPES", "UnsupportedModelError", "adapter_for", "clip_groups", "decoder_layers", "layer_prefix",
+    "linear_weight_bytes", "model_info", "quantized_linear_names", "set_group_clip_ratio", "set_submodule",
 ]
 
 
