@@ -13,7 +13,8 @@ seconds are roughly what the phase costs when the process has a core to itself.
   functions of ``calibrate`` in its order (capture, float forward, init, training, fake-quant pass,
   finalize), each timed once; then ``calibrate`` itself on a copy of the same model, as a check that
   the instrumented sequence costs the same and learns the same losses.
-* ``paper`` profile (SPEC's recipe: 128 x 2048 tokens, 15 epochs = 480 steps of 4 x 2048): capture
+* ``paper`` profile (the published recipe, docs/method.md: 128 x 2048 tokens, 15 epochs = 480 steps of
+  4 x 2048): capture
   runs on all 128 samples (X and Y are held at full size, Y assembled as ``float_forward`` does); the
   float forward and the fake-quant pass run on ``--paper-samples`` of them and are scaled (their cost
   is linear in the samples); init and finalize (GPTQ included) run for real; ``--paper-steps``
@@ -167,7 +168,7 @@ def capture_layer0(model, cfg, ids, bs, clk, hw):
 
 def child_fast(args) -> dict:
     model = make_model(args.vocab)
-    cfg = QuantConfig(method="flatquant", weight_quantizer="gptq", profile="fast")
+    cfg = QuantConfig(method="flatquant", weight_quantizer="gptq", profile="fast").for_model(model)
     n, seqlen, bs = cfg.budget("samples"), cfg.budget("seqlen"), cfg.budget("batch_size")
     ids = random_ids(args.vocab, n, seqlen)
     reference = copy.deepcopy(model)  # for calibrate() as a whole, afterwards
@@ -200,7 +201,7 @@ def child_fast(args) -> dict:
 
 def child_paper(args) -> dict:
     model = make_model(args.vocab)
-    cfg = QuantConfig(method="flatquant", weight_quantizer="gptq", profile="paper")
+    cfg = QuantConfig(method="flatquant", weight_quantizer="gptq", profile="paper").for_model(model)
     n, seqlen, bs = cfg.budget("samples"), cfg.budget("seqlen"), cfg.budget("batch_size")
     part = args.paper_samples
     if part % bs or not 0 < part <= n:
@@ -217,7 +218,7 @@ def child_paper(args) -> dict:
     hw["float fwd"] = peak_mib()
     learned = clk("init", lambda: C.init_learned(layer, groups, cfg, stats, 0))
     hw["init"] = peak_mib()
-    one = QuantConfig(method="flatquant", weight_quantizer="gptq", profile="paper", epochs=1)
+    one = QuantConfig(method="flatquant", weight_quantizer="gptq", profile="paper", epochs=1).for_model(model)
     steps_wall, steps_cpu = [], []
     for k in range(args.paper_steps + 1):  # the first is a warm-up
         clk("step", one_step(layer, groups, learned, X, Y, kw, one, (k * bs) % n))
@@ -245,7 +246,7 @@ def child_share(args) -> dict:
         if repeats < 1:
             continue
         seqlen = PROFILES[name]["seqlen"]
-        cfg = QuantConfig(method="flatquant", profile=name, epochs=1)
+        cfg = QuantConfig(method="flatquant", weight_quantizer="rtn", profile=name, epochs=1).for_model(model)
         layer = decoder_layers(model)[0]
         groups = C.plan_layer(model, 0, cfg)
         X, kw = C.capture_layer_inputs(model, random_ids(args.vocab, BATCH, seqlen), BATCH)
@@ -345,7 +346,7 @@ def report_paper(r: dict) -> float:
     per = {q: tuple(sum(est[p][i] for p in ("float_forward", "init", "train", f"fq_{q}", f"fin_{q}"))
                     for i in (0, 1)) for q in ("rtn", "gptq")}
     part = f"on {r['part']} of {r['n']} samples, x {sc:g}"
-    print(f"\n[paper] profile 'paper' (SPEC's recipe): {r['n']} x {r['seqlen']} tokens, {r['epochs']} epochs, "
+    print(f"\n[paper] profile 'paper' (the published recipe): {r['n']} x {r['seqlen']} tokens, {r['epochs']} epochs, "
           f"batch {BATCH} -> {r['steps']} steps of {BATCH * r['seqlen']} tokens")
     print(f"  M = measured in full, E = extrapolated from what the note says was measured "
           f"(child {r['child_wall']:.0f} s)")

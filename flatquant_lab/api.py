@@ -45,8 +45,12 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, calib_data=Non
     (losses, clip ratios, what stayed float and why, what data) is left on ``model.flatquant_report``.
     ``calib_data`` must hold at least the config's ``samples`` x ``seqlen`` token ids; the first
     ``samples`` sequences, cut to ``seqlen``, are what calibration runs on (the config records it).
+    ``QuantConfig()`` (the default) is FlatQuant with GPTQ weights at the ``fast`` profile: it needs
+    ``calib_data``. The W4A4 layers compute in the model's dtype when it is float16 or bfloat16, in
+    bfloat16 for a float32 model (``QuantConfig.act_dtype``).
     """
-    config = config or QuantConfig()
+    # act_dtype None: a float16/bfloat16 model's own dtype, bfloat16 for a float32 model
+    config = (config or QuantConfig()).for_model(model)
     if device is not None:
         config = dataclasses.replace(config, device=device)  # validated by QuantConfig
     ids = _as_ids(calib_data)

@@ -4,12 +4,15 @@
     ids = calibration_ids(bundled_data_path("calib"), tokenizer, n_samples=32, seqlen=256, seed=0)
 
 The bundled files (``flatquant_lab/eval/tasks/wiki_fq/wiki_{calib,eval}.jsonl``, built by
-``flatquant-lab build-data``) are read through ``datasets.load_dataset("json", ...)``, offline.
+``flatquant-lab build-data``) and any .jsonl / .json of records are read with the standard library (the
+``datasets`` package is needed only for other JSON layouts, or to pass a ``datasets.Dataset``).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -49,23 +52,70 @@ def load_texts(source) -> list[str]:
         if not path.is_file():
             raise FileNotFoundError(f"source: {str(path)!r} is not a file (expected .jsonl/.json or text)")
         if path.suffix in (".jsonl", ".json"):
-            return _dataset_texts(load_jsonl_dataset(path), f"source {path}")
+            rows = _json_rows(path)
+            if rows is None:  # JSON that is not records (e.g. a dict of columns): datasets' reader
+                from .extras import require
+
+                require("datasets", "eval", f"reading {path.name} (not one JSON object per record)")
+                return _dataset_texts(load_jsonl_dataset(path), f"source {path}")
+            return _row_texts(rows, f"source {path}")
         return [path.read_text(encoding="utf-8")]
     if isinstance(source, Sequence) and not isinstance(source, (bytes, bytearray)):
         bad = [type(s).__name__ for s in source if not isinstance(s, str)]
         if bad:
             raise TypeError(f"source: expected a list of str, found items of type {sorted(set(bad))}")
         return list(source)
-    try:
-        import datasets
-    except ImportError:  # pragma: no cover - datasets is a requirement
-        datasets = None
+    datasets = sys.modules.get("datasets")  # a Dataset object means datasets is imported already
     if datasets is not None and isinstance(source, datasets.Dataset):
         return _dataset_texts(source, "source")
     raise TypeError(
         f"source: expected a .jsonl/.json/text file path, a list of str or a datasets.Dataset, "
         f"got {type(source).__name__}"
     )
+
+
+def _json_rows(path: Path) -> list[dict] | None:
+    """The records of a .jsonl file (one JSON object per line) or of a .json file holding a list of objects;
+    None for any other JSON layout. Read with the standard library (no datasets needed)."""
+    text = path.read_text(encoding="utf-8")
+
+    def lines():
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"source: {path} line {n} is not JSON ({exc.msg})") from None
+        return rows
+
+    if path.suffix == ".jsonl":
+        rows = lines()
+    else:
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError:
+            rows = lines()  # JSON lines in a .json file, as datasets reads them
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        return None
+    return rows
+
+
+def _row_texts(rows: list[dict], what: str) -> list[str]:
+    """The ``text`` field of every record (or their only string field), as ``_dataset_texts`` reads a Dataset."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    if "text" in keys:
+        col = "text"
+    else:
+        strings = [k for k in keys if all(isinstance(r.get(k), str) for r in rows)]
+        if len(strings) != 1:
+            raise ValueError(f"{what}: expected a 'text' field (or exactly one string field), has {keys}")
+        col = strings[0]
+    texts = [r.get(col) for r in rows]
+    bad = sorted({type(t).__name__ for t in texts if not isinstance(t, str)})
+    if bad:
+        raise ValueError(f"{what}: expected str in every record's {col!r} field, found {bad}")
+    return texts
 
 
 def _dataset_texts(ds, what: str) -> list[str]:

@@ -4,7 +4,7 @@ Each method starts from a fresh copy of the model, is evaluated through lm-eval 
 evaluation articles (word perplexity; token perplexity from the same log-likelihoods), and lands in
 one table, ``demo.json`` and ``demo.png`` in the output folder. The three FlatQuant rows (the default
 recipe, msModelSlim's mixed recipe, and TP-N-aware transforms) are exported to ``export-<method>``
-there (what vllm-ascend loads), and each export goes through ``serve_check`` (SPEC section 11): the
+there (what vllm-ascend loads), and each export goes through ``serve_check`` (docs/tensor-parallel.md): the
 table says at which tensor-parallel sizes vLLM would load it.
 """
 from __future__ import annotations
@@ -111,8 +111,12 @@ def run_demo(model_name: str = "smollm2-135m", profile: str = "fast", out_dir: s
     from .io import save_quantized
     from .models import linear_weight_bytes
 
+    from .extras import require
+
     if profile not in DEMO_PROFILES:
         raise ValueError(f"profile: expected one of {DEMO_PROFILES}, got {profile!r}")
+    for module in ("lm_eval", "matplotlib"):  # before an hour of calibration, not after it
+        require(module, "eval", "the demo")
     methods = DEFAULT_METHODS[profile] if methods is None else tuple(methods)
     bad = [m for m in methods if m not in METHODS]
     if bad:
@@ -124,20 +128,22 @@ def run_demo(model_name: str = "smollm2-135m", profile: str = "fast", out_dir: s
     configs = {}
     t_all = time.perf_counter()
     for method in methods:
-        log.info("=== %s ===", LABELS[method])
+        # dtype "auto": the model's own; the bundled GGUF model is float32 (its published figures ran on that)
         model, tok = load_model(model_name, num_layers=num_layers)
+        fq_cfg = fq_cfg.for_model(model)  # act_dtype: the model's if float16/bfloat16, else bfloat16
         bf16_bytes = 2 * decoder_linear_params(model)
         calib_s = 0.0
-        label = LABELS[method]
+        model_tp = demo_tp_size(model)  # the smallest TP size above 1 this model can be split over
+        tp = model_tp if method == "flatquant_tp" else 1
+        label = LABELS[method].format(tp=tp)
+        log.info("=== %s ===", label)
         serving = None
         if method in ("rtn", "hadamard") + FLATQUANT_ROWS:
             # The baselines as defined (fixed transforms, clip 1.0, round-to-nearest weights) need no
             # data; FlatQuant learns on the calibration set and GPTQs its weights.
-            model_tp = demo_tp_size(model)  # the smallest TP size above 1 this model can be split over
-            tp = model_tp if method == "flatquant_tp" else 1
-            label = label.format(tp=tp)
             cfg = (flatquant_config(method, profile, seed, samples, epochs, seqlen, tp_size=tp)
                    if method in FLATQUANT_ROWS else QuantConfig(method=method, weight_quantizer="rtn", seed=seed))
+            cfg = cfg.for_model(model)
             configs[method] = cfg.to_dict()
             ids = None
             if method in FLATQUANT_ROWS:

@@ -33,7 +33,7 @@ import torch
 
 from . import offline  # noqa: F401  (sets the offline variables before transformers is imported)
 from .devices import require_available
-from .dtypes import as_dtype
+from .dtypes import FLOAT_DTYPES, as_dtype
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +164,11 @@ def ensure_cached(alias: str) -> Path:
 def _convert_gguf(src: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .extras import require
+
+    for module in ("gguf", "accelerate"):  # transformers reads GGUF files through both
+        require(module, "eval", f"converting the bundled {src.name}")
+
     kw = dict(gguf_file=src.name, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(str(src.parent), **kw)
     model = AutoModelForCausalLM.from_pretrained(str(src.parent), dtype=torch.float32, **kw)
@@ -201,19 +206,58 @@ def resolve(name_or_dir: str | os.PathLike) -> Path:
     return path
 
 
-def load_model(name_or_dir: str | os.PathLike, dtype=torch.float32, num_layers: int | None = None, device=None):
-    """Load ``(model, tokenizer)`` from an alias (``smollm2-135m``) or a local HF model directory.
+def config_dtype(path: str | os.PathLike) -> torch.dtype | None:
+    """The dtype a model folder's ``config.json`` declares (``dtype``, or the older ``torch_dtype``), if it is
+    float32, bfloat16 or float16; else None."""
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for key in ("dtype", "torch_dtype"):
+        name = cfg.get(key)
+        if isinstance(name, str):
+            found = getattr(torch, name.removeprefix("torch."), None)
+            if found in FLOAT_DTYPES:
+                return found
+    return None
 
-    The weights are read tensor by tensor straight into ``dtype`` (no float32 copy of a half model) on
-    ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``npu``, ``npu:N``; default the CPU).
-    ``num_layers=k`` keeps only the first ``k`` decoder layers (``config.num_hidden_layers = k``);
-    the rest are never loaded. Meant for tests and CI. The model is returned in eval mode.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    dtype = as_dtype(dtype)
-    dev = require_available(device) if device is not None else torch.device("cpu")
+def model_dtype(name_or_dir: str | os.PathLike, dtype="auto") -> torch.dtype:
+    """The dtype ``load_model(name_or_dir, dtype)`` loads in: ``dtype`` itself, or for ``"auto"`` the one the
+    model's ``config.json`` declares, float32 when it declares none. The bundled ``smollm2-135m`` is float32:
+    its GGUF is dequantized to float32 (the cache's config.json says so), as every published figure used."""
+    if isinstance(dtype, str) and dtype.strip().lower() == "auto":
+        return config_dtype(resolve(name_or_dir)) or torch.float32
+    return as_dtype(dtype)
+
+
+# Files a Hugging Face tokenizer is loaded from (any of them).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "merges.txt", "spiece.model", "special_tokens_map.json")
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer of a resolved model folder, or a FileNotFoundError saying what is missing (cheap: loaded
+    before any weight, so a folder without one fails in a second)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, TypeError) as exc:
+        # transformers' own message talks about the Hub and model ids; say what is missing here.
+        present = sorted(f.name for f in Path(path).iterdir() if f.name in TOKENIZER_FILES)
+        why = (f"it has {', '.join(present)}, but loading failed: {' '.join(str(exc).split())}" if present else
+               f"it has none of {', '.join(TOKENIZER_FILES[:3])} ...")
+        raise FileNotFoundError(
+            f"name_or_dir: {str(path)!r} has no loadable tokenizer ({why}); save the model's tokenizer there with "
+            "tokenizer.save_pretrained(folder)"
+        ) from None
+
+
+def load_config(name_or_dir: str | os.PathLike, num_layers: int | None = None):
+    """``(config, full layer count)`` of a model: its Hugging Face config, cut to ``num_layers`` decoder layers."""
+    from transformers import AutoConfig
+
     path = resolve(name_or_dir)
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     full = config.num_hidden_layers
@@ -226,23 +270,56 @@ def load_model(name_or_dir: str | os.PathLike, dtype=torch.float32, num_layers: 
             val = getattr(config, attr, None)
             if isinstance(val, list) and len(val) == full:
                 setattr(config, attr, val[:num_layers])
+    return config, full
+
+
+def empty_model(name_or_dir: str | os.PathLike, num_layers: int | None = None):
+    """The model's module structure on the meta device, no weights read or allocated (about a second even for
+    a 70B model): for checks of its shapes (``calibrate.plan_model``) before a long load."""
+    from transformers import AutoModelForCausalLM
+
+    config, _ = load_config(name_or_dir, num_layers)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def load_model(name_or_dir: str | os.PathLike, dtype="auto", num_layers: int | None = None, device=None):
+    """Load ``(model, tokenizer)`` from an alias (``smollm2-135m``) or a local HF model directory.
+
+    ``dtype``: ``"auto"`` (default) loads the model in the dtype its ``config.json`` declares (``dtype`` or
+    ``torch_dtype``; float32 if none: the bundled GGUF model is float32), or float32 / bfloat16 / float16
+    when given. The weights are read tensor by tensor straight into it (no float32 copy of a half model) on
+    ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``npu``, ``npu:N``; default the CPU).
+    ``num_layers=k`` keeps only the first ``k`` decoder layers (``config.num_hidden_layers = k``);
+    the rest are never loaded. Meant for tests and CI. The model is returned in eval mode. The tokenizer
+    is loaded first: a folder without one fails before any weight is read.
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    if not (isinstance(dtype, str) and dtype.strip().lower() == "auto"):
+        dtype = as_dtype(dtype)
+    dev = require_available(device) if device is not None else torch.device("cpu")
+    path = resolve(name_or_dir)
+    dtype = model_dtype(path, dtype)
+    tokenizer = load_tokenizer(path)
+    config, full = load_config(path, num_layers)
     # The dropped layers' weights are "unexpected keys" by design: keep that report out of the log.
     verbosity = hf_logging.get_verbosity()
     if num_layers is not None and num_layers < full:
         hf_logging.set_verbosity_error()
     try:
+        # Straight onto an accelerator through accelerate's device map (no host copy); on the CPU, without it.
+        placement = {}
+        if dev.type != "cpu":
+            from .extras import require
+
+            require("accelerate", "eval", f"loading a model straight onto {dev}")
+            placement = {"device_map": {"": dev}}
         model = AutoModelForCausalLM.from_pretrained(str(path), config=config, dtype=dtype, local_files_only=True,
-                                                     device_map={"": dev})
+                                                     **placement)
     finally:
         hf_logging.set_verbosity(verbosity)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError, TypeError) as exc:
-        # transformers' own message talks about the Hub and model ids; say what is missing here.
-        raise FileNotFoundError(
-            f"name_or_dir: {str(path)!r} has model weights but no loadable tokenizer (expected "
-            f"tokenizer.json or tokenizer_config.json with its vocabulary files): {exc}"
-        ) from exc
     model.eval()
     log.info("loaded %s: %d of %d layers, %s on %s", path, config.num_hidden_layers, full, dtype, dev)
     return model, tokenizer

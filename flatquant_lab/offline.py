@@ -21,12 +21,15 @@ def set_offline_env() -> None:
 def force_offline() -> None:
     """Offline mode even if ``datasets`` / ``huggingface_hub`` were imported before the variables were set."""
     set_offline_env()
-    import datasets
     import huggingface_hub.constants as hub_constants
 
+    hub_constants.HF_HUB_OFFLINE = True
+    try:
+        import datasets  # an optional dependency (the eval extra)
+    except ModuleNotFoundError:
+        return
     datasets.config.HF_DATASETS_OFFLINE = True
     datasets.config.HF_HUB_OFFLINE = True
-    hub_constants.HF_HUB_OFFLINE = True
 
 
 set_offline_env()

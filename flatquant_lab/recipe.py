@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .devices import ACTIVATIONS, check_device
-from .dtypes import check_half
+from .dtypes import HALF_DTYPES, check_half
 
 METHODS = ("rtn", "hadamard", "flatquant")
 WEIGHT_QUANTIZERS = ("rtn", "gptq")
@@ -24,34 +24,22 @@ FACTOR_PARAMS = ("plain", "svd")
 BATCH_ORDERS = ("shuffle", "fixed")
 TRAIN_INPUTS = ("float", "quantized")
 LAYER_LOSSES = ("mse", "relative")
-# Calibration budgets. "paper" is FlatQuant's recipe (SPEC section 8); "full" and "fast" are CPU
+# Calibration budgets. "paper" is FlatQuant's recipe (docs/method.md, 'Profiles'); "full" and "fast" are CPU
 # budgets for the bundled 135M model (fast: ~5 minutes of calibration on 2 idle cores, the end-to-end stage
 # included; full: 6x its layer-wise training tokens).
 PROFILES = {
     # e2e_*: the end-to-end stage after the layer-wise one (calibrate/e2e.py) on the first e2e_samples windows;
     # off at the paper's scale (unmeasured there: it backpropagates through the whole model).
     "paper": dict(samples=128, seqlen=2048, epochs=15, lr=5e-3, batch_size=4,
-                  e2e_samples=128, e2e_epochs=0, e2e_lr=5e-3, e2e_batch_size=4),
-    # full: 4 epochs at batch 2 (128 steps per layer): token PPL (GPTQ, layer_loss "mse", bench/bench_ablation.py ppl
-    # --profile full, 1 thread) 28.121 against 28.280 at batch 4 and 28.384 for 6 epochs at batch 4 (the demo at
-    # 2 threads), for about a fifth less calibration time; the 6-epoch demo ran 26.5 min, over its 25-minute budget.
-    # (Measured on session 5's machine; on session 6's, the same 4-epoch batch-2 run gave 28.851: the
-    # trained transforms depend on the CPU's kernels, and from layer 11 on the runs part ways.) With layer_loss
-    # "relative": 27.702 there; the demo at 2 threads 27.69 (1.277x) in 21.6 min. Session 7's machine (Intel
-    # Xeon, 1 thread): 27.807 on 64 windows x 4 epochs, 27.542 on 128 windows x 2 epochs (the same 128 steps, 12%
-    # more calibration time); 512-token windows instead: 28.126 (64 x 2 epochs), 28.387 (32 x 4 epochs).
-    # Session 9 (Intel Xeon, the demo at 2 threads): with the end-to-end stage (32 windows, 4 epochs, 274 s) the
-    # 128-window profile printed 26.246 (1.211x) but its demo ran 25.9 min, over budget: 96 windows (96 steps per
-    # layer) keep the demo within it.
+                  e2e_samples=112, e2e_holdout=16, e2e_epochs=0, e2e_lr=5e-3, e2e_batch_size=4),
+    # full: 96 windows x 2 epochs at batch 2, what keeps the full demo, end-to-end stage included, within its
+    # 25-minute budget on 2 cores (docs/results.md, 'The main job, full profile' and "The full profile's budget").
     "full": dict(samples=96, seqlen=256, epochs=2, lr=5e-3, batch_size=2,
-                 e2e_samples=32, e2e_epochs=4, e2e_lr=5e-3, e2e_batch_size=4),
-    # fast: batch 2, i.e. 32 optimiser steps per layer instead of 16 on the same tokens. Token PPL (FP 21.681;
-    # fast, GPTQ, 1 thread, bench/bench_ablation.py ppl): loss_norm 30.740 at batch 4, 30.543 at batch 2
-    # (calibration 334 s against 312 s). With the defaults below (smooth_alpha 0.5, train_inputs
-    # "quantized") 29.187 = 1.346x FP, calibration 324 s at 1 thread. layer_loss "relative" (session 6's
-    # machine): 29.575 -> 28.989.
+                 e2e_samples=32, e2e_holdout=8, e2e_epochs=4, e2e_lr=5e-3, e2e_batch_size=4),
+    # fast: batch 2, i.e. 32 optimiser steps per layer instead of 16 on the same tokens: measured better at a
+    # similar cost (docs/results.md, 'The layer-wise loop: budget and starting point').
     "fast": dict(samples=32, seqlen=128, epochs=2, lr=5e-3, batch_size=2,
-                 e2e_samples=32, e2e_epochs=4, e2e_lr=5e-3, e2e_batch_size=4),
+                 e2e_samples=24, e2e_holdout=8, e2e_epochs=4, e2e_lr=5e-3, e2e_batch_size=4),
 }
 
 
@@ -78,14 +66,18 @@ def _is_float(v) -> bool:
 class QuantConfig:
     """What ``quantize`` does. ``None`` budget fields take the profile's value.
 
+    ``QuantConfig()`` is what every published figure uses and what ``flatquant-lab quantize`` runs by
+    default: method ``flatquant``, GPTQ weights, the ``fast`` profile.
+
     method: ``flatquant`` (learned Kronecker transforms, smoothing, clipping), ``hadamard``
     (fixed QuaRot-style orthogonal factors) or ``rtn`` (identity factors); all three give the same
-    ``W4A4FlatQuantLinear`` modules and export format.
+    ``W4A4FlatQuantLinear`` modules and export format. weight_quantizer: ``gptq`` (needs calibration
+    data, for every method) or ``rtn`` (round to nearest; ``rtn``/``hadamard`` then need no data).
     """
 
     method: str = "flatquant"
-    weight_quantizer: str = "rtn"
-    profile: str = "paper"
+    weight_quantizer: str = "gptq"
+    profile: str = "fast"
     samples: int | None = None
     seqlen: int | None = None
     epochs: int | None = None
@@ -95,10 +87,8 @@ class QuantConfig:
     min_lr_ratio: float = 1e-3  # cosine schedule ends at lr * this
     transform_init: str = "hadamard"  # starting point of learned factors: hadamard | random | identity
     smooth: bool = True  # learn a per-channel scale d where it folds exactly
-    # SmoothQuant-style init of d = max|x|^alpha / max|W|^(1 - alpha) (the official code: 0.3). Token PPL at the
-    # fast profile, batch 2, GPTQ (bench/bench_ablation.py ppl): alpha 0.3 30.543, 0.5 29.329, 0.6 29.358; with
-    # lr 1e-2: 0.5 29.509, 0.7 29.830. The gate/up and down groups hold most of the gap (bench/diag_error.py):
-    # a larger alpha moves more of their activations' range into the weights.
+    # SmoothQuant-style init of d = max|x|^alpha / max|W|^(1 - alpha) (the official code: 0.3); 0.5 measured best
+    # here, moving more of the gate/up and down inputs' range into the weights (docs/results.md).
     smooth_alpha: float = 0.5
     # Clip factors start as a logit (FlatQuant: 4.0, sigmoid 0.982) or "search": the MSE-best ratio
     # on a grid (weights per channel; activations per transform on calibration tokens), which
@@ -113,15 +103,14 @@ class QuantConfig:
     # orthogonal (Cayley retraction around the starting factor) and differentiates through the
     # exact inverse V diag(1/s) U^T.
     factor_param: str = "plain"
-    # minimise loss / loss.detach() (the official loop): each batch steps as if its loss were 1; measured
-    # 2% lower layer loss on SmolLM2-135M layers 0-3 at the fast profile, in each of 3 batch orders,
-    # and token PPL 30.74 against 31.09 (fast profile, GPTQ; bench/bench_ablation.py)
+    # minimise loss / loss.detach() (the official loop): each batch steps as if its loss were 1; the one
+    # official-loop choice that measured better here (docs/results.md, "The layer-wise loop: the official
+    # code's choices")
     loss_norm: bool = True
     # The layer loss: "mse" over all tokens (the official loop), or "relative": each token's squared error over
     # its target's mean square, averaged over tokens. In SmolLM2-135M from layer 11 on, the first token of a
     # window (an attention sink) has ~3e4x the others' mean square: under "mse" it is 99% of the loss, and the
-    # other tokens barely train. Token PPL, GPTQ, 1 thread, one machine (bench/bench_ablation.py ppl): fast profile
-    # 29.575 "mse" -> 28.989 "relative"; full profile 28.851 -> 27.702.
+    # other tokens barely train (docs/method.md, 'Our calibration: the layer-wise stage'; docs/results.md).
     layer_loss: str = "relative"
     weight_decay: float = 0.0  # AdamW's decoupled decay on every learned tensor (official: 0.01)
     batch_order: str = "shuffle"  # shuffle (seeded, per epoch) | fixed (the official loop)
@@ -129,10 +118,12 @@ class QuantConfig:
     # loop), or "quantized", those of the model quantized so far (layers 0..i-1 as they will serve),
     # against the full-precision model's outputs either way, so a layer learns to undo its
     # predecessors' error. "quantized" holds a third activation buffer and runs each finished layer once
-    # more (calibration 324 s against 287 s at the fast profile, 1 thread). Token PPL (fast, GPTQ):
-    # loss_norm 30.740 -> 30.651; batch 2 + smooth_alpha 0.5: 29.329 -> 29.187 (1.346x FP: the 1.35x target).
+    # more, for a lower perplexity (docs/results.md, 'The layer-wise loop: budget and starting point').
     train_inputs: str = "quantized"
-    act_dtype: torch.dtype = torch.bfloat16
+    # The dtype the W4A4 layers compute in (float16 or bfloat16). None: the model's own for a float16 or bfloat16
+    # model (vllm-ascend runs its activations in the model dtype), bfloat16 for a float32 model
+    # (resolved by quantize: ``for_model``).
+    act_dtype: torch.dtype | None = None
     skip: tuple[str, ...] = ()  # fnmatch patterns of module names kept in float
     # A preset name (RECIPES) or a mapping fnmatch pattern -> scheme (SCHEMES), first match wins.
     recipe: str | Mapping[str, str] = "w4a4"
@@ -147,17 +138,18 @@ class QuantConfig:
     gptq_act_order: bool = True
     # Clip ratios GPTQ tries beside each row's learned one (which was learned for round-to-nearest); each
     # row keeps the candidate whose GPTQ result has the least output error on the calibration inputs
-    # (gptq.gptq_clip_search). Costs one more GPTQ pass per candidate. () : the learned clip only. Measured
-    # (fast profile, 1 thread, session 8's Intel Xeon, bench/bench_ablation.py ppl): grid 1.0 ... 0.75 token PPL
-    # 28.975 against 28.978 without, calibration 431 s against 303 s: no gain, so off by default.
+    # (gptq.gptq_clip_search). Costs one more GPTQ pass per candidate. () : the learned clip only. Off by
+    # default: it measured no gain for 40% more calibration time (docs/results.md, "GPTQ's per-row clip").
     gptq_clip_grid: tuple[float, ...] = ()
     # The end-to-end stage (calibrate/e2e.py) after every layer is quantized: a per-row multiplier on each
     # W4A4 weight_scale and one clip_ratio per shared input (q/k/v, gate/up: one each, as vLLM loads them),
     # learned on KL(full-precision logits || quantized logits) over the first e2e_samples calibration
-    # windows; None: the profile's. Session 8 (fast profile, 2 threads, an exploration script): token PPL
-    # 29.042 -> 27.345 with 4 epochs at lr 5e-3; session 9, this stage: 27.345 again (fast), and the full demo
-    # 27.852 (layer-wise only, session 7) -> 26.246 with it (128 windows), 26.331 (96 windows).
+    # windows; None: the profile's (docs/method.md, 'The end-to-end stage'; measurements: docs/results.md).
     e2e_samples: int | None = None
+    # Calibration windows the stage never trains on (the last ones): it measures KL on them before it starts and
+    # after each epoch, and keeps the best state seen, the starting one included (docs/method.md). None: the
+    # profile's, at most a quarter of a smaller calibration set.
+    e2e_holdout: int | None = None
     e2e_epochs: int | None = None
     e2e_lr: float | None = None
     e2e_batch_size: int | None = None
@@ -200,7 +192,8 @@ class QuantConfig:
                 raise ValueError(f"{name}: expected a bool, got {getattr(self, name)!r}")
         if not (_is_float(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"weight_decay: expected a finite float >= 0, got {self.weight_decay!r}")
-        check_half(self.act_dtype)
+        if self.act_dtype is not None:
+            check_half(self.act_dtype)
         if self.device is not None:
             self.device = check_device(self.device)
         if self.activations not in ACTIVATIONS:
@@ -228,7 +221,7 @@ class QuantConfig:
             raise ValueError(f"tp_size: expected a positive int (vLLM's --tensor-parallel-size), got {self.tp_size!r}")
         if self.fallback not in FALLBACKS:
             raise ValueError(f"fallback: expected one of {FALLBACKS}, got {self.fallback!r}")
-        for name in ("samples", "seqlen", "batch_size", "gptq_block", "e2e_samples", "e2e_batch_size"):
+        for name in ("samples", "seqlen", "batch_size", "gptq_block", "e2e_samples", "e2e_holdout", "e2e_batch_size"):
             v = getattr(self, name)
             if v is not None and (not _is_int(v) or v < 1):
                 raise ValueError(f"{name}: expected a positive int, got {v!r}")
@@ -245,6 +238,13 @@ class QuantConfig:
         if self.e2e_samples is not None and self.e2e_samples > self.budget("samples"):
             raise ValueError(f"e2e_samples: expected at most the {self.budget('samples')} calibration windows "
                              f"(samples), got {self.e2e_samples}")
+        if self.tunes_end_to_end:
+            held, train, total = self.budget("e2e_holdout"), self.budget("e2e_samples"), self.budget("samples")
+            if train < 1 or train + held > total:
+                name = "e2e_samples" if self.e2e_samples is not None else "e2e_holdout"
+                raise ValueError(f"{name}: the end-to-end stage holds out {held} of the samples={total} calibration "
+                                 f"windows to measure on and trains on {train}; expected at least one to train on and "
+                                 "no more than samples in all: give more samples, or e2e_epochs=0 to skip the stage")
         if not (_is_float(self.clip_lr_mult) and self.clip_lr_mult > 0):
             raise ValueError(f"clip_lr_mult: expected a finite float > 0, got {self.clip_lr_mult!r}")
         if not (_is_float(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1):
@@ -300,11 +300,21 @@ class QuantConfig:
             raise ValueError(f"recipe: {unmatched} match no decoder linear (their names look like "
                              f"{names[-1]!r}; e.g. '*.o_proj' or 'model.layers.0.*')")
 
+    def for_model(self, model) -> QuantConfig:
+        """This config with ``act_dtype`` resolved for ``model`` (a copy; ``self`` if it is set already):
+        a float16 or bfloat16 model's own dtype, bfloat16 for a float32 model."""
+        if self.act_dtype is not None:
+            return self
+        model_dtype = next(model.parameters()).dtype
+        return dataclasses.replace(self, act_dtype=model_dtype if model_dtype in HALF_DTYPES else torch.bfloat16)
+
     def budget(self, name: str):
         """A budget field (samples, seqlen, epochs, lr, batch_size, e2e_*): the override or the profile's."""
         v = getattr(self, name)
-        if v is None and name == "e2e_samples":  # the profile's, within a smaller calibration set
-            return min(PROFILES[self.profile][name], self.budget("samples"))
+        if v is None and name == "e2e_holdout":  # the profile's, at most a quarter of a smaller calibration set
+            return min(PROFILES[self.profile][name], max(1, self.budget("samples") // 4))
+        if v is None and name == "e2e_samples":  # the profile's, within what the held-out windows leave
+            return min(PROFILES[self.profile][name], self.budget("samples") - self.budget("e2e_holdout"))
         return PROFILES[self.profile][name] if v is None else v
 
     @property
@@ -318,7 +328,7 @@ class QuantConfig:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["act_dtype"] = str(self.act_dtype).replace("torch.", "")
+        d["act_dtype"] = None if self.act_dtype is None else str(self.act_dtype).replace("torch.", "")
         d["skip"] = list(self.skip)
         d["gptq_clip_grid"] = list(self.gptq_clip_grid)
         d["recipe"] = self.recipe if isinstance(self.recipe, str) else dict(self.recipe)
@@ -332,8 +342,8 @@ class QuantConfig:
         # learned tensors are saved, so a resumed run may change it (unless later layers train on the
         # quantized model's states: train_inputs="quantized"). A run may resume on another device.
         # The end-to-end stage runs after every layer's tensors are saved: it may change on a resumed run.
-        drop = ["work_dir", "device", "activations", "recompute_blocks", "e2e_samples", "e2e_epochs", "e2e_lr",
-                "e2e_batch_size", "e2e_clip_lr_mult"]
+        drop = ["work_dir", "device", "activations", "recompute_blocks", "e2e_samples", "e2e_holdout", "e2e_epochs",
+                "e2e_lr", "e2e_batch_size", "e2e_clip_lr_mult"]
         if self.train_inputs == "float":
             drop += ["weight_quantizer", "gptq_damp", "gptq_block", "gptq_act_order", "gptq_clip_grid"]
         for k in drop:

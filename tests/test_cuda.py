@@ -48,8 +48,8 @@ def devices_of(model) -> set[str]:
 @pytest.mark.parametrize("wq", ["rtn", "gptq"])
 def test_a_host_model_is_calibrated_layer_by_layer_on_cuda(wq):
     model = tiny_model("qwen2")
-    cpu = quantize(copy.deepcopy(model), QuantConfig(**BUDGET, weight_quantizer=wq), CALIB)
-    got = quantize(model, QuantConfig(**BUDGET, weight_quantizer=wq), CALIB, device="cuda")
+    cpu = quantize(copy.deepcopy(model), QuantConfig(**{**BUDGET, "weight_quantizer": wq}), CALIB)
+    got = quantize(model, QuantConfig(**{**BUDGET, "weight_quantizer": wq}), CALIB, device="cuda")
     assert devices_of(got) == {"cpu"}  # the model stays where it was loaded
     place = got.flatquant_report["placement"]
     assert place["device"] == "cuda" and place["model_device"] == "cpu"
@@ -65,7 +65,7 @@ def test_a_host_model_is_calibrated_layer_by_layer_on_cuda(wq):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_activations_on_the_host_or_on_cuda_give_the_same_model(dtype):
     model = tiny_model("llama").to(dtype)
-    runs = [quantize(copy.deepcopy(model), QuantConfig(**BUDGET, weight_quantizer="gptq", activations=a), CALIB,
+    runs = [quantize(copy.deepcopy(model), QuantConfig(**{**BUDGET, "weight_quantizer": "gptq"}, activations=a), CALIB,
                      device="cuda") for a in ("device", "host")]
     assert [r.flatquant_report["placement"]["activations"] for r in runs] == ["device", "host"]
     assert_same(state(runs[0]), state(runs[1]))
@@ -79,7 +79,7 @@ def test_a_cuda_model_is_calibrated_where_it_is():
 
 def test_calibration_on_cuda_creates_every_tensor_on_a_device():
     model = tiny_model("qwen3")
-    got = trapped(lambda: quantize(model, QuantConfig(**BUDGET, weight_quantizer="gptq"), CALIB, device="cuda"))
+    got = trapped(lambda: quantize(model, QuantConfig(**{**BUDGET, "weight_quantizer": "gptq"}), CALIB, device="cuda"))
     assert devices_of(got) == {"cpu"}
 
 
@@ -98,7 +98,7 @@ def test_no_float64_on_cuda(monkeypatch):
     acc = HessianAccumulator(64)
     acc.add(torch.randn(10, 64, device="cuda"))
     assert acc.h.dtype == torch.float32 and acc.h.device.type == "cuda"
-    quantize(tiny_model("llama"), QuantConfig(**BUDGET, weight_quantizer="gptq"), CALIB, device="cuda")
+    quantize(tiny_model("llama"), QuantConfig(**{**BUDGET, "weight_quantizer": "gptq"}), CALIB, device="cuda")
     assert not seen
 
 
@@ -158,7 +158,7 @@ def test_fold_and_gptq_on_cuda_stay_close_to_float64():
 def test_load_quantized_puts_every_tensor_on_cuda(tmp_path):
     from flatquant_lab.io import load_quantized, save_quantized
 
-    model = quantize(tiny_model("qwen2"), QuantConfig(method="rtn"))
+    model = quantize(tiny_model("qwen2"), QuantConfig(method="rtn", weight_quantizer="rtn"))
     save_quantized(model, tmp_path / "q")
     loaded = load_quantized(tmp_path / "q", device="cuda")
     assert devices_of(loaded) == {"cuda"} and {b.device.type for b in loaded.buffers()} == {"cuda"}
@@ -172,7 +172,7 @@ def test_the_end_to_end_stage_runs_on_cuda_and_the_model_comes_home():
     """A host model calibrated on CUDA with the end-to-end stage: the whole model goes to the device for the
     stage and back; its KL falls and its logits stay near the CPU run's."""
     model = tiny_model("qwen2")
-    cfg = QuantConfig(**BUDGET, profile="fast", e2e_epochs=2, weight_quantizer="gptq", recipe="msmodelslim")
+    cfg = QuantConfig(**{**BUDGET, "profile": "fast", "weight_quantizer": "gptq"}, e2e_epochs=2, recipe="msmodelslim")
     cpu = quantize(copy.deepcopy(model), cfg, CALIB)
     got = quantize(model, cfg, CALIB, device="cuda")
     assert devices_of(got) == {"cpu"}

@@ -12,11 +12,13 @@ from flatquant_lab.layers import W4A4FlatQuantLinear
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("demo")]
 
 
-def test_demo_pipeline_end_to_end(tmp_path, capsys):
+def test_demo_pipeline_end_to_end(tmp_path, capsys, caplog):
     out = tmp_path / "results"
     argv = ["demo", "--num-layers", "2", "--limit", "2", "--samples", "4", "--seqlen", "64", "--epochs", "1",
             "--out", str(out)]
-    assert cli.main(argv) == 0
+    with caplog.at_level("INFO", logger="flatquant_lab.demo"):
+        assert cli.main(argv) == 0
+    assert "=== W4A4 FlatQuant, TP-3-aware ===" in [r.getMessage() for r in caplog.records]  # its TP size filled in
     printed = capsys.readouterr().out
     # the table: one row per method, then the checks
     for label in ("full precision", "W4A16 RTN", "W4A4 RTN", "W4A4 Hadamard", "W4A4 FlatQuant",
@@ -35,7 +37,7 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys):
     # W8A8 o/down: q/k/v and gate/up weights in int4 (2.32M), o and down in int8 (1.22M): 0.336 of bf16
     # from the weights alone, plus scales and transforms (measured 0.344)
     assert 0.336 < summary["results"]["flatquant_msmodelslim"]["linear_bytes_vs_bf16"] < 0.35
-    # which TP sizes each export loads at (SmolLM2: 9 heads, 3 kv heads, so never 2 or 4; SPEC section 11)
+    # which TP sizes each export loads at (SmolLM2: 9 heads, 3 kv heads, so never 2 or 4; docs/tensor-parallel.md)
     serves = {m: summary["results"][m]["serves_at_tp"] for m in ("flatquant", "flatquant_msmodelslim", "flatquant_tp")}
     assert serves == {"flatquant": [1], "flatquant_msmodelslim": [1, 3], "flatquant_tp": [3]}, serves
     assert (out / "demo.png").stat().st_size > 1000

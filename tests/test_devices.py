@@ -21,7 +21,7 @@ from flatquant_lab.transforms import orthogonal_factor
 from tiny_models import tiny_model
 
 CALIB = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(123))
-BUDGET = dict(samples=8, seqlen=32, epochs=1, batch_size=4)
+BUDGET = dict(profile="paper", weight_quantizer="rtn", samples=8, seqlen=32, epochs=1, batch_size=4)
 PACKAGE = os.path.dirname(flatquant_lab.__file__)
 FACTORIES = {torch.zeros, torch.ones, torch.empty, torch.full, torch.eye, torch.arange, torch.tensor, torch.linspace,
              torch.randn, torch.rand, torch.randint, torch.randperm, torch.as_tensor, torch.logspace}
@@ -96,7 +96,7 @@ def test_activations_on_the_host_or_the_device_give_the_same_model(dtype, wq):
     model = tiny_model("llama").to(dtype)
     runs = {}
     for where in ("device", "host", "auto"):
-        m = quantize(copy.deepcopy(model), QuantConfig(**BUDGET, weight_quantizer=wq, activations=where), CALIB)
+        m = quantize(copy.deepcopy(model), QuantConfig(**{**BUDGET, "weight_quantizer": wq}, activations=where), CALIB)
         runs[where] = (state(m), m.flatquant_report)
     assert runs["host"][1]["placement"]["activations"] == "host"
     assert runs["device"][1]["placement"]["activations"] == "device"
@@ -256,10 +256,12 @@ def test_quantize_cli_loads_in_its_dtype_and_calibrates_on_its_device(tmp_path, 
     src = tmp_path / "tiny"
     _write_tiny_model_dir(src, tiny_model("llama"))
     with pytest.raises(SystemExit):
-        main(["quantize", "--model", str(src), "--method", "rtn", "--out", str(tmp_path / "x"), "--device", "gpu"])
+        main(["quantize", "--model", str(src), "--method", "rtn", "--weight-quantizer", "rtn",
+              "--out", str(tmp_path / "x"), "--device", "gpu"])
     assert "--device: expected cpu, cuda, cuda:N, npu or npu:N, got 'gpu'" in capsys.readouterr().err
     out = tmp_path / "rtn"
-    assert main(["quantize", "--model", str(src), "--method", "rtn", "--out", str(out), "--dtype", "bfloat16",
+    assert main(["quantize", "--model", str(src), "--method", "rtn", "--weight-quantizer", "rtn", "--out", str(out),
+                 "--dtype", "bfloat16",
                  "--device", "cpu"]) == 0
     loaded = load_quantized(out)
     floats = {t.dtype for k, t in loaded.state_dict().items() if t.is_floating_point() and "weight_scale" not in k
@@ -274,7 +276,7 @@ def test_load_quantized_fills_a_meta_model_without_copying_the_tensors(tmp_path,
     import flatquant_lab.io.load as load
     from flatquant_lab.io import load_quantized, save_quantized
 
-    model = quantize(tiny_model("qwen2"), QuantConfig(method="rtn"))
+    model = quantize(tiny_model("qwen2"), QuantConfig(method="rtn", weight_quantizer="rtn"))
     save_quantized(model, tmp_path / "q")
     read = {}
     real = load._read_tensors
@@ -376,7 +378,7 @@ def test_a_half_model_is_calibrated_without_a_float32_copy_of_its_weights(monkey
     import flatquant_lab.calibrate as cal
 
     model = tiny_model("qwen2").to(torch.bfloat16)
-    cfg = QuantConfig(**BUDGET, weight_quantizer="gptq")
+    cfg = QuantConfig(**{**BUDGET, "weight_quantizer": "gptq"})
     dtypes, real_train = [], cal.train_layer
 
     def spy(layer, *a, **k):
@@ -408,7 +410,7 @@ def test_weights_in_row_chunks_give_the_same_start_and_export(wq, monkeypatch):
     from flatquant_lab.calibrate import memory
 
     model = tiny_model("qwen2")
-    cfg = QuantConfig(**{**BUDGET, "epochs": 0}, weight_quantizer=wq)
+    cfg = QuantConfig(**{**BUDGET, "epochs": 0, "weight_quantizer": wq})
     whole = quantize(copy.deepcopy(model), cfg, CALIB)
     assert memory.row_spans(128, 64) == [(0, 128)]  # the tiny model's linears fit in one chunk
     monkeypatch.setattr(memory, "CHUNK_BYTES", 24 * 64 * 4)  # 24 rows of 64 (6 rows of 256): uneven chunks
@@ -420,8 +422,8 @@ def test_weights_in_row_chunks_give_the_same_start_and_export(wq, monkeypatch):
 def test_the_training_product_in_row_chunks_is_the_whole_product(monkeypatch):
     """A fake-quant linear's training product per chunk of rows: the same output up to the order of float32
     sums (BLAS may sum one output's dot product in another order for another number of columns: measured
-    bit-equal on session 5's machine, 1-2 of 6,400 outputs one ulp apart on session 6's AVX-512 one), the
-    same gradients up to the order in which the chunks' contributions are summed."""
+    bit-equal on the CPU of commit 27ef87e, 1-2 of 6,400 outputs one ulp apart on an AMD EPYC with AVX-512 at
+    1f7616c), the same gradients up to the order in which the chunks' contributions are summed."""
     from flatquant_lab.calibrate import FakeQuantLinear, KronTransform, memory, plan_layer
 
     model = tiny_model("llama")

@@ -115,7 +115,8 @@ def test_eval_cli_loads_a_quantized_dir(tiny_dir, tmp_path):
     from flatquant_lab.hub import load_model
 
     model, tok = load_model(tiny_dir)
-    fq.save_quantized(fq.quantize(model, fq.QuantConfig(method="rtn")), tmp_path / "q", tokenizer=tok)
+    fq.save_quantized(fq.quantize(model, fq.QuantConfig(method="rtn", weight_quantizer="rtn")), tmp_path / "q",
+                      tokenizer=tok)
     parser = argparse.ArgumentParser()
     evaluation.add_arguments(parser)
     qmodel, qtok = evaluation._load_for_cli(parser.parse_args(["--quantized", str(tmp_path / "q")]))

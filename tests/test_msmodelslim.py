@@ -1,5 +1,6 @@
 """Mixed checkpoints: W4A4_FLATQUANT_DYNAMIC, W8A8_DYNAMIC and FLOAT in one model, saved by us and
-written in msModelSlim's layouts (SPEC section 13) by tests/msmodelslim_fixture.py, not by our saver."""
+written in msModelSlim's layouts (docs/checkpoint-format.md, "msModelSlim's file names") by
+tests/msmodelslim_fixture.py, not by our saver."""
 from __future__ import annotations
 
 import copy
@@ -169,7 +170,7 @@ def test_msmodelslim_checkpoint_round_trips_through_our_saver(float_models, tmp_
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])
 def test_msmodelslim_recipe_export_loads_bit_exact(model_type, float_models, tmp_path):
     fm = float_models[model_type]
-    model = quantize(copy.deepcopy(fm), QuantConfig(method="rtn", recipe="msmodelslim"))
+    model = quantize(copy.deepcopy(fm), QuantConfig(method="rtn", weight_quantizer="rtn", recipe="msmodelslim"))
     out = save_quantized(model, tmp_path / "out")
     desc = json.loads((out / DESCRIPTION_FILE).read_text())
     for i in range(2):

@@ -31,7 +31,7 @@ from .capture import HeldActivations, capture_layer_inputs, choose_activations, 
 from .finalize import finalize_layer
 from .initialize import init_learned
 from .modules import FakeQuantLinear, KronTransform, install_fake_quant, uninstall_fake_quant
-from .plan import Group, plan_layer
+from .plan import Group, fallback_notice, flatquant_linears, plan_layer, plan_model
 from .train import fake_quant_pass, train_layer
 from .memory import float_compute
 from .workdir import WorkDir
@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 __all__ = [
     "CalibrationReport", "FakeQuantLinear", "Group", "HeldActivations", "KronTransform", "WorkDir", "calibrate",
     "capture_layer_inputs", "fake_quant_pass", "finalize_layer", "float_forward", "init_learned",
-    "install_fake_quant", "plan_layer", "train_layer", "TunableW4A4", "clip_groups", "tune_scales",
+    "install_fake_quant", "plan_layer", "plan_model", "fallback_notice", "flatquant_linears", "tp_split_problem",
+    "train_layer", "TunableW4A4", "clip_groups", "tune_scales",
     "uninstall_fake_quant",
 ]
 
@@ -105,6 +106,7 @@ def calibrate(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor | None
     weights kept in their dtype, upcast per use: ``float_compute``), and then goes back.
     """
     t0 = time.perf_counter()
+    cfg = cfg.for_model(model)  # act_dtype None: the model's own half dtype, bfloat16 for a float32 model
     home = module_device(model)
     dev = require_available(cfg.device) if cfg.device is not None else home
     if dev.type == "cpu" or home.type == "cpu":  # the host holds the model: keep its resident set to what is live
@@ -120,7 +122,7 @@ def calibrate(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor | None
     if not need_data and calib_ids is not None:
         warnings.warn(f"calib_data: method={cfg.method!r} with weight_quantizer={cfg.weight_quantizer!r} uses no "
                       "calibration data; it is ignored", stacklevel=3)
-    unused = [n for n in ("epochs", "lr", "e2e_epochs", "e2e_samples", "e2e_lr", "e2e_batch_size")
+    unused = [n for n in ("epochs", "lr", "e2e_epochs", "e2e_samples", "e2e_holdout", "e2e_lr", "e2e_batch_size")
               if getattr(cfg, n) is not None and cfg.method != "flatquant"]
     if unused:
         warnings.warn(f"{', '.join(unused)}: only method='flatquant' trains; ignored for method={cfg.method!r}",
@@ -130,8 +132,11 @@ def calibrate(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor | None
         # The W4A4 layers take the model's hidden states as they are (vllm-ascend: act dtype = model dtype).
         raise ValueError(f"act_dtype: the model is {model_dtype}, so its W4A4 layers must compute in it; "
                          f"expected act_dtype={model_dtype} (or a float32 model), got {cfg.act_dtype}")
+    split = tp_split_problem(model, cfg.tp_size)
+    if split:
+        raise ValueError(f"tp_size: {split}; choose a tensor-parallel size that divides them")
     torch.manual_seed(cfg.seed)
-    plans = [plan_layer(model, i, cfg, info) for i in range(info.num_layers)]
+    plans = plan_model(model, cfg, info)
     names = [f"{adapter.layer_prefix(i)}.{lin}" for i, groups in enumerate(plans) for g in groups for lin in g.linears]
     unmatched = [p for p in cfg.skip if not any(fnmatch.fnmatchcase(n, p) for n in names)]
     if unmatched:
@@ -147,13 +152,9 @@ def calibrate(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor | None
                     report.skipped[name] = g.skip_reason
                 if g.fallback:
                     report.fallbacks[name] = g.skip_reason
-    if report.fallbacks:  # reported once per cause, not per layer
-        causes = {}
-        for name, why in report.fallbacks.items():
-            causes.setdefault(why, []).append(name)
-        for why, names_ in causes.items():
-            log.warning("FlatQuant cannot serve %s (%s): using the fallback scheme %s", ", ".join(names_[:6])
-                        + (" ..." if len(names_) > 6 else ""), why, cfg.fallback)
+    notice = fallback_notice(plans, cfg)
+    if notice:  # one line for the whole model, before any work
+        log.warning("%s", notice)
     if report.skipped:
         reasons = {}
         for name, why in report.skipped.items():
@@ -200,6 +201,8 @@ def calibrate(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor | None
         entry["clip_ratios"] = {g.name: float(torch.sigmoid(learned[f"{g.name}.act_clip"]).item())
                                 for g in groups if g.quantized}
         entry["seconds"] = time.perf_counter() - lt0
+        if i == 0:
+            _warn_if_long(entry["seconds"], info.num_layers, cfg)
         where, peak = peak_memory(dev)
         entry[f"peak_{where}_bytes"] = peak
         report.layers.append(entry)
@@ -215,12 +218,46 @@ def calibrate(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor | None
             model.to(dev)
         try:
             report.e2e = tune_scales(model, calib_ids, X, cfg)
+        except Exception as exc:  # the layer-wise model is already whole: a failed stage must not lose it
+            warnings.warn(f"end-to-end stage failed ({type(exc).__name__}: {exc}); keeping the layer-wise model",
+                          stacklevel=2)
+            log.debug("end-to-end stage failure", exc_info=True)
+            report.e2e = {"error": f"{type(exc).__name__}: {exc}", "kept_epoch": 0}
         finally:
             model.to(home)
-        log.info("end-to-end stage: KL %s in %.0f s", " -> ".join(f"{v:.4f}" for v in report.e2e["kl"]),
-                 report.e2e["seconds"])
+        if "error" not in report.e2e:
+            log.info("end-to-end stage: training KL %s; held-out KL %s, kept epoch %d, in %.0f s",
+                     " -> ".join(f"{v:.4f}" for v in report.e2e["kl"]),
+                     " -> ".join(f"{v:.4f}" for v in report.e2e["heldout_kl"]), report.e2e["kept_epoch"],
+                     report.e2e["seconds"])
     report.seconds = time.perf_counter() - t0
     return report
+
+
+# A calibration expected to run longer than this says so (once, after its first layer).
+LONG_RUN_SECONDS = 30 * 60
+
+
+def _warn_if_long(layer0_seconds: float, num_layers: int, cfg: QuantConfig) -> None:
+    """After layer 0: a warning when the layer-wise calibration of all ``num_layers`` (the same shapes each)
+    will take longer than ``LONG_RUN_SECONDS`` at layer 0's pace."""
+    total = layer0_seconds * num_layers
+    if total <= LONG_RUN_SECONDS:
+        return
+    pace = f"{total / 3600:.1f} h" if total >= 3600 else f"{total / 60:.0f} min"
+    stage = " (then the end-to-end stage)" if cfg.tunes_end_to_end else ""
+    log.warning("calibration of %d layers will take about %s at this pace (layer 0: %.0f s, profile %r)%s",
+                num_layers, pace, layer0_seconds, cfg.profile, stage)
+
+
+def tp_split_problem(model: nn.Module, tp_size: int) -> str:
+    """Why vLLM cannot split ``model`` (its attention heads, kv heads, intermediate size) over ``tp_size``
+    ranks, in serve-check's words; ``""`` when it can."""
+    if tp_size == 1:
+        return ""
+    from ..io.serving import model_split_problem
+
+    return model_split_problem(model.config.to_dict(), tp_size)
 
 
 def _calibrate_layer(layer, groups, i, cfg: QuantConfig, inputs, X, Y, kwargs_by_bs, work, backend, bar):

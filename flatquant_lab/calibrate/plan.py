@@ -75,3 +75,40 @@ def plan_layer(model: nn.Module, index: int, cfg: QuantConfig, info=None) -> lis
         groups.append(Group(spec.name, spec.linears, size, n1, n2, spec.smooth_target if cfg.smooth else None,
                             kv_tied, reason, spec.row_parallel, scheme, fallback, tp if scheme == FLATQUANT else 1))
     return groups
+
+
+def plan_model(model: nn.Module, cfg: QuantConfig, info=None) -> list[list[Group]]:
+    """``plan_layer`` for every decoder layer. Reads only the model's config and module structure, so a
+    model on the meta device (no weights) plans the same as the loaded one."""
+    adapter = adapter_for(model)
+    info = info or adapter.info(model)
+    return [plan_layer(model, i, cfg, info) for i in range(info.num_layers)]
+
+
+def fallback_notice(plans: list[list[Group]], cfg: QuantConfig) -> str:
+    """One line: which decoder linears the recipe puts on FlatQuant but take ``cfg.fallback`` instead,
+    why, and in how many layers; ``""`` when there are none."""
+    total = sum(len(g.linears) for groups in plans for g in groups)
+    causes: dict[str, dict[str, int]] = {}  # reason -> linear path -> layers
+    for groups in plans:
+        for g in groups:
+            if g.fallback:
+                for lin in g.linears:
+                    causes.setdefault(g.skip_reason, {}).setdefault(lin, 0)
+                    causes[g.skip_reason][lin] += 1
+    if not causes:
+        return ""
+    n = sum(c for paths in causes.values() for c in paths.values())
+    parts = []
+    for why, paths in causes.items():
+        where = ", ".join(f"{p} ({c} of {len(plans)} layers)" if c < len(plans) else p for p, c in paths.items())
+        parts.append(f"{where} in {'every layer' if all(c == len(plans) for c in paths.values()) else 'those'}, "
+                     f"because {why}")
+    none = "; none is left on W4A4 FlatQuant" if not flatquant_linears(plans) else ""
+    return (f"{n} of {total} decoder linears will be {cfg.fallback} (the fallback scheme) instead of W4A4 FlatQuant"
+            f"{none}: " + "; ".join(parts))
+
+
+def flatquant_linears(plans: list[list[Group]]) -> int:
+    """How many decoder linears the plan puts on W4A4 FlatQuant."""
+    return sum(len(g.linears) for groups in plans for g in groups if g.scheme == FLATQUANT)

@@ -55,3 +55,40 @@ def device_arg(text: str) -> str:
         return check_device(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:N, npu or npu:N, got {text!r}") from None
+
+
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows every option's default: ``(default: X)`` after its help, unless the help already says
+    what the default is (``default:`` in its text); switches (``store_true``) are off unless given."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text.lower() or action.default is argparse.SUPPRESS or action.nargs == 0
+                or action.required):
+            return text
+        if not action.option_strings and action.nargs not in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return text  # a required positional has no default
+        default = action.default
+        if default is None:
+            return text + " (default: none)"
+        if isinstance(default, (list, tuple)):
+            return text + f" (default: {' '.join(map(str, default)) or 'none'})"
+        return text + " (default: %(default)s)"
+
+
+class UsageError(ValueError):
+    """A mistake in what the user asked for, worded with CLI flags: one line on stderr and exit code 2."""
+
+
+class CLIExit(SystemExit):
+    """Exit code 2 after a one-line error on stderr; ``str()`` is that line (what tests match on)."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(code)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message

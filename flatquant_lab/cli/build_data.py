@@ -21,11 +21,9 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     tokenizer = None
     if args.model and args.model.lower() != "none":
-        from transformers import AutoTokenizer
+        from ..hub import load_tokenizer, resolve
 
-        from ..hub import resolve
-
-        tokenizer = AutoTokenizer.from_pretrained(str(resolve(args.model)), local_files_only=True)
+        tokenizer = load_tokenizer(resolve(args.model))
     stats = build(args.out_dir, args.eval_start, args.n_eval, tokenizer)
     for name, s in stats.items():
         print(f"wiki_{name}.jsonl: " + ", ".join(f"{v:,} {k}" for k, v in s.items()))

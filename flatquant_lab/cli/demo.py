@@ -8,19 +8,23 @@ from .args import device_arg, non_negative_int, positive_int
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", default="smollm2-135m", help="model alias or local Hugging Face directory")
+    p.add_argument("--model", default="smollm2-135m", help="model alias or local Hugging Face directory, loaded in its "
+                   "own dtype (config.json; the bundled smollm2-135m GGUF: float32)")
     p.add_argument("--profile", default="fast", choices=DEMO_PROFILES,
                    help="FlatQuant calibration budget: fast (minutes) or full (12x the training tokens)")
     p.add_argument("--out", default="results", help="where demo.json, demo.png and the export go")
     p.add_argument("--methods", nargs="+", default=None, choices=METHODS,
                    help="default: all for --profile fast; without the two serving rows for full")
-    p.add_argument("--limit", type=positive_int, default=None, help="evaluate on the first N documents only")
-    p.add_argument("--num-layers", type=positive_int, default=None, help="truncate the model (smoke runs)")
-    p.add_argument("--samples", type=positive_int, default=None, help="override the profile's calibration samples")
-    p.add_argument("--seqlen", type=positive_int, default=None, help="override the profile's calibration seqlen")
-    p.add_argument("--epochs", type=non_negative_int, default=None, help="override the profile's epochs")
-    p.add_argument("--batch-size", type=positive_int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=positive_int, default=None,
+                   help="evaluate on the first N documents only (default: all)")
+    p.add_argument("--num-layers", type=positive_int, default=None,
+                   help="truncate the model to its first N layers (smoke runs; default: all)")
+    p.add_argument("--samples", type=positive_int, default=None, help="calibration samples (default: the --profile's)")
+    p.add_argument("--seqlen", type=positive_int, default=None, help="calibration seqlen (default: the --profile's)")
+    p.add_argument("--epochs", type=non_negative_int, default=None,
+                   help="training epochs per layer (default: the --profile's)")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="lm-eval batch size")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows and of training")
     p.add_argument("--device", type=device_arg, default=None,
                    help="where each decoder layer is calibrated: cpu, cuda, cuda:N, npu, npu:N (default: cpu)")
 

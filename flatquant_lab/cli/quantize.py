@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import argparse
 import json
-
-import torch
+from pathlib import Path
 
 from ..api import quantize
-from ..recipe import FALLBACKS, PROFILES, RECIPES, QuantConfig
-from .args import device_arg
+from ..calibrate.plan import fallback_notice
+from ..recipe import FALLBACKS, METHODS, PROFILES, RECIPES, WEIGHT_QUANTIZERS, QuantConfig
+from .args import DTYPE_CHOICES, UsageError, device_arg, non_negative_int, positive_int
 
 
 def _recipe(text: str):
@@ -29,18 +29,28 @@ def _recipe(text: str):
 
 def add_arguments(p) -> None:
     p.add_argument("--model", required=True, help="model alias (smollm2-135m) or a local Hugging Face directory")
-    p.add_argument("--out", required=True, help="output directory (written atomically)")
-    p.add_argument("--method", default="flatquant", choices=("flatquant", "hadamard", "rtn"))
-    p.add_argument("--weight-quantizer", default="rtn", choices=("rtn", "gptq"))
-    p.add_argument("--profile", default="fast", choices=tuple(PROFILES))
-    p.add_argument("--samples", type=int, help="calibration sequences (profile default)")
-    p.add_argument("--seqlen", type=int, help="tokens per calibration sequence (profile default)")
-    p.add_argument("--epochs", type=int, help="training epochs per layer (profile default)")
-    p.add_argument("--lr", type=float, help="learning rate of the transforms (profile default)")
-    p.add_argument("--e2e-epochs", type=int, help="epochs of the end-to-end stage after the layer-wise one "
-                   "(0: none; profile default: fast/full 4, paper 0)")
-    p.add_argument("--calib-data", default=None, help="jsonl/text file for calibration (bundled wiki_calib by default)")
-    p.add_argument("--work-dir", default=None, help="keep per-layer results here; rerun to resume")
+    p.add_argument("--out", required=True, help="output directory (written atomically; must not exist unless "
+                   "--overwrite)")
+    p.add_argument("--method", default="flatquant", choices=METHODS,
+                   help="flatquant (learned transforms), hadamard or rtn (fixed transforms, the baselines)")
+    p.add_argument("--weight-quantizer", default="gptq", choices=WEIGHT_QUANTIZERS,
+                   help="how the int4 weights are rounded: gptq (needs calibration text, for every --method) or "
+                        "rtn (round to nearest)")
+    p.add_argument("--profile", default="fast", choices=tuple(PROFILES),
+                   help="calibration budget: " + "; ".join(
+                       f"{name} {b['samples']} x {b['seqlen']} tokens, {b['epochs']} epochs" for name, b in
+                       PROFILES.items()))
+    p.add_argument("--samples", type=positive_int, help="calibration sequences (default: the --profile's)")
+    p.add_argument("--seqlen", type=positive_int, help="tokens per calibration sequence (default: the --profile's)")
+    p.add_argument("--epochs", type=non_negative_int, help="training epochs per layer (default: the --profile's)")
+    p.add_argument("--lr", type=float, help="learning rate of the transforms (default: the --profile's)")
+    p.add_argument("--e2e-epochs", type=non_negative_int,
+                   help="epochs of the end-to-end stage after the layer-wise one (0: none; default: the --profile's: "
+                        + ", ".join(f"{name} {b['e2e_epochs']}" for name, b in PROFILES.items()) + ")")
+    p.add_argument("--calib-data", default=None,
+                   help="jsonl (a 'text' field per line) or plain text file of calibration text (default: the "
+                        "bundled wiki_calib.jsonl)")
+    p.add_argument("--work-dir", default=None, help="keep per-layer results here; rerun to resume (default: none)")
     p.add_argument("--skip", nargs="*", default=(), help="fnmatch patterns of linears to keep in float")
     p.add_argument("--recipe", type=_recipe, default="w4a4",
                    help="per-module schemes: w4a4 (FlatQuant everywhere), msmodelslim (FlatQuant on q/k/v and "
@@ -48,50 +58,118 @@ def add_arguments(p) -> None:
                         "(w4a4_flatquant, w8a8_dynamic, float), first match wins")
     p.add_argument("--fallback", default="w8a8_dynamic", choices=FALLBACKS,
                    help="scheme of a linear whose size npu_kronecker_quant cannot run")
-    p.add_argument("--tp-size", type=int, default=1,
+    p.add_argument("--accept-fallback", action="store_true",
+                   help="quantize a model none of whose linears can be W4A4 FlatQuant (each then takes --fallback); "
+                        "without it such a model is refused before anything loads")
+    p.add_argument("--tp-size", type=positive_int, default=1,
                    help="vLLM tensor-parallel size to serve at: row-parallel FlatQuant transforms are sized for it "
                         "and the export is checked to load there")
-    p.add_argument("--num-layers", type=int, default=None, help="truncate the model to its first N layers")
-    p.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
-                   help="dtype the model is loaded in (no float32 copy), calibrated from and exported in "
-                        "(default: float32; a half dtype is also the activation dtype)")
+    p.add_argument("--num-layers", type=positive_int, default=None,
+                   help="truncate the model to its first N layers (default: all)")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="dtype the model is loaded in (no float32 copy of a half model), calibrated from and exported "
+                        "in; auto: the one its config.json declares (float32 if none; the bundled smollm2-135m "
+                        "GGUF: float32). A float16/bfloat16 model's W4A4 layers compute in its dtype, a float32 "
+                        "model's in bfloat16")
     p.add_argument("--device", type=device_arg, default=None,
                    help="where each decoder layer is calibrated: cpu, cuda, cuda:N, npu, npu:N (default: cpu, where "
                         "the model is loaded; the model stays there and one layer at a time moves)")
     p.add_argument("--activations", default="auto", choices=("auto", "device", "host"),
                    help="where the layer inputs and targets are held (auto: the device if they fit)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows and of training")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+
+def _unused_flags(args) -> None:
+    """Flags that would change nothing are an error, not a silent no-op."""
+    if args.method == "flatquant":
+        return
+    flags = {"--epochs": args.epochs, "--lr": args.lr, "--e2e-epochs": args.e2e_epochs}
+    if args.weight_quantizer != "gptq":
+        flags.update({"--samples": args.samples, "--seqlen": args.seqlen, "--calib-data": args.calib_data})
+    given = [f for f, v in flags.items() if v is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)}: not used by --method {args.method} with --weight-quantizer "
+                         f"{args.weight_quantizer}; leave {'them' if len(given) > 1 else 'it'} out")
+
+
+def _check_out(args) -> None:
+    """--out (and --calib-data) before anything is loaded."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out: {out} exists and is not a directory; choose another --out")
+    if out.exists() and not args.overwrite:
+        raise UsageError(f"--out: {out} already exists; pass --overwrite to replace it, or choose another --out")
+    if args.calib_data is not None and not Path(args.calib_data).is_file():
+        raise UsageError(f"--calib-data: {args.calib_data} is not a file (expected .jsonl with a 'text' field per "
+                         "line, .json, or plain text)")
+
+
+def _check_shapes(args, path, cfg: QuantConfig) -> None:
+    """What serving would refuse, from the model's config alone (no weights): a --tp-size vLLM cannot split it
+    over, and a model none of whose linears can be W4A4 FlatQuant (unless --accept-fallback)."""
+    from ..calibrate import flatquant_linears, plan_model, tp_split_problem
+    from ..hub import empty_model
+    from ..io.serving import model_split_problem
+
+    model = empty_model(path, num_layers=args.num_layers)
+    problem = tp_split_problem(model, cfg.tp_size)
+    if problem:
+        config = model.config.to_dict()
+        fits = [tp for tp in range(1, config["num_attention_heads"] + 1) if not model_split_problem(config, tp)]
+        raise UsageError(f"--tp-size: {problem} (given --tp-size {cfg.tp_size}); sizes that split this model: "
+                         f"{', '.join(map(str, fits))}")
+    plans = plan_model(model, cfg)
+    notice = fallback_notice(plans, cfg)
+    if notice and not flatquant_linears(plans) and not args.accept_fallback:
+        raise UsageError(f"--model: {notice}. Pass --accept-fallback to quantize it so anyway (or another --fallback)")
+
+
+def _calibration_ids(args, cfg: QuantConfig, tokenizer):
+    """The calibration windows, or a UsageError naming --calib-data / --seqlen when the text is too short."""
+    from ..data import bundled_data_path, calibration_ids
+
+    source = args.calib_data or bundled_data_path("calib")
+    try:
+        return calibration_ids(source, tokenizer, cfg.budget("samples"), cfg.budget("seqlen"), seed=cfg.seed)
+    except ValueError as exc:
+        if not str(exc).startswith("seqlen:"):
+            raise
+        tokens = str(exc).split(" has ", 1)[-1].split(" tokens", 1)[0]
+        raise UsageError(f"--calib-data: {source} has {tokens} tokens, fewer than one calibration window of "
+                         f"--seqlen {cfg.budget('seqlen')}; give more text (at least --samples x --seqlen = "
+                         f"{cfg.budget('samples') * cfg.budget('seqlen')} tokens for windows that do not overlap) "
+                         "or a shorter --seqlen") from exc
 
 
 def run(args) -> int:
-    from ..data import bundled_data_path, calibration_ids
-    from ..hub import load_model
+    from ..dtypes import HALF_DTYPES
+    from ..hub import load_model, load_tokenizer, model_dtype, resolve
     from ..io import save_quantized
 
+    # Everything save_quantized or serving would refuse is refused here, before any weight is read.
+    _unused_flags(args)
+    _check_out(args)
+    path = resolve(args.model)
+    dtype = model_dtype(path, args.dtype)
     cfg = QuantConfig(method=args.method, weight_quantizer=args.weight_quantizer, profile=args.profile,
                       samples=args.samples, seqlen=args.seqlen, epochs=args.epochs, lr=args.lr,
-                      e2e_epochs=args.e2e_epochs, work_dir=args.work_dir, skip=tuple(args.skip), seed=args.seed, recipe=args.recipe,
-                      fallback=args.fallback, tp_size=args.tp_size, device=args.device,
-                      activations=args.activations,
-                      **({"act_dtype": torch.float16} if args.dtype == "float16" else {}))
-    if cfg.method != "flatquant":  # flags that would change nothing are an error, not a silent no-op
-        flags = {"--epochs": args.epochs, "--lr": args.lr, "--e2e-epochs": args.e2e_epochs}
-        if cfg.weight_quantizer != "gptq":
-            flags.update({"--samples": args.samples, "--seqlen": args.seqlen, "--calib-data": args.calib_data})
-        given = [f for f, v in flags.items() if v is not None]
-        if given:
-            raise SystemExit(f"flatquant-lab quantize: error: {', '.join(given)}: not used by --method {cfg.method} "
-                             f"with --weight-quantizer {cfg.weight_quantizer}")
-    model, tok = load_model(args.model, dtype=args.dtype or torch.float32, num_layers=args.num_layers)
+                      e2e_epochs=args.e2e_epochs, work_dir=args.work_dir, skip=tuple(args.skip), seed=args.seed,
+                      recipe=args.recipe, fallback=args.fallback, tp_size=args.tp_size, device=args.device,
+                      activations=args.activations, act_dtype=dtype if dtype in HALF_DTYPES else None)
+    _check_shapes(args, path, cfg)
+    tok = load_tokenizer(path)
     ids = None
     if cfg.method == "flatquant" or cfg.weight_quantizer == "gptq":
-        source = args.calib_data or bundled_data_path("calib")
-        ids = calibration_ids(source, tok, cfg.budget("samples"), cfg.budget("seqlen"), seed=cfg.seed)
+        ids = _calibration_ids(args, cfg, tok)
+    model, _ = load_model(path, dtype=dtype, num_layers=args.num_layers)
     quantize(model, cfg, ids)
     save_quantized(model, args.out, tokenizer=tok, overwrite=args.overwrite, tp_size=cfg.tp_size)
     print(json.dumps({"out": args.out, "seconds": round(model.flatquant_report["seconds"], 1),
+                      "dtype": str(dtype).replace("torch.", ""),
                       "kept_float": model.flatquant_report["skipped"],
                       "fallbacks": model.flatquant_report["fallbacks"],
-                      "e2e_kl": (model.flatquant_report["e2e"] or {}).get("kl")}, indent=1))
+                      "e2e_kl": (model.flatquant_report["e2e"] or {}).get("kl"),
+                      "e2e_heldout_kl": (model.flatquant_report["e2e"] or {}).get("heldout_kl"),
+                      "e2e_kept_epoch": (model.flatquant_report["e2e"] or {}).get("kept_epoch")}, indent=1))
     return 0

@@ -223,8 +223,9 @@ def evaluate(model, tokenizer, tasks: Sequence[str] | str = ("wiki_fq_eval",), l
     ``tqdm.auto`` bar over the scored tokens (True, or a str to label it), or none (False); the git
     hash lm-eval records is flatquant_lab's checkout's (``package_git_hash``).
     """
-    import lm_eval
+    from ..extras import require
 
+    lm_eval = require("lm_eval", "eval", "lm-eval evaluation")
     force_offline()
     if isinstance(tasks, str):
         tasks = [t.strip() for t in tasks.split(",") if t.strip()]
