@@ -38,6 +38,8 @@ _LAZY = {
     "evaluate": "flatquant_lab.eval",
     "token_perplexity": "flatquant_lab.eval",
     "quantized_linear_names": "flatquant_lab.models",
+    "clip_groups": "flatquant_lab.models",
+    "set_group_clip_ratio": "flatquant_lab.models",
     "linear_weight_bytes": "flatquant_lab.models",
     "adapter_for": "flatquant_lab.models",
     "save_figure": "flatquant_lab.files",

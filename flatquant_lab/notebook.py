@@ -131,6 +131,39 @@ def setup(backend: str | None = None, threads: int | None = None, smoke: bool = 
     return Session(backend, torch.device("npu" if backend == "npu" else "cpu"), smoke, on_ascend)
 
 
+def smoke_budget(method: str) -> dict:
+    """``QuantConfig`` budget fields of a smoke run: a token calibration set (4 windows of 32 tokens), and for
+    FlatQuant one epoch and no clip-ratio grid searches (those alone would outlast the run)."""
+    budget = dict(samples=4, seqlen=32)
+    if method == "flatquant":
+        budget.update(epochs=1, act_clip_init=4.0, weight_clip_init=4.0)
+    return budget
+
+
+def calibration_for(cfg, source, tokenizer, seed: int = 0):
+    """The calibration windows ``quantize(model, cfg, ...)`` takes: ``cfg.budget("samples")`` windows of
+    ``cfg.budget("seqlen")`` tokens of ``source`` (a .jsonl with a "text" field, or a text file); None when ``cfg``
+    uses none (method rtn or hadamard with RTN weights)."""
+    from .data import calibration_ids
+
+    if cfg.method != "flatquant" and cfg.weight_quantizer != "gptq":
+        return None
+    return calibration_ids(source, tokenizer, cfg.budget("samples"), cfg.budget("seqlen"), seed=seed)
+
+
+def checkpoint_dtype(dtype):
+    """``load_quantized``'s ``dtype`` for a notebook's ``dtype`` parameter: None (the checkpoint's own, from its
+    config.json) for ``"auto"``, else that dtype (checked: float32, bfloat16 or float16)."""
+    from .dtypes import as_dtype
+
+    if isinstance(dtype, str) and dtype.strip().lower() == "auto":
+        return None
+    try:
+        return as_dtype(dtype)
+    except ValueError:
+        raise ValueError(f"dtype: expected 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}") from None
+
+
 def folder_mib(path) -> float:
     """Size of the files below ``path``, in MiB."""
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files) / 2**20

@@ -30,19 +30,22 @@
 
 # %% tags=["parameters"]
 model: str = "smollm2-135m"  # model alias or local Hugging Face directory (flatquant_lab.hub.load_model)
+dtype = "auto"  # model dtype: "auto" (the model's own, from its config.json), "float32", "bfloat16" or "float16"
 data = None  # text for the activations (.jsonl with a "text" field, or a text file); None: bundled eval split
-calib_data = None  # text for calibrating the FlatQuant transform; None: bundled calib split
+calib_data = None  # text for calibrating the FlatQuant transform (.jsonl or text file); None: bundled calib split
 backend = None  # "npu", "reference", or None: npu on an Ascend host, else reference
 threads = None  # torch CPU threads; None: torch's default (on a busy machine, 1 avoids thrashing)
 smoke: bool = False  # CI size: 2 layers, 64 tokens, a token calibration budget
 source: str = "model"  # "model": a real layer's inputs; "random": random tokens with planted outliers
 layer: int = 0  # decoder layer, for source "model"
-linear: str = "mlp.down_proj"  # linear inside that layer; down_proj inputs are heavy-tailed (SPEC section 9)
+linear: str = "mlp.down_proj"  # linear inside that layer; down_proj inputs are heavy-tailed (docs/results.md)
 tokens: int = 256  # tokens of activations
 calibrate: bool = True  # also learn a FlatQuant transform for this layer (source "model" only)
-calib_samples: int = 32  # calibration windows x tokens, and epochs, for that transform
-calib_seqlen: int = 128
-calib_epochs: int = 4
+weight_quantizer: str = "gptq"  # that layer's int4 weights: "gptq" or "rtn" (QuantConfig()'s default: gptq)
+profile: str = "fast"  # its calibration budget (recipe.PROFILES; QuantConfig()'s default: fast)
+calib_samples = None  # calibration windows x tokens, and epochs, for that transform; None: the profile's
+calib_seqlen = None
+calib_epochs = None
 outlier_channels: int = 8  # source "random": how many input channels are scaled up, and by how much
 outlier_scale: float = 20.0
 random_in_features: int = 1536  # source "random": layer size
@@ -77,10 +80,11 @@ if smoke:
 
 # %%
 from flatquant_lab.recipe import QuantConfig
-from flatquant_lab.data import bundled_data_path, calibration_ids, concat_token_ids, load_texts
+from flatquant_lab.data import bundled_data_path, concat_token_ids, load_texts
 from flatquant_lab.hub import load_model
 from flatquant_lab.kronecker import decompose_dim, kron_apply
 from flatquant_lab.models import GROUPS, LINEAR_NAMES
+from flatquant_lab.notebook import calibration_for, smoke_budget
 from flatquant_lab.numerics import check_linear, random_problem
 from flatquant_lab.transforms import orthogonal_factor
 
@@ -90,7 +94,6 @@ if source == "model" and linear not in LINEAR_NAMES:
     raise ValueError(f"linear: expected one of {list(LINEAR_NAMES)}, got {linear!r}")
 if smoke:
     tokens = min(tokens, 64)
-    calib_samples, calib_seqlen, calib_epochs = 4, 32, 1
 num_layers = 2 if smoke else layer + 1  # later layers are never needed
 if source == "model" and not (isinstance(layer, int) and 0 <= layer < num_layers):
     raise ValueError(f"layer: expected an int in [0, {num_layers - 1}]"
@@ -104,7 +107,7 @@ if source == "model" and not (isinstance(layer, int) and 0 <= layer < num_layers
 
 # %%
 if source == "model":
-    fmodel, tok = load_model(model, num_layers=num_layers)
+    fmodel, tok = load_model(model, dtype=dtype, num_layers=num_layers)
     fmodel.to(device)
     name = f"model.layers.{layer}.{linear}"
     float_lin = fmodel.get_submodule(name)
@@ -130,9 +133,12 @@ print(f"{name}: {tuple(float_lin.weight.shape)}, kron {n1}x{n2}; activations {tu
 # ## Three transforms
 #
 # Identity and Hadamard factors come from `flatquant_lab.transforms.orthogonal_factor`. The
-# calibrated transform is FlatQuant's (`quantize(..., QuantConfig(method="flatquant"))`)
+# calibrated transform is FlatQuant's (`quantize(..., QuantConfig(method="flatquant"))`, with
+# `QuantConfig()`'s defaults: GPTQ weights and the `fast` profile, on the calibration text `calib_data`)
 # on a model truncated after this layer, with every other linear kept in float (`skip`) and
-# smoothing off, so that the quantized layer reads exactly the float model's activations.
+# smoothing off, so that the quantized layer reads exactly the float model's activations. The
+# identity and Hadamard layers get round-to-nearest weights (`from_float`); pass
+# `weight_quantizer="rtn"` to give the calibrated one the same.
 
 # %%
 layers = {}  # transform name -> W4A4FlatQuantLinear built from the float layer
@@ -145,19 +151,24 @@ if source == "model" and calibrate:
     group = next(g for g, members in GROUPS.items() if linear in members)
     skip = [f"model.layers.{j}.*" for j in range(layer)]
     skip += [f"model.layers.{layer}.{m}" for g, members in GROUPS.items() if g != group for m in members]
-    budget = dict(samples=calib_samples, seqlen=calib_seqlen, epochs=calib_epochs)
-    if smoke:  # the clip-ratio grid searches cost more than the whole smoke budget
-        budget.update(act_clip_init=4.0, weight_clip_init=4.0)
-    cfg = QuantConfig(method="flatquant", profile="fast", smooth=False, skip=tuple(skip), seed=seed, **budget)
-    cmodel, ctok = load_model(model, num_layers=layer + 1)
-    calib = calibration_ids(calib_data or bundled_data_path("calib"), ctok, cfg.budget("samples"),
-                            cfg.budget("seqlen"), seed=seed)
-    fq.quantize(cmodel, cfg, calib, backend=backend)
+    budget = {k: v for k, v in dict(samples=calib_samples, seqlen=calib_seqlen, epochs=calib_epochs).items()
+              if v is not None}
+    if smoke:  # a token budget; the clip-ratio grid searches alone cost more than the whole smoke run
+        budget = smoke_budget("flatquant")
+    cfg = QuantConfig(method="flatquant", weight_quantizer=weight_quantizer, profile=profile, smooth=False,
+                      skip=tuple(skip), seed=seed, **budget)
+    cmodel, ctok = load_model(model, dtype=dtype, num_layers=layer + 1)
+    fq.quantize(cmodel, cfg, calibration_for(cfg, calib_data or bundled_data_path("calib"), ctok, seed=seed),
+                backend=backend)
     layers["FlatQuant (calibrated)"] = cmodel.get_submodule(name).cpu()
     rep = cmodel.flatquant_report["layers"][layer]
-    print(f"calibrated {group} transform of layer {layer} in {rep['seconds']:.1f} s; "
-          f"epoch losses {[round(v, 4) for v in rep['epoch_losses']]}, "
-          f"learned clip ratio {rep['clip_ratios'][group]:.3f}")
+    # What the layer holds (its float32 clip_ratio buffer): the end-to-end stage may have moved the layer-wise value.
+    held = float(layers["FlatQuant (calibrated)"].clip_ratio)
+    learned = rep["clip_ratios"][group]
+    print(f"calibrated {group} transform of layer {layer} ({cfg.weight_quantizer} weights, profile {cfg.profile}) "
+          f"in {rep['seconds']:.1f} s; epoch losses {[round(v, 4) for v in rep['epoch_losses']]}; "
+          f"clip ratio the layer holds {held:.4g}"
+          + (f" (the layer-wise stage's {learned:.4g}, tuned end to end)" if f"{learned:.4g}" != f"{held:.4g}" else ""))
     del cmodel
 
 # What the op quantizes: each token times kron(L, R) with the factors the layer holds.

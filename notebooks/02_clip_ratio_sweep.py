@@ -20,12 +20,14 @@
 # (`clip_ratio`, float32 `[1]`); vllm-ascend loads q/k/v and gate/up as one fused module each,
 # so those shards must share one ratio.
 #
-# This notebook quantizes the bundled model with fixed Hadamard transforms (all ratios 1.0), or
-# loads a saved W4A4 checkpoint of any method (RTN, Hadamard, FlatQuant), then: explores one
-# layer interactively (layer, ratio, backend); sweeps every quantized linear over a grid of
-# ratios (SQNR heatmap); picks one ratio per fused group; writes them into a copy of the
-# checkpoint with `set_clip_ratio` and `save_quantized(..., overwrite=True)` (atomic); and
-# measures token perplexity before and after.
+# This notebook quantizes the bundled model as `QuantConfig()` does by default (FlatQuant, GPTQ
+# weights, the `fast` profile; `method="hadamard"` is much quicker), or loads a saved W4A4
+# checkpoint of any method (RTN, Hadamard, FlatQuant), then: explores one layer interactively
+# (layer, ratio, backend); sweeps every quantized linear over a grid of ratios (SQNR heatmap);
+# picks one ratio per fused group and sets it with `fq.set_group_clip_ratio` (q/k/v together,
+# gate/up together); measures token perplexity before and after; and writes the tuned checkpoint
+# with `save_quantized(..., overwrite=True)` (atomic) **only if perplexity did not get worse**
+# (otherwise it says so, with both figures, and writes it to `<output_dir>-worse` instead).
 #
 # **Tuning data and evaluation data never meet.** The clip ratios are chosen on activations of
 # calibration-set tokens (`flatquant_lab.data.calibration_ids` on the bundled `calib` split, or
@@ -34,13 +36,18 @@
 
 # %% tags=["parameters"]
 model: str = "smollm2-135m"  # float model: alias or local Hugging Face directory
+dtype = "auto"  # "auto" (the model's or checkpoint's own, from its config.json), "float32", "bfloat16", "float16"
 data = None  # evaluation text, for perplexity only (.jsonl or text file); None: bundled eval split
-calib_data = None  # calibration text, the only text the clip ratios are tuned on; None: bundled calib split
+calib_data = None  # calibration text (.jsonl or text file), the only text tuned on here; None: bundled calib split
 backend = None  # "npu", "reference", or None: npu on an Ascend host, else reference
 threads = None  # torch CPU threads; None: torch's default (on a busy machine, 1 avoids thrashing)
 smoke: bool = False  # CI size: 2 layers, 3 ratios, a short perplexity slice
-quantized_dir = None  # a saved W4A4 checkpoint of model (any method); None: quantize with method hadamard here
-output_dir = None  # where the tuned checkpoint goes; None: outputs/02_clip_ratio_sweep-<smoke|full>/clip_tuned
+quantized_dir = None  # a saved W4A4 checkpoint of model (any method); None: quantize here, on calib_data, with:
+method: str = "flatquant"  # "flatquant", "hadamard" or "rtn"; these three as QuantConfig() defaults them
+weight_quantizer: str = "gptq"  # "gptq" or "rtn"
+profile: str = "fast"  # calibration budget (recipe.PROFILES)
+output_dir = None  # the tuned checkpoint, if perplexity did not get worse (else <output_dir>-worse); None:
+#                    outputs/02_clip_ratio_sweep-<smoke|full>/clip_tuned
 ratios = None  # clip ratios to sweep; None: 1.0 down to 0.6
 tokens: int = 256  # calibration tokens of activations per linear for the sweep: tokens / calib_seqlen windows
 calib_seqlen: int = 128  # length of each calibration window (taken at random offsets, seeded)
@@ -81,6 +88,7 @@ import ipywidgets as widgets
 
 from flatquant_lab.recipe import QuantConfig
 from flatquant_lab.data import bundled_data_path, calibration_ids
+from flatquant_lab.notebook import calibration_for, checkpoint_dtype, smoke_budget
 from flatquant_lab.eval import token_perplexity
 from flatquant_lab.io import load_quantized, save_quantized
 from flatquant_lab.models import quantized_linear_names
@@ -108,6 +116,7 @@ paths = all(isinstance(v, (str, os.PathLike)) for v in (eval_source, calib_sourc
 if paths and os.path.realpath(eval_source) == os.path.realpath(calib_source):
     raise ValueError(f"calib_data: {calib_source} is the evaluation text too; tuning on it would make the "
                      "perplexity below meaningless. Pass a separate calibration text, or None for the bundled one")
+ckpt_dtype = checkpoint_dtype(dtype)  # checked here; None: the checkpoint's own
 num_layers = 2 if smoke else None
 
 # %% [markdown]
@@ -123,12 +132,17 @@ num_layers = 2 if smoke else None
 
 # %%
 if quantized_dir is not None:
-    qmodel = load_quantized(quantized_dir, backend=backend)
+    qmodel = load_quantized(quantized_dir, backend=backend, dtype=ckpt_dtype)
     num_layers = qmodel.config.num_hidden_layers
-    fmodel, tok = load_model(model, num_layers=num_layers)
+    fmodel, tok = load_model(model, dtype=dtype, num_layers=num_layers)
 else:
-    fmodel, tok = load_model(model, num_layers=num_layers)
-    qmodel = fq.quantize(copy.deepcopy(fmodel), QuantConfig(method="hadamard"), backend=backend)
+    fmodel, tok = load_model(model, dtype=dtype, num_layers=num_layers)
+    qcfg = QuantConfig(method=method, weight_quantizer=weight_quantizer, profile=profile, seed=seed,
+                       **(smoke_budget(method) if smoke else {}))
+    qmodel = fq.quantize(copy.deepcopy(fmodel), qcfg, calibration_for(qcfg, calib_source, tok, seed=seed),
+                         backend=backend)
+    print(f"quantized here: method {qcfg.method}, {qcfg.weight_quantizer} weights, profile {qcfg.profile}, "
+          f"{next(fmodel.parameters()).dtype}, calibration text {calib_source}")
 fmodel.to(device)
 qmodel.to(device)
 # Only W4A4 FlatQuant layers have an activation clip ratio; W8A8_DYNAMIC ones (msModelSlim's o/down) do not.
@@ -262,24 +276,22 @@ nb.show_figure(fig, figure_path)  # smoke stamp, atomic save, show
 # ## One ratio per fused group
 #
 # q/k/v and gate/up must share one clip ratio (vllm-ascend loads each set as one module), so
-# each group takes the ratio with the highest mean SQNR over its members; o_proj and down_proj
-# are groups of one.
+# each group (`fq.clip_groups`: `model.layers.3.attn` -> q/k/v, `model.layers.3.mlp` -> gate/up;
+# o_proj and down_proj are groups of one) takes the ratio with the highest mean SQNR over its
+# members. `fq.set_group_clip_ratio(model, group, ratio)` sets a group's members in one call.
 
 # %%
-choice = {}
-for i in layer_ids:
-    for group, members in GROUPS.items():
-        member_names = [f"model.layers.{i}.{m}" for m in members if f"model.layers.{i}.{m}" in rows]
-        if member_names:
-            best = float(sqnr.loc[member_names].mean(axis=0).idxmax())
-            choice.update({n: best for n in member_names})
-at_choice = pd.Series({n: sqnr.loc[n, r] for n, r in choice.items()})
+groups = fq.clip_groups(qmodel)  # group -> its W4A4 linears (what was swept)
+choice = {g: float(sqnr.loc[members].mean(axis=0).idxmax()) for g, members in groups.items()}
+ratio_of = {n: choice[g] for g, members in groups.items() for n in members}  # per linear
+at_choice = pd.Series({n: sqnr.loc[n, r] for n, r in ratio_of.items()})
 at_first = sqnr[ratios[0]]
-print(f"mean SQNR over {len(choice)} linears: {at_first.mean():.2f} dB at clip ratio {ratios[0]:g}, "
-      f"{at_choice.mean():.2f} dB at the chosen ratios")
+print(f"mean SQNR over {len(ratio_of)} linears in {len(choice)} groups: {at_first.mean():.2f} dB at clip ratio "
+      f"{ratios[0]:g}, {at_choice.mean():.2f} dB at the chosen ratios")
 # layer x group: the ratio each fused module gets
-smoke_table(pd.DataFrame([{g: choice.get(f"model.layers.{i}.{members[0]}") for g, members in GROUPS.items()}
-                          for i in layer_ids], index=pd.Index(layer_ids, name="layer")))
+table = pd.Series({(int(g.split(".")[2]), g.rpartition(".")[2]): r for g, r in choice.items()}).unstack()
+smoke_table(table.reindex(columns=[g for g in GROUPS if g in table.columns]).rename_axis(index="layer",
+                                                                                      columns="group"))
 
 
 # %% [markdown]
@@ -288,8 +300,13 @@ smoke_table(pd.DataFrame([{g: choice.get(f"model.layers.{i}.{members[0]}") for g
 # Token perplexity (`flatquant_lab.eval.token_perplexity`: the first `ppl_windows`
 # windows of `ppl_window` tokens of the evaluation text, which the ratios were not tuned on)
 # with the ratios as loaded and with the chosen ones; the float model for reference. The chosen
-# ratios are set on the model with `set_clip_ratio` and saved with
-# `save_quantized(..., overwrite=True)`, which writes a temporary folder and renames it into
+# ratios are set on the model with `fq.set_group_clip_ratio`, one call per group.
+#
+# The tuned checkpoint is written to `output_dir` **only if the evaluation perplexity did not get
+# worse**. If it got worse, the notebook says so with both figures and writes the checkpoint to
+# `<output_dir>-worse` instead, for inspection: nothing at `output_dir` is ever a checkpoint that
+# this tuning made worse (an earlier run's checkpoint there is left as it was). Either is written
+# with `save_quantized(..., overwrite=True)`, which writes a temporary folder and renames it into
 # place: by default into `outputs/02_clip_ratio_sweep-<smoke|full>/clip_tuned` beside this
 # notebook (git-ignored; load it with `load_quantized`, pass it to notebook 03, or delete it).
 
@@ -300,23 +317,30 @@ def ppl(m):
 
 ppl_fp = ppl(fmodel)
 ppl_before = ppl(qmodel)
-for n, r in choice.items():
-    qmodel.get_submodule(n).set_clip_ratio(r)
+for g, r in choice.items():
+    fq.set_group_clip_ratio(qmodel, g, r)  # every member of the group: one clip_ratio per vLLM fused module
 ppl_after = ppl(qmodel)
+worse = not ppl_after <= ppl_before  # a NaN counts as worse
 smoke_table(pd.DataFrame({"token perplexity (evaluation set)": {
     "float": ppl_fp, "W4A4, ratios as loaded": ppl_before, "W4A4, chosen ratios": ppl_after}}))
 
 # %%
 out_dir = os.path.abspath(output_dir or os.path.join(output_folder("02_clip_ratio_sweep"), "clip_tuned"))
-save_quantized(qmodel, out_dir, tokenizer=tok, overwrite=True)
-reloaded = load_quantized(out_dir, backend=backend)
+target = out_dir + "-worse" if worse else out_dir
+mark = " [smoke run: numbers meaningless]" if smoke else ""
+if worse:
+    print(f"evaluation-set perplexity got WORSE with the chosen clip ratios: {ppl_before:.6g} -> {ppl_after:.6g} "
+          f"(float {ppl_fp:.6g}){mark}. The tuned checkpoint is NOT written to {out_dir}; it goes to {target} "
+          "for inspection only.")
+save_quantized(qmodel, target, tokenizer=tok, overwrite=True)
+reloaded = load_quantized(target, backend=backend)
 stored = {n: float(reloaded.get_submodule(n).clip_ratio) for n in names}
-mismatch = [n for n in names if stored[n] != float(torch.tensor(choice[n], dtype=torch.float32))]
+mismatch = [n for n in names if stored[n] != float(torch.tensor(ratio_of[n], dtype=torch.float32))]
 if mismatch:
-    raise AssertionError(f"{out_dir}: clip ratios of {mismatch[:3]} did not round-trip")
-print(f"wrote {out_dir} ({folder_mib(out_dir):.0f} MiB) with {len(set(choice.values()))} distinct clip ratios; "
-      f"evaluation-set perplexity {ppl_before:.2f} -> {ppl_after:.2f} (float {ppl_fp:.2f})"
-      f"{' [smoke run: numbers meaningless]' if smoke else ''}")
+    raise AssertionError(f"{target}: clip ratios of {mismatch[:3]} did not round-trip")
+print(f"wrote {target} ({folder_mib(target):.0f} MiB) with {len(set(choice.values()))} distinct clip ratios"
+      + ("" if worse else f"; evaluation-set perplexity {ppl_before:.6g} -> {ppl_after:.6g}, not worse "
+                          f"(float {ppl_fp:.6g}){mark}"))
 
 # %%
 print(f"02_clip_ratio_sweep done in {time.perf_counter() - t_start:.1f} s")

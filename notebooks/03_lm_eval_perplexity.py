@@ -19,12 +19,16 @@
 # offline, through `flatquant_lab.eval.evaluate`) for the float model and for three
 # W4A4 checkpoints in the vllm-ascend format: RTN (identity transforms), Hadamard (fixed
 # orthogonal Kronecker factors) and FlatQuant (learned transforms, smoothing and clipping).
-# Saved checkpoints can be passed in; any that is missing is quantized and saved here.
+# Saved checkpoints can be passed in; any that is missing is quantized and saved here, with
+# `QuantConfig()`'s defaults (GPTQ weights, the `fast` profile) on the calibration text
+# `calib_data`: all three get the same weight quantizer, so they differ in their transforms only.
 # Then one checkpoint gets every W4A4 layer's clip ratio overridden to the same `r`, for a
 # range of `r` (one value for all layers keeps the fused q/k/v and gate/up shards identical).
 
 # %% tags=["parameters"]
 model: str = "smollm2-135m"  # float model: alias or local Hugging Face directory
+dtype = "auto"  # "auto" (the model's or checkpoint's own, from its config.json), "float32", "bfloat16", "float16"
+calib_data = None  # calibration text for checkpoints made here (.jsonl or text file); None: bundled calib split
 backend = None  # "npu", "reference", or None: npu on an Ascend host, else reference
 threads = None  # torch CPU threads; None: torch's default (on a busy machine, 1 avoids thrashing)
 smoke: bool = False  # CI size: 2 layers, 2 documents, 2 ratios, a token calibration budget
@@ -32,7 +36,8 @@ rtn_dir = None  # saved W4A4 checkpoints of model (flatquant-lab quantize); None
 hadamard_dir = None
 flatquant_dir = None
 work_dir = None  # where checkpoints quantized here are saved; None: outputs/03_lm_eval_perplexity-<smoke|full>
-profile: str = "fast"  # FlatQuant calibration budget for a checkpoint made here (recipe.PROFILES)
+weight_quantizer: str = "gptq"  # int4 weights of a checkpoint made here: "gptq" or "rtn" (QuantConfig()'s default)
+profile: str = "fast"  # calibration budget of a checkpoint made here (recipe.PROFILES; QuantConfig()'s default)
 task: str = "wiki_fq_eval"  # lm-eval perplexity task (the bundled held-out articles)
 limit = None  # evaluate the first limit documents; None: all of them
 docs = None  # or these document indices (lm-eval samples), e.g. [1, 2]; not with limit
@@ -68,11 +73,12 @@ if smoke:
 
 # %%
 from flatquant_lab.recipe import PROFILES, QuantConfig
-from flatquant_lab.data import bundled_data_path, calibration_ids, load_texts
+from flatquant_lab.data import bundled_data_path, load_texts
 from flatquant_lab.eval import evaluate
 from flatquant_lab.io import load_quantized, save_quantized
-from flatquant_lab.models import linear_weight_bytes, quantized_linear_names
+from flatquant_lab.models import linear_weight_bytes
 from flatquant_lab.hub import load_model
+from flatquant_lab.notebook import calibration_for, checkpoint_dtype, smoke_budget
 
 METHODS = ("rtn", "hadamard", "flatquant")
 saved = {"rtn": rtn_dir, "hadamard": hadamard_dir, "flatquant": flatquant_dir}
@@ -86,8 +92,9 @@ for pname, pval in (("clip_ratios", clip_ratios), ("docs", docs)):
 clip_ratios = [float(r) for r in (clip_ratios if clip_ratios is not None else (1.0, 0.95, 0.9, 0.85, 0.8, 0.7))]
 if not clip_ratios:
     raise ValueError("clip_ratios: expected at least one clip ratio in (0, 1], got none")
+ckpt_dtype = checkpoint_dtype(dtype)  # checked here; None: each checkpoint's own
+calib_source = calib_data or bundled_data_path("calib")
 num_layers = None
-budget = {}
 if smoke:
     num_layers = 2
     if docs is None and limit is None and task == "wiki_fq_eval":
@@ -97,8 +104,6 @@ if smoke:
     elif docs is None and limit is None:
         limit = 2
     clip_ratios = clip_ratios[:: max(1, len(clip_ratios) - 1)][:2]  # the two ends
-    # a token FlatQuant budget; the clip grid searches alone would outlast the smoke run
-    budget = dict(samples=4, seqlen=32, epochs=1, act_clip_init=4.0, weight_clip_init=4.0)
 if docs is not None and limit is not None:
     raise ValueError(f"docs: expected None when limit is given (limit={limit!r}, docs={docs!r}); pick one")
 select = {"samples": {task: [int(i) for i in docs]}} if docs is not None else {"limit": limit}
@@ -118,19 +123,21 @@ print(f"task {task}, {docs_label}, clip ratios {clip_ratios}, checkpoints in {wo
 # `flatquant_dir` to skip quantizing, or delete the folder.
 
 # %%
-fmodel, tok = load_model(model, num_layers=num_layers)
+fmodel, tok = load_model(model, dtype=dtype, num_layers=num_layers)
 for method in METHODS:
     if saved[method] is not None:
         continue
     t0 = time.perf_counter()
-    m, _ = load_model(model, num_layers=num_layers)
-    cfg = QuantConfig(method=method, profile=profile, **(budget if method == "flatquant" else {}))
-    ids = None
-    if method == "flatquant":
-        ids = calibration_ids(bundled_data_path("calib"), tok, cfg.budget("samples"), cfg.budget("seqlen"))
+    m, _ = load_model(model, dtype=dtype, num_layers=num_layers)
+    # a smoke run's budget is a token one; the clip grid searches alone would outlast it
+    cfg = QuantConfig(method=method, weight_quantizer=weight_quantizer, profile=profile,
+                      **(smoke_budget(method) if smoke else {}))
+    ids = calibration_for(cfg, calib_source, tok)  # None when cfg uses no data (RTN weights, no training)
     fq.quantize(m, cfg, ids, backend=backend)
     saved[method] = save_quantized(m, os.path.join(work_dir, method), tokenizer=tok, overwrite=True)
-    print(f"{method}: quantized and saved to {saved[method]} in {time.perf_counter() - t0:.0f} s")
+    print(f"{method}: quantized ({cfg.weight_quantizer} weights, profile {cfg.profile}, {next(m.parameters()).dtype}, "
+          f"calibration text {calib_source if ids is not None else 'none'}) and saved to {saved[method]} "
+          f"in {time.perf_counter() - t0:.0f} s")
     del m
 print(f"{work_dir}: {folder_mib(work_dir):.0f} MiB of checkpoints (delete the folder when done with them)")
 smoke_table(pd.Series({k: str(v) for k, v in saved.items()}, name="checkpoint").to_frame())
@@ -152,7 +159,7 @@ def lm_eval_ppl(m, label):
 
 
 def load_checkpoint(method):
-    m = load_quantized(saved[method], backend=backend).to(device)
+    m = load_quantized(saved[method], backend=backend, dtype=ckpt_dtype).to(device)
     if m.config.num_hidden_layers != fmodel.config.num_hidden_layers:
         raise ValueError(f"{method}_dir: {saved[method]} has {m.config.num_hidden_layers} layers, "
                          f"the float model {fmodel.config.num_hidden_layers}; pass checkpoints of {model}"
@@ -173,15 +180,16 @@ smoke_table(pd.DataFrame(results).T)
 # %% [markdown]
 # ## A model-wide clip-ratio override
 #
-# Every W4A4 layer of one checkpoint gets `set_clip_ratio(r)`; the rest stays as saved.
+# Every W4A4 group of one checkpoint gets `fq.set_group_clip_ratio(model, group, r)` (q/k/v
+# together, gate/up together, as vLLM loads them); the rest (W8A8_DYNAMIC layers have no clip
+# ratio) stays as saved.
 
 # %%
 sweep_model = load_checkpoint(sweep_method)
-qnames = quantized_linear_names(sweep_model)
 sweep = {}
 for r in clip_ratios:
-    for n in qnames:
-        sweep_model.get_submodule(n).set_clip_ratio(r)
+    for g in fq.clip_groups(sweep_model):
+        fq.set_group_clip_ratio(sweep_model, g, r)
     sweep[r] = lm_eval_ppl(sweep_model, f"W4A4 {sweep_method}, clip ratio {r:g}")
 del sweep_model
 sweep_df = pd.DataFrame(sweep).T.rename_axis(index="clip ratio")

@@ -8,6 +8,9 @@ Execution goes through papermill with ``smoke=True`` (2-layer model, a few token
 kernel running this very interpreter. The runs share one xdist group, so under
 ``pytest -n 2 --dist loadgroup`` they take turns on one worker (each kernel already uses both
 cores) while the other worker runs the rest of the suite.
+
+Evidence (conftest.py restores the group, ``run_notebook`` bounds each run and uses unix sockets): pytest 9.2
+dropped xdist 3.8's group tag, so kernels ran on both workers at once, two started in one second on TCP ports.
 """
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ NOTEBOOKS = ["01_numerics.ipynb", "02_clip_ratio_sweep.ipynb", "03_lm_eval_perpl
 # Where a notebook writes checkpoints, pointed into the test's tmp_path (defaults: notebooks/outputs/).
 OUTPUT_PARAMS = {"02_clip_ratio_sweep.ipynb": "output_dir", "03_lm_eval_perplexity.ipynb": "work_dir"}
 CELL_TIMEOUT_S = 600  # a hung kernel fails the test instead of blocking the run
+KERNEL_START_S = 60  # until the kernel answers kernel_info: under 3 s in 20 starts at load 7-10 on 2 cores
+NOTEBOOK_RUN_S = 600  # all cells of one smoke run: ~30 s alone, 250 s at most seen at load 10 on 2 cores
 SMOKE_MARK = "SMOKE RUN"
 
 
@@ -76,12 +81,85 @@ def kernel_name(tmp_path_factory) -> str:
     return "flatquant-lab-test"
 
 
+def run_notebook(name: str, out: Path, parameters: dict, kernel_name: str) -> None:
+    """papermill on ``notebooks/<name>`` into ``out``, in a kernel that talks over unix sockets in a fresh
+    folder (no TCP port to race other processes for). The start is bounded by KERNEL_START_S and the run
+    by NOTEBOOK_RUN_S: past it a watchdog kills the kernel, which ends any wait of nbclient within
+    seconds, and the test fails naming what it waited for. Cell errors raise papermill's own error."""
+    import signal
+    import tempfile
+    import threading
+
+    import papermill
+    from jupyter_client.manager import AsyncKernelManager
+
+    sock_dir = tempfile.mkdtemp(prefix="fq-kernel-")  # short: a unix socket path holds ~100 bytes at most
+    managers: list[AsyncKernelManager] = []
+    state = {"what": f"kernel for {name} to start", "limit": KERNEL_START_S, "expired": None, "started": False}
+
+    class IPCKernelManager(AsyncKernelManager):
+        def __init__(self, **kw):
+            super().__init__(transport="ipc", ip=os.path.join(sock_dir, "kernel"),
+                             connection_file=os.path.join(sock_dir, "kernel.json"), **kw)
+            managers.append(self)
+
+    def expire():
+        state["expired"] = (state["what"], state["limit"])
+        for km in managers:
+            proc = getattr(km.provisioner, "process", None)
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+
+    timers = [threading.Timer(KERNEL_START_S + 30, expire)]  # papermill's own start_timeout comes first
+
+    def started(**_):
+        state.update(started=True, what=f"{name} to run its cells", limit=NOTEBOOK_RUN_S)
+        timers[0].cancel()
+        timers.append(threading.Timer(NOTEBOOK_RUN_S, expire))
+        timers[-1].daemon = True
+        timers[-1].start()
+
+    def cell_starts(cell, cell_index, **_):
+        state["what"] = f"{name} cell {cell_index} ({cell.source.strip().splitlines()[0][:60]!r}) to finish"
+
+    def cell_done(cell, cell_index, **_):
+        state["what"] = f"the kernel for {name} to answer after cell {cell_index}"
+
+    timers[0].daemon = True
+    timers[0].start()
+    try:
+        papermill.execute_notebook(str(NB_DIR / name), str(out), parameters=parameters, kernel_name=kernel_name,
+                                   cwd=str(NB_DIR), progress_bar=False, start_timeout=KERNEL_START_S,
+                                   execution_timeout=CELL_TIMEOUT_S, kernel_manager_class=IPCKernelManager,
+                                   on_notebook_start=started, on_cell_execute=cell_starts,
+                                   on_cell_executed=cell_done)
+    except Exception as exc:
+        if state["expired"]:
+            what, limit = state["expired"]
+            raise TimeoutError(f"{what}: not within {limit} s (kernel killed)") from exc
+        if managers and not state["started"]:
+            raise RuntimeError(f"kernel for {name} did not start within {KERNEL_START_S} s: {exc}") from exc
+        raise
+    finally:
+        for t in timers:
+            t.cancel()
+        shutil.rmtree(sock_dir, ignore_errors=True)
+
+
 def test_the_notebook_folder_holds_pairs_and_no_generator():
     assert sorted(p.name for p in NB_DIR.glob("*.ipynb")) == NOTEBOOKS
     assert sorted(p.name for p in NB_DIR.glob("*.py")) == [n.replace(".ipynb", ".py") for n in NOTEBOOKS]
     assert not (NB_DIR / "make_notebooks.py").exists()
     config = (NB_DIR / "jupytext.toml").read_text()
     assert re.search(r'^formats = "ipynb,py:percent"$', config, re.M), config
+
+
+@pytest.mark.xdist_group("notebooks")
+def test_kernel_tests_take_turns_on_one_xdist_worker(request):
+    """Under ``--dist loadgroup`` the node ids of the kernel tests carry their group, which is what sends
+    them to one worker (conftest.py tags them where pytest-xdist's own tag is lost); elsewhere, nothing to check."""
+    if getattr(request.config.option, "loadgroup", False):
+        assert request.node.nodeid.endswith("@notebooks"), f"{request.node.nodeid}: xdist_group lost"
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
@@ -134,6 +212,51 @@ def test_notebooks_share_one_setup_cell():
     assert len(set(setups.values())) == 1, "the set-up cells differ; edit all three alike"
     assert "setup(backend=backend, threads=threads, smoke=smoke)" in setups[NOTEBOOKS[0]]
     assert "def " not in setups[NOTEBOOKS[0]], "helpers belong in flatquant_lab/notebook.py"
+
+
+def _parameters(name: str) -> dict:
+    """The values the parameters cell sets (plain assignments)."""
+    values: dict = {}
+    exec(_code_sources(name)[0], {}, values)  # noqa: S102 (the notebook's own parameters cell)
+    return values
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_parameters_take_dtype_and_calibration_text_and_quantconfig_defaults(name):
+    """Each notebook takes the model dtype ("auto": the model's own), the user's calibration text (None: the
+    bundled split), and quantizes with what QuantConfig() does by default."""
+    from flatquant_lab.recipe import QuantConfig
+
+    params = _parameters(name)
+    assert params["dtype"] == "auto" and params["calib_data"] is None, name
+    default = QuantConfig()
+    for field in ("method", "weight_quantizer", "profile"):
+        if field in params:
+            assert params[field] == getattr(default, field), (name, field)
+    assert params["weight_quantizer"] == default.weight_quantizer and params["profile"] == default.profile, name
+
+
+def test_notebook_helpers_for_quantizing(tmp_path):
+    """calibration_for hands quantize the windows its config takes (none for RTN weights without training);
+    checkpoint_dtype maps "auto" to None (the checkpoint's own)."""
+    from flatquant_lab.notebook import calibration_for, checkpoint_dtype, smoke_budget
+    from flatquant_lab.recipe import QuantConfig
+
+    class Words:  # a tokenizer stand-in: one id per word
+        eos_token_id = 0
+
+        def __call__(self, texts, add_special_tokens=False):
+            return {"input_ids": [[1 + len(w) for w in t.split()] for t in texts]}
+
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(["word"] * 400))
+    cfg = QuantConfig(method="hadamard", weight_quantizer="gptq", **smoke_budget("hadamard"))
+    assert calibration_for(cfg, text, Words()).shape == (4, 32)
+    assert calibration_for(QuantConfig(method="rtn", weight_quantizer="rtn"), text, Words()) is None
+    assert smoke_budget("flatquant")["epochs"] == 1 and "epochs" not in smoke_budget("hadamard")
+    assert checkpoint_dtype("auto") is None and str(checkpoint_dtype("bfloat16")) == "torch.bfloat16"
+    with pytest.raises(ValueError, match="^dtype: expected 'auto', 'float32', 'bfloat16' or 'float16', got 'fp8'"):
+        checkpoint_dtype("fp8")
 
 
 def test_notebook_setup_checks_its_parameters_and_marks_smoke_output(tmp_path, monkeypatch):
@@ -191,7 +314,6 @@ def test_cells_mark_smoke_figures_and_save_through_save_figure(name):
 def test_clip_sweep_notebook_tunes_a_flatquant_checkpoint(kernel_name, tmp_path):
     """Notebook 02 on a saved FlatQuant checkpoint (GPTQ weights, smoothing folded into the norms)."""
     import nbformat
-    import papermill
     import torch
 
     import flatquant_lab as fq
@@ -203,10 +325,8 @@ def test_clip_sweep_notebook_tunes_a_flatquant_checkpoint(kernel_name, tmp_path)
     cfg = fq.QuantConfig(method="flatquant", weight_quantizer="gptq", samples=4, seqlen=32, epochs=1)
     fq.save_quantized(fq.quantize(model, cfg, ids), tmp_path / "fq", tokenizer=tok)
     out = tmp_path / "02.ipynb"
-    papermill.execute_notebook(str(NB_DIR / NOTEBOOKS[1]), str(out), kernel_name=kernel_name, cwd=str(NB_DIR),
-                               parameters={"smoke": True, "threads": 1, "quantized_dir": str(tmp_path / "fq"),
-                                           "output_dir": str(tmp_path / "tuned")},
-                               progress_bar=False, execution_timeout=CELL_TIMEOUT_S)
+    run_notebook(NOTEBOOKS[1], out, {"smoke": True, "threads": 1, "quantized_dir": str(tmp_path / "fq"),
+                                     "output_dir": str(tmp_path / "tuned")}, kernel_name)
     ran = nbformat.read(out, as_version=4)
     text = "".join(o.get("text", "") for c in ran.cells if c.cell_type == "code" for o in c.outputs)
     assert "14 W4A4 linears in 2 layers" in text
@@ -216,7 +336,7 @@ def test_clip_sweep_notebook_tunes_a_flatquant_checkpoint(kernel_name, tmp_path)
     readout = widget_output_text(ran)
     assert "int4 path within its bound of the dequantized reference: True" in readout, readout
     assert readout.startswith("[smoke run: numbers meaningless] model.layers.1.mlp.down_proj at clip ratio 1.000")
-    tuned = fq.load_quantized(tmp_path / "tuned")
+    tuned = fq.load_quantized(tuned_checkpoint(text, tmp_path / "tuned"))
     assert sum(isinstance(m, fq.W4A4FlatQuantLinear) for m in tuned.modules()) == 14
 
 
@@ -224,9 +344,9 @@ def test_clip_sweep_notebook_tunes_a_flatquant_checkpoint(kernel_name, tmp_path)
 @pytest.mark.xdist_group("notebooks")
 def test_clip_sweep_notebook_tunes_an_msmodelslim_checkpoint(kernel_name, tmp_path):
     """Notebook 02 on a checkpoint in msModelSlim's own layout (v1 file names, W4A4 FlatQuant q/k/v and
-    gate/up, W8A8_DYNAMIC o/down, a FLOAT MLP), written by the test helper from SPEC section 13."""
+    gate/up, W8A8_DYNAMIC o/down, a FLOAT MLP), written by the test helper from
+    docs/checkpoint-format.md."""
     import nbformat
-    import papermill
     import torch
 
     import flatquant_lab as fq
@@ -237,17 +357,32 @@ def test_clip_sweep_notebook_tunes_an_msmodelslim_checkpoint(kernel_name, tmp_pa
     path = write_msmodelslim(tmp_path / "msms", model)
     tok.save_pretrained(str(path))
     out = tmp_path / "02.ipynb"
-    papermill.execute_notebook(str(NB_DIR / NOTEBOOKS[1]), str(out), kernel_name=kernel_name, cwd=str(NB_DIR),
-                               parameters={"smoke": True, "threads": 1, "quantized_dir": str(path),
-                                           "output_dir": str(tmp_path / "tuned")},
-                               progress_bar=False, execution_timeout=CELL_TIMEOUT_S)
+    run_notebook(NOTEBOOKS[1], out, {"smoke": True, "threads": 1, "quantized_dir": str(path),
+                                     "output_dir": str(tmp_path / "tuned")}, kernel_name)
     ran = nbformat.read(out, as_version=4)
     text = "".join(o.get("text", "") for c in ran.cells if c.cell_type == "code" for o in c.outputs)
     # layer 0: q/k/v + gate/up W4A4, o/down W8A8; layer 1: q/k/v W4A4, o W8A8, its MLP float
     assert "8 W4A4 linears in 2 layers" in text and "3 W8A8_DYNAMIC linears (no clip ratio) left as they are" in text
-    tuned = fq.load_quantized(tmp_path / "tuned")
+    tuned = fq.load_quantized(tuned_checkpoint(text, tmp_path / "tuned"))
     assert sum(isinstance(m, fq.W4A4FlatQuantLinear) for m in tuned.modules()) == 8
     assert sum(type(m).__name__ == "W8A8DynamicLinear" for m in tuned.modules()) == 3
+
+
+def tuned_checkpoint(text: str, out: Path) -> Path:
+    """Where notebook 02 wrote its tuned checkpoint: ``out`` when the evaluation perplexity did not get worse,
+    else ``<out>-worse``, after saying so with both figures; never both."""
+    worse = re.search(r"evaluation-set perplexity got WORSE with the chosen clip ratios: (\S+) -> (\S+) ", text)
+    kept = re.search(r"evaluation-set perplexity (\S+) -> (\S+), not worse", text)
+    assert (worse is None) != (kept is None), text
+    before, after = (float(v) for v in (worse or kept).groups())
+    if worse:
+        assert after >= before and f"The tuned checkpoint is NOT written to {out}; it goes to {out}-worse" in text
+        written, absent = Path(f"{out}-worse"), out
+    else:
+        assert after <= before
+        written, absent = out, Path(f"{out}-worse")
+    assert f"wrote {written} (" in text and written.is_dir() and not absent.exists(), text
+    return written
 
 
 def widget_output_text(nb) -> str:
@@ -298,7 +433,6 @@ def test_save_figure_is_atomic(tmp_path, monkeypatch):
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs_headless(name, kernel_name, tmp_path, record_property):
     import nbformat
-    import papermill
 
     # One torch thread per kernel, as conftest gives each xdist worker: with 2 workers on 2 cores, more
     # threads only thrash (a smoke run went from ~30 s to ~300 s on a loaded machine).
@@ -307,9 +441,7 @@ def test_notebook_runs_headless(name, kernel_name, tmp_path, record_property):
         params[OUTPUT_PARAMS[name]] = str(tmp_path / "out")
     t0 = time.perf_counter()
     # Raises PapermillExecutionError, naming the cell and the exception, if any cell fails.
-    papermill.execute_notebook(str(NB_DIR / name), str(tmp_path / name), parameters=params,
-                               kernel_name=kernel_name, cwd=str(NB_DIR), progress_bar=False,
-                               execution_timeout=CELL_TIMEOUT_S)
+    run_notebook(name, tmp_path / name, params, kernel_name)
     seconds = time.perf_counter() - t0
     record_property("seconds", round(seconds, 1))
     print(f"{name}: {seconds:.1f} s")
@@ -321,6 +453,18 @@ def test_notebook_runs_headless(name, kernel_name, tmp_path, record_property):
     tables = [(i, o.data["text/html"]) for i, o in outputs if "<table" in o.get("data", {}).get("text/html", "")]
     assert tables and all(SMOKE_MARK in html for _, html in tables), [i for i, h in tables if SMOKE_MARK not in h]
     assert any(SMOKE_MARK in o.get("data", {}).get("text/markdown", "") for _, o in outputs)
+    text = "".join(o.get("text", "") for _, o in outputs if o.output_type == "stream")
+    if name.startswith("01"):
+        # what the calibrated layer holds, to 4 significant digits (not a rounder copy of a report's value)
+        held = re.search(r"calibrated (\w+) transform of layer 0 \(gptq weights, profile fast\) in "
+                         r".*?; clip ratio the layer holds (\S+?)[ \n]", text)
+        assert held and 0 < float(held[2]) <= 1, text
+    elif name.startswith("02"):
+        assert "quantized here: method flatquant, gptq weights, profile fast, torch.float32" in text, text
+        tuned_checkpoint(text, tmp_path / "out")
+    else:
+        for method in ("rtn", "hadamard", "flatquant"):
+            assert f"{method}: quantized (gptq weights, profile fast, torch.float32, calibration text " in text, text
 
 
 def test_lab_requirements_carry_the_test_pins():

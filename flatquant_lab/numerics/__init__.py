@@ -1,8 +1,8 @@
 """Numerical checks of one quantized layer: does a backend compute what vllm-ascend expects?
 
 :func:`check_linear` runs the layer's backend (``npu``, ``reference``, or one plugged in with
-:func:`flatquant_lab.ops.register_backend`) op by op against the reference arithmetic of SPEC
-sections 3-5. Each op gets the reference's own inputs, so a fault is pinned on the op that made it:
+:func:`flatquant_lab.ops.register_backend`) op by op against the reference arithmetic of
+docs/ascend-ops.md. Each op gets the reference's own inputs, so a fault is pinned on the op that made it:
   ``scale``    per-token scales of ``npu_kronecker_quant``
   ``codes``    its int4 codes
   ``pack``     the words of ``npu_convert_weight_to_int4pack``
@@ -11,20 +11,22 @@ sections 3-5. Each op gets the reference's own inputs, so a fault is pinned on t
 The report has one verdict, ``passed``, and names the first failing part, the token and both values.
 For information only (outside the verdict) it also compares with the float layer (SQNR, cosine,
 worst token) and checks the transform alone at full precision.
-:func:`check_linear_w8a8` does the same for a W8A8_DYNAMIC layer (SPEC section 10), parts ``scale`` and
-``codes`` (``npu_dynamic_quant``), ``product`` and ``output`` (int8 ``npu_quant_matmul``, the forward);
-both return a :class:`CheckReport` (:class:`LinearReport`, :class:`W8A8Report`).
+:func:`check_linear_w8a8` does the same for a W8A8_DYNAMIC layer (docs/ascend-ops.md, 'W8A8_DYNAMIC layers'),
+parts ``scale`` and ``codes`` (``npu_dynamic_quant``), ``product`` and ``output`` (int8 ``npu_quant_matmul``,
+the forward); both return a :class:`CheckReport` (:class:`LinearReport`, :class:`W8A8Report`).
 :func:`sweep_clip_ratio` tabulates SQNR against the float layer over activation clip ratios;
 :func:`sweep_layer_clip_ratio` does the same for an existing layer (a loaded checkpoint), by default
 against that layer with unquantized activations.
 
 Modules: ``report`` (the reports and constants), ``int4`` (``check_linear`` and the comparisons both
-checks use), ``int8`` (``check_linear_w8a8``), ``sweep`` (clip-ratio sweeps), ``problems`` (random layers).
+checks use), ``int8`` (``check_linear_w8a8``), ``sweep`` (clip-ratio sweeps), ``problems`` (random layers),
+``layer_inputs`` (a saved checkpoint's layer: :func:`capture_inputs`, :func:`dequantized_reference`).
 """
 from __future__ import annotations
 
 from .int4 import check_linear
 from .int8 import DEFAULT_TOKEN_TIE_SHARE_INT8, PARTS_W8A8, TIE_PROBE_EXPONENTS, check_linear_w8a8
+from .layer_inputs import capture_inputs, dequantized_reference
 from .problems import random_problem
 from .report import (
     DEFAULT_RATIOS, DEFAULT_TIE_SHARE, DEFAULT_TIE_ULPS, FP32_EPILOGUE_REL, PARTS, PROBE_CLIP_RATIO, CheckReport,
@@ -35,6 +37,6 @@ from .sweep import sweep_clip_ratio, sweep_layer_clip_ratio
 __all__ = [
     "CheckReport", "DEFAULT_RATIOS", "DEFAULT_TIE_SHARE", "DEFAULT_TIE_ULPS", "DEFAULT_TOKEN_TIE_SHARE_INT8",
     "FP32_EPILOGUE_REL", "LinearReport", "PARTS", "PARTS_W8A8", "PROBE_CLIP_RATIO", "PartCheck", "SweepResult",
-    "SweepRow", "TIE_PROBE_EXPONENTS", "W8A8Report", "check_linear", "check_linear_w8a8", "random_problem",
-    "sweep_clip_ratio", "sweep_layer_clip_ratio", "ulp",
+    "SweepRow", "TIE_PROBE_EXPONENTS", "W8A8Report", "capture_inputs", "check_linear", "check_linear_w8a8",
+    "dequantized_reference", "random_problem", "sweep_clip_ratio", "sweep_layer_clip_ratio", "ulp",
 ]
