@@ -6,9 +6,10 @@
 
 Model: the bundled SmolLM2-135M (``hub.load_model``); data: the demo's calibration windows
 (``data.calibration_ids`` on the bundled calib split, seed 0) at the ``fast`` profile (32 x 128 tokens,
-2 epochs, lr 5e-3, batch 4), or with ``--profile full`` the full one as it was before session 7 (64 x 256,
-pinned by ``FULL_BEFORE``; 4 epochs at batch 2 since session 6, 6 at batch 4 before; the profile itself is
-128 x 256 at 2 epochs since session 7, row ``defaults_bs2_rel_s128_e2``; rows in ``ablation_full.json``).
+2 epochs, lr 5e-3, batch 4), or with ``--profile full`` the full one as it was before 07d465e (64 x 256,
+pinned by ``FULL_BEFORE``; 4 epochs at batch 2 from 18d1f0d on, 6 at batch 4 before; the profile itself was
+128 x 256 at 2 epochs from 07d465e, row ``defaults_bs2_rel_s128_e2``, and 96 x 256 from 61acbb9; rows in
+``ablation_full.json``).
 One config per child of the loop below, one after the other, 1 thread (``--threads``).
 
 * ``layers``: the model cut to its first ``--num-layers`` decoder layers (``load_model(num_layers=N)``;
@@ -27,16 +28,16 @@ Hadamard start the seed only orders the batches: the spread of ``today@seed*`` i
 official code's initial point (random orthogonal factors, both clip factors at logit 4.0, i.e. sigmoid
 0.982, instead of Hadamard factors and searched clip ratios); ``*_start`` runs no training (epochs=0).
 ``norm_*`` (issue 13's quality targets) change budget and starting-point knobs on top of ``loss_norm``: ``bs2``
-batch 2, ``alpha<a>`` smooth_alpha, ``qin`` train_inputs="quantized"; ``defaults`` is the previous session's
-defaults (the MSE layer loss), ``defaults_rel`` today's (``layer_loss="relative"``); ``BEFORE`` pins the
+batch 2, ``alpha<a>`` smooth_alpha, ``qin`` train_inputs="quantized"; ``defaults`` are the defaults of
+30aa942 (the MSE layer loss), ``defaults_rel`` today's (``layer_loss="relative"``); ``BEFORE`` pins the
 pre-issue-13 values (no end-to-end stage: ``e2e_epochs=0``), so old rows keep their meaning; ``*_e2e*`` rows
 run the end-to-end stage (the profile's budget, or the change their name says). The stage's settings are not
 in the work dir's fingerprint, so ``--work-dir`` lets e2e variants share one layer-wise run. ``ppl`` rows carry a ``machine`` field (the CPU's model
-name; rows from before session 7 had it added by hand, or lack it): compare rows of one machine only (the same run
+name; rows from before 136440d had it added by hand, or lack it): compare rows of one machine only (the same run
 gave 28.121 and 28.851 at the full profile on two machines). ``--tag T`` keys a row ``name/wq#T``, so a rerun on
 another machine keeps the earlier row. Every run merges its rows into the JSON as it is when the row is written
-(atomic write), so runs can be made one at a time or side by side. ``ostart_*`` rows of session 7 are in
-``ablation_s7.json`` (``layers --out``).
+(atomic write), so runs can be made one at a time or side by side. ``ostart_*`` rows measured at 136440d are in
+``ablation_ostart_layers.json`` (``layers --out``).
 """
 from __future__ import annotations
 
@@ -61,8 +62,9 @@ MODEL = "smollm2-135m"
 PROFILE = "fast"
 OFFICIAL_LOOP = dict(factor_param="svd", loss_norm=True, weight_decay=0.01, batch_order="fixed")
 OFFICIAL_START = dict(transform_init="random", act_clip_init=4.0, weight_clip_init=4.0)
-# Session 5's defaults as changes to BEFORE (batch_size None: the profile's); the defaults_* rows build on them.
-S5_DEFAULTS = dict(loss_norm=True, batch_size=None, smooth_alpha=0.5, train_inputs="quantized")
+# The defaults of 30aa942 (issue 13) as changes to BEFORE (batch_size None: the profile's); the defaults_* rows
+# build on them.
+ISSUE13_DEFAULTS = dict(loss_norm=True, batch_size=None, smooth_alpha=0.5, train_inputs="quantized")
 CONFIGS = {
     "today_start": dict(epochs=0),
     "today": {},
@@ -97,30 +99,30 @@ CONFIGS = {
     "norm_bs2_alpha0.6": dict(loss_norm=True, batch_size=2, smooth_alpha=0.6),
     "norm_bs2_alpha0.7": dict(loss_norm=True, batch_size=2, smooth_alpha=0.7),
     "norm_bs2_alpha0.5_qin": dict(loss_norm=True, batch_size=2, smooth_alpha=0.5, train_inputs="quantized"),
-    "defaults": S5_DEFAULTS,  # the previous session's defaults (layer_loss "mse")
+    "defaults": ISSUE13_DEFAULTS,  # the defaults of 30aa942 (layer_loss "mse")
     "norm_alpha0.5_e3": dict(loss_norm=True, smooth_alpha=0.5, epochs=3),
     # the full profile's budget (--profile full): does it need its 6 epochs, does batch 2 help it as it did fast?
-    "defaults_e4": dict(S5_DEFAULTS, epochs=4),
-    "defaults_bs2_e4": dict(S5_DEFAULTS, batch_size=2, epochs=4),
+    "defaults_e4": dict(ISSUE13_DEFAULTS, epochs=4),
+    "defaults_bs2_e4": dict(ISSUE13_DEFAULTS, batch_size=2, epochs=4),
     # the layer loss: each token's squared error relative to its target's mean square (QuantConfig.layer_loss)
-    "defaults_rel": dict(S5_DEFAULTS, layer_loss="relative"),
-    "defaults_rel_lr1e-2": dict(S5_DEFAULTS, layer_loss="relative", lr=1e-2),
-    "defaults_rel_alpha0.3": dict(S5_DEFAULTS, layer_loss="relative", smooth_alpha=0.3),
-    "defaults_bs2_e4_rel": dict(S5_DEFAULTS, batch_size=2, epochs=4, layer_loss="relative"),
+    "defaults_rel": dict(ISSUE13_DEFAULTS, layer_loss="relative"),
+    "defaults_rel_lr1e-2": dict(ISSUE13_DEFAULTS, layer_loss="relative", lr=1e-2),
+    "defaults_rel_alpha0.3": dict(ISSUE13_DEFAULTS, layer_loss="relative", smooth_alpha=0.3),
+    "defaults_bs2_e4_rel": dict(ISSUE13_DEFAULTS, batch_size=2, epochs=4, layer_loss="relative"),
     # the full profile's steps (2 epochs of 64 batches of 2) on twice the windows: does it lack data?
-    "defaults_bs2_rel_s128_e2": dict(S5_DEFAULTS, batch_size=2, epochs=2, samples=128, layer_loss="relative"),
+    "defaults_bs2_rel_s128_e2": dict(ISSUE13_DEFAULTS, batch_size=2, epochs=2, samples=128, layer_loss="relative"),
     # windows of the evaluation's 512 tokens: twice the tokens at the same training cost, or the same tokens
-    "defaults_bs2_rel_l512_e2": dict(S5_DEFAULTS, batch_size=2, epochs=2, seqlen=512, layer_loss="relative"),
-    "defaults_bs2_rel_s32_l512_e4": dict(S5_DEFAULTS, batch_size=2, epochs=4, samples=32, seqlen=512,
+    "defaults_bs2_rel_l512_e2": dict(ISSUE13_DEFAULTS, batch_size=2, epochs=2, seqlen=512, layer_loss="relative"),
+    "defaults_bs2_rel_s32_l512_e4": dict(ISSUE13_DEFAULTS, batch_size=2, epochs=4, samples=32, seqlen=512,
                                          layer_loss="relative"),
-    # GPTQ's per-row clip: the learned one (learned for RTN) or the best of a grid by output error (session 8)
-    "defaults_rel_gclip": dict(S5_DEFAULTS, layer_loss="relative", gptq_clip_grid=(1.0, 0.95, 0.9, 0.85, 0.8, 0.75)),
+    # GPTQ's per-row clip: the learned one (learned for RTN) or the best of a grid by output error (648e36b)
+    "defaults_rel_gclip": dict(ISSUE13_DEFAULTS, layer_loss="relative", gptq_clip_grid=(1.0, 0.95, 0.9, 0.85, 0.8, 0.75)),
     # the end-to-end stage after the layer-wise one (QuantConfig.e2e_*, calibrate/e2e.py): the profile's budget
-    "defaults_rel_e2e": dict(S5_DEFAULTS, layer_loss="relative", e2e_epochs=None),
-    "defaults_rel_e2e_lr1e-2": dict(S5_DEFAULTS, layer_loss="relative", e2e_epochs=None, e2e_lr=1e-2),
-    "defaults_rel_e2e_e8": dict(S5_DEFAULTS, layer_loss="relative", e2e_epochs=8),
-    "defaults_rel_e2e_bs2": dict(S5_DEFAULTS, layer_loss="relative", e2e_epochs=None, e2e_batch_size=2),
-    "defaults_rel_e2e_s64": dict(S5_DEFAULTS, layer_loss="relative", e2e_epochs=None, e2e_samples=64),
+    "defaults_rel_e2e": dict(ISSUE13_DEFAULTS, layer_loss="relative", e2e_epochs=None),
+    "defaults_rel_e2e_lr1e-2": dict(ISSUE13_DEFAULTS, layer_loss="relative", e2e_epochs=None, e2e_lr=1e-2),
+    "defaults_rel_e2e_e8": dict(ISSUE13_DEFAULTS, layer_loss="relative", e2e_epochs=8),
+    "defaults_rel_e2e_bs2": dict(ISSUE13_DEFAULTS, layer_loss="relative", e2e_epochs=None, e2e_batch_size=2),
+    "defaults_rel_e2e_s64": dict(ISSUE13_DEFAULTS, layer_loss="relative", e2e_epochs=None, e2e_samples=64),
     # GPTQ settings only: with train_inputs="float" these can reuse a loss_norm run's --work-dir
     "norm_damp0.1": dict(loss_norm=True, gptq_damp=0.1),
     "norm_noactorder": dict(loss_norm=True, gptq_act_order=False),
@@ -134,7 +136,7 @@ CONFIGS = {
     "ostart_norm_fixed": dict(OFFICIAL_START, loss_norm=True, batch_order="fixed"),
     # today's loop choices (loss_norm, the relative layer loss) from the official start; and all of today's defaults
     "ostart_norm_rel": dict(OFFICIAL_START, loss_norm=True, layer_loss="relative"),
-    "ostart_defaults_rel": dict(OFFICIAL_START, **S5_DEFAULTS, layer_loss="relative"),
+    "ostart_defaults_rel": dict(OFFICIAL_START, **ISSUE13_DEFAULTS, layer_loss="relative"),
     # today's loop (loss_norm, relative loss, the profile's batch 2) on the float inputs the official loop trains on
     "ostart_loop_rel_bs2": dict(OFFICIAL_START, loss_norm=True, layer_loss="relative", batch_size=None),
 }
@@ -143,7 +145,7 @@ CONFIGS = {
 # The loop before issue 13 (the rows are changes to it, whatever QuantConfig's defaults are now).
 BEFORE = dict(factor_param="plain", loss_norm=False, weight_decay=0.0, batch_order="shuffle", batch_size=4,
               smooth_alpha=0.3, train_inputs="float", layer_loss="mse", e2e_epochs=0)
-# The full profile's windows before session 7 (it calibrates on 128 since): the --profile full rows keep their meaning.
+# The full profile's windows before 07d465e (128 from then, 96 from 61acbb9): the --profile full rows keep their meaning.
 FULL_BEFORE = dict(samples=64)
 
 

@@ -1,4 +1,5 @@
-"""Kronecker-factored transforms: sizes, application, and the weight fold (SPEC sections 1-2).
+"""Kronecker-factored transforms: sizes, application, and the weight fold (docs/checkpoint-format.md, 'Factor sizes';
+docs/ascend-ops.md, 'The W4A4 FlatQuant linear').
 
 ``T(x) = x @ kron(L, R) = vec(L^T X R)`` with ``X = x.view(n1, n2)`` row-major.
 The weight side holds ``W' = W @ kron(L, R)^{-T}`` so that ``T(x) @ W'^T == x @ W^T``.
@@ -12,7 +13,7 @@ import torch
 
 from .devices import exact_dtype
 
-# Largest factor size npu_kronecker_quant accepts, by CANN release (SPEC section 3).
+# Largest factor size npu_kronecker_quant accepts, by CANN release (docs/ascend-ops.md, 'npu_kronecker_quant').
 NPU_MAX_FACTOR = {"8.1": 128, "8.2": 128, "8.3": 128, "8.5": 256}
 DEFAULT_CANN = "8.3"
 
@@ -49,7 +50,8 @@ class Support:
 
 
 def npu_supported(n1: int, n2: int, cann: str = DEFAULT_CANN) -> Support:
-    """Check the op limits of SPEC section 3: ``n2 % 8 == 0`` and ``n1, n2 <= 128`` (256 on CANN 8.5)."""
+    """Check the op limits (docs/ascend-ops.md, 'npu_kronecker_quant'): ``n2 % 8 == 0`` and
+    ``n1, n2 <= 128`` (256 on CANN 8.5)."""
     if cann not in NPU_MAX_FACTOR:
         raise ValueError(f"cann: expected one of {sorted(NPU_MAX_FACTOR)}, got {cann!r}")
     limit = NPU_MAX_FACTOR[cann]

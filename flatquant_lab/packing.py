@@ -1,4 +1,4 @@
-"""int4 packing in the Ascend NPU layout (SPEC section 4).
+"""int4 packing in the Ascend NPU layout (docs/ascend-ops.md, 'int4 packing').
 
 Eight int4 values per int32 word; value ``j`` of each group of eight sits in bits ``[4j, 4j+3]``
 as a two's-complement nibble ``v & 0xF``. Read as bytes (little-endian) each byte holds two

@@ -2,9 +2,10 @@
 
 Every other module calls these; none writes its own copy of the arithmetic.
 
-Per token, as ``npu_kronecker_quant`` does it on transformed activations ``b`` (SPEC section 3):
+Per token, as ``npu_kronecker_quant`` does it on transformed activations ``b`` (docs/ascend-ops.md,
+'npu_kronecker_quant'):
 ``m = max|b|``, ``s = m c / 7``, ``mult = (7 / c) / m``, ``q = sat[-8, 7](rint(round_fp16(b * mult)))``.
-Per token, as ``npu_dynamic_quant`` does it (SPEC sections 6, 10):
+Per token, as ``npu_dynamic_quant`` does it (docs/ascend-ops.md, 'npu_dynamic_quant'):
 ``mult = qmax / max|x|``, ``q = sat(rint(x * mult))``, ``s = 1 / mult``.
 Per output channel (weights): ``s = max|w| clip / qmax``, ``q = sat(rint(w / s))``.
 The training forms (``fake_quant_*``) compute the same values with straight-through rounding, so

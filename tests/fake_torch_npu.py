@@ -3,7 +3,7 @@
 Install it for one test with ``monkeypatch.setitem(sys.modules, "torch_npu", make_fake_torch_npu())``.
 Each call is appended to ``module.calls`` as a :class:`Call` holding, per tensor argument, its
 shape, dtype, strides, contiguity and storage pointer (plus a clone of the values), and the scalar
-arguments as given. The double also enforces what the real ops require (SPEC sections 3 and 5),
+arguments as given. The double also enforces what the real ops require (docs/ascend-ops.md),
 so that a caller passing the wrong layout fails here as it would on a device.
 """
 from __future__ import annotations
@@ -68,14 +68,14 @@ class FakeTorchNpu(types.ModuleType):
                      {"x1": x1, "x2": x2, "scale": scale, "offset": offset, "pertoken_scale": pertoken_scale,
                       "bias": bias},
                      {"output_dtype": output_dtype})
-        if x1.dtype == torch.int8:  # the int8 path (W8A8_DYNAMIC, SPEC section 10)
+        if x1.dtype == torch.int8:  # the int8 path (W8A8_DYNAMIC, docs/ascend-ops.md)
             assert x2.dtype == torch.int8, "int8 path: both operands int8"
             # vllm-ascend stores the weight transposed to [k, n], contiguous (then NZ: layout only)
             assert x2.is_contiguous() and x2.shape[0] == x1.shape[1], "x2: expected a contiguous int8 [k, n]"
             assert scale.dtype in (torch.float32, torch.bfloat16), "int8 path: float32 or bfloat16 scale"
         else:
             assert x1.dtype == x2.dtype == torch.int32, "int4 path: int32-packed operands"
-            # x2 must be the transpose of a contiguous [n, k/8] (SPEC section 5)
+            # x2 must be the transpose of a contiguous [n, k/8] (docs/ascend-ops.md, 'npu_quant_matmul')
             assert x2.t().is_contiguous(), "x2: expected the transposed view of a contiguous [n, k/8]"
         return reference.quant_matmul(x1, x2, scale, offset=offset, pertoken_scale=pertoken_scale, bias=bias,
                                       output_dtype=output_dtype)

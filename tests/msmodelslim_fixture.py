@@ -1,4 +1,4 @@
-"""Write a checkpoint the way msModelSlim lays one out (SPEC sections 1, 10 and 13), without our saver.
+"""Write a checkpoint the way msModelSlim lays one out (docs/checkpoint-format.md), without our saver.
 
     path = write_msmodelslim(tmp_path / "ckpt", float_model, layout="v1", shards=2)
 
@@ -113,7 +113,7 @@ def msmodelslim_tensors(model: nn.Module, static_w8a8: str | None = None) -> tup
         tensors[key] = v.detach().to(torch.bfloat16) if v.is_floating_point() else v
         desc[key] = FLOAT
     if tied:
-        desc["lm_head.weight"] = FLOAT  # listed, not stored (SPEC section 1's tied-embedding rule)
+        desc["lm_head.weight"] = FLOAT  # listed, not stored (docs/checkpoint-format.md, 'Tied embeddings')
     return tensors, desc
 
 

@@ -1,4 +1,4 @@
-"""Export to / import from the vllm-ascend checkpoint format (SPEC section 1)."""
+"""Export to / import from the vllm-ascend checkpoint format (docs/checkpoint-format.md)."""
 from __future__ import annotations
 
 import copy

@@ -1,4 +1,5 @@
-"""Kronecker factor sizes, application and the weight fold (SPEC sections 1-3)."""
+"""Kronecker factor sizes, application and the weight fold (docs/checkpoint-format.md, 'Factor sizes';
+docs/ascend-ops.md)."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""The reference ops against SPEC sections 3-7: hand-worked goldens, each rounding step, bad input,
+"""The reference ops against docs/ascend-ops.md: hand-worked goldens, each rounding step, bad input,
 backend selection."""
 import importlib
 import importlib.abc
@@ -111,7 +111,7 @@ def test_steps4_5_scale_and_mult_in_fp32_in_that_order(c):
 
 
 def test_matches_an_independent_per_token_emulation():
-    # SPEC section 3 written out token by token, in plain float32/float16 steps.
+    # docs/ascend-ops.md, 'npu_kronecker_quant', written out token by token, in plain float32/float16 steps.
     g = torch.Generator().manual_seed(1)
     for dtype in (torch.float16, torch.bfloat16):
         for c in (1.0, 0.85):
@@ -222,7 +222,7 @@ def test_convert_weight_to_int4pack_and_dynamic_quant():
     assert unpack_int4(y4).tolist() == [[7, -7, 4, 0, 0, 0, 0, 1]] and s4.tolist() == [1.0]
 
 
-# ------------------------------------------------------------------ the int8 path (W8A8_DYNAMIC, SPEC section 10)
+# ------------------------------------------------------------------ the int8 path (W8A8_DYNAMIC, docs/ascend-ops.md)
 def test_golden_dynamic_quant_int8_bf16():
     # row 0: max|x| = 2, mult = 127 / 2 = 63.5: x * mult = [127, -63.5, 31.75, -15.875]
     #   -> rint half-even [127, -64, 32, -16]; scale = 1 / 63.5
@@ -581,7 +581,7 @@ def test_backend_must_be_a_name():
 
 
 class _NoCannFinder(importlib.abc.MetaPathFinder):
-    """Makes ``import torch_npu`` fail the way it does on a host without CANN (SPEC section 7)."""
+    """Makes ``import torch_npu`` fail the way it does on a host without CANN (docs/ascend-ops.md)."""
 
     def find_spec(self, name, path=None, target=None):
         if name == "torch_npu" or name.startswith("torch_npu."):
@@ -624,7 +624,7 @@ class _RecordingFinder(importlib.abc.MetaPathFinder):
 
 
 def test_importing_the_package_does_not_import_torch_npu(monkeypatch):
-    # torch_npu must be imported lazily, on first npu call only (SPEC section 7)
+    # torch_npu must be imported lazily, on first npu call only (docs/ascend-ops.md, 'torch_npu off an Ascend host')
     finder = _RecordingFinder()
     monkeypatch.delitem(sys.modules, "torch_npu", raising=False)
     monkeypatch.setattr(sys, "meta_path", [finder, *sys.meta_path])

@@ -1,4 +1,4 @@
-"""int4 packing in the NPU layout (SPEC section 4)."""
+"""int4 packing in the NPU layout (docs/ascend-ops.md, 'int4 packing')."""
 import numpy as np
 import pytest
 import torch

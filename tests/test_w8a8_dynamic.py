@@ -1,4 +1,5 @@
-"""W8A8DynamicLinear (SPEC section 10): built from checkpoint tensors, the scale rounded as vllm-ascend
+"""W8A8DynamicLinear (docs/ascend-ops.md, 'W8A8_DYNAMIC layers'): built from checkpoint tensors, the scale
+rounded as vllm-ascend
 rounds it on load, RTN / GPTQ weights, and the npu call sequence against the torch_npu double."""
 
 import pytest

@@ -1,4 +1,4 @@
-"""Token perplexity over fixed windows of a document set, outside lm-eval (SPEC section 9's windowing)."""
+"""Token perplexity over fixed windows of a document set, outside lm-eval (docs/results.md, 'The first exploration')."""
 from __future__ import annotations
 
 import logging
@@ -10,14 +10,14 @@ from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
-# SPEC section 9's windowing: 40 non-overlapping windows of 512 tokens (20,440 predicted tokens). Its
-# figures came from another split of these pages (held out after page 74; ours is articles 75-79 only),
-# so numbers measured here are comparable among themselves, not to its table.
-SPEC_WINDOWS = 40
+# The first exploration's windowing (docs/results.md): 40 non-overlapping windows of 512 tokens (20,440
+# predicted tokens). Its figures came from another split of these pages (held out after page 74; ours is
+# articles 75-79 only), so numbers measured here are comparable among themselves, not to its table.
+EVAL_WINDOWS = 40
 
 
 @torch.no_grad()
-def token_perplexity(model, tokenizer, docs=None, window: int = 512, max_windows: int | None = SPEC_WINDOWS,
+def token_perplexity(model, tokenizer, docs=None, window: int = 512, max_windows: int | None = EVAL_WINDOWS,
                      batch_size: int = 1) -> float:
     """Perplexity over non-overlapping ``window``-token windows of the concatenated documents.
 
@@ -25,8 +25,8 @@ def token_perplexity(model, tokenizer, docs=None, window: int = 512, max_windows
     ``datasets.Dataset``); ``None`` means the bundled eval set. Documents are joined with the EOS
     token, the first ``max_windows`` full windows are scored (``None``: all of them; the incomplete
     tail is never scored), and the result is ``exp(mean NLL)`` over every predicted token
-    (``window - 1`` per window). The default, 40 windows of 512, is SPEC section 9's windowing
-    (on our split of the pages, so not its numbers).
+    (``window - 1`` per window). The default, 40 windows of 512, is the windowing of
+    docs/results.md, 'The first exploration' (on our split of the pages, so not its numbers).
     """
     from ..data import bundled_data_path, concat_token_ids, load_texts
 

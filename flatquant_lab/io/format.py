@@ -1,4 +1,5 @@
-"""The checkpoint contract vllm-ascend serves (SPEC section 1): names, shapes, dtypes, the description, the checks.
+"""The checkpoint contract vllm-ascend serves (docs/checkpoint-format.md): names, shapes, dtypes, the description,
+the checks.
 
 A saved directory holds:
 
@@ -22,9 +23,9 @@ unpacked), ``weight_scale`` / ``weight_offset`` float32 ``[O, 1]``, ``left_trans
 ``right_trans`` ``[n2, n2]`` with ``(n1, n2) = decompose_dim(K)`` (the sizes vllm-ascend allocates),
 ``clip_ratio`` float32 ``[1]`` and an optional ``bias`` ``[O]``. Transforms and bias are stored in
 the layer's activation dtype (the dtype its kernels run in), or in ``dtype`` when one is given.
-Per W8A8_DYNAMIC linear (``W8A8DynamicLinear``, SPEC section 10): ``weight`` int8 ``[O, K]``,
-``weight_scale`` / ``weight_offset`` float32 ``[O, 1]`` (msModelSlim's dtype; any float dtype is
-read, since vllm-ascend rounds them to the model dtype on load), optional ``bias`` ``[O]``.
+Per W8A8_DYNAMIC linear (``W8A8DynamicLinear``, docs/checkpoint-format.md, 'W8A8_DYNAMIC tensors'):
+``weight`` int8 ``[O, K]``, ``weight_scale`` / ``weight_offset`` float32 ``[O, 1]`` (msModelSlim's dtype;
+any float dtype is read, since vllm-ascend rounds them to the model dtype on load), optional ``bias`` ``[O]``.
 
 Nothing is pickled: tensors go through safetensors, everything else is JSON.
 """
@@ -98,7 +99,8 @@ def build_description(keys: Iterable[str], quantized: Mapping[str, str] | Iterab
     if not isinstance(quantized, Mapping):
         quantized = dict.fromkeys(quantized, QUANT_TYPE)
     types = set(quantized.values())
-    # model_quant_type is informational (SPEC section 13): the main scheme of the model
+    # model_quant_type is informational (docs/checkpoint-format.md, 'quant_model_description.json'): the main
+    # scheme of the model
     main = QUANT_TYPE if QUANT_TYPE in types else W8A8_DYNAMIC_TYPE if types else FLOAT_TYPE
     desc: dict = {"model_quant_type": main, "version": DESCRIPTION_VERSION, "group_size": 0}
     for key in keys:
@@ -152,8 +154,9 @@ def layer_tp(prefix: str, tp_size: int) -> int:
 
 
 def _check_quantized(prefix: str, tensors: Mapping[str, torch.Tensor], desc: Mapping, tp_size: int = 1) -> None:
-    """SPEC section 1 for one W4A4 FlatQuant linear: keys, labels, shapes and dtypes; a row-parallel
-    linear of a checkpoint made for ``tp_size`` ranks has transforms of ``decompose_dim(K / tp_size)``."""
+    """docs/checkpoint-format.md, 'W4A4_FLATQUANT_DYNAMIC tensors', for one W4A4 FlatQuant linear: keys, labels,
+    shapes and dtypes; a row-parallel linear of a checkpoint made for ``tp_size`` ranks has transforms of
+    ``decompose_dim(K / tp_size)``."""
     _check_labels(prefix, QUANT_TYPE, tensors, desc)
     out_f, in_f = _weight_shape(prefix, tensors)
     tp = layer_tp(prefix, tp_size)
@@ -175,7 +178,8 @@ def _check_quantized(prefix: str, tensors: Mapping[str, torch.Tensor], desc: Map
 
 
 def _check_w8a8_dynamic(prefix: str, tensors: Mapping[str, torch.Tensor], desc: Mapping, tp_size: int = 1) -> None:
-    """SPEC section 10 for one W8A8_DYNAMIC linear: int8 weight, per-channel scale and offset, optional bias.
+    """docs/checkpoint-format.md, 'W8A8_DYNAMIC tensors', for one W8A8_DYNAMIC linear: int8 weight, per-channel
+    scale and offset, optional bias.
 
     Scales and bias may be any float dtype: msModelSlim writes float32, vllm-ascend rounds them to
     the model dtype on load.
@@ -228,7 +232,7 @@ def _check_fused(tensors: Mapping[str, torch.Tensor], desc: Mapping) -> None:
 
 def check_checkpoint(tensors: Mapping[str, torch.Tensor], desc: Mapping, tied: Iterable[str] = (),
                      tp_size: int | None = None) -> dict[str, str]:
-    """Check tensors against a description (both directions) and SPEC sections 1 and 10; return the
+    """Check tensors against a description (both directions) and docs/checkpoint-format.md; return the
     quantized prefixes and their types.
 
     ``tied``: keys a description may list as FLOAT without a stored tensor (tied embeddings).
@@ -239,7 +243,7 @@ def check_checkpoint(tensors: Mapping[str, torch.Tensor], desc: Mapping, tied: I
     if not isinstance(desc, Mapping):
         raise CheckpointError(f"{DESCRIPTION_FILE}: expected a JSON object, got {type(desc).__name__}")
     mqt = desc.get("model_quant_type")
-    if mqt is not None and not isinstance(mqt, str):  # informational only (SPEC section 13): not dispatched on
+    if mqt is not None and not isinstance(mqt, str):  # informational only (docs/checkpoint-format.md)
         raise CheckpointError(f"{DESCRIPTION_FILE}: model_quant_type is {mqt!r}, expected a string such as "
                               f"{QUANT_TYPE!r}")
     if desc.get("group_size", 0) not in (0, None):

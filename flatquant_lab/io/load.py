@@ -1,6 +1,6 @@
 """``load_quantized``: rebuild a model from a checkpoint in the vllm-ascend layout (no pickle, no network).
 
-Reads our own exports and msModelSlim's (SPEC section 13): the description as
+Reads our own exports and msModelSlim's (docs/checkpoint-format.md, "msModelSlim's file names"): the description as
 ``quant_model_description.json`` or the legacy ``quant_model_description_{type}.json``; weights as
 ``model.safetensors``, ``quant_model_weights-0000N-of-0000M.safetensors`` or
 ``quant_model_weight_w4a4_flatquant_dynamic-000NN-of-000MM.safetensors`` shards with or without their
@@ -28,7 +28,8 @@ from .format import (
     W8A8_DYNAMIC_TYPE, CheckpointError, check_checkpoint, expect, is_field, layer_tp, saved_tp_size, tie_targets,
 )
 
-# msModelSlim's legacy saver names the description after the quant type (SPEC section 13).
+# msModelSlim's legacy saver names the description after the quant type (docs/checkpoint-format.md,
+# "msModelSlim's file names").
 LEGACY_DESCRIPTION_GLOB = "quant_model_description_*.json"
 SHARD_RE = re.compile(r"^(?P<stem>.+)-(?P<i>\d+)-of-(?P<n>\d+)\.safetensors$")
 PACKED_ALIAS = "weight_packed"  # msModelSlim's legacy key for ``weight``
@@ -168,7 +169,8 @@ def load_quantized(path, backend: str | None = None, dtype=None, tp_size: int | 
 
     ``tp_size`` (default: the description's ``metadata.tp_size``, else 1): the row-parallel layers
     compute what vLLM's ``tp_size`` ranks compute, each on its slice of the input, summed as the
-    all-reduce (SPEC section 11); FlatQuant ones must have transforms sized for it, as vLLM asserts.
+    all-reduce (docs/tensor-parallel.md, 'Row-parallel linears'); FlatQuant ones must have transforms sized for
+    it, as vLLM asserts.
 
     The model is built on the meta device and filled tensor by tensor from the files, so the peak host
     memory is about one copy of the checkpoint; every tensor (int4 layers included) goes straight to

@@ -58,7 +58,7 @@ def checkpoint_state(model: nn.Module,
     """The tensors to store, in state-dict order, and the quantized linear prefixes with their types
     (``W4A4_FLATQUANT_DYNAMIC``, ``W8A8_DYNAMIC``).
 
-    Quantized linears contribute their SPEC section 1 tensors (``checkpoint_tensors``); every other
+    Quantized linears contribute their tensors (docs/checkpoint-format.md) (``checkpoint_tensors``); every other
     entry of the state dict is stored as is, except tied weights (stored once, as Hugging Face does).
     ``dtype`` casts the float tensors, transforms and biases included; the float32 scales and clip
     ratios keep their contract dtype. Without ``dtype`` the transforms are stored in the layer's
@@ -182,7 +182,7 @@ def save_quantized(model: nn.Module, out_dir, tokenizer=None, max_shard_size="2G
     q/k/v and gate/up shards must share type, transforms and clip ratio), written into a temporary
     directory beside ``out_dir``, fsynced, and renamed into place: ``out_dir`` appears complete or
     not at all. An existing ``out_dir`` is an error unless ``overwrite=True``. ``tp_size``: the
-    tensor-parallel size the checkpoint must load at in vLLM; SPEC section 11's load (shape asserts,
+    tensor-parallel size the checkpoint must load at in vLLM; vLLM's load (docs/tensor-parallel.md: shape asserts,
     narrowing) is emulated first and a checkpoint that would fail there is refused.
     """
     out_dir = Path(out_dir)

@@ -1,4 +1,4 @@
-"""How vLLM loads a checkpoint at tensor-parallel size N (SPEC section 11), emulated; and ``serve_check``.
+"""How vLLM loads a checkpoint at tensor-parallel size N (docs/tensor-parallel.md), emulated; and ``serve_check``.
 
 Load: column-parallel linears (q/k/v, gate/up) are narrowed along their output rows (k/v by kv head,
 rank ``r`` taking head ``r // replicas`` when there are fewer kv heads than ranks); row-parallel ones
@@ -85,7 +85,7 @@ def _layers(desc: Mapping) -> dict[str, str]:
 def vllm_load_problem(tensors: Mapping[str, torch.Tensor], desc: Mapping, config: Mapping, tp: int,
                       cann: str = "8.3") -> str:
     """The first reason vLLM (with vllm-ascend) would fail to load or run the checkpoint at TP ``tp``, in
-    words; ``""`` when it loads. Checks SPEC section 11's shape asserts and splits, and that each rank's
+    words; ``""`` when it loads. Checks the shape asserts and splits of docs/tensor-parallel.md, and that each rank's
     FlatQuant transform is one ``npu_kronecker_quant`` runs (CANN ``cann``)."""
     problem = model_split_problem(config, tp)
     if problem:

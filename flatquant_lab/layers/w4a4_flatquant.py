@@ -1,4 +1,4 @@
-"""The W4A4 FlatQuant linear layer, as vllm-ascend serves it (SPEC section 2).
+"""The W4A4 FlatQuant linear layer, as vllm-ascend serves it (docs/ascend-ops.md, 'The W4A4 FlatQuant linear').
 
 Forward for ``x[..., K]``, ``K = n1 * n2``:
 ``xq, s_tok = kronecker_quant(x.view(-1, n1, n2), L^T, R, c)``;
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_KEYS = ("weight", "weight_scale", "weight_offset", "left_trans", "right_trans", "clip_ratio")
 DEFAULT_CHUNK_TOKENS = 8192  # npu_kronecker_quant's token limit on CANN 8.1/8.2
-MAX_CHUNK_TOKENS = 262144  # ... and on CANN 8.5, the largest of any release (SPEC section 2)
+MAX_CHUNK_TOKENS = 262144  # ... and on CANN 8.5, the largest of any release (docs/ascend-ops.md)
 
 
 def _expect(t, name: str, shape: tuple, dtypes: tuple) -> None:
@@ -97,7 +97,7 @@ class W4A4FlatQuantLinear(QuantizedLayer):
     @classmethod
     def from_checkpoint(cls, tensors: Mapping[str, torch.Tensor], backend: str | None = None,
                         act_dtype: torch.dtype | None = None, tp_size: int = 1, **kwargs) -> "W4A4FlatQuantLinear":
-        """Build from the SPEC section 1 tensors (``weight`` int8 [O, K], ``weight_scale`` ...).
+        """Build from the checkpoint tensors (docs/checkpoint-format.md: ``weight`` int8 [O, K], ``weight_scale`` ...).
 
         Every shape and dtype is checked; a wrong one raises ``ValueError`` naming the tensor.
         ``act_dtype`` defaults to the transforms' dtype when that is half, else bfloat16. ``tp_size``:
@@ -161,7 +161,7 @@ class W4A4FlatQuantLinear(QuantizedLayer):
             layer.right_trans = rt.detach().clone()
             layer.clip_ratio.fill_(clip)
             if bias is not None:
-                layer.bias = bias.detach().to(act_dtype).clone()  # added in the output dtype (SPEC section 2)
+                layer.bias = bias.detach().to(act_dtype).clone()  # added in the output dtype (docs/ascend-ops.md)
         layer._derive()
         return layer
 
@@ -218,7 +218,7 @@ class W4A4FlatQuantLinear(QuantizedLayer):
         act = self.p1.dtype
         self.p1 = self.left_trans.detach().transpose(0, 1).contiguous().to(act)
         self.p2 = self.right_trans.detach().contiguous().to(act)
-        if self.tp_size > 1:  # rank r holds columns [r K / tp, (r + 1) K / tp) of the weight (SPEC section 11)
+        if self.tp_size > 1:  # rank r holds columns [r K / tp, (r + 1) K / tp) of the weight (docs/tensor-parallel.md)
             self.weight_ranks = rearrange(self.weight_packed, "o (t k) -> t o k", t=self.tp_size).contiguous()
 
     def _apply(self, fn, recurse=True):
@@ -258,7 +258,8 @@ class W4A4FlatQuantLinear(QuantizedLayer):
         return (self.weight_int.to(torch.float64) * self.weight_scale.double()).to(dtype)
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
-        """The SPEC section 1 tensors of this layer, exactly as loaded (a round trip is bit-exact)."""
+        """The checkpoint tensors of this layer (docs/checkpoint-format.md), exactly as loaded (a round trip is
+        bit-exact)."""
         out = {
             "weight": self.weight_int,
             "weight_scale": self.weight_scale.clone(),
@@ -344,7 +345,7 @@ class W4A4FlatQuantLinear(QuantizedLayer):
 
         Rank ``r``: ``y_r = W4A4(x[:, r K/tp : (r+1) K/tp])`` with its weight columns (+ bias on rank 0,
         in the output dtype); all-reduce ``y = round_t(sum_r fp32(y_r))``. Assumed: HCCL's order and
-        precision are not known, so the sum is emulated in fp32 and rounded once (SPEC section 11).
+        precision are not known, so the sum is emulated in fp32 and rounded once (docs/tensor-parallel.md).
         """
         tp, k_rank = self.tp_size, self.in_features // self.tp_size
         scale = self.weight_scale.view(-1)

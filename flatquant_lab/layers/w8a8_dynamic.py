@@ -1,4 +1,4 @@
-"""The W8A8_DYNAMIC linear layer, as vllm-ascend serves it (SPEC section 10).
+"""The W8A8_DYNAMIC linear layer, as vllm-ascend serves it (docs/ascend-ops.md, 'W8A8_DYNAMIC layers').
 
 Forward for ``x[..., K]`` in the model dtype:
 ``q, s_tok = dynamic_quant(x, dst_type=int8)``;
@@ -83,7 +83,8 @@ class W8A8DynamicLinear(QuantizedLayer):
     @classmethod
     def from_checkpoint(cls, tensors: Mapping[str, torch.Tensor], act_dtype: torch.dtype = torch.bfloat16,
                         backend: str | None = None, tp_size: int = 1) -> "W8A8DynamicLinear":
-        """Build from the SPEC section 10 tensors; ``act_dtype`` is the model dtype the scale and bias round to.
+        """Build from the checkpoint tensors (docs/checkpoint-format.md, 'W8A8_DYNAMIC tensors'); ``act_dtype`` is
+        the model dtype the scale and bias round to.
 
         ``tp_size > 1``: the layer computes what vLLM's ranks of a row-parallel layer compute (see forward).
         """
@@ -178,7 +179,8 @@ class W8A8DynamicLinear(QuantizedLayer):
         return (self.weight_int.double() * self.scale.double()[:, None]).to(dtype)
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
-        """The SPEC section 10 tensors of this layer, exactly as loaded."""
+        """The checkpoint tensors of this layer (docs/checkpoint-format.md, 'W8A8_DYNAMIC tensors'), exactly as
+        loaded."""
         out = {"weight": self.weight_int, "weight_scale": self.weight_scale.clone(),
                "weight_offset": self.weight_offset.clone()}
         if self.bias is not None:
@@ -220,7 +222,7 @@ class W8A8DynamicLinear(QuantizedLayer):
 
         Rank ``r`` quantizes its slice ``x[:, r K/tp : (r+1) K/tp]`` per token and multiplies its weight
         rows (the bias on rank 0 only); all-reduce ``y = round_t(sum_r fp32(y_r))`` (assumed: HCCL's
-        order and precision are not known, SPEC section 11).
+        order and precision are not known, docs/tensor-parallel.md).
         """
         k = self.in_features // self.tp_size
         total = None

@@ -92,7 +92,7 @@ def _check_kronecker(qlinear, x_act, c: float, backend: str, tie_ulps: float, ti
     if why:
         fail = PartCheck("codes", False, reason=why + at)
         return PartCheck("scale", False, reason=why + at), fail, (0, 0, 0), tr, None, None
-    # scales: equal up to one fp32 ulp (SPEC section 3: (m * c) / 7 in fp32, two roundings)
+    # scales: equal up to one fp32 ulp ((m * c) / 7 in fp32, two roundings: docs/ascend-ops.md)
     scale = _compare_scales(s_b, tr.scale, at)
     # codes: equal, or one step across a tie the device may see from the other side
     q_b = unpack_int4(out).reshape(t_count, k).to(torch.int16)
@@ -104,7 +104,7 @@ def _check_kronecker(qlinear, x_act, c: float, backend: str, tie_ulps: float, ti
     if not codes.passed and "away from a rounding tie" in codes.reason:
         if float((_from_offset8(q_b) == q_ref).double().mean()) > 0.99:
             codes.reason += ("; read as the offset-8 layout (nibble v + 8) they match: the backend packs in the "
-                             "offset-8 layout, not the NPU layout (SPEC section 4)")
+                             "offset-8 layout, not the NPU layout (docs/ascend-ops.md, 'int4 packing')")
     return scale, codes, (n_flip, n_near, q_ref.numel()), tr, q_b, s_b
 
 
@@ -186,14 +186,16 @@ def _check_pack(qlinear, backend: str) -> PartCheck:
         c.reason = (f"convert_weight_to_int4pack ({label}): {c.mismatches} of {want.numel()} packed words differ; "
                     f"first at row {c.token}, word {c.index}: backend 0x{g:08x}, reference 0x{wv:08x}")
         if torch.equal(offset8_to_npu(got), want):
-            c.reason += "; they are the offset-8 layout (nibble v + 8), not the NPU layout (SPEC section 4)"
+            c.reason += ("; they are the offset-8 layout (nibble v + 8), not the NPU layout "
+                         "(docs/ascend-ops.md, 'int4 packing')")
         checks.append(c)
     return _merge("pack", checks)
 
 
 def _exact_acc(a: torch.Tensor, w: torch.Tensor, gemm_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``acc[i, j] = sum_k a[i, k] w[j, k]`` in float64, exact: an fp32 GEMM of int4 values is exact
-    while |acc| <= 64 K < 2^24 (SPEC section 5); int8 values take a float64 GEMM (|acc| <= 2^14 K < 2^53)."""
+    while |acc| <= 64 K < 2^24 (docs/ascend-ops.md, 'npu_quant_matmul'); int8 values take a float64 GEMM
+    (|acc| <= 2^14 K < 2^53)."""
     return (a.to(gemm_dtype) @ w.to(gemm_dtype).T).double()
 
 
@@ -358,7 +360,7 @@ def check_linear(qlinear: W4A4FlatQuantLinear, x: torch.Tensor, float_linear: nn
 
     ``x`` is first rounded to the layer's activation dtype (the op's input). The backend runs each op
     on the reference's inputs; the parts, each of which must hold (``passed``):
-    scale:   ``|s - s_ref| <= ulp_fp32(s_ref)`` per token, ``s_ref = (m c) / 7`` (SPEC section 3);
+    scale:   ``|s - s_ref| <= ulp_fp32(s_ref)`` per token, ``s_ref = (m c) / 7`` (docs/ascend-ops.md);
     codes:   ``q == q_ref``, except one step across a tie: ``|t - h| <= w``, ``t = round_fp16(b mult)``,
              ``h`` the nearest half-integer, ``w = tie_ulps (mult ulp_fp16(b) + ulp_fp16(h))``;
     pack:    ``convert_weight_to_int4pack(W) == pack_npu(W)`` word for word (layer weight, all 16 values);
@@ -370,9 +372,9 @@ def check_linear(qlinear: W4A4FlatQuantLinear, x: torch.Tensor, float_linear: nn
     neither the clip ratio nor the code -8 shows.
 
     The tie allowance. ``w`` is how far ``t`` moves when ``b`` moves by one fp16 ulp (a device summing
-    ``a`` and ``b`` in fp32 in another order can differ from the reference in their last bit, SPEC
-    section 3): ``mult`` times ``b``'s ulp, plus ``t``'s own fp16 rounding. Only a code inside that
-    window may differ, only by one step, and only to the other side of the tie. Such codes are
+    ``a`` and ``b`` in fp32 in another order can differ from the reference in their last bit,
+    docs/ascend-ops.md, 'npu_kronecker_quant'): ``mult`` times ``b``'s ulp, plus ``t``'s own fp16
+    rounding. Only a code inside that window may differ, only by one step, and only to the other side of the tie. Such codes are
     counted (``tie_codes``, ``tie_code_share`` of all codes) and bounded: at most ``tie_share`` (1/32)
     of the ``near_tie_codes`` inside the window, and at least one (none with ``tie_share=0``).
     Why the bound is safe: every code outside the window must match exactly, so no error larger than

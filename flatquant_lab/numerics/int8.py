@@ -1,4 +1,4 @@
-"""The W8A8_DYNAMIC check, op by op (``check_linear_w8a8``), SPEC section 10."""
+"""The W8A8_DYNAMIC check, op by op (``check_linear_w8a8``), docs/ascend-ops.md, 'npu_dynamic_quant'."""
 from __future__ import annotations
 
 import math
@@ -47,8 +47,8 @@ def _check_dynamic(x_act: torch.Tensor, backend: str, tie_ulps: float, tie_share
         fail = PartCheck("codes", False, reason=why + at)
         return PartCheck("scale", False, reason=why + at), fail, (0, 0, 0), tr, None, None
     q_b, s_b = q_b.cpu(), s_b.cpu()
-    # scales: within one fp32 ulp (1 / mult and max * (1/127) differ by at most that, SPEC section 10); an
-    # all-zero token's scale multiplies only zero codes, and SPEC leaves it open: any finite value >= 0
+    # scales: within one fp32 ulp (1 / mult and max * (1/127) differ by at most that, docs/ascend-ops.md); an
+    # all-zero token's scale multiplies only zero codes, and the kernel leaves it open: any finite value >= 0
     scale = _compare_scales(s_b, tr.scale, at, free=(x_cpu == 0).all(dim=1))
     # codes: equal, or one step across a tie that a last-bit difference in mult moves t over
     t = tr.t.double()
@@ -148,7 +148,7 @@ def check_linear_w8a8(qlinear: W8A8DynamicLinear, x: torch.Tensor, float_linear:
     """Check a W8A8_DYNAMIC layer's backend op by op against the reference on tokens ``x[..., K]``; one verdict.
 
     ``x`` is first rounded to the layer's model dtype. The backend runs each op on the reference's
-    inputs; the parts (SPEC section 10), each of which must hold (``passed``):
+    inputs; the parts (docs/ascend-ops.md, 'W8A8_DYNAMIC layers'), each of which must hold (``passed``):
     scale:   ``|s - s_ref| <= ulp_fp32(s_ref)`` per token, ``s_ref = 1 / mult``, ``mult = fl32(127 / max|x|)``;
     codes:   ``q == q_ref = sat[-128, 127](rint(t))``, ``t = fl32(x mult)``, except one step across a tie:
              ``|t - h| <= w``, ``h`` the nearest half-integer, ``w = tie_ulps (|x| ulp_fp32(mult) + ulp_fp32(h))``;
@@ -161,7 +161,8 @@ def check_linear_w8a8(qlinear: W8A8DynamicLinear, x: torch.Tensor, float_linear:
     full mantissa (the layer's own is rounded to the model dtype, so narrowing it to fp16 changes nothing
     there) and a bias (the layer's, or a probe one).
 
-    The scale tolerance. ``1 / fl32(127 / m)`` and ``fl32(m fl32(1/127))`` (both in use, SPEC section 10)
+    The scale tolerance. ``1 / fl32(127 / m)`` and ``fl32(m fl32(1/127))`` (both in use, docs/ascend-ops.md,
+    'npu_dynamic_quant')
     differ by at most one fp32 ulp: measured over every positive fp16 ``m`` and every bf16 ``m`` whose
     multiplier is a normal fp32 (1.5e-36 <= m). An all-zero token's scale may be any finite value >= 0.
 

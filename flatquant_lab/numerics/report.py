@@ -9,7 +9,7 @@ import torch
 
 PARTS = ("scale", "codes", "pack", "product", "output")
 # fp32 rounding budget of the matmul epilogue: y = fl32(fl32(acc * s_w) * s_tok) (or s_w * s_tok
-# first, SPEC section 5), two roundings of at most 2^-24 relative each; 2^-22 leaves a factor of two.
+# first, docs/ascend-ops.md), two roundings of at most 2^-24 relative each; 2^-22 leaves a factor of two.
 FP32_EPILOGUE_REL = 2.0**-22
 # Tie window, in fp16 roundings of b (see check_linear), and the share of the codes inside it that
 # may differ from the reference.

@@ -1,8 +1,8 @@
 """Backend-neutral entry points for the Ascend W4A4 ops (the only place that knows about backends).
 
 Each function has the signature and results of its ``torch_npu.npu_*`` namesake. ``backend`` names
-the implementation, looked up in a registry: ``"reference"`` (pure PyTorch, any device, SPEC
-sections 3-6 step by step) and ``"npu"`` (``torch_npu``) are registered here; anything else is
+the implementation, looked up in a registry: ``"reference"`` (pure PyTorch, any device,
+docs/ascend-ops.md step by step) and ``"npu"`` (``torch_npu``) are registered here; anything else is
 plugged in the same way with :func:`register_backend`, or named ``"package.module:ATTR"`` and
 imported on first use. Left as ``None`` the name comes from ``FLATQUANT_BACKEND`` (default
 ``auto``); ``auto`` picks npu for tensors on an NPU device. Inputs are validated here, once, for
@@ -201,7 +201,7 @@ def quant_matmul(x1, x2, scale, offset=None, pertoken_scale=None, bias=None,
 
 
 def _quant_matmul_int8(x1, x2, scale, offset, pertoken_scale, bias, output_dtype, backend):
-    """``npu_quant_matmul`` int8 path (W8A8_DYNAMIC, SPEC section 10): ``x1`` int8 [m, k], ``x2`` int8 [k, n].
+    """``npu_quant_matmul`` int8 path (W8A8_DYNAMIC, docs/ascend-ops.md): ``x1`` int8 [m, k], ``x2`` int8 [k, n].
 
     ``x2`` is the weight ``[n, k]`` transposed to ``[k, n]`` (vllm-ascend stores it so, contiguous);
     ``scale`` float32 or bfloat16 ``[n]``; ``pertoken_scale`` float32 ``[m]``; ``bias`` ``[n]`` any float.

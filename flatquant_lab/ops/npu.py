@@ -1,7 +1,8 @@
 """The Ascend backend: thin calls into ``torch_npu``, imported lazily.
 
 This is the only module in the package that touches ``torch_npu``. Importing it without the CANN
-toolkit raises ``ImportError`` (SPEC section 7); we turn that into an error that says so.
+toolkit raises ``ImportError`` (docs/ascend-ops.md, 'torch_npu off an Ascend host'); we turn that into an error
+that says so.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Pure-PyTorch emulation of the Ascend W4A4 ops, step by step as SPEC sections 3, 5 and 6 state.
+"""Pure-PyTorch emulation of the Ascend W4A4 ops, step by step as docs/ascend-ops.md states.
 
 Runs on any device. Integer products are formed as fp32 GEMMs over integer-valued operands: every
 partial sum is an integer of magnitude <= 64 * k < 2**24 for k <= 262144, so fp32 holds it exactly
@@ -57,7 +57,7 @@ def unpack_int4_int8(packed: torch.Tensor) -> torch.Tensor:
     """Unpack NPU-layout int32 words ``[..., k/8]`` to int8 values ``[..., k]`` (same as ``unpack_int4``).
 
     Fast path: on a little-endian host the words' bytes are, in order, value pairs (low nibble
-    first, SPEC section 4), so an int8 view and two arithmetic shifts unpack them without widening.
+    first, docs/ascend-ops.md, 'int4 packing'), so an int8 view and two arithmetic shifts unpack them without widening.
     """
     if sys.byteorder != "little" or packed.dim() == 0 or packed.shape[-1] == 0:
         return unpack_int4(packed)
@@ -111,7 +111,7 @@ class KroneckerTrace(NamedTuple):
 @_ieee
 def kronecker_quant_trace(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor,
                           clip_ratio: float = 1.0) -> KroneckerTrace:
-    """Every step of ``npu_kronecker_quant`` (SPEC section 3) on tokens ``x[T, n1, n2]``, kept.
+    """Every step of ``npu_kronecker_quant`` (docs/ascend-ops.md) on tokens ``x[T, n1, n2]``, kept.
 
     a = round_t(x @ p2) with fp32 accumulation;  b = round_fp16(p1 @ a) with fp32 accumulation;
     m = max|b|;  quant_scale = (m * c) / 7;  mult = (7 / c) / m  (7 when m == 0);
@@ -156,7 +156,7 @@ class DynamicTrace(NamedTuple):
 
 
 def dynamic_quant_trace(x: torch.Tensor) -> DynamicTrace:
-    """Every step of int8 ``npu_dynamic_quant`` (SPEC section 10) on rows ``x[T, K]``, kept.
+    """Every step of int8 ``npu_dynamic_quant`` (docs/ascend-ops.md, 'npu_dynamic_quant') on rows ``x[T, K]``, kept.
 
     mult = 127 / max|x|  (127 when the row is 0);  t = fl32(x * mult);  q = sat[-128, 127](rint(t));  scale = 1 / mult.
     """
@@ -209,7 +209,7 @@ def quant_matmul(
 
 
 def _quant_matmul_int8(x1, x2, scale, pertoken_scale, bias, output_dtype) -> torch.Tensor:
-    """``npu_quant_matmul``'s int8 pertoken path (W8A8_DYNAMIC, SPEC section 10).
+    """``npu_quant_matmul``'s int8 pertoken path (W8A8_DYNAMIC, docs/ascend-ops.md, 'npu_quant_matmul').
 
     ``x1`` int8 ``[m, k]``, ``x2`` int8 ``[k, n]`` (the weight ``[n, k]`` transposed);
     ``acc[i, j] = sum_k a[i, k] w[j, k]`` exact in int32, then the same epilogue as the int4 path.
