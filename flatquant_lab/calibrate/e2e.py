@@ -8,10 +8,11 @@ full-precision last-layer hidden states the layer-wise stage already computed (n
 cosine schedule. The forward rounds where the Ascend kernels round (straight-through), so the tuned
 tensors written back are what the int4 path then computes.
 
-Guard: ``KL(p_fp || p_q)`` is measured on the real int4 modules over ``e2e_holdout`` calibration windows the
-stage never trains on, before it starts and after each epoch; the best state seen is kept, the starting one
-included (then the model is the layer-wise one bit for bit). A step with a non-finite loss or gradient is
-skipped; a non-finite parameter ends the stage. Both warn (docs/method.md, "The end-to-end stage").
+Guard: ``KL(p_fp || p_q)`` is measured over ``e2e_holdout`` calibration windows the stage never trains on,
+before it starts and after each epoch (through the twins); the best state seen is kept, the starting one included,
+and only if it also beats the start through the int4 modules themselves (else the model is the layer-wise one bit
+for bit). A step with a non-finite loss or gradient is skipped; a non-finite parameter ends the stage. Both warn
+(docs/method.md, "The end-to-end stage").
 """
 from __future__ import annotations
 
@@ -129,7 +130,7 @@ def _teacher(teacher_hidden, idx: torch.Tensor, norm, head, dev, dtype) -> torch
 
 
 def _heldout_kl(model, calib_ids, teacher_hidden, idx: torch.Tensor, norm, head, bs: int) -> torch.Tensor:
-    """Mean ``KL(p_fp || p_q)`` of each window of ``idx`` ``[len(idx)]`` (float64), the model as it serves."""
+    """Mean ``KL(p_fp || p_q)`` of each window of ``idx`` ``[len(idx)]`` (float64), through the model as it is."""
     dev, dtype = module_device(model), next(head.parameters()).dtype
     per_window = []
     with torch.no_grad():
@@ -259,9 +260,17 @@ def tune_scales(model: nn.Module, calib_ids: torch.Tensor, teacher_hidden, cfg: 
                     tw.linear.set_clip_ratio(float(torch.sigmoid(logits[id(tw.clip_logit)])))
 
     guard_seconds = [0.0]
+    swapped = [*twins.items(), *passes.items()]
 
-    def measure() -> torch.Tensor:
+    def install(on: bool) -> None:
+        for nm, tw in swapped:
+            set_submodule(model, nm, tw if on else tw.linear)
+
+    def measure(twin: bool) -> torch.Tensor:
+        """Held-out KL per window: through the twins (cheap: what the epochs are compared on), or through the int4
+        modules as they serve (the start, and the state kept, which must beat it there)."""
         t = time.perf_counter()
+        install(twin)
         kl = _heldout_kl(model, calib_ids, teacher_hidden, heldout, norm, head, bs)
         guard_seconds[0] += time.perf_counter() - t
         return kl
@@ -269,32 +278,24 @@ def tune_scales(model: nn.Module, calib_ids: torch.Tensor, teacher_hidden, cfg: 
     requires = {p: p.requires_grad for p in model.parameters()}
     bar = tqdm(total=steps, desc="end-to-end", unit="step", disable=not progress)
     try:
-        kl0 = measure()
-        kept, best, best_snap = 0, kl0, None
-        heldout_kl = [float(kl0.mean())]
-        if not math.isfinite(heldout_kl[0]):
-            warnings.warn(f"end-to-end stage: the layer-wise model's held-out KL is {heldout_kl[0]}; stage skipped",
-                          stacklevel=2)
-            report.update(heldout_kl=heldout_kl, stopped="non-finite held-out KL before training")
+        kl0 = measure(twin=False)
+        if not math.isfinite(float(kl0.mean())):
+            warnings.warn(f"end-to-end stage: the layer-wise model's held-out KL is {float(kl0.mean())}; stage "
+                          "skipped", stacklevel=2)
+            report.update(heldout_kl=[float(kl0.mean())], stopped="non-finite held-out KL before training")
             return report
         for p in requires:
             p.requires_grad_(False)
-        for nm, tw in [*twins.items(), *passes.items()]:
-            set_submodule(model, nm, tw)
+        kept, best, best_snap = 0, measure(twin=True), None
+        heldout_kl = [float(best.mean())]
         recompute = _recompute(model, calib_ids[:bs].to(dev), cfg)
         layers = list(adapter_for(model).decoder_layers(model))
         kl_epochs, skipped, stopped = [], 0, None
         for ep in range(epochs):
-            for nm, tw in [*twins.items(), *passes.items()]:
-                set_submodule(model, nm, tw)
+            install(True)
             order = torch.randperm(n, generator=gen, device="cpu")  # the generator is the host's
-            try:
-                with recompute_blocks(layers) if recompute else nullcontext():
-                    out = _train_epoch(model, calib_ids, teacher_hidden, norm, head, opt, sched, order, bs, params,
-                                       bar, ep)
-            finally:
-                for nm, tw in [*twins.items(), *passes.items()]:
-                    set_submodule(model, nm, tw.linear)
+            with recompute_blocks(layers) if recompute else nullcontext():
+                out = _train_epoch(model, calib_ids, teacher_hidden, norm, head, opt, sched, order, bs, params, bar, ep)
             kl_epochs.append(out["kl"])
             skipped += out["skipped"]
             snap = ({nm: tw.log_mult.detach().clone() for nm, tw in twins.items()},
@@ -304,8 +305,7 @@ def tune_scales(model: nn.Module, calib_ids: torch.Tensor, teacher_hidden, cfg: 
                 heldout_kl.append(float("nan"))
                 stopped = f"epoch {ep} left a clip ratio outside (0, 1]"
                 break
-            write(snap)
-            kl = measure()
+            kl = measure(twin=True)
             heldout_kl.append(float(kl.mean()))
             log.info("end-to-end epoch %d: training KL %.4f, held-out KL %.4f", ep + 1, out["kl"], heldout_kl[-1])
             if heldout_kl[-1] < float(best.mean()):  # a non-finite KL is never better
@@ -313,16 +313,28 @@ def tune_scales(model: nn.Module, calib_ids: torch.Tensor, teacher_hidden, cfg: 
             if out["stopped"]:
                 stopped = out["stopped"]
                 break
+        install(False)
+        after = kl0
+        if best_snap is not None:  # the kept state must also beat the start on the int4 path itself
+            write(best_snap)
+            served = measure(twin=False)
+            if float(served.mean()) < float(kl0.mean()):
+                after = served
+            else:
+                log.info("end-to-end stage: epoch %d's gain on the twins (%.4f) is none on the int4 path (%.4f >= "
+                         "%.4f): keeping the layer-wise model", kept, heldout_kl[kept], float(served.mean()),
+                         float(kl0.mean()))
+                kept, best_snap = 0, None
+                write(None)
     except BaseException:
+        install(False)
         write(None)
         raise
     finally:
         bar.close()
-        for nm, tw in [*twins.items(), *passes.items()]:
-            set_submodule(model, nm, tw.linear)
+        install(False)
         for p, r in requires.items():
             p.requires_grad_(r)
-    write(best_snap)
     if skipped or stopped:
         warnings.warn(f"end-to-end stage: {skipped} step(s) skipped for a non-finite loss or gradient"
                       + (f"; ended early: {stopped}" if stopped else "") + f"; kept epoch {kept}", stacklevel=2)
@@ -330,13 +342,13 @@ def tune_scales(model: nn.Module, calib_ids: torch.Tensor, teacher_hidden, cfg: 
         mult = torch.cat([(tw.linear.weight_scale.float() / start[nm][0].float()).flatten()
                           for nm, tw in twins.items()])
         tuned_clips = {k: float(model.get_submodule(groups[k][0] if k in groups else k).clip_ratio) for k in clips}
-    diff = (best - kl0)  # per held-out window: how sure the gain is
+    diff = after - kl0  # per held-out window, on the int4 path: how sure the gain is
     report.update(epochs=epochs, batch_size=bs, lr=lr, kl=kl_epochs, heldout_kl=heldout_kl, kept_epoch=kept,
-                  heldout_kl_before=heldout_kl[0], heldout_kl_after=float(best.mean()),
+                  heldout_kl_before=float(kl0.mean()), heldout_kl_after=float(after.mean()),
                   heldout_gain_se=float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else None,
                   skipped_steps=skipped, stopped=stopped, recompute_layers=recompute,
                   scale_multiplier_range=[float(mult.min()), float(mult.max())], clip_ratios=tuned_clips,
                   guard_seconds=guard_seconds[0], seconds=time.perf_counter() - t0)
-    log.info("end-to-end stage: held-out KL %.4f -> %.4f (kept epoch %d of %d)", heldout_kl[0], float(best.mean()),
-             kept, epochs)
+    log.info("end-to-end stage: held-out KL on the int4 path %.4f -> %.4f (kept epoch %d of %d)", float(kl0.mean()),
+             float(after.mean()), kept, epochs)
     return report
