@@ -58,9 +58,9 @@ class TunableW4A4(nn.Module):
         # the layer-wise scale: the linear's own buffer is overwritten with candidates while the guard measures them
         self.register_buffer("base_scale", linear.weight_scale.detach().clone(), persistent=False)
 
-    def scale(self) -> torch.Tensor:
-        """``weight_scale exp(u)`` ``[O, 1]`` in float32."""
-        return self.base_scale.float() * self.log_mult.exp()[:, None]
+    def scale(self, log_mult: torch.Tensor | None = None) -> torch.Tensor:
+        """``weight_scale exp(u)`` ``[O, 1]`` in float32 (``u``: this twin's, or a kept copy of it)."""
+        return self.base_scale.float() * (self.log_mult if log_mult is None else log_mult).exp()[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.linear
@@ -256,7 +256,7 @@ def tune_scales(model: nn.Module, calib_ids: torch.Tensor, teacher_hidden, cfg: 
                     tw.linear.clip_ratio.copy_(clip)
                 else:
                     mults, logits = snapshot
-                    tw.linear.weight_scale.copy_((scale.float() * mults[nm].exp()[:, None]).to(scale.dtype))
+                    tw.linear.weight_scale.copy_(tw.scale(mults[nm]).to(scale.dtype))
                     tw.linear.set_clip_ratio(float(torch.sigmoid(logits[id(tw.clip_logit)])))
 
     guard_seconds = [0.0]
