@@ -199,14 +199,17 @@ def test_quant_matmul_without_pertoken_scale():
     assert y.tolist() == [[10.0, -5.0]]  # acc = 20 and -20
 
 
-def test_int8_and_fp32_gemm_paths_agree(monkeypatch):
+@pytest.mark.parametrize("bits,k", [(4, 64), (8, 1024), (8, 1025), (8, 3000)])
+def test_int_gemm_is_the_exact_int32_accumulator(bits, k):
+    # int8 past k = 1024 takes several fp32 slices; the worst case (-128 * -128 in every term) included
     g = torch.Generator().manual_seed(3)
-    a = torch.randint(-8, 8, (5, 64), generator=g, dtype=torch.int8)
-    w = torch.randint(-8, 8, (6, 64), generator=g, dtype=torch.int8)
-    fast = ref._int_matmul(a, w)
-    monkeypatch.delattr(torch, "_int_mm", raising=False)
-    slow = ref._int_matmul(a, w)
-    assert torch.equal(fast, slow) and torch.equal(fast, (a.long() @ w.long().T).float())
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1)
+    a = torch.randint(lo, hi, (5, k), generator=g, dtype=torch.int8)
+    w = torch.randint(lo, hi, (6, k), generator=g, dtype=torch.int8)
+    a[0], w[0] = lo, lo
+    acc = ref._int_matmul(a, w, bits=bits)
+    assert acc.dtype == torch.int32 and torch.equal(acc.long(), a.long() @ w.long().T)
+    assert acc[0, 0] == lo * lo * k
 
 
 def test_convert_weight_to_int4pack_and_dynamic_quant():
@@ -286,13 +289,10 @@ def test_golden_quant_matmul_int8_rounds_the_output_half_to_even():
     assert y.tolist() == [[256.0, 260.0]]
 
 
-@pytest.mark.parametrize("int_mm", [True, False])
 @pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
-def test_quant_matmul_int8_equals_exact_int64(monkeypatch, int_mm, out_dtype):
-    # k = 4096: |acc| reaches ~2**26, past fp32's exact integers; both the int32 GEMM and the fallback
-    # (float64) must give the exact accumulator, converted once to fp32
-    if not int_mm:
-        monkeypatch.delattr(torch, "_int_mm", raising=False)
+def test_quant_matmul_int8_equals_exact_int64(out_dtype):
+    # k = 4096: |acc| reaches ~2**26, past fp32's exact integers; the sliced GEMM must give the exact
+    # accumulator, converted once to fp32
     g = torch.Generator().manual_seed(6)
     m, k, n = 5, 4096, 7
     a = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)

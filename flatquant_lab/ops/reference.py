@@ -1,8 +1,9 @@
 """Pure-PyTorch emulation of the Ascend W4A4 ops, step by step as docs/ascend-ops.md states.
 
-Runs on any device. Integer products are formed as fp32 GEMMs over integer-valued operands: every
-partial sum is an integer of magnitude <= 64 * k < 2**24 for k <= 262144, so fp32 holds it exactly
-whatever the summation order, and the result equals the device's int32 accumulator. The fp32
+Runs on any device. Integer products are formed as fp32 GEMMs over integer-valued operands, k cut
+into slices where every partial sum is an integer below 2**24 (for int4 values one slice up to
+k = 262144), so fp32 holds it exactly whatever the summation order; the slices add up in int32,
+the device's accumulator. The fp32
 matmuls run in full IEEE precision (:func:`ieee_fp32_matmul`): TF32 (CUDA) or bf16 passes (oneDNN)
 would change the transformed activations, so the emulation would stop being bit-exact.
 """
@@ -20,7 +21,6 @@ from ..quantizers import dynamic_codes, kron_act_codes, quant_dynamic_reference
 
 FP16_MAX = 65504.0
 MAX_K_EXACT = 262144  # |acc| <= 64 * k stays below 2**24 up to here
-INT8_K_FP32_EXACT = 1024  # int8 x int8: |acc| <= 2**14 * k stays below 2**24 up to here
 
 
 @contextlib.contextmanager
@@ -77,21 +77,21 @@ def _pack_int4_checked(q: torch.Tensor) -> torch.Tensor:
     return _pack_int4_bytes(q)
 
 
-def _int_matmul(a: torch.Tensor, w: torch.Tensor, float_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``acc[i, j] = sum_k a[i, k] w[j, k]`` for int8 ``a[m, k]``, ``w[n, k]``, exactly.
+def _int_matmul(a: torch.Tensor, w: torch.Tensor, bits: int) -> torch.Tensor:
+    """``acc[i, j] = sum_k a[i, k] w[j, k]`` for ``bits``-bit integers held as int8 ``a[m, k]``, ``w[n, k]``, exactly, as int32.
 
-    Uses the int8 x int8 -> int32 GEMM where PyTorch has one (an int32 accumulator, like the
-    device's) and returns int32; otherwise a ``float_dtype`` GEMM over the integer values: fp32 is
-    exact for int4 values (|acc| <= 64 k < 2**24), int8 values need float64 past k = 1024. Either
-    converts to the same fp32 numbers: results are bit-identical.
+    fp32 GEMMs over slices of k short enough that every partial sum (|a w| <= 4**(bits-1) per term) is an integer below 2**24
+    (exact in fp32 whatever the summation order), summed in int32 like the device's accumulator.
+    Not ``torch._int_mm``: on CPUs without VNNI it is ~25x slower than the fp32 GEMM
+    (docs/ascend-ops.md, 'Emulating the integer GEMM').
     """
-    int_mm = getattr(torch, "_int_mm", None)
-    if int_mm is not None and a.device.type == "cpu" and a.shape[0] > 0:
-        try:
-            return int_mm(a, w.t())
-        except RuntimeError:  # a build or shape the int8 kernel does not take: use the fp32 GEMM
-            pass
-    return a.to(float_dtype) @ w.to(float_dtype).t()
+    k = a.shape[-1]
+    step = max(1, min(k, 2**24 // 4 ** (bits - 1)))  # int4: 262144, int8: 1024
+    acc = None
+    for s in range(0, max(k, 1), step):
+        part = (a[:, s:s + step].float() @ w[:, s:s + step].float().t()).to(torch.int32)
+        acc = part if acc is None else acc.add_(part)
+    return acc
 
 
 class KroneckerTrace(NamedTuple):
@@ -204,7 +204,7 @@ def quant_matmul(
         raise ValueError(f"x1: k = {k} exceeds {MAX_K_EXACT}, where an fp32 accumulator stays exact")
     a = unpack_int4_int8(x1)  # [m, k]
     w = unpack_int4_int8(x2.transpose(0, 1))  # x2 is [k/8, n], the transpose of [n, k/8]
-    acc = _int_matmul(a, w)  # exact integers (int32, or fp32 where |acc| < 2**24 is exact)
+    acc = _int_matmul(a, w, bits=4)  # exact int32
     return _epilogue(acc, scale, pertoken_scale, bias, output_dtype)
 
 
@@ -214,10 +214,7 @@ def _quant_matmul_int8(x1, x2, scale, pertoken_scale, bias, output_dtype) -> tor
     ``x1`` int8 ``[m, k]``, ``x2`` int8 ``[k, n]`` (the weight ``[n, k]`` transposed);
     ``acc[i, j] = sum_k a[i, k] w[j, k]`` exact in int32, then the same epilogue as the int4 path.
     """
-    k = x1.shape[-1]
-    # the exact integer accumulator (fp32 holds it only up to k = 1024 for int8 values)
-    wide = torch.float32 if k <= INT8_K_FP32_EXACT else torch.float64
-    return _epilogue(_int_matmul(x1, x2.transpose(0, 1), float_dtype=wide), scale, pertoken_scale, bias, output_dtype)
+    return _epilogue(_int_matmul(x1, x2.transpose(0, 1), bits=8), scale, pertoken_scale, bias, output_dtype)
 
 
 def _epilogue(acc, scale, pertoken_scale, bias, output_dtype) -> torch.Tensor:
