@@ -75,13 +75,15 @@ def serving_sizes(export_dir, tp_sizes) -> tuple[list[int], list[str]]:
     return [c.tp_size for c in checks if c.loads and (c.worst_rel_diff or 0.0) == 0.0], [c.line() for c in checks]
 
 
-def evaluate_model(model, tokenizer, limit=None, batch_size=1, max_length=512) -> dict:
-    """lm-eval perplexity on the bundled eval task; token perplexity from the same log-likelihoods."""
+def evaluate_model(model, tokenizer, limit=None, batch_size=1, max_length=512, docs=None) -> dict:
+    """lm-eval perplexity on the bundled eval task (the first ``limit`` documents, or the documents ``docs``);
+    token perplexity from the same log-likelihoods."""
     from .eval import evaluate
 
+    select = {"limit": limit} if docs is None else {"samples": {TASK: list(docs)}}
     t0 = time.perf_counter()
-    res = evaluate(model, tokenizer, tasks=[TASK], limit=limit, batch_size=batch_size, max_length=max_length,
-                   log_samples=True)
+    res = evaluate(model, tokenizer, tasks=[TASK], batch_size=batch_size, max_length=max_length,
+                   log_samples=True, **select)
     seconds = time.perf_counter() - t0
     metrics = res["results"][TASK]
     total_ll, total_tokens = 0.0, 0
@@ -104,8 +106,11 @@ def evaluate_model(model, tokenizer, limit=None, batch_size=1, max_length=512) -
 
 def run_demo(model_name: str = "smollm2-135m", profile: str = "fast", out_dir: str = "results",
              methods=None, limit=None, num_layers=None, batch_size: int = 1, seed: int = 0,
-             samples=None, epochs=None, seqlen=None, device=None) -> dict:
-    """Run every method in ``methods``; write ``demo.json`` and ``demo.png`` to ``out_dir``; return the summary."""
+             samples=None, epochs=None, seqlen=None, device=None, docs=None) -> dict:
+    """Run every method in ``methods``; write ``demo.json`` and ``demo.png`` to ``out_dir``; return the summary.
+
+    Evaluation covers every document of the task, the first ``limit``, or the documents ``docs`` (indices).
+    """
     from .data import bundled_data_path, calibration_ids
     from .hub import load_model
     from .io import save_quantized
@@ -121,6 +126,16 @@ def run_demo(model_name: str = "smollm2-135m", profile: str = "fast", out_dir: s
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise ValueError(f"methods: unknown {bad}; expected some of {METHODS}")
+    if docs is not None:
+        if limit is not None:
+            raise ValueError(f"docs: expected None when limit is given (limit={limit!r}, docs={docs!r}); pick one")
+        docs = list(docs)
+        from .data import bundled_data_path
+
+        n_docs = sum(1 for line in bundled_data_path("eval").read_text().splitlines() if line.strip())
+        if not docs or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n_docs for i in docs):
+            raise ValueError(f"docs: expected a non-empty list of document indices in [0, {n_docs}) "
+                             f"({TASK} has {n_docs} documents), got {docs!r}")
     out = Path(out_dir)
     torch.manual_seed(seed)
     fq_cfg = flatquant_config("flatquant", profile, seed, samples, epochs, seqlen)
@@ -163,7 +178,7 @@ def run_demo(model_name: str = "smollm2-135m", profile: str = "fast", out_dir: s
             t0 = time.perf_counter()
             quantize_weights_only(model)
             calib_s = time.perf_counter() - t0
-        row = evaluate_model(model, tok, limit=limit, batch_size=batch_size)
+        row = evaluate_model(model, tok, limit=limit, batch_size=batch_size, docs=docs)
         lin_bytes = linear_weight_bytes(model) if method not in ("fp", "rtn_w4a16") else bf16_bytes
         row.update({"label": label, "calib_seconds": calib_s, "linear_bytes": lin_bytes,
                     "linear_bytes_vs_bf16": lin_bytes / bf16_bytes})
@@ -186,7 +201,8 @@ def run_demo(model_name: str = "smollm2-135m", profile: str = "fast", out_dir: s
     summary = {
         "model": model_name,
         "profile": profile,
-        "settings": {"flatquant": fq_cfg.to_dict(), "configs": configs, "task": TASK, "limit": limit, "max_length": 512,
+        "settings": {"flatquant": fq_cfg.to_dict(), "configs": configs, "task": TASK, "limit": limit, "docs": docs,
+                     "max_length": 512,
                      "num_layers": num_layers, "baselines": "rtn/hadamard: fixed transforms, clip 1.0, RTN weights",
                      "torch_threads": torch.get_num_threads()},
         "results": results,

@@ -14,7 +14,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("demo")]
 
 def test_demo_pipeline_end_to_end(tmp_path, capsys, caplog):
     out = tmp_path / "results"
-    argv = ["demo", "--num-layers", "2", "--limit", "2", "--samples", "4", "--seqlen", "64", "--epochs", "1",
+    # documents 1 and 2: the two shortest (84 + 437 tokens; document 0 alone has 7838)
+    argv = ["demo", "--num-layers", "2", "--docs", "1", "2", "--samples", "4", "--seqlen", "64", "--epochs", "1",
             "--out", str(out)]
     with caplog.at_level("INFO", logger="flatquant_lab.demo"):
         assert cli.main(argv) == 0
@@ -31,6 +32,7 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys, caplog):
         assert math.isfinite(row["word_perplexity"]) and row["word_perplexity"] > 1, method
         assert math.isfinite(row["token_perplexity"]) and row["eval_documents"] == 2, method
     assert summary["profile"] == "fast" and summary["settings"]["task"] == TASK
+    assert summary["settings"]["docs"] == [1, 2] and summary["results"]["fp"]["eval_tokens"] == 84 + 437
     # the quantized rows hold int4 linears: about an eighth of fp32, a quarter of bf16, plus scales
     for method in ("rtn", "hadamard", "flatquant"):
         assert summary["results"][method]["linear_bytes_vs_bf16"] < 0.3  # measured 0.262
@@ -50,7 +52,7 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys, caplog):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(out / "export-flatquant"), local_files_only=True)
-    row = evaluate_model(model, tok, limit=2)
+    row = evaluate_model(model, tok, docs=[1, 2])
     assert row["word_perplexity"] == summary["results"]["flatquant"]["word_perplexity"]  # measured equal
 
 
@@ -61,6 +63,12 @@ def test_demo_rejects_bad_arguments(tmp_path):
         run_demo(profile="huge", out_dir=str(tmp_path))
     with pytest.raises(ValueError, match="methods"):
         run_demo(methods=("fp", "awq"), out_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="docs: expected None when limit"):
+        run_demo(limit=2, docs=[1], out_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="docs: expected a non-empty list"):
+        run_demo(docs=[-1], out_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"docs: .* in \[0, 5\)"):
+        run_demo(docs=[1, 5], out_dir=str(tmp_path))
     assert not any(tmp_path.iterdir())
 
 

@@ -185,8 +185,9 @@ def test_evaluate_shows_one_bar_and_none_of_lm_evals_noise(tiny, tmp_path, monke
     monkeypatch.chdir(tmp_path)  # lm-eval ran `git describe` here, printing git's fatal line to stderr
     capfd.readouterr()
     with caplog.at_level(logging.DEBUG):
-        res = evaluate(model, tok, tasks="wiki_fq_eval", limit=1, max_length=256, log_samples=True,
-                       progress="scoring")
+        # document 1: 84 tokens (document 0 has 7838)
+        res = evaluate(model, tok, tasks="wiki_fq_eval", samples={"wiki_fq_eval": [1]}, max_length=256,
+                       log_samples=True, progress="scoring")
     err = capfd.readouterr().err
     assert "fatal" not in err and "Running loglikelihood" not in err and "it/s" not in err, err[-2000:]
     noisy = [r.getMessage()[:80] for r in caplog.records if r.name.startswith("lm_eval") and r.levelno >= logging.WARNING]
@@ -200,7 +201,32 @@ def test_evaluate_shows_one_bar_and_none_of_lm_evals_noise(tiny, tmp_path, monke
     assert f" {n}/{n} " in lines[-1], (n, lines[-1])
     assert res["git_hash"] is None or res["git_hash"] == evaluate.__globals__["package_git_hash"]()
 
-    evaluate(model, tok, tasks="wiki_fq_eval", limit=1, max_length=256, progress=False)
+    evaluate(model, tok, tasks="wiki_fq_eval", samples={"wiki_fq_eval": [1]}, max_length=256, progress=False)
     assert capfd.readouterr().err == ""
     with pytest.raises(TypeError, match="progress: expected True, False or a label"):
         evaluate(model, tok, progress=1)
+
+
+def test_environment_record_is_gathered_once_per_process(tiny, tmp_path, monkeypatch):
+    """lm-eval's environment record (torch's collect_env: pip and subprocesses) is kept in every result
+    but gathered once per working directory, not on every evaluation."""
+    import lm_eval.evaluator as lm_evaluator
+
+    from flatquant_lab.eval import harness
+
+    model, tok = tiny
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(harness, "_ENV_INFO", {})
+    calls = []
+    original = lm_evaluator.add_env_info
+
+    def counting(storage):
+        calls.append(1)
+        original(storage)
+
+    monkeypatch.setattr(lm_evaluator, "add_env_info", counting)
+    one_short_doc = {"samples": {"wiki_fq_eval": [1]}, "max_length": 256, "progress": False}
+    first = evaluate(model, tok, tasks="wiki_fq_eval", **one_short_doc)
+    second = evaluate(model, tok, tasks="wiki_fq_eval", **one_short_doc)
+    assert len(calls) == 1 and lm_evaluator.add_env_info is counting  # restored after each call
+    assert first["pretty_env_info"] == second["pretty_env_info"] and "PyTorch version" in first["pretty_env_info"]

@@ -17,6 +17,8 @@ def add_arguments(p) -> None:
                    help="default: all for --profile fast; without the two serving rows for full")
     p.add_argument("--limit", type=positive_int, default=None,
                    help="evaluate on the first N documents only (default: all)")
+    p.add_argument("--docs", type=non_negative_int, nargs="+", default=None,
+                   help="evaluate on these documents only (lm-eval sample indices; not with --limit)")
     p.add_argument("--num-layers", type=positive_int, default=None,
                    help="truncate the model to its first N layers (smoke runs; default: all)")
     p.add_argument("--samples", type=positive_int, default=None, help="calibration samples (default: the --profile's)")
@@ -32,7 +34,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     summary = run_demo(args.model, args.profile, args.out, args.methods, args.limit, args.num_layers,
                        args.batch_size, args.seed, args.samples, args.epochs, args.seqlen,
-                       device=args.device)
+                       device=args.device, docs=args.docs)
     print()
     print(format_table(summary))
     print(f"\nwrote {Path(args.out) / 'demo.json'} and {Path(args.out) / 'demo.png'} "

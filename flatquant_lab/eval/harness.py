@@ -15,6 +15,7 @@ loader) are logged at DEBUG; nothing of lm-eval's reaches stderr unless it is a 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import json
 import logging
@@ -177,6 +178,20 @@ def _hflm_class():
     return ProgressHFLM
 
 
+_ENV_INFO: dict[str, dict] = {}
+
+
+def _add_env_info_once(add_env_info, storage: dict) -> None:
+    """lm-eval's environment record, gathered once per process and working directory: gathering it runs
+    torch's collect_env (pip and a dozen subprocesses, ~1.5 s) on every evaluation otherwise."""
+    key = os.getcwd()
+    if key not in _ENV_INFO:
+        record: dict = {}
+        add_env_info(record)
+        _ENV_INFO[key] = record
+    storage.update(copy.deepcopy(_ENV_INFO[key]))
+
+
 @contextlib.contextmanager
 def _quiet_lm_eval():
     """While lm-eval runs: expected notes at DEBUG, no plain bars, no git stderr from the working directory."""
@@ -191,10 +206,11 @@ def _quiet_lm_eval():
     attached = [(logging.getLogger(name), _AsDebug(prefixes)) for name, prefixes in filters.items()]
     # lm-eval wraps each task's documents in a plain tqdm with no switch, and asks `git describe` in the
     # working directory without capturing its stderr ("fatal: not a git repository" outside a checkout).
-    saved = (lm_task.tqdm, lm_evaluator.get_git_commit_hash)
+    saved = (lm_task.tqdm, lm_evaluator.get_git_commit_hash, lm_evaluator.add_env_info)
     bars_were_on = datasets.is_progress_bar_enabled()
     lm_task.tqdm = functools.partial(plain_tqdm, disable=True)
     lm_evaluator.get_git_commit_hash = package_git_hash
+    lm_evaluator.add_env_info = functools.partial(_add_env_info_once, saved[2])
     datasets.disable_progress_bars()  # "Generating train split" the first time a task is read
     for logger, filt in attached:
         logger.addFilter(filt)
@@ -203,7 +219,7 @@ def _quiet_lm_eval():
     finally:
         for logger, filt in attached:
             logger.removeFilter(filt)
-        lm_task.tqdm, lm_evaluator.get_git_commit_hash = saved
+        lm_task.tqdm, lm_evaluator.get_git_commit_hash, lm_evaluator.add_env_info = saved
         if bars_were_on:
             datasets.enable_progress_bars()
 
