@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROFILE ?= fast
 MODEL ?= smollm2-135m
-# torch CPU threads for the demo (default: torch's own). The thread count changes floating-point summation
+# torch CPU threads for the demo (default: torch's own) and for each test process (default: half the cores). The thread count changes floating-point summation
 # order and so the trained transforms: results/fast/demo.json was written with THREADS=1 (results/full with
 # two threads, the budget the full profile is timed in); THREADS=1 gives
 # the same figures on machines of one CPU kind (not across kinds: BLAS kernels sum in another order).
@@ -26,7 +26,7 @@ $(STAMP): requirements.txt pyproject.toml
 setup: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadgroup -q --durations=10 $(PYTEST_ARGS)
+	$(if $(THREADS),FLATQUANT_TEST_THREADS=$(THREADS)) $(PY) -m pytest -n 2 --dist loadgroup -q --durations=10 $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	# results/<profile>/demo.json and demo.png are committed: the README's tables quote them

@@ -3,8 +3,17 @@ import os
 import pytest
 import torch
 
-# Two pytest-xdist workers share 2 cores: one thread each avoids oversubscription.
-torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+# torch threads per test process (and per notebook kernel): FLATQUANT_TEST_THREADS (`make test THREADS=N`),
+# else half the cores, so that two pytest-xdist workers on 2 cores do not oversubscribe them.
+_threads = os.environ.get("FLATQUANT_TEST_THREADS", "")
+if _threads and not (_threads.isdigit() and int(_threads) > 0):
+    raise ValueError(f"FLATQUANT_TEST_THREADS: expected a positive int, got {_threads!r}")
+TEST_THREADS = int(_threads) if _threads else max(1, (os.cpu_count() or 2) // 2)
+torch.set_num_threads(TEST_THREADS)
+
+
+def pytest_report_header(config):
+    return f"torch threads per test process: {TEST_THREADS} (FLATQUANT_TEST_THREADS to change)"
 
 
 @pytest.fixture(autouse=True)

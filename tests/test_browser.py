@@ -54,12 +54,15 @@ def _free_port() -> int:
 
 
 def _smoke_copy(dest: Path) -> Path:
-    """The notebook with smoke=True and one thread, injected after the parameters cell as papermill does."""
+    """The notebook with smoke=True and the test process's threads, injected after the parameters cell as papermill
+    does."""
     import nbformat
+    import torch
     from papermill.iorw import load_notebook_node
     from papermill.parameterize import parameterize_notebook
 
-    nb = parameterize_notebook(load_notebook_node(str(ROOT / "notebooks" / NOTEBOOK)), {"smoke": True, "threads": 1})
+    params = {"smoke": True, "threads": torch.get_num_threads()}
+    nb = parameterize_notebook(load_notebook_node(str(ROOT / "notebooks" / NOTEBOOK)), params)
     path = dest / NOTEBOOK
     nbformat.write(nb, path)
     return path

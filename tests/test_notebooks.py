@@ -319,13 +319,12 @@ def test_clip_sweep_notebook_tunes_a_flatquant_checkpoint(kernel_name, tmp_path)
     import flatquant_lab as fq
     from flatquant_lab.data import bundled_data_path, calibration_ids
 
-    torch.set_num_threads(1)
     model, tok = fq.load_model("smollm2-135m", num_layers=2)
     ids = calibration_ids(bundled_data_path("calib"), tok, n_samples=4, seqlen=32, seed=0)
     cfg = fq.QuantConfig(method="flatquant", weight_quantizer="gptq", samples=4, seqlen=32, epochs=1)
     fq.save_quantized(fq.quantize(model, cfg, ids), tmp_path / "fq", tokenizer=tok)
     out = tmp_path / "02.ipynb"
-    run_notebook(NOTEBOOKS[1], out, {"smoke": True, "threads": 1, "quantized_dir": str(tmp_path / "fq"),
+    run_notebook(NOTEBOOKS[1], out, {"smoke": True, "threads": torch.get_num_threads(), "quantized_dir": str(tmp_path / "fq"),
                                      "output_dir": str(tmp_path / "tuned")}, kernel_name)
     ran = nbformat.read(out, as_version=4)
     text = "".join(o.get("text", "") for c in ran.cells if c.cell_type == "code" for o in c.outputs)
@@ -352,12 +351,11 @@ def test_clip_sweep_notebook_tunes_an_msmodelslim_checkpoint(kernel_name, tmp_pa
     import flatquant_lab as fq
     from msmodelslim_fixture import write_msmodelslim
 
-    torch.set_num_threads(1)
     model, tok = fq.load_model("smollm2-135m", num_layers=2)
     path = write_msmodelslim(tmp_path / "msms", model)
     tok.save_pretrained(str(path))
     out = tmp_path / "02.ipynb"
-    run_notebook(NOTEBOOKS[1], out, {"smoke": True, "threads": 1, "quantized_dir": str(path),
+    run_notebook(NOTEBOOKS[1], out, {"smoke": True, "threads": torch.get_num_threads(), "quantized_dir": str(path),
                                      "output_dir": str(tmp_path / "tuned")}, kernel_name)
     ran = nbformat.read(out, as_version=4)
     text = "".join(o.get("text", "") for c in ran.cells if c.cell_type == "code" for o in c.outputs)
@@ -434,9 +432,11 @@ def test_save_figure_is_atomic(tmp_path, monkeypatch):
 def test_notebook_runs_headless(name, kernel_name, tmp_path, record_property):
     import nbformat
 
-    # One torch thread per kernel, as conftest gives each xdist worker: with 2 workers on 2 cores, more
-    # threads only thrash (a smoke run went from ~30 s to ~300 s on a loaded machine).
-    params = {"smoke": True, "threads": max(1, (os.cpu_count() or 2) // 2)}
+    # The kernel gets the test process's threads (conftest: FLATQUANT_TEST_THREADS, else half the cores): with
+    # 2 workers on 2 cores, more threads only thrash (a smoke run went from ~30 s to ~300 s on a loaded machine).
+    import torch
+
+    params = {"smoke": True, "threads": torch.get_num_threads()}
     if name in OUTPUT_PARAMS:
         params[OUTPUT_PARAMS[name]] = str(tmp_path / "out")
     t0 = time.perf_counter()
