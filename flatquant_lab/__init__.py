@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 
-from . import offline  # noqa: F401  (first: the Hugging Face libraries read the offline switch at import)
 from . import ops
 from .kronecker import decompose_dim, kron_apply, npu_supported
 from .layers import W4A4FlatQuantLinear, W8A8DynamicLinear

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .offline import force_offline
+from .offline import offline
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,8 @@ def load_jsonl_dataset(path: str | os.PathLike):
     """A local jsonl file as a ``datasets.Dataset`` (never touches the network)."""
     import datasets
 
-    force_offline()  # also when datasets was imported before the variables were set
-    return datasets.load_dataset("json", data_files=str(path), split="train")
+    with offline():
+        return datasets.load_dataset("json", data_files=str(path), split="train")
 
 
 def load_texts(source) -> list[str]:

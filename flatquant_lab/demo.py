@@ -51,7 +51,7 @@ def decoder_linear_params(model) -> int:
 def demo_tp_size(model) -> int:
     """The smallest TP size above 1 at which vLLM can split the model (2 for most models; 3 for
     SmolLM2-135M's 9 heads and 3 kv heads), by serve-check's own rule."""
-    from .io.serving import model_split_problem
+    from .models.tp import model_split_problem
 
     config = model.config.to_dict()
     return next((tp for tp in range(2, config["num_attention_heads"] + 1)

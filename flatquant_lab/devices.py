@@ -101,19 +101,17 @@ def host_peak_rss() -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, KiB on Linux
 
 
-# glibc serves allocations above this from mmap, returned to the OS when freed. By default the bound
-# rises to the largest block freed so far (up to 32 MiB), after which every token- and chunk-sized
-# tensor comes from the heap and freed ones stay resident: measured 1.3 GiB of a LLaMA-2-7B layer's
-# 3.1 GiB training-step peak at 1024 tokens (one layer's step alone; bench/bench_scale.py's whole-run
-# peak went from 4.90 to 3.38 GiB with it).
+# glibc serves allocations above this from mmap, returned to the OS when freed (docs/method.md, 'Host memory
+# and glibc').
 HOST_MMAP_THRESHOLD = 4 * 2**20
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
 _host_malloc_set = False
 
 
 def return_freed_host_memory() -> bool:
-    """Fix glibc's mmap threshold at ``HOST_MMAP_THRESHOLD`` (process-wide, once), so that freed large
-    host tensors leave the resident set. True where it took effect (glibc), False elsewhere."""
+    """Fix glibc's mmap threshold at ``HOST_MMAP_THRESHOLD`` (process-wide, once, for good), so that freed large
+    host tensors leave the resident set. True where it took effect (glibc), False elsewhere. Called only
+    when a caller asks (``QuantConfig(release_host_memory=True)``)."""
     global _host_malloc_set
     if _host_malloc_set:
         return True

@@ -16,7 +16,8 @@ tokenizer with ``save_pretrained`` to a local cache, ``$FLATQUANT_CACHE/smollm2-
 The cache is written to a temporary folder and renamed into place, under a file lock, so parallel
 test workers and interrupted runs never see a half-written model.
 
-Nothing here touches the network: :mod:`flatquant_lab.offline` is set and every load is ``local_files_only``.
+Nothing here touches the network: every load is ``local_files_only`` and runs inside
+:func:`flatquant_lab.offline.offline`.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from . import offline  # noqa: F401  (sets the offline variables before transformers is imported)
+from .offline import offline
 from .devices import require_available
 from .dtypes import FLOAT_DTYPES, as_dtype
 
@@ -170,8 +171,9 @@ def _convert_gguf(src: Path, out: Path) -> None:
         require(module, "eval", f"converting the bundled {src.name}")
 
     kw = dict(gguf_file=src.name, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(str(src.parent), **kw)
-    model = AutoModelForCausalLM.from_pretrained(str(src.parent), dtype=torch.float32, **kw)
+    with offline():
+        tokenizer = AutoTokenizer.from_pretrained(str(src.parent), **kw)
+        model = AutoModelForCausalLM.from_pretrained(str(src.parent), dtype=torch.float32, **kw)
     # The weights are now plain float tensors; the GGUF quantization_config would make later
     # loads look for GGUF machinery (and mislead readers into thinking the cache is quantized).
     if hasattr(model.config, "quantization_config"):
@@ -242,7 +244,8 @@ def load_tokenizer(path: str | os.PathLike):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        with offline():
+            return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, TypeError) as exc:
         # transformers' own message talks about the Hub and model ids; say what is missing here.
         present = sorted(f.name for f in Path(path).iterdir() if f.name in TOKENIZER_FILES)
@@ -259,7 +262,8 @@ def load_config(name_or_dir: str | os.PathLike, num_layers: int | None = None):
     from transformers import AutoConfig
 
     path = resolve(name_or_dir)
-    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    with offline():
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     full = config.num_hidden_layers
     if num_layers is not None:
         if isinstance(num_layers, bool) or not isinstance(num_layers, int) or not 1 <= num_layers <= full:
@@ -316,8 +320,9 @@ def load_model(name_or_dir: str | os.PathLike, dtype="auto", num_layers: int | N
 
             require("accelerate", "eval", f"loading a model straight onto {dev}")
             placement = {"device_map": {"": dev}}
-        model = AutoModelForCausalLM.from_pretrained(str(path), config=config, dtype=dtype, local_files_only=True,
-                                                     **placement)
+        with offline():
+            model = AutoModelForCausalLM.from_pretrained(str(path), config=config, dtype=dtype,
+                                                         local_files_only=True, **placement)
     finally:
         hf_logging.set_verbosity(verbosity)
     model.eval()

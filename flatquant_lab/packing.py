@@ -15,8 +15,10 @@ INT4_MIN = -8
 INT4_MAX = 7
 VALUES_PER_WORD = 8
 
-# shifts[j] = 4 * j: where value j of a group of eight lives inside its int32 word
-_SHIFTS = torch.arange(0, 32, 4, dtype=torch.int64)
+
+def _shifts(device) -> torch.Tensor:
+    """``shifts[j] = 4 * j``: where value j of a group of eight lives inside its int32 word."""
+    return torch.arange(0, 32, 4, dtype=torch.int64, device=device)
 
 
 def _check_last_dim(t: torch.Tensor, name: str, multiple: int) -> None:
@@ -53,7 +55,7 @@ def pack_int4(values: torch.Tensor) -> torch.Tensor:
         return _pack_int4_bytes(values.to(torch.int8))
     v = values.to(torch.int64)
     nibbles = (v & 0xF).unflatten(-1, (-1, VALUES_PER_WORD))
-    words = (nibbles << _SHIFTS.to(v.device)).sum(dim=-1)  # disjoint bits: sum == bitwise or
+    words = (nibbles << _shifts(v.device)).sum(dim=-1)  # disjoint bits: sum == bitwise or
     # Words >= 2**31 are negative int32: reinterpret the low 32 bits as two's complement.
     words = torch.where(words >= 2**31, words - 2**32, words)
     return words.to(torch.int32)
@@ -77,7 +79,7 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     if packed.dim() == 0:
         raise ValueError("packed: expected a tensor with at least one dim, got a scalar")
     w = packed.to(torch.int64).unsqueeze(-1)
-    nib = (w >> _SHIFTS.to(packed.device)) & 0xF
+    nib = (w >> _shifts(packed.device)) & 0xF
     vals = torch.where(nib >= 8, nib - 16, nib)  # sign-extend the nibble
     return vals.flatten(-2).to(torch.int8)
 

@@ -167,6 +167,10 @@ class QuantConfig:
     # calibrate.train.RECOMPUTE_MIN_BYTES (counted per layer by one forward; a 7B layer at 2048 tokens: on).
     # The end-to-end stage likewise recomputes each decoder layer (auto: above calibrate.e2e.E2E_RECOMPUTE_MIN_BYTES).
     recompute_blocks: bool | str = "auto"
+    # Fix glibc's mmap threshold for the whole process while calibrating on the host, so that freed large
+    # tensors leave the resident set (it cannot be undone: devices.return_freed_host_memory; docs/method.md,
+    # 'Memory'). Off for library calls, on in `flatquant-lab quantize`, which owns its process.
+    release_host_memory: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -187,7 +191,7 @@ class QuantConfig:
             raise ValueError(f"train_inputs: expected one of {TRAIN_INPUTS}, got {self.train_inputs!r}")
         if not (isinstance(self.recompute_blocks, bool) or self.recompute_blocks == "auto"):
             raise ValueError(f"recompute_blocks: expected True, False or 'auto', got {self.recompute_blocks!r}")
-        for name in ("loss_norm", "gptq_act_order"):
+        for name in ("loss_norm", "gptq_act_order", "release_host_memory"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: expected a bool, got {getattr(self, name)!r}")
         if not (_is_float(self.weight_decay) and self.weight_decay >= 0):
@@ -342,7 +346,7 @@ class QuantConfig:
         # learned tensors are saved, so a resumed run may change it (unless later layers train on the
         # quantized model's states: train_inputs="quantized"). A run may resume on another device.
         # The end-to-end stage runs after every layer's tensors are saved: it may change on a resumed run.
-        drop = ["work_dir", "device", "activations", "recompute_blocks", "e2e_samples", "e2e_holdout", "e2e_epochs",
+        drop = ["work_dir", "device", "activations", "recompute_blocks", "release_host_memory", "e2e_samples", "e2e_holdout", "e2e_epochs",
                 "e2e_lr", "e2e_batch_size", "e2e_clip_lr_mult"]
         if self.train_inputs == "float":
             drop += ["weight_quantizer", "gptq_damp", "gptq_block", "gptq_act_order", "gptq_clip_grid"]

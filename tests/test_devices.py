@@ -452,9 +452,10 @@ def test_the_training_product_in_row_chunks_is_the_whole_product(monkeypatch):
         assert float((a - b).norm() / b.norm()) < 5e-5  # measured: at most 4.5e-6 (the factors)
 
 
-def test_calibration_on_the_host_fixes_the_malloc_mmap_threshold(monkeypatch):
-    """On glibc, calibrating on the host fixes the mmap threshold (once) so that freed large tensors leave
-    the resident set; elsewhere the call reports that it did nothing."""
+def test_calibration_on_the_host_fixes_the_malloc_mmap_threshold_when_asked(monkeypatch):
+    """On glibc, calibrating on the host with release_host_memory=True fixes the mmap threshold (once) so that
+    freed large tensors leave the resident set; elsewhere the call reports that it did nothing. Without it the
+    allocator is left alone (a process-wide setting that cannot be undone)."""
     import flatquant_lab.devices as devices
 
     calls = []
@@ -464,6 +465,8 @@ def test_calibration_on_the_host_fixes_the_malloc_mmap_threshold(monkeypatch):
 
     monkeypatch.setattr(cal, "return_freed_host_memory", lambda: calls.append(1) or real())
     quantize(tiny_model("llama"), QuantConfig(**BUDGET), CALIB)
+    assert calls == [] and not devices._host_malloc_set
+    quantize(tiny_model("llama"), QuantConfig(**BUDGET, release_host_memory=True), CALIB)
     assert calls == [1]
     import platform
 

@@ -109,7 +109,7 @@ def calibrate(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor | None
     cfg = cfg.for_model(model)  # act_dtype None: the model's own half dtype, bfloat16 for a float32 model
     home = module_device(model)
     dev = require_available(cfg.device) if cfg.device is not None else home
-    if dev.type == "cpu" or home.type == "cpu":  # the host holds the model: keep its resident set to what is live
+    if cfg.release_host_memory and (dev.type == "cpu" or home.type == "cpu"):  # the host holds the model
         return_freed_host_memory()
     adapter = adapter_for(model)
     info = adapter.info(model)
@@ -255,7 +255,7 @@ def tp_split_problem(model: nn.Module, tp_size: int) -> str:
     ranks, in serve-check's words; ``""`` when it can."""
     if tp_size == 1:
         return ""
-    from ..io.serving import model_split_problem
+    from ..models.tp import model_split_problem
 
     return model_split_problem(model.config.to_dict(), tp_size)
 

@@ -1,6 +1,7 @@
 """Starting tensors of a layer: Kronecker factors, smoothing ``log d`` and clip logits (searched or fixed)."""
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -14,21 +15,27 @@ from .memory import row_spans
 from .modules import KronTransform, logit
 from .plan import Group
 
-CLIP_GRID = tuple(float(c) for c in torch.linspace(1.0, 0.55, 16))  # candidate clip ratios (float32 values)
 CLIP_CAP = 0.995  # a sigmoid factor cannot reach 1: start searches' winners here at most
 
 
+@functools.cache
+def clip_grid() -> tuple[float, ...]:
+    """The candidate clip ratios: 16 float32 values from 1.0 down to 0.55 (computed on first use, not at import)."""
+    return tuple(float(c) for c in torch.linspace(1.0, 0.55, 16, dtype=torch.float32, device="cpu"))
+
+
 def _search_act_clip(b: torch.Tensor) -> float:
-    """The clip ratio in CLIP_GRID with the least per-token int4 MSE on transformed activations ``b``."""
-    errs = [float(((fake_quant_act(b, c) - b) ** 2).sum()) for c in CLIP_GRID]
-    return CLIP_GRID[min(range(len(errs)), key=errs.__getitem__)]  # the first of equal minima, as argmin
+    """The clip ratio in clip_grid() with the least per-token int4 MSE on transformed activations ``b``."""
+    grid = clip_grid()
+    errs = [float(((fake_quant_act(b, c) - b) ** 2).sum()) for c in grid]
+    return grid[min(range(len(errs)), key=errs.__getitem__)]  # the first of equal minima, as argmin
 
 
 def _search_weight_clip(w: torch.Tensor) -> torch.Tensor:
-    """Per row, the clip ratio in CLIP_GRID with the least int4 round-to-nearest MSE."""
+    """Per row, the clip ratio in clip_grid() with the least int4 round-to-nearest MSE."""
     errs = torch.stack([((fake_quant_weight(w, torch.full((w.shape[0],), c, device=w.device)) - w) ** 2).sum(1)
-                        for c in CLIP_GRID])
-    return torch.tensor(CLIP_GRID, dtype=torch.float32, device=w.device)[errs.argmin(0)]
+                        for c in clip_grid()])
+    return torch.tensor(clip_grid(), dtype=torch.float32, device=w.device)[errs.argmin(0)]
 
 
 @torch.no_grad()

@@ -110,7 +110,7 @@ def _check_shapes(args, path, cfg: QuantConfig) -> None:
     over, and a model none of whose linears can be W4A4 FlatQuant (unless --accept-fallback)."""
     from ..calibrate import flatquant_linears, plan_model, tp_split_problem
     from ..hub import empty_model
-    from ..io.serving import model_split_problem
+    from ..models.tp import model_split_problem
 
     model = empty_model(path, num_layers=args.num_layers)
     problem = tp_split_problem(model, cfg.tp_size)
@@ -156,7 +156,8 @@ def run(args) -> int:
                       samples=args.samples, seqlen=args.seqlen, epochs=args.epochs, lr=args.lr,
                       e2e_epochs=args.e2e_epochs, work_dir=args.work_dir, skip=tuple(args.skip), seed=args.seed,
                       recipe=args.recipe, fallback=args.fallback, tp_size=args.tp_size, device=args.device,
-                      activations=args.activations, act_dtype=dtype if dtype in HALF_DTYPES else None)
+                      activations=args.activations, act_dtype=dtype if dtype in HALF_DTYPES else None,
+                      release_host_memory=True)
     _check_shapes(args, path, cfg)
     tok = load_tokenizer(path)
     ids = None

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..files import atomic_write_text
-from ..offline import force_offline
+from ..offline import offline
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +242,6 @@ def evaluate(model, tokenizer, tasks: Sequence[str] | str = ("wiki_fq_eval",), l
     from ..extras import require
 
     lm_eval = require("lm_eval", "eval", "lm-eval evaluation")
-    force_offline()
     if isinstance(tasks, str):
         tasks = [t.strip() for t in tasks.split(",") if t.strip()]
     tasks = list(tasks)
@@ -254,7 +253,7 @@ def evaluate(model, tokenizer, tasks: Sequence[str] | str = ("wiki_fq_eval",), l
         raise ValueError(f"max_length: expected an int >= 2, got {max_length!r}")
     if not isinstance(progress, (bool, str)):
         raise TypeError(f"progress: expected True, False or a label (str), got {type(progress).__name__}")
-    with _quiet_lm_eval():
+    with offline(), _quiet_lm_eval():
         tm = task_manager(tasks, include_path)
         _load_tasks(tm, tasks)
         lm = _hflm_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,

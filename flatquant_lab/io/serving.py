@@ -26,6 +26,7 @@ from ..dtypes import HALF_DTYPES
 from ..kronecker import decompose_dim, npu_supported
 from ..layers import W4A4FlatQuantLinear, W8A8DynamicLinear
 from ..models import is_row_parallel
+from ..models.tp import model_split_problem, vllm_sizes
 from .format import LAYER_KEYS, QUANT_TYPE, CheckpointError, is_field
 
 log = logging.getLogger(__name__)
@@ -50,27 +51,6 @@ class TPCheck:
         diff = "n/a" if self.worst_rel_diff is None else f"{self.worst_rel_diff:.3g}"
         return (f"TP {self.tp_size}: loads; {self.linears} quantized linears run rank by rank, worst relative "
                 f"difference to load_quantized {diff}" + (f" ({self.worst_linear})" if self.worst_linear else ""))
-
-
-def _sizes(config: Mapping) -> dict:
-    heads = config["num_attention_heads"]
-    kv = config.get("num_key_value_heads") or heads
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    return {"heads": heads, "kv": kv, "head_dim": head_dim, "intermediate": config["intermediate_size"]}
-
-
-def model_split_problem(config: Mapping, tp: int) -> str:
-    """Why vLLM cannot split a model of ``config`` (a config.json mapping) over ``tp`` ranks; ``""`` if it can."""
-    s = _sizes(config)
-    if s["heads"] % tp:
-        return f"vLLM cannot split {s['heads']} attention heads over {tp} ranks"
-    if s["kv"] >= tp and s["kv"] % tp:
-        return f"vLLM cannot split {s['kv']} kv heads over {tp} ranks"
-    if s["kv"] < tp and tp % s["kv"]:
-        return f"vLLM cannot replicate {s['kv']} kv heads over {tp} ranks"
-    if s["intermediate"] % tp:
-        return f"vLLM cannot split intermediate size {s['intermediate']} over {tp} ranks"
-    return ""
 
 
 def _shape(t) -> str:
@@ -118,7 +98,7 @@ def vllm_load_problem(tensors: Mapping[str, torch.Tensor], desc: Mapping, config
 
 def _column_rows(prefix: str, out_f: int, tp: int, rank: int, config: Mapping) -> slice:
     """Output rows rank ``rank`` holds of a column-parallel linear (k/v by kv head, replicated when few)."""
-    s = _sizes(config)
+    s = vllm_sizes(config)
     is_kv = out_f == s["kv"] * s["head_dim"] and (prefix.endswith(".k_proj") or prefix.endswith(".v_proj"))
     if is_kv and s["kv"] < tp:
         head = rank // (tp // s["kv"])

@@ -17,15 +17,15 @@ def load(split: str = "eval", **_metadata):
     """``DatasetDict({"test": ...})`` of ``wiki_<split>.jsonl``; lm-eval passes the task metadata too."""
     import datasets
 
-    from flatquant_lab.offline import force_offline
+    from flatquant_lab.offline import offline
 
-    force_offline()
     if split not in SPLITS:
         raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
     path = HERE / f"wiki_{split}.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"split: {path} is missing; rebuild it with `flatquant-lab build-data`")
-    ds = datasets.load_dataset("json", data_files=str(path), split="train")
+    with offline():
+        ds = datasets.load_dataset("json", data_files=str(path), split="train")
     return datasets.DatasetDict({"test": ds})
 
 
