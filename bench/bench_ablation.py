@@ -191,8 +191,8 @@ def calibrated(name: str, weight_quantizer: str, num_layers: int | None, work_di
     model, tok = load_model(MODEL, num_layers=num_layers)
     cfg = config(name, weight_quantizer)
     if work_dir is not None:  # resume learned tensors (WorkDir refuses another training configuration)
-        cfg.work_dir = work_dir
-    ids = calibration_ids(bundled_data_path("calib"), tok, cfg.budget("samples"), cfg.budget("seqlen"), seed=0)
+        cfg = cfg.replace(work_dir=work_dir)
+    ids = calibration_ids(bundled_data_path("calib"), tok, cfg.data.samples, cfg.data.seqlen, seed=0)
     t0 = time.perf_counter()
     quantize(model, cfg, ids)
     return model, tok, cfg, time.perf_counter() - t0

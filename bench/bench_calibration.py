@@ -169,7 +169,7 @@ def capture_layer0(model, cfg, ids, bs, clk, hw):
 def child_fast(args) -> dict:
     model = make_model(args.vocab)
     cfg = QuantConfig(method="flatquant", weight_quantizer="gptq", profile="fast").for_model(model)
-    n, seqlen, bs = cfg.budget("samples"), cfg.budget("seqlen"), cfg.budget("batch_size")
+    n, seqlen, bs = cfg.data.samples, cfg.data.seqlen, cfg.train.batch_size
     ids = random_ids(args.vocab, n, seqlen)
     reference = copy.deepcopy(model)  # for calibrate() as a whole, afterwards
     base = peak_mib()
@@ -194,7 +194,7 @@ def child_fast(args) -> dict:
     report = clk("calibrate", lambda: C.calibrate(reference, cfg, ids))
     entry = report.layers[0]
     return dict(wall=clk.wall, cpu=clk.cpu, hw=hw, base=base, peak=hw["finalize"], n=n, seqlen=seqlen,
-                epochs=cfg.budget("epochs"), steps=cfg.budget("epochs") * math.ceil(n / bs),
+                epochs=cfg.train.epochs, steps=cfg.train.epochs * math.ceil(n / bs),
                 calibrate_layer_s=entry["seconds"],
                 same=entry["epoch_losses"] == losses and entry["fake_quant_mse"] == mse)
 
@@ -202,7 +202,7 @@ def child_fast(args) -> dict:
 def child_paper(args) -> dict:
     model = make_model(args.vocab)
     cfg = QuantConfig(method="flatquant", weight_quantizer="gptq", profile="paper").for_model(model)
-    n, seqlen, bs = cfg.budget("samples"), cfg.budget("seqlen"), cfg.budget("batch_size")
+    n, seqlen, bs = cfg.data.samples, cfg.data.seqlen, cfg.train.batch_size
     part = args.paper_samples
     if part % bs or not 0 < part <= n:
         raise SystemExit(f"--paper-samples: expected a multiple of {bs} in (0, {n}], got {part}")
@@ -234,7 +234,7 @@ def child_paper(args) -> dict:
     clk("fin_gptq", lambda: C.finalize_layer(layer, groups, learned, cfg, hess))
     hw["finalize"] = peak_mib()
     return dict(wall=clk.wall, cpu=clk.cpu, hw=hw, base=base, peak=hw["finalize"], n=n, seqlen=seqlen, part=part,
-                epochs=cfg.budget("epochs"), steps=cfg.budget("epochs") * math.ceil(n / bs),
+                epochs=cfg.train.epochs, steps=cfg.train.epochs * math.ceil(n / bs),
                 steps_wall=steps_wall, steps_cpu=steps_cpu, xy_mib=2 * X.numel() * X.element_size() / 2**20)
 
 

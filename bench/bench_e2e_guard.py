@@ -44,7 +44,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     model, tok = load_model("smollm2-135m", num_layers=args.num_layers)
     cfg = QuantConfig(profile=args.profile, epochs=0, weight_quantizer="rtn")
-    ids = calibration_ids(bundled_data_path("calib"), tok, cfg.budget("samples"), cfg.budget("seqlen"))
+    ids = calibration_ids(bundled_data_path("calib"), tok, cfg.data.samples, cfg.data.seqlen)
     t0 = time.perf_counter()
     quantize(model, cfg, ids)
     rep = model.flatquant_report["e2e"]

@@ -117,10 +117,9 @@ def main(argv=None) -> int:
     from flatquant_lab.data import bundled_data_path, calibration_ids
 
     qm = copy.deepcopy(fm)
-    ids = calibration_ids(bundled_data_path("calib"), tok, cfg.budget("samples"), cfg.budget("seqlen"), seed=0)
-    import dataclasses
+    ids = calibration_ids(bundled_data_path("calib"), tok, cfg.data.samples, cfg.data.seqlen, seed=0)
     t0 = time.perf_counter()
-    quantize(qm, dataclasses.replace(cfg, work_dir=work), ids)
+    quantize(qm, cfg.replace(work_dir=work), ids)
     print(f"calibrated in {time.perf_counter() - t0:.0f} s", flush=True)
     ev("quant")
     info = fm.config

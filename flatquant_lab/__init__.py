@@ -22,6 +22,12 @@ __version__ = "0.1.0"
 _LAZY = {
     "QuantConfig": "flatquant_lab.recipe",
     "PROFILES": "flatquant_lab.recipe",
+    "CalibrationSet": "flatquant_lab.recipe",
+    "SchemeRecipe": "flatquant_lab.recipe",
+    "LayerwiseTraining": "flatquant_lab.recipe",
+    "GPTQConfig": "flatquant_lab.recipe",
+    "EndToEndConfig": "flatquant_lab.recipe",
+    "Placement": "flatquant_lab.recipe",
     "quantize": "flatquant_lab.api",
     "quantize_weights_only": "flatquant_lab.api",
     "save_quantized": "flatquant_lab.io",

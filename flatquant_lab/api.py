@@ -1,7 +1,6 @@
 """``quantize(model, config, calib_data)``: the one verb, and the ``flatquant-lab quantize`` command."""
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable
 
 import torch
@@ -35,9 +34,9 @@ def _as_ids(calib_data) -> torch.Tensor | None:
 
 def quantize(model: nn.Module, config: QuantConfig | None = None, calib_data=None, backend: str | None = None,
              after_layer=None, device=None) -> nn.Module:
-    """Quantize ``model`` in place to W4A4 FlatQuant (or the schemes ``config.recipe`` gives) and return it.
+    """Quantize ``model`` in place to W4A4 FlatQuant (or the schemes ``config.schemes.recipe`` gives) and return it.
 
-    ``device`` (``cpu``, ``cuda``, ``cuda:1``, ``npu``, ``npu:0``; overrides ``config.device``; default:
+    ``device`` (``cpu``, ``cuda``, ``cuda:1``, ``npu``, ``npu:0``; overrides ``config.placement.device``; default:
     the model's device) is where each decoder layer is calibrated; the model itself stays where it is.
 
     Every decoder linear takes its recipe scheme: ``W4A4FlatQuantLinear``, ``W8A8DynamicLinear`` or
@@ -47,12 +46,12 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, calib_data=Non
     ``samples`` sequences, cut to ``seqlen``, are what calibration runs on (the config records it).
     ``QuantConfig()`` (the default) is FlatQuant with GPTQ weights at the ``fast`` profile: it needs
     ``calib_data``. The W4A4 layers compute in the model's dtype when it is float16 or bfloat16, in
-    bfloat16 for a float32 model (``QuantConfig.act_dtype``).
+    bfloat16 for a float32 model (``QuantConfig.schemes.act_dtype``).
     """
     # act_dtype None: a float16/bfloat16 model's own dtype, bfloat16 for a float32 model
     config = (config or QuantConfig()).for_model(model)
     if device is not None:
-        config = dataclasses.replace(config, device=device)  # validated by QuantConfig
+        config = config.replace(device=device)  # validated by QuantConfig
     ids = _as_ids(calib_data)
     model.eval()
     report = calibrate(model, config, ids, backend=backend, after_layer=after_layer)

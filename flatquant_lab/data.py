@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .checks import positive_int
 from .offline import offline
 
 log = logging.getLogger(__name__)
@@ -152,9 +153,8 @@ def calibration_ids(source, tokenizer, n_samples: int, seqlen: int, seed: int = 
     Windows may overlap when ``n_samples * seqlen`` exceeds the text (a warning says so); a text
     shorter than one window is an error, never silently truncated.
     """
-    for name, val in (("n_samples", n_samples), ("seqlen", seqlen)):
-        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-            raise ValueError(f"{name}: expected a positive int, got {val!r}")
+    positive_int(n_samples, "n_samples")
+    positive_int(seqlen, "seqlen")
     ids = concat_token_ids(load_texts(source), tokenizer)
     total = ids.numel()
     if total < seqlen:

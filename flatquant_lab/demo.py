@@ -130,8 +130,6 @@ def run_demo(model_name: str = "smollm2-135m", profile: str = "fast", out_dir: s
         if limit is not None:
             raise ValueError(f"docs: expected None when limit is given (limit={limit!r}, docs={docs!r}); pick one")
         docs = list(docs)
-        from .data import bundled_data_path
-
         n_docs = sum(1 for line in bundled_data_path("eval").read_text().splitlines() if line.strip())
         if not docs or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n_docs for i in docs):
             raise ValueError(f"docs: expected a non-empty list of document indices in [0, {n_docs}) "
@@ -162,8 +160,8 @@ def run_demo(model_name: str = "smollm2-135m", profile: str = "fast", out_dir: s
             configs[method] = cfg.to_dict()
             ids = None
             if method in FLATQUANT_ROWS:
-                ids = calibration_ids(bundled_data_path("calib"), tok, cfg.budget("samples"),
-                                      cfg.budget("seqlen"), seed=seed)
+                ids = calibration_ids(bundled_data_path("calib"), tok, cfg.data.samples,
+                                      cfg.data.seqlen, seed=seed)
             t0 = time.perf_counter()
             quantize(model, cfg, ids, device=device)
             calib_s = time.perf_counter() - t0

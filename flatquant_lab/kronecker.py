@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import positive_int
 from .devices import exact_dtype
 
 # Largest factor size npu_kronecker_quant accepts, by CANN release (docs/ascend-ops.md, 'npu_kronecker_quant').
@@ -29,8 +30,7 @@ def decompose_dim(k: int) -> tuple[int, int]:
     same parity rule gives the same pair wherever that loop ends, and always ends; for
     ``k % 4 == 2`` it returns the pair closest to a square (primes give ``(1, k)``).
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k: expected a positive int, got {k!r}")
+    positive_int(k, "k")
     same_parity = k % 4 != 2  # odd k: every pair is odd-odd; k % 4 == 0: need both even
     for n1 in range(math.isqrt(k), 0, -1):
         if k % n1 == 0 and (not same_parity or (n1 - k // n1) % 2 == 0):

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .checks import positive_int
+
 SMOKE_NOTICE = ("SMOKE RUN: the model is truncated to 2 layers and every budget is a token one, so these "
                 "numbers say only that the code runs; they say nothing about quantization quality.")
 
@@ -115,8 +117,7 @@ def setup(backend: str | None = None, threads: int | None = None, smoke: bool = 
         raise ValueError("backend: 'npu' needs torch_npu and an Ascend device, and none was found; "
                          "use 'reference' or None")
     if threads is not None:
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise ValueError(f"threads: expected a positive int or None, got {threads!r}")
+        positive_int(threads, "threads", " or None")
         torch.set_num_threads(threads)
     if not isinstance(smoke, bool):
         raise ValueError(f"smoke: expected True or False, got {smoke!r}")
@@ -141,14 +142,14 @@ def smoke_budget(method: str) -> dict:
 
 
 def calibration_for(cfg, source, tokenizer, seed: int = 0):
-    """The calibration windows ``quantize(model, cfg, ...)`` takes: ``cfg.budget("samples")`` windows of
-    ``cfg.budget("seqlen")`` tokens of ``source`` (a .jsonl with a "text" field, or a text file); None when ``cfg``
+    """The calibration windows ``quantize(model, cfg, ...)`` takes: ``cfg.data.samples`` windows of
+    ``cfg.data.seqlen`` tokens of ``source`` (a .jsonl with a "text" field, or a text file); None when ``cfg``
     uses none (method rtn or hadamard with RTN weights)."""
     from .data import calibration_ids
 
     if cfg.method != "flatquant" and cfg.weight_quantizer != "gptq":
         return None
-    return calibration_ids(source, tokenizer, cfg.budget("samples"), cfg.budget("seqlen"), seed=seed)
+    return calibration_ids(source, tokenizer, cfg.data.samples, cfg.data.seqlen, seed=seed)
 
 
 def checkpoint_dtype(dtype):

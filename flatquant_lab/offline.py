@@ -9,6 +9,7 @@ The CLI, which owns its process, sets the variables once at start (:func:`set_of
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import sys
 
@@ -33,7 +34,8 @@ def set_offline_env() -> None:
 def offline():
     """Inside: offline variables set (a user's explicit setting wins) and the flags of already-imported
     Hugging Face libraries on; every variable and flag is put back as it was on exit."""
-    import huggingface_hub.constants  # noqa: F401  (a dependency of transformers: present wherever we load)
+    # imported before the variables change, so that its flag keeps what the process had (transformers needs it)
+    importlib.import_module("huggingface_hub.constants")
 
     saved_env = {var: os.environ.get(var) for var in OFFLINE_VARS}
     saved_flags = {}

@@ -1,22 +1,33 @@
-"""``QuantConfig``: one small dataclass per quantization run (method, weights, profile, options), validated once.
+"""``QuantConfig``: what ``quantize`` does, composed of one small frozen config per concern.
 
-The per-module recipe maps fnmatch patterns of decoder-linear names to schemes; the first pattern (in
-order) that matches a name decides its scheme, ``skip`` patterns before all of them (they mean
-``"float"``). A linear no pattern matches stays float.
+``QuantConfig(method, weight_quantizer, profile, seed, ...)`` takes every setting by its flat name
+(``samples=``, ``gptq_block=``, ``e2e_epochs=``, ``device=`` ...) or whole parts (``gptq=GPTQConfig(...)``)
+and resolves the profile's budget at construction: nothing is left ``None`` to resolve later. The parts:
+
+- ``data`` (:class:`CalibrationSet`): how many calibration windows, how long;
+- ``schemes`` (:class:`SchemeRecipe`): which checkpoint scheme each decoder linear gets, and how it serves;
+- ``train`` (:class:`LayerwiseTraining`): the FlatQuant transform and its layer-wise training;
+- ``gptq`` (:class:`GPTQConfig`): the GPTQ weight quantizer;
+- ``e2e`` (:class:`EndToEndConfig`): the end-to-end stage;
+- ``placement`` (:class:`Placement`): where calibration runs and what it keeps in memory.
+
+The recipe maps fnmatch patterns of decoder-linear names to schemes; the first pattern (in order) that
+matches a name decides its scheme, ``skip`` patterns before all of them (they mean ``"float"``). A linear
+no pattern matches stays float. Why each default is what it is: docs/method.md; measurements: docs/results.md.
 """
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
+from .checks import boolean, float_in, is_finite_float, non_negative_int, one_of, positive_float, positive_int
 from .devices import ACTIVATIONS, check_device
-from .dtypes import HALF_DTYPES, check_half
+from .dtypes import HALF_DTYPES, check_half, dtype_name
 
 METHODS = ("rtn", "hadamard", "flatquant")
 WEIGHT_QUANTIZERS = ("rtn", "gptq")
@@ -24,20 +35,13 @@ FACTOR_PARAMS = ("plain", "svd")
 BATCH_ORDERS = ("shuffle", "fixed")
 TRAIN_INPUTS = ("float", "quantized")
 LAYER_LOSSES = ("mse", "relative")
-# Calibration budgets. "paper" is FlatQuant's recipe (docs/method.md, 'Profiles'); "full" and "fast" are CPU
-# budgets for the bundled 135M model (fast: ~5 minutes of calibration on 2 idle cores, the end-to-end stage
-# included; full: 6x its layer-wise training tokens).
+# Calibration budgets: "paper" is FlatQuant's recipe (its end-to-end stage off: unmeasured at that scale);
+# "full" and "fast" are CPU budgets for the bundled 135M model (docs/method.md, 'Profiles').
 PROFILES = {
-    # e2e_*: the end-to-end stage after the layer-wise one (calibrate/e2e.py) on the first e2e_samples windows;
-    # off at the paper's scale (unmeasured there: it backpropagates through the whole model).
     "paper": dict(samples=128, seqlen=2048, epochs=15, lr=5e-3, batch_size=4,
                   e2e_samples=112, e2e_holdout=16, e2e_epochs=0, e2e_lr=5e-3, e2e_batch_size=4),
-    # full: 96 windows x 2 epochs at batch 2, what keeps the full demo, end-to-end stage included, within its
-    # 25-minute budget on 2 cores (docs/results.md, 'The main job, full profile' and "The full profile's budget").
     "full": dict(samples=96, seqlen=256, epochs=2, lr=5e-3, batch_size=2,
                  e2e_samples=32, e2e_holdout=8, e2e_epochs=4, e2e_lr=5e-3, e2e_batch_size=4),
-    # fast: batch 2, i.e. 32 optimiser steps per layer instead of 16 on the same tokens: measured better at a
-    # similar cost (docs/results.md, 'The layer-wise loop: budget and starting point').
     "fast": dict(samples=32, seqlen=128, epochs=2, lr=5e-3, batch_size=2,
                  e2e_samples=24, e2e_holdout=8, e2e_epochs=4, e2e_lr=5e-3, e2e_batch_size=4),
 }
@@ -54,157 +58,46 @@ RECIPES = {
 }
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+def _frozen_set(obj, name, value) -> None:
+    object.__setattr__(obj, name, value)  # normalising a field of a frozen dataclass in __post_init__
 
 
-def _is_float(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+def _clip_init(value, name: str):
+    if isinstance(value, str):
+        if value != "search":
+            raise ValueError(f"{name}: expected a float logit or 'search', got {value!r}")
+    elif not is_finite_float(value):
+        raise ValueError(f"{name}: expected a finite float logit or 'search', got {value!r}")
+    return value
 
 
-@dataclass
-class QuantConfig:
-    """What ``quantize`` does. ``None`` budget fields take the profile's value.
+@dataclass(frozen=True)
+class CalibrationSet:
+    """The calibration windows every data-driven stage reads: ``samples`` windows of ``seqlen`` tokens."""
 
-    ``QuantConfig()`` is what every published figure uses and what ``flatquant-lab quantize`` runs by
-    default: method ``flatquant``, GPTQ weights, the ``fast`` profile.
-
-    method: ``flatquant`` (learned Kronecker transforms, smoothing, clipping), ``hadamard``
-    (fixed QuaRot-style orthogonal factors) or ``rtn`` (identity factors); all three give the same
-    ``W4A4FlatQuantLinear`` modules and export format. weight_quantizer: ``gptq`` (needs calibration
-    data, for every method) or ``rtn`` (round to nearest; ``rtn``/``hadamard`` then need no data).
-    """
-
-    method: str = "flatquant"
-    weight_quantizer: str = "gptq"
-    profile: str = "fast"
-    samples: int | None = None
-    seqlen: int | None = None
-    epochs: int | None = None
-    lr: float | None = None
-    batch_size: int | None = None
-    clip_lr_mult: float = 10.0  # clip factors learn 10x faster (FlatQuant)
-    min_lr_ratio: float = 1e-3  # cosine schedule ends at lr * this
-    transform_init: str = "hadamard"  # starting point of learned factors: hadamard | random | identity
-    smooth: bool = True  # learn a per-channel scale d where it folds exactly
-    # SmoothQuant-style init of d = max|x|^alpha / max|W|^(1 - alpha) (the official code: 0.3); 0.5 measured best
-    # here, moving more of the gate/up and down inputs' range into the weights (docs/results.md).
-    smooth_alpha: float = 0.5
-    # Clip factors start as a logit (FlatQuant: 4.0, sigmoid 0.982) or "search": the MSE-best ratio
-    # on a grid (weights per channel; activations per transform on calibration tokens), which
-    # matters when a CPU budget leaves the factors only a few dozen steps to move.
-    weight_clip_init: float | str = "search"
-    act_clip_init: float | str = "search"
-    learn_weight_clip: bool = True
-    learn_act_clip: bool = True
-    # Training-loop choices of the official FlatQuant code, each ablatable (bench/bench_ablation.py;
-    # results/ablation/ablation.json): only loss_norm helped, so only it is on by default.
-    # factor_param "plain" learns L, R directly; "svd" learns L = U diag(s) V^T with U, V kept
-    # orthogonal (Cayley retraction around the starting factor) and differentiates through the
-    # exact inverse V diag(1/s) U^T.
-    factor_param: str = "plain"
-    # minimise loss / loss.detach() (the official loop): each batch steps as if its loss were 1; the one
-    # official-loop choice that measured better here (docs/results.md, "The layer-wise loop: the official
-    # code's choices")
-    loss_norm: bool = True
-    # The layer loss: "mse" over all tokens (the official loop), or "relative": each token's squared error over
-    # its target's mean square, averaged over tokens. In SmolLM2-135M from layer 11 on, the first token of a
-    # window (an attention sink) has ~3e4x the others' mean square: under "mse" it is 99% of the loss, and the
-    # other tokens barely train (docs/method.md, 'Our calibration: the layer-wise stage'; docs/results.md).
-    layer_loss: str = "relative"
-    weight_decay: float = 0.0  # AdamW's decoupled decay on every learned tensor (official: 0.01)
-    batch_order: str = "shuffle"  # shuffle (seeded, per epoch) | fixed (the official loop)
-    # What each layer is trained on: "float", the full-precision model's hidden states (the official
-    # loop), or "quantized", those of the model quantized so far (layers 0..i-1 as they will serve),
-    # against the full-precision model's outputs either way, so a layer learns to undo its
-    # predecessors' error. "quantized" holds a third activation buffer and runs each finished layer once
-    # more, for a lower perplexity (docs/results.md, 'The layer-wise loop: budget and starting point').
-    train_inputs: str = "quantized"
-    # The dtype the W4A4 layers compute in (float16 or bfloat16). None: the model's own for a float16 or bfloat16
-    # model (vllm-ascend runs its activations in the model dtype), bfloat16 for a float32 model
-    # (resolved by quantize: ``for_model``).
-    act_dtype: torch.dtype | None = None
-    skip: tuple[str, ...] = ()  # fnmatch patterns of module names kept in float
-    # A preset name (RECIPES) or a mapping fnmatch pattern -> scheme (SCHEMES), first match wins.
-    recipe: str | Mapping[str, str] = "w4a4"
-    fallback: str = W8A8_DYNAMIC  # the scheme of a linear the recipe puts on FlatQuant but the NPU op cannot run
-    # vLLM tensor-parallel size the export serves at: row-parallel FlatQuant transforms become
-    # kron(I_N, L, R) with (n1, n2) = decompose_dim(K / N), each rank's slice quantized on its own
-    tp_size: int = 1
-    seed: int = 0
-    work_dir: str | None = None  # per-layer results, for resuming an interrupted run
-    gptq_damp: float = 0.01
-    gptq_block: int = 128
-    gptq_act_order: bool = True
-    # Clip ratios GPTQ tries beside each row's learned one (which was learned for round-to-nearest); each
-    # row keeps the candidate whose GPTQ result has the least output error on the calibration inputs
-    # (gptq.gptq_clip_search). Costs one more GPTQ pass per candidate. () : the learned clip only. Off by
-    # default: it measured no gain for 40% more calibration time (docs/results.md, "GPTQ's per-row clip").
-    gptq_clip_grid: tuple[float, ...] = ()
-    # The end-to-end stage (calibrate/e2e.py) after every layer is quantized: a per-row multiplier on each
-    # W4A4 weight_scale and one clip_ratio per shared input (q/k/v, gate/up: one each, as vLLM loads them),
-    # learned on KL(full-precision logits || quantized logits) over the first e2e_samples calibration
-    # windows; None: the profile's (docs/method.md, 'The end-to-end stage'; measurements: docs/results.md).
-    e2e_samples: int | None = None
-    # Calibration windows the stage never trains on (the last ones): it measures KL on them before it starts and
-    # after each epoch, and keeps the best state seen, the starting one included (docs/method.md). None: the
-    # profile's, at most a quarter of a smaller calibration set.
-    e2e_holdout: int | None = None
-    e2e_epochs: int | None = None
-    e2e_lr: float | None = None
-    e2e_batch_size: int | None = None
-    e2e_clip_lr_mult: float = 2.0  # the clip logits' lr over e2e_lr
-    cann: str = "8.3"  # which CANN's kronecker_quant limits decide what can run on the NPU
-    # Where each decoder layer is calibrated (cpu, cuda, cuda:N, npu, npu:N); None: the model's device.
-    device: str | None = None
-    # Where the layer inputs and targets are held: on the device, on the host (pinned), or "auto"
-    # (the device when they fit in a share of its free memory). Results are the same bit for bit.
-    activations: str = "auto"
-    # Recompute each decoder layer's attention and MLP blocks in the backward pass (checkpointing): a
-    # training step's activation peak becomes the larger block's instead of the layer's, for one more
-    # forward per step (bench/bench_scale.py measures both). Same results bit for bit. "auto": on when a
-    # training step would keep more activations than the layer's weight bytes and more than
-    # calibrate.train.RECOMPUTE_MIN_BYTES (counted per layer by one forward; a 7B layer at 2048 tokens: on).
-    # The end-to-end stage likewise recomputes each decoder layer (auto: above calibrate.e2e.E2E_RECOMPUTE_MIN_BYTES).
-    recompute_blocks: bool | str = "auto"
-    # Fix glibc's mmap threshold for the whole process while calibrating on the host, so that freed large
-    # tensors leave the resident set (it cannot be undone: devices.return_freed_host_memory; docs/method.md,
-    # 'Memory'). Off for library calls, on in `flatquant-lab quantize`, which owns its process.
-    release_host_memory: bool = False
+    samples: int = PROFILES["fast"]["samples"]
+    seqlen: int = PROFILES["fast"]["seqlen"]
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"method: expected one of {METHODS}, got {self.method!r}")
-        if self.weight_quantizer not in WEIGHT_QUANTIZERS:
-            raise ValueError(f"weight_quantizer: expected one of {WEIGHT_QUANTIZERS}, got {self.weight_quantizer!r}")
-        if self.profile not in PROFILES:
-            raise ValueError(f"profile: expected one of {tuple(PROFILES)}, got {self.profile!r}")
-        if self.transform_init not in ("hadamard", "random", "identity"):
-            raise ValueError(f"transform_init: expected hadamard, random or identity, got {self.transform_init!r}")
-        if self.factor_param not in FACTOR_PARAMS:
-            raise ValueError(f"factor_param: expected one of {FACTOR_PARAMS}, got {self.factor_param!r}")
-        if self.batch_order not in BATCH_ORDERS:
-            raise ValueError(f"batch_order: expected one of {BATCH_ORDERS}, got {self.batch_order!r}")
-        if self.layer_loss not in LAYER_LOSSES:
-            raise ValueError(f"layer_loss: expected one of {LAYER_LOSSES}, got {self.layer_loss!r}")
-        if self.train_inputs not in TRAIN_INPUTS:
-            raise ValueError(f"train_inputs: expected one of {TRAIN_INPUTS}, got {self.train_inputs!r}")
-        if not (isinstance(self.recompute_blocks, bool) or self.recompute_blocks == "auto"):
-            raise ValueError(f"recompute_blocks: expected True, False or 'auto', got {self.recompute_blocks!r}")
-        for name in ("loss_norm", "gptq_act_order", "release_host_memory"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}: expected a bool, got {getattr(self, name)!r}")
-        if not (_is_float(self.weight_decay) and self.weight_decay >= 0):
-            raise ValueError(f"weight_decay: expected a finite float >= 0, got {self.weight_decay!r}")
-        if self.act_dtype is not None:
-            check_half(self.act_dtype)
-        if self.device is not None:
-            self.device = check_device(self.device)
-        if self.activations not in ACTIVATIONS:
-            raise ValueError(f"activations: expected one of {ACTIVATIONS}, got {self.activations!r}")
-        if isinstance(self.skip, str):
-            self.skip = (self.skip,)
-        self.skip = tuple(self.skip)
+        positive_int(self.samples, "samples")
+        positive_int(self.seqlen, "seqlen")
+
+
+@dataclass(frozen=True)
+class SchemeRecipe:
+    """Which checkpoint scheme each decoder linear gets, and what the export serves at."""
+
+    recipe: str | Mapping[str, str] = "w4a4"  # a preset (RECIPES) or fnmatch pattern -> scheme, first match wins
+    skip: tuple[str, ...] = ()  # fnmatch patterns of linears kept in float, before the recipe
+    fallback: str = W8A8_DYNAMIC  # for a linear the recipe puts on FlatQuant but the NPU op cannot run
+    tp_size: int = 1  # vLLM's tensor-parallel size: row-parallel transforms become kron(I_N, L, R)
+    # The dtype the W4A4 layers compute in; None until quantize resolves it for the model (for_model):
+    # the model's own half dtype (vllm-ascend computes in it), bfloat16 for a float32 model.
+    act_dtype: torch.dtype | None = None
+    cann: str = "8.3"  # which CANN's kronecker_quant limits decide what can run on the NPU
+
+    def __post_init__(self):
+        _frozen_set(self, "skip", (self.skip,) if isinstance(self.skip, str) else tuple(self.skip))
         if isinstance(self.recipe, str):
             if self.recipe not in RECIPES:
                 raise ValueError(f"recipe: expected a preset {tuple(RECIPES)} or a mapping pattern -> scheme, "
@@ -217,64 +110,27 @@ class QuantConfig:
                     raise ValueError(f"recipe: expected fnmatch patterns (non-empty str) as keys, got {pattern!r}")
                 if scheme not in SCHEMES:
                     raise ValueError(f"recipe: {pattern!r} maps to {scheme!r}; expected one of {SCHEMES}")
-            self.recipe = dict(self.recipe)
+            _frozen_set(self, "recipe", dict(self.recipe))
         else:
             raise ValueError(f"recipe: expected a preset {tuple(RECIPES)} or a mapping pattern -> scheme, "
                              f"got {type(self.recipe).__name__}")
-        if not _is_int(self.tp_size) or self.tp_size < 1:
-            raise ValueError(f"tp_size: expected a positive int (vLLM's --tensor-parallel-size), got {self.tp_size!r}")
-        if self.fallback not in FALLBACKS:
-            raise ValueError(f"fallback: expected one of {FALLBACKS}, got {self.fallback!r}")
-        for name in ("samples", "seqlen", "batch_size", "gptq_block", "e2e_samples", "e2e_holdout", "e2e_batch_size"):
-            v = getattr(self, name)
-            if v is not None and (not _is_int(v) or v < 1):
-                raise ValueError(f"{name}: expected a positive int, got {v!r}")
-        for name in ("epochs", "e2e_epochs"):  # 0: no training (of the layers; of the end-to-end stage)
-            v = getattr(self, name)
-            if v is not None and (not _is_int(v) or v < 0):
-                raise ValueError(f"{name}: expected an int >= 0, got {v!r}")
-        for name in ("lr", "e2e_lr"):
-            v = getattr(self, name)
-            if v is not None and not (_is_float(v) and v > 0):
-                raise ValueError(f"{name}: expected a finite float > 0, got {v!r}")
-        if not (_is_float(self.e2e_clip_lr_mult) and self.e2e_clip_lr_mult > 0):
-            raise ValueError(f"e2e_clip_lr_mult: expected a finite float > 0, got {self.e2e_clip_lr_mult!r}")
-        if self.e2e_samples is not None and self.e2e_samples > self.budget("samples"):
-            raise ValueError(f"e2e_samples: expected at most the {self.budget('samples')} calibration windows "
-                             f"(samples), got {self.e2e_samples}")
-        if self.tunes_end_to_end:
-            held, train, total = self.budget("e2e_holdout"), self.budget("e2e_samples"), self.budget("samples")
-            if train < 1 or train + held > total:
-                name = "e2e_samples" if self.e2e_samples is not None else "e2e_holdout"
-                raise ValueError(f"{name}: the end-to-end stage holds out {held} of the samples={total} calibration "
-                                 f"windows to measure on and trains on {train}; expected at least one to train on and "
-                                 "no more than samples in all: give more samples, or e2e_epochs=0 to skip the stage")
-        if not (_is_float(self.clip_lr_mult) and self.clip_lr_mult > 0):
-            raise ValueError(f"clip_lr_mult: expected a finite float > 0, got {self.clip_lr_mult!r}")
-        if not (_is_float(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1):
-            raise ValueError(f"min_lr_ratio: expected a float in [0, 1], got {self.min_lr_ratio!r}")
-        if not (_is_float(self.smooth_alpha) and 0 <= self.smooth_alpha <= 1):
-            raise ValueError(f"smooth_alpha: expected a float in [0, 1], got {self.smooth_alpha!r}")
-        if not (_is_float(self.gptq_damp) and self.gptq_damp > 0):
-            raise ValueError(f"gptq_damp: expected a finite float > 0 (fraction of the mean Hessian diagonal), "
-                             f"got {self.gptq_damp!r}")
-        if isinstance(self.gptq_clip_grid, (int, float)) or not all(
-                _is_float(c) and 0 < c <= 1 for c in self.gptq_clip_grid):
-            raise ValueError(f"gptq_clip_grid: expected a sequence of clip ratios in (0, 1], got {self.gptq_clip_grid!r}")
-        self.gptq_clip_grid = tuple(float(c) for c in self.gptq_clip_grid)
-        for name in ("act_clip_init", "weight_clip_init"):
-            v = getattr(self, name)
-            if isinstance(v, str):
-                if v != "search":
-                    raise ValueError(f"{name}: expected a float logit or 'search', got {v!r}")
-            elif not _is_float(v):
-                raise ValueError(f"{name}: expected a finite float logit or 'search', got {v!r}")
+        positive_int(self.tp_size, "tp_size", " (vLLM's --tensor-parallel-size)")
+        one_of(self.fallback, "fallback", FALLBACKS)
+        if self.act_dtype is not None:
+            check_half(self.act_dtype)
 
     @property
-    def recipe_rules(self) -> tuple[tuple[str, str], ...]:
+    def rules(self) -> tuple[tuple[str, str], ...]:
         """``(pattern, scheme)`` pairs in match order: the recipe's (a preset's or the mapping's)."""
-        rules = RECIPES[self.recipe] if isinstance(self.recipe, str) else self.recipe
-        return tuple(rules.items())
+        return tuple((RECIPES[self.recipe] if isinstance(self.recipe, str) else self.recipe).items())
+
+    @property
+    def label(self) -> str:
+        return repr(self.recipe) if isinstance(self.recipe, str) else "(mapping)"
+
+    def skip_match(self, name: str) -> str | None:
+        """The first ``skip`` pattern that matches ``name``, or None."""
+        return next((p for p in self.skip if fnmatch.fnmatchcase(name, p)), None)
 
     def scheme_for(self, name: str) -> tuple[str, str]:
         """``(scheme, why)`` of the decoder linear ``name``: a skip pattern, else the first recipe pattern
@@ -282,20 +138,12 @@ class QuantConfig:
         hit = self.skip_match(name)
         if hit is not None:
             return FLOAT, f"QuantConfig.skip matches {hit!r}"
-        for p, scheme in self.recipe_rules:
+        for p, scheme in self.rules:
             if fnmatch.fnmatchcase(name, p):
-                return scheme, f"recipe {self.recipe_label} maps {p!r} to {scheme}"
-        return FLOAT, f"no pattern of recipe {self.recipe_label} matches it"
+                return scheme, f"recipe {self.label} maps {p!r} to {scheme}"
+        return FLOAT, f"no pattern of recipe {self.label} matches it"
 
-    def skip_match(self, name: str) -> str | None:
-        """The first ``skip`` pattern that matches ``name``, or None."""
-        return next((p for p in self.skip if fnmatch.fnmatchcase(name, p)), None)
-
-    @property
-    def recipe_label(self) -> str:
-        return repr(self.recipe) if isinstance(self.recipe, str) else "(mapping)"
-
-    def check_recipe(self, names) -> None:
+    def check(self, names) -> None:
         """Refuse a recipe mapping with a pattern that matches none of ``names`` (the model's decoder linears)."""
         if isinstance(self.recipe, str):
             return  # the presets' patterns are written for every family's layout
@@ -304,51 +152,295 @@ class QuantConfig:
             raise ValueError(f"recipe: {unmatched} match no decoder linear (their names look like "
                              f"{names[-1]!r}; e.g. '*.o_proj' or 'model.layers.0.*')")
 
+
+@dataclass(frozen=True)
+class LayerwiseTraining:
+    """The FlatQuant transform of each linear's input and its layer-wise training (docs/method.md)."""
+
+    epochs: int = PROFILES["fast"]["epochs"]  # 0: the starting transforms, untrained
+    lr: float = PROFILES["fast"]["lr"]
+    batch_size: int = PROFILES["fast"]["batch_size"]
+    clip_lr_mult: float = 10.0  # clip factors learn 10x faster (FlatQuant)
+    min_lr_ratio: float = 1e-3  # the cosine schedule ends at lr * this
+    transform_init: str = "hadamard"  # hadamard | random | identity
+    smooth: bool = True  # learn a per-channel scale d where it folds exactly
+    smooth_alpha: float = 0.5  # d = max|x|^alpha / max|W|^(1 - alpha) at the start (docs/results.md)
+    # a logit, or "search": the MSE-best ratio on a grid, for budgets that leave the factors few steps
+    weight_clip_init: float | str = "search"
+    act_clip_init: float | str = "search"
+    learn_weight_clip: bool = True
+    learn_act_clip: bool = True
+    factor_param: str = "plain"  # "plain" learns L, R; "svd" learns U diag(s) V^T (docs/method.md)
+    loss_norm: bool = True  # minimise loss / loss.detach(), as the official loop (docs/results.md)
+    layer_loss: str = "relative"  # "mse", or each token's error over its target's mean square (docs/method.md)
+    weight_decay: float = 0.0  # AdamW's decoupled decay (official: 0.01)
+    batch_order: str = "shuffle"  # shuffle (seeded, per epoch) | fixed (the official loop)
+    # what each layer trains on: the float model's hidden states, or the quantized-so-far model's (docs/method.md)
+    train_inputs: str = "quantized"
+
+    def __post_init__(self):
+        non_negative_int(self.epochs, "epochs")
+        positive_float(self.lr, "lr")
+        positive_int(self.batch_size, "batch_size")
+        positive_float(self.clip_lr_mult, "clip_lr_mult")
+        float_in(self.min_lr_ratio, "min_lr_ratio")
+        if self.transform_init not in ("hadamard", "random", "identity"):
+            raise ValueError(f"transform_init: expected hadamard, random or identity, got {self.transform_init!r}")
+        for name in ("smooth", "learn_weight_clip", "learn_act_clip", "loss_norm"):
+            boolean(getattr(self, name), name)
+        float_in(self.smooth_alpha, "smooth_alpha")
+        _clip_init(self.weight_clip_init, "weight_clip_init")
+        _clip_init(self.act_clip_init, "act_clip_init")
+        one_of(self.factor_param, "factor_param", FACTOR_PARAMS)
+        one_of(self.layer_loss, "layer_loss", LAYER_LOSSES)
+        if not (is_finite_float(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay: expected a finite float >= 0, got {self.weight_decay!r}")
+        one_of(self.batch_order, "batch_order", BATCH_ORDERS)
+        one_of(self.train_inputs, "train_inputs", TRAIN_INPUTS)
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    """GPTQ's int4 weights (``weight_quantizer="gptq"``): damping, block size, column order, clip candidates."""
+
+    damp: float = 0.01  # a fraction of the mean Hessian diagonal
+    block: int = 128
+    act_order: bool = True
+    # clip ratios tried beside each row's learned one, the least output error kept: () off (docs/results.md)
+    clip_grid: tuple[float, ...] = ()
+
+    def __post_init__(self):
+        positive_float(self.damp, "gptq_damp", " (fraction of the mean Hessian diagonal)")
+        positive_int(self.block, "gptq_block")
+        boolean(self.act_order, "gptq_act_order")
+        if isinstance(self.clip_grid, (int, float)) or not all(
+                is_finite_float(c) and 0 < c <= 1 for c in self.clip_grid):
+            raise ValueError(f"gptq_clip_grid: expected a sequence of clip ratios in (0, 1], got {self.clip_grid!r}")
+        _frozen_set(self, "clip_grid", tuple(float(c) for c in self.clip_grid))
+
+
+@dataclass(frozen=True)
+class EndToEndConfig:
+    """The end-to-end stage (calibrate/e2e.py): weight-scale multipliers and shared clip ratios learned on
+    KL(full precision || quantized) over ``samples`` windows, guarded by the last ``holdout`` windows."""
+
+    samples: int = PROFILES["fast"]["e2e_samples"]
+    holdout: int = PROFILES["fast"]["e2e_holdout"]
+    epochs: int = PROFILES["fast"]["e2e_epochs"]  # 0: no end-to-end stage
+    lr: float = PROFILES["fast"]["e2e_lr"]
+    batch_size: int = PROFILES["fast"]["e2e_batch_size"]
+    clip_lr_mult: float = 2.0  # the clip logits' lr over lr
+
+    def __post_init__(self):
+        non_negative_int(self.samples, "e2e_samples")  # 0 only where the stage does not run (QuantConfig checks)
+        positive_int(self.holdout, "e2e_holdout")
+        non_negative_int(self.epochs, "e2e_epochs")
+        positive_float(self.lr, "e2e_lr")
+        positive_int(self.batch_size, "e2e_batch_size")
+        positive_float(self.clip_lr_mult, "e2e_clip_lr_mult")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where each decoder layer is calibrated and what is kept where: the learned tensors are the same."""
+
+    device: str | None = None  # cpu, cuda, cuda:N, npu, npu:N; None: the model's device
+    activations: str = "auto"  # layer inputs and targets on the device, the host (pinned), or "auto"
+    recompute_blocks: bool | str = "auto"  # checkpoint attention and MLP blocks (docs/method.md, 'Memory')
+    release_host_memory: bool = False  # fix glibc's mmap threshold, process-wide (docs/method.md)
+    work_dir: str | None = None  # per-layer results, for resuming an interrupted run
+
+    def __post_init__(self):
+        if self.device is not None:
+            _frozen_set(self, "device", check_device(self.device))
+        one_of(self.activations, "activations", ACTIVATIONS)
+        if not (isinstance(self.recompute_blocks, bool) or self.recompute_blocks == "auto"):
+            raise ValueError(f"recompute_blocks: expected True, False or 'auto', got {self.recompute_blocks!r}")
+        boolean(self.release_host_memory, "release_host_memory")
+
+
+# Each flat setting name (what QuantConfig takes and to_dict writes, in this order) -> (part, field).
+_PARTS = {"data": CalibrationSet, "schemes": SchemeRecipe, "train": LayerwiseTraining, "gptq": GPTQConfig,
+          "e2e": EndToEndConfig, "placement": Placement}
+FLAT_NAMES = {
+    "samples": ("data", "samples"), "seqlen": ("data", "seqlen"),
+    **{n: ("train", n) for n in ("epochs", "lr", "batch_size", "clip_lr_mult", "min_lr_ratio", "transform_init",
+                                 "smooth", "smooth_alpha", "weight_clip_init", "act_clip_init", "learn_weight_clip",
+                                 "learn_act_clip", "factor_param", "loss_norm", "layer_loss", "weight_decay",
+                                 "batch_order", "train_inputs")},
+    "act_dtype": ("schemes", "act_dtype"), "skip": ("schemes", "skip"), "recipe": ("schemes", "recipe"),
+    "fallback": ("schemes", "fallback"), "tp_size": ("schemes", "tp_size"), "seed": (None, "seed"),
+    "work_dir": ("placement", "work_dir"),
+    **{f"gptq_{n}": ("gptq", n) for n in ("damp", "block", "act_order", "clip_grid")},
+    **{f"e2e_{n}": ("e2e", n) for n in ("samples", "holdout", "epochs", "lr", "batch_size", "clip_lr_mult")},
+    "cann": ("schemes", "cann"),
+    **{n: ("placement", n) for n in ("device", "activations", "recompute_blocks", "release_host_memory")},
+}
+
+
+@dataclass(frozen=True, init=False)
+class QuantConfig:
+    """What ``quantize`` does: a method, a weight quantizer, a profile, a seed, and the six parts above.
+
+    ``QuantConfig()`` is what every published figure uses and what ``flatquant-lab quantize`` runs by
+    default: method ``flatquant``, GPTQ weights, the ``fast`` profile.
+
+    method: ``flatquant`` (learned Kronecker transforms, smoothing, clipping), ``hadamard``
+    (fixed QuaRot-style orthogonal factors) or ``rtn`` (identity factors); all three give the same
+    ``W4A4FlatQuantLinear`` modules and export format. weight_quantizer: ``gptq`` (needs calibration
+    data, for every method) or ``rtn`` (round to nearest; ``rtn``/``hadamard`` then need no data).
+    Any other setting by its flat name (``FLAT_NAMES``: ``samples=8``, ``e2e_epochs=0``, ``device="npu"``) or as
+    a whole part (``gptq=GPTQConfig(block=64)``); a part's unset budget fields come from the profile.
+    """
+
+    method: str
+    weight_quantizer: str
+    profile: str
+    seed: int
+    data: CalibrationSet
+    schemes: SchemeRecipe
+    train: LayerwiseTraining
+    gptq: GPTQConfig
+    e2e: EndToEndConfig
+    placement: Placement
+    # the flat names set explicitly (not from the profile or a default): what a warning may name
+    given: frozenset = dataclasses.field(default=frozenset(), compare=False, repr=False)
+
+    def __init__(self, method: str = "flatquant", weight_quantizer: str = "gptq", profile: str = "fast",
+                 seed: int = 0, *, _given: frozenset | None = None, **settings):
+        one_of(method, "method", METHODS)
+        one_of(weight_quantizer, "weight_quantizer", WEIGHT_QUANTIZERS)
+        one_of(profile, "profile", PROFILES)
+        if not (isinstance(seed, int) and not isinstance(seed, bool)):
+            raise ValueError(f"seed: expected an int, got {seed!r}")
+        unknown = sorted(set(settings) - set(FLAT_NAMES) - set(_PARTS))
+        if unknown:
+            raise TypeError(f"QuantConfig: unknown setting(s) {unknown}; expected a part {tuple(_PARTS)} or one of "
+                            f"{tuple(FLAT_NAMES)}")
+        if settings.get("e2e_samples") is not None:
+            positive_int(settings["e2e_samples"], "e2e_samples")
+        flat = {part: {} for part in _PARTS}
+        for name, value in settings.items():
+            if name in FLAT_NAMES and value is not None or name in ("act_dtype", "device", "work_dir"):
+                part, fld = FLAT_NAMES[name]
+                flat[part][fld] = value
+        given = {part: settings[part] for part in _PARTS if settings.get(part) is not None}
+        for part, obj in given.items():
+            if not isinstance(obj, _PARTS[part]):
+                raise TypeError(f"{part}: expected a {_PARTS[part].__name__}, got {type(obj).__name__}")
+        budget = PROFILES[profile]
+
+        def build(part, **profile_fields):
+            if part in given:
+                return dataclasses.replace(given[part], **flat[part]) if flat[part] else given[part]
+            return _PARTS[part](**{**profile_fields, **flat[part]})
+
+        data = build("data", samples=budget["samples"], seqlen=budget["seqlen"])
+        train = build("train", epochs=budget["epochs"], lr=budget["lr"], batch_size=budget["batch_size"])
+        # the profile's held-out and training windows, within a smaller calibration set (a quarter held out)
+        e2e_given = {**({f: getattr(given["e2e"], f) for f in ("samples", "holdout")} if "e2e" in given else {}),
+                     **flat["e2e"]}
+        held = e2e_given.get("holdout", min(budget["e2e_holdout"], max(1, data.samples // 4)))
+        e2e = build("e2e", samples=max(0, min(budget["e2e_samples"], data.samples - held)),
+                    holdout=held, epochs=budget["e2e_epochs"], lr=budget["e2e_lr"],
+                    batch_size=budget["e2e_batch_size"])
+        if _given is None:
+            _given = {n for n, v in settings.items() if n in FLAT_NAMES and v is not None}
+            _given |= {n for n, (part, _) in FLAT_NAMES.items() if part in given}
+        for name, value in (("method", method), ("weight_quantizer", weight_quantizer), ("profile", profile),
+                            ("seed", seed), ("data", data), ("schemes", build("schemes")), ("train", train),
+                            ("gptq", build("gptq")), ("e2e", e2e), ("placement", build("placement")),
+                            ("given", frozenset(_given))):
+            object.__setattr__(self, name, value)
+        if "samples" in e2e_given and e2e.samples > data.samples:
+            raise ValueError(f"e2e_samples: expected at most the {data.samples} calibration windows "
+                             f"(samples), got {e2e.samples}")
+        if self.tunes_end_to_end and (e2e.samples < 1 or e2e.samples + e2e.holdout > data.samples):
+            name = "e2e_samples" if "samples" in e2e_given else "e2e_holdout"
+            raise ValueError(f"{name}: the end-to-end stage holds out {e2e.holdout} of the samples={data.samples} "
+                             f"calibration windows to measure on and trains on {e2e.samples}; "
+                             "expected at least one to train on and no more than samples in all: give more "
+                             "samples, or e2e_epochs=0 to skip the stage")
+
+    @classmethod
+    def fast(cls, **settings) -> QuantConfig:
+        """The ``fast`` profile (the default): minutes on the bundled model's CPU budget."""
+        return cls(profile="fast", **settings)
+
+    @classmethod
+    def full(cls, **settings) -> QuantConfig:
+        """The ``full`` profile: 12x the fast profile's training tokens."""
+        return cls(profile="full", **settings)
+
+    @classmethod
+    def paper(cls, **settings) -> QuantConfig:
+        """FlatQuant's published recipe: 128 windows of 2048 tokens, 15 epochs (hours per layer on a CPU)."""
+        return cls(profile="paper", **settings)
+
+    def __getattr__(self, name: str):
+        """A setting by its flat name (``cfg.samples`` is ``cfg.data.samples``)."""
+        if name in FLAT_NAMES and FLAT_NAMES[name][0] is not None:
+            part, fld = FLAT_NAMES[name]
+            return getattr(object.__getattribute__(self, part), fld)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def replace(self, **changes) -> QuantConfig:
+        """A copy with ``changes`` (flat names or parts) applied; the rest stays as it is here."""
+        parts = {part: getattr(self, part) for part in _PARTS}
+        top = {n: changes.pop(n, getattr(self, n)) for n in ("method", "weight_quantizer", "profile", "seed")}
+        given = set(self.given) | {n for n, v in changes.items() if n in FLAT_NAMES and v is not None}
+        for part in _PARTS:
+            if part in changes:
+                parts[part] = changes.pop(part)
+                given |= {n for n, (p, _) in FLAT_NAMES.items() if p == part}
+        return QuantConfig(**top, **parts, **changes, _given=frozenset(given))
+
     def for_model(self, model) -> QuantConfig:
         """This config with ``act_dtype`` resolved for ``model`` (a copy; ``self`` if it is set already):
         a float16 or bfloat16 model's own dtype, bfloat16 for a float32 model."""
-        if self.act_dtype is not None:
+        if self.schemes.act_dtype is not None:
             return self
         model_dtype = next(model.parameters()).dtype
-        return dataclasses.replace(self, act_dtype=model_dtype if model_dtype in HALF_DTYPES else torch.bfloat16)
+        return self.replace(act_dtype=model_dtype if model_dtype in HALF_DTYPES else torch.bfloat16)
 
-    def budget(self, name: str):
-        """A budget field (samples, seqlen, epochs, lr, batch_size, e2e_*): the override or the profile's."""
-        v = getattr(self, name)
-        if v is None and name == "e2e_holdout":  # the profile's, at most a quarter of a smaller calibration set
-            return min(PROFILES[self.profile][name], max(1, self.budget("samples") // 4))
-        if v is None and name == "e2e_samples":  # the profile's, within what the held-out windows leave
-            return min(PROFILES[self.profile][name], self.budget("samples") - self.budget("e2e_holdout"))
-        return PROFILES[self.profile][name] if v is None else v
+    # recipe lookups, kept on the config for its callers
+    def scheme_for(self, name: str) -> tuple[str, str]:
+        return self.schemes.scheme_for(name)
+
+    def skip_match(self, name: str) -> str | None:
+        return self.schemes.skip_match(name)
+
+    def check_recipe(self, names) -> None:
+        self.schemes.check(names)
 
     @property
     def trains(self) -> bool:
-        return self.method == "flatquant" and self.budget("epochs") > 0
+        return self.method == "flatquant" and self.train.epochs > 0
 
     @property
     def tunes_end_to_end(self) -> bool:
         """Whether the end-to-end stage runs (FlatQuant's recipe only: the baselines stay what they are)."""
-        return self.method == "flatquant" and self.budget("e2e_epochs") > 0
+        return self.method == "flatquant" and self.e2e.epochs > 0
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["act_dtype"] = None if self.act_dtype is None else str(self.act_dtype).replace("torch.", "")
-        d["skip"] = list(self.skip)
-        d["gptq_clip_grid"] = list(self.gptq_clip_grid)
-        d["recipe"] = self.recipe if isinstance(self.recipe, str) else dict(self.recipe)
-        d.update({k: self.budget(k) for k in PROFILES["paper"]})
+        """Every setting by its flat name, resolved (what demo.json and work_dir record)."""
+        d = {"method": self.method, "weight_quantizer": self.weight_quantizer, "profile": self.profile}
+        for name, (part, fld) in FLAT_NAMES.items():
+            d[name] = self.seed if part is None else getattr(getattr(self, part), fld)
+        d["act_dtype"] = None if d["act_dtype"] is None else dtype_name(d["act_dtype"])
+        d["skip"] = list(d["skip"])
+        d["gptq_clip_grid"] = list(d["gptq_clip_grid"])
+        d["recipe"] = d["recipe"] if isinstance(d["recipe"], str) else dict(d["recipe"])
         return d
 
     def fingerprint(self) -> str:
         """What decides the learned tensors: a resumed run must match it."""
         d = self.to_dict()
-        # skip decides which transforms exist, so it belongs; the weight quantizer runs after the
-        # learned tensors are saved, so a resumed run may change it (unless later layers train on the
-        # quantized model's states: train_inputs="quantized"). A run may resume on another device.
-        # The end-to-end stage runs after every layer's tensors are saved: it may change on a resumed run.
-        drop = ["work_dir", "device", "activations", "recompute_blocks", "release_host_memory", "e2e_samples", "e2e_holdout", "e2e_epochs",
-                "e2e_lr", "e2e_batch_size", "e2e_clip_lr_mult"]
-        if self.train_inputs == "float":
+        # Placement never changes the learned tensors; the end-to-end stage runs after every layer's tensors
+        # are saved; the weight quantizer runs after them too, unless later layers train on its output.
+        drop = ["work_dir", "device", "activations", "recompute_blocks", "release_host_memory", "e2e_samples",
+                "e2e_holdout", "e2e_epochs", "e2e_lr", "e2e_batch_size", "e2e_clip_lr_mult"]
+        if self.train.train_inputs == "float":
             drop += ["weight_quantizer", "gptq_damp", "gptq_block", "gptq_act_order", "gptq_clip_grid"]
         for k in drop:
             d.pop(k, None)

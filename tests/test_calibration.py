@@ -415,7 +415,7 @@ def test_the_budget_is_what_calibration_runs_on():
     exact = quantized_copy(fm, cfg, ids=CALIB)
     assert_same_state(state(from_big), state(exact))
     rec = exact.flatquant_report["calibration"]
-    assert (rec["samples"], rec["seqlen"]) == (cfg.budget("samples"), cfg.budget("seqlen")) == (8, 32)
+    assert (rec["samples"], rec["seqlen"]) == (cfg.data.samples, cfg.data.seqlen) == (8, 32)
     assert rec == from_big.flatquant_report["calibration"]
     # seqlen cuts each sequence to its first tokens
     with pytest.warns(UserWarning, match=r"uses the first 8 x 16"):

@@ -439,10 +439,10 @@ def test_profiles_budget_the_stage():
     assert not QuantConfig(profile="paper").tunes_end_to_end  # unmeasured at that scale: opt in
     assert not QuantConfig(profile="fast", method="hadamard").tunes_end_to_end  # baselines stay baselines
     # within a smaller calibration set: a quarter of it held out
-    assert QuantConfig(profile="fast", samples=8).budget("e2e_samples") == 6
-    assert QuantConfig(profile="fast", samples=8).budget("e2e_holdout") == 2
-    assert QuantConfig(profile="fast").budget("e2e_samples") + QuantConfig(profile="fast").budget("e2e_holdout") == 32
-    assert QuantConfig(profile="fast", samples=1, e2e_epochs=0).budget("e2e_holdout") == 1  # no stage: no refusal
+    assert QuantConfig(profile="fast", samples=8).e2e.samples == 6
+    assert QuantConfig(profile="fast", samples=8).e2e.holdout == 2
+    assert QuantConfig(profile="fast").e2e.samples + QuantConfig(profile="fast").e2e.holdout == 32
+    assert QuantConfig(profile="fast", samples=1, e2e_epochs=0).e2e.holdout == 1  # no stage: no refusal
 
 
 def test_e2e_settings_for_a_baseline_warn():

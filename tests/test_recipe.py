@@ -189,3 +189,53 @@ def test_quantize_cli_recipe(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["quantize", "--model", str(src), "--out", str(tmp_path / "x"), "--recipe", "w8a8"])
     assert "expected a preset (w4a4, msmodelslim)" in capsys.readouterr().err
+
+
+def test_config_is_composed_of_small_frozen_parts_resolved_at_construction():
+    import dataclasses
+
+    from flatquant_lab.recipe import FLAT_NAMES, PROFILES, EndToEndConfig, GPTQConfig, Placement
+
+    cfg = QuantConfig()
+    assert QuantConfig.fast() == cfg and QuantConfig.full() == QuantConfig(profile="full")
+    assert QuantConfig.paper(samples=4, e2e_epochs=0).data.samples == 4
+    # every budget field is a value, the profile's, not None
+    for part in (cfg.data, cfg.train, cfg.e2e):
+        assert all(getattr(part, f.name) is not None for f in dataclasses.fields(part))
+    fast = PROFILES["fast"]
+    assert (cfg.data.samples, cfg.data.seqlen, cfg.train.epochs, cfg.e2e.samples, cfg.e2e.holdout) == \
+        (fast["samples"], fast["seqlen"], fast["epochs"], fast["e2e_samples"], fast["e2e_holdout"])
+    for part in (cfg.data, cfg.schemes, cfg.train, cfg.gptq, cfg.e2e, cfg.placement, cfg):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(part, dataclasses.fields(part)[0].name, None)
+    # flat names and parts say the same; a part may be given whole, flat names apply on top of it
+    both = QuantConfig(gptq=GPTQConfig(block=64, damp=0.1), gptq_damp=0.05, e2e=EndToEndConfig(epochs=0))
+    assert (both.gptq.block, both.gptq.damp, both.gptq_block, both.e2e.epochs) == (64, 0.05, 64, 0)
+    assert all(getattr(both, n) == getattr(getattr(both, p), f) for n, (p, f) in FLAT_NAMES.items() if p)
+    with pytest.raises(TypeError, match="gptq: expected a GPTQConfig"):
+        QuantConfig(gptq=Placement())
+    with pytest.raises(TypeError, match=r"unknown setting\(s\) \['gptq_blocks'\]"):
+        QuantConfig(gptq_blocks=64)
+    # replace keeps what was set explicitly (warnings name only those)
+    cfg2 = QuantConfig(method="rtn", epochs=3).replace(device="cpu")
+    assert cfg2.placement.device == "cpu" and cfg2.given == {"epochs", "device"} and cfg2.method == "rtn"
+    assert QuantConfig().given == frozenset()
+
+
+def test_each_validation_rule_is_one_helper():
+    from flatquant_lab import checks
+
+    assert checks.positive_int(3, "n") == 3
+    for bad in (0, -1, 2.0, True, "3"):
+        with pytest.raises(ValueError, match=r"^n: expected a positive int, got "):
+            checks.positive_int(bad, "n")
+    with pytest.raises(ValueError, match=r"^k: expected an int >= 0, got -1"):
+        checks.non_negative_int(-1, "k")
+    with pytest.raises(ValueError, match=r"^lr: expected a finite float > 0, got nan"):
+        checks.positive_float(float("nan"), "lr")
+    with pytest.raises(ValueError, match=r"^p: expected a float in \[0, 1\], got 1.5"):
+        checks.float_in(1.5, "p")
+    with pytest.raises(ValueError, match=r"^mode: expected one of \('a', 'b'\), got 'c'"):
+        checks.one_of("c", "mode", ("a", "b"))
+    with pytest.raises(ValueError, match=r"^flag: expected a bool, got 1"):
+        checks.boolean(1, "flag")

@@ -75,10 +75,9 @@ def budget_ids(calib_ids: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
     """
     if not isinstance(calib_ids, torch.Tensor) or calib_ids.dim() != 2 or calib_ids.dtype != torch.long:
         raise ValueError(f"calib_data: expected a LongTensor [n, seqlen], got {getattr(calib_ids, 'shape', calib_ids)}")
-    samples, seqlen = cfg.budget("samples"), cfg.budget("seqlen")
+    samples, seqlen = cfg.data.samples, cfg.data.seqlen
     n, length = calib_ids.shape
-    src = f"QuantConfig(profile={cfg.profile!r}{', samples=' + str(cfg.samples) if cfg.samples else ''}" \
-          f"{', seqlen=' + str(cfg.seqlen) if cfg.seqlen else ''})"
+    src = f"QuantConfig(profile={cfg.profile!r}, samples={samples}, seqlen={seqlen})"
     if n < samples or length < seqlen:
         raise ValueError(f"calib_data: {n} x {length} token ids given, but {src} calibrates on {samples} x {seqlen}; "
                          "pass at least that much, or set samples= / seqlen= to what you have")
@@ -101,15 +100,15 @@ def calibrate(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor | None
 
     ``calib_ids``: token ids ``[n, seqlen]``; needed for ``flatquant`` and for GPTQ weights.
     ``after_layer(i)``: called after each finished layer (progress hooks, tests of resumption).
-    The model stays on its device and in its dtype; each decoder layer moves to ``cfg.device`` (default:
+    The model stays on its device and in its dtype; each decoder layer moves to ``cfg.placement.device`` (default:
     the model's device) for capture, training, GPTQ and finalisation, computes there in float32 (its
     weights kept in their dtype, upcast per use: ``float_compute``), and then goes back.
     """
     t0 = time.perf_counter()
     cfg = cfg.for_model(model)  # act_dtype None: the model's own half dtype, bfloat16 for a float32 model
     home = module_device(model)
-    dev = require_available(cfg.device) if cfg.device is not None else home
-    if cfg.release_host_memory and (dev.type == "cpu" or home.type == "cpu"):  # the host holds the model
+    dev = require_available(cfg.placement.device) if cfg.placement.device is not None else home
+    if cfg.placement.release_host_memory and (dev.type == "cpu" or home.type == "cpu"):  # the host holds the model
         return_freed_host_memory()
     adapter = adapter_for(model)
     info = adapter.info(model)
@@ -123,22 +122,22 @@ def calibrate(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor | None
         warnings.warn(f"calib_data: method={cfg.method!r} with weight_quantizer={cfg.weight_quantizer!r} uses no "
                       "calibration data; it is ignored", stacklevel=3)
     unused = [n for n in ("epochs", "lr", "e2e_epochs", "e2e_samples", "e2e_holdout", "e2e_lr", "e2e_batch_size")
-              if getattr(cfg, n) is not None and cfg.method != "flatquant"]
+              if n in cfg.given and cfg.method != "flatquant"]
     if unused:
         warnings.warn(f"{', '.join(unused)}: only method='flatquant' trains; ignored for method={cfg.method!r}",
                       stacklevel=3)
     model_dtype = next(model.parameters()).dtype
-    if model_dtype in (torch.float16, torch.bfloat16) and model_dtype != cfg.act_dtype:
+    if model_dtype in (torch.float16, torch.bfloat16) and model_dtype != cfg.schemes.act_dtype:
         # The W4A4 layers take the model's hidden states as they are (vllm-ascend: act dtype = model dtype).
         raise ValueError(f"act_dtype: the model is {model_dtype}, so its W4A4 layers must compute in it; "
-                         f"expected act_dtype={model_dtype} (or a float32 model), got {cfg.act_dtype}")
-    split = tp_split_problem(model, cfg.tp_size)
+                         f"expected act_dtype={model_dtype} (or a float32 model), got {cfg.schemes.act_dtype}")
+    split = tp_split_problem(model, cfg.schemes.tp_size)
     if split:
         raise ValueError(f"tp_size: {split}; choose a tensor-parallel size that divides them")
     torch.manual_seed(cfg.seed)
     plans = plan_model(model, cfg, info)
     names = [f"{adapter.layer_prefix(i)}.{lin}" for i, groups in enumerate(plans) for g in groups for lin in g.linears]
-    unmatched = [p for p in cfg.skip if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    unmatched = [p for p in cfg.schemes.skip if not any(fnmatch.fnmatchcase(n, p) for n in names)]
     if unmatched:
         raise ValueError(f"skip: {unmatched} match no decoder linear (their names look like {names[-1]!r}; "
                          "e.g. '*.o_proj' or 'model.layers.0.*'); the output head always stays float")
@@ -168,18 +167,18 @@ def calibrate(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor | None
         calib_ids = budget_ids(calib_ids, cfg)
         digest = ids_digest(calib_ids)
         report.calibration = {"samples": calib_ids.shape[0], "seqlen": calib_ids.shape[1], "ids_sha256": digest}
-    work = WorkDir(cfg.work_dir, cfg, info.num_layers, digest) if cfg.work_dir else None
+    work = WorkDir(cfg.placement.work_dir, cfg, info.num_layers, digest) if cfg.placement.work_dir else None
     X = Y = XQ = kwargs_by_bs = None
-    bs = cfg.budget("batch_size")
+    bs = cfg.train.batch_size
     report.placement = {"device": str(dev), "model_device": str(home), "activations": None}
     if need_data:
         # Held in the model's dtype: a float32 model keeps float32 inputs and targets (as before).
         shape = (*calib_ids.shape, info.hidden_size)
         nbytes = 2 * shape[0] * shape[1] * shape[2] * torch.finfo(model_dtype).bits // 8
-        on_host = choose_activations(cfg.activations, nbytes, dev)
+        on_host = choose_activations(cfg.placement.activations, nbytes, dev)
         X, kwargs_by_bs = capture_layer_inputs(model, calib_ids, bs, dev, model_dtype, on_host)
         Y = HeldActivations(tuple(X.shape), model_dtype, dev, on_host)
-        if cfg.train_inputs == "quantized":  # the quantized model's states, starting as layer 0's inputs
+        if cfg.train.train_inputs == "quantized":  # the quantized model's states, starting as layer 0's inputs
             XQ = HeldActivations(tuple(X.shape), model_dtype, dev, on_host)
             XQ.buf.copy_(X.buf)
         report.placement.update(activations="host" if on_host else "device",
@@ -267,7 +266,7 @@ def _calibrate_layer(layer, groups, i, cfg: QuantConfig, inputs, X, Y, kwargs_by
     need_data = X is not None
     stats = None
     if need_data:
-        Y, stats = float_forward(layer, groups, X, kwargs_by_bs, cfg.budget("batch_size"), Y)
+        Y, stats = float_forward(layer, groups, X, kwargs_by_bs, cfg.train.batch_size, Y)
     dev = module_device(layer)
     losses, resumed = [], False
     if work is not None and work.has(i):

@@ -106,10 +106,10 @@ class PassW8A8(nn.Module):
 
 
 def _recompute(model: nn.Module, ids: torch.Tensor, cfg: QuantConfig) -> bool:
-    """``cfg.recompute_blocks`` for the whole model's step; "auto": on when a step on ``ids`` would keep more
+    """``cfg.placement.recompute_blocks`` for the whole model's step; "auto": on when a step on ``ids`` would keep more
     than E2E_RECOMPUTE_MIN_BYTES of activations (counted by one forward)."""
-    if cfg.recompute_blocks != "auto":
-        return cfg.recompute_blocks
+    if cfg.placement.recompute_blocks != "auto":
+        return cfg.placement.recompute_blocks
     kept = saved_bytes(lambda: model(input_ids=ids, use_cache=False).logits)
     on = kept > E2E_RECOMPUTE_MIN_BYTES
     log.info("end-to-end stage: a step keeps %.2f GiB of activations: recomputing each decoder layer %s",
@@ -206,7 +206,7 @@ def tune_scales(model: nn.Module, calib_ids: torch.Tensor, teacher_hidden, cfg: 
     epoch, the epoch kept (0: the layer-wise state), skipped steps, seconds, the multipliers' range, the clips.
     """
     t0 = time.perf_counter()
-    n, held = cfg.budget("e2e_samples"), cfg.budget("e2e_holdout")
+    n, held = cfg.e2e.samples, cfg.e2e.holdout
     if calib_ids.dim() != 2 or calib_ids.shape[0] < n + held:
         raise ValueError(f"calib_ids: expected [n >= {n + held} (e2e_samples + e2e_holdout), seqlen] token ids, "
                          f"got {tuple(calib_ids.shape)}")
@@ -218,7 +218,7 @@ def tune_scales(model: nn.Module, calib_ids: torch.Tensor, teacher_hidden, cfg: 
     groups = clip_groups(model)
     report = {"samples": n, "holdout": held, "epochs": 0, "kl": [], "heldout_kl": [], "kept_epoch": 0,
               "skipped_steps": 0, "stopped": None, "seconds": 0.0}
-    if not groups or cfg.budget("e2e_epochs") == 0:
+    if not groups or cfg.e2e.epochs == 0:
         log.info("end-to-end stage: %s", "e2e_epochs=0" if groups else "no W4A4FlatQuantLinear to tune")
         return report
     twins: dict[str, TunableW4A4] = {}
@@ -237,10 +237,10 @@ def tune_scales(model: nn.Module, calib_ids: torch.Tensor, teacher_hidden, cfg: 
     start = {nm: (tw.linear.weight_scale.detach().clone(), tw.linear.clip_ratio.detach().clone())
              for nm, tw in twins.items()}
     params = [*(tw.log_mult for tw in twins.values()), *clips.values()]
-    lr = cfg.budget("e2e_lr")
+    lr = cfg.e2e.lr
     opt = torch.optim.Adam([{"params": [tw.log_mult for tw in twins.values()], "lr": lr},
-                            {"params": list(clips.values()), "lr": lr * cfg.e2e_clip_lr_mult}])
-    bs, epochs = cfg.budget("e2e_batch_size"), cfg.budget("e2e_epochs")
+                            {"params": list(clips.values()), "lr": lr * cfg.e2e.clip_lr_mult}])
+    bs, epochs = cfg.e2e.batch_size, cfg.e2e.epochs
     steps = epochs * math.ceil(n / bs)
     sched = cosine_schedule(opt, steps)
     gen = torch.Generator().manual_seed(cfg.seed)

@@ -63,13 +63,13 @@ def finalize_layer(layer, groups, learned, cfg: QuantConfig, hessians=None, back
             for path in g.linears:
                 set_submodule(layer, path, W8A8DynamicLinear.from_float(
                     layer.get_submodule(path), weights="gptq" if h is not None else "rtn", hessian=h,
-                    act_dtype=cfg.act_dtype, backend=backend, gptq_block=cfg.gptq_block, gptq_damp=cfg.gptq_damp,
-                    gptq_act_order=cfg.gptq_act_order))
+                    act_dtype=cfg.schemes.act_dtype, backend=backend, gptq_block=cfg.gptq.block, gptq_damp=cfg.gptq.damp,
+                    gptq_act_order=cfg.gptq.act_order))
             continue
         if not g.quantized:
             continue
-        lt = learned[f"{g.name}.left"].to(cfg.act_dtype)
-        rt = learned[f"{g.name}.right"].to(cfg.act_dtype)
+        lt = learned[f"{g.name}.left"].to(cfg.schemes.act_dtype)
+        rt = learned[f"{g.name}.right"].to(cfg.schemes.act_dtype)
         clip_ratio = float(torch.sigmoid(learned[f"{g.name}.act_clip"]).item())
         folded, scales, qs, clips = [], [], [], []
         for path in g.linears:
@@ -91,10 +91,10 @@ def finalize_layer(layer, groups, learned, cfg: QuantConfig, hessians=None, back
             qs.append(q)
             scales.append(scale)
         if hessians is not None:  # one GPTQ pass for the linears sharing this input
-            opts = dict(block=cfg.gptq_block, damp=cfg.gptq_damp, act_order=cfg.gptq_act_order)
-            if cfg.gptq_clip_grid:
+            opts = dict(block=cfg.gptq.block, damp=cfg.gptq.damp, act_order=cfg.gptq.act_order)
+            if cfg.gptq.clip_grid:
                 q_all, s_all = gptq_clip_search(torch.cat(folded), hessians[g.name].h,
-                                                [torch.cat(clips), *cfg.gptq_clip_grid], **opts)
+                                                [torch.cat(clips), *cfg.gptq.clip_grid], **opts)
                 scales = list(s_all.split([q.shape[0] for q in qs]))
             else:
                 q_all = gptq_quantize(torch.cat(folded), hessians[g.name].h, torch.cat(scales), **opts)
@@ -105,6 +105,6 @@ def finalize_layer(layer, groups, learned, cfg: QuantConfig, hessians=None, back
                        "left_trans": lt, "right_trans": rt,
                        "clip_ratio": torch.tensor([clip_ratio], dtype=torch.float32, device=dev)}
             if lin.bias is not None:
-                tensors["bias"] = lin.bias.detach().to(cfg.act_dtype)
+                tensors["bias"] = lin.bias.detach().to(cfg.schemes.act_dtype)
             set_submodule(layer, path, W4A4FlatQuantLinear.from_checkpoint(
-                tensors, backend=backend, act_dtype=cfg.act_dtype, tp_size=g.tp))
+                tensors, backend=backend, act_dtype=cfg.schemes.act_dtype, tp_size=g.tp))

@@ -44,7 +44,7 @@ def init_learned(layer: nn.Module, groups: list[Group], cfg: QuantConfig, stats:
     """Starting tensors: factors, smoothing ``log d``, clip logits (searched or fixed)."""
     learned = {}
     baseline = cfg.method != "flatquant"
-    kind = {"rtn": "identity", "hadamard": "hadamard"}.get(cfg.method, cfg.transform_init)
+    kind = {"rtn": "identity", "hadamard": "hadamard"}.get(cfg.method, cfg.train.transform_init)
     dev = next(layer.parameters()).device  # every starting tensor is made where the layer is
     for gi, g in enumerate(groups):
         if not g.quantized:
@@ -62,23 +62,23 @@ def init_learned(layer: nn.Module, groups: list[Group], cfg: QuantConfig, stats:
                 kv, rep = g.kv_tied
                 act = rearrange(act, "(kv rep hd) -> kv rep hd", kv=kv, rep=rep).amax(1).flatten()
                 wmax = rearrange(wmax, "(kv rep hd) -> kv rep hd", kv=kv, rep=rep).amax(1).flatten()
-            d = (act.pow(cfg.smooth_alpha) / wmax.pow(1 - cfg.smooth_alpha)).clamp(1e-4, 1e4)
+            d = (act.pow(cfg.train.smooth_alpha) / wmax.pow(1 - cfg.train.smooth_alpha)).clamp(1e-4, 1e4)
             learned[f"{g.name}.log_smooth"] = d.log()
-        tr = KronTransform(g, left, right, learned.get(f"{g.name}.log_smooth"), torch.zeros(1, device=dev), cfg.act_dtype)
+        tr = KronTransform(g, left, right, learned.get(f"{g.name}.log_smooth"), torch.zeros(1, device=dev), cfg.schemes.act_dtype)
         if baseline:  # the baselines use the full range: clip ratio 1 (logit +inf)
             act_clip = math.inf
-        elif cfg.act_clip_init == "search" and stats is not None:
+        elif cfg.train.act_clip_init == "search" and stats is not None:
             act_clip = logit(min(_search_act_clip(tr.per_rank(tr.transformed(stats[g.name]["sample"]))), CLIP_CAP))
         else:
-            act_clip = logit(CLIP_CAP) if cfg.act_clip_init == "search" else float(cfg.act_clip_init)
+            act_clip = logit(CLIP_CAP) if cfg.train.act_clip_init == "search" else float(cfg.train.act_clip_init)
         learned[f"{g.name}.act_clip"] = torch.tensor([act_clip], device=dev)
         for p, w in zip(g.linears, weights):
             if baseline:
                 logits = torch.full((w.shape[0],), math.inf, device=dev)
-            elif cfg.weight_clip_init == "search":  # rows search independently: a chunk of rows at a time
+            elif cfg.train.weight_clip_init == "search":  # rows search independently: a chunk of rows at a time
                 ratios = torch.cat([_search_weight_clip(tr.fold(w[r0:r1].float())) for r0, r1 in row_spans(*w.shape)])
                 logits = torch.logit(ratios.clamp_max(CLIP_CAP))
             else:
-                logits = torch.full((w.shape[0],), float(cfg.weight_clip_init), device=dev)
+                logits = torch.full((w.shape[0],), float(cfg.train.weight_clip_init), device=dev)
             learned[f"{p}.weight_clip"] = logits
     return learned

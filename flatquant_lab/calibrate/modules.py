@@ -316,8 +316,8 @@ def install_fake_quant(layer: nn.Module, groups: list[Group], learned: dict, cfg
             continue
         transforms[g.name] = KronTransform(
             g, learned[f"{g.name}.left"], learned[f"{g.name}.right"], learned.get(f"{g.name}.log_smooth"),
-            learned[f"{g.name}.act_clip"], cfg.act_dtype, learn_clip=learn and cfg.learn_act_clip,
-            param=cfg.factor_param if learn else "plain")
+            learned[f"{g.name}.act_clip"], cfg.schemes.act_dtype, learn_clip=learn and cfg.train.learn_act_clip,
+            param=cfg.train.factor_param if learn else "plain")
     row_div = _divides_rows_of(groups, learned)
     for g in groups:
         if not g.quantized:
@@ -325,7 +325,7 @@ def install_fake_quant(layer: nn.Module, groups: list[Group], learned: dict, cfg
         for path in g.linears:
             div = transforms.get(row_div.get(path, ""))
             fq = FakeQuantLinear(layer.get_submodule(path), transforms[g.name], learned[f"{path}.weight_clip"],
-                                 out_div=div, learn_clip=learn and cfg.learn_weight_clip)
+                                 out_div=div, learn_clip=learn and cfg.train.learn_weight_clip)
             set_submodule(layer, path, fq)
     # smoothing of a group whose predecessor stays float: divide that float linear's output instead
     for path, gname in row_div.items():

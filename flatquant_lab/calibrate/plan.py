@@ -47,7 +47,7 @@ def plan_layer(model: nn.Module, index: int, cfg: QuantConfig, info=None) -> lis
     for spec in adapter.groups:
         size = adapter.group_size(spec, info)
         # vLLM splits a row-parallel input in tp_size slices; each rank transforms its own with one L, R
-        tp = cfg.tp_size if spec.row_parallel else 1
+        tp = cfg.schemes.tp_size if spec.row_parallel else 1
         n1, n2 = decompose_dim(size // tp) if size % tp == 0 else decompose_dim(size)
         names = [f"{prefix}.{lin}" for lin in spec.linears]
         picks = [cfg.scheme_for(n) for n in names]
@@ -65,14 +65,14 @@ def plan_layer(model: nn.Module, index: int, cfg: QuantConfig, info=None) -> lis
                                  f"({spec.fused_name or spec.name}), so they need one scheme")
             scheme, reason = picks[0]
             if scheme == FLATQUANT:
-                support = npu_supported(n1, n2, cfg.cann)
+                support = npu_supported(n1, n2, cfg.schemes.cann)
                 why = (f"input size {size} is not divisible by tp_size {tp}" if size % tp else
                        f"input size {size // tp} per rank is not divisible by 8" if tp > 1 and (size // tp) % 8 else
                        f"input size {size} is not divisible by 8" if size % 8 else
                        f"npu_kronecker_quant cannot run {n1}x{n2}: {support.reason}" if not support else "")
-                scheme, reason, fallback = (cfg.fallback, why, True) if why else (FLATQUANT, "", False)
+                scheme, reason, fallback = (cfg.schemes.fallback, why, True) if why else (FLATQUANT, "", False)
         kv_tied = (info.num_kv_heads, info.num_heads // info.num_kv_heads) if spec.kv_tied else None
-        groups.append(Group(spec.name, spec.linears, size, n1, n2, spec.smooth_target if cfg.smooth else None,
+        groups.append(Group(spec.name, spec.linears, size, n1, n2, spec.smooth_target if cfg.train.smooth else None,
                             kv_tied, reason, spec.row_parallel, scheme, fallback, tp if scheme == FLATQUANT else 1))
     return groups
 
@@ -86,7 +86,7 @@ def plan_model(model: nn.Module, cfg: QuantConfig, info=None) -> list[list[Group
 
 
 def fallback_notice(plans: list[list[Group]], cfg: QuantConfig) -> str:
-    """One line: which decoder linears the recipe puts on FlatQuant but take ``cfg.fallback`` instead,
+    """One line: which decoder linears the recipe puts on FlatQuant but take ``cfg.schemes.fallback`` instead,
     why, and in how many layers; ``""`` when there are none."""
     total = sum(len(g.linears) for groups in plans for g in groups)
     causes: dict[str, dict[str, int]] = {}  # reason -> linear path -> layers
@@ -105,7 +105,7 @@ def fallback_notice(plans: list[list[Group]], cfg: QuantConfig) -> str:
         parts.append(f"{where} in {'every layer' if all(c == len(plans) for c in paths.values()) else 'those'}, "
                      f"because {why}")
     none = "; none is left on W4A4 FlatQuant" if not flatquant_linears(plans) else ""
-    return (f"{n} of {total} decoder linears will be {cfg.fallback} (the fallback scheme) instead of W4A4 FlatQuant"
+    return (f"{n} of {total} decoder linears will be {cfg.schemes.fallback} (the fallback scheme) instead of W4A4 FlatQuant"
             f"{none}: " + "; ".join(parts))
 
 

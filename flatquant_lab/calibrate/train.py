@@ -21,12 +21,12 @@ RECOMPUTE_MIN_BYTES = 256 * 2**20
 
 
 def _recompute(layer, transforms, X, kwargs, cfg: QuantConfig, layer_index: int) -> bool:
-    """``cfg.recompute_blocks``, with "auto" decided from the bytes a training step on ``X`` would keep."""
-    if cfg.recompute_blocks != "auto":
-        return cfg.recompute_blocks
+    """``cfg.placement.recompute_blocks``, with "auto" decided from the bytes a training step on ``X`` would keep."""
+    if cfg.placement.recompute_blocks != "auto":
+        return cfg.placement.recompute_blocks
     for tr in transforms.values():
         tr.factors()
-    kept = saved_bytes(lambda: run_layer(layer, X, kwargs), cfg.act_dtype)
+    kept = saved_bytes(lambda: run_layer(layer, X, kwargs), cfg.schemes.act_dtype)
     for tr in transforms.values():
         tr.forget_input()
     weights = sum(t.numel() * t.element_size() for t in layer.parameters())
@@ -56,11 +56,11 @@ def layer_loss(out: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> to
 
 def train_layer(layer, groups, learned, X, Y, kwargs_by_bs, cfg: QuantConfig, layer_index: int,
                 progress=None) -> tuple[dict, list[float]]:
-    """AdamW on the layer loss (``cfg.layer_loss``); returns the learned tensors and the per-epoch mean losses.
+    """AdamW on the layer loss (``cfg.train.layer_loss``); returns the learned tensors and the per-epoch mean losses.
 
     The loop's choices come from ``cfg``: ``factor_param`` (how L, R are learned), ``loss_norm``,
     ``weight_decay`` (on every learned tensor), ``batch_order``; the logged losses are the
-    layer loss (``cfg.layer_loss``) itself, not divided by its value as ``loss_norm`` steps.
+    layer loss (``cfg.train.layer_loss``) itself, not divided by its value as ``loss_norm`` steps.
     """
     transforms = install_fake_quant(layer, groups, learned, cfg, learn=True)
     try:
@@ -74,20 +74,20 @@ def train_layer(layer, groups, learned, X, Y, kwargs_by_bs, cfg: QuantConfig, la
             if tr.log_smooth is not None:
                 tr.log_smooth.requires_grad_(True)
                 main.append(tr.log_smooth)
-            if cfg.learn_act_clip:
+            if cfg.train.learn_act_clip:
                 tr.act_clip.requires_grad_(True)
                 clips.append(tr.act_clip)
         fqs = [m for m in layer.modules() if isinstance(m, FakeQuantLinear)]
-        if cfg.learn_weight_clip:
+        if cfg.train.learn_weight_clip:
             for m in fqs:
                 m.weight_clip.requires_grad_(True)
                 clips.append(m.weight_clip)
-        lr = cfg.budget("lr")
+        lr = cfg.train.lr
         opt = torch.optim.AdamW([{"params": main, "lr": lr},
-                                 {"params": clips, "lr": lr * cfg.clip_lr_mult}], weight_decay=cfg.weight_decay)
-        spans = batches(X.shape[0], cfg.budget("batch_size"))
-        epochs = cfg.budget("epochs")
-        sched = cosine_schedule(opt, epochs * len(spans), cfg.min_lr_ratio)
+                                 {"params": clips, "lr": lr * cfg.train.clip_lr_mult}], weight_decay=cfg.train.weight_decay)
+        spans = batches(X.shape[0], cfg.train.batch_size)
+        epochs = cfg.train.epochs
+        sched = cosine_schedule(opt, epochs * len(spans), cfg.train.min_lr_ratio)
         gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + layer_index)
         epoch_losses = []
         blocks = []
@@ -99,7 +99,7 @@ def train_layer(layer, groups, learned, X, Y, kwargs_by_bs, cfg: QuantConfig, la
         # a transform's last input would keep the block's activations alive: drop it after each block
         with recompute_blocks(blocks, after=lambda _block: [tr.forget_input() for tr in transforms.values()]):
             for epoch in range(epochs):
-                if cfg.batch_order == "shuffle":
+                if cfg.train.batch_order == "shuffle":
                     order = torch.randperm(len(spans), generator=gen, device="cpu").tolist()
                 else:
                     order = range(len(spans))
@@ -108,12 +108,12 @@ def train_layer(layer, groups, learned, X, Y, kwargs_by_bs, cfg: QuantConfig, la
                     s, e = spans[bi]
                     for tr in transforms.values():  # this step's factors and inverses, built once outside the
                         tr.factors()  # blocks: a recomputed block must save what its first forward saved
-                    with compact_saved_tensors(cfg.act_dtype):
+                    with compact_saved_tensors(cfg.schemes.act_dtype):
                         out = run_layer(layer, X[s:e], kwargs_by_bs[e - s])
-                        loss = layer_loss(out, Y[s:e], cfg.layer_loss)
+                        loss = layer_loss(out, Y[s:e], cfg.train.layer_loss)
                     # loss / loss.detach() has value 1 and gradient grad(loss) / loss: every batch moves the
                     # parameters as if its loss were 1, and Adam's epsilon no longer swamps tiny gradients
-                    objective = loss / loss.detach() if cfg.loss_norm else loss
+                    objective = loss / loss.detach() if cfg.train.loss_norm else loss
                     opt.zero_grad(set_to_none=True)
                     objective.backward()
                     opt.step()
@@ -149,7 +149,7 @@ def fake_quant_pass(layer, groups, learned, X, Y, kwargs_by_bs, cfg, collect: bo
                 tr.collect = hess[name] = HessianAccumulator(tr.group.size)
             handles = w8a8_hessian_hooks(layer, groups, hess)
         tot = 0.0
-        for s, e in batches(X.shape[0], cfg.budget("batch_size")):
+        for s, e in batches(X.shape[0], cfg.train.batch_size):
             out = run_layer(layer, X[s:e], kwargs_by_bs[e - s])
             tot += float(torch.nn.functional.mse_loss(out, Y[s:e])) * (e - s)
         return tot / X.shape[0], (hess if collect else None)

@@ -113,11 +113,11 @@ def _check_shapes(args, path, cfg: QuantConfig) -> None:
     from ..models.tp import model_split_problem
 
     model = empty_model(path, num_layers=args.num_layers)
-    problem = tp_split_problem(model, cfg.tp_size)
+    problem = tp_split_problem(model, cfg.schemes.tp_size)
     if problem:
         config = model.config.to_dict()
         fits = [tp for tp in range(1, config["num_attention_heads"] + 1) if not model_split_problem(config, tp)]
-        raise UsageError(f"--tp-size: {problem} (given --tp-size {cfg.tp_size}); sizes that split this model: "
+        raise UsageError(f"--tp-size: {problem} (given --tp-size {cfg.schemes.tp_size}); sizes that split this model: "
                          f"{', '.join(map(str, fits))}")
     plans = plan_model(model, cfg)
     notice = fallback_notice(plans, cfg)
@@ -131,14 +131,14 @@ def _calibration_ids(args, cfg: QuantConfig, tokenizer):
 
     source = args.calib_data or bundled_data_path("calib")
     try:
-        return calibration_ids(source, tokenizer, cfg.budget("samples"), cfg.budget("seqlen"), seed=cfg.seed)
+        return calibration_ids(source, tokenizer, cfg.data.samples, cfg.data.seqlen, seed=cfg.seed)
     except ValueError as exc:
         if not str(exc).startswith("seqlen:"):
             raise
         tokens = str(exc).split(" has ", 1)[-1].split(" tokens", 1)[0]
         raise UsageError(f"--calib-data: {source} has {tokens} tokens, fewer than one calibration window of "
-                         f"--seqlen {cfg.budget('seqlen')}; give more text (at least --samples x --seqlen = "
-                         f"{cfg.budget('samples') * cfg.budget('seqlen')} tokens for windows that do not overlap) "
+                         f"--seqlen {cfg.data.seqlen}; give more text (at least --samples x --seqlen = "
+                         f"{cfg.data.samples * cfg.data.seqlen} tokens for windows that do not overlap) "
                          "or a shorter --seqlen") from exc
 
 
@@ -165,7 +165,7 @@ def run(args) -> int:
         ids = _calibration_ids(args, cfg, tok)
     model, _ = load_model(path, dtype=dtype, num_layers=args.num_layers)
     quantize(model, cfg, ids)
-    save_quantized(model, args.out, tokenizer=tok, overwrite=args.overwrite, tp_size=cfg.tp_size)
+    save_quantized(model, args.out, tokenizer=tok, overwrite=args.overwrite, tp_size=cfg.schemes.tp_size)
     print(json.dumps({"out": args.out, "seconds": round(model.flatquant_report["seconds"], 1),
                       "dtype": str(dtype).replace("torch.", ""),
                       "kept_float": model.flatquant_report["skipped"],

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..checks import positive_int
+
 log = logging.getLogger(__name__)
 
 # The first exploration's windowing (docs/results.md): 40 non-overlapping windows of 512 tokens (20,440
@@ -33,9 +35,8 @@ def token_perplexity(model, tokenizer, docs=None, window: int = 512, max_windows
     for name, val in (("window", window), ("batch_size", batch_size)):
         if isinstance(val, bool) or not isinstance(val, int) or val < (2 if name == "window" else 1):
             raise ValueError(f"{name}: expected an int >= {2 if name == 'window' else 1}, got {val!r}")
-    if max_windows is not None and (isinstance(max_windows, bool) or not isinstance(max_windows, int)
-                                    or max_windows < 1):
-        raise ValueError(f"max_windows: expected a positive int or None, got {max_windows!r}")
+    if max_windows is not None:
+        positive_int(max_windows, "max_windows", " or None")
     ids = concat_token_ids(load_texts(bundled_data_path("eval") if docs is None else docs), tokenizer)
     n = ids.numel() // window
     if n == 0:
