@@ -52,7 +52,7 @@ def pack_int4(values: torch.Tensor) -> torch.Tensor:
                 f"got {bad} outside (min {lo}, max {hi})"
             )
     if sys.byteorder == "little" and values.shape[-1]:
-        return _pack_int4_bytes(values.to(torch.int8))
+        return pack_int4_codes(values.to(torch.int8))
     v = values.to(torch.int64)
     nibbles = (v & 0xF).unflatten(-1, (-1, VALUES_PER_WORD))
     words = (nibbles << _shifts(v.device)).sum(dim=-1)  # disjoint bits: sum == bitwise or
@@ -61,7 +61,7 @@ def pack_int4(values: torch.Tensor) -> torch.Tensor:
     return words.to(torch.int32)
 
 
-def _pack_int4_bytes(v: torch.Tensor) -> torch.Tensor:
+def pack_int4_codes(v: torch.Tensor) -> torch.Tensor:
     """Pack int8 values ``[..., K]`` already in [-8, 7] (unchecked), on a little-endian host.
 
     Byte ``i`` of a row is ``(v[2i] & 0xF) | (v[2i+1] << 4)`` (low nibble first), and the bytes of a

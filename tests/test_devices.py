@@ -356,17 +356,17 @@ def test_a_training_step_keeps_an_int8_weight_per_linear(dtype):
 
 
 def test_the_codes_matmul_has_the_gradient_of_the_float_product():
-    """``_CodesMatmul`` (int8 codes kept for the backward pass) is ``b @ (codes * s)^T``: its values and
+    """``CodesMatmul`` (int8 codes kept for the backward pass) is ``b @ (codes * s)^T``: its values and
     gradients are those of the plain product (float64 gradcheck)."""
-    from flatquant_lab.calibrate.modules import _CodesMatmul
+    from flatquant_lab.calibrate.modules import CodesMatmul
 
     g = torch.Generator().manual_seed(0)
     b = torch.randn(2, 5, 8, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(6, 8, generator=g, dtype=torch.float64)
     s = (w.abs().amax(1, keepdim=True) / 7).requires_grad_(True)
     codes = torch.round(w / s.detach()).clamp(-8, 7).requires_grad_(True)
-    assert torch.equal(_CodesMatmul.apply(b, codes, s), b @ (codes * s).T)
-    assert torch.autograd.gradcheck(_CodesMatmul.apply, (b, codes, s))
+    assert torch.equal(CodesMatmul.apply(b, codes, s), b @ (codes * s).T)
+    assert torch.autograd.gradcheck(CodesMatmul.apply, (b, codes, s))
 
 
 def test_a_half_model_is_calibrated_without_a_float32_copy_of_its_weights(monkeypatch):

@@ -32,7 +32,7 @@ from ..models import adapter_for, clip_groups, set_submodule
 from ..quantizers import fake_quant_act, round_to as ste_cast
 from ..recipe import QuantConfig
 from .memory import recompute_blocks, saved_bytes
-from .modules import _CodesMatmul, kron_rounded, logit
+from .modules import CodesMatmul, kron_rounded, logit
 from .train import cosine_schedule
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class TunableW4A4(nn.Module):
         k = m.in_features // tp
         total = None
         for r in range(tp):
-            y = ste_cast(_CodesMatmul.apply(bq[..., r, :], codes[:, r * k:(r + 1) * k].float(), s), act)
+            y = ste_cast(CodesMatmul.apply(bq[..., r, :], codes[:, r * k:(r + 1) * k].float(), s), act)
             if r == 0 and m.bias is not None:  # in the output dtype, as vllm-ascend adds it (rank 0 only)
                 y = ste_cast(y + m.bias.float(), act)
             total = y if total is None else total + y

@@ -214,7 +214,7 @@ class KronTransform(nn.Module):
         return fold_weight(w, *self.factors(), inverse_t=inverse_t or self.inverse_t(), blocks=self.group.tp)
 
 
-class _CodesMatmul(torch.autograd.Function):
+class CodesMatmul(torch.autograd.Function):
     """``y = b @ (codes * s)^T``, keeping ``codes`` for the backward pass as int8 (a quarter of the
     float32 weight it stands for), ``s`` and ``b``; the float weight is rebuilt there, one linear at a time."""
 
@@ -270,7 +270,7 @@ class FakeQuantLinear(nn.Module):
     def _product(self, bq: torch.Tensor) -> torch.Tensor:
         """``bq @ Q4(fold(W))^T``. With grad, per chunk of rows: the chunk's fold and rounding are
         checkpointed (recomputed in the backward pass, so autograd keeps none of their weight-sized
-        intermediates) and ``_CodesMatmul`` keeps int8 codes, so a step holds one byte per weight and
+        intermediates) and ``CodesMatmul`` keeps int8 codes, so a step holds one byte per weight and
         the temporaries of one chunk at a time, not GiBs for a 7B layer."""
         if not torch.is_grad_enabled():
             codes, s = self.weight_codes()
@@ -280,7 +280,7 @@ class FakeQuantLinear(nn.Module):
         ys = []
         for r0, r1 in self._spans():
             codes, s = checkpoint(self._fold_codes, li, ri, r0, r1, use_reentrant=False, preserve_rng_state=False)
-            ys.append(_CodesMatmul.apply(bq, codes, s))
+            ys.append(CodesMatmul.apply(bq, codes, s))
         return ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

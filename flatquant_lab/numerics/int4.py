@@ -12,7 +12,7 @@ from ..kronecker import fold_weight, kron_apply
 from ..layers import W4A4FlatQuantLinear, W8A8DynamicLinear
 from ..packing import INT4_MAX, INT4_MIN, offset8_to_npu, pack_int4, unpack_int4
 from .report import (DEFAULT_TIE_SHARE, DEFAULT_TIE_ULPS, FP32_EPILOGUE_REL, PROBE_CLIP_RATIO, LinearReport,
-                     PartCheck, _sqnr_db, ulp)
+                     PartCheck, sqnr_db_of, ulp)
 
 def _check_inputs(qlinear, x, float_linear, name: str = "float_linear", layer_cls: type = W4A4FlatQuantLinear) -> None:
     if not isinstance(qlinear, layer_cls):
@@ -445,7 +445,7 @@ def _float_metrics(y_int: torch.Tensor, float_linear: nn.Linear, y_plain: torch.
     ref_norm = float(y_fp.norm())
     tok_norm = float(y_fp[worst].norm())
     return dict(
-        sqnr_db=_sqnr_db(y_fp, err),
+        sqnr_db=sqnr_db_of(y_fp, err),
         cosine=float(torch.nn.functional.cosine_similarity(y_int.flatten(), y_fp.flatten(), dim=0)),
         rel_err=float(err.norm()) / ref_norm if ref_norm > 0 else math.inf,
         max_abs_err=float(err.abs().max()), worst_token=worst, worst_token_err=float(tok_err[worst]),

@@ -31,7 +31,7 @@ def ulp(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return binade * fi.eps
 
 
-def _sqnr_db(signal: torch.Tensor, noise: torch.Tensor) -> float:
+def sqnr_db_of(signal: torch.Tensor, noise: torch.Tensor) -> float:
     """``10 log10(sum signal^2 / sum noise^2)``; +inf for zero noise."""
     s, n = float(signal.pow(2).sum()), float(noise.pow(2).sum())
     if n == 0.0:

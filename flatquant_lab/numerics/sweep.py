@@ -11,7 +11,7 @@ from .. import ops
 from ..kronecker import kron_apply
 from ..layers import W4A4FlatQuantLinear
 from .int4 import _check_inputs
-from .report import DEFAULT_RATIOS, SweepResult, SweepRow, _sqnr_db
+from .report import DEFAULT_RATIOS, SweepResult, SweepRow, sqnr_db_of
 
 def sweep_clip_ratio(float_linear: nn.Linear, left: torch.Tensor, right: torch.Tensor, x: torch.Tensor,
                      ratios: Sequence[float] = DEFAULT_RATIOS, act_dtype: torch.dtype | None = None,
@@ -90,7 +90,7 @@ def sweep_layer_clip_ratio(qlinear: W4A4FlatQuantLinear, x: torch.Tensor,
             for r in ratios:
                 qlinear.set_clip_ratio(r)
                 err = qlinear(x_act).cpu().double() - y_ref
-                rows.append(SweepRow(ratio=float(r), sqnr_db=_sqnr_db(y_ref, err),
+                rows.append(SweepRow(ratio=float(r), sqnr_db=sqnr_db_of(y_ref, err),
                                      rel_err=float(err.norm()) / ref_norm if ref_norm > 0 else math.inf))
         finally:
             qlinear.clip_ratio.copy_(kept)

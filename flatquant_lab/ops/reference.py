@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..packing import _pack_int4_bytes, pack_int4, unpack_int4
+from ..packing import pack_int4_codes, pack_int4, unpack_int4
 from ..quantizers import dynamic_codes, kron_act_codes, quant_dynamic_reference
 
 FP16_MAX = 65504.0
@@ -74,7 +74,7 @@ def _pack_int4_checked(q: torch.Tensor) -> torch.Tensor:
     """``pack_int4`` for int8 values already saturated to [-8, 7] (the kernel's own output): no re-check."""
     if sys.byteorder != "little" or q.dim() == 0 or q.shape[-1] == 0:
         return pack_int4(q)
-    return _pack_int4_bytes(q)
+    return pack_int4_codes(q)
 
 
 def _int_matmul(a: torch.Tensor, w: torch.Tensor, bits: int) -> torch.Tensor:
