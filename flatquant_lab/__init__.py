@@ -5,7 +5,7 @@
     fq.save_quantized(model, "out/", tokenizer=tok)      # what vllm-ascend loads
     model2 = fq.load_quantized("out/")
 
-Data flows one way: ops -> layers -> models -> calibrate -> io -> eval -> cli (README, Layout).
+Data flows one way: ops -> layers -> schemes -> models -> calibrate -> io -> eval -> cli (README, Layout).
 """
 from __future__ import annotations
 

@@ -279,14 +279,14 @@ def test_load_quantized_fills_a_meta_model_without_copying_the_tensors(tmp_path,
     model = quantize(tiny_model("qwen2"), QuantConfig(method="rtn", weight_quantizer="rtn"))
     save_quantized(model, tmp_path / "q")
     read = {}
-    real = load._read_tensors
+    real = load.read_tensors
 
     def spy(path):
         out = real(path)
         read.update(out)
         return out
 
-    monkeypatch.setattr(load, "_read_tensors", spy)
+    monkeypatch.setattr(load, "read_tensors", spy)
     loaded = load_quantized(tmp_path / "q", device="cpu")
     from flatquant_lab.layers import W4A4FlatQuantLinear
 

@@ -1,4 +1,5 @@
-"""Importing the package has no side effects."""
+"""Importing the package has no side effects, and its modules import one way (README, Layout)."""
+import ast
 import json
 import subprocess
 import sys
@@ -7,6 +8,81 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "flatquant_lab"
+
+# Lowest first: a module may import from its own floor and the floors below it, never from one above.
+# The top-level modules that are not a package of their own sit where what they import puts them.
+FLOORS = (
+    ("utilities", {"checks", "dtypes", "devices", "files", "extras", "offline"}),
+    ("packing, quantizers, kronecker, transforms, recipe",
+     {"packing", "quantizers", "kronecker", "transforms", "recipe"}),
+    ("ops", {"ops"}),
+    ("layers", {"layers"}),
+    ("schemes", {"schemes"}),
+    ("models", {"models"}),
+    ("numerics", {"numerics"}),
+    ("calibrate", {"gptq", "calibrate", "api"}),
+    ("io", {"io"}),
+    ("eval", {"data", "hub", "eval"}),
+    ("cli, notebooks", {"cli", "demo", "notebook", "wikidata"}),
+)
+FLOOR_OF = {unit: i for i, (_, units) in enumerate(FLOORS) for unit in units}
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Every flatquant_lab module ``path`` imports, at the top or inside a function."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+                found.update([target] if node.module else [f"{target}.{a.name}" for a in node.names])
+            elif node.module:
+                found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+    return {m for m in found if m.startswith("flatquant_lab.")}
+
+
+def _unit(module: str) -> str:
+    """The first name under flatquant_lab: ``flatquant_lab.io.load`` -> ``io``."""
+    return module.split(".")[1]
+
+
+def test_every_module_has_a_floor():
+    units = {_unit(_module_name(p)) for p in PACKAGE.rglob("*.py") if p.parent != PACKAGE or p.name != "__init__.py"}
+    units.discard("__version__")
+    assert units <= set(FLOOR_OF), f"modules without a floor in FLOORS: {sorted(units - set(FLOOR_OF))}"
+
+
+def test_no_module_imports_from_a_floor_above_its_own():
+    wrong = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path == PACKAGE / "__init__.py":
+            continue  # the package's face: lazy names from every floor
+        here = _module_name(path)
+        for target in sorted(_imports(path)):
+            if _unit(target) in FLOOR_OF and FLOOR_OF[_unit(target)] > FLOOR_OF[_unit(here)]:
+                wrong.append(f"{here} ({FLOORS[FLOOR_OF[_unit(here)]][0]}) imports {target} "
+                             f"({FLOORS[FLOOR_OF[_unit(target)]][0]})")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_floor_check_sees_a_lower_module_importing_a_higher_one(tmp_path, monkeypatch):
+    fake = tmp_path / "flatquant_lab"
+    (fake / "ops").mkdir(parents=True)
+    (fake / "ops" / "late.py").write_text("def f():\n    from ..io import load_quantized\n")
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
+    with pytest.raises(AssertionError, match=r"flatquant_lab.ops.late \(ops\) imports flatquant_lab.io"):
+        test_no_module_imports_from_a_floor_above_its_own()
+
 
 SNAPSHOT = """
 import json, os, sys, torch

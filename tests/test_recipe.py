@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from flatquant_lab.api import quantize
-from flatquant_lab.calibrate import plan_layer
+from flatquant_lab.calibrate import finalize, plan_layer
 from flatquant_lab.kronecker import npu_supported
 from flatquant_lab.layers import W4A4FlatQuantLinear, W8A8DynamicLinear
 from flatquant_lab.models import LINEAR_NAMES, decoder_layers
@@ -140,13 +140,13 @@ def test_msmodelslim_recipe_builds_w8a8_on_o_and_down(model_type):
 def test_w8a8_gptq_weights_come_from_the_layer_inputs(monkeypatch):
     fm = tiny_model("llama")
     seen = []
-    real = W8A8DynamicLinear.from_float.__func__
+    real = finalize.w8a8_dynamic_layer
 
-    def spy(cls, linear, weights="rtn", hessian=None, **kw):
+    def spy(linear, weights="rtn", hessian=None, **kw):
         seen.append((weights, None if hessian is None else tuple(hessian.shape)))
-        return real(cls, linear, weights=weights, hessian=hessian, **kw)
+        return real(linear, weights=weights, hessian=hessian, **kw)
 
-    monkeypatch.setattr(W8A8DynamicLinear, "from_float", classmethod(spy))
+    monkeypatch.setattr(finalize, "w8a8_dynamic_layer", spy)
     cfg = QuantConfig(method="rtn", weight_quantizer="gptq", recipe="msmodelslim", samples=8, seqlen=32, batch_size=4)
     model = quantize(copy.deepcopy(fm), cfg, CALIB)
     # o_proj's input is [.., 64] (4 heads x 16), down_proj's [.., 128]; two layers

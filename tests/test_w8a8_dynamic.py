@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from flatquant_lab import ops
+from flatquant_lab.calibrate import w8a8_dynamic_layer
 from flatquant_lab.gptq import HessianAccumulator
 from flatquant_lab.layers import W8A8DynamicLinear
 
@@ -100,9 +101,9 @@ def test_gptq_weights_beat_rtn_on_correlated_inputs():
     x = torch.randn(512, K, generator=g) @ mix
     acc = HessianAccumulator(K)
     acc.add(x)
-    rtn = W8A8DynamicLinear.from_float(lin, weights="rtn", act_dtype=torch.bfloat16)
-    gptq = W8A8DynamicLinear.from_float(lin, weights="gptq", hessian=acc.h, act_dtype=torch.bfloat16,
-                                        gptq_block=16)
+    rtn = w8a8_dynamic_layer(lin, weights="rtn", act_dtype=torch.bfloat16)
+    gptq = w8a8_dynamic_layer(lin, weights="gptq", hessian=acc.h, act_dtype=torch.bfloat16,
+                              gptq_block=16)
     ref = x.double() @ lin.weight.detach().double().T
     err = {n: float(((x.double() @ m.dequantized_weight(torch.float64).T - ref) ** 2).sum()) for n, m in
            (("rtn", rtn), ("gptq", gptq))}
@@ -126,9 +127,9 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="act_dtype: expected torch.float16 or torch.bfloat16"):
         W8A8DynamicLinear.from_checkpoint(_tensors(), act_dtype=torch.float32)
     with pytest.raises(ValueError, match="weights: expected one of"):
-        W8A8DynamicLinear.from_float(_linear(), weights="awq")
+        w8a8_dynamic_layer(_linear(), weights="awq")
     with pytest.raises(ValueError, match=r"hessian: weights='gptq' needs H"):
-        W8A8DynamicLinear.from_float(_linear(), weights="gptq")
+        w8a8_dynamic_layer(_linear(), weights="gptq")
     layer = W8A8DynamicLinear.from_checkpoint(_tensors(), backend="reference")
     with pytest.raises(ValueError, match=r"x: expected last dim 2"):
         layer(torch.zeros(1, 3, dtype=torch.bfloat16))

@@ -28,7 +28,7 @@ from ..models import adapter_for
 from ..recipe import QuantConfig
 from .e2e import TunableW4A4, clip_groups, tune_scales
 from .capture import HeldActivations, capture_layer_inputs, choose_activations, float_forward, propagate
-from .finalize import finalize_layer
+from .finalize import finalize_layer, w8a8_dynamic_layer
 from .initialize import init_learned
 from .modules import FakeQuantLinear, KronTransform, install_fake_quant, uninstall_fake_quant
 from .plan import Group, fallback_notice, flatquant_linears, plan_layer, plan_model
@@ -43,7 +43,7 @@ __all__ = [
     "capture_layer_inputs", "fake_quant_pass", "finalize_layer", "float_forward", "init_learned",
     "install_fake_quant", "plan_layer", "plan_model", "fallback_notice", "flatquant_linears", "tp_split_problem",
     "train_layer", "TunableW4A4", "clip_groups", "tune_scales",
-    "uninstall_fake_quant",
+    "uninstall_fake_quant", "w8a8_dynamic_layer",
 ]
 
 

@@ -185,7 +185,8 @@ def _run_checkpoint(args: argparse.Namespace) -> int:
     from ..hub import load_tokenizer
     from ..io import load_quantized
     from ..models import quantized_linear_names
-    from ..numerics import capture_inputs, dequantized_reference, sweep_layer_clip_ratio
+    from ..numerics import capture_inputs, check_layer, dequantized_reference, sweep_layer_clip_ratio
+    from ..schemes import scheme_of
 
     given = [flag for name, (flag, _) in _RANDOM_ONLY.items() if getattr(args, name) is not None]
     if given:
@@ -216,40 +217,37 @@ def _run_checkpoint(args: argparse.Namespace) -> int:
         raise SystemExit(f"--layer: {args.layer!r} {what}; the quantized linears of {args.quantized} are "
                          f"{', '.join(shown)} ({len(names)} in all)")
     layer = model.get_submodule(args.layer)
-    int8 = isinstance(layer, W8A8DynamicLinear)
-    if int8:
+    scheme = scheme_of(layer)
+    if not scheme.has_clip_ratio:
         extra = [flag for name, (flag, _) in _W4A4_ONLY.items() if getattr(args, name) not in (None, False)]
         if extra:
-            raise SystemExit(f"{extra[0]}: {args.layer} is a W8A8_DYNAMIC layer (no transform, clip ratio or sweep); "
-                             "leave it out")
+            raise SystemExit(f"{extra[0]}: {args.layer} is a {scheme.quant_type} layer (no transform, clip ratio or "
+                             "sweep); leave it out")
     source = args.calib_data or bundled_data_path("calib")
     try:
         ids = calibration_ids(source, tok, args.windows, args.seqlen, seed=args.seed)
     except (OSError, ValueError) as exc:
         raise SystemExit(f"--calib-data: {exc}") from None
     x = capture_inputs(model, args.layer, ids)
-    tensors = layer.checkpoint_tensors()
+    tensors = scheme.tensors_of(layer)
     try:
-        if int8:
-            qlin = W8A8DynamicLinear.from_checkpoint(tensors, act_dtype=layer.act_dtype, backend=args.backend,
-                                                     tp_size=layer.tp_size)
-        else:
-            qlin = W4A4FlatQuantLinear.from_checkpoint(tensors, backend=args.backend, act_dtype=layer.act_dtype,
-                                                       tp_size=layer.tp_size)
-            if args.clip_ratio is not None:
-                qlin.set_clip_ratio(args.clip_ratio)
+        # rebuilt from its own tensors, on the backend under test
+        qlin = scheme.build(tensors, backend=args.backend, act_dtype=scheme.act_dtype_of(layer),
+                            tp_size=scheme.tp_size_of(layer))
+        if scheme.has_clip_ratio and args.clip_ratio is not None:
+            qlin.set_clip_ratio(args.clip_ratio)
         reference = dequantized_reference(qlin)
-        report = (check_linear_w8a8 if int8 else check_linear)(qlin, x, reference)
+        report = check_layer(qlin, x, reference)
     except ValueError as exc:
         raise SystemExit(f"--layer: {args.layer}: {exc}") from None
-    kind = "W8A8_DYNAMIC" if int8 else "W4A4_FLATQUANT_DYNAMIC"
-    print(f"flatquant-lab check: {args.layer} ({kind}) of {args.quantized}, on {x.shape[0]} tokens it receives from "
-          f"{args.windows} window(s) of {args.seqlen} tokens of {source} (seed {args.seed}); \"float layer\" below: "
-          "its own dequantized weights in the input basis, float64")
+    print(f"flatquant-lab check: {args.layer} ({scheme.quant_type}) of {args.quantized}, on {x.shape[0]} tokens it "
+          f"receives from {args.windows} window(s) of {args.seqlen} tokens of {source} (seed {args.seed}); "
+          "\"float layer\" below: its own dequantized weights in the input basis, float64")
     print(report.table())
     config = {k_: v for k_, v in vars(args).items() if k_ not in ("json", *_RANDOM_ONLY)}
-    config.update(calib_data=str(source), scheme="w8a8_dynamic" if int8 else "w4a4_flatquant",
-                  clip_ratio=None if int8 else float(qlin.clip_ratio), ratios=ratios if args.sweep else None)
+    config.update(calib_data=str(source), scheme=scheme.recipe_name,
+                  clip_ratio=float(qlin.clip_ratio) if scheme.has_clip_ratio else None,
+                  ratios=ratios if args.sweep else None)
     out = {"config": config, "report": report.to_dict()}
     if args.sweep:
         sweep = sweep_layer_clip_ratio(qlin, x, ratios)

@@ -18,14 +18,9 @@ A saved directory holds:
   builds the LM head and fails with a KeyError when the key is absent;
 - the tokenizer files, when a tokenizer is given.
 
-Per quantized linear ``prefix`` (``W4A4FlatQuantLinear``): ``weight`` int8 ``[O, K]`` (int4 values,
-unpacked), ``weight_scale`` / ``weight_offset`` float32 ``[O, 1]``, ``left_trans`` ``[n1, n1]`` and
-``right_trans`` ``[n2, n2]`` with ``(n1, n2) = decompose_dim(K)`` (the sizes vllm-ascend allocates),
-``clip_ratio`` float32 ``[1]`` and an optional ``bias`` ``[O]``. Transforms and bias are stored in
-the layer's activation dtype (the dtype its kernels run in), or in ``dtype`` when one is given.
-Per W8A8_DYNAMIC linear (``W8A8DynamicLinear``, docs/checkpoint-format.md, 'W8A8_DYNAMIC tensors'):
-``weight`` int8 ``[O, K]``, ``weight_scale`` / ``weight_offset`` float32 ``[O, 1]`` (msModelSlim's dtype;
-any float dtype is read, since vllm-ascend rounds them to the model dtype on load), optional ``bias`` ``[O]``.
+Per quantized linear ``prefix``: the tensors of its scheme (``flatquant_lab/schemes/``, one module per
+description value: names, shapes, dtypes and their checks), ``prefix.<name>``, plus an optional ``prefix.bias``.
+This module holds what spans a checkpoint: the description, its labels, the fused modules, the tied weights.
 
 Nothing is pickled: tensors go through safetensors, everything else is JSON.
 """
@@ -36,18 +31,16 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-from ..dtypes import FLOAT_DTYPES, dtype_name
-from ..kronecker import decompose_dim
-from ..layers import CHECKPOINT_KEYS, W8A8_CHECKPOINT_KEYS
+from .. import schemes
+from ..dtypes import dtype_name
 from ..models import FUSED_MODULES, is_row_parallel
+from ..schemes import OPTIONAL, SCHEMES, Scheme, known_text, quantized_schemes, scheme_for
 
-QUANT_TYPE = "W4A4_FLATQUANT_DYNAMIC"
-W8A8_DYNAMIC_TYPE = "W8A8_DYNAMIC"
-W8A8_STATIC_TYPE = "W8A8"  # msModelSlim's static W8A8 (quant_bias, deq_scale, input_scale): not loaded here
-FLOAT_TYPE = "FLOAT"
-# The tensors each quantized layer type stores (plus an optional bias), from its layer class.
-LAYER_KEYS = {QUANT_TYPE: CHECKPOINT_KEYS, W8A8_DYNAMIC_TYPE: W8A8_CHECKPOINT_KEYS}
-KNOWN_TYPES = (QUANT_TYPE, W8A8_DYNAMIC_TYPE, FLOAT_TYPE)
+# The description values of the built-in schemes, defined by the schemes themselves.
+QUANT_TYPE = schemes.W4A4_FLATQUANT_DYNAMIC.quant_type
+W8A8_DYNAMIC_TYPE = schemes.W8A8_DYNAMIC.quant_type
+FLOAT_TYPE = schemes.FLOAT.quant_type
+W8A8_STATIC_TYPE = "W8A8"  # msModelSlim's static W8A8 (quant_bias, deq_scale, input_scale): no scheme here
 DESCRIPTION_FILE = "quant_model_description.json"
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -59,7 +52,6 @@ TOP_LEVEL_FIELDS = ("model_quant_type", "version", "group_size", "metadata")
 ACT_DTYPE_KEY = "flatquant_lab_act_dtype"
 # ... and the tensor-parallel size the row-parallel FlatQuant transforms are sized for (1 when absent).
 TP_SIZE_KEY = "tp_size"
-_SHARED_KEYS = ("left_trans", "right_trans", "clip_ratio")
 
 
 def is_field(key: str, value) -> bool:
@@ -98,10 +90,10 @@ def build_description(keys: Iterable[str], quantized: Mapping[str, str] | Iterab
     """
     if not isinstance(quantized, Mapping):
         quantized = dict.fromkeys(quantized, QUANT_TYPE)
-    types = set(quantized.values())
+    present = sorted({scheme_for(t) for t in quantized.values()}, key=lambda s: (s.precedence, s.quant_type))
     # model_quant_type is informational (docs/checkpoint-format.md, 'quant_model_description.json'): the main
     # scheme of the model
-    main = QUANT_TYPE if QUANT_TYPE in types else W8A8_DYNAMIC_TYPE if types else FLOAT_TYPE
+    main = present[-1].quant_type if present else FLOAT_TYPE
     desc: dict = {"model_quant_type": main, "version": DESCRIPTION_VERSION, "group_size": 0}
     for key in keys:
         desc[key] = quantized.get(key.rpartition(".")[0], FLOAT_TYPE)
@@ -118,25 +110,18 @@ def expect(key: str, t: torch.Tensor, shape=None, dtypes=None) -> None:
         raise CheckpointError(f"{key}: expected dtype {names}, got {dtype_name(t.dtype)}")
 
 
-def _check_labels(prefix: str, kind: str, tensors: Mapping[str, torch.Tensor], desc: Mapping) -> None:
-    for name in LAYER_KEYS[kind]:
+def _check_labels(prefix: str, scheme: Scheme, tensors: Mapping[str, torch.Tensor], desc: Mapping) -> None:
+    kind = scheme.quant_type
+    for name in scheme.names:
         key = f"{prefix}.{name}"
         if key not in tensors:
-            raise CheckpointError(f"{key}: missing ({prefix}.weight is {kind}, which needs {list(LAYER_KEYS[kind])})")
+            raise CheckpointError(f"{key}: missing ({prefix}.weight is {kind}, which needs {list(scheme.names)})")
         if desc.get(key) != kind:
             raise CheckpointError(f"{key}: description says {desc.get(key)!r}, expected {kind!r} "
                                   f"(as for {prefix}.weight)")
     # msModelSlim labels a quantized layer's bias FLOAT; vllm-ascend never reads the label. Accept both.
     if f"{prefix}.bias" in tensors and desc.get(f"{prefix}.bias") not in (kind, FLOAT_TYPE):
         raise CheckpointError(f"{prefix}.bias: description says {desc.get(f'{prefix}.bias')!r}, expected {kind!r}")
-
-
-def _weight_shape(prefix: str, tensors: Mapping[str, torch.Tensor]) -> tuple[int, int]:
-    w = tensors[f"{prefix}.weight"]
-    if w.dim() != 2:
-        raise CheckpointError(f"{prefix}.weight: expected an int8 matrix [O, K], got shape {list(w.shape)}")
-    expect(f"{prefix}.weight", w, dtypes=(torch.int8,))
-    return tuple(w.shape)
 
 
 def saved_tp_size(desc: Mapping) -> int:
@@ -153,46 +138,20 @@ def layer_tp(prefix: str, tp_size: int) -> int:
     return tp_size if is_row_parallel(prefix) else 1
 
 
-def _check_quantized(prefix: str, tensors: Mapping[str, torch.Tensor], desc: Mapping, tp_size: int = 1) -> None:
-    """docs/checkpoint-format.md, 'W4A4_FLATQUANT_DYNAMIC tensors', for one W4A4 FlatQuant linear: keys, labels,
-    shapes and dtypes; a row-parallel linear of a checkpoint made for ``tp_size`` ranks has transforms of
-    ``decompose_dim(K / tp_size)``."""
-    _check_labels(prefix, QUANT_TYPE, tensors, desc)
-    out_f, in_f = _weight_shape(prefix, tensors)
-    tp = layer_tp(prefix, tp_size)
-    if in_f % (8 * tp):
-        raise CheckpointError(f"{prefix}.weight: in-features K = {in_f} must be divisible by 8"
-                              + (f" * tp_size = {8 * tp} (int4 packing of each rank's slice)" if tp > 1 else
-                                 " (int4 packing)"))
-    n1, n2 = decompose_dim(in_f // tp)
-    expect(f"{prefix}.weight_scale", tensors[f"{prefix}.weight_scale"], (out_f, 1), (torch.float32,))
-    expect(f"{prefix}.weight_offset", tensors[f"{prefix}.weight_offset"], (out_f, 1), (torch.float32,))
-    # vllm-ascend allocates left/right_trans from get_decompose_dim(K): any other factor pair fails to load.
-    expect(f"{prefix}.left_trans", tensors[f"{prefix}.left_trans"], (n1, n1), FLOAT_DTYPES)
-    trans_dtype = tensors[f"{prefix}.left_trans"].dtype
-    expect(f"{prefix}.right_trans", tensors[f"{prefix}.right_trans"], (n2, n2), (trans_dtype,))
-    expect(f"{prefix}.clip_ratio", tensors[f"{prefix}.clip_ratio"], (1,), (torch.float32,))
-    bias = tensors.get(f"{prefix}.bias")
-    if bias is not None:
-        expect(f"{prefix}.bias", bias, (out_f,), (trans_dtype,))
+def layer_tensors(prefix: str, scheme: Scheme, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The stored tensors of linear ``prefix`` by short name: the scheme's, and the bias when stored."""
+    return {n: tensors[f"{prefix}.{n}"] for n in scheme.names + OPTIONAL if f"{prefix}.{n}" in tensors}
 
 
-def _check_w8a8_dynamic(prefix: str, tensors: Mapping[str, torch.Tensor], desc: Mapping, tp_size: int = 1) -> None:
-    """docs/checkpoint-format.md, 'W8A8_DYNAMIC tensors', for one W8A8_DYNAMIC linear: int8 weight, per-channel
-    scale and offset, optional bias.
-
-    Scales and bias may be any float dtype: msModelSlim writes float32, vllm-ascend rounds them to
-    the model dtype on load.
-    """
-    _check_labels(prefix, W8A8_DYNAMIC_TYPE, tensors, desc)
-    out_f, _ = _weight_shape(prefix, tensors)
-    for name in ("weight_scale", "weight_offset"):
-        expect(f"{prefix}.{name}", tensors[f"{prefix}.{name}"], (out_f, 1), FLOAT_DTYPES)
-    if f"{prefix}.bias" in tensors:
-        expect(f"{prefix}.bias", tensors[f"{prefix}.bias"], (out_f,), FLOAT_DTYPES)
-
-
-_LAYER_CHECKS = {QUANT_TYPE: _check_quantized, W8A8_DYNAMIC_TYPE: _check_w8a8_dynamic}
+def check_layer(prefix: str, scheme: Scheme, tensors: Mapping[str, torch.Tensor], desc: Mapping,
+                tp_size: int = 1) -> None:
+    """One quantized linear: its keys and labels here, its shapes and dtypes by its scheme (``Scheme.check``); a
+    row-parallel linear of a checkpoint made for ``tp_size`` ranks is checked as sized for them."""
+    _check_labels(prefix, scheme, tensors, desc)
+    try:
+        scheme.check(layer_tensors(prefix, scheme, tensors), layer_tp(prefix, tp_size))
+    except ValueError as e:  # its messages start with the tensor's short name
+        raise CheckpointError(f"{prefix}.{e}") from None
 
 
 def _check_fused(tensors: Mapping[str, torch.Tensor], desc: Mapping) -> None:
@@ -213,11 +172,10 @@ def _check_fused(tensors: Mapping[str, torch.Tensor], desc: Mapping) -> None:
                     f"{layer}: {listing}; vLLM loads them as one fused module ({fused}), so all must have "
                     "one quant type (quantize all of them or none)"
                 )
-            if types[members[0]] != QUANT_TYPE:
-                continue
+            shared = scheme_for(types[members[0]]).shared
             first = members[0]
             for m in members[1:]:
-                for name in _SHARED_KEYS:
+                for name in shared:
                     a = tensors.get(f"{layer}.{first}.{name}")
                     b = tensors.get(f"{layer}.{m}.{name}")
                     if a is None or b is None:
@@ -251,35 +209,35 @@ def check_checkpoint(tensors: Mapping[str, torch.Tensor], desc: Mapping, tied: I
                               "(per-channel weight scales)")
     entries = {k: v for k, v in desc.items() if not is_field(k, v)}
     for key, kind in entries.items():
-        if kind == W8A8_STATIC_TYPE:
+        if kind == W8A8_STATIC_TYPE and kind not in SCHEMES:
             layer = key.rpartition(".")[0]
             raise CheckpointError(
                 f"{layer}: description says {kind!r} for {key} (static W8A8: quant_bias, deq_scale, input_scale); "
-                f"flatquant_lab loads only {', '.join(map(repr, KNOWN_TYPES))} layers"
+                f"flatquant_lab loads only {known_text()} layers"
             )
-        if kind not in KNOWN_TYPES:
-            raise CheckpointError(f"{key}: description says {kind!r}; flatquant_lab handles only "
-                                  f"{', '.join(map(repr, KNOWN_TYPES))}")
+        if kind not in SCHEMES:
+            raise CheckpointError(f"{key}: description says {kind!r}; flatquant_lab handles only {known_text()}")
         if key not in tensors and not (key in tied and kind == FLOAT_TYPE):
             raise CheckpointError(f"{key}: listed in {DESCRIPTION_FILE} as {kind} but no such tensor is stored")
     for key in tensors:
         if key not in entries:
             raise CheckpointError(f"{key}: stored but not listed in {DESCRIPTION_FILE}")
-    quantized = {k[: -len(".weight")]: v for k, v in entries.items() if k.endswith(".weight") and v in LAYER_KEYS}
+    layer_schemes = quantized_schemes()
+    quantized = {k[: -len(".weight")]: v for k, v in entries.items() if k.endswith(".weight") and v in layer_schemes}
     tp = saved_tp_size(desc) if tp_size is None else tp_size
     for prefix in sorted(quantized):
-        _LAYER_CHECKS[quantized[prefix]](prefix, tensors, desc, tp)
+        check_layer(prefix, layer_schemes[quantized[prefix]], tensors, desc, tp)
     for key, t in tensors.items():
         prefix, _, leaf = key.rpartition(".")
         kind = entries[key]
-        if kind in LAYER_KEYS and quantized.get(prefix) != kind:
+        if kind in layer_schemes and quantized.get(prefix) != kind:
             have = quantized.get(prefix, FLOAT_TYPE)
             raise CheckpointError(f"{key}: description says {kind} but {prefix}.weight is {have}")
         if kind == FLOAT_TYPE and prefix not in quantized and not t.is_floating_point():
             raise CheckpointError(f"{key}: description says {FLOAT_TYPE} but the tensor is {dtype_name(t.dtype)} "
                                   f"(a quantized weight needs a quantized type and its scales)")
-        if prefix in quantized and leaf not in LAYER_KEYS[quantized[prefix]] + ("bias",):
+        if prefix in quantized and leaf not in layer_schemes[quantized[prefix]].names + OPTIONAL:
             raise CheckpointError(f"{key}: unexpected tensor of {quantized[prefix]} linear {prefix} "
-                                  f"(expected {list(LAYER_KEYS[quantized[prefix]])} and optional 'bias')")
+                                  f"(expected {list(layer_schemes[quantized[prefix]].names)} and optional 'bias')")
     _check_fused(tensors, entries)
     return quantized

@@ -20,12 +20,12 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..devices import require_available
-from ..dtypes import HALF_DTYPES, as_dtype, cast_rounds, dtype_name
-from ..layers import CHECKPOINT_KEYS, W4A4FlatQuantLinear, W8A8DynamicLinear
+from ..dtypes import HALF_DTYPES, as_dtype
 from ..models import set_submodule
+from ..schemes import Scheme, quantized_schemes
 from .format import (
-    ACT_DTYPE_KEY, CONFIG_FILE, DESCRIPTION_FILE, INDEX_FILE, LAYER_KEYS, QUANT_TYPE, SINGLE_FILE,
-    W8A8_DYNAMIC_TYPE, CheckpointError, check_checkpoint, expect, is_field, layer_tp, saved_tp_size, tie_targets,
+    ACT_DTYPE_KEY, CONFIG_FILE, DESCRIPTION_FILE, INDEX_FILE, SINGLE_FILE, CheckpointError, check_checkpoint,
+    expect, is_field, layer_tensors, layer_tp, saved_tp_size, tie_targets,
 )
 
 # msModelSlim's legacy saver names the description after the quant type (docs/checkpoint-format.md,
@@ -68,7 +68,7 @@ def _weight_files(path: Path) -> list[str]:
                             + (f" (found {files})" if files else ""))
 
 
-def _alias_packed(tensors: dict, desc: dict) -> None:
+def alias_packed(tensors: dict, desc: dict) -> None:
     """Rename ``<prefix>.weight_packed`` to ``<prefix>.weight`` in both the tensors and the description."""
     for table, what in ((tensors, "stored"), (desc, f"listed in {DESCRIPTION_FILE}")):
         for key in [k for k in table if isinstance(k, str) and k.endswith("." + PACKED_ALIAS)]:
@@ -79,7 +79,7 @@ def _alias_packed(tensors: dict, desc: dict) -> None:
             table[new] = table.pop(key)
 
 
-def _read_json(path: Path, what: str):
+def read_json(path: Path, what: str):
     if not path.is_file():
         raise FileNotFoundError(f"path: {path.parent} has no {path.name} ({what})")
     with open(path, encoding="utf-8") as f:
@@ -89,14 +89,14 @@ def _read_json(path: Path, what: str):
             raise CheckpointError(f"{path.name}: not valid JSON ({e})") from None
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of the safetensors file(s) in ``path``, checked against the index when sharded."""
     index_path = path / INDEX_FILE
     if not index_path.is_file():
         others = sorted(path.glob("*.safetensors.index.json"))
         index_path = others[0] if len(others) == 1 else index_path
     if index_path.is_file():
-        index = _read_json(index_path, "shard index")
+        index = read_json(index_path, "shard index")
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index_path.name}: expected a 'weight_map' object")
@@ -156,11 +156,12 @@ def load_quantized(path, backend: str | None = None, dtype=None, tp_size: int | 
     """Rebuild a model saved by :func:`save_quantized` (or any checkpoint in that format).
 
     Reads ``config.json``, ``quant_model_description.json`` and the safetensors only (no pickle, no
-    network). Layers the description marks ``W4A4_FLATQUANT_DYNAMIC`` become
-    ``W4A4FlatQuantLinear``, ``W8A8_DYNAMIC`` ones ``W8A8DynamicLinear`` (both with ``backend``); the
-    rest are loaded as plain weights; a static ``W8A8`` layer is refused, naming it. Missing, extra,
-    mis-shaped or mis-typed tensors (float tensors must have the dtype ``config.json`` names) and a
-    description that disagrees with them raise ``CheckpointError`` naming the tensor.
+    network). Each linear the description marks with a quantized scheme becomes that scheme's layer
+    (``W4A4_FLATQUANT_DYNAMIC``: ``W4A4FlatQuantLinear``, ``W8A8_DYNAMIC``: ``W8A8DynamicLinear``, both with
+    ``backend``; :mod:`flatquant_lab.schemes`); the rest are loaded as plain weights; a static ``W8A8`` layer
+    is refused, naming it. Missing, extra, mis-shaped or mis-typed tensors (float tensors must have the
+    dtype ``config.json`` names) and a description that disagrees with them raise ``CheckpointError``
+    naming the tensor.
 
     Without ``dtype`` the result computes bit for bit what the saved model computed (given the
     default attention implementation). ``dtype`` loads the float tensors in another dtype instead,
@@ -183,11 +184,11 @@ def load_quantized(path, backend: str | None = None, dtype=None, tp_size: int | 
         raise FileNotFoundError(f"path: {path} is not a directory")
     dtype = as_dtype(dtype, optional=True)
     dev = require_available(device) if device is not None else torch.device("cpu")
-    _read_json(path / CONFIG_FILE, "model config")  # a clear error before transformers' own
-    desc = _read_json(description_path(path), "msModelSlim description")
-    tensors = _read_tensors(path)
+    read_json(path / CONFIG_FILE, "model config")  # a clear error before transformers' own
+    desc = read_json(description_path(path), "msModelSlim description")
+    tensors = read_tensors(path)
     if isinstance(desc, dict):
-        _alias_packed(tensors, desc)
+        alias_packed(tensors, desc)
 
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     saved_dtype = as_dtype(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
@@ -197,8 +198,9 @@ def load_quantized(path, backend: str | None = None, dtype=None, tp_size: int | 
     model = _empty_model(config, dtype or saved_dtype, dev)
     ties = tie_targets(model)
     # The model's sizes first: the checks below take [O, K] from the weight itself.
+    layer_schemes = quantized_schemes()
     for key, kind in (desc.items() if isinstance(desc, dict) else ()):
-        if not is_field(key, kind) and kind in LAYER_KEYS and key.endswith(".weight") and key in tensors:
+        if not is_field(key, kind) and kind in layer_schemes and key.endswith(".weight") and key in tensors:
             mod = _find(model, key[: -len(".weight")])
             if isinstance(mod, nn.Linear):
                 expect(key, tensors[key], (mod.out_features, mod.in_features))
@@ -211,15 +213,11 @@ def load_quantized(path, backend: str | None = None, dtype=None, tp_size: int | 
     used: set[str] = set()
     lossy: list[str] = []
     for prefix in sorted(quantized):
-        names = LAYER_KEYS[quantized[prefix]] + ("bias",)
-        keys = [f"{prefix}.{n}" for n in names if f"{prefix}.{n}" in tensors]
+        scheme = layer_schemes[quantized[prefix]]
+        keys = [f"{prefix}.{n}" for n in layer_tensors(prefix, scheme, tensors)]
         on_dev = {k: tensors[k].to(dev) for k in keys}  # straight to the device, checked there
-        if quantized[prefix] == W8A8_DYNAMIC_TYPE:
-            layer = _w8a8_layer(model, prefix, on_dev, backend, dtype, saved_dtype, _saved_act_dtype(desc),
-                                layer_tp(prefix, tp))
-        else:
-            layer = _quantized_layer(model, prefix, on_dev, backend, dtype, _saved_act_dtype(desc), lossy,
-                                     layer_tp(prefix, tp))
+        layer = _scheme_layer(model, prefix, scheme, on_dev, backend, dtype, saved_dtype, _saved_act_dtype(desc),
+                              lossy, layer_tp(prefix, tp))
         set_submodule(model, prefix, layer)
         used.update(keys)
         for k in keys:  # the host copy goes as soon as the layer is built
@@ -286,42 +284,17 @@ def _linear_of(model: nn.Module, prefix: str, tensors: Mapping[str, torch.Tensor
     return linear
 
 
-def _w8a8_layer(model: nn.Module, prefix: str, tensors: Mapping[str, torch.Tensor], backend,
-                dtype: torch.dtype | None, saved_dtype: torch.dtype, saved_act: torch.dtype | None,
-                tp: int = 1) -> W8A8DynamicLinear:
-    """A W8A8_DYNAMIC layer in the model dtype (vllm-ascend's params dtype): the requested half dtype, else
-    the one the description records, else config.json's when half, else bfloat16."""
-    _linear_of(model, prefix, tensors, W8A8_DYNAMIC_TYPE)
-    act = (dtype if dtype in HALF_DTYPES else saved_act if saved_act is not None
-           else saved_dtype if saved_dtype in HALF_DTYPES else torch.bfloat16)
-    names = LAYER_KEYS[W8A8_DYNAMIC_TYPE] + ("bias",)
-    parts = {n: tensors[f"{prefix}.{n}"] for n in names if f"{prefix}.{n}" in tensors}
+def _scheme_layer(model: nn.Module, prefix: str, scheme: Scheme, tensors: Mapping[str, torch.Tensor], backend,
+                  dtype: torch.dtype | None, saved_dtype: torch.dtype, saved_act: torch.dtype | None,
+                  lossy: list[str], tp: int = 1) -> nn.Module:
+    """The layer of linear ``prefix`` built by its scheme, in the dtype the scheme picks for this load
+    (``Scheme.load_act_dtype``); transforms the load's ``dtype`` rounds are added to ``lossy``."""
+    _linear_of(model, prefix, tensors, scheme.quant_type)
+    parts = layer_tensors(prefix, scheme, tensors)
+    act = scheme.load_act_dtype(parts, dtype=dtype, saved_act=saved_act, saved_dtype=saved_dtype)
+    parts, rounded = scheme.cast_for_load(parts, dtype=dtype, act_dtype=act)
+    lossy.extend(f"{prefix}.{r}" for r in rounded)
     try:
-        return W8A8DynamicLinear.from_checkpoint(parts, act_dtype=act, backend=backend, tp_size=tp)
-    except ValueError as e:  # its messages start with the tensor's short name
-        raise CheckpointError(f"{prefix}.{e}") from None
-
-
-def _quantized_layer(model: nn.Module, prefix: str, tensors: Mapping[str, torch.Tensor], backend,
-                     dtype: torch.dtype | None, saved_act: torch.dtype | None = None,
-                     lossy: list[str] | None = None, tp: int = 1) -> W4A4FlatQuantLinear:
-    _linear_of(model, prefix, tensors, QUANT_TYPE)
-    has_bias = f"{prefix}.bias" in tensors
-    parts = {n: tensors[f"{prefix}.{n}"] for n in CHECKPOINT_KEYS + (("bias",) if has_bias else ())}
-    stored = parts["left_trans"].dtype
-    # The activation dtype: the requested half dtype, else the one the description records, else the
-    # transforms' own, else bfloat16 (from_checkpoint's default for float32 transforms).
-    act = (dtype if dtype in HALF_DTYPES else saved_act if saved_act is not None
-           else stored if stored in HALF_DTYPES else torch.bfloat16)
-    if dtype is not None:
-        for name in ("left_trans", "right_trans"):
-            t = parts[name]
-            if t.dtype in HALF_DTYPES and cast_rounds(t, dtype) and lossy is not None:
-                lossy.append(f"{prefix}.{name} ({dtype_name(t.dtype)} -> {dtype_name(dtype)})")
-            parts[name] = t.to(dtype)
-    if has_bias:
-        parts["bias"] = parts["bias"].to(act)  # added in the activation dtype, as vllm-ascend does
-    try:
-        return W4A4FlatQuantLinear.from_checkpoint(parts, backend=backend, act_dtype=act, tp_size=tp)
+        return scheme.build(parts, backend=backend, act_dtype=act, tp_size=tp)
     except ValueError as e:  # its messages start with the tensor's short name
         raise CheckpointError(f"{prefix}.{e}") from None

@@ -23,9 +23,10 @@ from torch import nn
 
 from ..dtypes import as_dtype, cast_rounds, dtype_name
 from ..models import is_row_parallel, quantized_linear_names
+from ..schemes import SCHEMES, scheme_of
 from .format import (
-    ACT_DTYPE_KEY, CONFIG_FILE, DESCRIPTION_FILE, INDEX_FILE, QUANT_TYPE, TP_SIZE_KEY, CheckpointError,
-    build_description, check_checkpoint, shares_storage, tie_targets,
+    ACT_DTYPE_KEY, CONFIG_FILE, DESCRIPTION_FILE, INDEX_FILE, TP_SIZE_KEY, CheckpointError, build_description,
+    check_checkpoint, shares_storage, tie_targets,
 )
 
 log = logging.getLogger(__name__)
@@ -56,17 +57,17 @@ def _shard_limit(max_shard_size) -> int:
 def checkpoint_state(model: nn.Module,
                      dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors to store, in state-dict order, and the quantized linear prefixes with their types
-    (``W4A4_FLATQUANT_DYNAMIC``, ``W8A8_DYNAMIC``).
+    (``W4A4_FLATQUANT_DYNAMIC``, ``W8A8_DYNAMIC``: each layer's scheme).
 
-    Quantized linears contribute their tensors (docs/checkpoint-format.md) (``checkpoint_tensors``); every other
-    entry of the state dict is stored as is, except tied weights (stored once, as Hugging Face does).
+    Quantized linears contribute their scheme's tensors (docs/checkpoint-format.md, ``Scheme.tensors_of``); every
+    other entry of the state dict is stored as is, except tied weights (stored once, as Hugging Face does).
     ``dtype`` casts the float tensors, transforms and biases included; the float32 scales and clip
     ratios keep their contract dtype. Without ``dtype`` the transforms are stored in the layer's
     activation dtype, which is what its kernels use (it differs from the stored transform dtype
     only after a float32 cast of the model, where the cast back is exact).
     """
     dtype = as_dtype(dtype, optional=True)
-    quantized = {name: model.get_submodule(name).quant_type for name in quantized_linear_names(model)}
+    quantized = {name: scheme_of(model.get_submodule(name)).quant_type for name in quantized_linear_names(model)}
     state = model.state_dict()
     ties = tie_targets(model)
     out: dict[str, torch.Tensor] = {}
@@ -78,11 +79,11 @@ def checkpoint_state(model: nn.Module,
             if prefix in done:
                 continue
             done.add(prefix)
-            layer = model.get_submodule(prefix)
-            target = dtype or layer.act_dtype
-            for name, v in layer.checkpoint_tensors().items():
-                if name in ("left_trans", "right_trans", "bias") and v.dtype != target:
-                    if name != "bias" and cast_rounds(v, target):
+            layer, scheme = model.get_submodule(prefix), SCHEMES[quantized[prefix]]
+            target = dtype or scheme.act_dtype_of(layer)
+            for name, v in scheme.tensors_of(layer).items():
+                if target is not None and name in scheme.act_dtype_tensors and v.dtype != target:
+                    if name in scheme.folded and cast_rounds(v, target):
                         lossy.append(f"{prefix}.{name} ({dtype_name(v.dtype)} -> {dtype_name(target)})")
                     v = v.to(target)
                 out[f"{prefix}.{name}"] = v
@@ -199,16 +200,16 @@ def save_quantized(model: nn.Module, out_dir, tokenizer=None, max_shard_size="2G
     ties = tie_targets(model)
     tied_listed = [k for k in ties if k not in tensors]
     desc = build_description(tensors, quantized, tied_listed)
-    tps = {model.get_submodule(p).tp_size for p in quantized if is_row_parallel(p)}
+    tps = {SCHEMES[k].tp_size_of(model.get_submodule(p)) for p, k in quantized.items() if is_row_parallel(p)}
     if len(tps) > 1:
         raise CheckpointError(f"model: its row-parallel layers are built for tp_size {sorted(tps)}; a checkpoint "
                               "serves at one tensor-parallel size (quantize with one QuantConfig.tp_size)")
     model_tp = tps.pop() if tps else 1
     if tp_size is not None and tp_size != model_tp and any(
-            quantized[p] == QUANT_TYPE and is_row_parallel(p) for p in quantized):
+            SCHEMES[k].sized_for_tp and is_row_parallel(p) for p, k in quantized.items()):
         raise CheckpointError(f"tp_size: the model's row-parallel FlatQuant transforms are sized for tp_size "
                               f"{model_tp}, not {tp_size}; re-quantize with QuantConfig(tp_size={tp_size})")
-    acts = {model.get_submodule(p).act_dtype for p in quantized}
+    acts = {SCHEMES[k].act_dtype_of(model.get_submodule(p)) for p, k in quantized.items()} - {None}
     if len(acts) == 1:
         # The transforms' stored dtype need not be the one the layers compute in (dtype=float32, or
         # fp32 transforms from another exporter): record it, so that a load computes as saved.

@@ -3,11 +3,12 @@
 Load: column-parallel linears (q/k/v, gate/up) are narrowed along their output rows (k/v by kv head,
 rank ``r`` taking head ``r // replicas`` when there are fewer kv heads than ranks); row-parallel ones
 (o_proj, down_proj) along their input columns, ``[r K/N, (r+1) K/N)``. Tensors without that dim
-(``weight_scale`` of a row-parallel layer, ``left_trans``, ``right_trans``, ``clip_ratio``) are copied
-whole after ``assert param.shape == loaded.shape``, where W4A4 FlatQuant allocates its transforms from
-``decompose_dim(K per rank)``. A row-parallel bias is added on rank 0 only; the ranks' outputs (in the
-output dtype) are summed by an all-reduce, emulated as an fp32 sum rounded once (assumed: HCCL's order
-and precision are not known).
+(``weight_scale`` of a row-parallel layer, a scheme's per-tensor ``shared`` ones: ``left_trans``,
+``right_trans``, ``clip_ratio``) are copied whole after ``assert param.shape == loaded.shape``, where W4A4
+FlatQuant allocates its transforms from ``decompose_dim(K per rank)``. Which tensors a scheme narrows and
+what its load asserts are the scheme's (``Scheme.shard``, ``Scheme.tp_load_problem``). A row-parallel bias
+is added on rank 0 only; the ranks' outputs (in the output dtype) are summed by an all-reduce, emulated as
+an fp32 sum rounded once (assumed: HCCL's order and precision are not known).
 
 ``serve_check`` runs every quantized linear rank by rank from the narrowed tensors through the
 reference ops, sums, and compares with the layer ``load_quantized(path, tp_size=N)`` builds.
@@ -23,15 +24,12 @@ from typing import Mapping, Sequence
 import torch
 
 from ..dtypes import HALF_DTYPES
-from ..kronecker import decompose_dim, npu_supported
-from ..layers import W4A4FlatQuantLinear, W8A8DynamicLinear
 from ..models import is_row_parallel
 from ..models.tp import model_split_problem, vllm_sizes
-from .format import LAYER_KEYS, QUANT_TYPE, CheckpointError, is_field
+from ..schemes import SCHEMES, quantized_schemes
+from .format import CheckpointError, is_field, layer_tensors
 
 log = logging.getLogger(__name__)
-
-_PER_TENSOR = ("left_trans", "right_trans", "clip_ratio")  # FlatQuant's per-tensor parameters: copied whole
 
 
 @dataclass
@@ -53,13 +51,10 @@ class TPCheck:
                 f"difference to load_quantized {diff}" + (f" ({self.worst_linear})" if self.worst_linear else ""))
 
 
-def _shape(t) -> str:
-    return str(list(t.shape))
-
-
 def _layers(desc: Mapping) -> dict[str, str]:
+    layer_schemes = quantized_schemes()
     return {k[: -len(".weight")]: v for k, v in desc.items()
-            if not is_field(k, v) and k.endswith(".weight") and v in LAYER_KEYS}
+            if not is_field(k, v) and k.endswith(".weight") and v in layer_schemes}
 
 
 def vllm_load_problem(tensors: Mapping[str, torch.Tensor], desc: Mapping, config: Mapping, tp: int,
@@ -79,20 +74,10 @@ def vllm_load_problem(tensors: Mapping[str, torch.Tensor], desc: Mapping, config
             k_rank = in_f // tp
         else:
             k_rank = in_f
-        if kind != QUANT_TYPE:
-            continue  # W8A8_DYNAMIC: every tensor is narrowed or per channel; nothing per-tensor to assert
-        n1, n2 = decompose_dim(k_rank)
-        for name, want in (("left_trans", (n1, n1)), ("right_trans", (n2, n2))):
-            have = tensors[f"{prefix}.{name}"]
-            if tuple(have.shape) != want:
-                return (f"{prefix}.{name}: vLLM allocates {list(want)} at TP {tp}, the checkpoint has {_shape(have)}"
-                        " (vllm-ascend asserts equal shapes and stops with a bare AssertionError)")
-        if k_rank % 8:
-            return f"{prefix}.weight: each rank's {k_rank} input columns do not pack into int4 words of 8"
-        support = npu_supported(n1, n2, cann)
-        if not support:
-            return (f"{prefix}: each rank's transform is {n1}x{n2}, which npu_kronecker_quant cannot run "
-                    f"({support.reason})")
+        scheme = SCHEMES[kind]
+        problem = scheme.tp_load_problem(prefix, layer_tensors(prefix, scheme, tensors), k_rank, tp, cann)
+        if problem:
+            return problem
     return ""
 
 
@@ -109,23 +94,15 @@ def _column_rows(prefix: str, out_f: int, tp: int, rank: int, config: Mapping) -
 
 def _rank_tensors(prefix: str, kind: str, tensors: Mapping[str, torch.Tensor], tp: int, rank: int,
                   config: Mapping) -> dict[str, torch.Tensor]:
-    names = LAYER_KEYS[kind] + (("bias",) if f"{prefix}.bias" in tensors else ())
-    full = {n: tensors[f"{prefix}.{n}"] for n in names}
-    out_f, in_f = full["weight"].shape
+    scheme = SCHEMES[kind]
+    full = layer_tensors(prefix, scheme, tensors)
     if is_row_parallel(prefix):
-        k = in_f // tp
-        part = {n: (t[:, rank * k:(rank + 1) * k] if n == "weight" else t) for n, t in full.items()}
-        if rank != 0:
-            part.pop("bias", None)  # vLLM adds a row-parallel bias on rank 0 only
-        return part
-    rows = _column_rows(prefix, out_f, tp, rank, config)
-    return {n: (t if n in _PER_TENSOR else t[rows]) for n, t in full.items()}
+        return scheme.shard(full, rank=rank, tp=tp)
+    return scheme.shard(full, rank=rank, tp=tp, rows=_column_rows(prefix, full["weight"].shape[0], tp, rank, config))
 
 
 def _rank_layer(kind: str, parts: dict, act: torch.dtype):
-    if kind == QUANT_TYPE:
-        return W4A4FlatQuantLinear.from_checkpoint(parts, backend="reference", act_dtype=act)
-    return W8A8DynamicLinear.from_checkpoint(parts, act_dtype=act, backend="reference")
+    return SCHEMES[kind].build(parts, backend="reference", act_dtype=act)
 
 
 @torch.no_grad()
@@ -156,16 +133,16 @@ def serve_check(path, tp_sizes: Sequence[int] = (1, 2, 4), tokens: int = 16, see
     """Per TP size: does vLLM load the checkpoint at ``path``, and do its quantized linears, run rank by rank
     (reference ops), match the model ``load_quantized(path, tp_size=N)`` builds? Inputs are ``tokens``
     random tokens (``seed``) in each layer's activation dtype."""
-    from .load import _alias_packed, _read_json, _read_tensors, description_path, load_quantized
+    from .load import alias_packed, read_json, read_tensors, description_path, load_quantized
 
     path = Path(path)
     for tp in tp_sizes:
         if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
             raise ValueError(f"tp_sizes: expected positive ints, got {tp!r}")
-    config = _read_json(path / "config.json", "model config")
-    desc = _read_json(description_path(path), "msModelSlim description")
-    tensors = _read_tensors(path)
-    _alias_packed(tensors, desc)
+    config = read_json(path / "config.json", "model config")
+    desc = read_json(description_path(path), "msModelSlim description")
+    tensors = read_tensors(path)
+    alias_packed(tensors, desc)
     layers = _layers(desc)
     results = []
     for tp in tp_sizes:
@@ -178,7 +155,8 @@ def serve_check(path, tp_sizes: Sequence[int] = (1, 2, 4), tokens: int = 16, see
         worst, worst_name = None, ""
         for prefix, kind in sorted(layers.items()):
             layer = model.get_submodule(prefix)
-            act = layer.act_dtype if layer.act_dtype in HALF_DTYPES else torch.bfloat16
+            act = SCHEMES[kind].act_dtype_of(layer)
+            act = act if act in HALF_DTYPES else torch.bfloat16
             x = torch.randn(tokens, layer.in_features, generator=g).to(act)
             want = layer(x)
             got = ranks_output(prefix, kind, tensors, x, tp, config)

@@ -1,6 +1,7 @@
-"""One ``nn.Module`` per checkpoint scheme, built from the checkpoint's tensors by their names.
+"""The module computing each quantized checkpoint scheme, built from the checkpoint's tensors by their names.
 
-Each layer's forward calls :mod:`flatquant_lab.ops` only; which backend runs is the ops' business.
+Each layer's forward calls :mod:`flatquant_lab.ops` only; which backend runs is the ops' business. Which
+description value a layer computes, and the checks of its tensors, are its scheme's (:mod:`flatquant_lab.schemes`).
 """
 from __future__ import annotations
 
@@ -8,8 +9,5 @@ from .w4a4_flatquant import CHECKPOINT_KEYS, DEFAULT_CHUNK_TOKENS, MAX_CHUNK_TOK
 from .w8a8_dynamic import CHECKPOINT_KEYS as W8A8_CHECKPOINT_KEYS
 from .w8a8_dynamic import W8A8DynamicLinear
 
-# Every quantized layer class; each has ``quant_type``, the description value of its tensors.
-QUANTIZED_LAYERS = (W4A4FlatQuantLinear, W8A8DynamicLinear)
-
-__all__ = ["CHECKPOINT_KEYS", "DEFAULT_CHUNK_TOKENS", "MAX_CHUNK_TOKENS", "QUANTIZED_LAYERS", "W4A4FlatQuantLinear",
+__all__ = ["CHECKPOINT_KEYS", "DEFAULT_CHUNK_TOKENS", "MAX_CHUNK_TOKENS", "W4A4FlatQuantLinear",
            "W8A8DynamicLinear", "W8A8_CHECKPOINT_KEYS"]

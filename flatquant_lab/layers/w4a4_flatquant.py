@@ -50,8 +50,6 @@ class W4A4FlatQuantLinear(QuantizedLayer):
 
     FP32_BUFFERS = ("weight_scale", "weight_offset", "clip_ratio")  # their dtype is the contract's: Module.to(dtype) keeps it
 
-    quant_type = "W4A4_FLATQUANT_DYNAMIC"
-
     def __init__(self, in_features: int, out_features: int, n1: int, n2: int, act_dtype: torch.dtype,
                  bias: bool, backend: str | None = None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
                  check_finite: bool = True, tp_size: int = 1, device=None):

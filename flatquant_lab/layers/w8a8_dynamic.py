@@ -15,13 +15,10 @@ from torch import nn
 
 from .. import ops
 from ..dtypes import HALF_DTYPES, check_half, dtype_name
-from ..gptq import gptq_quantize
 from ..quantizers import quantize_weight
 from .base import QuantizedLayer
 
-QUANT_TYPE = "W8A8_DYNAMIC"
 CHECKPOINT_KEYS = ("weight", "weight_scale", "weight_offset")
-WEIGHT_SOURCES = ("rtn", "gptq")
 
 
 def _expect(t, name: str, shape: tuple, floating: bool | None = None, dtype: torch.dtype | None = None) -> None:
@@ -45,14 +42,12 @@ class W8A8DynamicLinear(QuantizedLayer):
     """``y = Q8_tok(x) @ (weight * round_t(weight_scale))^T (+ bias)`` on int8 operands, ``t`` the model dtype.
 
     Build it with :meth:`from_checkpoint` (``weight`` int8 [O, K], ``weight_scale`` / ``weight_offset``
-    float32 [O, 1], optional ``bias`` [O]) or :meth:`from_float` (RTN or GPTQ int8 weights of a float
-    ``nn.Linear``). Inputs are ``act_dtype`` (the model dtype) or float32, which is rounded to
-    ``act_dtype`` first and the result returned in float32.
+    float32 [O, 1], optional ``bias`` [O]) or :meth:`from_float` (round-to-nearest int8 weights of a float
+    ``nn.Linear``; GPTQ weights: ``flatquant_lab.calibrate.w8a8_dynamic_layer``). Inputs are ``act_dtype``
+    (the model dtype) or float32, which is rounded to ``act_dtype`` first and the result returned in float32.
     """
 
     FP32_BUFFERS = ("weight_scale", "weight_offset")  # their dtype is the contract's: Module.to(dtype) keeps it
-
-    quant_type = QUANT_TYPE
 
     def __init__(self, in_features: int, out_features: int, act_dtype: torch.dtype, bias: bool,
                  backend: str | None = None, tp_size: int = 1, device=None):
@@ -121,31 +116,20 @@ class W8A8DynamicLinear(QuantizedLayer):
         return layer
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, weights: str = "rtn", hessian: torch.Tensor | None = None,
-                   act_dtype: torch.dtype | None = None, backend: str | None = None,
-                   gptq_block: int = 128, gptq_damp: float = 0.01, gptq_act_order: bool = True) -> "W8A8DynamicLinear":
-        """Quantize ``linear.weight`` per output channel to int8: round to nearest, or GPTQ with ``hessian``.
+    def from_float(cls, linear: nn.Linear, act_dtype: torch.dtype | None = None,
+                   backend: str | None = None) -> "W8A8DynamicLinear":
+        """Round ``linear.weight`` per output channel to int8 (GPTQ weights are calibration's:
+        ``flatquant_lab.calibrate.w8a8_dynamic_layer``).
 
         The scale ``max|w_row| / 127`` is rounded to ``act_dtype`` first (what runs after vllm-ascend's
         load) and the codes are computed against that rounded scale.
         """
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
-        if weights not in WEIGHT_SOURCES:
-            raise ValueError(f"weights: expected one of {WEIGHT_SOURCES}, got {weights!r}")
         if act_dtype is None:
             act_dtype = linear.weight.dtype if linear.weight.dtype in HALF_DTYPES else torch.bfloat16
         check_half(act_dtype)
-        w = linear.weight.detach()  # quantize_weight and gptq_quantize pick the exact dtype of its device
-        q, scale = quantize_weight(w, bits=8, scale_dtype=act_dtype)
-        if weights == "gptq":
-            k = w.shape[1]
-            if not isinstance(hessian, torch.Tensor) or tuple(hessian.shape) != (k, k):
-                raise ValueError(f"hessian: weights='gptq' needs H = X^T X of the layer's inputs, shape [{k}, {k}], "
-                                 f"got {getattr(hessian, 'shape', hessian)}")
-            q = gptq_quantize(w, hessian, scale, block=gptq_block, damp=gptq_damp, act_order=gptq_act_order, bits=8)
-        elif hessian is not None:
-            raise ValueError("hessian: only used with weights='gptq'")
+        q, scale = quantize_weight(linear.weight.detach(), bits=8, scale_dtype=act_dtype)
         tensors = {"weight": q, "weight_scale": scale, "weight_offset": torch.zeros_like(scale)}
         if linear.bias is not None:
             tensors["bias"] = linear.bias.detach()

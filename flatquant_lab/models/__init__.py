@@ -8,10 +8,9 @@ Adding a family: a module here with a :class:`ModelAdapter` subclass, and one li
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from ..layers import QUANTIZED_LAYERS, W4A4FlatQuantLinear, W8A8DynamicLinear
+from ..schemes import scheme_of
 from .base import GroupSpec, ModelAdapter, ModelInfo, UnsupportedModelError, supported_text
 from .clip import clip_groups, set_group_clip_ratio
 from .llama import LLAMA_GROUPS, LlamaAdapter
@@ -73,13 +72,15 @@ def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def quantized_linear_names(model: nn.Module) -> list[str]:
-    """Module names of every quantized linear (``W4A4FlatQuantLinear``, ``W8A8DynamicLinear``), in module order."""
-    return [name for name, mod in model.named_modules() if isinstance(mod, QUANTIZED_LAYERS)]
+    """Module names of every quantized linear (a layer of a registered scheme other than FLOAT: ``W4A4FlatQuantLinear``,
+    ``W8A8DynamicLinear``), in module order."""
+    return [name for name, mod in model.named_modules() if (s := scheme_of(mod)) is not None and s.quantized]
 
 
 def linear_weight_bytes(model: nn.Module, decoder_only: bool = True) -> int:
     """Bytes the linear layers' weights take in memory (by default only the decoder layers' linears,
-    the ones W4A4 quantizes; ``decoder_only=False`` adds the rest, e.g. ``lm_head``).
+    the ones W4A4 quantizes; ``decoder_only=False`` adds the rest, e.g. ``lm_head``), each as its scheme
+    counts it (``Scheme.weight_bytes``).
 
     ``nn.Linear``: its ``weight`` (bias not counted). ``W4A4FlatQuantLinear``: the packed int4
     weight, ``weight_scale``, ``weight_offset``, ``left_trans``, ``right_trans`` and ``clip_ratio``
@@ -90,13 +91,7 @@ def linear_weight_bytes(model: nn.Module, decoder_only: bool = True) -> int:
     total = 0
     root = decoder_layers(model) if decoder_only else model
     for mod in root.modules():
-        if isinstance(mod, W4A4FlatQuantLinear):
-            for name in ("weight_packed", "weight_scale", "weight_offset", "left_trans", "right_trans", "clip_ratio"):
-                t = getattr(mod, name)
-                total += t.numel() * t.element_size()
-        elif isinstance(mod, W8A8DynamicLinear):
-            half_bytes = torch.finfo(mod.act_dtype).bits // 8
-            total += mod.weight_t.numel() + 2 * mod.out_features * half_bytes  # int8 weight; scale, offset
-        elif isinstance(mod, nn.Linear):
-            total += mod.weight.numel() * mod.weight.element_size()
+        scheme = scheme_of(mod)
+        if scheme is not None:
+            total += scheme.weight_bytes(mod)
     return total

@@ -15,10 +15,18 @@ from __future__ import annotations
 from torch import nn
 
 from .. import ops
-from ..layers import W4A4FlatQuantLinear
+from ..schemes import scheme_of
 
 
-_KIND = {"W8A8DynamicLinear": "W8A8_DYNAMIC"}  # anything else without a clip ratio is a float layer
+def _has_clip(mod: nn.Module) -> bool:
+    scheme = scheme_of(mod)
+    return scheme is not None and scheme.has_clip_ratio
+
+
+def _kind(mod: nn.Module) -> str:
+    """A linear's scheme as the messages name it: its description value, or "float"."""
+    scheme = scheme_of(mod)
+    return scheme.quant_type if scheme is not None and scheme.quantized else "float"
 
 
 def _group_table(model: nn.Module) -> tuple[dict[str, list[str]], dict[str, str], dict[str, str]]:
@@ -32,12 +40,11 @@ def _group_table(model: nn.Module) -> tuple[dict[str, list[str]], dict[str, str]
         prefix = adapter.layer_prefix(i)
         for g in adapter.groups:
             key = f"{prefix}.{g.name}"
-            names = [f"{prefix}.{lin}" for lin in g.linears
-                     if isinstance(layer.get_submodule(lin), W4A4FlatQuantLinear)]
+            names = [f"{prefix}.{lin}" for lin in g.linears if _has_clip(layer.get_submodule(lin))]
             if names:
                 groups[key] = names
             else:
-                kinds = {_KIND.get(type(layer.get_submodule(lin)).__name__, "float") for lin in g.linears}
+                kinds = {_kind(layer.get_submodule(lin)) for lin in g.linears}
                 not_w4a4[key] = " and ".join(sorted(kinds))
             if g.fused_name:
                 parent = g.linears[0].rpartition(".")[0]

@@ -14,16 +14,19 @@ worst token) and checks the transform alone at full precision.
 :func:`check_linear_w8a8` does the same for a W8A8_DYNAMIC layer (docs/ascend-ops.md, 'W8A8_DYNAMIC layers'),
 parts ``scale`` and ``codes`` (``npu_dynamic_quant``), ``product`` and ``output`` (int8 ``npu_quant_matmul``,
 the forward); both return a :class:`CheckReport` (:class:`LinearReport`, :class:`W8A8Report`).
+:func:`check_layer` runs the one that fits a layer's checkpoint scheme (:data:`LAYER_CHECKS`).
 :func:`sweep_clip_ratio` tabulates SQNR against the float layer over activation clip ratios;
 :func:`sweep_layer_clip_ratio` does the same for an existing layer (a loaded checkpoint), by default
 against that layer with unquantized activations.
 
 Modules: ``report`` (the reports and constants), ``int4`` (``check_linear`` and the comparisons both
-checks use), ``int8`` (``check_linear_w8a8``), ``sweep`` (clip-ratio sweeps), ``problems`` (random layers),
-``layer_inputs`` (a saved checkpoint's layer: :func:`capture_inputs`, :func:`dequantized_reference`).
+checks use), ``int8`` (``check_linear_w8a8``), ``dispatch`` (``check_layer``), ``sweep`` (clip-ratio sweeps),
+``problems`` (random layers), ``layer_inputs`` (a saved checkpoint's layer: :func:`capture_inputs`,
+:func:`dequantized_reference`).
 """
 from __future__ import annotations
 
+from .dispatch import LAYER_CHECKS, check_layer
 from .int4 import check_linear
 from .int8 import DEFAULT_TOKEN_TIE_SHARE_INT8, PARTS_W8A8, TIE_PROBE_EXPONENTS, check_linear_w8a8
 from .layer_inputs import capture_inputs, dequantized_reference
@@ -36,7 +39,7 @@ from .sweep import sweep_clip_ratio, sweep_layer_clip_ratio
 
 __all__ = [
     "CheckReport", "DEFAULT_RATIOS", "DEFAULT_TIE_SHARE", "DEFAULT_TIE_ULPS", "DEFAULT_TOKEN_TIE_SHARE_INT8",
-    "FP32_EPILOGUE_REL", "LinearReport", "PARTS", "PARTS_W8A8", "PROBE_CLIP_RATIO", "PartCheck", "SweepResult",
-    "SweepRow", "TIE_PROBE_EXPONENTS", "W8A8Report", "capture_inputs", "check_linear", "check_linear_w8a8",
-    "dequantized_reference", "random_problem", "sweep_clip_ratio", "sweep_layer_clip_ratio", "ulp",
+    "FP32_EPILOGUE_REL", "LAYER_CHECKS", "LinearReport", "PARTS", "PARTS_W8A8", "PROBE_CLIP_RATIO", "PartCheck",
+    "SweepResult", "SweepRow", "TIE_PROBE_EXPONENTS", "W8A8Report", "capture_inputs", "check_layer", "check_linear",
+    "check_linear_w8a8", "dequantized_reference", "random_problem", "sweep_clip_ratio", "sweep_layer_clip_ratio", "ulp",
 ]

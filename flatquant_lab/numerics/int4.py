@@ -9,15 +9,26 @@ from torch import nn
 from .. import ops
 from ..dtypes import dtype_name
 from ..kronecker import fold_weight, kron_apply
-from ..layers import W4A4FlatQuantLinear, W8A8DynamicLinear
+from ..layers import W4A4FlatQuantLinear
 from ..packing import INT4_MAX, INT4_MIN, offset8_to_npu, pack_int4, unpack_int4
+from ..schemes import scheme_of
 from .report import (DEFAULT_TIE_SHARE, DEFAULT_TIE_ULPS, FP32_EPILOGUE_REL, PROBE_CLIP_RATIO, LinearReport,
                      PartCheck, sqnr_db_of, ulp)
 
+def _fitting_check(qlinear, layer_cls: type) -> str:
+    """A hint naming the check that fits ``qlinear``'s scheme when it is not ``layer_cls``'s, else ``""``."""
+    from .dispatch import LAYER_CHECKS  # it imports this module
+
+    scheme = scheme_of(qlinear)
+    check = LAYER_CHECKS.get(scheme.quant_type) if scheme is not None else None
+    if check is None or scheme.layer_cls is layer_cls:
+        return ""
+    return f" (a {scheme.quant_type} layer: use {check.__name__})"
+
+
 def _check_inputs(qlinear, x, float_linear, name: str = "float_linear", layer_cls: type = W4A4FlatQuantLinear) -> None:
     if not isinstance(qlinear, layer_cls):
-        hint = (" (a W8A8_DYNAMIC layer: use check_linear_w8a8)" if isinstance(qlinear, W8A8DynamicLinear)
-                and layer_cls is W4A4FlatQuantLinear else "")
+        hint = _fitting_check(qlinear, layer_cls)
         raise ValueError(f"qlinear: expected a {layer_cls.__name__}, got {type(qlinear).__name__}{hint}")
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise ValueError(f"x: expected a float tensor, got {getattr(x, 'dtype', type(x).__name__)}")

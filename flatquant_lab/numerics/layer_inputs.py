@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..layers import W4A4FlatQuantLinear, W8A8DynamicLinear
+from ..schemes import quantized_schemes, scheme_of
 
 
 class _Captured(Exception):
@@ -48,17 +49,13 @@ def dequantized_reference(qlinear: W4A4FlatQuantLinear | W8A8DynamicLinear) -> n
     int4 quantization and the half-precision transforms cost, and its transform check shows how well the
     stored ``left_trans`` / ``right_trans`` invert. W8A8_DYNAMIC: ``weight * weight_scale`` as the device
     rounds the scale (no transform), so the comparison measures the activations' int8 quantization.
+    Any scheme's weight comes from ``Scheme.input_basis_weight``.
     """
-    if isinstance(qlinear, W4A4FlatQuantLinear):
-        w = qlinear.dequantized_weight(torch.float64).cpu()
-        left, right = qlinear.left_trans.detach().cpu().double(), qlinear.right_trans.detach().cpu().double()
-        o, k = w.shape
-        blocks = w.reshape(o, qlinear.tp_size, qlinear.n1, qlinear.n2)
-        w = (left @ blocks @ right.T).reshape(o, k)
-    elif isinstance(qlinear, W8A8DynamicLinear):
-        w = qlinear.dequantized_weight(torch.float64).cpu()
-    else:
-        raise ValueError(f"qlinear: expected a W4A4FlatQuantLinear or W8A8DynamicLinear, got {type(qlinear).__name__}")
+    scheme = scheme_of(qlinear)
+    if scheme is None or not scheme.quantized:
+        layers = " or ".join(s.layer_cls.__name__ for s in quantized_schemes().values())
+        raise ValueError(f"qlinear: expected a {layers}, got {type(qlinear).__name__}")
+    w = scheme.input_basis_weight(qlinear)
     ref = nn.Linear(w.shape[1], w.shape[0], bias=qlinear.bias is not None, dtype=torch.float64)
     with torch.no_grad():
         ref.weight.copy_(w)

@@ -1,0 +1,177 @@
+"""What one checkpoint scheme defines: its description value, its tensors, their checks, its layer, its TP split.
+
+A scheme is the unit vllm-ascend dispatches on: every tensor of a linear carries the scheme's
+``quant_type`` in ``quant_model_description.json`` (docs/checkpoint-format.md), and vllm-ascend builds
+that linear's quantization method from it. Here a :class:`Scheme` subclass holds everything one such
+value implies; the layer that computes it stays in :mod:`flatquant_lab.layers` and calls the ops.
+Checks raise ``ValueError`` whose message starts with the tensor's short name (``weight_scale: ...``);
+:mod:`flatquant_lab.io` puts the linear's prefix in front.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar, Mapping
+
+import torch
+from torch import nn
+
+from ..dtypes import HALF_DTYPES, dtype_name
+
+# Every scheme's linear may carry a bias [O] beside its own tensors.
+OPTIONAL = ("bias",)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One checkpoint tensor of a scheme: its shape, and its allowed dtypes or the name of the tensor whose dtype
+    it must share."""
+
+    shape: tuple[int, ...]
+    dtypes: tuple[torch.dtype, ...] | str
+
+
+def expect(name: str, t, shape=None, dtypes=None) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``t`` is a tensor of ``shape`` with one of ``dtypes``."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name}: expected a tensor, got {type(t).__name__}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {list(shape)}, got {list(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = " or ".join(dtype_name(d) for d in dtypes)
+        raise ValueError(f"{name}: expected dtype {names}, got {dtype_name(t.dtype)}")
+
+
+def check_specs(tensors: Mapping[str, torch.Tensor], specs: Mapping[str, TensorSpec]) -> None:
+    """Check each present tensor against its spec, in the specs' order (absent ones are the caller's business)."""
+    for name, spec in specs.items():
+        if name not in tensors:
+            continue
+        dtypes = (tensors[spec.dtypes].dtype,) if isinstance(spec.dtypes, str) else spec.dtypes
+        expect(name, tensors[name], spec.shape, dtypes)
+
+
+def matrix_shape(tensors: Mapping[str, torch.Tensor], dtypes: tuple[torch.dtype, ...],
+                 what: str) -> tuple[int, int]:
+    """``[O, K]`` of ``tensors["weight"]``, after checking it is a matrix (``what`` names the expectation) of
+    ``dtypes``."""
+    w = tensors["weight"]
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        raise ValueError(f"weight: expected {what} [O, K], got shape {list(getattr(w, 'shape', []))}")
+    expect("weight", w, dtypes=dtypes)
+    return tuple(w.shape)
+
+
+class Scheme(ABC):
+    """One description value (``quant_type``) and what it implies, from the checkpoint's tensors to the layer.
+
+    Subclass it in one file of this package and register it there (``schemes/__init__.py``); loading, saving,
+    checking and serving then handle it. The class attributes describe the tensors; the methods check them,
+    build the layer, read them back and split them as vLLM's ranks hold them.
+    """
+
+    quant_type: ClassVar[str]  # the value of the scheme's tensors in quant_model_description.json
+    layer_cls: ClassVar[type[nn.Module]]  # the module that computes it
+    names: ClassVar[tuple[str, ...]]  # the tensors every linear of the scheme stores (plus an optional bias)
+    weight_dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.int8,)
+    weight_what: ClassVar[str] = "an int8 matrix"  # how a malformed weight's error describes the expectation
+    recipe_name: ClassVar[str | None] = None  # its name in recipes and the CLI (recipe.SCHEMES), if it has one
+    # False only for FLOAT: the model's own parameters, saved and loaded as its state dict holds them
+    quantized: ClassVar[bool] = True
+    # model_quant_type is the present scheme of highest precedence (docs/checkpoint-format.md: informational)
+    precedence: ClassVar[int] = 0
+    # Per-tensor parameters: one per fused vLLM module, copied whole to every rank (docs/tensor-parallel.md)
+    shared: ClassVar[tuple[str, ...]] = ()
+    # Tensors with an input dimension: what vLLM narrows to a row-parallel rank's columns
+    input_dim: ClassVar[tuple[str, ...]] = ("weight",)
+    # Tensors stored in the layer's activation dtype, or in save_quantized's dtype when one is given
+    act_dtype_tensors: ClassVar[tuple[str, ...]] = OPTIONAL
+    # Tensors the integer weights were folded with: rounding them leaves the two out of step
+    folded: ClassVar[tuple[str, ...]] = ()
+    # Whether its row-parallel tensors are sized for one tensor-parallel size (docs/tensor-parallel.md)
+    sized_for_tp: ClassVar[bool] = False
+
+    def __repr__(self) -> str:
+        return f"<scheme {self.quant_type} ({self.layer_cls.__name__})>"
+
+    @property
+    def has_clip_ratio(self) -> bool:
+        """Whether its layers carry an activation clip ratio (and so take part in clip groups and sweeps)."""
+        return "clip_ratio" in self.names
+
+    # ------------------------------------------------------------------ the checkpoint's tensors
+    @abstractmethod
+    def tensor_specs(self, out_features: int, in_features: int, tp_size: int = 1) -> dict[str, TensorSpec]:
+        """Every tensor of a linear ``[O, K]`` (``names``, then the optional bias) with its shape and dtypes;
+        ``tp_size``: the ranks a row-parallel linear's per-rank tensors are sized for."""
+
+    def check(self, tensors: Mapping[str, torch.Tensor], tp_size: int = 1) -> None:
+        """Check one linear's tensors (short names, all of ``names`` present) against :meth:`tensor_specs`."""
+        out_f, in_f = matrix_shape(tensors, self.weight_dtypes, self.weight_what)
+        check_specs(tensors, self.tensor_specs(out_f, in_f, tp_size))
+
+    def tensors_of(self, layer: nn.Module) -> dict[str, torch.Tensor]:
+        """The tensors ``layer`` stores, by short name, exactly as it was built from them."""
+        return layer.checkpoint_tensors()
+
+    # ------------------------------------------------------------------ the layer
+    @abstractmethod
+    def build(self, tensors: Mapping[str, torch.Tensor], *, backend: str | None = None,
+              act_dtype: torch.dtype | None = None, tp_size: int = 1) -> nn.Module:
+        """The layer computing these tensors (short names), on ``weight``'s device; ``ValueError`` naming a bad one."""
+
+    @abstractmethod
+    def from_float(self, linear: nn.Linear, q: torch.Tensor | None, scale: torch.Tensor | None, *,
+                   act_dtype: torch.dtype, backend: str | None = None, tp_size: int = 1, **extra) -> nn.Module:
+        """The layer replacing ``linear``, from integer weights ``q`` and their scale already computed (by
+        :mod:`flatquant_lab.calibrate`); ``extra``: what else the scheme stores (transforms, clip ratio)."""
+
+    def act_dtype_of(self, layer: nn.Module) -> torch.dtype | None:
+        """The half dtype ``layer`` computes in (recorded in the description's metadata), or ``None``."""
+        return layer.act_dtype
+
+    def tp_size_of(self, layer: nn.Module) -> int:
+        """The ranks ``layer`` computes as (1: one device)."""
+        return layer.tp_size
+
+    def weight_bytes(self, layer: nn.Module) -> int:
+        """Bytes its weights take in memory as vllm-ascend holds them (the bias not counted)."""
+        return sum(t.numel() * t.element_size() for n, t in self.tensors_of(layer).items() if n not in OPTIONAL)
+
+    @abstractmethod
+    def input_basis_weight(self, layer: nn.Module) -> torch.Tensor:
+        """The float64 ``[O, K]`` weight (CPU) the layer's tensors stand for, in the basis of its input."""
+
+    # ------------------------------------------------------------------ loading
+    def load_act_dtype(self, tensors: Mapping[str, torch.Tensor], *, dtype: torch.dtype | None,
+                       saved_act: torch.dtype | None, saved_dtype: torch.dtype) -> torch.dtype:
+        """The dtype a loaded layer computes in: the requested half ``dtype``, else the one the description records,
+        else config.json's when half, else bfloat16 (vllm-ascend's params dtype)."""
+        return (dtype if dtype in HALF_DTYPES else saved_act if saved_act is not None
+                else saved_dtype if saved_dtype in HALF_DTYPES else torch.bfloat16)
+
+    def cast_for_load(self, tensors: Mapping[str, torch.Tensor], *, dtype: torch.dtype | None,
+                      act_dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """The tensors as :meth:`build` takes them in a load with ``dtype``, and the ones that cast rounded
+        (``"left_trans (float16 -> bfloat16)"``)."""
+        return dict(tensors), []
+
+    # ------------------------------------------------------------------ tensor parallelism
+    def shard(self, tensors: Mapping[str, torch.Tensor], *, rank: int, tp: int,
+              rows: slice | None = None) -> dict[str, torch.Tensor]:
+        """What rank ``rank`` of ``tp`` holds (docs/tensor-parallel.md). ``rows=None``: a row-parallel linear, its
+        ``input_dim`` tensors narrowed to columns ``[r K/tp, (r+1) K/tp)`` and the bias on rank 0 only; else a
+        column-parallel one, every tensor but the ``shared`` ones narrowed to ``rows``."""
+        if rows is None:
+            k = tensors["weight"].shape[1] // tp
+            part = {n: (t[:, rank * k:(rank + 1) * k] if n in self.input_dim else t) for n, t in tensors.items()}
+            if rank != 0:
+                part.pop("bias", None)  # vLLM adds a row-parallel bias on rank 0 only
+            return part
+        return {n: (t if n in self.shared else t[rows]) for n, t in tensors.items()}
+
+    def tp_load_problem(self, prefix: str, tensors: Mapping[str, torch.Tensor], k_rank: int, tp: int,
+                        cann: str) -> str:
+        """Why vLLM would not load or run this linear with ``k_rank`` input columns per rank at TP ``tp``, in words
+        naming the tensor; ``""`` when it would."""
+        return ""
