@@ -47,6 +47,8 @@ _LAZY = {
     "set_group_clip_ratio": "flatquant_lab.models",
     "linear_weight_bytes": "flatquant_lab.models",
     "adapter_for": "flatquant_lab.models",
+    "attach_kv_cache": "flatquant_lab.models",
+    "kv_caches": "flatquant_lab.models",
     "save_figure": "flatquant_lab.files",
 }
 

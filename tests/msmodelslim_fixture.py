@@ -14,6 +14,10 @@ writes them; float32 bias), and the last layer's MLP ``FLOAT``. Float tensors ar
   ``.safetensors.index.json``; with ``weight_packed=True`` the W4A4 weights are stored as ``weight_packed``.
 
 ``static_w8a8`` makes that prefix a static ``W8A8`` layer (quant_bias, input_scale, input_offset, deq_scale).
+``kv_c8`` adds vllm-ascend's C8 KV cache as msModelSlim writes it (docs/kv-cache.md): per layer
+``self_attn.{k,v}_proj.kv_cache_{scale,offset}`` of shape ``[C, 1]`` in bfloat16 (offset 0), each tagged ``"C8"``,
+and ``"kv_cache_type"`` / ``"kv_quant_type"`` ``"C8"`` at the top of the description; without it the description
+says ``"kv_quant_type": null`` as msModelSlim's W4A4 example does.
 """
 from __future__ import annotations
 
@@ -78,10 +82,28 @@ def _w8a8_static(lin: nn.Linear) -> dict[str, torch.Tensor]:
             "deq_scale": (scale.view(-1) * 0.05).float()}
 
 
-def msmodelslim_tensors(model: nn.Module, static_w8a8: str | None = None) -> tuple[dict, dict]:
+def c8_scales(model: nn.Module, layer: int, proj: str) -> torch.Tensor:
+    """A C8 scale ``[C, 1]`` for ``proj`` of decoder layer ``layer``: positive, different on every channel,
+    seeded by the layer and projection (msModelSlim's observer would compute ``max |x| / 127`` per channel)."""
+    cfg = model.config
+    channels = cfg.num_key_value_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    g = torch.Generator().manual_seed(1000 + 10 * layer + (proj == "v_proj"))
+    return (0.01 + torch.rand(channels, 1, generator=g) / 20).to(torch.bfloat16)
+
+
+def msmodelslim_tensors(model: nn.Module, static_w8a8: str | None = None, kv_c8: bool = False) -> tuple[dict, dict]:
     """``(tensors, description)`` of ``model`` in msModelSlim's recipe (see the module docstring)."""
     layers = model.model.layers
-    tensors, desc = {}, {"model_quant_type": FLATQUANT, "version": "1.0.0", "group_size": 0}
+    tensors, desc = {}, {"model_quant_type": FLATQUANT, "version": "1.0.0", "group_size": 0,
+                         "kv_quant_type": "C8" if kv_c8 else None, "fa_quant_type": None}
+    if kv_c8:
+        desc["kv_cache_type"] = "C8"
+        for i in range(len(layers)):
+            for proj in ("k_proj", "v_proj"):
+                scale = c8_scales(model, i, proj)
+                for name, v in (("kv_cache_scale", scale), ("kv_cache_offset", torch.zeros_like(scale))):
+                    tensors[f"model.layers.{i}.self_attn.{proj}.{name}"] = v
+                    desc[f"model.layers.{i}.self_attn.{proj}.{name}"] = "C8"
     done = set()
     for i, layer in enumerate(layers):
         pre = f"model.layers.{i}"
@@ -118,10 +140,10 @@ def msmodelslim_tensors(model: nn.Module, static_w8a8: str | None = None) -> tup
 
 
 def write_msmodelslim(out: Path, model: nn.Module, layout: str = "v1", shards: int = 2, index: bool = True,
-                      weight_packed: bool = False, static_w8a8: str | None = None) -> Path:
+                      weight_packed: bool = False, static_w8a8: str | None = None, kv_c8: bool = False) -> Path:
     out = Path(out)
     out.mkdir(parents=True)
-    tensors, desc = msmodelslim_tensors(model, static_w8a8)
+    tensors, desc = msmodelslim_tensors(model, static_w8a8, kv_c8)
     if weight_packed:
         for key in [k for k, v in desc.items() if v == FLATQUANT and k.endswith(".weight")]:
             tensors[key[: -len("weight")] + "weight_packed"] = tensors.pop(key)

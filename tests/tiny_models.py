@@ -25,30 +25,32 @@ OUTLIER_CHANNELS = (3, 17, 42)
 OUTLIER_SCALES = (20.0, 35.0, 50.0)
 
 
-def tiny_config(model_type: str):
-    """The Hugging Face config of :func:`tiny_model`."""
+def tiny_config(model_type: str, **overrides):
+    """The Hugging Face config of :func:`tiny_model`; ``overrides`` replace its sizes (e.g. ``head_dim=32``)."""
     from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
     classes = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
     if model_type not in classes:
         raise ValueError(f"model_type: expected one of {MODEL_TYPES}, got {model_type!r}")
-    return classes[model_type](
+    sizes = dict(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, vocab_size=256, max_position_embeddings=256,
         tie_word_embeddings=TIED[model_type], initializer_range=0.05, rms_norm_eps=1e-6,
         bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )
+    return classes[model_type](**{**sizes, **overrides})
 
 
-def tiny_model(model_type: str, seed: int = 0, outliers: bool = True) -> nn.Module:
-    """A tiny random fp32 causal LM in eval mode; same ``seed``, same weights.
+def tiny_model(model_type: str, seed: int = 0, outliers: bool = True, **overrides) -> nn.Module:
+    """A tiny random fp32 causal LM in eval mode; same ``seed``, same weights; ``overrides``: config sizes
+    (:func:`tiny_config`).
 
     Norm weights are randomised around 1 (not all ones) and, with ``outliers``, a few channels of
     every RMSNorm weight and of the embedding are scaled by 20-50x. The global RNG is left untouched.
     """
     from transformers import AutoModelForCausalLM
 
-    config = tiny_config(model_type)
+    config = tiny_config(model_type, **overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -18,6 +18,11 @@ A saved directory holds:
   builds the LM head and fails with a KeyError when the key is absent;
 - the tokenizer files, when a tokenizer is given.
 
+With a quantized KV cache (docs/kv-cache.md) the description's top level also says ``"kv_cache_type": "C8"``
+(and ``"kv_quant_type": "C8"``, as msModelSlim writes it), and every decoder layer's attention stores
+``<attn>.k_proj.kv_cache_scale``, ``.k_proj.kv_cache_offset``, ``.v_proj.kv_cache_scale`` and
+``.v_proj.kv_cache_offset``, each listed as ``"C8"``: all of them or none.
+
 Per quantized linear ``prefix``: the tensors of its scheme (``flatquant_lab/schemes/``, one module per
 description value: names, shapes, dtypes and their checks), ``prefix.<name>``, plus an optional ``prefix.bias``.
 This module holds what spans a checkpoint: the description, its labels, the fused modules, the tied weights.
@@ -26,6 +31,7 @@ Nothing is pickled: tensors go through safetensors, everything else is JSON.
 """
 from __future__ import annotations
 
+import re
 from typing import Iterable, Mapping
 
 import torch
@@ -34,7 +40,10 @@ from torch import nn
 from .. import schemes
 from ..dtypes import dtype_name
 from ..models import FUSED_MODULES, is_row_parallel
-from ..schemes import OPTIONAL, SCHEMES, Scheme, known_text, quantized_schemes, scheme_for
+from ..schemes import (
+    KV_CACHE_SCHEMES, OPTIONAL, SCHEMES, KVCacheScheme, Scheme, known_text, kv_cache_scheme_for, quantized_schemes,
+    scheme_for,
+)
 
 # The description values of the built-in schemes, defined by the schemes themselves.
 QUANT_TYPE = schemes.W4A4_FLATQUANT_DYNAMIC.quant_type
@@ -47,7 +56,10 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # msModelSlim's ascendV1 saver writes version "1.0.0" and group_size 0 for per-channel weights.
 DESCRIPTION_VERSION = "1.0.0"
-TOP_LEVEL_FIELDS = ("model_quant_type", "version", "group_size", "metadata")
+# vllm-ascend switches a quantized KV cache on with kv_cache_type; msModelSlim also writes kv_quant_type.
+KV_CACHE_FIELD = "kv_cache_type"
+KV_QUANT_FIELD = "kv_quant_type"
+TOP_LEVEL_FIELDS = ("model_quant_type", "version", "group_size", "metadata", KV_CACHE_FIELD, KV_QUANT_FIELD)
 # Our own entry in the description's metadata: the activation dtype of the W4A4 layers.
 ACT_DTYPE_KEY = "flatquant_lab_act_dtype"
 # ... and the tensor-parallel size the row-parallel FlatQuant transforms are sized for (1 when absent).
@@ -80,13 +92,19 @@ def shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
+def is_kv_cache_key(key) -> bool:
+    """Whether a checkpoint key names a KV-cache tensor of a registered scheme (``...k_proj.kv_cache_scale``)."""
+    return isinstance(key, str) and any(s.is_key(key) for s in KV_CACHE_SCHEMES.values())
+
+
 def build_description(keys: Iterable[str], quantized: Mapping[str, str] | Iterable[str],
-                      tied: Iterable[str] = ()) -> dict:
+                      tied: Iterable[str] = (), kv_cache: str | None = None) -> dict:
     """msModelSlim's description: top-level fields, then every key -> its quant type.
 
     ``keys`` are the stored tensor keys, ``quantized`` maps the prefixes of quantized linears to their
     type (a plain iterable means all W4A4_FLATQUANT_DYNAMIC); all of a layer's tensors carry its type.
-    ``tied``: tied weights listed as FLOAT but not stored.
+    ``tied``: tied weights listed as FLOAT but not stored. ``kv_cache``: the KV-cache type (``"C8"``) when the
+    keys include its tensors: its top-level fields, and its value for each of them.
     """
     if not isinstance(quantized, Mapping):
         quantized = dict.fromkeys(quantized, QUANT_TYPE)
@@ -95,8 +113,12 @@ def build_description(keys: Iterable[str], quantized: Mapping[str, str] | Iterab
     # scheme of the model
     main = present[-1].quant_type if present else FLOAT_TYPE
     desc: dict = {"model_quant_type": main, "version": DESCRIPTION_VERSION, "group_size": 0}
+    kv = kv_cache_scheme_for(kv_cache) if kv_cache is not None else None
+    if kv is not None:
+        desc.update(kv.description_fields())
     for key in keys:
-        desc[key] = quantized.get(key.rpartition(".")[0], FLOAT_TYPE)
+        is_kv = kv is not None and kv.is_key(key)
+        desc[key] = kv.cache_type if is_kv else quantized.get(key.rpartition(".")[0], FLOAT_TYPE)
     for key in tied:
         desc.setdefault(key, FLOAT_TYPE)
     return desc
@@ -207,7 +229,7 @@ def check_checkpoint(tensors: Mapping[str, torch.Tensor], desc: Mapping, tied: I
     if desc.get("group_size", 0) not in (0, None):
         raise CheckpointError(f"{DESCRIPTION_FILE}: group_size is {desc['group_size']!r}, expected 0 "
                               "(per-channel weight scales)")
-    entries = {k: v for k, v in desc.items() if not is_field(k, v)}
+    entries = {k: v for k, v in desc.items() if not is_field(k, v) and not is_kv_cache_key(k)}
     for key, kind in entries.items():
         if kind == W8A8_STATIC_TYPE and kind not in SCHEMES:
             layer = key.rpartition(".")[0]
@@ -220,14 +242,17 @@ def check_checkpoint(tensors: Mapping[str, torch.Tensor], desc: Mapping, tied: I
         if key not in tensors and not (key in tied and kind == FLOAT_TYPE):
             raise CheckpointError(f"{key}: listed in {DESCRIPTION_FILE} as {kind} but no such tensor is stored")
     for key in tensors:
-        if key not in entries:
+        if key not in entries and not is_kv_cache_key(key):
             raise CheckpointError(f"{key}: stored but not listed in {DESCRIPTION_FILE}")
     layer_schemes = quantized_schemes()
     quantized = {k[: -len(".weight")]: v for k, v in entries.items() if k.endswith(".weight") and v in layer_schemes}
     tp = saved_tp_size(desc) if tp_size is None else tp_size
     for prefix in sorted(quantized):
         check_layer(prefix, layer_schemes[quantized[prefix]], tensors, desc, tp)
+    kv_cache_tensors(tensors, desc)
     for key, t in tensors.items():
+        if is_kv_cache_key(key):
+            continue
         prefix, _, leaf = key.rpartition(".")
         kind = entries[key]
         if kind in layer_schemes and quantized.get(prefix) != kind:
@@ -241,3 +266,77 @@ def check_checkpoint(tensors: Mapping[str, torch.Tensor], desc: Mapping, tied: I
                                   f"(expected {list(layer_schemes[quantized[prefix]].names)} and optional 'bias')")
     _check_fused(tensors, entries)
     return quantized
+
+
+def _natural(text: str) -> tuple:
+    """Sort key putting ``model.layers.2`` before ``model.layers.10``."""
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", text))
+
+
+def kv_cache_tensors(tensors: Mapping[str, torch.Tensor],
+                     desc: Mapping) -> tuple[KVCacheScheme | None, dict[str, dict[str, torch.Tensor]]]:
+    """The checkpoint's KV-cache scheme and, per attention prefix (``model.layers.N.self_attn``), its tensors by
+    short name (docs/kv-cache.md); ``(None, {})`` without one.
+
+    Refused (``CheckpointError`` naming the layer or the tensor): KV-cache tensors without ``kv_cache_type``, a
+    ``kv_cache_type`` no scheme handles, one that ``kv_quant_type`` contradicts, a decoder layer (one with a
+    ``k_proj``) missing any of the tensors, a tensor of a layer without ``k_proj``, a wrong label, shape, dtype or
+    value, and a nonzero offset (vllm-ascend reads the cache back without it).
+    """
+    field, other = desc.get(KV_CACHE_FIELD), desc.get(KV_QUANT_FIELD)
+    found = sorted({k for k in (*tensors, *desc) if is_kv_cache_key(k)}, key=_natural)
+    if field is None:
+        if found:
+            some = next(s for s in KV_CACHE_SCHEMES.values() if s.is_key(found[0]))
+            layer, _ = some.split_key(found[0])
+            first = next(f"{layer}.{n}" for n in some.names if f"{layer}.{n}" in found)
+            raise CheckpointError(
+                f"{layer}: has KV-cache scales ({first}) but {DESCRIPTION_FILE} has no {KV_CACHE_FIELD}; "
+                f"vllm-ascend quantizes the cache only with \"{KV_CACHE_FIELD}\": \"{some.cache_type}\" at its top "
+                "level (add it, or drop the scales)")
+        if other is not None:
+            raise CheckpointError(f"{DESCRIPTION_FILE}: {KV_QUANT_FIELD} is {other!r} but {KV_CACHE_FIELD} is absent; "
+                                  f"vllm-ascend reads only {KV_CACHE_FIELD}")
+        return None, {}
+    try:
+        scheme = kv_cache_scheme_for(field)
+    except ValueError as e:
+        raise CheckpointError(f"{DESCRIPTION_FILE}: {e}") from None
+    if other is not None and other != field:
+        raise CheckpointError(f"{DESCRIPTION_FILE}: {KV_QUANT_FIELD} is {other!r} but {KV_CACHE_FIELD} is {field!r}; "
+                              "they must agree")
+    suffix = f".{scheme.projections[0]}.weight"
+    layers = sorted({k[: -len(suffix)] for k in desc if isinstance(k, str) and k.endswith(suffix)}, key=_natural)
+    for key in found:
+        if not scheme.is_key(key):
+            raise CheckpointError(f"{key}: a KV-cache tensor that {KV_CACHE_FIELD} {field!r} does not have")
+        prefix = scheme.split_key(key)[0]
+        if prefix not in layers:
+            raise CheckpointError(f"{key}: KV-cache scale of {prefix}, which has no {scheme.projections[0]}; "
+                                  "expected them in the decoder layers' attention")
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for prefix in layers:
+        parts = {}
+        for name in scheme.names:
+            key = f"{prefix}.{name}"
+            if key not in tensors:
+                raise CheckpointError(f"{key}: missing ({KV_CACHE_FIELD} is {field!r}, which needs "
+                                      f"{', '.join(scheme.names)} in the attention of every decoder layer)")
+            if desc.get(key) != scheme.cache_type:
+                raise CheckpointError(f"{key}: description says {desc.get(key)!r}, expected {scheme.cache_type!r} "
+                                      f"(as {KV_CACHE_FIELD})")
+            parts[name] = tensors[key]
+        weight = tensors.get(prefix + suffix)
+        try:
+            if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+                scheme.check(parts, weight.shape[0])
+        except ValueError as e:  # its messages start with the tensor's short name
+            raise CheckpointError(f"{prefix}.{e}") from None
+        for name, t in parts.items():
+            if name.endswith("offset") and bool(t.any()):
+                raise CheckpointError(
+                    f"{prefix}.{name}: nonzero offset (max |offset| {float(t.abs().max()):g}); vllm-ascend writes its "
+                    f"{scheme.cache_type} cache with the offset but reads it back as int8 * scale without it, so only "
+                    "a symmetric cache (offset 0) serves consistently")
+        groups[prefix] = parts
+    return scheme, groups

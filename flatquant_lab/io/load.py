@@ -21,11 +21,11 @@ from torch import nn
 
 from ..devices import require_available
 from ..dtypes import HALF_DTYPES, as_dtype
-from ..models import set_submodule
+from ..models import kv_sizes, set_kv_cache, set_submodule
 from ..schemes import Scheme, quantized_schemes
 from .format import (
     ACT_DTYPE_KEY, CONFIG_FILE, DESCRIPTION_FILE, INDEX_FILE, SINGLE_FILE, CheckpointError, check_checkpoint,
-    expect, is_field, layer_tensors, layer_tp, saved_tp_size, tie_targets,
+    expect, is_field, kv_cache_tensors, layer_tensors, layer_tp, saved_tp_size, tie_targets,
 )
 
 # msModelSlim's legacy saver names the description after the quant type (docs/checkpoint-format.md,
@@ -163,6 +163,10 @@ def load_quantized(path, backend: str | None = None, dtype=None, tp_size: int | 
     dtype ``config.json`` names) and a description that disagrees with them raise ``CheckpointError``
     naming the tensor.
 
+    A checkpoint with ``"kv_cache_type"`` (docs/kv-cache.md) gets its scales back on every attention module as a
+    :class:`~flatquant_lab.layers.QuantizedKVCache` (``models.kv_caches``), in the model dtype; scales without the
+    field, the field without the scales of every layer, and a nonzero offset are refused, naming the layer.
+
     Without ``dtype`` the result computes bit for bit what the saved model computed (given the
     default attention implementation). ``dtype`` loads the float tensors in another dtype instead,
     as ``from_pretrained(dtype=...)`` would: the model is built in it, quantized layers run in it
@@ -239,6 +243,20 @@ def load_quantized(path, backend: str | None = None, dtype=None, tp_size: int | 
             used.add(key)
         for key, source in ties.items():  # tied weights share the one loaded parameter again
             _set_tensor(model, key, model.get_parameter(source))
+    kv_scheme, kv_groups = kv_cache_tensors(tensors, desc)
+    if kv_scheme is not None:  # docs/kv-cache.md: one QuantizedKVCache per attention, in the model dtype
+        heads, head_dim = kv_sizes(model)
+        for prefix, parts in kv_groups.items():
+            if _find(model, prefix) is None:
+                raise CheckpointError(f"{prefix}.{kv_scheme.names[0]}: KV-cache scales of {prefix}, which the "
+                                      f"{type(model).__name__} built from {CONFIG_FILE} does not have")
+            try:
+                module = kv_scheme.build({n: t.to(dev) for n, t in parts.items()}, num_kv_heads=heads,
+                                         head_dim=head_dim, dtype=dtype or saved_dtype)
+            except ValueError as e:
+                raise CheckpointError(f"{prefix}.{e}") from None
+            set_kv_cache(model, prefix, module)
+            used.update(f"{prefix}.{n}" for n in parts)
     if lossy:
         more = f" and {len(lossy) - 1} more" if len(lossy) > 1 else ""
         warnings.warn(f"dtype: loading rounds transforms that the int4 weights were folded with, so the layers "

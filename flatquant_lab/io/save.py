@@ -22,8 +22,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..dtypes import as_dtype, cast_rounds, dtype_name
-from ..models import is_row_parallel, quantized_linear_names
-from ..schemes import SCHEMES, scheme_of
+from ..layers import KV_CACHE_ATTR
+from ..models import attention_prefixes, is_row_parallel, quantized_linear_names
+from ..schemes import SCHEMES, kv_cache_scheme_of, scheme_of
 from .format import (
     ACT_DTYPE_KEY, CONFIG_FILE, DESCRIPTION_FILE, INDEX_FILE, TP_SIZE_KEY, CheckpointError, build_description,
     check_checkpoint, shares_storage, tie_targets,
@@ -107,6 +108,8 @@ def checkpoint_state(model: nn.Module,
             "will not compute exactly what the in-memory model computes",
             stacklevel=3,
         )
+    _, kv = kv_cache_state(model, dtype)
+    out.update(kv)
     # safetensors refuses aliased tensors; anything still aliased here is not a declared tie.
     seen: dict[int, str] = {}
     for key, t in out.items():
@@ -117,6 +120,39 @@ def checkpoint_state(model: nn.Module,
             raise CheckpointError(f"{key}: shares memory with {seen[ptr]} but is not a declared tied weight")
         seen[ptr] = key
     return out, quantized
+
+
+def kv_cache_state(model: nn.Module, dtype: torch.dtype | None = None) -> tuple[str | None, dict[str, torch.Tensor]]:
+    """The model's KV-cache type (``"C8"``) and its tensors under their checkpoint keys, or ``(None, {})``.
+
+    The scales are the :class:`~flatquant_lab.layers.QuantizedKVCache` modules at ``<attention>.kv_cache_quant``
+    (``models.attach_kv_cache``); every decoder layer must carry one, all of one type. Stored in their own dtype
+    (the model dtype), or in ``dtype`` when given.
+    """
+    found = {name.rpartition(".")[0]: mod for name, mod in model.named_modules()
+             if name.rpartition(".")[2] == KV_CACHE_ATTR}
+    if not found:
+        return None, {}
+    types = {}
+    for prefix, mod in found.items():
+        scheme = kv_cache_scheme_of(mod)
+        if scheme is None:
+            raise CheckpointError(f"{prefix}.{KV_CACHE_ATTR}: a {type(mod).__name__} of no registered KV-cache scheme")
+        types.setdefault(scheme.cache_type, prefix)
+    if len(types) > 1:
+        listing = ", ".join(f"{p} is {t}" for t, p in types.items())
+        raise CheckpointError(f"model: its attention layers mix KV-cache types ({listing}); a checkpoint has one "
+                              "kv_cache_type")
+    missing = [p for p in attention_prefixes(model) if p not in found]
+    if missing:
+        raise CheckpointError(f"{missing[0]}: carries no KV-cache scales while {next(iter(found))} does; "
+                              "vllm-ascend quantizes the cache of every layer or of none (attach_kv_cache)")
+    scheme = kv_cache_scheme_of(next(iter(found.values())))
+    out = {}
+    for prefix, mod in found.items():
+        for name, t in scheme.tensors_of(mod).items():
+            out[f"{prefix}.{name}"] = t.to(dtype) if dtype is not None else t
+    return scheme.cache_type, out
 
 
 def _fsync_file(path: Path) -> None:
@@ -185,6 +221,10 @@ def save_quantized(model: nn.Module, out_dir, tokenizer=None, max_shard_size="2G
     not at all. An existing ``out_dir`` is an error unless ``overwrite=True``. ``tp_size``: the
     tensor-parallel size the checkpoint must load at in vLLM; vLLM's load (docs/tensor-parallel.md: shape asserts,
     narrowing) is emulated first and a checkpoint that would fail there is refused.
+
+    A model carrying KV-cache scales (``models.attach_kv_cache``; docs/kv-cache.md) gets them written with
+    ``"kv_cache_type"``, whatever its linear schemes; an asymmetric cache (a nonzero offset), which vllm-ascend
+    would read back wrongly, is refused naming the layer.
     """
     out_dir = Path(out_dir)
     dtype = as_dtype(dtype, optional=True)
@@ -199,7 +239,8 @@ def save_quantized(model: nn.Module, out_dir, tokenizer=None, max_shard_size="2G
     tensors, quantized = checkpoint_state(model, dtype)
     ties = tie_targets(model)
     tied_listed = [k for k in ties if k not in tensors]
-    desc = build_description(tensors, quantized, tied_listed)
+    kv_type, _ = kv_cache_state(model)
+    desc = build_description(tensors, quantized, tied_listed, kv_cache=kv_type)
     tps = {SCHEMES[k].tp_size_of(model.get_submodule(p)) for p, k in quantized.items() if is_row_parallel(p)}
     if len(tps) > 1:
         raise CheckpointError(f"model: its row-parallel layers are built for tp_size {sorted(tps)}; a checkpoint "

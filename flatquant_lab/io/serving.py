@@ -10,8 +10,13 @@ what its load asserts are the scheme's (``Scheme.shard``, ``Scheme.tp_load_probl
 is added on rank 0 only; the ranks' outputs (in the output dtype) are summed by an all-reduce, emulated as
 an fp32 sum rounded once (assumed: HCCL's order and precision are not known).
 
+A quantized KV cache (``kv_cache_type``, docs/kv-cache.md) is loaded whole by every rank, which keeps the
+channels of its own kv heads (``KVCacheScheme.shard``; replicas when there are fewer kv heads than ranks).
+
 ``serve_check`` runs every quantized linear rank by rank from the narrowed tensors through the
-reference ops, sums, and compares with the layer ``load_quantized(path, tp_size=N)`` builds.
+reference ops, sums, and compares with the layer ``load_quantized(path, tp_size=N)`` builds; with a quantized KV
+cache it also writes and reads random K and V through each rank's scales and compares them with the loaded
+model's, head by head.
 """
 from __future__ import annotations
 
@@ -25,9 +30,10 @@ import torch
 
 from ..dtypes import HALF_DTYPES
 from ..models import is_row_parallel
+from ..layers import KV_CACHE_ATTR
 from ..models.tp import model_split_problem, vllm_sizes
-from ..schemes import SCHEMES, quantized_schemes
-from .format import CheckpointError, is_field, layer_tensors
+from ..schemes import SCHEMES, quantized_schemes, rank_kv_heads
+from .format import KV_CACHE_FIELD, CheckpointError, is_field, kv_cache_tensors, layer_tensors
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +48,21 @@ class TPCheck:
     worst_rel_diff: float | None = None  # max over quantized linears of ||y_ranks - y_loaded|| / ||y_loaded||
     worst_linear: str = ""
     linears: int = 0
+    kv_cache_type: str | None = None  # "C8" when the checkpoint quantizes the KV cache
+    kv_cache_layers: int = 0
+    kv_worst_diff: float | None = None  # max |rank's cache round trip - loaded model's| over layers, ranks, K and V
 
     def line(self) -> str:
         if not self.loads:
             return f"TP {self.tp_size}: does not load: {self.problem}"
         diff = "n/a" if self.worst_rel_diff is None else f"{self.worst_rel_diff:.3g}"
-        return (f"TP {self.tp_size}: loads; {self.linears} quantized linears run rank by rank, worst relative "
+        text = (f"TP {self.tp_size}: loads; {self.linears} quantized linears run rank by rank, worst relative "
                 f"difference to load_quantized {diff}" + (f" ({self.worst_linear})" if self.worst_linear else ""))
+        if self.kv_cache_type:
+            kv = "n/a" if self.kv_worst_diff is None else f"{self.kv_worst_diff:.3g}"
+            text += (f"; {self.kv_cache_type} KV cache on {self.kv_cache_layers} layers, scales split by kv head, "
+                     f"worst difference {kv}")
+        return text
 
 
 def _layers(desc: Mapping) -> dict[str, str]:
@@ -78,7 +92,37 @@ def vllm_load_problem(tensors: Mapping[str, torch.Tensor], desc: Mapping, config
         problem = scheme.tp_load_problem(prefix, layer_tensors(prefix, scheme, tensors), k_rank, tp, cann)
         if problem:
             return problem
+    return kv_cache_problem(tensors, desc, config)
+
+
+def kv_cache_problem(tensors: Mapping[str, torch.Tensor], desc: Mapping, config: Mapping) -> str:
+    """Why vllm-ascend would not serve the checkpoint's quantized KV cache consistently (docs/kv-cache.md: the
+    tensors, the field, a symmetric cache, ``head_dim % 32``), in words; ``""`` when it would or there is none."""
+    try:
+        scheme, groups = kv_cache_tensors(tensors, desc)
+    except CheckpointError as e:
+        return str(e)
+    if scheme is None:
+        return ""
+    s = vllm_sizes(config)
+    for prefix, parts in groups.items():
+        problem = scheme.serve_problem(parts, num_kv_heads=s["kv"], head_dim=s["head_dim"])
+        if problem:
+            named = any(problem.startswith(n + ":") for n in scheme.names)
+            return f"{prefix}.{problem}" if named else f"{KV_CACHE_FIELD} {scheme.cache_type!r}: {problem}"
     return ""
+
+
+def kv_cache_shards(tensors: Mapping[str, torch.Tensor], desc: Mapping, config: Mapping,
+                    tp: int) -> dict[str, list[dict[str, torch.Tensor]]]:
+    """Per attention prefix, what each of the ``tp`` ranks keeps of its KV-cache tensors (short names): the
+    channels of the rank's kv heads in the ``[num_kv_heads, head_dim]`` view; ``{}`` without a quantized cache."""
+    scheme, groups = kv_cache_tensors(tensors, desc)
+    if scheme is None:
+        return {}
+    s = vllm_sizes(config)
+    return {prefix: [scheme.shard(parts, rank=r, tp=tp, num_kv_heads=s["kv"], head_dim=s["head_dim"])
+                     for r in range(tp)] for prefix, parts in groups.items()}
 
 
 def _column_rows(prefix: str, out_f: int, tp: int, rank: int, config: Mapping) -> slice:
@@ -163,13 +207,40 @@ def serve_check(path, tp_sizes: Sequence[int] = (1, 2, 4), tokens: int = 16, see
             rel = float((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30))
             if worst is None or rel > worst:
                 worst, worst_name = rel, (prefix if rel > 0 else "")
-        results.append(TPCheck(tp, True, "", worst, worst_name, len(layers)))
+        kv_type, kv_layers, kv_worst = _kv_cache_ranks(model, tensors, desc, config, tp, tokens, g)
+        results.append(TPCheck(tp, True, "", worst, worst_name, len(layers), kv_type, kv_layers, kv_worst))
     return results
+
+
+@torch.no_grad()
+def _kv_cache_ranks(model, tensors, desc, config, tp: int, tokens: int, g: torch.Generator):
+    """Random K and V written and read through each rank's share of the scales, against the loaded model's
+    cache module on the same heads: ``(cache type, layers, worst max-abs difference)``."""
+    shards = kv_cache_shards(tensors, desc, config, tp)
+    if not shards:
+        return None, 0, None
+    scheme, _ = kv_cache_tensors(tensors, desc)
+    s = vllm_sizes(config)
+    worst = 0.0
+    for prefix, ranks in shards.items():
+        whole = getattr(model.get_submodule(prefix), KV_CACHE_ATTR)
+        dtype = whole.k_scale.dtype
+        for which, scale_name in (("k", "k_scale"), ("v", "v_scale")):
+            spread = getattr(whole, scale_name).float().view(s["kv"], 1, s["head_dim"])
+            x = (torch.randn(1, s["kv"], tokens, s["head_dim"], generator=g) * 100 * spread).to(dtype)
+            want = whole.roundtrip(x, which)
+            for r, parts in enumerate(ranks):
+                heads = rank_kv_heads(r, tp, s["kv"])
+                mine = scheme.build(parts, num_kv_heads=len(heads), head_dim=s["head_dim"], dtype=dtype)
+                got = mine.roundtrip(x[:, heads.start:heads.stop], which)
+                diff = float((got.double() - want[:, heads.start:heads.stop].double()).abs().max())
+                worst = max(worst, diff)
+    return scheme.cache_type, len(shards), worst
 
 
 def results_json(results: Sequence[TPCheck]) -> str:
     return json.dumps([asdict(r) for r in results], indent=1)
 
 
-__all__ = ["CheckpointError", "TPCheck", "model_split_problem", "ranks_output", "results_json", "serve_check",
-           "vllm_load_problem"]
+__all__ = ["CheckpointError", "TPCheck", "kv_cache_problem", "kv_cache_shards", "model_split_problem", "ranks_output",
+           "results_json", "serve_check", "vllm_load_problem"]

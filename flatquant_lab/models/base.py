@@ -63,6 +63,7 @@ class ModelAdapter:
     description: str = ""
     groups: tuple[GroupSpec, ...] = ()
     norms: tuple[str, ...] = ()  # norms every decoder layer must have (smoothing folds into some)
+    attention: str = "self_attn"  # the attention module inside a decoder layer (it carries the KV-cache scales)
 
     @property
     def linear_names(self) -> tuple[str, ...]:

@@ -24,6 +24,7 @@ import torch
 from ..dtypes import HALF_DTYPES
 from . import npu as _npu
 from . import reference as _ref
+from .kv_cache import kv_cache_dequantize, kv_cache_inverse, kv_cache_quantize
 from .npu import NPUUnavailableError
 from .reference import DynamicTrace, Fp16OverflowError, KroneckerTrace, dynamic_quant_trace, kronecker_quant_trace
 
@@ -43,7 +44,8 @@ INT8_SCALE_DTYPES = (torch.float32, torch.bfloat16)
 __all__ = [
     "BACKENDS", "OPS", "DynamicTrace", "Fp16OverflowError", "KroneckerTrace", "NPUUnavailableError", "backends",
     "convert_weight_to_int4pack", "dynamic_quant", "dynamic_quant_trace", "get_backend", "kronecker_quant", "kronecker_quant_trace",
-    "quant_matmul", "register_backend", "resolve_backend", "unregister_backend",
+    "kv_cache_dequantize", "kv_cache_inverse", "kv_cache_quantize", "quant_matmul", "register_backend",
+    "resolve_backend", "unregister_backend",
 ]
 
 

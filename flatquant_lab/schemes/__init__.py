@@ -10,14 +10,20 @@ weights), how vLLM splits them over tensor-parallel ranks, and which layer compu
 calibration, serve-check, the numerics checks and the CLI look schemes up here.
 
 Adding a scheme: a module here with a :class:`Scheme` subclass, and one ``register`` line below.
+
+KV-cache schemes (``"kv_cache_type"`` values, docs/kv-cache.md) are chosen per model, independently of the linear
+schemes, and have their own table: a :class:`KVCacheScheme` subclass and one ``register_kv_cache`` line.
+
+    kv = kv_cache_scheme_for("C8")          # ValueError naming the known ones
 Place in the import order: layers -> schemes -> models -> calibrate -> io.
 """
 from __future__ import annotations
 
 from torch import nn
 
-from .base import OPTIONAL, Scheme, TensorSpec, check_specs, expect, matrix_shape
+from .base import OPTIONAL, KVCacheScheme, Scheme, TensorSpec, check_specs, expect, matrix_shape, rank_kv_heads
 from .float import FloatScheme
+from .kv_c8 import C8KVCache
 from .w4a4_flatquant import W4A4FlatQuantScheme
 from .w8a8_dynamic import W8A8DynamicScheme
 
@@ -81,12 +87,58 @@ def quantized_schemes() -> dict[str, Scheme]:
     return {qt: s for qt, s in SCHEMES.items() if s.quantized}
 
 
+# ------------------------------------------------------------------ KV-cache schemes
+KV_CACHE_SCHEMES: dict[str, KVCacheScheme] = {}
+
+
+def register_kv_cache(scheme_cls: type[KVCacheScheme]) -> KVCacheScheme:
+    """Add a KV-cache scheme (its class, instantiated once) under its ``cache_type``; returns the instance."""
+    if not (isinstance(scheme_cls, type) and issubclass(scheme_cls, KVCacheScheme)):
+        raise ValueError(f"scheme_cls: expected a KVCacheScheme subclass, got {scheme_cls!r}")
+    scheme = scheme_cls()
+    ct = getattr(scheme, "cache_type", None)
+    if not isinstance(ct, str) or not ct:
+        raise ValueError(f"scheme_cls: {scheme_cls.__name__}.cache_type must be a non-empty string, got {ct!r}")
+    if ct in KV_CACHE_SCHEMES:
+        raise ValueError(f"scheme_cls: KV-cache type {ct!r} is already registered "
+                         f"({type(KV_CACHE_SCHEMES[ct]).__name__})")
+    KV_CACHE_SCHEMES[ct] = scheme
+    return scheme
+
+
+def unregister_kv_cache(cache_type: str) -> KVCacheScheme:
+    """Remove the KV-cache scheme registered under ``cache_type``; returns it."""
+    scheme = kv_cache_scheme_for(cache_type)
+    del KV_CACHE_SCHEMES[cache_type]
+    return scheme
+
+
+def kv_cache_scheme_for(cache_type: str) -> KVCacheScheme:
+    """The KV-cache scheme of a ``kv_cache_type`` value; ``ValueError`` naming it and the known ones."""
+    scheme = KV_CACHE_SCHEMES.get(cache_type) if isinstance(cache_type, str) else None
+    if scheme is None:
+        known = ", ".join(map(repr, KV_CACHE_SCHEMES))
+        raise ValueError(f"kv_cache_type: {cache_type!r} is not a registered KV-cache scheme; known: {known}")
+    return scheme
+
+
+def kv_cache_scheme_of(module: nn.Module) -> KVCacheScheme | None:
+    """The KV-cache scheme whose module ``module`` is, by its ``cache_type``, else ``None``."""
+    for scheme in KV_CACHE_SCHEMES.values():
+        if isinstance(module, scheme.layer_cls) and getattr(module, "cache_type", None) == scheme.cache_type:
+            return scheme
+    return None
+
+
 W4A4_FLATQUANT_DYNAMIC = register(W4A4FlatQuantScheme)
 W8A8_DYNAMIC = register(W8A8DynamicScheme)
 FLOAT = register(FloatScheme)
+C8 = register_kv_cache(C8KVCache)
 
 __all__ = [
-    "FLOAT", "FloatScheme", "OPTIONAL", "SCHEMES", "Scheme", "TensorSpec", "W4A4FlatQuantScheme",
-    "W4A4_FLATQUANT_DYNAMIC", "W8A8DynamicScheme", "W8A8_DYNAMIC", "check_specs", "expect", "known_text",
-    "known_types", "matrix_shape", "quantized_schemes", "register", "scheme_for", "scheme_of", "unregister",
+    "C8", "C8KVCache", "FLOAT", "FloatScheme", "KVCacheScheme", "KV_CACHE_SCHEMES", "OPTIONAL", "SCHEMES", "Scheme",
+    "TensorSpec", "W4A4FlatQuantScheme", "W4A4_FLATQUANT_DYNAMIC", "W8A8DynamicScheme", "W8A8_DYNAMIC",
+    "check_specs", "expect", "known_text", "known_types", "kv_cache_scheme_for", "kv_cache_scheme_of",
+    "matrix_shape", "quantized_schemes", "rank_kv_heads", "register", "register_kv_cache", "scheme_for",
+    "scheme_of", "unregister", "unregister_kv_cache",
 ]

@@ -175,3 +175,86 @@ class Scheme(ABC):
         """Why vLLM would not load or run this linear with ``k_rank`` input columns per rank at TP ``tp``, in words
         naming the tensor; ``""`` when it would."""
         return ""
+
+
+# ---------------------------------------------------------------------------------------------------- KV cache
+def rank_kv_heads(rank: int, tp: int, num_kv_heads: int) -> range:
+    """The kv heads rank ``rank`` of ``tp`` keeps (docs/tensor-parallel.md): ``[r H/tp, (r+1) H/tp)`` when the heads
+    split, else the one head ``r // (tp / H)`` it replicates."""
+    if num_kv_heads >= tp:
+        per = num_kv_heads // tp
+        return range(rank * per, (rank + 1) * per)
+    head = rank // (tp // num_kv_heads)
+    return range(head, head + 1)
+
+
+class KVCacheScheme(ABC):
+    """One ``kv_cache_type`` value of ``quant_model_description.json`` and what it implies (docs/kv-cache.md).
+
+    A KV-cache scheme is chosen per model, independently of the linear schemes: its tensors belong to each decoder
+    layer's attention (``<attn>.k_proj.<leaf>``, ``<attn>.v_proj.<leaf>``, ``attn`` the ``self_attn`` prefix), the
+    description switches it on with top-level fields, and its module (``layer_cls``) hangs off the attention
+    module. Checks raise ``ValueError`` whose message starts with the tensor's short name (``k_proj.kv_cache_scale:
+    ...``); :mod:`flatquant_lab.io` puts the attention prefix in front. Register a subclass with
+    ``schemes.register_kv_cache``.
+    """
+
+    cache_type: ClassVar[str]  # the value of "kv_cache_type" (and of each of its tensors' entries)
+    layer_cls: ClassVar[type[nn.Module]]  # the module an attention layer carries its scales in
+    projections: ClassVar[tuple[str, ...]] = ("k_proj", "v_proj")
+    leaves: ClassVar[tuple[str, ...]]  # the tensors per projection
+    fields: ClassVar[tuple[str, ...]] = ("kv_cache_type",)  # top-level description fields set to cache_type
+
+    def __repr__(self) -> str:
+        return f"<kv cache scheme {self.cache_type} ({self.layer_cls.__name__})>"
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The short names of one attention layer's tensors: ``k_proj.<leaf>``, ..., ``v_proj.<leaf>``."""
+        return tuple(f"{p}.{leaf}" for p in self.projections for leaf in self.leaves)
+
+    def is_key(self, key: str) -> bool:
+        """Whether a checkpoint key is one of this scheme's tensors (``...self_attn.k_proj.kv_cache_scale``)."""
+        return any(key.endswith("." + n) for n in self.names)
+
+    def split_key(self, key: str) -> tuple[str, str]:
+        """``(attention prefix, short name)`` of one of its keys."""
+        for n in self.names:
+            if key.endswith("." + n):
+                return key[: -len(n) - 1], n
+        raise ValueError(f"key: {key!r} is not a {self.cache_type} KV-cache tensor")
+
+    def description_fields(self) -> dict[str, str]:
+        return dict.fromkeys(self.fields, self.cache_type)
+
+    @abstractmethod
+    def check(self, tensors: Mapping[str, torch.Tensor], channels: int) -> None:
+        """Check one attention layer's tensors (short names, all present) for ``channels = num_kv_heads *
+        head_dim``; ``ValueError`` naming the tensor."""
+
+    @abstractmethod
+    def build(self, tensors: Mapping[str, torch.Tensor], *, num_kv_heads: int, head_dim: int,
+              dtype: torch.dtype | None = None) -> nn.Module:
+        """The module holding these tensors (short names), in ``dtype`` (the model dtype) when given."""
+
+    @abstractmethod
+    def tensors_of(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """The tensors ``module`` holds, by short name, as a checkpoint stores them."""
+
+    def serve_problem(self, tensors: Mapping[str, torch.Tensor], *, num_kv_heads: int, head_dim: int) -> str:
+        """Why vllm-ascend would not serve these tensors (short names) consistently, in words naming the tensor or
+        size; ``""`` when it would."""
+        return ""
+
+    def shard(self, tensors: Mapping[str, torch.Tensor], *, rank: int, tp: int, num_kv_heads: int,
+              head_dim: int) -> dict[str, torch.Tensor]:
+        """What rank ``rank`` of ``tp`` keeps of each tensor: the channels of its kv heads (:func:`rank_kv_heads`)
+        in the ``[num_kv_heads, head_dim]`` view; a single value stays whole."""
+        heads = rank_kv_heads(rank, tp, num_kv_heads)
+        out = {}
+        for n, t in tensors.items():
+            flat = t.reshape(-1)
+            if flat.numel() > 1:
+                flat = flat.view(num_kv_heads, head_dim)[heads.start:heads.stop].reshape(-1)
+            out[n] = flat
+        return out
