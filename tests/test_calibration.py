@@ -362,6 +362,21 @@ def test_training_moves_every_learned_tensor(tmp_path):
 
 
 # ==================================================================================== 4. resumption
+def test_learned_state_reads_and_writes_the_work_dir_names(tmp_path):
+    """A work dir's flat tensor names (``attn.left``, ``self_attn.q_proj.weight_clip``, ...) read into a
+    ``LayerState`` and write back as the same tensors under the same names."""
+    fm = tiny_model("qwen2")
+    cfg = config(epochs=0, work_dir=str(tmp_path / "work"))
+    quantized_copy(fm, cfg)
+    groups = plan_layer(fm, 0, cfg.for_model(fm))
+    tensors = WorkDir(str(tmp_path / "work"), cfg.for_model(fm), 2).load(0)[0]
+    learned = cal.LayerState.from_tensors(tensors, groups)
+    assert list(learned.groups) == [g.name for g in groups if g.quantized]
+    assert learned.to_tensors().keys() == tensors.keys()
+    assert all(torch.equal(v, tensors[k]) for k, v in learned.to_tensors().items())
+    assert learned["attn"].weight_clip.keys() == {f"self_attn.{p}_proj" for p in "qkv"}
+
+
 def test_interrupted_run_resumes_to_the_same_model(tmp_path):
     fm = tiny_model("qwen2")
     work = str(tmp_path / "work")

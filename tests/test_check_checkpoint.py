@@ -7,7 +7,7 @@ import torch
 
 from flatquant_lab import cli, ops
 from flatquant_lab.api import quantize
-from flatquant_lab.io import load_quantized, save_quantized
+from flatquant_lab.io import save_quantized
 from flatquant_lab.layers import W4A4FlatQuantLinear, W8A8DynamicLinear
 from flatquant_lab.numerics import capture_inputs, dequantized_reference
 from flatquant_lab.kronecker import kron_apply

@@ -25,7 +25,7 @@ from flatquant_lab.api import quantize
 from flatquant_lab.calibrate import TunableW4A4, clip_groups, tune_scales
 from flatquant_lab.calibrate.modules import logit
 from flatquant_lab.layers import W4A4FlatQuantLinear
-from flatquant_lab.models import decoder_layers, set_submodule
+from flatquant_lab.models import decoder_layers
 from flatquant_lab.recipe import QuantConfig
 from tiny_models import Interrupt, random_quantize, stop_after_layer_0, tiny_model
 

@@ -3,7 +3,6 @@ and calibrate building W8A8DynamicLinear (RTN or GPTQ) where the recipe says so.
 from __future__ import annotations
 
 import copy
-import logging
 
 import pytest
 import torch

@@ -12,7 +12,7 @@ from torch import nn
 from flatquant_lab.api import quantize
 from flatquant_lab.calibrate import plan_layer
 from flatquant_lab.io import DESCRIPTION_FILE, CheckpointError, load_quantized, save_quantized, serve_check
-from flatquant_lab.io.serving import ranks_output, vllm_load_problem
+from flatquant_lab.io.serving import ranks_output
 from flatquant_lab.kronecker import fold_weight, kron_apply
 from flatquant_lab.layers import W4A4FlatQuantLinear, W8A8DynamicLinear
 from flatquant_lab.models import decoder_layers

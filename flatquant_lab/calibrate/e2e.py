@@ -27,11 +27,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..devices import module_device
-from ..layers import W4A4FlatQuantLinear, W8A8DynamicLinear
+from ..layers import W4A4FlatQuantLinear, W8A8DynamicLinear, sum_over_ranks
 from ..models import adapter_for, clip_groups, set_submodule
 from ..quantizers import fake_quant_act, round_to as ste_cast
 from ..recipe import QuantConfig
-from .memory import recompute_blocks, saved_bytes
+from .memory import decide_recompute, recompute_blocks, saved_bytes
 from .modules import CodesMatmul, kron_rounded, logit
 from .train import cosine_schedule
 
@@ -70,13 +70,12 @@ class TunableW4A4(nn.Module):
         bq = fake_quant_act(t.flatten(-2), torch.sigmoid(self.clip_logit))  # per token and rank
         codes, s = m.weight_int, self.scale()
         k = m.in_features // tp
-        total = None
-        for r in range(tp):
-            y = ste_cast(CodesMatmul.apply(bq[..., r, :], codes[:, r * k:(r + 1) * k].float(), s), act)
-            if r == 0 and m.bias is not None:  # in the output dtype, as vllm-ascend adds it (rank 0 only)
-                y = ste_cast(y + m.bias.float(), act)
-            total = y if total is None else total + y
-        y = total if tp == 1 else ste_cast(total, act)  # the all-reduce: an fp32 sum, rounded once
+
+        def rank_output(r: int) -> torch.Tensor:
+            return ste_cast(CodesMatmul.apply(bq[..., r, :], codes[:, r * k:(r + 1) * k].float(), s), act)
+
+        # the layer's own per-rank sum, bias and all-reduce rounding, with straight-through roundings
+        y = sum_over_ranks(rank_output, tp, None if m.bias is None else m.bias.float(), lambda t: ste_cast(t, act))
         return y.to(x.dtype)
 
 
@@ -108,10 +107,11 @@ class PassW8A8(nn.Module):
 def _recompute(model: nn.Module, ids: torch.Tensor, cfg: QuantConfig) -> bool:
     """``cfg.placement.recompute_blocks`` for the whole model's step; "auto": on when a step on ``ids`` would keep more
     than E2E_RECOMPUTE_MIN_BYTES of activations (counted by one forward)."""
-    if cfg.placement.recompute_blocks != "auto":
-        return cfg.placement.recompute_blocks
-    kept = saved_bytes(lambda: model(input_ids=ids, use_cache=False).logits)
-    on = kept > E2E_RECOMPUTE_MIN_BYTES
+    on, kept = decide_recompute(cfg.placement.recompute_blocks,
+                                lambda: saved_bytes(lambda: model(input_ids=ids, use_cache=False).logits),
+                                E2E_RECOMPUTE_MIN_BYTES)
+    if kept is None:
+        return on
     log.info("end-to-end stage: a step keeps %.2f GiB of activations: recomputing each decoder layer %s",
              kept / 2**30, "on" if on else "off")
     return on

@@ -17,6 +17,7 @@ from ..models import set_submodule
 from ..quantizers import quantize_weight
 from ..recipe import FLATQUANT, W8A8_DYNAMIC, WEIGHT_QUANTIZERS, QuantConfig
 from .memory import row_spans
+from .state import LayerState
 
 
 def w8a8_hessian_hooks(layer, groups, hessians: dict) -> list:
@@ -76,13 +77,14 @@ def _w8a8_group(layer, g, cfg: QuantConfig, learned, d_in, hessians, backend, xd
 
 def _flatquant_group(layer, g, cfg: QuantConfig, learned, d_in, hessians, backend, xd) -> None:
     """The group's linears folded with its learned transform (in ``xd``), int4 RTN or one GPTQ pass over all."""
-    lt = learned[f"{g.name}.left"].to(cfg.schemes.act_dtype)
-    rt = learned[f"{g.name}.right"].to(cfg.schemes.act_dtype)
-    clip_ratio = float(torch.sigmoid(learned[f"{g.name}.act_clip"]).item())
+    state = learned[g.name]
+    lt = state.left.to(cfg.schemes.act_dtype)
+    rt = state.right.to(cfg.schemes.act_dtype)
+    clip_ratio = state.clip_ratio()
     folded, scales, qs, clips = [], [], [], []
     for path in g.linears:
         weight = layer.get_submodule(path).weight
-        clip = torch.sigmoid(learned[f"{path}.weight_clip"]).to(xd)
+        clip = torch.sigmoid(state.weight_clip[path]).to(xd)
         clips.append(clip.reshape(-1))
 
         def fold(r0, r1):
@@ -118,8 +120,10 @@ GROUP_FINALIZERS = {FLATQUANT: _flatquant_group, W8A8_DYNAMIC: _w8a8_group}
 
 
 @torch.no_grad()
-def finalize_layer(layer, groups, learned, cfg: QuantConfig, hessians=None, backend=None) -> None:
+def finalize_layer(layer, groups, learned: LayerState, cfg: QuantConfig, hessians=None, backend=None) -> None:
     """Fold the smoothing scales, quantize every weight, and swap in the quantized layers of each group's scheme.
+
+    Smoothing: a norm's weight, or the preceding linear's rows, ``/ d``; the group's weights ``* d`` (in the fold).
 
     ``hessians``: group name -> ``HessianAccumulator`` for GPTQ weights (FlatQuant groups: of the
     quantized transformed inputs; W8A8_DYNAMIC groups: of the float inputs); RTN without.
@@ -128,9 +132,9 @@ def finalize_layer(layer, groups, learned, cfg: QuantConfig, hessians=None, back
     dev = next(layer.parameters()).device
     xd = exact_dtype(dev)  # float64 on the CPU; float32 on an accelerator
     for g in groups:
-        if not g.quantized or f"{g.name}.log_smooth" not in learned:
+        if not g.quantized or learned[g.name].log_smooth is None:
             continue
-        d = learned[f"{g.name}.log_smooth"].to(xd).exp()
+        d = learned[g.name].log_smooth.to(xd).exp()
         target = layer.get_submodule(g.smooth_target)
         if g.smooth_target.endswith("layernorm"):
             target.weight.copy_((target.weight.to(xd) / d).to(target.weight.dtype))

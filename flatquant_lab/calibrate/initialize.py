@@ -1,4 +1,4 @@
-"""Starting tensors of a layer: Kronecker factors, smoothing ``log d`` and clip logits (searched or fixed)."""
+"""Starting state of a layer: Kronecker factors, smoothing ``log d`` and clip logits (searched or fixed)."""
 from __future__ import annotations
 
 import functools
@@ -14,6 +14,7 @@ from ..transforms import orthogonal_factor
 from .memory import row_spans
 from .modules import KronTransform, logit
 from .plan import Group
+from .state import GroupState, LayerState
 
 CLIP_CAP = 0.995  # a sigmoid factor cannot reach 1: start searches' winners here at most
 
@@ -40,8 +41,8 @@ def _search_weight_clip(w: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def init_learned(layer: nn.Module, groups: list[Group], cfg: QuantConfig, stats: dict | None,
-                 layer_index: int) -> dict[str, torch.Tensor]:
-    """Starting tensors: factors, smoothing ``log d``, clip logits (searched or fixed)."""
+                 layer_index: int) -> LayerState:
+    """Starting state of each FlatQuant group: factors, smoothing ``log d``, clip logits (searched or fixed)."""
     learned = {}
     baseline = cfg.method != "flatquant"
     kind = {"rtn": "identity", "hadamard": "hadamard"}.get(cfg.method, cfg.train.transform_init)
@@ -52,9 +53,8 @@ def init_learned(layer: nn.Module, groups: list[Group], cfg: QuantConfig, stats:
         seed = cfg.seed * 100003 + layer_index * 17 + gi * 2
         left = orthogonal_factor(g.n1, kind, seed, device=dev, dtype=torch.float32)
         right = orthogonal_factor(g.n2, kind, seed + 1, device=dev, dtype=torch.float32)
-        learned[f"{g.name}.left"], learned[f"{g.name}.right"] = left, right
         weights = [layer.get_submodule(p).weight.detach() for p in g.linears]  # in the model's dtype
-        d = None
+        log_smooth = None
         if not baseline and g.smooth_target and stats is not None:
             act = stats[g.name]["absmax"].clamp_min(1e-5)
             wmax = torch.stack([w.abs().amax(0) for w in weights]).amax(0).float().clamp_min(1e-5)
@@ -62,16 +62,17 @@ def init_learned(layer: nn.Module, groups: list[Group], cfg: QuantConfig, stats:
                 kv, rep = g.kv_tied
                 act = rearrange(act, "(kv rep hd) -> kv rep hd", kv=kv, rep=rep).amax(1).flatten()
                 wmax = rearrange(wmax, "(kv rep hd) -> kv rep hd", kv=kv, rep=rep).amax(1).flatten()
+            # d = max|x|^alpha / max|W|^(1 - alpha): the smoothing that balances the two ranges
             d = (act.pow(cfg.train.smooth_alpha) / wmax.pow(1 - cfg.train.smooth_alpha)).clamp(1e-4, 1e4)
-            learned[f"{g.name}.log_smooth"] = d.log()
-        tr = KronTransform(g, left, right, learned.get(f"{g.name}.log_smooth"), torch.zeros(1, device=dev), cfg.schemes.act_dtype)
+            log_smooth = d.log()
+        tr = KronTransform(g, left, right, log_smooth, torch.zeros(1, device=dev), cfg.schemes.act_dtype)
         if baseline:  # the baselines use the full range: clip ratio 1 (logit +inf)
             act_clip = math.inf
         elif cfg.train.act_clip_init == "search" and stats is not None:
             act_clip = logit(min(_search_act_clip(tr.per_rank(tr.transformed(stats[g.name]["sample"]))), CLIP_CAP))
         else:
             act_clip = logit(CLIP_CAP) if cfg.train.act_clip_init == "search" else float(cfg.train.act_clip_init)
-        learned[f"{g.name}.act_clip"] = torch.tensor([act_clip], device=dev)
+        weight_clip = {}
         for p, w in zip(g.linears, weights):
             if baseline:
                 logits = torch.full((w.shape[0],), math.inf, device=dev)
@@ -80,5 +81,6 @@ def init_learned(layer: nn.Module, groups: list[Group], cfg: QuantConfig, stats:
                 logits = torch.logit(ratios.clamp_max(CLIP_CAP))
             else:
                 logits = torch.full((w.shape[0],), float(cfg.train.weight_clip_init), device=dev)
-            learned[f"{p}.weight_clip"] = logits
-    return learned
+            weight_clip[p] = logits
+        learned[g.name] = GroupState(left, right, torch.tensor([act_clip], device=dev), weight_clip, log_smooth)
+    return LayerState(learned)

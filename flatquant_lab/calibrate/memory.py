@@ -11,6 +11,7 @@ upcast it where they fold it.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -141,3 +142,12 @@ def saved_bytes(step, dtype: torch.dtype | None = None) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda _: None):
         step()
     return total
+
+
+def decide_recompute(setting: bool | str, kept_bytes: Callable[[], int], min_bytes: int) -> tuple[bool, int | None]:
+    """``recompute_blocks`` resolved: ``(setting, None)`` for True or False; for "auto", ``(kept > min_bytes, kept)``
+    with ``kept = kept_bytes()`` the activations a step would keep (counted only then: it costs a forward)."""
+    if setting != "auto":
+        return setting, None
+    kept = kept_bytes()
+    return kept > min_bytes, kept

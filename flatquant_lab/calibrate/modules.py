@@ -16,11 +16,13 @@ from torch.utils.checkpoint import checkpoint
 
 from ..gptq import HessianAccumulator
 from ..kronecker import fold_weight, kron_inverse_t
+from ..layers import sum_over_ranks
 from ..models import set_submodule
 from ..quantizers import fake_quant_act, fake_quant_weight_codes, round_to as ste_cast
 from ..recipe import QuantConfig
 from .memory import row_spans
 from .plan import Group
+from .state import LayerState
 
 def logit(p: float) -> float:
     """``sigmoid^-1(p)``: the clip factor that gives clip ratio ``p``."""
@@ -291,40 +293,42 @@ class FakeQuantLinear(nn.Module):
             y = y / d
             bias = bias / d if bias is not None else None
         act = self.transform.act_dtype
-        y = ste_cast(y, act)  # the int4 matmul returns the activation dtype
-        if bias is not None:  # then the bias is added in that dtype, as vllm-ascend does
-            y = ste_cast(y + ste_cast(bias, act), act)
-        return y
+        # the int4 matmul returns the activation dtype, then the bias is added in it, as vllm-ascend does; the
+        # stand-in takes the ranks' products as one (one rank: no per-rank rounding before the sum)
+        return sum_over_ranks(lambda _r: ste_cast(y, act), 1, None if bias is None else ste_cast(bias, act),
+                              lambda t: ste_cast(t, act))
 
 
-def _divides_rows_of(groups: list[Group], learned: dict) -> dict[str, str]:
+def _divides_rows_of(groups: list[Group], learned: LayerState) -> dict[str, str]:
     """linear path -> name of the group whose smoothing folds into its output rows."""
     out = {}
     for g in groups:
-        if (g.quantized and f"{g.name}.log_smooth" in learned and g.smooth_target
+        if (g.quantized and learned[g.name].log_smooth is not None and g.smooth_target
                 and not g.smooth_target.endswith("layernorm")):
             out[g.smooth_target] = g.name
     return out
 
 
-def install_fake_quant(layer: nn.Module, groups: list[Group], learned: dict, cfg: QuantConfig,
+def install_fake_quant(layer: nn.Module, groups: list[Group], learned: LayerState | dict, cfg: QuantConfig,
                        learn: bool = False) -> dict[str, KronTransform]:
-    """Swap a float decoder layer's linears for fake-quant stand-ins built from ``learned`` tensors."""
+    """Swap a float decoder layer's linears for fake-quant stand-ins built from the ``learned`` state (a
+    ``LayerState``, or the flat tensor dict a work dir holds)."""
+    learned = LayerState.of(learned, groups)
     transforms = {}
     for g in groups:
         if not g.quantized:
             continue
+        st = learned[g.name]
         transforms[g.name] = KronTransform(
-            g, learned[f"{g.name}.left"], learned[f"{g.name}.right"], learned.get(f"{g.name}.log_smooth"),
-            learned[f"{g.name}.act_clip"], cfg.schemes.act_dtype, learn_clip=learn and cfg.train.learn_act_clip,
-            param=cfg.train.factor_param if learn else "plain")
+            g, st.left, st.right, st.log_smooth, st.act_clip, cfg.schemes.act_dtype,
+            learn_clip=learn and cfg.train.learn_act_clip, param=cfg.train.factor_param if learn else "plain")
     row_div = _divides_rows_of(groups, learned)
     for g in groups:
         if not g.quantized:
             continue
         for path in g.linears:
             div = transforms.get(row_div.get(path, ""))
-            fq = FakeQuantLinear(layer.get_submodule(path), transforms[g.name], learned[f"{path}.weight_clip"],
+            fq = FakeQuantLinear(layer.get_submodule(path), transforms[g.name], learned[g.name].weight_clip[path],
                                  out_div=div, learn_clip=learn and cfg.train.learn_weight_clip)
             set_submodule(layer, path, fq)
     # smoothing of a group whose predecessor stays float: divide that float linear's output instead

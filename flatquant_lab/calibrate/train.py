@@ -10,8 +10,9 @@ from ..gptq import HessianAccumulator
 from ..recipe import QuantConfig
 from .capture import batches, run_layer
 from .finalize import w8a8_hessian_hooks
-from .memory import compact_saved_tensors, recompute_blocks, saved_bytes
+from .memory import compact_saved_tensors, decide_recompute, recompute_blocks, saved_bytes
 from .modules import FakeQuantLinear, install_fake_quant, uninstall_fake_quant
+from .state import GroupState, LayerState
 
 log = logging.getLogger(__name__)
 
@@ -22,15 +23,19 @@ RECOMPUTE_MIN_BYTES = 256 * 2**20
 
 def _recompute(layer, transforms, X, kwargs, cfg: QuantConfig, layer_index: int) -> bool:
     """``cfg.placement.recompute_blocks``, with "auto" decided from the bytes a training step on ``X`` would keep."""
-    if cfg.placement.recompute_blocks != "auto":
-        return cfg.placement.recompute_blocks
-    for tr in transforms.values():
-        tr.factors()
-    kept = saved_bytes(lambda: run_layer(layer, X, kwargs), cfg.schemes.act_dtype)
-    for tr in transforms.values():
-        tr.forget_input()
+
+    def kept_bytes() -> int:
+        for tr in transforms.values():
+            tr.factors()
+        kept = saved_bytes(lambda: run_layer(layer, X, kwargs), cfg.schemes.act_dtype)
+        for tr in transforms.values():
+            tr.forget_input()
+        return kept
+
     weights = sum(t.numel() * t.element_size() for t in layer.parameters())
-    on = kept > max(weights, RECOMPUTE_MIN_BYTES)
+    on, kept = decide_recompute(cfg.placement.recompute_blocks, kept_bytes, max(weights, RECOMPUTE_MIN_BYTES))
+    if kept is None:
+        return on
     log.log(logging.INFO if layer_index == 0 else logging.DEBUG,
             "layer %d: a training step keeps %.1f MiB of activations (weights %.1f MiB): recompute_blocks %s",
             layer_index, kept / 2**20, weights / 2**20, "on" if on else "off")
@@ -54,9 +59,10 @@ def layer_loss(out: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> to
     return (err / t.square().mean(-1).clamp_min(torch.finfo(torch.float32).tiny)).mean()
 
 
-def train_layer(layer, groups, learned, X, Y, kwargs_by_bs, cfg: QuantConfig, layer_index: int,
-                progress=None) -> tuple[dict, list[float]]:
-    """AdamW on the layer loss (``cfg.train.layer_loss``); returns the learned tensors and the per-epoch mean losses.
+def train_layer(layer, groups, learned: LayerState, X, Y, kwargs_by_bs, cfg: QuantConfig, layer_index: int,
+                progress=None) -> tuple[LayerState, list[float]]:
+    """AdamW on the layer loss (``cfg.train.layer_loss``), from the ``learned`` start; returns the trained state
+    and the per-epoch mean losses.
 
     The loop's choices come from ``cfg``: ``factor_param`` (how L, R are learned), ``loss_norm``,
     ``weight_decay`` (on every learned tensor), ``batch_order``; the logged losses are the
@@ -122,23 +128,22 @@ def train_layer(layer, groups, learned, X, Y, kwargs_by_bs, cfg: QuantConfig, la
                 epoch_losses.append(tot / X.shape[0])
                 if progress is not None:
                     progress.set_postfix(layer=layer_index, epoch=epoch + 1, loss=f"{epoch_losses[-1]:.3g}")
-        out = {}
+        weight_clips = {path: mod.weight_clip.detach().clone() for path, mod in layer.named_modules()
+                        if isinstance(mod, FakeQuantLinear)}
+        trained = {}
         for name, tr in transforms.items():
-            out[f"{name}.left"], out[f"{name}.right"] = tr.matrices()
-            if tr.log_smooth is not None:
-                out[f"{name}.log_smooth"] = tr.log_smooth.detach().clone()
-            out[f"{name}.act_clip"] = tr.act_clip.detach().clone()
-        for path, mod in layer.named_modules():
-            if isinstance(mod, FakeQuantLinear):
-                out[f"{path}.weight_clip"] = mod.weight_clip.detach().clone()
-        return out, epoch_losses
+            left, right = tr.matrices()
+            trained[name] = GroupState(left, right, tr.act_clip.detach().clone(),
+                                       {path: weight_clips[path] for path in tr.group.linears},
+                                       None if tr.log_smooth is None else tr.log_smooth.detach().clone())
+        return LayerState(trained), epoch_losses
     finally:
         uninstall_fake_quant(layer)
 
 
 @torch.no_grad()
-def fake_quant_pass(layer, groups, learned, X, Y, kwargs_by_bs, cfg, collect: bool):
-    """One pass of the fake-quant layer built from ``learned``: its mean MSE against ``Y`` and,
+def fake_quant_pass(layer, groups, learned: LayerState, X, Y, kwargs_by_bs, cfg, collect: bool):
+    """One pass of the fake-quant layer built from the ``learned`` state: its mean MSE against ``Y`` and,
     with ``collect``, ``H = b^T b`` of each group's quantized transformed inputs (for GPTQ; of the
     float inputs for W8A8_DYNAMIC groups)."""
     transforms = install_fake_quant(layer, groups, learned, cfg)

@@ -1,5 +1,8 @@
-"""What every checkpoint-scheme layer shares: its contract's float32 buffers survive ``Module.to(dtype)``."""
+"""What every checkpoint-scheme layer shares: its contract's float32 buffers survive ``Module.to(dtype)``; a
+row-parallel layer's ranks sum as vLLM's all-reduce does (``sum_over_ranks``)."""
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import nn
@@ -19,3 +22,22 @@ class QuantizedLayer(nn.Module):
             new = getattr(self, name)
             if new.dtype != torch.float32:
                 setattr(self, name, old.to(new.device))
+
+
+def sum_over_ranks(rank_output: Callable[[int], torch.Tensor], tp_size: int, bias: torch.Tensor | None,
+                   round_out: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The per-rank forward of a row-parallel layer and its all-reduce: ``y = round_out(sum_r fp32(y_r))``.
+
+    ``y_r = rank_output(r)``: rank ``r``'s partial product, already in the output dtype; the bias is added on
+    rank 0 only, in the output dtype (``y_0 <- round_out(y_0 + bias)``), as vLLM does. One rank has nothing to
+    reduce: ``y = fp32(y_0)``, not rounded again. ``round_out`` rounds to the output dtype: a cast for the layer, a straight-through
+    rounding for the differentiable twins (calibrate), which thereby compute what the layer computes.
+    Assumed: HCCL's order and precision are not known, so the sum is emulated in fp32 and rounded once.
+    """
+    total = None
+    for r in range(tp_size):
+        y = rank_output(r)
+        if r == 0 and bias is not None:
+            y = round_out(y + bias)  # vLLM adds a row-parallel bias on rank 0 only
+        total = y.float() if total is None else total + y.float()
+    return total if tp_size == 1 else round_out(total)

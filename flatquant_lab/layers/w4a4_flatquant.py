@@ -19,7 +19,7 @@ from ..dtypes import HALF_DTYPES, cast_rounds, check_half
 from ..kronecker import decompose_dim, fold_weight
 from ..packing import INT4_MAX, INT4_MIN, unpack_int4
 from ..quantizers import quantize_weight
-from .base import QuantizedLayer
+from .base import QuantizedLayer, sum_over_ranks
 
 log = logging.getLogger(__name__)
 
@@ -339,25 +339,23 @@ class W4A4FlatQuantLinear(QuantizedLayer):
         return y.view(*lead, self.out_features).to(in_dtype)
 
     def _forward_ranks(self, x2: torch.Tensor, c: float) -> torch.Tensor:
-        """What vLLM's ``tp_size`` ranks of a row-parallel layer compute, then their all-reduce.
+        """What vLLM's ``tp_size`` ranks of a row-parallel layer compute, then their all-reduce (:func:`sum_over_ranks`).
 
         Rank ``r``: ``y_r = W4A4(x[:, r K/tp : (r+1) K/tp])`` with its weight columns (+ bias on rank 0,
-        in the output dtype); all-reduce ``y = round_t(sum_r fp32(y_r))``. Assumed: HCCL's order and
-        precision are not known, so the sum is emulated in fp32 and rounded once (docs/tensor-parallel.md).
+        in the output dtype); all-reduce ``y = round_t(sum_r fp32(y_r))`` (docs/tensor-parallel.md).
         """
-        tp, k_rank = self.tp_size, self.in_features // self.tp_size
+        k_rank = self.in_features // self.tp_size
         scale = self.weight_scale.view(-1)
         outs = []
         for start in range(0, x2.shape[0], self.chunk_tokens):
             chunk = x2[start:start + self.chunk_tokens]
-            total = None
-            for r in range(tp):
+
+            def rank_output(r: int) -> torch.Tensor:
                 xr = chunk[:, r * k_rank:(r + 1) * k_rank].contiguous().view(-1, self.n1, self.n2)
                 xq, s_tok = ops.kronecker_quant(xr, self.p1, self.p2, clip_ratio=c, backend=self.backend)
-                yr = ops.quant_matmul(xq.view(-1, k_rank // 8), self.weight_ranks[r].t(), scale, pertoken_scale=s_tok,
-                                      output_dtype=self.act_dtype, backend=self.backend)
-                if r == 0 and self.bias is not None:
-                    yr = yr + self.bias  # vLLM adds a row-parallel bias on rank 0 only
-                total = yr.float() if total is None else total + yr.float()
-            outs.append(total.to(self.act_dtype))
+                return ops.quant_matmul(xq.view(-1, k_rank // 8), self.weight_ranks[r].t(), scale,
+                                        pertoken_scale=s_tok, output_dtype=self.act_dtype, backend=self.backend)
+
+            outs.append(sum_over_ranks(rank_output, self.tp_size, self.bias, lambda t: t.to(self.act_dtype)))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
+

@@ -16,7 +16,7 @@ from torch import nn
 from .. import ops
 from ..dtypes import HALF_DTYPES, check_half, dtype_name
 from ..quantizers import quantize_weight
-from .base import QuantizedLayer
+from .base import QuantizedLayer, sum_over_ranks
 
 CHECKPOINT_KEYS = ("weight", "weight_scale", "weight_offset")
 
@@ -209,12 +209,14 @@ class W8A8DynamicLinear(QuantizedLayer):
         order and precision are not known, docs/tensor-parallel.md).
         """
         k = self.in_features // self.tp_size
-        total = None
-        for r in range(self.tp_size):
+
+        def rank_output(r: int) -> torch.Tensor:
             xr = x2[:, r * k:(r + 1) * k].contiguous()
             q, s_tok = ops.dynamic_quant(xr, dst_type=torch.int8, backend=self.backend)
-            yr = ops.quant_matmul(q, self.weight_t[r * k:(r + 1) * k], self.scale, pertoken_scale=s_tok,
-                                  bias=self.bias if r == 0 else None, output_dtype=self.act_dtype, backend=self.backend)
-            total = yr.float() if total is None else total + yr.float()
-        return total.to(self.act_dtype)
+            # the op adds the bias in its epilogue: rank 0's call takes it, so none is added after
+            return ops.quant_matmul(q, self.weight_t[r * k:(r + 1) * k], self.scale, pertoken_scale=s_tok,
+                                    bias=self.bias if r == 0 else None, output_dtype=self.act_dtype,
+                                    backend=self.backend)
+
+        return sum_over_ranks(rank_output, self.tp_size, None, lambda t: t.to(self.act_dtype))
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..schemes import scheme_of
-from .base import GroupSpec, ModelAdapter, ModelInfo, UnsupportedModelError, supported_text
+from .base import GroupSpec, ModelAdapter, ModelInfo, UnsupportedModelError, layer_prefix, supported_text
 from .clip import clip_groups, set_group_clip_ratio
 from .llama import LLAMA_GROUPS, LlamaAdapter
 from .qwen2 import Qwen2Adapter
@@ -61,11 +61,6 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 def model_info(model: nn.Module) -> ModelInfo:
     """Check the structure and read the sizes the transforms need."""
     return adapter_for(model).info(model)
-
-
-def layer_prefix(i: int) -> str:
-    """The state-dict prefix of decoder layer ``i`` (as in the HF checkpoint and vllm-ascend)."""
-    return f"model.layers.{i}"
 
 
 def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:

@@ -48,6 +48,11 @@ class ModelInfo:
         return self.num_heads * self.head_dim
 
 
+def layer_prefix(i: int) -> str:
+    """The state-dict prefix of decoder layer ``i`` (as in the HF checkpoint and vLLM)."""
+    return f"model.layers.{i}"
+
+
 def has_submodule(module: nn.Module, path: str) -> bool:
     try:
         module.get_submodule(path)
@@ -91,7 +96,7 @@ class ModelAdapter:
 
     def layer_prefix(self, i: int) -> str:
         """The state-dict prefix of decoder layer ``i`` (as in the HF checkpoint and vLLM)."""
-        return f"model.layers.{i}"
+        return layer_prefix(i)
 
     def info(self, model: nn.Module) -> ModelInfo:
         """Check the structure (every decoder layer has the linears and norms) and read the sizes."""

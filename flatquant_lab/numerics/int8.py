@@ -10,8 +10,9 @@ from .. import ops
 from ..dtypes import dtype_name
 from ..layers import W8A8DynamicLinear
 from ..quantizers import INT8_QMAX, INT8_QMIN
-from .int4 import (_check_forward, _compare_codes, _compare_scales, _compare_unit_product, _exact_acc, _first_bad,
-                   _float_metrics, _interval, _malformed, _merge, _outside, _prepare, _report_fields, _unit_scale)
+from .compare import (check_forward, compare_codes, compare_scales, compare_unit_product, exact_acc, first_bad,
+                      float_metrics, malformed, merge_checks, output_interval, outside, prepare_check, report_fields,
+                      unit_scale)
 from .report import DEFAULT_TIE_SHARE, DEFAULT_TIE_ULPS, PartCheck, W8A8Report, ulp
 
 PARTS_W8A8 = ("scale", "codes", "product", "output")
@@ -41,20 +42,20 @@ def _check_dynamic(x_act: torch.Tensor, backend: str, tie_ulps: float, tie_share
     x_cpu = x_act.cpu()
     tr = ops.dynamic_quant_trace(x_cpu)
     q_b, s_b = ops.dynamic_quant(x_act, dst_type=torch.int8, backend=backend)
-    why = (_malformed(q_b, "dynamic_quant y", (t_count, k), torch.int8)
-           or _malformed(s_b, "dynamic_quant scale", (t_count,), torch.float32))
+    why = (malformed(q_b, "dynamic_quant y", (t_count, k), torch.int8)
+           or malformed(s_b, "dynamic_quant scale", (t_count,), torch.float32))
     if why:
         fail = PartCheck("codes", False, reason=why + at)
         return PartCheck("scale", False, reason=why + at), fail, (0, 0, 0), tr, None, None
     q_b, s_b = q_b.cpu(), s_b.cpu()
     # scales: within one fp32 ulp (1 / mult and max * (1/127) differ by at most that, docs/ascend-ops.md); an
     # all-zero token's scale multiplies only zero codes, and the kernel leaves it open: any finite value >= 0
-    scale = _compare_scales(s_b, tr.scale, at, free=(x_cpu == 0).all(dim=1))
+    scale = compare_scales(s_b, tr.scale, at, free=(x_cpu == 0).all(dim=1))
     # codes: equal, or one step across a tie that a last-bit difference in mult moves t over
     t = tr.t.double()
     window = tie_ulps * (x_cpu.double().abs() * ulp(tr.mult, torch.float32)[:, None]
                          + ulp(torch.floor(t) + 0.5, torch.float32))
-    codes, n_flip, n_near = _compare_codes(q_b.to(torch.int16), tr.q.to(torch.int16), t, window,
+    codes, n_flip, n_near = compare_codes(q_b.to(torch.int16), tr.q.to(torch.int16), t, window,
                                            (INT8_QMIN, INT8_QMAX), tie_share, "int8", at)
     return scale, codes, (n_flip, n_near, tr.q.numel()), tr, q_b, s_b
 
@@ -74,17 +75,17 @@ def _check_product_int8(qlinear, q_ref: torch.Tensor, backend: str) -> PartCheck
     checks = []
     for label, a, w in (("layer", q_ref, qlinear.weight_int.cpu()), ("probe", probe_a.to(torch.int8),
                                                                       probe_w.to(torch.int8))):
-        acc = _exact_acc(a, w, torch.float64)
-        unit = _unit_scale(acc)
+        acc = exact_acc(a, w, torch.float64)
+        unit = unit_scale(acc)
         scale = torch.full((w.shape[0],), unit, dtype=torch.float32, device=device)
         ones = torch.ones(a.shape[0], dtype=torch.float32, device=device)
         y = ops.quant_matmul(a.to(device), w.t().contiguous().to(device), scale, pertoken_scale=ones,
                              output_dtype=torch.float16, backend=backend)
-        why = _malformed(y, f"quant_matmul int8 ({label})", (a.shape[0], w.shape[0]), torch.float16)
+        why = malformed(y, f"quant_matmul int8 ({label})", (a.shape[0], w.shape[0]), torch.float16)
         if why:
             return PartCheck("product", False, reason=why)
-        checks.append(_compare_unit_product(f"int8, {label}", y.cpu(), acc, unit))
-    return _merge("product", checks)
+        checks.append(compare_unit_product(f"int8, {label}", y.cpu(), acc, unit))
+    return merge_checks("product", checks)
 
 
 def _check_output_int8(qlinear, x_act, tr, q_b, s_b, backend: str):
@@ -97,7 +98,7 @@ def _check_output_int8(qlinear, x_act, tr, q_b, s_b, backend: str):
     act = qlinear.act_dtype
     device = qlinear.weight_t.device
     o = qlinear.out_features
-    acc_ref = _exact_acc(tr.q, qlinear.weight_int.cpu(), torch.float64)
+    acc_ref = exact_acc(tr.q, qlinear.weight_int.cpu(), torch.float64)
     s_run = qlinear.scale.detach().cpu()
     bias = qlinear.bias.detach().cpu() if qlinear.bias is not None else None
     g = torch.Generator().manual_seed(1)
@@ -111,16 +112,16 @@ def _check_output_int8(qlinear, x_act, tr, q_b, s_b, backend: str):
         z = acc_ref * scale.double()[None, :] * tr.scale.double()[:, None]
         y = ops.quant_matmul(tr.q.to(device), qlinear.weight_t, scale.to(device), pertoken_scale=tr.scale.to(device),
                              bias=None if b is None else b.to(device), output_dtype=act, backend=backend)
-        why = _malformed(y, f"quant_matmul int8 ({label})", tuple(z.shape), act)
+        why = malformed(y, f"quant_matmul int8 ({label})", tuple(z.shape), act)
         if why:
             checks.append(PartCheck("output", False, reason=why))
             break
-        lo, hi = _interval(z, act, b)
-        bad = _outside(y.cpu(), lo, hi)
+        lo, hi = output_interval(z, act, b)
+        bad = outside(y.cpu(), lo, hi)
         if not bool(bad.any()):
             checks.append(PartCheck("output", True, bad.numel()))
             continue
-        c = _first_bad("output", bad, y.cpu(), z if b is None else z + b.double(), "outputs")
+        c = first_bad("output", bad, y.cpu(), z if b is None else z + b.double(), "outputs")
         c.reason = (f"int8 quant_matmul on the reference's codes and scales with {label}"
                     f"{', and a bias' if b is not None else ''}: {c.mismatches} of {bad.numel()} outputs lie outside "
                     f"one {dtype_name(act)} rounding of the exact result (bias in fp32); first at token {c.token}, "
@@ -132,14 +133,14 @@ def _check_output_int8(qlinear, x_act, tr, q_b, s_b, backend: str):
     if q_b is None:
         checks.append(PartCheck("output", False, reason="the layer forward cannot be checked: dynamic_quant's "
                                 "output is malformed"))
-        return _merge("output", checks), y_layer, math.nan, math.nan
-    z = _exact_acc(q_b, qlinear.weight_int.cpu(), torch.float64) * s_run.double()[None, :] * s_b.double()[:, None]
+        return merge_checks("output", checks), y_layer, math.nan, math.nan
+    z = exact_acc(q_b, qlinear.weight_int.cpu(), torch.float64) * s_run.double()[None, :] * s_b.double()[:, None]
     y_ref = z if bias is None else z + bias.double()
-    lo, hi = _interval(z, act, bias)
+    lo, hi = output_interval(z, act, bias)
     diff = (y_layer.double() - y_ref).abs()
-    checks.append(_check_forward(y_layer, lo, hi, y_ref, act))
+    checks.append(check_forward(y_layer, lo, hi, y_ref, act))
     # one rounding of z + bias (in fp32) to the output dtype: about half an ulp
-    return _merge("output", checks), y_layer, float(diff.max()), float((diff / ulp(y_ref, act)).max())
+    return merge_checks("output", checks), y_layer, float(diff.max()), float((diff / ulp(y_ref, act)).max())
 
 
 def check_linear_w8a8(qlinear: W8A8DynamicLinear, x: torch.Tensor, float_linear: nn.Linear | None = None,
@@ -181,7 +182,7 @@ def check_linear_w8a8(qlinear: W8A8DynamicLinear, x: torch.Tensor, float_linear:
     Saturation: ``|t| <= 127 (1 + 2^-24)^2`` rounds to at most 127, so the reference never reaches -128 and a
     kernel saturating to [-127, 127] computes the same codes; -128 is still fed to quant_matmul by the probe.
     """
-    tie_ulps, tie_share, backend, x2, x_act = _prepare(qlinear, x, float_linear, W8A8DynamicLinear,
+    tie_ulps, tie_share, backend, x2, x_act = prepare_check(qlinear, x, float_linear, W8A8DynamicLinear,
                                                        "weight_t", tie_ulps, tie_share)
     token_tie_share = float(token_tie_share)
     if not 0.0 <= token_tie_share <= 1.0:
@@ -197,11 +198,11 @@ def check_linear_w8a8(qlinear: W8A8DynamicLinear, x: torch.Tensor, float_linear:
         scale, codes, ties, tr, q_b, s_b = _check_dynamic(x_act, backend, tie_ulps, token_tie_share, "")
         p_scale, p_codes, p_ties, _, _, _ = _check_dynamic(probe, backend, tie_ulps, tie_share,
                                                        " (in the tie probe; its tokens are numbered from 0)")
-        parts = [_merge("scale", [scale, p_scale]), _merge("codes", [codes, p_codes]),
+        parts = [merge_checks("scale", [scale, p_scale]), merge_checks("codes", [codes, p_codes]),
                  _check_product_int8(qlinear, tr.q, backend)]
         output, y_int, max_diff, err_ulps = _check_output_int8(qlinear, x_act, tr, q_b, s_b, backend)
         parts.append(output)
-        report = _report_fields(parts, [a + b for a, b in zip(ties, p_ties)], notes, tie_share, tie_ulps)
+        report = report_fields(parts, [a + b for a, b in zip(ties, p_ties)], notes, tie_share, tie_ulps)
         report.update(
             in_features=k, out_features=o, tokens=x_act.shape[0], act_dtype=dtype_name(act), backend=backend,
             has_bias=qlinear.bias is not None, max_abs_diff_ref=max_diff, max_err_ulps=err_ulps,
@@ -210,5 +211,5 @@ def check_linear_w8a8(qlinear: W8A8DynamicLinear, x: torch.Tensor, float_linear:
         )
         if float_linear is not None:
             w = float_linear.weight.detach().cpu().double()
-            report.update(_float_metrics(y_int.double(), float_linear, x2.detach().cpu().double() @ w.T))
+            report.update(float_metrics(y_int.double(), float_linear, x2.detach().cpu().double() @ w.T))
     return W8A8Report(**report, notes=notes)

@@ -10,8 +10,9 @@ from torch import nn
 from .. import ops
 from ..kronecker import kron_apply
 from ..layers import W4A4FlatQuantLinear
-from .int4 import _check_inputs
+from .compare import check_inputs
 from .report import DEFAULT_RATIOS, SweepResult, SweepRow, sqnr_db_of
+
 
 def sweep_clip_ratio(float_linear: nn.Linear, left: torch.Tensor, right: torch.Tensor, x: torch.Tensor,
                      ratios: Sequence[float] = DEFAULT_RATIOS, act_dtype: torch.dtype | None = None,
@@ -56,7 +57,7 @@ def sweep_layer_clip_ratio(qlinear: W4A4FlatQuantLinear, x: torch.Tensor,
     ``clip_ratio`` trades; an ``nn.Linear`` is its float output on ``x``; a tensor ``[..., O]`` is taken
     as the output itself. The layer runs on its own device and backend, and keeps the clip ratio it had.
     """
-    _check_inputs(qlinear, x, reference if isinstance(reference, nn.Module) else None, name="reference")
+    check_inputs(qlinear, x, reference if isinstance(reference, nn.Module) else None, name="reference")
     ratios = _check_ratios(ratios)
     k, o = qlinear.in_features, qlinear.out_features
     x2 = x.detach().reshape(-1, k)
