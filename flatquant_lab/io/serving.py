@@ -30,7 +30,7 @@ import torch
 
 from ..dtypes import HALF_DTYPES
 from ..models import is_row_parallel
-from ..layers import KV_CACHE_ATTR
+from ..layers import KV_CACHE_ATTR, sum_over_ranks
 from ..models.tp import model_split_problem, vllm_sizes
 from ..schemes import SCHEMES, quantized_schemes, rank_kv_heads
 from .format import KV_CACHE_FIELD, CheckpointError, is_field, kv_cache_tensors, layer_tensors
@@ -158,11 +158,11 @@ def ranks_output(prefix: str, kind: str, tensors: Mapping[str, torch.Tensor], x:
     out_f, in_f = tensors[f"{prefix}.weight"].shape
     if is_row_parallel(prefix):
         k = in_f // tp
-        total = None
-        for r in range(tp):
-            y = _rank_layer(kind, _rank_tensors(prefix, kind, tensors, tp, r, config), act)(x[:, r * k:(r + 1) * k])
-            total = y.float() if total is None else total + y.float()
-        return total.to(act)
+
+        def rank_output(r: int) -> torch.Tensor:  # each rank's layer holds the bias only if vLLM gives it one
+            return _rank_layer(kind, _rank_tensors(prefix, kind, tensors, tp, r, config), act)(x[:, r * k:(r + 1) * k])
+
+        return sum_over_ranks(rank_output, tp, None, lambda t: t.to(act)).to(act)
     out = torch.full((x.shape[0], out_f), float("nan"), dtype=act)
     for r in range(tp):
         rows = _column_rows(prefix, out_f, tp, r, config)
