@@ -6,6 +6,11 @@ import torch
 VALUES_PER_WORD = 8
 
 
+def i32(word: int) -> int:
+    """A 32-bit pattern written as hex, as the signed int32 torch stores."""
+    return word - (1 << 32) if word >= 1 << 31 else word
+
+
 def pack_int4_loop(values: torch.Tensor) -> torch.Tensor:
     """Per-nibble Python loop packer into the NPU layout (docs/ascend-ops.md, 'int4 packing'): value j of 8 in
     bits [4j, 4j+3]."""

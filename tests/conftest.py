@@ -21,6 +21,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The bundled model's tokenizer (its cache is converted once per machine, shared with the other tests)."""
+    from transformers import AutoTokenizer
+
+    from flatquant_lab.hub import resolve
+
+    return AutoTokenizer.from_pretrained(str(resolve("smollm2-135m")), local_files_only=True)
+
+
 @pytest.fixture
 def fake(monkeypatch):
     """The torch_npu test double (tests/fake_torch_npu.py) in place of torch_npu, backend left on auto."""

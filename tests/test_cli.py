@@ -14,8 +14,7 @@ from flatquant_lab import hub
 from flatquant_lab.cli import COMMANDS, as_flags, build_parser, main
 from flatquant_lab.cli.args import CLIExit, HelpFormatter
 from flatquant_lab.recipe import QuantConfig
-from test_calibration import _write_tiny_model_dir
-from tiny_models import tiny_config
+from tiny_models import tiny_config, write_tiny_model_dir
 
 # The float tensors a W4A4 / W8A8 export keeps in float32 whatever the model dtype: the scales and clip ratios.
 FLOAT32_BY_CONTRACT = ("weight_scale", "weight_offset", "clip_ratio")
@@ -31,7 +30,7 @@ def _model_dir(path: Path, dtype=torch.bfloat16, **overrides) -> Path:
         setattr(cfg, k, v)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).to(dtype)
-    _write_tiny_model_dir(path, model)
+    write_tiny_model_dir(path, model)
     return path
 
 

@@ -15,8 +15,9 @@ from flatquant_lab.ops import reference
 from flatquant_lab.quantizers import quantize_weight
 from flatquant_lab.recipe import QuantConfig
 from flatquant_lab.transforms import orthogonal_factor
-from test_devices import BUDGET, CALIB, assert_same, state, trapped
-from tiny_models import tiny_model
+from test_devices import BUDGET, trapped
+from tiny_models import CALIB, state, tiny_model
+from tiny_models import assert_same_state as assert_same
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -15,16 +15,6 @@ def _read(split):
         return [json.loads(line) for line in f]
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    from flatquant_lab.hub import resolve
-
-    # The bundled model's cache (converted once per machine, shared with the other tests).
-    return AutoTokenizer.from_pretrained(str(resolve("smollm2-135m")), local_files_only=True)
-
-
 def test_bundled_split_is_by_article_and_disjoint():
     calib, ev = _read("calib"), _read("eval")
     assert (len(calib), len(ev)) == (wikidata.N_PAGES - wikidata.N_EVAL, wikidata.N_EVAL) == (101, 5)

@@ -18,9 +18,9 @@ from flatquant_lab.kronecker import FOLD_FP32_RTOL, fold_weight
 from flatquant_lab.quantizers import quantize_weight
 from flatquant_lab.recipe import QuantConfig
 from flatquant_lab.transforms import orthogonal_factor
-from tiny_models import tiny_model
+from tiny_models import CALIB, state, tiny_model, write_tiny_model_dir
+from tiny_models import assert_same_state as assert_same
 
-CALIB = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(123))
 BUDGET = dict(profile="paper", weight_quantizer="rtn", samples=8, seqlen=32, epochs=1, batch_size=4)
 PACKAGE = os.path.dirname(flatquant_lab.__file__)
 FACTORIES = {torch.zeros, torch.ones, torch.empty, torch.full, torch.eye, torch.arange, torch.tensor, torch.linspace,
@@ -48,16 +48,6 @@ def trapped(fn):
             return fn()
     finally:
         torch.set_default_device(None)
-
-
-def state(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_same(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
 
 
 # ================================================================================= factory calls
@@ -251,10 +241,9 @@ def test_reference_ops_force_ieee_fp32_matmuls_and_restore_the_setting():
 def test_quantize_cli_loads_in_its_dtype_and_calibrates_on_its_device(tmp_path, capsys):
     from flatquant_lab.cli import main
     from flatquant_lab.io import load_quantized
-    from test_calibration import _write_tiny_model_dir
 
     src = tmp_path / "tiny"
-    _write_tiny_model_dir(src, tiny_model("llama"))
+    write_tiny_model_dir(src, tiny_model("llama"))
     with pytest.raises(SystemExit):
         main(["quantize", "--model", str(src), "--method", "rtn", "--weight-quantizer", "rtn",
               "--out", str(tmp_path / "x"), "--device", "gpu"])

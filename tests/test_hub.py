@@ -6,21 +6,14 @@ import torch
 
 from flatquant_lab import hub
 from flatquant_lab.hub import load_model
+from tiny_models import save_random_llama
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A 4-layer random Llama saved as a local HF directory (with a small tokenizer)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(str(hub.resolve("smollm2-135m")), local_files_only=True)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny4")
-    LlamaForCausalLM(cfg).save_pretrained(str(path))
-    tok.save_pretrained(str(path))
-    return path
+def tiny_dir(tokenizer, tmp_path_factory):
+    """A 4-layer random Llama saved as a local HF directory (with the bundled tokenizer)."""
+    return save_random_llama(tmp_path_factory.mktemp("tiny4"), tokenizer, hidden_size=32, intermediate_size=64,
+                             num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1)
 
 
 def test_local_dir_and_truncation(tiny_dir):

@@ -8,12 +8,8 @@ from hypothesis.extra import numpy as hnp
 
 from flatquant_lab.ops.reference import unpack_int4_int8
 from baselines import pack_int4_loop
+from baselines import i32 as _i32
 from flatquant_lab.packing import offset8_to_npu, pack_int4, unpack_int4
-
-
-def _i32(word: int) -> int:
-    """A 32-bit pattern written as hex, as the signed int32 torch stores."""
-    return word - (1 << 32) if word >= 1 << 31 else word
 
 
 def old_offset8_pack(values: torch.Tensor) -> torch.Tensor:

@@ -14,31 +14,9 @@ from flatquant_lab.kronecker import npu_supported
 from flatquant_lab.layers import W4A4FlatQuantLinear, W8A8DynamicLinear
 from flatquant_lab.models import LINEAR_NAMES, decoder_layers
 from flatquant_lab.recipe import RECIPES, QuantConfig
-from tiny_models import tiny_config, tiny_model
+from tiny_models import CALIB, logits, rel, tiny_model, tiny_model_with, write_tiny_model_dir
 
-CALIB = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(123))
-HELD = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(7))
 BUDGET = dict(profile="paper", weight_quantizer="rtn", samples=8, seqlen=32, batch_size=4)
-
-
-def logits(model):
-    with torch.no_grad():
-        return model(input_ids=HELD).logits.float()
-
-
-def rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm())
-
-
-def tiny_model_with(model_type, **overrides):
-    from transformers import AutoModelForCausalLM
-
-    cfg = tiny_config(model_type)
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
 
 
 # ------------------------------------------------------------------ the config
@@ -160,14 +138,13 @@ def test_w8a8_gptq_weights_come_from_the_layer_inputs(monkeypatch):
 def test_quantize_cli_recipe(tmp_path, capsys):
     import json
 
-    from test_calibration import _write_tiny_model_dir
 
     from flatquant_lab.cli import main
     from flatquant_lab.io import DESCRIPTION_FILE, load_quantized
 
     fm = tiny_model("llama")
     src = tmp_path / "tiny"
-    _write_tiny_model_dir(src, fm)
+    write_tiny_model_dir(src, fm)
     out = tmp_path / "mix"
     assert main(["quantize", "--model", str(src), "--method", "rtn", "--weight-quantizer", "rtn",
                  "--recipe", "msmodelslim", "--out", str(out)]) == 0

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -24,21 +25,14 @@ from flatquant_lab.schemes import (
     FLOAT, SCHEMES, W4A4_FLATQUANT_DYNAMIC, W8A8_DYNAMIC, Scheme, TensorSpec, W8A8DynamicScheme, known_types,
     quantized_schemes, register, scheme_for, scheme_of, unregister,
 )
-from tiny_models import group_factors, random_quantize, tiny_model
+from tiny_models import group_factors, random_linear, random_quantize, tiny_model
 
 O, K = 24, 64
 BUILT_IN = ("W4A4_FLATQUANT_DYNAMIC", "W8A8_DYNAMIC", "FLOAT")
 IDS = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(1))
 
 
-def _float_linear(bias=True, seed=0) -> nn.Linear:
-    g = torch.Generator().manual_seed(seed)
-    lin = nn.Linear(K, O, bias=bias)
-    with torch.no_grad():
-        lin.weight.copy_(torch.randn(O, K, generator=g) / K**0.5)
-        if bias:
-            lin.bias.copy_(torch.randn(O, generator=g))
-    return lin
+_float_linear = partial(random_linear, K, O)
 
 
 def _tensors(quant_type: str) -> dict[str, torch.Tensor]:

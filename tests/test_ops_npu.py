@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from torch import nn
 
 from flatquant_lab import ops
 from flatquant_lab.layers import W4A4FlatQuantLinear
 from flatquant_lab.transforms import orthogonal_factor
+from tiny_models import random_linear
 
 K, O = 128, 24  # decompose_dim(128) = (8, 16)
 N1, N2 = 8, 16
@@ -15,12 +15,7 @@ N1, N2 = 8, 16
 
 
 def _layers(dtype, chunk_tokens, bias=False):
-    g = torch.Generator().manual_seed(7)
-    lin = nn.Linear(K, O, bias=bias)
-    with torch.no_grad():
-        lin.weight.copy_(torch.randn(O, K, generator=g) / K**0.5)
-        if bias:
-            lin.bias.copy_(torch.randn(O, generator=g))
+    lin = random_linear(K, O, bias=bias, seed=7)
     # a non-symmetric left factor, so that passing L instead of L^T would be caught
     left = orthogonal_factor(N1, "random", seed=1) * torch.linspace(0.5, 1.5, N1, dtype=torch.float64)
     right = orthogonal_factor(N2, "hadamard")

@@ -12,22 +12,7 @@ from flatquant_lab.layers import W4A4FlatQuantLinear, W8A8DynamicLinear
 from flatquant_lab.numerics import capture_inputs, dequantized_reference
 from flatquant_lab.kronecker import kron_apply
 from flatquant_lab.recipe import QuantConfig
-from tiny_models import random_quantize, tiny_model
-
-SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0, 1, 2 match tiny_config's pad/bos/eos
-
-
-def _tokenizer():
-    """A word-level tokenizer over the tiny models' 256 ids: "w4" ... "w255"."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(SPECIALS)}
-    vocab.update({f"w{i}": i for i in range(len(SPECIALS), 256)})
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
+from tiny_models import random_quantize, tiny_model, word_tokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -41,7 +26,7 @@ def checkpoint(tmp_path_factory):
     its tokenizer, and a calibration text in its vocabulary."""
     root = tmp_path_factory.mktemp("ckpt")
     model = quantize(tiny_model("llama"), QuantConfig(method="hadamard", weight_quantizer="rtn", recipe="msmodelslim"))
-    path = save_quantized(model, root / "tiny", tokenizer=_tokenizer())
+    path = save_quantized(model, root / "tiny", tokenizer=word_tokenizer())
     rng = torch.Generator().manual_seed(3)
     text = root / "calib.txt"
     text.write_text(" ".join(f"w{int(i)}" for i in torch.randint(4, 256, (600,), generator=rng)))

@@ -7,31 +7,16 @@ import torch
 
 from flatquant_lab import cli
 from flatquant_lab.eval import DatasetUnavailableError, evaluate, token_perplexity
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    from flatquant_lab.hub import resolve
-
-    return AutoTokenizer.from_pretrained(str(resolve("smollm2-135m")), local_files_only=True)
+from tiny_models import save_random_llama
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tokenizer, tmp_path_factory):
     """A 2-layer random Llama with the bundled tokenizer, saved as a local HF model directory."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                      eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny_llama")
-    LlamaForCausalLM(cfg).save_pretrained(str(path))
-    tokenizer.save_pretrained(str(path))
-    return path
+    return save_random_llama(tmp_path_factory.mktemp("tiny_llama"), tokenizer, hidden_size=64, intermediate_size=128,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """W4A4FlatQuantLinear: construction, round trips, forward, and every bad input of the issue."""
-import math
+from functools import partial
 
 import numpy as np
 import pytest
@@ -15,19 +15,13 @@ from flatquant_lab.layers import W4A4FlatQuantLinear
 from flatquant_lab.packing import pack_int4
 from flatquant_lab.quantizers import quantize_weight
 from flatquant_lab.transforms import orthogonal_factor
+from tiny_models import random_linear
 
 K, O = 128, 24
 N1, N2 = decompose_dim(K)  # (8, 16)
 
 
-def float_linear(k=K, o=O, bias=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    lin = nn.Linear(k, o, bias=bias)
-    with torch.no_grad():
-        lin.weight.copy_(torch.randn(o, k, generator=g) / math.sqrt(k))
-        if bias:
-            lin.bias.copy_(torch.randn(o, generator=g))
-    return lin
+float_linear = partial(random_linear, K, O)
 
 
 def make_layer(dtype=torch.bfloat16, bias=True, clip_ratio=0.9, **kw):

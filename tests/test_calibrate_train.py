@@ -15,21 +15,11 @@ from flatquant_lab.api import quantize
 from flatquant_lab.calibrate import KronTransform, plan_layer
 from flatquant_lab.calibrate.modules import SVDFactor, cayley
 from flatquant_lab.recipe import QuantConfig
-from tiny_models import Interrupt, stop_after_layer_0, tiny_model
+from tiny_models import CALIB, Interrupt, config, state, stop_after_layer_0, tiny_model
 
-CALIB = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(123))
-BUDGET = dict(profile="paper", weight_quantizer="rtn", samples=8, seqlen=32, epochs=2, batch_size=4)
 OFFICIAL_LOOP = dict(factor_param="svd", loss_norm=True, weight_decay=0.01, batch_order="fixed")
 BEFORE = dict(factor_param="plain", loss_norm=False, weight_decay=0.0, batch_order="shuffle",
               train_inputs="float", layer_loss="mse")  # the loop before
-
-
-def config(**kw) -> QuantConfig:
-    return QuantConfig(**{**BUDGET, **kw})
-
-
-def state(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def same_state(a: dict, b: dict) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -19,19 +20,11 @@ from flatquant_lab.models import decoder_layers
 from flatquant_lab.recipe import QuantConfig
 from flatquant_lab.transforms import orthogonal_factor
 from msmodelslim_fixture import write_msmodelslim
-from tiny_models import tiny_model
+from tiny_models import CALIB, rel, tiny_model
+from tiny_models import logits as model_logits
 
-CALIB = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(123))
 HELD = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(7))
-
-
-def logits(model):
-    with torch.no_grad():
-        return model(input_ids=HELD).logits.float()
-
-
-def rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm())
+logits = partial(model_logits, ids=HELD)
 
 
 # ------------------------------------------------------------------ the transform kron(I_N, L, R)

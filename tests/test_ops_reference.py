@@ -8,15 +8,12 @@ import types
 import pytest
 import torch
 
+from baselines import i32 as _i32
 from flatquant_lab import ops
 from flatquant_lab.ops import npu as npu_mod
 from flatquant_lab.ops import reference as ref
 from flatquant_lab.packing import pack_int4, unpack_int4
 from flatquant_lab.transforms import orthogonal_factor
-
-
-def _i32(word: int) -> int:
-    return word - (1 << 32) if word >= 1 << 31 else word
 
 
 def kq(x, p1=None, p2=None, c=1.0, backend="reference"):

@@ -27,7 +27,7 @@ from flatquant_lab.calibrate.modules import logit
 from flatquant_lab.layers import W4A4FlatQuantLinear
 from flatquant_lab.models import decoder_layers
 from flatquant_lab.recipe import QuantConfig
-from tiny_models import Interrupt, random_quantize, stop_after_layer_0, tiny_model
+from tiny_models import Interrupt, random_quantize, state, stop_after_layer_0, tiny_model
 
 CALIB = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(321))
 # fast profile (e2e on), shrunk to the tiny model: 8 windows (6 trained on, the last 2 held out), 2 layer-wise
@@ -74,10 +74,6 @@ def keep_last_epoch(monkeypatch):
 
 def w4a4_modules(model) -> dict[str, W4A4FlatQuantLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, W4A4FlatQuantLinear)}
-
-
-def state(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 # ==================================================================================== the twin

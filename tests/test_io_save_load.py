@@ -5,6 +5,7 @@ import copy
 import json
 import os
 import shutil
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -19,8 +20,10 @@ from flatquant_lab.kronecker import decompose_dim
 from flatquant_lab.layers import W4A4FlatQuantLinear
 from flatquant_lab.models import GROUPS, LINEAR_NAMES, linear_weight_bytes, quantized_linear_names
 from tiny_models import MODEL_TYPES, TIED, group_factors, random_quantize, tiny_model
+from tiny_models import logits as model_logits
 
 IDS = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(1))
+logits = partial(model_logits, ids=IDS, float32=False)  # in the model's dtype
 QKEYS = ("weight", "weight_scale", "weight_offset", "left_trans", "right_trans", "clip_ratio")
 
 
@@ -34,11 +37,6 @@ def quantized():
 def saved(quantized, tmp_path_factory):
     root = tmp_path_factory.mktemp("saved")
     return {mt: save_quantized(m, root / mt) for mt, m in quantized.items()}
-
-
-def logits(model):
-    with torch.no_grad():
-        return model(IDS).logits
 
 
 def all_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -1,15 +1,16 @@
 """W8A8DynamicLinear (docs/ascend-ops.md, 'W8A8_DYNAMIC layers'): built from checkpoint tensors, the scale
 rounded as vllm-ascend
 rounds it on load, RTN / GPTQ weights, and the npu call sequence against the torch_npu double."""
+from functools import partial
 
 import pytest
 import torch
-from torch import nn
 
 from flatquant_lab import ops
 from flatquant_lab.calibrate import w8a8_dynamic_layer
 from flatquant_lab.gptq import HessianAccumulator
 from flatquant_lab.layers import W8A8DynamicLinear
+from tiny_models import random_linear
 
 K, O = 64, 24
 
@@ -23,14 +24,7 @@ def _tensors(bias=False):
     }
 
 
-def _linear(bias=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    lin = nn.Linear(K, O, bias=bias)
-    with torch.no_grad():
-        lin.weight.copy_(torch.randn(O, K, generator=g) / K**0.5)
-        if bias:
-            lin.bias.copy_(torch.randn(O, generator=g))
-    return lin
+_linear = partial(random_linear, K, O)
 
 
 # ------------------------------------------------------------------ hand-worked golden

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from functools import partial
 
 import pytest
 import torch
@@ -18,19 +19,12 @@ from flatquant_lab.models import LINEAR_NAMES, decoder_layers, set_submodule
 from flatquant_lab.numerics import sweep_layer_clip_ratio
 from flatquant_lab.recipe import QuantConfig
 from msmodelslim_fixture import FLATQUANT, W8A8_DYNAMIC, msmodelslim_tensors, write_msmodelslim
-from tiny_models import tiny_model
+from tiny_models import rel, tiny_model
+from tiny_models import logits as model_logits
 
 HELD = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(7))
+logits = partial(model_logits, ids=HELD)
 W8A8_NAMES = ("self_attn.o_proj", "mlp.down_proj")
-
-
-def logits(model):
-    with torch.no_grad():
-        return model(input_ids=HELD).logits.float()
-
-
-def rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 def expected_model(fm: nn.Module) -> nn.Module:
