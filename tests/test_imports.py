@@ -13,8 +13,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "flatquant_lab"
 # The top-level modules that are not a package of their own sit where what they import puts them.
 FLOORS = (
     ("utilities", {"checks", "dtypes", "devices", "files", "extras", "offline"}),
-    ("packing, quantizers, kronecker, transforms, recipe",
-     {"packing", "quantizers", "kronecker", "transforms", "recipe"}),
+    ("packing, quantizers, mxfp4, kronecker, transforms, recipe",
+     {"packing", "quantizers", "mxfp4", "kronecker", "transforms", "recipe"}),
     ("ops", {"ops"}),
     ("layers", {"layers"}),
     ("schemes", {"schemes"}),

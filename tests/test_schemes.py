@@ -1,4 +1,4 @@
-"""The scheme registry (flatquant_lab/schemes/): the three built-in schemes, a round trip through each, a scheme
+"""The scheme registry (flatquant_lab/schemes/): the built-in schemes, a round trip through each, a scheme
 registered here that save and load pick up without any other file changing, and unknown description values."""
 from __future__ import annotations
 
@@ -17,18 +17,18 @@ import flatquant_lab
 from flatquant_lab.dtypes import FLOAT_DTYPES
 from flatquant_lab.io import DESCRIPTION_FILE, CheckpointError, check_checkpoint, load_quantized, save_quantized
 from flatquant_lab.kronecker import fold_weight
-from flatquant_lab.layers import W4A4FlatQuantLinear, W8A8DynamicLinear
+from flatquant_lab.layers import W4A4FlatQuantLinear, W4A4MXFP4FlatQuantLinear, W8A8DynamicLinear
 from flatquant_lab.models import decoder_layers, linear_weight_bytes, quantized_linear_names, set_submodule
 from flatquant_lab.numerics import check_layer, dequantized_reference
 from flatquant_lab.quantizers import quantize_weight
 from flatquant_lab.schemes import (
-    FLOAT, SCHEMES, W4A4_FLATQUANT_DYNAMIC, W8A8_DYNAMIC, Scheme, TensorSpec, W8A8DynamicScheme, known_types,
+    FLOAT, SCHEMES, W4A4_FLATQUANT_DYNAMIC, W4A4_MXFP4_FLATQUANT, W8A8_DYNAMIC, Scheme, TensorSpec, W8A8DynamicScheme, known_types,
     quantized_schemes, register, scheme_for, scheme_of, unregister,
 )
 from tiny_models import group_factors, random_linear, random_quantize, tiny_model
 
 O, K = 24, 64
-BUILT_IN = ("W4A4_FLATQUANT_DYNAMIC", "W8A8_DYNAMIC", "FLOAT")
+BUILT_IN = ("W4A4_FLATQUANT_DYNAMIC", "W8A8_DYNAMIC", "FLOAT", "W4A4_MXFP4_FLATQUANT")
 IDS = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(1))
 
 
@@ -44,16 +44,21 @@ def _tensors(quant_type: str) -> dict[str, torch.Tensor]:
                                               backend="reference").checkpoint_tensors()
     if quant_type == "W8A8_DYNAMIC":
         return W8A8DynamicLinear.from_float(lin, act_dtype=torch.bfloat16, backend="reference").checkpoint_tensors()
+    if quant_type == "W4A4_MXFP4_FLATQUANT":
+        left, right = group_factors(K, seed=3)
+        return W4A4MXFP4FlatQuantLinear.from_float(lin, left, right, clip_ratio=0.9, act_dtype=torch.bfloat16,
+                                                   backend="reference").checkpoint_tensors()
     return {"weight": lin.weight.detach().clone(), "bias": lin.bias.detach().clone()}
 
 
 # ------------------------------------------------------------------ the registry
-def test_the_registry_lists_exactly_the_three_schemes():
+def test_the_registry_lists_exactly_the_built_in_schemes():
     assert known_types() == BUILT_IN
     assert list(SCHEMES) == list(BUILT_IN)
-    assert [SCHEMES[t] for t in BUILT_IN] == [W4A4_FLATQUANT_DYNAMIC, W8A8_DYNAMIC, FLOAT]
-    assert list(quantized_schemes()) == ["W4A4_FLATQUANT_DYNAMIC", "W8A8_DYNAMIC"]
-    assert [s.recipe_name for s in SCHEMES.values()] == ["w4a4_flatquant", "w8a8_dynamic", "float"]
+    assert [SCHEMES[t] for t in BUILT_IN] == [W4A4_FLATQUANT_DYNAMIC, W8A8_DYNAMIC, FLOAT, W4A4_MXFP4_FLATQUANT]
+    assert list(quantized_schemes()) == ["W4A4_FLATQUANT_DYNAMIC", "W8A8_DYNAMIC", "W4A4_MXFP4_FLATQUANT"]
+    # no recipe (calibration) for MXFP4 yet
+    assert [s.recipe_name for s in SCHEMES.values()] == ["w4a4_flatquant", "w8a8_dynamic", "float", None]
     for qt, scheme in SCHEMES.items():
         assert isinstance(scheme, Scheme) and scheme.quant_type == qt and scheme_for(qt) is scheme
 
@@ -82,7 +87,7 @@ def test_register_refuses_a_second_scheme_for_a_value_or_a_layer_class():
 
 
 def test_unknown_type_strings_are_refused_naming_the_key_and_the_known_types():
-    known = "'W4A4_FLATQUANT_DYNAMIC', 'W8A8_DYNAMIC', 'FLOAT'"
+    known = "'W4A4_FLATQUANT_DYNAMIC', 'W8A8_DYNAMIC', 'FLOAT', 'W4A4_MXFP4_FLATQUANT'"
     with pytest.raises(ValueError, match=f"quant_type: 'W4A8_DYNAMIC' is not a registered scheme; known: {known}$"):
         scheme_for("W4A8_DYNAMIC")
     key = "model.layers.0.mlp.down_proj.weight"
@@ -244,7 +249,8 @@ def test_a_registered_scheme_is_saved_and_loaded_without_touching_other_files(to
     try:
         with pytest.raises(CheckpointError, match=r"model\.layers\.0\.self_attn\.[qkv]_proj\.(weight|bias): "
                                                   r"description says 'TOY_FLOAT'; flatquant_lab handles only "
-                                                  r"'W4A4_FLATQUANT_DYNAMIC', 'W8A8_DYNAMIC', 'FLOAT'"):
+                                                  r"'W4A4_FLATQUANT_DYNAMIC', 'W8A8_DYNAMIC', 'FLOAT', "
+                                                  r"'W4A4_MXFP4_FLATQUANT'"):
             load_quantized(out)
     finally:
         register(ToyFloatScheme)

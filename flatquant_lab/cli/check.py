@@ -233,7 +233,7 @@ def _run_checkpoint(args: argparse.Namespace) -> int:
     try:
         # rebuilt from its own tensors, on the backend under test
         qlin = scheme.build(tensors, backend=args.backend, act_dtype=scheme.act_dtype_of(layer),
-                            tp_size=scheme.tp_size_of(layer))
+                            tp_size=scheme.tp_size_of(layer), **{n: getattr(layer, n) for n in scheme.fields})
         if scheme.has_clip_ratio and args.clip_ratio is not None:
             qlin.set_clip_ratio(args.clip_ratio)
         reference = dequantized_reference(qlin)

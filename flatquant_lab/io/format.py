@@ -226,10 +226,16 @@ def check_checkpoint(tensors: Mapping[str, torch.Tensor], desc: Mapping, tied: I
     if mqt is not None and not isinstance(mqt, str):  # informational only (docs/checkpoint-format.md)
         raise CheckpointError(f"{DESCRIPTION_FILE}: model_quant_type is {mqt!r}, expected a string such as "
                               f"{QUANT_TYPE!r}")
-    if desc.get("group_size", 0) not in (0, None):
+    entries = {k: v for k, v in desc.items() if not is_field(k, v) and not is_kv_cache_key(k)}
+    present = [SCHEMES[t] for t in dict.fromkeys(entries.values()) if t in SCHEMES]
+    # Top-level fields a present scheme reads are its to check; group_size is otherwise msModelSlim's 0
+    for scheme in present:
+        problem = scheme.fields_problem(desc)
+        if problem:
+            raise CheckpointError(f"{DESCRIPTION_FILE}: {problem}")
+    if not any("group_size" in s.fields for s in present) and desc.get("group_size", 0) not in (0, None):
         raise CheckpointError(f"{DESCRIPTION_FILE}: group_size is {desc['group_size']!r}, expected 0 "
                               "(per-channel weight scales)")
-    entries = {k: v for k, v in desc.items() if not is_field(k, v) and not is_kv_cache_key(k)}
     for key, kind in entries.items():
         if kind == W8A8_STATIC_TYPE and kind not in SCHEMES:
             layer = key.rpartition(".")[0]

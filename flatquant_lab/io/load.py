@@ -207,7 +207,7 @@ def load_quantized(path, backend: str | None = None, dtype=None, tp_size: int | 
         if not is_field(key, kind) and kind in layer_schemes and key.endswith(".weight") and key in tensors:
             mod = _find(model, key[: -len(".weight")])
             if isinstance(mod, nn.Linear):
-                expect(key, tensors[key], (mod.out_features, mod.in_features))
+                _expect_linear(key, tensors[key], mod, layer_schemes[kind])
     if tp_size is not None and (isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1):
         raise ValueError(f"tp_size: expected a positive int or None, got {tp_size!r}")
     tp = saved_tp_size(desc) if tp_size is None else tp_size
@@ -221,7 +221,7 @@ def load_quantized(path, backend: str | None = None, dtype=None, tp_size: int | 
         keys = [f"{prefix}.{n}" for n in layer_tensors(prefix, scheme, tensors)]
         on_dev = {k: tensors[k].to(dev) for k in keys}  # straight to the device, checked there
         layer = _scheme_layer(model, prefix, scheme, on_dev, backend, dtype, saved_dtype, _saved_act_dtype(desc),
-                              lossy, layer_tp(prefix, tp))
+                              lossy, layer_tp(prefix, tp), scheme.read_fields(desc))
         set_submodule(model, prefix, layer)
         used.update(keys)
         for k in keys:  # the host copy goes as soon as the layer is built
@@ -287,13 +287,25 @@ def _saved_act_dtype(desc: Mapping) -> torch.dtype | None:
     return act
 
 
-def _linear_of(model: nn.Module, prefix: str, tensors: Mapping[str, torch.Tensor], kind: str) -> nn.Linear:
+def _expect_linear(key: str, weight: torch.Tensor, linear: nn.Linear, scheme: Scheme) -> None:
+    """The stored weight is that of ``linear`` ``[O, K]`` (as the scheme stores it: a packed weight has fewer columns)."""
+    want = (linear.out_features, linear.in_features)
+    have = tuple(scheme.linear_shape(weight))
+    if have == want:
+        return
+    if have == tuple(weight.shape):
+        expect(key, weight, want)
+    raise CheckpointError(f"{key}: expected the {scheme.quant_type} weight of a linear {list(want)}, got shape "
+                          f"{list(weight.shape)} (that of a linear {list(have)})")
+
+
+def _linear_of(model: nn.Module, prefix: str, tensors: Mapping[str, torch.Tensor], scheme: Scheme) -> nn.Linear:
     """The float linear a quantized layer replaces, checked against the stored weight shape and bias."""
     linear = _find(model, prefix)
     if not isinstance(linear, nn.Linear):
-        raise CheckpointError(f"{prefix}.weight: the description makes {prefix} {kind}, which needs an "
+        raise CheckpointError(f"{prefix}.weight: the description makes {prefix} {scheme.quant_type}, which needs an "
                               f"nn.Linear of {type(model).__name__} (got {type(linear).__name__})")
-    expect(f"{prefix}.weight", tensors[f"{prefix}.weight"], (linear.out_features, linear.in_features))
+    _expect_linear(f"{prefix}.weight", tensors[f"{prefix}.weight"], linear, scheme)
     has_bias = f"{prefix}.bias" in tensors
     if linear.bias is not None and not has_bias:
         raise CheckpointError(f"{prefix}.bias: missing ({type(model).__name__}'s {prefix} has a bias)")
@@ -304,15 +316,15 @@ def _linear_of(model: nn.Module, prefix: str, tensors: Mapping[str, torch.Tensor
 
 def _scheme_layer(model: nn.Module, prefix: str, scheme: Scheme, tensors: Mapping[str, torch.Tensor], backend,
                   dtype: torch.dtype | None, saved_dtype: torch.dtype, saved_act: torch.dtype | None,
-                  lossy: list[str], tp: int = 1) -> nn.Module:
+                  lossy: list[str], tp: int = 1, fields: Mapping | None = None) -> nn.Module:
     """The layer of linear ``prefix`` built by its scheme, in the dtype the scheme picks for this load
     (``Scheme.load_act_dtype``); transforms the load's ``dtype`` rounds are added to ``lossy``."""
-    _linear_of(model, prefix, tensors, scheme.quant_type)
+    _linear_of(model, prefix, tensors, scheme)
     parts = layer_tensors(prefix, scheme, tensors)
     act = scheme.load_act_dtype(parts, dtype=dtype, saved_act=saved_act, saved_dtype=saved_dtype)
     parts, rounded = scheme.cast_for_load(parts, dtype=dtype, act_dtype=act)
     lossy.extend(f"{prefix}.{r}" for r in rounded)
     try:
-        return scheme.build(parts, backend=backend, act_dtype=act, tp_size=tp)
+        return scheme.build(parts, backend=backend, act_dtype=act, tp_size=tp, **(fields or {}))
     except ValueError as e:  # its messages start with the tensor's short name
         raise CheckpointError(f"{prefix}.{e}") from None

@@ -241,6 +241,17 @@ def save_quantized(model: nn.Module, out_dir, tokenizer=None, max_shard_size="2G
     tied_listed = [k for k in ties if k not in tensors]
     kv_type, _ = kv_cache_state(model)
     desc = build_description(tensors, quantized, tied_listed, kv_cache=kv_type)
+    for kind in dict.fromkeys(quantized.values()):  # the top-level fields the schemes present record
+        scheme = SCHEMES[kind]
+        try:
+            fields = scheme.description_fields([model.get_submodule(p) for p, k in quantized.items() if k == kind])
+        except ValueError as e:
+            raise CheckpointError(f"model: {e}") from None
+        for name, value in fields.items():
+            if name in desc and desc[name] != value and name != "group_size":
+                raise CheckpointError(f"model: its {kind} layers record {name} = {value!r}, another scheme "
+                                      f"{desc[name]!r}")
+            desc[name] = value
     tps = {SCHEMES[k].tp_size_of(model.get_submodule(p)) for p, k in quantized.items() if is_row_parallel(p)}
     if len(tps) > 1:
         raise CheckpointError(f"model: its row-parallel layers are built for tp_size {sorted(tps)}; a checkpoint "

@@ -80,16 +80,16 @@ def vllm_load_problem(tensors: Mapping[str, torch.Tensor], desc: Mapping, config
     if problem:
         return problem
     for prefix, kind in sorted(_layers(desc).items()):
-        w = tensors[f"{prefix}.weight"]
-        out_f, in_f = w.shape
+        scheme = SCHEMES[kind]
+        out_f, in_f = scheme.linear_shape(tensors[f"{prefix}.weight"])
         if is_row_parallel(prefix):
             if in_f % tp:
                 return f"{prefix}.weight: its {in_f} input columns do not split over {tp} ranks"
             k_rank = in_f // tp
         else:
             k_rank = in_f
-        scheme = SCHEMES[kind]
-        problem = scheme.tp_load_problem(prefix, layer_tensors(prefix, scheme, tensors), k_rank, tp, cann)
+        problem = scheme.tp_load_problem(prefix, layer_tensors(prefix, scheme, tensors), k_rank, tp, cann,
+                                         **scheme.read_fields(desc))
         if problem:
             return problem
     return kv_cache_problem(tensors, desc, config)
@@ -155,7 +155,7 @@ def ranks_output(prefix: str, kind: str, tensors: Mapping[str, torch.Tensor], x:
     """One linear's output at TP ``tp``, computed rank by rank from the narrowed tensors: row-parallel
     partial outputs summed in fp32 and rounded once; column-parallel ones placed at their rows."""
     act = x.dtype
-    out_f, in_f = tensors[f"{prefix}.weight"].shape
+    out_f, in_f = SCHEMES[kind].linear_shape(tensors[f"{prefix}.weight"])
     if is_row_parallel(prefix):
         k = in_f // tp
 

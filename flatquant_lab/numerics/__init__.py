@@ -14,6 +14,8 @@ worst token) and checks the transform alone at full precision.
 :func:`check_linear_w8a8` does the same for a W8A8_DYNAMIC layer (docs/ascend-ops.md, 'W8A8_DYNAMIC layers'),
 parts ``scale`` and ``codes`` (``npu_dynamic_quant``), ``product`` and ``output`` (int8 ``npu_quant_matmul``,
 the forward); both return a :class:`CheckReport` (:class:`LinearReport`, :class:`W8A8Report`).
+:func:`check_linear_mxfp4` checks a W4A4_MXFP4_FLATQUANT layer (docs/mxfp4.md): parts ``scale``, ``codes``,
+``product``, ``output`` and, for a layer computed by several ranks, ``ranks`` (:class:`MxReport`).
 :func:`check_layer` runs the one that fits a layer's checkpoint scheme (:data:`LAYER_CHECKS`).
 :func:`sweep_clip_ratio` tabulates SQNR against the float layer over activation clip ratios;
 :func:`sweep_layer_clip_ratio` does the same for an existing layer (a loaded checkpoint), by default
@@ -30,6 +32,7 @@ from .dispatch import LAYER_CHECKS, check_layer
 from .int4 import check_linear
 from .int8 import DEFAULT_TOKEN_TIE_SHARE_INT8, PARTS_W8A8, TIE_PROBE_EXPONENTS, check_linear_w8a8
 from .layer_inputs import capture_inputs, dequantized_reference
+from .mxfp4 import PARTS_MXFP4, MxReport, check_linear_mxfp4
 from .problems import random_problem
 from .report import (
     DEFAULT_RATIOS, DEFAULT_TIE_SHARE, DEFAULT_TIE_ULPS, FP32_EPILOGUE_REL, PARTS, PROBE_CLIP_RATIO, CheckReport,
@@ -39,7 +42,7 @@ from .sweep import sweep_clip_ratio, sweep_layer_clip_ratio
 
 __all__ = [
     "CheckReport", "DEFAULT_RATIOS", "DEFAULT_TIE_SHARE", "DEFAULT_TIE_ULPS", "DEFAULT_TOKEN_TIE_SHARE_INT8",
-    "FP32_EPILOGUE_REL", "LAYER_CHECKS", "LinearReport", "PARTS", "PARTS_W8A8", "PROBE_CLIP_RATIO", "PartCheck",
+    "FP32_EPILOGUE_REL", "LAYER_CHECKS", "LinearReport", "MxReport", "PARTS", "PARTS_MXFP4", "PARTS_W8A8", "PROBE_CLIP_RATIO", "PartCheck",
     "SweepResult", "SweepRow", "TIE_PROBE_EXPONENTS", "W8A8Report", "capture_inputs", "check_layer", "check_linear",
-    "check_linear_w8a8", "dequantized_reference", "random_problem", "sweep_clip_ratio", "sweep_layer_clip_ratio", "ulp",
+    "check_linear_mxfp4", "check_linear_w8a8", "dequantized_reference", "random_problem", "sweep_clip_ratio", "sweep_layer_clip_ratio", "ulp",
 ]

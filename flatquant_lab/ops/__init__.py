@@ -22,11 +22,15 @@ import re
 import torch
 
 from ..dtypes import HALF_DTYPES
+from ..mxfp4 import FLOAT4_E2M1_X2, FLOAT8_E8M0, GROUP as MX_GROUP
 from . import npu as _npu
 from . import reference as _ref
 from .kv_cache import kv_cache_dequantize, kv_cache_inverse, kv_cache_quantize
 from .npu import NPUUnavailableError
-from .reference import DynamicTrace, Fp16OverflowError, KroneckerTrace, dynamic_quant_trace, kronecker_quant_trace
+from .reference import (
+    DynamicTrace, Fp16OverflowError, KroneckerTrace, MxKroneckerTrace, dynamic_quant_trace, kronecker_quant_mx_trace,
+    kronecker_quant_trace, mx_backend,
+)
 
 BACKENDS = ("reference", "npu")  # the built-in backends, always registered
 ENV_VAR = "FLATQUANT_BACKEND"
@@ -40,12 +44,17 @@ _REGISTRY: dict[str, object] = {}
 # int8 path: the scale dtypes aclnnQuantMatmul takes with a per-token scale (assumed from the
 # torch_npu docs: float32 or bfloat16; vllm-ascend passes bf16 scales for bf16 models)
 INT8_SCALE_DTYPES = (torch.float32, torch.bfloat16)
+# MXFP4 path (docs/mxfp4.md): FP4 codes and E8M0 scales travel as bytes; torch's own 1-byte dtypes of the same
+# names are accepted too. Group sizes as npu_quant_matmul takes them: [m, n, k] = [1, 1, 32].
+MX_GROUP_SIZES = (1, 1, MX_GROUP)
+_FP4_TENSOR_DTYPES = tuple({torch.uint8, *(d for d in (FLOAT4_E2M1_X2, FLOAT8_E8M0) if isinstance(d, torch.dtype))})
 
 __all__ = [
-    "BACKENDS", "OPS", "DynamicTrace", "Fp16OverflowError", "KroneckerTrace", "NPUUnavailableError", "backends",
+    "BACKENDS", "FLOAT4_E2M1_X2", "FLOAT8_E8M0", "MX_GROUP_SIZES", "OPS", "DynamicTrace", "Fp16OverflowError",
+    "KroneckerTrace", "MxKroneckerTrace", "NPUUnavailableError", "backends",
     "convert_weight_to_int4pack", "dynamic_quant", "dynamic_quant_trace", "get_backend", "kronecker_quant", "kronecker_quant_trace",
-    "kv_cache_dequantize", "kv_cache_inverse", "kv_cache_quantize", "quant_matmul", "register_backend",
-    "resolve_backend", "unregister_backend",
+    "kronecker_quant_mx_trace", "kv_cache_dequantize", "kv_cache_inverse", "kv_cache_quantize", "mx_backend",
+    "quant_matmul", "register_backend", "resolve_backend", "unregister_backend",
 ]
 
 
@@ -153,7 +162,13 @@ def check_clip_ratio(clip_ratio) -> float:
 
 
 def kronecker_quant(x, p1, p2, clip_ratio=1.0, dst_dtype=torch.int32, backend=None):
-    """``npu_kronecker_quant(x[T, n1, n2], p1[n1, n1], p2[n2, n2])`` -> (int32 [T, n1, n2/8], fp32 [T])."""
+    """``npu_kronecker_quant(x[T, n1, n2], p1[n1, n1], p2[n2, n2])`` -> (int32 [T, n1, n2/8], fp32 [T]).
+
+    ``dst_dtype=FLOAT4_E2M1_X2`` (the MXFP4 path, docs/mxfp4.md) -> (FP4 codes as uint8 [T, n1, n2/2], E8M0
+    scales as uint8 [T, n1 * n2 / 32]).
+    """
+    if dst_dtype == FLOAT4_E2M1_X2:
+        return _kronecker_quant_mx(x, p1, p2, clip_ratio, backend)
     if x.dim() != 3:
         raise ValueError(f"x: expected [tokens, n1, n2], got shape {tuple(x.shape)}")
     _, n1, n2 = x.shape
@@ -173,9 +188,14 @@ def kronecker_quant(x, p1, p2, clip_ratio=1.0, dst_dtype=torch.int32, backend=No
 
 
 def quant_matmul(x1, x2, scale, offset=None, pertoken_scale=None, bias=None,
-                 output_dtype=torch.float16, backend=None):
+                 output_dtype=torch.float16, backend=None, *, x1_dtype=None, x2_dtype=None,
+                 pertoken_scale_dtype=None, scale_dtype=None, group_sizes=None):
     """``npu_quant_matmul``: int4 path ``x1`` int32 [m, k/8], ``x2`` int32 [k/8, n] (transposed);
-    int8 path (``x1`` int8) ``x1`` int8 [m, k], ``x2`` int8 [k, n] (see :func:`_quant_matmul_int8`)."""
+    int8 path (``x1`` int8) ``x1`` int8 [m, k], ``x2`` int8 [k, n] (see :func:`_quant_matmul_int8`);
+    MXFP4 path (``x1_dtype=FLOAT4_E2M1_X2``, see :func:`_quant_matmul_mx`)."""
+    mx = (x1_dtype, x2_dtype, pertoken_scale_dtype, scale_dtype, group_sizes)
+    if any(v is not None for v in mx):
+        return _quant_matmul_mx(x1, x2, scale, offset, pertoken_scale, bias, output_dtype, backend, *mx)
     if isinstance(x1, torch.Tensor) and x1.dtype == torch.int8:
         return _quant_matmul_int8(x1, x2, scale, offset, pertoken_scale, bias, output_dtype, backend)
     for name, t in (("x1", x1), ("x2", x2)):
@@ -235,6 +255,72 @@ def _quant_matmul_int8(x1, x2, scale, offset, pertoken_scale, bias, output_dtype
     return get_backend(backend, x1, x2).quant_matmul(
         x1, x2, scale, offset=offset, pertoken_scale=pertoken_scale, bias=bias, output_dtype=output_dtype
     )
+
+
+def _kronecker_quant_mx(x, p1, p2, clip_ratio, backend):
+    """The FP4 ``npu_kronecker_quant``'s inputs: ``x[T, L, R]`` fp16/bf16, ``R`` even, ``L * R`` a multiple of 32."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        raise ValueError(f"x: expected [tokens, n1, n2], got shape {tuple(getattr(x, 'shape', ()))}")
+    _, n1, n2 = x.shape
+    if x.dtype not in HALF_DTYPES:
+        raise ValueError(f"x: expected float16 or bfloat16, got {x.dtype}")
+    for name, p, n in (("p1", p1, n1), ("p2", p2, n2)):
+        if not isinstance(p, torch.Tensor) or tuple(p.shape) != (n, n):
+            raise ValueError(f"{name}: expected shape ({n}, {n}) to match x {tuple(x.shape)}, "
+                             f"got {tuple(getattr(p, 'shape', ()))}")
+        if p.dtype != x.dtype:
+            raise ValueError(f"{name}: expected dtype {x.dtype} (that of x), got {p.dtype}")
+    if n2 % 2:
+        raise ValueError(f"x: n2 = {n2} must be even (two FP4 codes per byte)")
+    if (n1 * n2) % MX_GROUP:
+        raise ValueError(f"x: n1 * n2 = {n1 * n2} must be a multiple of {MX_GROUP} (one E8M0 scale per group)")
+    if max(n1, n2) > KRONECKER_MAX_FACTOR:
+        raise ValueError(f"x: factor sizes ({n1}, {n2}) exceed {KRONECKER_MAX_FACTOR}, the op's limit")
+    c = check_clip_ratio(clip_ratio)
+    return get_backend(backend, x, p1, p2).kronecker_quant(x, p1, p2, clip_ratio=c, dst_dtype=FLOAT4_E2M1_X2)
+
+
+def _bytes(name: str, t, shape: tuple) -> None:
+    if not isinstance(t, torch.Tensor) or t.dtype not in _FP4_TENSOR_DTYPES or tuple(t.shape) != shape:
+        raise ValueError(f"{name}: expected a uint8 tensor {list(shape)}, got {getattr(t, 'dtype', type(t).__name__)} "
+                         f"{list(getattr(t, 'shape', ()))}")
+
+
+def _quant_matmul_mx(x1, x2, scale, offset, pertoken_scale, bias, output_dtype, backend,
+                     x1_dtype, x2_dtype, pertoken_scale_dtype, scale_dtype, group_sizes):
+    """``npu_quant_matmul``'s MXFP4 path (docs/mxfp4.md; the layouts are assumed): ``x1`` FP4 [m, k/2] and
+    ``x2`` FP4 [k/2, n] (the transpose of a contiguous weight [n, k/2]) as uint8 bytes, ``scale`` E8M0 [n, k/32],
+    ``pertoken_scale`` E8M0 [m, k/32] as uint8, ``group_sizes`` [1, 1, 32]."""
+    want = {"x1_dtype": (x1_dtype, FLOAT4_E2M1_X2), "x2_dtype": (x2_dtype, FLOAT4_E2M1_X2),
+            "pertoken_scale_dtype": (pertoken_scale_dtype, FLOAT8_E8M0), "scale_dtype": (scale_dtype, FLOAT8_E8M0)}
+    for name, (have, need) in want.items():
+        if have != need:
+            raise ValueError(f"{name}: the MXFP4 path expects {need}, got {have}")
+    if group_sizes is None or tuple(group_sizes) != MX_GROUP_SIZES:
+        raise ValueError(f"group_sizes: the MXFP4 path expects {list(MX_GROUP_SIZES)}, got {group_sizes}")
+    if not isinstance(x1, torch.Tensor) or x1.dim() != 2:
+        raise ValueError(f"x1: expected a 2-D tensor of FP4 bytes [m, k/2], got {tuple(getattr(x1, 'shape', ()))}")
+    m, kb = x1.shape
+    k = 2 * kb
+    if k % MX_GROUP:
+        raise ValueError(f"x1: k = {k} must be a multiple of {MX_GROUP}")
+    if not isinstance(x2, torch.Tensor) or x2.dim() != 2:
+        raise ValueError(f"x2: expected a 2-D tensor of FP4 bytes [k/2, n], got {tuple(getattr(x2, 'shape', ()))}")
+    n = x2.shape[1]
+    _bytes("x1", x1, (m, kb))
+    _bytes("x2", x2, (kb, n))
+    _bytes("scale", scale, (n, k // MX_GROUP))
+    _bytes("pertoken_scale", pertoken_scale, (m, k // MX_GROUP))
+    if offset is not None:
+        raise ValueError("offset: the MXFP4 path is symmetric; expected None")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n,)):
+        raise ValueError(f"bias: expected shape [{n}], got {tuple(getattr(bias, 'shape', ()))}")
+    if output_dtype not in HALF_DTYPES:
+        raise ValueError(f"output_dtype: expected torch.float16 or torch.bfloat16, got {output_dtype}")
+    return get_backend(backend, x1, x2).quant_matmul(
+        x1, x2, scale, offset=None, pertoken_scale=pertoken_scale, bias=bias, output_dtype=output_dtype,
+        x1_dtype=x1_dtype, x2_dtype=x2_dtype, pertoken_scale_dtype=pertoken_scale_dtype, scale_dtype=scale_dtype,
+        group_sizes=list(group_sizes))
 
 
 def convert_weight_to_int4pack(weight, inner_k_tiles=1, backend=None):

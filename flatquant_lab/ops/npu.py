@@ -11,6 +11,8 @@ import sys
 
 import torch
 
+from ..mxfp4 import FLOAT4_E2M1_X2, FLOAT8_E8M0
+
 _CANN_HINT = (
     "torch_npu could not be imported: it needs the Ascend CANN toolkit (source "
     "/usr/local/Ascend/ascend-toolkit/set_env.sh) and a torch_npu wheel built for this torch "
@@ -46,13 +48,40 @@ def is_available() -> bool:
         return False
 
 
+def _npu_dtype(mod, dtype):
+    """torch_npu's own object for an FP4 / E8M0 dtype of ours (``torch_npu.float4_e2m1fn_x2`` ...), else ``dtype``."""
+    if dtype in (FLOAT4_E2M1_X2, FLOAT8_E8M0):
+        name = dtype if isinstance(dtype, str) else str(dtype).replace("torch.", "")
+        return getattr(mod, name, dtype)
+    return dtype
+
+
+def _as_bytes(t):
+    """An FP4 or E8M0 result as the uint8 bytes the rest of the package handles (assumed: a byte view)."""
+    return t if t.dtype == torch.uint8 else t.view(torch.uint8)
+
+
 def kronecker_quant(x, p1, p2, clip_ratio=1.0, dst_dtype=torch.int32):
-    return torch_npu().npu_kronecker_quant(x, p1, p2, clip_ratio=clip_ratio, dst_dtype=dst_dtype)
+    mod = torch_npu()
+    out = mod.npu_kronecker_quant(x, p1, p2, clip_ratio=clip_ratio, dst_dtype=_npu_dtype(mod, dst_dtype))
+    if dst_dtype == FLOAT4_E2M1_X2:
+        return _as_bytes(out[0]), _as_bytes(out[1])
+    return out
 
 
-def quant_matmul(x1, x2, scale, offset=None, pertoken_scale=None, bias=None, output_dtype=torch.float16):
-    return torch_npu().npu_quant_matmul(
-        x1, x2, scale, offset=offset, pertoken_scale=pertoken_scale, bias=bias, output_dtype=output_dtype
+def quant_matmul(x1, x2, scale, offset=None, pertoken_scale=None, bias=None, output_dtype=torch.float16,
+                 x1_dtype=None, x2_dtype=None, pertoken_scale_dtype=None, scale_dtype=None, group_sizes=None):
+    mod = torch_npu()
+    if x1_dtype is None:
+        return mod.npu_quant_matmul(
+            x1, x2, scale, offset=offset, pertoken_scale=pertoken_scale, bias=bias, output_dtype=output_dtype
+        )
+    # MXFP4 (docs/mxfp4.md): byte tensors with their FP4 / E8M0 dtypes named, groups of 32 along k
+    return mod.npu_quant_matmul(
+        x1, x2, scale, offset=offset, pertoken_scale=pertoken_scale, bias=bias, output_dtype=output_dtype,
+        x1_dtype=_npu_dtype(mod, x1_dtype), x2_dtype=_npu_dtype(mod, x2_dtype),
+        pertoken_scale_dtype=_npu_dtype(mod, pertoken_scale_dtype), scale_dtype=_npu_dtype(mod, scale_dtype),
+        group_sizes=group_sizes,
     )
 
 

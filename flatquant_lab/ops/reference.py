@@ -12,10 +12,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
+import types
 from typing import NamedTuple
 
 import torch
 
+from .. import mxfp4
+from ..mxfp4 import DEFAULT_OPTIONS, FLOAT4_E2M1_X2, MxOptions
 from ..packing import pack_int4_codes, pack_int4, unpack_int4
 from ..quantizers import dynamic_codes, kron_act_codes, quant_dynamic_reference
 
@@ -176,8 +179,10 @@ def kronecker_quant(
     The steps are :func:`kronecker_quant_trace`'s; the codes are packed 8 per int32 along n2.
     Returns ``(out int32 [T, n1, n2/8], quant_scale float32 [T])``.
     """
+    if dst_dtype == FLOAT4_E2M1_X2:
+        return kronecker_quant_mx(x, p1, p2, clip_ratio)
     if dst_dtype != torch.int32:
-        raise ValueError(f"dst_dtype: expected torch.int32 (int4 packed), got {dst_dtype}")
+        raise ValueError(f"dst_dtype: expected torch.int32 (int4 packed) or {FLOAT4_E2M1_X2} (FP4), got {dst_dtype}")
     tr = kronecker_quant_trace(x, p1, p2, clip_ratio)
     return _pack_int4_checked(tr.q.reshape(x.shape)), tr.scale
 
@@ -191,12 +196,20 @@ def quant_matmul(
     pertoken_scale: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     output_dtype: torch.dtype = torch.float16,
+    x1_dtype=None,
+    x2_dtype=None,
+    pertoken_scale_dtype=None,
+    scale_dtype=None,
+    group_sizes=None,
 ) -> torch.Tensor:
-    """Emulate ``npu_quant_matmul`` on int4-packed int32 operands (int8 operands: :func:`_quant_matmul_int8`).
+    """Emulate ``npu_quant_matmul`` on int4-packed int32 operands (int8 operands: :func:`_quant_matmul_int8`;
+    ``x1_dtype`` FP4: :func:`quant_matmul_mx`).
 
     ``acc[i, j] = sum_k a[i, k] w[j, k]`` (exact);  ``y = acc * scale[j] * pertoken[i]`` in fp32;
     ``y += bias`` in fp32;  cast to ``output_dtype`` (round half to even).
     """
+    if x1_dtype == FLOAT4_E2M1_X2:
+        return quant_matmul_mx(x1, x2, scale, pertoken_scale, bias, output_dtype)
     if x1.dtype == torch.int8:
         return _quant_matmul_int8(x1, x2, scale, pertoken_scale, bias, output_dtype)
     k = x1.shape[-1] * 8
@@ -252,3 +265,82 @@ def dynamic_quant(
     if dst_type == torch.quint4x2:
         return _pack_int4_checked(q.to(torch.int8)), scale
     return q.to(torch.int8), scale
+
+
+# ---------------------------------------------------------------------------------------------- MXFP4
+class MxKroneckerTrace(NamedTuple):
+    """The FP4 ``npu_kronecker_quant``'s intermediates for tokens ``[T, L, R]``, flattened to ``[T, K]``.
+
+    ``b``: bfloat16 transformed activations; ``ratios``: the E2M1 values the codes stand for (float);
+    ``codes``: unpacked uint8 E2M1 codes; ``scales``: uint8 E8M0 codes ``[T, K/32]``.
+    """
+
+    b: torch.Tensor
+    ratios: torch.Tensor
+    codes: torch.Tensor
+    scales: torch.Tensor
+
+
+@_ieee
+def kronecker_quant_mx_trace(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, clip_ratio: float = 1.0,
+                             options: MxOptions = DEFAULT_OPTIONS) -> MxKroneckerTrace:
+    """Every step of the FP4 ``npu_kronecker_quant`` (docs/mxfp4.md) on tokens ``x[T, L, R]``, kept.
+
+    ``b = bf16(p1 @ x @ p2)`` with fp32 products (``options.round_intermediate``: ``x @ p2`` rounded to the
+    input dtype first, as the int4 kernel does); then per group of 32 along the flattened token the shared
+    exponent and the E2M1 elements of ``options.scale_rule``.
+    """
+    a = torch.bmm(x.float(), p2.float().expand(x.shape[0], *p2.shape))
+    if options.round_intermediate:
+        a = a.to(x.dtype).float()
+    b = torch.matmul(p1.float(), a).to(torch.bfloat16).reshape(x.shape[0], -1)
+    if not bool(torch.isfinite(b).all()):
+        raise ValueError("x: the transformed activation p1 @ x @ p2 is not finite in bfloat16")
+    mq = mxfp4.quantize_groups(b, options, clip=float(clip_ratio))
+    return MxKroneckerTrace(b, mq.ratios, mq.codes, mq.scales)
+
+
+def kronecker_quant_mx(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, clip_ratio: float = 1.0,
+                       options: MxOptions = DEFAULT_OPTIONS) -> tuple[torch.Tensor, torch.Tensor]:
+    """The FP4 ``npu_kronecker_quant``: ``(codes uint8 [T, L, R/2], scales uint8 E8M0 [T, K/32])``.
+
+    FP4 is modelled as uint8 bytes (two codes each, low nibble first); E8M0 as uint8 codes.
+    """
+    tr = kronecker_quant_mx_trace(x, p1, p2, clip_ratio, options)
+    t, n1, n2 = x.shape
+    return mxfp4.pack_fp4(tr.codes).reshape(t, n1, n2 // 2), tr.scales
+
+
+def quant_matmul_mx(x1: torch.Tensor, x2: torch.Tensor, scale: torch.Tensor, pertoken_scale: torch.Tensor,
+                    bias: torch.Tensor | None, output_dtype: torch.dtype) -> torch.Tensor:
+    """``npu_quant_matmul`` on MXFP4 operands (assumed, docs/mxfp4.md): ``x1`` uint8 ``[m, k/2]``, ``x2`` uint8
+    ``[k/2, n]`` (the transpose of the weight ``[n, k/2]``), ``scale`` E8M0 ``[n, k/32]``, ``pertoken_scale``
+    E8M0 ``[m, k/32]``.
+
+    ``y = sum_g (a_g 2^(s_a - 127)) . (w_g 2^(s_w - 127))`` formed in float64 (every E2M1 product and power-of-two
+    scaling is exact there), rounded once to fp32; ``bias`` added in fp32; one rounding to ``output_dtype``.
+    """
+    x1, x2, scale, pertoken_scale = (t if t.dtype == torch.uint8 else t.view(torch.uint8)  # torch's 1-byte FP4 / E8M0
+                                     for t in (x1, x2, scale, pertoken_scale))
+    a = mxfp4.dequantize(x1, pertoken_scale)  # [m, k] float64
+    w = mxfp4.dequantize(x2.transpose(0, 1), scale)  # [n, k]
+    y = (a @ w.transpose(0, 1)).to(torch.float32)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(output_dtype)
+
+
+def mx_backend(options: MxOptions) -> types.SimpleNamespace:
+    """A backend (the four ops) computing the FP4 path under ``options`` and everything else as this module
+    does: register it to run or compare another reading of the assumed points (docs/mxfp4.md)."""
+    if not isinstance(options, MxOptions):
+        raise ValueError(f"options: expected an MxOptions, got {type(options).__name__}")
+
+    def kq(x, p1, p2, clip_ratio=1.0, dst_dtype=torch.int32):
+        if dst_dtype == FLOAT4_E2M1_X2:
+            return kronecker_quant_mx(x, p1, p2, clip_ratio, options)
+        return kronecker_quant(x, p1, p2, clip_ratio, dst_dtype)
+
+    return types.SimpleNamespace(kronecker_quant=kq, quant_matmul=quant_matmul,
+                                 convert_weight_to_int4pack=convert_weight_to_int4pack, dynamic_quant=dynamic_quant,
+                                 options=options)

@@ -25,6 +25,7 @@ from .base import OPTIONAL, KVCacheScheme, Scheme, TensorSpec, check_specs, expe
 from .float import FloatScheme
 from .kv_c8 import C8KVCache
 from .w4a4_flatquant import W4A4FlatQuantScheme
+from .w4a4_mxfp4_flatquant import W4A4MXFP4FlatQuantScheme
 from .w8a8_dynamic import W8A8DynamicScheme
 
 SCHEMES: dict[str, Scheme] = {}
@@ -133,12 +134,13 @@ def kv_cache_scheme_of(module: nn.Module) -> KVCacheScheme | None:
 W4A4_FLATQUANT_DYNAMIC = register(W4A4FlatQuantScheme)
 W8A8_DYNAMIC = register(W8A8DynamicScheme)
 FLOAT = register(FloatScheme)
+W4A4_MXFP4_FLATQUANT = register(W4A4MXFP4FlatQuantScheme)
 C8 = register_kv_cache(C8KVCache)
 
 __all__ = [
     "C8", "C8KVCache", "FLOAT", "FloatScheme", "KVCacheScheme", "KV_CACHE_SCHEMES", "OPTIONAL", "SCHEMES", "Scheme",
-    "TensorSpec", "W4A4FlatQuantScheme", "W4A4_FLATQUANT_DYNAMIC", "W8A8DynamicScheme", "W8A8_DYNAMIC",
-    "check_specs", "expect", "known_text", "known_types", "kv_cache_scheme_for", "kv_cache_scheme_of",
-    "matrix_shape", "quantized_schemes", "rank_kv_heads", "register", "register_kv_cache", "scheme_for",
-    "scheme_of", "unregister", "unregister_kv_cache",
+    "TensorSpec", "W4A4FlatQuantScheme", "W4A4MXFP4FlatQuantScheme", "W4A4_FLATQUANT_DYNAMIC", "W4A4_MXFP4_FLATQUANT",
+    "W8A8DynamicScheme", "W8A8_DYNAMIC", "check_specs", "expect", "known_text", "known_types", "kv_cache_scheme_for",
+    "kv_cache_scheme_of", "matrix_shape", "quantized_schemes", "rank_kv_heads", "register", "register_kv_cache",
+    "scheme_for", "scheme_of", "unregister", "unregister_kv_cache",
 ]

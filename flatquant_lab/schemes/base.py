@@ -90,6 +90,9 @@ class Scheme(ABC):
     folded: ClassVar[tuple[str, ...]] = ()
     # Whether its row-parallel tensors are sized for one tensor-parallel size (docs/tensor-parallel.md)
     sized_for_tp: ClassVar[bool] = False
+    # Top-level description fields it reads (vllm-ascend's defaults when absent); its layers hold them as
+    # attributes of the same names, its ``build`` takes them as keyword arguments
+    fields: ClassVar[Mapping[str, object]] = {}
 
     def __repr__(self) -> str:
         return f"<scheme {self.quant_type} ({self.layer_cls.__name__})>"
@@ -109,6 +112,32 @@ class Scheme(ABC):
         """Check one linear's tensors (short names, all of ``names`` present) against :meth:`tensor_specs`."""
         out_f, in_f = matrix_shape(tensors, self.weight_dtypes, self.weight_what)
         check_specs(tensors, self.tensor_specs(out_f, in_f, tp_size))
+
+    def linear_shape(self, weight: torch.Tensor) -> tuple[int, int]:
+        """``[O, K]`` of the linear whose stored ``weight`` this is (a packed weight stores fewer columns)."""
+        return tuple(weight.shape)
+
+    # ------------------------------------------------------------------ top-level description fields
+    def description_fields(self, layers) -> dict[str, object]:
+        """The top-level fields a checkpoint of ``layers`` (this scheme's) records: one value per field, which
+        all of them must share (``ValueError`` naming the field otherwise)."""
+        out: dict[str, object] = {}
+        for name in self.fields:
+            values = {getattr(layer, name) for layer in layers}
+            if len(values) > 1:
+                raise ValueError(f"{name}: the {self.quant_type} layers hold {sorted(values)}; a checkpoint records "
+                                 "one value")
+            if values:
+                out[name] = values.pop()
+        return out
+
+    def fields_problem(self, desc: Mapping) -> str:
+        """Why the description's top-level fields do not suit this scheme, in words; ``""`` when they do."""
+        return ""
+
+    def read_fields(self, desc: Mapping) -> dict[str, object]:
+        """The fields as :meth:`build` takes them: the description's values, else the defaults."""
+        return {name: default if desc.get(name) is None else desc[name] for name, default in self.fields.items()}
 
     def tensors_of(self, layer: nn.Module) -> dict[str, torch.Tensor]:
         """The tensors ``layer`` stores, by short name, exactly as it was built from them."""
