@@ -46,7 +46,9 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, calib_data=Non
     ``samples`` sequences, cut to ``seqlen``, are what calibration runs on (the config records it).
     ``QuantConfig()`` (the default) is FlatQuant with GPTQ weights at the ``fast`` profile: it needs
     ``calib_data``. The W4A4 layers compute in the model's dtype when it is float16 or bfloat16, in
-    bfloat16 for a float32 model (``QuantConfig.schemes.act_dtype``).
+    bfloat16 for a float32 model (``QuantConfig.schemes.act_dtype``). With ``kv_cache="C8"`` in the config, the
+    KV cache's static scales are calibrated afterwards on the same windows (:func:`quantize_kv_cache`; its report
+    is ``model.flatquant_report["kv_cache"]``), whatever the linears needed.
     """
     # act_dtype None: a float16/bfloat16 model's own dtype, bfloat16 for a float32 model
     config = (config or QuantConfig()).for_model(model)
@@ -54,10 +56,39 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, calib_data=Non
         config = config.replace(device=device)  # validated by QuantConfig
     ids = _as_ids(calib_data)
     model.eval()
-    report = calibrate(model, config, ids, backend=backend, after_layer=after_layer)
+    kv_cache = config.schemes.kv_cache
+    if kv_cache is not None and ids is None:  # before an hour of calibration, not after it
+        raise ValueError(f"calib_data: the {kv_cache} KV cache (QuantConfig kv_cache={kv_cache!r}) is calibrated on "
+                         "token ids; expected a LongTensor [n, seqlen], got None")
+    # the linears of rtn/rtn read no data: then the ids are the KV cache's alone (no "ignored" warning)
+    linear_ids = None if kv_cache is not None and not (config.method == "flatquant"
+                                                       or config.weight_quantizer == "gptq") else ids
+    report = calibrate(model, config, linear_ids, backend=backend, after_layer=after_layer)
     model.flatquant_report = report.to_dict()
+    if kv_cache is not None:
+        model.flatquant_report["kv_cache"] = quantize_kv_cache(model, ids, config)
     model.flatquant_config = config
     return model
+
+
+def quantize_kv_cache(model: nn.Module, calib_data, config: QuantConfig | None = None) -> dict:
+    """Calibrate ``model``'s KV-cache scales (``config.schemes.kv_cache``, default ``"C8"``) on the calibration
+    windows (at most ``config``'s ``samples`` x ``seqlen`` of them) and attach them; returns the calibration's report.
+
+    ``quantize`` calls it after the linears are quantized when the config asks for a KV cache; on its own it works
+    on any model (float, W4A4, a loaded checkpoint). The clip: ``config.schemes.kv_cache_clip``
+    (docs/kv-cache.md, 'Calibration').
+    """
+    from .calibrate.kv_cache import calibrate_kv_cache
+
+    config = config or QuantConfig(kv_cache="C8")
+    ids = _as_ids(calib_data)
+    if ids is None:
+        raise ValueError("calib_data: expected a LongTensor [n, seqlen] or an iterable of them, got None")
+    schemes = config.schemes
+    ids = ids[: config.data.samples, : config.data.seqlen].contiguous()  # the windows the linears were calibrated on
+    return calibrate_kv_cache(model, ids, cache_type=schemes.kv_cache or "C8",
+                              clip=schemes.kv_cache_clip, batch_size=config.train.batch_size)
 
 
 @torch.no_grad()

@@ -5,7 +5,9 @@ evaluation articles (word perplexity; token perplexity from the same log-likelih
 one table, ``demo.json`` and ``demo.png`` in the output folder. The three FlatQuant rows (the default
 recipe, msModelSlim's mixed recipe, and TP-N-aware transforms) are exported to ``export-<method>``
 there (what vllm-ascend loads), and each export goes through ``serve_check`` (docs/tensor-parallel.md): the
-table says at which tensor-parallel sizes vLLM would load it.
+table says at which tensor-parallel sizes vLLM would load it. The msModelSlim row plus a C8 KV cache
+(docs/kv-cache.md) reuses that row's quantized model when both run: its cache scales are calibrated on the same
+windows, it is evaluated with every forward reading K and V through the int8 cache, and exported with them.
 """
 from __future__ import annotations
 
@@ -23,12 +25,15 @@ from .recipe import QuantConfig
 
 log = logging.getLogger(__name__)
 
-METHODS = ("fp", "rtn_w4a16", "rtn", "hadamard", "flatquant", "flatquant_msmodelslim", "flatquant_tp")
+METHODS = ("fp", "rtn_w4a16", "rtn", "hadamard", "flatquant", "flatquant_msmodelslim", "flatquant_msmodelslim_c8",
+           "flatquant_tp")
 LABELS = {"fp": "full precision (dequantized GGUF)", "rtn_w4a16": "W4A16 RTN (weights only)",
           "rtn": "W4A4 RTN", "hadamard": "W4A4 Hadamard", "flatquant": "W4A4 FlatQuant (GPTQ)",
           "flatquant_msmodelslim": "W4A4 FlatQuant + W8A8 o/down (msModelSlim recipe)",
+          "flatquant_msmodelslim_c8": "W4A4 FlatQuant msModelSlim recipe + C8 KV cache",
           "flatquant_tp": "W4A4 FlatQuant, TP-{tp}-aware"}
 FLATQUANT_ROWS = ("flatquant", "flatquant_msmodelslim", "flatquant_tp")
+C8_ROW = "flatquant_msmodelslim_c8"  # the msModelSlim row's model with a calibrated C8 KV cache
 # What each profile runs by default: the serving rows (msModelSlim recipe, TP-aware) show where an
 # export loads and at what cost; the full profile would triple its 18-minute calibration with them.
 DEFAULT_METHODS = {"fast": METHODS, "full": ("fp", "rtn_w4a16", "rtn", "hadamard", "flatquant")}
@@ -65,6 +70,18 @@ def flatquant_config(method: str, profile: str, seed: int, samples=None, epochs=
              "flatquant_tp": {"tp_size": tp_size}}[method]
     return QuantConfig(method="flatquant", weight_quantizer="gptq", profile=profile, seed=seed,
                        samples=samples, epochs=epochs, seqlen=seqlen, **extra)
+
+
+def kv_cache_bytes(model, cache_type: str | None = None) -> dict:
+    """KV-cache bytes per token (all layers, K and V) as vLLM holds them: bf16 (2 bytes), or int8 with C8; C8's
+    scales and offsets are per model (four ``[C]`` vectors per layer, in bf16 as served), not per token."""
+    from .models import decoder_layers, kv_sizes
+
+    heads, head_dim = kv_sizes(model)
+    values = 2 * len(decoder_layers(model)) * heads * head_dim  # K and V values per token
+    per_token = values * (1 if cache_type == "C8" else 2)
+    return {"kv_bytes_per_token": per_token, "kv_vs_bf16": per_token / (2 * values),
+            "kv_scale_bytes": 2 * values * 2 if cache_type == "C8" else 0}
 
 
 def serving_sizes(export_dir, tp_sizes) -> tuple[list[int], list[str]]:
@@ -112,9 +129,10 @@ def run_demo(model_name: str = "smollm2-135m", profile: str = "fast", out_dir: s
     Evaluation covers every document of the task, the first ``limit``, or the documents ``docs`` (indices).
     """
     from .data import bundled_data_path, calibration_ids
+    from .api import quantize_kv_cache
     from .hub import load_model
     from .io import save_quantized
-    from .models import linear_weight_bytes
+    from .models import linear_weight_bytes, use_kv_cache_attention
 
     from .extras import require
 
@@ -140,18 +158,46 @@ def run_demo(model_name: str = "smollm2-135m", profile: str = "fast", out_dir: s
     results = {}
     configs = {}
     t_all = time.perf_counter()
-    for method in methods:
+    kept = None  # the msModelSlim row's model, kept for the C8 row when it comes later
+    for i, method in enumerate(methods):
         # dtype "auto": the model's own; the bundled GGUF model is float32 (its published figures ran on that)
-        model, tok = load_model(model_name, num_layers=num_layers)
+        reuse = method == C8_ROW and kept is not None
+        if reuse:
+            model, kept = kept, None  # bf16_bytes: the msModelSlim row's, from the same float model
+        else:
+            model, tok = load_model(model_name, num_layers=num_layers)
+            bf16_bytes = 2 * decoder_linear_params(model)
         fq_cfg = fq_cfg.for_model(model)  # act_dtype: the model's if float16/bfloat16, else bfloat16
-        bf16_bytes = 2 * decoder_linear_params(model)
         calib_s = 0.0
         model_tp = demo_tp_size(model)  # the smallest TP size above 1 this model can be split over
         tp = model_tp if method == "flatquant_tp" else 1
         label = LABELS[method].format(tp=tp)
         log.info("=== %s ===", label)
         serving = None
-        if method in ("rtn", "hadamard") + FLATQUANT_ROWS:
+        if method == C8_ROW:
+            # msModelSlim's recipe (reused from its row, else quantized here), then the C8 scales on the same windows
+            cfg = flatquant_config("flatquant_msmodelslim", profile, seed, samples, epochs, seqlen).for_model(model)
+            ids = calibration_ids(bundled_data_path("calib"), tok, cfg.data.samples, cfg.data.seqlen, seed=seed)
+            t0 = time.perf_counter()
+            if not reuse:
+                quantize(model, cfg, ids, device=device)
+            cfg = cfg.replace(kv_cache="C8")
+            configs[method] = cfg.to_dict()
+            kv_report = quantize_kv_cache(model, ids, cfg)
+            use_kv_cache_attention(model)  # evaluated as decode reads the int8 cache
+            calib_s = time.perf_counter() - t0
+            export = out / f"export-{method.replace('_', '-')}"
+            save_quantized(model, export, tokenizer=tok, overwrite=True)
+            sizes, lines = serving_sizes(export, SERVE_TP_SIZES + (model_tp,))
+            serving = {"serves_at_tp": sizes, "serve_check": lines, "export": str(export),
+                       "kv_cache": {"clip": kv_report["clip"], "seconds": kv_report["seconds"],
+                                    "reused_msmodelslim_model": reuse,
+                                    "attention_rel_error": [r["rel_error"] for r in kv_report["layers"]],
+                                    "attention_rel_error_max_scales": [r["rel_error_max"]
+                                                                       for r in kv_report["layers"]]}}
+            for line in lines:
+                log.info("%s export: %s", method, line)
+        elif method in ("rtn", "hadamard") + FLATQUANT_ROWS:
             # The baselines as defined (fixed transforms, clip 1.0, round-to-nearest weights) need no
             # data; FlatQuant learns on the calibration set and GPTQs its weights.
             cfg = (flatquant_config(method, profile, seed, samples, epochs, seqlen, tp_size=tp)
@@ -179,10 +225,11 @@ def run_demo(model_name: str = "smollm2-135m", profile: str = "fast", out_dir: s
         row = evaluate_model(model, tok, limit=limit, batch_size=batch_size, docs=docs)
         lin_bytes = linear_weight_bytes(model) if method not in ("fp", "rtn_w4a16") else bf16_bytes
         row.update({"label": label, "calib_seconds": calib_s, "linear_bytes": lin_bytes,
-                    "linear_bytes_vs_bf16": lin_bytes / bf16_bytes})
+                    "linear_bytes_vs_bf16": lin_bytes / bf16_bytes,
+                    **kv_cache_bytes(model, "C8" if method == C8_ROW else None)})
         if serving is not None:
             row.update(serving)
-        if method in ("rtn", "hadamard") + FLATQUANT_ROWS:
+        if method in ("rtn", "hadamard", C8_ROW) + FLATQUANT_ROWS:
             row["clip_ratios"] = [l["clip_ratios"] for l in model.flatquant_report["layers"]]
             row["fake_quant_mse"] = [l.get("fake_quant_mse") for l in model.flatquant_report["layers"]]
             row["epoch_losses"] = [l["epoch_losses"] for l in model.flatquant_report["layers"]]
@@ -191,6 +238,8 @@ def run_demo(model_name: str = "smollm2-135m", profile: str = "fast", out_dir: s
         results[method] = row
         log.info("%s: word PPL %.3f, token PPL %.3f (calib %.0f s, eval %.0f s)", method,
                  row["word_perplexity"], row["token_perplexity"], calib_s, row["eval_seconds"])
+        if method == "flatquant_msmodelslim" and C8_ROW in methods[i + 1:]:
+            kept = model  # the C8 row calibrates its cache on this model instead of quantizing again
         del model
     fp = results.get("fp")
     for row in results.values():
@@ -237,17 +286,20 @@ def _checks(results: dict, profile: str = "fast") -> dict:
 def format_table(summary: dict) -> str:
     width = max(34, *(len(r["label"]) for r in summary["results"].values()))
     head = (f"{'method':{width}} {'word PPL':>10} {'token PPL':>10} {'x FP':>7} {'linear MiB':>11} "
-            f"{'x bf16':>7} {'serves at TP':>12} {'calib s':>8} {'eval s':>7}")
+            f"{'x bf16':>7} {'KV x bf16':>9} {'serves at TP':>12} {'calib s':>8} {'eval s':>7}")
     lines = [head, "-" * len(head)]
     for m, r in summary["results"].items():
         x = f"{r['token_ppl_vs_fp']:.2f}" if r.get("token_ppl_vs_fp") else "-"
         tps = ",".join(map(str, r["serves_at_tp"])) or "none" if "serves_at_tp" in r else "-"
         lines.append(f"{r['label']:{width}} {r['word_perplexity']:10.3f} {r['token_perplexity']:10.3f} {x:>7} "
-                     f"{r['linear_bytes'] / 2**20:11.1f} {r['linear_bytes_vs_bf16']:7.3f} {tps:>12} "
+                     f"{r['linear_bytes'] / 2**20:11.1f} {r['linear_bytes_vs_bf16']:7.3f} "
+                     f"{r.get('kv_vs_bf16', 1.0):9.2f} {tps:>12} "
                      f"{r['calib_seconds']:8.0f} {r['eval_seconds']:7.0f}")
     lines.append("")
     lines.append("x FP: token perplexity ratio to full precision; x bf16: linear weight bytes in memory "
-                 "relative to bf16 (the fp rows are counted at bf16); serves at TP: the tensor-parallel sizes "
+                 "relative to bf16 (the fp rows are counted at bf16); KV x bf16: KV-cache bytes per token relative "
+                 "to a bf16 cache (C8: int8 values; its scales, a few KiB per model, are not per token); "
+                 "serves at TP: the tensor-parallel sizes "
                  f"of {list(SERVE_TP_SIZES)} (and the model's smallest split above 1) at which vLLM loads the export "
                  "(flatquant_lab.io.serving.serve_check).")
     for k, v in summary["checks"].items():
@@ -265,7 +317,8 @@ def _plot(summary: dict, path: Path) -> None:
     names = list(res)
     vals = [res[m]["token_perplexity"] for m in names]
     fig, ax = plt.subplots(figsize=(8, 4.2))
-    colors = ["#555555" if m == "fp" else "#8c8cd9" if m == "rtn_w4a16" else "#3b9c5a" if m in FLATQUANT_ROWS
+    colors = ["#555555" if m == "fp" else "#8c8cd9" if m == "rtn_w4a16" else "#3b9c5a"
+              if m in FLATQUANT_ROWS + (C8_ROW,)
               else "#d98c8c" for m in names]
     bars = ax.bar([res[m]["label"].replace(" (", "\n(") for m in names], vals, color=colors)
     ax.set_yscale("log")

@@ -56,6 +56,10 @@ RECIPES = {
     # msModelSlim's W4A4 recipe (example/Qwen/w4a4.py): the row-parallel o/down at W8A8_DYNAMIC
     "msmodelslim": {"*.self_attn.o_proj": W8A8_DYNAMIC, "*.mlp.down_proj": W8A8_DYNAMIC, "*": FLATQUANT},
 }
+# KV-cache types quantize can calibrate after the linears (docs/kv-cache.md; schemes.KV_CACHE_SCHEMES holds them)
+# and how their scales are chosen (calibrate/kv_cache.py)
+KV_CACHE_TYPES = ("C8",)
+KV_CACHE_CLIPS = ("max", "search")
 
 
 def _frozen_set(obj, name, value) -> None:
@@ -95,8 +99,15 @@ class SchemeRecipe:
     # the model's own half dtype (vllm-ascend computes in it), bfloat16 for a float32 model.
     act_dtype: torch.dtype | None = None
     cann: str = "8.3"  # which CANN's kronecker_quant limits decide what can run on the NPU
+    # A quantized KV cache calibrated after the linears (None: the cache stays in the model dtype), and its
+    # scales: per-channel max|x| / 127 ("max", msModelSlim's) or that times a searched clip ("search"; it lowers the
+    # attention error but not the bundled model's perplexity, docs/kv-cache.md)
+    kv_cache: str | None = None
+    kv_cache_clip: str = "max"
 
     def __post_init__(self):
+        one_of(self.kv_cache, "kv_cache", (None,) + KV_CACHE_TYPES)
+        one_of(self.kv_cache_clip, "kv_cache_clip", KV_CACHE_CLIPS)
         _frozen_set(self, "skip", (self.skip,) if isinstance(self.skip, str) else tuple(self.skip))
         if isinstance(self.recipe, str):
             if self.recipe not in RECIPES:
@@ -273,7 +284,7 @@ FLAT_NAMES = {
     "work_dir": ("placement", "work_dir"),
     **{f"gptq_{n}": ("gptq", n) for n in ("damp", "block", "act_order", "clip_grid")},
     **{f"e2e_{n}": ("e2e", n) for n in ("samples", "holdout", "epochs", "lr", "batch_size", "clip_lr_mult")},
-    "cann": ("schemes", "cann"),
+    "cann": ("schemes", "cann"), "kv_cache": ("schemes", "kv_cache"), "kv_cache_clip": ("schemes", "kv_cache_clip"),
     **{n: ("placement", n) for n in ("device", "activations", "recompute_blocks", "release_host_memory")},
 }
 
@@ -321,7 +332,7 @@ class QuantConfig:
             positive_int(settings["e2e_samples"], "e2e_samples")
         flat = {part: {} for part in _PARTS}
         for name, value in settings.items():
-            if name in FLAT_NAMES and value is not None or name in ("act_dtype", "device", "work_dir"):
+            if name in FLAT_NAMES and value is not None or name in ("act_dtype", "device", "work_dir", "kv_cache"):
                 part, fld = FLAT_NAMES[name]
                 flat[part][fld] = value
         given = {part: settings[part] for part in _PARTS if settings.get(part) is not None}
@@ -431,6 +442,8 @@ class QuantConfig:
         d["skip"] = list(d["skip"])
         d["gptq_clip_grid"] = list(d["gptq_clip_grid"])
         d["recipe"] = d["recipe"] if isinstance(d["recipe"], str) else dict(d["recipe"])
+        if d["kv_cache"] is None:  # a config without a quantized KV cache records what it always did
+            del d["kv_cache"], d["kv_cache_clip"]
         return d
 
     def fingerprint(self) -> str:
@@ -439,7 +452,8 @@ class QuantConfig:
         # Placement never changes the learned tensors; the end-to-end stage runs after every layer's tensors
         # are saved; the weight quantizer runs after them too, unless later layers train on its output.
         drop = ["work_dir", "device", "activations", "recompute_blocks", "release_host_memory", "e2e_samples",
-                "e2e_holdout", "e2e_epochs", "e2e_lr", "e2e_batch_size", "e2e_clip_lr_mult"]
+                "e2e_holdout", "e2e_epochs", "e2e_lr", "e2e_batch_size", "e2e_clip_lr_mult",
+                "kv_cache", "kv_cache_clip"]  # the KV cache is calibrated after everything else
         if self.train.train_inputs == "float":
             drop += ["weight_quantizer", "gptq_damp", "gptq_block", "gptq_act_order", "gptq_clip_grid"]
         for k in drop:

@@ -293,3 +293,55 @@ LEGITIMATE_INT8 = {
     "dq-divide-by-scale": _backend(dynamic_quant=_dq_divide_by_scale),
     "dq-reciprocal-mult": _backend(dynamic_quant=_dq_reciprocal_mult),
 }
+
+
+# ------------------------------------------------------------------ C8 KV cache (numerics.check_kv_cache)
+# Each is the reference's write / read / shard (numerics.kv_cache.REFERENCE) but for one fault.
+def _kv(**parts) -> types.SimpleNamespace:
+    from flatquant_lab.numerics.kv_cache import REFERENCE
+
+    return types.SimpleNamespace(**{**vars(REFERENCE), **parts})
+
+
+def _kv_write_half_away(x, scale, offset=None):
+    y = x * torch.reciprocal(scale.to(x.dtype))
+    if offset is not None:
+        y = y + offset.to(x.dtype)
+    return (torch.sign(y) * torch.floor(y.abs() + 0.5)).clamp(-128, 127).to(torch.int8)
+
+
+def _kv_write_divides(x, scale, offset=None):
+    # x / scale instead of x * (1 / scale): another rounding in bf16
+    y = x / scale.to(x.dtype)
+    if offset is not None:
+        y = y + offset.to(x.dtype)
+    return torch.round(y).clamp(-128, 127).to(torch.int8)
+
+
+def _kv_read_with_offset(q, scale, offset, dtype):
+    return (q.to(dtype) - offset.to(dtype)) * scale.to(dtype)
+
+
+def _kv_shard_strided(tensors, *, rank, tp, num_kv_heads, head_dim):
+    # rank r keeps heads r, r + tp, ... (an interleaved split) instead of the block [r H / tp, (r + 1) H / tp)
+    heads = list(range(rank, num_kv_heads, tp)) if num_kv_heads >= tp else [rank % num_kv_heads]
+    return {n: t.reshape(-1).view(num_kv_heads, head_dim)[heads].reshape(-1) if t.numel() > 1 else t.reshape(-1)
+            for n, t in tensors.items()}
+
+
+def _kv_shard_replica_modulo(tensors, *, rank, tp, num_kv_heads, head_dim):
+    # tp > num_kv_heads: head rank % H instead of rank // (tp / H)
+    heads = [rank % num_kv_heads] if tp > num_kv_heads else range(rank * num_kv_heads // tp,
+                                                                    (rank + 1) * num_kv_heads // tp)
+    return {n: t.reshape(-1).view(num_kv_heads, head_dim)[list(heads)].reshape(-1) if t.numel() > 1 else t.reshape(-1)
+            for n, t in tensors.items()}
+
+
+BROKEN_KV = {
+    "kv-write-half-away": Broken(_kv(write=_kv_write_half_away), "write", "codes rounded half away from zero"),
+    "kv-write-divides": Broken(_kv(write=_kv_write_divides), "write", "x / scale instead of x * (1 / scale)"),
+    "kv-read-with-offset": Broken(_kv(read=_kv_read_with_offset), "read", "the read subtracts the offset"),
+    "kv-shard-strided": Broken(_kv(shard=_kv_shard_strided), "shard", "rank r keeps kv heads r, r + tp, ..."),
+    "kv-shard-replica-modulo": Broken(_kv(shard=_kv_shard_replica_modulo), "shard",
+                                      "a replica rank keeps head rank % H, not rank // (tp / H)"),
+}

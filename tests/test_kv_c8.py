@@ -160,7 +160,7 @@ def test_attach_changes_nothing_computed_and_round_trips_through_save_and_load(t
     assert desc["model.layers.0.self_attn.k_proj.weight"] == "W4A4_FLATQUANT_DYNAMIC"
     assert torch.equal(stored["model.layers.1.self_attn.v_proj.kv_cache_scale"],
                        scales(20, shape=(C, 1))[1].view(-1))
-    loaded = load_quantized(out)
+    loaded = load_quantized(out, kv_cache_attention=False)  # the model's own attention: as before saving
     for prefix, cache in kv_caches(loaded).items():
         for name in ("k_scale", "k_offset", "v_scale", "v_offset"):
             assert torch.equal(getattr(cache, name), getattr(caches[prefix], name)), (prefix, name)
@@ -187,14 +187,17 @@ def test_serve_check_cli_reports_the_cache(tmp_path, capsys):
 
 
 def test_a_loaded_quantized_checkpoint_reads_its_cache_in_attention(tmp_path):
-    from flatquant_lab.models import use_kv_cache_attention
+    from flatquant_lab.models import kv_cache_attention_on, plain_attention, use_kv_cache_attention
 
-    loaded = load_quantized(save_quantized(c8_model("llama"), tmp_path / "out"))
+    model = c8_model("llama")
+    loaded = load_quantized(save_quantized(model, tmp_path / "out"))
+    assert kv_cache_attention_on(loaded)  # on by default: evaluated as decode reads the int8 cache
     with torch.no_grad():
-        plain = loaded(IDS).logits
-        use_kv_cache_attention(loaded)
         quantized = loaded(IDS).logits
+        assert torch.equal(quantized, use_kv_cache_attention(model)(IDS).logits)
+        plain = plain_attention(loaded)(IDS).logits
     assert torch.isfinite(quantized).all() and not torch.equal(quantized, plain)
+    assert not kv_cache_attention_on(load_quantized(tmp_path / "out", kv_cache_attention=False))
 
 
 @pytest.mark.parametrize("recipe", ["w4a4", "msmodelslim", "tp2"])

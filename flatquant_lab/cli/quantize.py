@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..api import quantize
 from ..calibrate.plan import fallback_notice
-from ..recipe import FALLBACKS, METHODS, PROFILES, RECIPES, WEIGHT_QUANTIZERS, QuantConfig
+from ..recipe import FALLBACKS, KV_CACHE_CLIPS, KV_CACHE_TYPES, METHODS, PROFILES, RECIPES, WEIGHT_QUANTIZERS, QuantConfig
 from .args import DTYPE_CHOICES, UsageError, device_arg, non_negative_int, positive_int
 
 
@@ -64,6 +64,12 @@ def add_arguments(p) -> None:
     p.add_argument("--tp-size", type=positive_int, default=1,
                    help="vLLM tensor-parallel size to serve at: row-parallel FlatQuant transforms are sized for it "
                         "and the export is checked to load there")
+    p.add_argument("--kv-cache", default=None, choices=KV_CACHE_TYPES,
+                   help="also quantize the KV cache: C8 (vllm-ascend's static per-channel int8 cache), its scales "
+                        "calibrated on the same windows after the linears (docs/kv-cache.md); default: none")
+    p.add_argument("--kv-cache-clip", default=None, choices=KV_CACHE_CLIPS,
+                   help="with --kv-cache: max (msModelSlim's per-channel max|x|/127; the default) or search (that "
+                        "times a clip minimising each layer's attention-output error; docs/kv-cache.md)")
     p.add_argument("--num-layers", type=positive_int, default=None,
                    help="truncate the model to its first N layers (default: all)")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
@@ -82,10 +88,12 @@ def add_arguments(p) -> None:
 
 def _unused_flags(args) -> None:
     """Flags that would change nothing are an error, not a silent no-op."""
+    if args.kv_cache_clip is not None and args.kv_cache is None:
+        raise UsageError("--kv-cache-clip: not used without --kv-cache; leave it out or add --kv-cache C8")
     if args.method == "flatquant":
         return
     flags = {"--epochs": args.epochs, "--lr": args.lr, "--e2e-epochs": args.e2e_epochs}
-    if args.weight_quantizer != "gptq":
+    if args.weight_quantizer != "gptq" and args.kv_cache is None:
         flags.update({"--samples": args.samples, "--seqlen": args.seqlen, "--calib-data": args.calib_data})
     given = [f for f, v in flags.items() if v is not None]
     if given:
@@ -142,6 +150,16 @@ def _calibration_ids(args, cfg: QuantConfig, tokenizer):
                          "or a shorter --seqlen") from exc
 
 
+def _kv_summary(report) -> dict:
+    """The KV-cache calibration in the printed summary: its type, clip and mean attention-output error."""
+    if not report:
+        return {}
+    rows = report["layers"]
+    return {"kv_cache": report["cache_type"], "kv_cache_clip": report["clip"],
+            "kv_attention_rel_error": sum(r["rel_error"] for r in rows) / len(rows),
+            "kv_attention_rel_error_max_scales": sum(r["rel_error_max"] for r in rows) / len(rows)}
+
+
 def run(args) -> int:
     from ..dtypes import HALF_DTYPES
     from ..hub import load_model, load_tokenizer, model_dtype, resolve
@@ -157,11 +175,11 @@ def run(args) -> int:
                       e2e_epochs=args.e2e_epochs, work_dir=args.work_dir, skip=tuple(args.skip), seed=args.seed,
                       recipe=args.recipe, fallback=args.fallback, tp_size=args.tp_size, device=args.device,
                       activations=args.activations, act_dtype=dtype if dtype in HALF_DTYPES else None,
-                      release_host_memory=True)
+                      release_host_memory=True, kv_cache=args.kv_cache, kv_cache_clip=args.kv_cache_clip)
     _check_shapes(args, path, cfg)
     tok = load_tokenizer(path)
     ids = None
-    if cfg.method == "flatquant" or cfg.weight_quantizer == "gptq":
+    if cfg.method == "flatquant" or cfg.weight_quantizer == "gptq" or cfg.schemes.kv_cache is not None:
         ids = _calibration_ids(args, cfg, tok)
     model, _ = load_model(path, dtype=dtype, num_layers=args.num_layers)
     quantize(model, cfg, ids)
@@ -172,5 +190,6 @@ def run(args) -> int:
                       "fallbacks": model.flatquant_report["fallbacks"],
                       "e2e_kl": (model.flatquant_report["e2e"] or {}).get("kl"),
                       "e2e_heldout_kl": (model.flatquant_report["e2e"] or {}).get("heldout_kl"),
-                      "e2e_kept_epoch": (model.flatquant_report["e2e"] or {}).get("kept_epoch")}, indent=1))
+                      "e2e_kept_epoch": (model.flatquant_report["e2e"] or {}).get("kept_epoch"),
+                      **_kv_summary(model.flatquant_report.get("kv_cache"))}, indent=1))
     return 0

@@ -152,7 +152,7 @@ def _empty_model(config, dtype: torch.dtype, device: torch.device) -> nn.Module:
 
 
 def load_quantized(path, backend: str | None = None, dtype=None, tp_size: int | None = None,
-                   device=None) -> nn.Module:
+                   device=None, kv_cache_attention: bool = True) -> nn.Module:
     """Rebuild a model saved by :func:`save_quantized` (or any checkpoint in that format).
 
     Reads ``config.json``, ``quant_model_description.json`` and the safetensors only (no pickle, no
@@ -166,6 +166,9 @@ def load_quantized(path, backend: str | None = None, dtype=None, tp_size: int | 
     A checkpoint with ``"kv_cache_type"`` (docs/kv-cache.md) gets its scales back on every attention module as a
     :class:`~flatquant_lab.layers.QuantizedKVCache` (``models.kv_caches``), in the model dtype; scales without the
     field, the field without the scales of every layer, and a nonzero offset are refused, naming the layer.
+    With ``kv_cache_attention`` (the default) its attention then reads K and V through them
+    (``models.use_kv_cache_attention``: every forward, as decode reads the int8 cache), so that perplexity and
+    lm-eval see the cache's cost; ``False`` leaves the model's own attention (the scales stay attached).
 
     Without ``dtype`` the result computes bit for bit what the saved model computed (given the
     default attention implementation). ``dtype`` loads the float tensors in another dtype instead,
@@ -257,6 +260,10 @@ def load_quantized(path, backend: str | None = None, dtype=None, tp_size: int | 
                 raise CheckpointError(f"{prefix}.{e}") from None
             set_kv_cache(model, prefix, module)
             used.update(f"{prefix}.{n}" for n in parts)
+    if kv_scheme is not None and kv_cache_attention:
+        from ..models import use_kv_cache_attention
+
+        use_kv_cache_attention(model)
     if lossy:
         more = f" and {len(lossy) - 1} more" if len(lossy) > 1 else ""
         warnings.warn(f"dtype: loading rounds transforms that the int4 weights were folded with, so the layers "
