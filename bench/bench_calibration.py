@@ -186,7 +186,7 @@ def child_fast(args) -> dict:
     mse, hess = clk("fq_gptq", lambda: C.fake_quant_pass(layer, groups, learned, X, Y, kw, cfg, collect=True))
     hw["fake-quant"] = peak_mib()
     rtn_layer = copy.deepcopy(layer)
-    clk("fin_rtn", lambda: C.finalize_layer(rtn_layer, groups, learned, cfg, None))
+    clk("fin_rtn", lambda copy_=rtn_layer: C.finalize_layer(copy_, groups, learned, cfg, None))
     clk("fin_gptq", lambda: C.finalize_layer(layer, groups, learned, cfg, hess))
     layer.to(torch.float32)
     hw["finalize"] = peak_mib()
@@ -230,7 +230,7 @@ def child_paper(args) -> dict:
     _, hess = clk("fq_gptq", lambda: C.fake_quant_pass(layer, groups, learned, Xp, Yp, kw, cfg, collect=True))
     hw["fake-quant"] = peak_mib()
     rtn_layer = copy.deepcopy(layer)
-    clk("fin_rtn", lambda: C.finalize_layer(rtn_layer, groups, learned, cfg, None))
+    clk("fin_rtn", lambda copy_=rtn_layer: C.finalize_layer(copy_, groups, learned, cfg, None))
     clk("fin_gptq", lambda: C.finalize_layer(layer, groups, learned, cfg, hess))
     hw["finalize"] = peak_mib()
     return dict(wall=clk.wall, cpu=clk.cpu, hw=hw, base=base, peak=hw["finalize"], n=n, seqlen=seqlen, part=part,
