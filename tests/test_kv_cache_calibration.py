@@ -148,10 +148,10 @@ def test_quantize_refuses_a_kv_cache_without_data_and_quantize_kv_cache_works_al
 
 def test_the_quantize_cli_takes_kv_cache(tmp_path, capsys):
     from flatquant_lab.cli import main
-    from test_calibration import _write_tiny_model_dir
+    from tiny_models import write_tiny_model_dir
 
     src = tmp_path / "tiny"
-    _write_tiny_model_dir(src, tiny_model("llama", head_dim=HEAD_DIM))
+    write_tiny_model_dir(src, tiny_model("llama", head_dim=HEAD_DIM))
     out = tmp_path / "q"
     assert main(["quantize", "--model", str(src), "--method", "rtn", "--weight-quantizer", "rtn", "--samples", "2",
                  "--seqlen", "16", "--kv-cache", "C8", "--kv-cache-clip", "max", "--out", str(out)]) == 0
