@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -168,3 +169,23 @@ def checkpoint_dtype(dtype):
 def folder_mib(path) -> float:
     """Size of the files below ``path``, in MiB."""
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files) / 2**20
+
+
+@contextmanager
+def headless_widgets():
+    """Run papermill/nbclient inside this so a cell with an ``ipywidgets.Output`` cannot stall (docs/notebooks.md).
+
+    nbclient stands in for a frontend and echoes what an ``Output`` widget captures back to the kernel on the
+    shell channel, from the coroutine reading IOPub, while another waits on that socket for the cell's
+    ``execute_reply``; a reply arriving during such a send can stay unread until that wait times out (forever
+    without a timeout). Inside, the stand-in still records the captured outputs in the saved notebook's widget
+    state, and sends nothing (no kernel reads that state in a headless run).
+    """
+    from nbclient.output_widget import OutputWidget
+
+    echo = OutputWidget.sync_state
+    OutputWidget.sync_state = lambda self: None
+    try:
+        yield
+    finally:
+        OutputWidget.sync_state = echo

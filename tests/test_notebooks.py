@@ -11,6 +11,13 @@ cores) while the other worker runs the rest of the suite.
 
 Evidence (conftest.py restores the group, ``run_notebook`` bounds each run and uses unix sockets): pytest 9.2
 dropped xdist 3.8's group tag, so kernels ran on both workers at once, two started in one second on TCP ports.
+
+Why a run could sit idle for minutes (docs/notebooks.md, 'Headless runs'): nbclient plays the part of a
+frontend for ``ipywidgets.Output`` and echoes every output captured by one back to the kernel on the shell
+channel, from the coroutine that reads IOPub, while another coroutine waits on that socket for the cell's
+``execute_reply``. A reply that lands during such a send can stay unread until the wait times out; the
+kernel has long finished and idles. ``run_notebook`` runs inside ``flatquant_lab.notebook.headless_widgets``,
+which turns the echo off (nobody reads that state headless).
 """
 from __future__ import annotations
 
@@ -23,6 +30,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from flatquant_lab.notebook import headless_widgets
 
 NB_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = ["01_numerics.ipynb", "02_clip_ratio_sweep.ipynb", "03_lm_eval_perplexity.ipynb"]
@@ -128,11 +137,12 @@ def run_notebook(name: str, out: Path, parameters: dict, kernel_name: str) -> No
     timers[0].daemon = True
     timers[0].start()
     try:
-        papermill.execute_notebook(str(NB_DIR / name), str(out), parameters=parameters, kernel_name=kernel_name,
-                                   cwd=str(NB_DIR), progress_bar=False, start_timeout=KERNEL_START_S,
-                                   execution_timeout=CELL_TIMEOUT_S, kernel_manager_class=IPCKernelManager,
-                                   on_notebook_start=started, on_cell_execute=cell_starts,
-                                   on_cell_executed=cell_done)
+        with headless_widgets():
+            papermill.execute_notebook(str(NB_DIR / name), str(out), parameters=parameters, kernel_name=kernel_name,
+                                       cwd=str(NB_DIR), progress_bar=False, start_timeout=KERNEL_START_S,
+                                       execution_timeout=CELL_TIMEOUT_S, kernel_manager_class=IPCKernelManager,
+                                       on_notebook_start=started, on_cell_execute=cell_starts,
+                                       on_cell_executed=cell_done)
     except Exception as exc:
         if state["expired"]:
             what, limit = state["expired"]
@@ -160,6 +170,31 @@ def test_kernel_tests_take_turns_on_one_xdist_worker(request):
     them to one worker (conftest.py tags them where pytest-xdist's own tag is lost); elsewhere, nothing to check."""
     if getattr(request.config.option, "loadgroup", False):
         assert request.node.nodeid.endswith("@notebooks"), f"{request.node.nodeid}: xdist_group lost"
+
+
+def test_headless_runs_do_not_echo_output_widget_state_on_the_shell_channel():
+    """Inside ``notebook.headless_widgets`` the stand-in records outputs but sends nothing; outside, nbclient's own."""
+    from nbclient.output_widget import OutputWidget
+
+    sent = []
+
+    class Channel:
+        def send(self, msg):
+            sent.append(msg)
+
+    class Client:
+        shell_channel = Channel()
+        session = type("S", (), {"msg": staticmethod(lambda *a, **k: {"a": a, "k": k})})()
+
+    widget = OutputWidget("c1", {"outputs": []}, Client(), executor=None)
+    widget.parent_header = {}
+    echo = OutputWidget.sync_state
+    with headless_widgets():
+        widget.sync_state()
+        assert sent == []
+    assert OutputWidget.sync_state is echo
+    widget.sync_state()
+    assert len(sent) == 1  # what a headless run avoids: a send on the socket the reply is awaited on
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
