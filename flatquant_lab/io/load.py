@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from ..checks import positive_int
 from ..devices import require_available
 from ..dtypes import HALF_DTYPES, as_dtype
 from ..models import kv_sizes, set_kv_cache, set_submodule
@@ -211,8 +212,8 @@ def load_quantized(path, backend: str | None = None, dtype=None, tp_size: int | 
             mod = _find(model, key[: -len(".weight")])
             if isinstance(mod, nn.Linear):
                 _expect_linear(key, tensors[key], mod, layer_schemes[kind])
-    if tp_size is not None and (isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1):
-        raise ValueError(f"tp_size: expected a positive int or None, got {tp_size!r}")
+    if tp_size is not None:
+        positive_int(tp_size, "tp_size", " or None")
     tp = saved_tp_size(desc) if tp_size is None else tp_size
     quantized = check_checkpoint(tensors, desc, tied=ties, tp_size=tp)
 

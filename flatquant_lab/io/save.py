@@ -21,6 +21,7 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 from torch import nn
 
+from ..checks import positive_int
 from ..dtypes import as_dtype, cast_rounds, dtype_name
 from ..layers import KV_CACHE_ATTR
 from ..models import attention_prefixes, is_row_parallel, quantized_linear_names
@@ -229,8 +230,8 @@ def save_quantized(model: nn.Module, out_dir, tokenizer=None, max_shard_size="2G
     out_dir = Path(out_dir)
     dtype = as_dtype(dtype, optional=True)
     limit = _shard_limit(max_shard_size)
-    if tp_size is not None and (isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1):
-        raise ValueError(f"tp_size: expected a positive int or None, got {tp_size!r}")
+    if tp_size is not None:
+        positive_int(tp_size, "tp_size", " or None")
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"out_dir: {out_dir} already exists (pass overwrite=True to replace it)")
     if out_dir.exists() and not out_dir.is_dir():

@@ -15,6 +15,7 @@ from einops import rearrange
 from torch import nn
 
 from .. import ops
+from ..checks import positive_int
 from ..dtypes import HALF_DTYPES, cast_rounds, check_half
 from ..kronecker import decompose_dim, fold_weight
 from ..packing import INT4_MAX, INT4_MIN, unpack_int4
@@ -112,8 +113,7 @@ class W4A4FlatQuantLinear(QuantizedLayer):
         if not isinstance(w, torch.Tensor) or w.dim() != 2:
             raise ValueError(f"weight: expected an int8 tensor [O, K], got {getattr(w, 'shape', w)}")
         out_f, in_f = w.shape
-        if isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1:
-            raise ValueError(f"tp_size: expected a positive int, got {tp_size!r}")
+        positive_int(tp_size, "tp_size")
         if in_f % (8 * tp_size):
             raise ValueError(f"weight: in-features K = {in_f} must be divisible by 8 * tp_size = {8 * tp_size} "
                              "(int4 packing of each rank's slice)")

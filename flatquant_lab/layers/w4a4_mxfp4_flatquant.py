@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..checks import positive_int
 from ..dtypes import HALF_DTYPES, check_half
 from ..kronecker import decompose_dim, fold_weight
 from ..mxfp4 import E8M0_NAN, FLOAT4_E2M1_X2, FLOAT8_E8M0, GROUP, dequantize, quantize_weight_mxfp4
@@ -55,11 +56,6 @@ def block_diagonal_problem(left: torch.Tensor, blocks: int) -> str:
     return ""
 
 
-def _positive_int(name: str, v) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{name}: expected a positive int, got {v!r}")
-
-
 class W4A4MXFP4FlatQuantLinear(QuantizedLayer):
     """``y = MX4(x @ kron(L, R)) @ MX4(W @ kron(L, R)^{-T})^T (+ bias)``: FP4 E2M1 elements, E8M0 scales per 32.
 
@@ -77,7 +73,7 @@ class W4A4MXFP4FlatQuantLinear(QuantizedLayer):
         super().__init__()
         for name, v in (("in_features", in_features), ("out_features", out_features), ("n1", n1), ("n2", n2),
                         ("tp_size", tp_size), ("max_supported_tp", max_supported_tp)):
-            _positive_int(name, v)
+            positive_int(v, name)
         if (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int)
                 or not 1 <= chunk_tokens <= MAX_CHUNK_TOKENS):
             raise ValueError(f"chunk_tokens: expected an int in [1, {MAX_CHUNK_TOKENS}], got {chunk_tokens!r}")

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..checks import positive_int
 from ..dtypes import HALF_DTYPES, check_half, dtype_name
 from ..quantizers import quantize_weight
 from .base import QuantizedLayer, sum_over_ranks
@@ -53,8 +54,7 @@ class W8A8DynamicLinear(QuantizedLayer):
                  backend: str | None = None, tp_size: int = 1, device=None):
         super().__init__()
         for name, v in (("in_features", in_features), ("out_features", out_features), ("tp_size", tp_size)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+            positive_int(v, name)
         if in_features % tp_size:
             raise ValueError(f"tp_size: expected a divisor of in_features {in_features}, got {tp_size}")
         check_half(act_dtype)
