@@ -37,7 +37,8 @@ from torch import nn
 from ..checks import one_of, positive_int
 from ..devices import module_device
 from ..models import attach_kv_cache, decoder_layers, kv_sizes
-from ..models.kv_attention import _base_function, _base_of
+from ..models.kv_attention import attention_function, wrapped_implementation
+from ..models.kv_cache import model_dtype
 from ..ops import kv_cache_dequantize, kv_cache_inverse, kv_cache_quantize
 from ..schemes import kv_cache_scheme_for
 from .capture import batches, capture_layer_inputs, run_layer
@@ -52,14 +53,6 @@ DEFAULT_SEARCH_WINDOWS = 32
 INT8_MAX = 127.0
 SCALE_FLOOR = torch.finfo(torch.float32).eps  # msModelSlim's floor of a per-channel scale
 CAPTURE_NAME = "flatquant_kv_calibration"
-
-
-def _model_dtype(model: nn.Module) -> torch.dtype:
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    w = getattr(emb, "weight", None)
-    if isinstance(w, torch.Tensor) and w.is_floating_point():
-        return w.dtype
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def channel_scales(absmax: torch.Tensor, clip: torch.Tensor | float = 1.0) -> torch.Tensor:
@@ -82,8 +75,8 @@ def _capturing(model: nn.Module, record):
     from transformers.modeling_utils import AttentionInterface
 
     before = model.config._attn_implementation or "eager"
-    base = _base_of(before) or before
-    base_fn = _base_function(model, base)
+    base = wrapped_implementation(before) or before
+    base_fn = attention_function(model, base)
 
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
         record(module, query, key, value, attention_mask, args, kwargs)
@@ -200,7 +193,7 @@ def calibrate_kv_cache(model: nn.Module, calib_ids: torch.Tensor, cache_type: st
     grid = (1.0,) + tuple(c for c in grid if c != 1.0)  # 1.0 first: the search never does worse than the max
     t0 = time.perf_counter()
     heads, dim = kv_sizes(model)
-    dtype = _model_dtype(model)
+    dtype = model_dtype(model)
     device = module_device(model)
     was_training = model.training
     model.eval()

@@ -30,14 +30,15 @@ def _name(base: str, float_prefill: bool) -> str:
     return f"{NAME_PREFIX}:{'float_prefill' if float_prefill else 'all'}:{base}"
 
 
-def _base_of(name: str | None) -> str | None:
-    """The wrapped implementation of one of our names, else ``None``."""
+def wrapped_implementation(name: str | None) -> str | None:
+    """The attention implementation one of our wrapped names stands for, else ``None``."""
     if isinstance(name, str) and name.startswith(NAME_PREFIX + ":"):
         return name.split(":", 2)[2]
     return None
 
 
-def _base_function(model: nn.Module, base: str):
+def attention_function(model: nn.Module, base: str):
+    """The attention function transformers registers under ``base`` (the family's eager one for ``"eager"``)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     if base != "eager" and base in ALL_ATTENTION_FUNCTIONS:
@@ -75,9 +76,9 @@ def use_kv_cache_attention(model: nn.Module, float_prefill: bool = False) -> nn.
         raise ValueError("model: carries no KV-cache scales (attach_kv_cache, or load a checkpoint with "
                          "kv_cache_type)")
     current = model.config._attn_implementation or "eager"
-    base = _base_of(current) or current
+    base = wrapped_implementation(current) or current
     name = _name(base, float_prefill)
-    AttentionInterface.register(name, _wrap(_base_function(model, base), float_prefill))
+    AttentionInterface.register(name, _wrap(attention_function(model, base), float_prefill))
     if base in ALL_MASK_ATTENTION_FUNCTIONS:
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
     model.config._attn_implementation = name
@@ -86,7 +87,7 @@ def use_kv_cache_attention(model: nn.Module, float_prefill: bool = False) -> nn.
 
 def plain_attention(model: nn.Module) -> nn.Module:
     """Undo :func:`use_kv_cache_attention`: the model's own attention again (the scales stay attached)."""
-    base = _base_of(model.config._attn_implementation)
+    base = wrapped_implementation(model.config._attn_implementation)
     if base is not None:
         model.config._attn_implementation = base
     return model
@@ -94,4 +95,4 @@ def plain_attention(model: nn.Module) -> nn.Module:
 
 def kv_cache_attention_on(model: nn.Module) -> bool:
     """Whether ``model``'s attention reads K and V through its cache scales."""
-    return _base_of(getattr(model.config, "_attn_implementation", None)) is not None
+    return wrapped_implementation(getattr(model.config, "_attn_implementation", None)) is not None

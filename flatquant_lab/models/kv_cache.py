@@ -35,7 +35,8 @@ def attention_prefixes(model: nn.Module) -> list[str]:
     return [f"{adapter.layer_prefix(i)}.{adapter.attention}" for i in range(len(decoder_layers(model)))]
 
 
-def _model_dtype(model: nn.Module) -> torch.dtype:
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the model computes in: its input embeddings', else its first float parameter's."""
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     w = getattr(emb, "weight", None)
     if isinstance(w, torch.Tensor) and w.is_floating_point():
@@ -67,7 +68,7 @@ def attach_kv_cache(model: nn.Module, k_scale, v_scale, k_offset=None, v_offset=
     layers = decoder_layers(model)
     prefixes = attention_prefixes(model)
     heads, head_dim = kv_sizes(model)
-    dtype = dtype or _model_dtype(model)
+    dtype = dtype or model_dtype(model)
     columns = [_per_layer(n, v, len(layers)) for n, v in
                (("k_scale", k_scale), ("k_offset", k_offset), ("v_scale", v_scale), ("v_offset", v_offset))]
     for i, prefix in enumerate(prefixes):

@@ -18,14 +18,14 @@ where and both values.
 from __future__ import annotations
 
 import types
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
 from ..dtypes import dtype_name
 from ..schemes import C8, rank_kv_heads
 from ..schemes.kv_c8 import C8KVCache
-from .report import PartCheck, _json_float
+from .report import PartCheck, PartsReport
 
 KV_PARTS = ("write", "read", "shard")
 DEFAULT_TP_SIZES = (1, 2, 3, 4, 6, 8)
@@ -39,7 +39,7 @@ REFERENCE = types.SimpleNamespace(write=C8KVCache.write, read=_reference_read, s
 
 
 @dataclass
-class KVCacheReport:
+class KVCacheReport(PartsReport):
     """What :func:`check_kv_cache` found; ``table()`` renders it, ``to_dict()`` is JSON-ready."""
 
     cache_type: str
@@ -51,15 +51,6 @@ class KVCacheReport:
     failed_part: str | None
     reason: str
     parts: list[PartCheck] = field(default_factory=list)
-
-    def part(self, name: str) -> PartCheck:
-        for p in self.parts:
-            if p.part == name:
-                return p
-        raise ValueError(f"name: expected one of {', '.join(p.part for p in self.parts)}, got {name!r}")
-
-    def to_dict(self) -> dict:
-        return _json_float(asdict(self))
 
     def table(self) -> str:
         head = (f"{self.cache_type} KV cache, {self.num_kv_heads} kv heads x head_dim {self.head_dim}, {self.dtype}, "

@@ -69,8 +69,23 @@ class PartCheck:
     reason: str = ""  # one line, "" when the part passed
 
 
+class PartsReport:
+    """What every check's report shares: its ``parts`` by name and a JSON-ready dict."""
+
+    parts: list[PartCheck]
+
+    def part(self, name: str) -> PartCheck:
+        for p in self.parts:
+            if p.part == name:
+                return p
+        raise ValueError(f"name: expected one of {', '.join(p.part for p in self.parts)}, got {name!r}")
+
+    def to_dict(self) -> dict:
+        return _json_float(asdict(self))
+
+
 @dataclass(kw_only=True)
-class CheckReport:
+class CheckReport(PartsReport):
     """What a layer check found (:class:`LinearReport`, :class:`W8A8Report`); ``table()`` renders it,
     ``to_dict()`` is JSON-ready."""
 
@@ -109,15 +124,6 @@ class CheckReport:
     def bound_ok(self) -> bool:
         """The verdict under its older name (notebook 01 reads it): the same as ``passed``."""
         return self.passed
-
-    def part(self, name: str) -> PartCheck:
-        for p in self.parts:
-            if p.part == name:
-                return p
-        raise ValueError(f"name: expected one of {', '.join(p.part for p in self.parts)}, got {name!r}")
-
-    def to_dict(self) -> dict:
-        return _json_float(asdict(self))
 
     def _layer_row(self) -> str:
         """The ``layer`` row of the table."""
