@@ -8,6 +8,10 @@ there (what vllm-ascend loads), and each export goes through ``serve_check`` (do
 table says at which tensor-parallel sizes vLLM would load it. The msModelSlim row plus a C8 KV cache
 (docs/kv-cache.md) reuses that row's quantized model when both run: its cache scales are calibrated on the same
 windows, it is evaluated with every forward reading K and V through the int8 cache, and exported with them.
+
+The MXFP4 rows (``MX_METHODS``, W4A4_MXFP4_FLATQUANT for Ascend 950; run only when named in ``methods``): MXFP4
+without transforms (identity, round to nearest), with fixed Hadamard transforms, and FlatQuant with MXFP4
+quantizers (GPTQ weights); each is exported and serve-checked like the FlatQuant rows.
 """
 from __future__ import annotations
 
@@ -34,6 +38,12 @@ LABELS = {"fp": "full precision (dequantized GGUF)", "rtn_w4a16": "W4A16 RTN (we
           "flatquant_tp": "W4A4 FlatQuant, TP-{tp}-aware"}
 FLATQUANT_ROWS = ("flatquant", "flatquant_msmodelslim", "flatquant_tp")
 C8_ROW = "flatquant_msmodelslim_c8"  # the msModelSlim row's model with a calibrated C8 KV cache
+# W4A4_MXFP4_FLATQUANT rows: not in any profile's default (their MX reference ops are slow on a CPU)
+MX_METHODS = ("mxfp4_rtn", "mxfp4_hadamard", "flatquant_mxfp4")
+ALL_METHODS = METHODS + MX_METHODS
+LABELS.update({"mxfp4_rtn": "MXFP4 RTN (no transform)", "mxfp4_hadamard": "MXFP4 Hadamard",
+               "flatquant_mxfp4": "MXFP4 FlatQuant (GPTQ)"})
+EXPORTED_ROWS = FLATQUANT_ROWS + MX_METHODS  # exported to export-<method> and serve-checked
 # What each profile runs by default: the serving rows (msModelSlim recipe, TP-aware) show where an
 # export loads and at what cost; the full profile would triple its 18-minute calibration with them.
 DEFAULT_METHODS = {"fast": METHODS, "full": ("fp", "rtn_w4a16", "rtn", "hadamard", "flatquant")}
@@ -63,11 +73,30 @@ def demo_tp_size(model) -> int:
                  if not model_split_problem(config, tp)), 1)
 
 
+def demo_mx_max_tp(model) -> int:
+    """The MXFP4 rows' ``mx_max_tp``: the largest TP size up to vllm-ascend's default ``max_supported_tp`` (4) at
+    which vLLM can split the model and the plan keeps every decoder linear MXFP4 (each row-parallel rank holding
+    whole groups of 32): 3 for SmolLM2-135M (9 heads; o_proj's 576 inputs are 4 x 144)."""
+    from .calibrate import plan_model
+    from .models.tp import model_split_problem
+
+    config = model.config.to_dict()
+    for tp in range(4, 1, -1):
+        if model_split_problem(config, tp):
+            continue
+        plans = plan_model(model, QuantConfig(recipe="mxfp4", mx_max_tp=tp))
+        if not any(g.fallback for groups in plans for g in groups):
+            return tp
+    return 1
+
+
 def flatquant_config(method: str, profile: str, seed: int, samples=None, epochs=None, seqlen=None,
-                     tp_size: int = 1) -> QuantConfig:
-    """The demo's FlatQuant config (GPTQ weights) for one of FLATQUANT_ROWS."""
+                     tp_size: int = 1, mx_max_tp: int = 4) -> QuantConfig:
+    """The demo's FlatQuant config (GPTQ weights) for one of FLATQUANT_ROWS or ``flatquant_mxfp4``."""
     extra = {"flatquant": {}, "flatquant_msmodelslim": {"recipe": "msmodelslim"},
-             "flatquant_tp": {"tp_size": tp_size}}[method]
+             "flatquant_tp": {"tp_size": tp_size},
+             # the end-to-end stage tunes int4 layers only: off rather than skipped with a warning
+             "flatquant_mxfp4": {"recipe": "mxfp4", "e2e_epochs": 0, "mx_max_tp": mx_max_tp}}[method]
     return QuantConfig(method="flatquant", weight_quantizer="gptq", profile=profile, seed=seed,
                        samples=samples, epochs=epochs, seqlen=seqlen, **extra)
 
@@ -141,9 +170,9 @@ def run_demo(model_name: str = "smollm2-135m", profile: str = "fast", out_dir: s
     for module in ("lm_eval", "matplotlib"):  # before an hour of calibration, not after it
         require(module, "eval", "the demo")
     methods = DEFAULT_METHODS[profile] if methods is None else tuple(methods)
-    bad = [m for m in methods if m not in METHODS]
+    bad = [m for m in methods if m not in ALL_METHODS]
     if bad:
-        raise ValueError(f"methods: unknown {bad}; expected some of {METHODS}")
+        raise ValueError(f"methods: unknown {bad}; expected some of {ALL_METHODS}")
     if docs is not None:
         if limit is not None:
             raise ValueError(f"docs: expected None when limit is given (limit={limit!r}, docs={docs!r}); pick one")
@@ -174,6 +203,7 @@ def run_demo(model_name: str = "smollm2-135m", profile: str = "fast", out_dir: s
         label = LABELS[method].format(tp=tp)
         log.info("=== %s ===", label)
         serving = None
+        learned = FLATQUANT_ROWS + ("flatquant_mxfp4",)
         if method == C8_ROW:
             # msModelSlim's recipe (reused from its row, else quantized here), then the C8 scales on the same windows
             cfg = flatquant_config("flatquant_msmodelslim", profile, seed, samples, epochs, seqlen).for_model(model)
@@ -197,21 +227,26 @@ def run_demo(model_name: str = "smollm2-135m", profile: str = "fast", out_dir: s
                                                                        for r in kv_report["layers"]]}}
             for line in lines:
                 log.info("%s export: %s", method, line)
-        elif method in ("rtn", "hadamard") + FLATQUANT_ROWS:
+        elif method in ("rtn", "hadamard") + EXPORTED_ROWS:
             # The baselines as defined (fixed transforms, clip 1.0, round-to-nearest weights) need no
             # data; FlatQuant learns on the calibration set and GPTQs its weights.
-            cfg = (flatquant_config(method, profile, seed, samples, epochs, seqlen, tp_size=tp)
-                   if method in FLATQUANT_ROWS else QuantConfig(method=method, weight_quantizer="rtn", seed=seed))
+            mx_baseline = {"mxfp4_rtn": "rtn", "mxfp4_hadamard": "hadamard"}.get(method)
+            mx_tp = demo_mx_max_tp(model) if method in MX_METHODS else 4
+            cfg = (flatquant_config(method, profile, seed, samples, epochs, seqlen, tp_size=tp, mx_max_tp=mx_tp)
+                   if method in learned
+                   else QuantConfig(method=mx_baseline, weight_quantizer="rtn", seed=seed, recipe="mxfp4",
+                                    mx_max_tp=mx_tp)
+                   if mx_baseline else QuantConfig(method=method, weight_quantizer="rtn", seed=seed))
             cfg = cfg.for_model(model)
             configs[method] = cfg.to_dict()
             ids = None
-            if method in FLATQUANT_ROWS:
+            if method in learned:
                 ids = calibration_ids(bundled_data_path("calib"), tok, cfg.data.samples,
                                       cfg.data.seqlen, seed=seed)
             t0 = time.perf_counter()
             quantize(model, cfg, ids, device=device)
             calib_s = time.perf_counter() - t0
-            if method in FLATQUANT_ROWS:
+            if method in EXPORTED_ROWS:
                 export = out / f"export-{method.replace('_', '-')}"
                 save_quantized(model, export, tokenizer=tok, overwrite=True, tp_size=tp)
                 sizes, lines = serving_sizes(export, SERVE_TP_SIZES + (model_tp,))
@@ -229,7 +264,7 @@ def run_demo(model_name: str = "smollm2-135m", profile: str = "fast", out_dir: s
                     **kv_cache_bytes(model, "C8" if method == C8_ROW else None)})
         if serving is not None:
             row.update(serving)
-        if method in ("rtn", "hadamard", C8_ROW) + FLATQUANT_ROWS:
+        if method in ("rtn", "hadamard", C8_ROW) + EXPORTED_ROWS:
             row["clip_ratios"] = [l["clip_ratios"] for l in model.flatquant_report["layers"]]
             row["fake_quant_mse"] = [l.get("fake_quant_mse") for l in model.flatquant_report["layers"]]
             row["epoch_losses"] = [l["epoch_losses"] for l in model.flatquant_report["layers"]]
@@ -318,8 +353,7 @@ def _plot(summary: dict, path: Path) -> None:
     vals = [res[m]["token_perplexity"] for m in names]
     fig, ax = plt.subplots(figsize=(8, 4.2))
     colors = ["#555555" if m == "fp" else "#8c8cd9" if m == "rtn_w4a16" else "#3b9c5a"
-              if m in FLATQUANT_ROWS + (C8_ROW,)
-              else "#d98c8c" for m in names]
+              if m in FLATQUANT_ROWS + (C8_ROW,) else "#2b6c9c" if m == "flatquant_mxfp4" else "#d98c8c" for m in names]
     bars = ax.bar([res[m]["label"].replace(" (", "\n(") for m in names], vals, color=colors)
     ax.set_yscale("log")
     ax.set_ylabel("token perplexity (log scale)")

@@ -6,12 +6,17 @@ Minimises ``||X W^T - X W_q^T||^2`` column by column: quantize column ``i``, the
 Where: ``H``'s Cholesky factorisations run in float64 on the CPU (a ``K x K`` matrix, seconds even at
 ``K = 11008``); the column loop runs on the weight's device, in float64 on the CPU and in float32
 on an accelerator (no float64 there; the usual GPTQ precision on GPUs).
+
+MXFP4 (:func:`gptq_quantize_mxfp4`): one E8M0 scale per row and 32 columns, fixed at the start of each group of 32
+columns from the weights as GPTQ has updated them so far, then the group's columns quantized one by one against it.
 """
 from __future__ import annotations
 
 import torch
 
 from .devices import exact_dtype
+from .mxfp4 import (DEFAULT_OPTIONS as MX_DEFAULT_OPTIONS, E8M0_BIAS, GROUP as MX_GROUP, MxOptions, e2m1_codes,
+                    element_ratios, pack_fp4, shared_codes, working_values)
 from .quantizers import qrange, quantize_weight
 
 
@@ -38,6 +43,15 @@ class HessianAccumulator:
         self.tokens += x.shape[0]
 
 
+def _inverse_hessian_factor(h: torch.Tensor, damp: float, dev, wd) -> torch.Tensor:
+    """The upper Cholesky factor of ``(H + damp mean(diag H) I)^{-1}`` (float64 ``H`` on the CPU), on ``dev`` in ``wd``."""
+    eye = torch.eye(h.shape[0], dtype=torch.float64, device="cpu")
+    h = h + damp * torch.diagonal(h).mean() * eye
+    # H^-1 by a Cholesky solve (torch.cholesky_inverse is ~10x slower on CPU), then its upper factor
+    hinv = torch.cholesky_solve(eye, torch.linalg.cholesky(h))
+    return torch.linalg.cholesky(hinv, upper=True).to(dev, wd)
+
+
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, block: int = 128,
                   damp: float = 0.01, act_order: bool = True, bits: int = 4) -> torch.Tensor:
     """int8 ``[O, K]`` codes, int4 (``bits=4``) or int8 (``bits=8``), for ``weight`` with the fixed ``scale [O, 1]``.
@@ -61,11 +75,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tens
     w[:, dead.to(dev)] = 0.0
     perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(k, device="cpu")
     w, h = w[:, perm.to(dev)], h[perm][:, perm]
-    eye = torch.eye(k, dtype=torch.float64, device="cpu")
-    h += damp * torch.diagonal(h).mean() * eye
-    # H^-1 by a Cholesky solve (torch.cholesky_inverse is ~10x slower on CPU), then its upper factor
-    hinv = torch.cholesky_solve(eye, torch.linalg.cholesky(h))
-    hinv = torch.linalg.cholesky(hinv, upper=True).to(dev, wd)
+    hinv = _inverse_hessian_factor(h, damp, dev, wd)
     q = torch.empty_like(w)
     s1, inv_s1 = s[:, 0], inv_s[:, 0]
     for i1 in range(0, k, block):
@@ -84,6 +94,53 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tens
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     q = q[:, torch.argsort(perm).to(dev)]
     return q.to(torch.int8)
+
+
+def gptq_quantize_mxfp4(weight: torch.Tensor, hessian: torch.Tensor, block: int = 128, damp: float = 0.01,
+                        options: MxOptions = MX_DEFAULT_OPTIONS) -> tuple[torch.Tensor, torch.Tensor]:
+    """MXFP4 GPTQ of ``weight[O, K]``: ``(packed uint8 [O, K/2], E8M0 uint8 [O, K/32])``, as
+    ``mxfp4.quantize_weight_mxfp4`` returns them.
+
+    At the start of each group of 32 columns, its scales are taken under ``options.scale_rule`` from the columns as
+    the error feedback has left them (``mxfp4.shared_codes``); each column is then rounded against them
+    (``mxfp4.element_ratios``) and its error spread over the columns not yet quantized. Columns go in their order
+    (no act_order: a group is 32 consecutive columns); ``block`` is rounded up to a multiple of 32 so that a group
+    never straddles a lazy update. With ``H = I`` the error feedback vanishes and this is round to nearest.
+    """
+    dev, wd = weight.device, exact_dtype(weight.device)
+    w = weight.detach().to(wd).clone()
+    h = hessian.detach().to("cpu", torch.float64).clone()
+    o, k = w.shape
+    if k % MX_GROUP:
+        raise ValueError(f"weight: in-features {k} must be a multiple of {MX_GROUP}")
+    if tuple(h.shape) != (k, k):
+        raise ValueError(f"hessian: expected shape [{k}, {k}], got {list(h.shape)}")
+    block = -(-block // MX_GROUP) * MX_GROUP
+    dead = torch.diagonal(h) == 0  # inputs never seen: their weights cannot matter
+    h[dead, dead] = 1.0
+    w[:, dead.to(dev)] = 0.0
+    hinv = _inverse_hessian_factor(h, damp, dev, wd)
+    q = torch.empty_like(w)
+    codes = torch.empty(o, k // MX_GROUP, dtype=torch.int32, device=dev)
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.empty_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        dinv = 1.0 / torch.diagonal(hinv1)
+        for i in range(i2 - i1):
+            if i % MX_GROUP == 0:  # this group's scales, from its columns as updated so far
+                code = shared_codes(working_values(w1[:, i:i + MX_GROUP], options), options)[:, 0]
+                codes[:, (i1 + i) // MX_GROUP] = code
+                scale = torch.ldexp(torch.ones(o, dtype=wd, device=dev), (code - E8M0_BIAS).to(wd))
+            col = w1[:, i]
+            qi = element_ratios(working_values(col, options), code, options)
+            q[:, i1 + i] = qi.to(wd)
+            e = (col - qi.to(wd) * scale) * dinv[i]
+            w1[:, i + 1:].addr_(e, hinv1[i, i + 1:], alpha=-1.0)
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return pack_fp4(e2m1_codes(q)), codes.to(torch.uint8)
 
 
 def output_error(weight: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:

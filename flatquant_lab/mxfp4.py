@@ -163,39 +163,64 @@ class MxQuant(tuple):
     ratios = property(lambda self: self[2])
 
 
+def working_values(x: torch.Tensor, options: MxOptions = DEFAULT_OPTIONS) -> torch.Tensor:
+    """What a rule quantizes: ``x`` rounded to bfloat16 (``"kernel"``: the kernel's products are bfloat16 before
+    anything else), else ``x`` in float64. Refuses non-finite values."""
+    v = x.to(torch.bfloat16) if options.scale_rule == "kernel" else x.double()
+    if not bool(torch.isfinite(v).all()):
+        raise ValueError("x: expected finite values (an MXFP4 group maximum must be finite)")
+    return v
+
+
+def shared_codes(v: torch.Tensor, options: MxOptions = DEFAULT_OPTIONS, clip: float = 1.0) -> torch.Tensor:
+    """E8M0 codes (int32 ``[..., K/32]``) of working values ``v[..., K]`` (:func:`working_values`) under
+    ``options.scale_rule``, clamped at 0, 0 for an all-zero group; ``clip`` scales each group maximum first
+    (only when ``options.apply_clip``)."""
+    _check_groups(v, "v")
+    amax = v.unflatten(-1, (-1, GROUP)).abs().amax(dim=-1)
+    if options.apply_clip and clip != 1.0:
+        amax = (amax.float() * clip).to(amax.dtype)  # assumed: one rounding to the working dtype
+    if options.scale_rule == "msmodelslim":
+        shared = floor_log2(amax.double() * (8.0 / 7.0)) - 2
+    else:  # frexp on the maximum itself (bfloat16 widened exactly to float32; float64 as it is)
+        shared = floor_log2(amax.float() if amax.dtype == torch.bfloat16 else amax) - 2
+    code = (shared + E8M0_BIAS).clamp(min=0)
+    return torch.where(amax == 0, torch.zeros_like(code), code)
+
+
+def element_ratios(v: torch.Tensor, code: torch.Tensor, options: MxOptions = DEFAULT_OPTIONS) -> torch.Tensor:
+    """Working values ``v`` divided by ``2^(code - 127)`` (``code`` broadcast against ``v``: the exponent that is
+    stored, after the clamp) and rounded to E2M1 under ``options``; same dtype as ``v``."""
+    exp = code.to(torch.int32) - E8M0_BIAS
+    if options.scale_rule == "kernel":
+        # x / 2^e in bfloat16: exact but where it under- or overflows bfloat16
+        ratio = (v.float() * torch.ldexp(torch.ones_like(exp, dtype=torch.float32), -exp.float())).to(torch.bfloat16)
+    else:
+        ratio = torch.ldexp(v, -exp.double())
+    return round_e2m1(ratio, half_even=options.scale_rule != "msmodelslim", saturate=options.saturate)
+
+
 def quantize_groups(x: torch.Tensor, options: MxOptions = DEFAULT_OPTIONS, clip: float = 1.0) -> MxQuant:
     """Quantize ``x[..., K]`` per group of 32 along the last dim under ``options.scale_rule``.
 
     ``clip`` multiplies each group maximum before the exponent is taken (only when ``options.apply_clip``).
     """
     _check_groups(x, "x")
-    rule = options.scale_rule
-    if rule == "kernel":
-        v = x.to(torch.bfloat16)  # the kernel's products are bfloat16 before anything else
-    else:
-        v = x.double()
-    if not bool(torch.isfinite(v).all()):
-        raise ValueError("x: expected finite values (an MXFP4 group maximum must be finite)")
-    groups = v.unflatten(-1, (-1, GROUP))
-    amax = groups.abs().amax(dim=-1)
-    if options.apply_clip and clip != 1.0:
-        amax = (amax.float() * clip).to(amax.dtype)  # assumed: one rounding to the working dtype
-    if rule == "msmodelslim":
-        shared = floor_log2(amax.double() * (8.0 / 7.0)) - 2
-    else:  # frexp on the maximum itself (bfloat16 widened exactly to float32; float64 as it is)
-        shared = floor_log2(amax.float() if amax.dtype == torch.bfloat16 else amax) - 2
-    code = (shared + E8M0_BIAS).clamp(min=0)
-    code = torch.where(amax == 0, torch.zeros_like(code), code)
-    exp = (code - E8M0_BIAS).unsqueeze(-1)  # the exponent that is stored, after the clamp
-    if rule == "kernel":
-        # x / 2^e in bfloat16: exact but where it under- or overflows bfloat16
-        ratio = (groups.float() * torch.ldexp(torch.ones_like(exp, dtype=torch.float32), -exp.float())
-                 ).to(torch.bfloat16)
-    else:
-        ratio = torch.ldexp(groups, -exp.double())
-    q = round_e2m1(ratio, half_even=rule != "msmodelslim", saturate=options.saturate)
-    q = q.flatten(-2)
+    v = working_values(x, options)
+    code = shared_codes(v, options, clip)
+    q = element_ratios(v.unflatten(-1, (-1, GROUP)), code.unsqueeze(-1), options).flatten(-2)
     return MxQuant(e2m1_codes(q), code.to(torch.uint8), q)
+
+
+def quantize_dequantize(x: torch.Tensor, options: MxOptions = DEFAULT_OPTIONS, clip: float = 1.0) -> torch.Tensor:
+    """``x[..., K]`` quantized per 32 (:func:`quantize_groups`) and multiplied back by its scales, in float32:
+    what :func:`dequantize` gives of the stored codes and scales (exact, barring float32 overflow)."""
+    _check_groups(x, "x")
+    v = working_values(x, options)
+    code = shared_codes(v, options, clip).unsqueeze(-1)
+    q = element_ratios(v.unflatten(-1, (-1, GROUP)), code, options)
+    scale = torch.ldexp(torch.ones(code.shape, dtype=torch.float32, device=x.device), (code - E8M0_BIAS).float())
+    return (q.float() * scale).flatten(-2)
 
 
 def quantize_weight_mxfp4(weight: torch.Tensor, scale_rule: str = "kernel",

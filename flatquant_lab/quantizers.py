@@ -10,12 +10,18 @@ Per token, as ``npu_dynamic_quant`` does it (docs/ascend-ops.md, 'npu_dynamic_qu
 Per output channel (weights): ``s = max|w| clip / qmax``, ``q = sat(rint(w / s))``.
 The training forms (``fake_quant_*``) compute the same values with straight-through rounding, so
 gradients reach the clip factors through ``s`` (LSQ-style), as in FlatQuant.
+
+MXFP4 (:func:`fake_quant_mx`, docs/mxfp4.md): per group of 32 along the last dim, the arithmetic of
+:mod:`flatquant_lab.mxfp4` (bfloat16 values, shared exponent ``floor(log2 amax) - 2``, E2M1 half to even,
+saturation under the default ``"kernel"`` rule); the gradient is straight-through (identity). Its scales are
+powers of two picked by a floor, so no gradient reaches a clip ratio through them.
 """
 from __future__ import annotations
 
 import torch
 
 from .devices import exact_dtype
+from .mxfp4 import DEFAULT_OPTIONS as MX_DEFAULT_OPTIONS, MxOptions, quantize_dequantize as mx_quantize_dequantize
 
 QMAX = 7.0  # int4
 QMIN = -8.0
@@ -166,6 +172,29 @@ def fake_quant_weight_codes(weight: torch.Tensor, clip: torch.Tensor | None = No
     qmin, qmax = qrange(bits)
     s = weight_scale(weight, clip, bits).clamp_min(1e-12)
     return torch.clamp(round_ste(weight / s), qmin, qmax), s
+
+
+# ---------------------------------------------------------------------------------------- MXFP4
+class _MxQuant(torch.autograd.Function):
+    """MXFP4 quantize-dequantize per 32 along the last dim; identity backward (straight-through)."""
+
+    @staticmethod
+    def forward(ctx, x, options, clip):
+        return mx_quantize_dequantize(x.detach(), options, clip).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None, None
+
+
+def fake_quant_mx(x: torch.Tensor, options: MxOptions = MX_DEFAULT_OPTIONS, clip: float = 1.0) -> torch.Tensor:
+    """Differentiable MXFP4 quantize-dequantize of ``x[..., K]`` (``K`` a multiple of 32), per group of 32 along
+    the last dim, under ``options`` (:func:`flatquant_lab.mxfp4.quantize_dequantize`: with the ``"kernel"`` rule the
+    values are first rounded to bfloat16, as the FP4 ``npu_kronecker_quant`` rounds its products). Activations: one
+    token per row; weights: one output row per row. Forward: exactly the values the stored codes and E8M0 scales
+    stand for (in ``x``'s float dtype; float32 holds every one); backward: the identity. ``clip`` scales each group
+    maximum only when ``options.apply_clip``."""
+    return _MxQuant.apply(x, options, float(clip))
 
 
 # ---------------------------------------------------------------------------------------- casts

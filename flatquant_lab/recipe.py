@@ -5,7 +5,8 @@
 and resolves the profile's budget at construction: nothing is left ``None`` to resolve later. The parts:
 
 - ``data`` (:class:`CalibrationSet`): how many calibration windows, how long;
-- ``schemes`` (:class:`SchemeRecipe`): which checkpoint scheme each decoder linear gets, and how it serves;
+- ``schemes`` (:class:`SchemeRecipe`): which checkpoint scheme each decoder linear gets, and how it serves
+  (with the MXFP4 options of ``W4A4_MXFP4_FLATQUANT`` groups, docs/mxfp4.md);
 - ``train`` (:class:`LayerwiseTraining`): the FlatQuant transform and its layer-wise training;
 - ``gptq`` (:class:`GPTQConfig`): the GPTQ weight quantizer;
 - ``e2e`` (:class:`EndToEndConfig`): the end-to-end stage;
@@ -28,6 +29,7 @@ import torch
 from .checks import boolean, float_in, is_finite_float, non_negative_int, one_of, positive_float, positive_int
 from .devices import ACTIVATIONS, check_device
 from .dtypes import HALF_DTYPES, check_half, dtype_name
+from .mxfp4 import SCALE_RULES as MX_SCALE_RULES
 
 METHODS = ("rtn", "hadamard", "flatquant")
 WEIGHT_QUANTIZERS = ("rtn", "gptq")
@@ -48,7 +50,9 @@ PROFILES = {
 
 
 FLATQUANT, W8A8_DYNAMIC, FLOAT = "w4a4_flatquant", "w8a8_dynamic", "float"
-SCHEMES = (FLATQUANT, W8A8_DYNAMIC, FLOAT)
+MXFP4 = "w4a4_mxfp4_flatquant"  # W4A4_MXFP4_FLATQUANT (Ascend 950): FlatQuant with MXFP4 quantizers
+SCHEMES = (FLATQUANT, W8A8_DYNAMIC, FLOAT, MXFP4)
+TRANSFORMED = (FLATQUANT, MXFP4)  # the schemes whose groups learn a Kronecker transform
 FALLBACKS = (W8A8_DYNAMIC, FLOAT)  # what a linear FlatQuant cannot serve may take instead
 RECIPES = {
     # FlatQuant on every decoder linear (row-parallel layers then load in vLLM at TP 1 only)
@@ -60,6 +64,14 @@ RECIPES = {
 # and how their scales are chosen (calibrate/kv_cache.py)
 KV_CACHE_TYPES = ("C8",)
 KV_CACHE_CLIPS = ("max", "search")
+# The MXFP4 presets (Ascend 950 only), apart from the int4 ones above that the A2/A3 NPUs serve
+MX_RECIPES = {
+    # W4A4_MXFP4_FLATQUANT on every decoder linear (row-parallel transforms TP-aware up to mx_max_tp)
+    "mxfp4": {"*": MXFP4},
+}
+PRESETS = {**RECIPES, **MX_RECIPES}
+# mx_max_tp 4: vllm-ascend's default max_supported_tp (layers.w4a4_mxfp4_flatquant.DEFAULT_MAX_TP)
+MX_DEFAULTS = {"mx_scale_rule": "kernel", "mx_apply_clip": False, "mx_max_tp": 4}
 
 
 def _frozen_set(obj, name, value) -> None:
@@ -104,15 +116,20 @@ class SchemeRecipe:
     # attention error but not the bundled model's perplexity, docs/kv-cache.md)
     kv_cache: str | None = None
     kv_cache_clip: str = "max"
+    # W4A4_MXFP4_FLATQUANT groups (docs/mxfp4.md): the weight quantizer's scale rule, whether the activation
+    # clip ratio acts on the FP4 path (assumed not: then none is learned), and the description's max_supported_tp
+    mx_scale_rule: str = MX_DEFAULTS["mx_scale_rule"]
+    mx_apply_clip: bool = MX_DEFAULTS["mx_apply_clip"]
+    mx_max_tp: int = MX_DEFAULTS["mx_max_tp"]
 
     def __post_init__(self):
         one_of(self.kv_cache, "kv_cache", (None,) + KV_CACHE_TYPES)
         one_of(self.kv_cache_clip, "kv_cache_clip", KV_CACHE_CLIPS)
         _frozen_set(self, "skip", (self.skip,) if isinstance(self.skip, str) else tuple(self.skip))
         if isinstance(self.recipe, str):
-            if self.recipe not in RECIPES:
-                raise ValueError(f"recipe: expected a preset {tuple(RECIPES)} or a mapping pattern -> scheme, "
-                                 f"got {self.recipe!r}")
+            if self.recipe not in PRESETS:
+                raise ValueError(f"recipe: expected a preset {tuple(RECIPES)}, an MXFP4 preset {tuple(MX_RECIPES)} "
+                                 f"or a mapping pattern -> scheme, got {self.recipe!r}")
         elif isinstance(self.recipe, Mapping):
             if not self.recipe:
                 raise ValueError("recipe: expected at least one pattern -> scheme entry, got an empty mapping")
@@ -123,17 +140,25 @@ class SchemeRecipe:
                     raise ValueError(f"recipe: {pattern!r} maps to {scheme!r}; expected one of {SCHEMES}")
             _frozen_set(self, "recipe", dict(self.recipe))
         else:
-            raise ValueError(f"recipe: expected a preset {tuple(RECIPES)} or a mapping pattern -> scheme, "
-                             f"got {type(self.recipe).__name__}")
+            raise ValueError(f"recipe: expected a preset {tuple(RECIPES)}, an MXFP4 preset {tuple(MX_RECIPES)} "
+                             f"or a mapping pattern -> scheme, got {type(self.recipe).__name__}")
         positive_int(self.tp_size, "tp_size", " (vLLM's --tensor-parallel-size)")
         one_of(self.fallback, "fallback", FALLBACKS)
         if self.act_dtype is not None:
             check_half(self.act_dtype)
+        one_of(self.mx_scale_rule, "mx_scale_rule", MX_SCALE_RULES)
+        boolean(self.mx_apply_clip, "mx_apply_clip")
+        positive_int(self.mx_max_tp, "mx_max_tp", " (the description's max_supported_tp)")
 
     @property
     def rules(self) -> tuple[tuple[str, str], ...]:
         """``(pattern, scheme)`` pairs in match order: the recipe's (a preset's or the mapping's)."""
-        return tuple((RECIPES[self.recipe] if isinstance(self.recipe, str) else self.recipe).items())
+        return tuple((PRESETS[self.recipe] if isinstance(self.recipe, str) else self.recipe).items())
+
+    @property
+    def uses_mxfp4(self) -> bool:
+        """Whether a pattern of the recipe names W4A4_MXFP4_FLATQUANT."""
+        return any(scheme == MXFP4 for _, scheme in self.rules)
 
     @property
     def label(self) -> str:
@@ -285,6 +310,7 @@ FLAT_NAMES = {
     **{f"gptq_{n}": ("gptq", n) for n in ("damp", "block", "act_order", "clip_grid")},
     **{f"e2e_{n}": ("e2e", n) for n in ("samples", "holdout", "epochs", "lr", "batch_size", "clip_lr_mult")},
     "cann": ("schemes", "cann"), "kv_cache": ("schemes", "kv_cache"), "kv_cache_clip": ("schemes", "kv_cache_clip"),
+    **{n: ("schemes", n) for n in MX_DEFAULTS},
     **{n: ("placement", n) for n in ("device", "activations", "recompute_blocks", "release_host_memory")},
 }
 
@@ -444,6 +470,10 @@ class QuantConfig:
         d["recipe"] = d["recipe"] if isinstance(d["recipe"], str) else dict(d["recipe"])
         if d["kv_cache"] is None:  # a config without a quantized KV cache records what it always did
             del d["kv_cache"], d["kv_cache_clip"]
+        if not self.schemes.uses_mxfp4:  # a config without MXFP4 groups records what it always did
+            for name, default in MX_DEFAULTS.items():
+                if d[name] == default:
+                    del d[name]
         return d
 
     def fingerprint(self) -> str:

@@ -14,6 +14,11 @@ gradients, so what was trained is what the int4 path computes.
 any work), ``planned_report``, ``calibration_ids`` (the budget), ``capture_activations`` (layer 0's inputs, the
 held buffers); per layer (``calibrate_layer``) its targets, ``train_or_resume`` (the learned ``LayerState``) and
 ``fold_quantize_swap``; then ``tune_end_to_end`` (calibrate/e2e.py), which keeps the layer-wise model on failure.
+
+The recipe scheme ``w4a4_mxfp4_flatquant`` makes a group W4A4_MXFP4_FLATQUANT: the same transforms, smoothing and
+layer-wise loss with MXFP4 fake quantizers, finalized into ``W4A4MXFP4FlatQuantLinear`` (docs/mxfp4.md). The
+end-to-end stage tunes int4 weight scales and clips through differentiable twins of the int4 layers; a model with
+MXFP4 groups skips it (logged): their E8M0 scales are powers of two and they have no twin to backpropagate through.
 """
 from __future__ import annotations
 
@@ -125,7 +130,12 @@ def calibrate(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor | None
         if after_layer is not None:
             after_layer(i)
     if acts is not None and run.cfg.tunes_end_to_end:
-        report.e2e = tune_end_to_end(model, run, ids, acts.X)
+        mx = mx_linears(run.groups)
+        if mx:
+            log.warning("end-to-end stage skipped: %d decoder linears are W4A4_MXFP4_FLATQUANT, which it cannot tune "
+                        "(power-of-two E8M0 scales, and no differentiable twin to backpropagate through)", mx)
+        else:
+            report.e2e = tune_end_to_end(model, run, ids, acts.X)
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -191,6 +201,17 @@ def plan_run(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor | None)
         raise ValueError(f"tp_size: {split}; choose a tensor-parallel size that divides them")
     torch.manual_seed(cfg.seed)
     groups = plan_model(model, cfg, info)
+    if mx_linears(groups):
+        if cfg.schemes.tp_size > cfg.schemes.mx_max_tp:
+            raise ValueError(f"tp_size: {cfg.schemes.tp_size} exceeds mx_max_tp = {cfg.schemes.mx_max_tp} (the "
+                             "max_supported_tp of W4A4_MXFP4_FLATQUANT linears; vLLM refuses a TP above it)")
+        if cfg.schemes.mx_max_tp % cfg.schemes.tp_size:
+            raise ValueError(f"tp_size: {cfg.schemes.tp_size} does not divide mx_max_tp = {cfg.schemes.mx_max_tp}: "
+                             "each rank would keep a diagonal block of left_trans that cuts across the learned ones "
+                             "(choose mx_max_tp a multiple of tp_size)")
+        if cfg.trains and cfg.train.factor_param != "plain":
+            raise ValueError(f"factor_param: W4A4_MXFP4_FLATQUANT groups learn plain block-diagonal factors; "
+                             f"expected 'plain' for a recipe with them, got {cfg.train.factor_param!r}")
     names = [name for name, _ in decoder_linear_names(adapter, groups)]
     unmatched = [p for p in cfg.schemes.skip if not any(fnmatch.fnmatchcase(n, p) for n in names)]
     if unmatched:
@@ -198,6 +219,11 @@ def plan_run(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor | None)
                          "e.g. '*.o_proj' or 'model.layers.0.*'); the output head always stays float")
     cfg.check_recipe(names)
     return RunPlan(cfg, adapter, info, layers, groups, home, dev, model_dtype, need_data)
+
+
+def mx_linears(groups: list[list[Group]]) -> int:
+    """How many decoder linears the plan puts on W4A4_MXFP4_FLATQUANT."""
+    return sum(len(g.linears) for layer_groups in groups for g in layer_groups if g.mx)
 
 
 def planned_report(run: RunPlan) -> CalibrationReport:

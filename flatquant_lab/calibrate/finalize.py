@@ -1,6 +1,7 @@
 """Finalisation of one decoder layer: fold the smoothing, quantize every weight (RTN or GPTQ), swap in the
 quantized layers, each built by its checkpoint scheme from the integer weights computed here
-(``W4A4_FLATQUANT_DYNAMIC`` for FlatQuant groups, ``W8A8_DYNAMIC`` for W8A8_DYNAMIC ones)."""
+(``W4A4_FLATQUANT_DYNAMIC`` for FlatQuant groups, ``W4A4_MXFP4_FLATQUANT`` for MXFP4 ones, ``W8A8_DYNAMIC`` for
+W8A8_DYNAMIC ones)."""
 from __future__ import annotations
 
 import torch
@@ -10,12 +11,13 @@ from torch import nn
 from .. import schemes
 from ..devices import exact_dtype
 from ..dtypes import HALF_DTYPES, check_half
-from ..gptq import HessianAccumulator, gptq_clip_search, gptq_quantize
+from ..gptq import HessianAccumulator, gptq_clip_search, gptq_quantize, gptq_quantize_mxfp4
 from ..kronecker import fold_weight
 from ..layers import W8A8DynamicLinear
 from ..models import set_submodule
+from ..mxfp4 import MxOptions, quantize_weight_mxfp4
 from ..quantizers import quantize_weight
-from ..recipe import FLATQUANT, W8A8_DYNAMIC, WEIGHT_QUANTIZERS, QuantConfig
+from ..recipe import FLATQUANT, MXFP4, W8A8_DYNAMIC, WEIGHT_QUANTIZERS, QuantConfig
 from .memory import row_spans
 from .state import LayerState
 
@@ -115,8 +117,35 @@ def _flatquant_group(layer, g, cfg: QuantConfig, learned, d_in, hessians, backen
             tp_size=g.tp, left_trans=lt, right_trans=rt, clip_ratio=clip_ratio))
 
 
+def _mxfp4_group(layer, g, cfg: QuantConfig, learned, d_in, hessians, backend, xd) -> None:
+    """The group's linears folded with its learned transform (in ``xd``; ``L`` block-diagonal over ``g.blocks``),
+    MXFP4 per output row and 32 along K under ``mx_scale_rule``: round to nearest, or one GPTQ pass over all of
+    them with each group's E8M0 scales fixed from its updated columns (``gptq_quantize_mxfp4``; no act_order)."""
+    state = learned[g.name]
+    lt = state.left.to(cfg.schemes.act_dtype)
+    rt = state.right.to(cfg.schemes.act_dtype)
+    rule = cfg.schemes.mx_scale_rule
+    folded = []
+    for path in g.linears:
+        weight = layer.get_submodule(path).weight
+        w = weight.to(xd)
+        folded.append(fold_weight(w * d_in[g.name] if g.name in d_in else w, lt, rt))
+    if hessians is not None:  # one GPTQ pass for the linears sharing this input (rows are independent)
+        q_all, s_all = gptq_quantize_mxfp4(torch.cat(folded), hessians[g.name].h, block=cfg.gptq.block,
+                                           damp=cfg.gptq.damp, options=MxOptions(scale_rule=rule))
+        rows = [f.shape[0] for f in folded]
+        parts = list(zip(q_all.split(rows), s_all.split(rows)))
+    else:
+        parts = [quantize_weight_mxfp4(f, scale_rule=rule) for f in folded]
+    for path, (q, scale) in zip(g.linears, parts):
+        set_submodule(layer, path, schemes.W4A4_MXFP4_FLATQUANT.from_float(
+            layer.get_submodule(path), q.contiguous(), scale.contiguous(), act_dtype=cfg.schemes.act_dtype,
+            backend=backend, left_trans=lt, right_trans=rt, clip_ratio=state.clip_ratio(),
+            max_supported_tp=cfg.schemes.mx_max_tp))
+
+
 # Integer weights are the calibration method's, per recipe scheme; a float group (recipe.FLOAT) keeps its linears.
-GROUP_FINALIZERS = {FLATQUANT: _flatquant_group, W8A8_DYNAMIC: _w8a8_group}
+GROUP_FINALIZERS = {FLATQUANT: _flatquant_group, W8A8_DYNAMIC: _w8a8_group, MXFP4: _mxfp4_group}
 
 
 @torch.no_grad()

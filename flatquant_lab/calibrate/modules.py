@@ -4,6 +4,12 @@
 ``FakeQuantLinear``: ``y = Q4(T(x)) @ Q4((W * d) @ kron(L, R)^{-T})^T + bias``, rounding where the
 Ascend kernels round (x, ``x @ R`` to the act dtype, ``L^T (x R)`` to fp16, the output to the act
 dtype), with straight-through gradients, so what is trained is what the int4 path computes.
+
+An MXFP4 group (``Group.mx``, W4A4_MXFP4_FLATQUANT) learns ``L`` as ``Group.blocks`` independent diagonal blocks
+(block-diagonal by construction) and quantizes as the FP4 kernel does: ``b = bf16(L^T x R)`` (fp32 products, one
+rounding), then :func:`~flatquant_lab.quantizers.fake_quant_mx` per 32 along the token; its weights are
+``fake_quant_mx`` of the fold per output row and 32 along K under ``QuantConfig.mx_scale_rule``. Power-of-two
+scales leave no gradient for a clip ratio: such a group learns no clip (docs/mxfp4.md, "Calibration").
 """
 from __future__ import annotations
 
@@ -18,7 +24,8 @@ from ..gptq import HessianAccumulator
 from ..kronecker import fold_weight, kron_inverse_t
 from ..layers import sum_over_ranks
 from ..models import set_submodule
-from ..quantizers import fake_quant_act, fake_quant_weight_codes, round_to as ste_cast
+from ..mxfp4 import MxOptions
+from ..quantizers import fake_quant_act, fake_quant_mx, fake_quant_weight_codes, round_to as ste_cast
 from ..recipe import QuantConfig
 from .memory import row_spans
 from .plan import Group
@@ -36,6 +43,25 @@ def cayley(p: torch.Tensor) -> torch.Tensor:
     eye = torch.eye(p.shape[0], dtype=p.dtype, device=p.device)
     # I - A/2 has eigenvalues 1 - i*lambda/2 (|.| >= 1): the solve is always well conditioned
     return torch.linalg.solve(eye - a, eye + a)
+
+
+def mx_options(cfg: QuantConfig) -> tuple[MxOptions, MxOptions]:
+    """``(activations, weights)`` MXFP4 options of ``cfg``: the kernel's rule on activations (``mx_apply_clip``
+    deciding whether the clip ratio acts), ``mx_scale_rule`` on weights."""
+    return (MxOptions(apply_clip=cfg.schemes.mx_apply_clip), MxOptions(scale_rule=cfg.schemes.mx_scale_rule))
+
+
+def mx_kron_rounded(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, act_dtype: torch.dtype) -> torch.Tensor:
+    """``bf16(L^T round_a(x) R)`` per token with fp32 products (the FP4 kernel's step 1, straight-through);
+    ``[..., n1, n2]``."""
+    xm = rearrange(ste_cast(x, act_dtype), "... (a b) -> ... a b", a=left.shape[0])
+    return ste_cast(left.transpose(0, 1) @ (xm @ right), torch.bfloat16)
+
+
+def diagonal_blocks(m: torch.Tensor, blocks: int) -> torch.Tensor:
+    """The ``blocks`` diagonal blocks of a square ``m``, stacked ``[blocks, n / blocks, n / blocks]``."""
+    b = m.shape[0] // blocks
+    return torch.stack([m[j * b:(j + 1) * b, j * b:(j + 1) * b] for j in range(blocks)])
 
 
 def kron_rounded(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, tp: int,
@@ -88,11 +114,20 @@ class KronTransform(nn.Module):
     """
 
     def __init__(self, group: Group, left, right, log_smooth, act_clip, act_dtype, learn_clip=True,
-                 param: str = "plain"):
+                 param: str = "plain", mx: tuple[MxOptions, MxOptions] | None = None):
         super().__init__()
         self.group = group
         self.param = param
-        if param == "plain":
+        self.mx = mx  # (activation, weight) MXFP4 options of an MXFP4 group; None: int4
+        if group.mx:
+            if mx is None:
+                raise ValueError(f"mx: an MXFP4 group ({group.name}) needs its (activation, weight) MxOptions")
+            if param != "plain":
+                raise ValueError(f"param: MXFP4 groups learn plain block-diagonal factors, got {param!r}")
+            # L as its diagonal blocks, each a parameter of its own: block-diagonal whatever the optimiser does
+            self.left_blocks = nn.Parameter(diagonal_blocks(left.float(), group.blocks).clone())
+            self.right = nn.Parameter(right.float().clone())
+        elif param == "plain":
             self.left = nn.Parameter(left.float().clone())
             self.right = nn.Parameter(right.float().clone())
         elif param == "svd":
@@ -100,7 +135,8 @@ class KronTransform(nn.Module):
         else:
             raise ValueError(f"param: expected 'plain' or 'svd', got {param!r}")
         self.log_smooth = nn.Parameter(log_smooth.float().clone()) if log_smooth is not None else None
-        self.act_clip = nn.Parameter(act_clip.float().clone().reshape(1), requires_grad=learn_clip)
+        # an MXFP4 group's clip gets no gradient (power-of-two scales): it is never a learned parameter
+        self.act_clip = nn.Parameter(act_clip.float().clone().reshape(1), requires_grad=learn_clip and not group.mx)
         self.act_dtype = act_dtype
         self.collect: HessianAccumulator | None = None
         # q/k/v (gate/up) call this transform with one input tensor per forward: compute once.
@@ -109,6 +145,8 @@ class KronTransform(nn.Module):
 
     def factor_parameters(self) -> list[nn.Parameter]:
         """What the optimiser moves to change ``L`` and ``R``."""
+        if self.group.mx:
+            return [self.left_blocks, self.right]
         if self.param == "plain":
             return [self.left, self.right]
         return self.left_svd.learnable() + self.right_svd.learnable()
@@ -120,6 +158,8 @@ class KronTransform(nn.Module):
     def matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``L``, ``R`` in float32, unrounded, detached: what the checkpoint stores (rounded there)."""
         with torch.no_grad():
+            if self.group.mx:
+                return torch.block_diag(*self.left_blocks.detach()).clone(), self.right.detach().clone()
             if self.param == "plain":
                 return self.left.detach().clone(), self.right.detach().clone()
             return tuple(u @ torch.diag(s) @ v.transpose(0, 1)
@@ -144,7 +184,13 @@ class KronTransform(nn.Module):
         key = (self.factor_version(), torch.is_grad_enabled())
         if self._mats is not None and self._mats[0] == key:
             return self._mats[1]
-        if self.param == "plain":
+        if self.group.mx:  # inverted block by block: L^{-T} is block-diagonal too
+            blocks = ste_cast(self.left_blocks, self.act_dtype)
+            rt = ste_cast(self.right, self.act_dtype)
+            lt = torch.block_diag(*blocks)
+            li = torch.block_diag(*torch.linalg.inv(blocks).transpose(-1, -2))
+            ri = torch.linalg.inv(rt).transpose(0, 1)
+        elif self.param == "plain":
             lt, rt = ste_cast(self.left, self.act_dtype), ste_cast(self.right, self.act_dtype)
             li, ri = kron_inverse_t(lt, rt, dtype=torch.float32)
         else:
@@ -167,6 +213,8 @@ class KronTransform(nn.Module):
         if self._last is not None and self._last[0] is x:
             return self._last[1]
         def quant(t, lt, rt):
+            if self.group.mx:  # no gradient reaches the clip through a power-of-two scale: a plain number here
+                return fake_quant_mx(self.transformed(t, (lt, rt)), self.mx[0], float(self.clip_ratio().detach()))
             return fake_quant_act(self.per_rank(self.transformed(t, (lt, rt))), self.clip_ratio()).flatten(-2)
 
         # The factors come from a cache filled once per step: taken outside the checkpointed region so that
@@ -207,6 +255,8 @@ class KronTransform(nn.Module):
         if d is not None and self.group.smooth_target.endswith("layernorm"):
             x = x / d
         lt, rt = self.factors() if factors is None else factors
+        if self.group.mx:
+            return mx_kron_rounded(x, lt, rt, self.act_dtype).flatten(-2)
         return rearrange(kron_rounded(x, lt, rt, self.group.tp, self.act_dtype), "... t a b -> ... (t a b)")
 
     def fold(self, weight: torch.Tensor, inverse_t=None) -> torch.Tensor:
@@ -249,6 +299,28 @@ class FakeQuantLinear(nn.Module):
         self.out_div = out_div  # the next group's smoothing that folds into these output rows
         self._codes = None  # no-grad passes: (key, int8 codes, s) while nothing they depend on moves
 
+    def _fold_mx(self, li, ri, r0: int, r1: int) -> torch.Tensor:
+        """Rows ``r0:r1`` of ``MX4(fold(W))`` (MXFP4 per output row and 32 along K), float32."""
+        w = self.linear.weight[r0:r1].float()
+        return fake_quant_mx(self.transform.fold(w, (li, ri)), self.transform.mx[1])
+
+    def _product_mx(self, bq: torch.Tensor) -> torch.Tensor:
+        """``bq @ MX4(fold(W))^T``: with grad, each chunk of rows' fold and rounding checkpointed; without, the
+        dequantized weight cached while nothing it depends on moves."""
+        tr = self.transform
+        if not torch.is_grad_enabled():
+            smooth = None if tr.log_smooth is None else tr.log_smooth._version
+            key = (tr.factor_version(), smooth)
+            if self._codes is None or self._codes[0] != key:
+                li, ri = tr.inverse_t()
+                self._codes = (key, torch.cat([self._fold_mx(li, ri, r0, r1) for r0, r1 in self._spans()]))
+            return bq @ self._codes[1].transpose(0, 1)
+        self._codes = None
+        li, ri = tr.inverse_t()
+        ys = [bq @ checkpoint(self._fold_mx, li, ri, r0, r1, use_reentrant=False,
+                              preserve_rng_state=False).transpose(0, 1) for r0, r1 in self._spans()]
+        return ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
+
     def _fold_codes(self, li, ri, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(codes, s)`` of rows ``r0:r1`` of ``Q4(fold(W))`` (rows fold and round independently)."""
         w = self.linear.weight[r0:r1].float()
@@ -286,7 +358,8 @@ class FakeQuantLinear(nn.Module):
         return ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._product(self.transform.quantized_input(x))
+        bq = self.transform.quantized_input(x)
+        y = self._product_mx(bq) if self.transform.group.mx else self._product(bq)
         bias = self.linear.bias.float() if self.linear.bias is not None else None
         if self.out_div is not None:  # v_proj's rows are kv channels: d is the un-expanded [kv * head_dim]
             d = self.out_div.log_smooth.exp()
@@ -319,9 +392,11 @@ def install_fake_quant(layer: nn.Module, groups: list[Group], learned: LayerStat
         if not g.quantized:
             continue
         st = learned[g.name]
+        # an MXFP4 group learns no clip: its power-of-two scales pass no gradient to one
         transforms[g.name] = KronTransform(
             g, st.left, st.right, st.log_smooth, st.act_clip, cfg.schemes.act_dtype,
-            learn_clip=learn and cfg.train.learn_act_clip, param=cfg.train.factor_param if learn else "plain")
+            learn_clip=learn and cfg.train.learn_act_clip and not g.mx,
+            param=cfg.train.factor_param if learn and not g.mx else "plain", mx=mx_options(cfg) if g.mx else None)
     row_div = _divides_rows_of(groups, learned)
     for g in groups:
         if not g.quantized:
@@ -329,7 +404,7 @@ def install_fake_quant(layer: nn.Module, groups: list[Group], learned: LayerStat
         for path in g.linears:
             div = transforms.get(row_div.get(path, ""))
             fq = FakeQuantLinear(layer.get_submodule(path), transforms[g.name], learned[g.name].weight_clip[path],
-                                 out_div=div, learn_clip=learn and cfg.train.learn_weight_clip)
+                                 out_div=div, learn_clip=learn and cfg.train.learn_weight_clip and not g.mx)
             set_submodule(layer, path, fq)
     # smoothing of a group whose predecessor stays float: divide that float linear's output instead
     for path, gname in row_div.items():

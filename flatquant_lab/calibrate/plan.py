@@ -4,6 +4,11 @@ A group's scheme comes from the recipe (``QuantConfig.scheme_for``); the linears
 one module (q/k/v, gate/up) must get one scheme, except that a ``skip`` on any of them keeps the
 whole fused group float. A group the recipe puts on FlatQuant whose size the NPU op cannot run
 takes ``QuantConfig.fallback``.
+
+A ``W4A4_MXFP4_FLATQUANT`` group (recipe scheme ``w4a4_mxfp4_flatquant``) is sized by ``mx_factors`` for the
+description's ``max_supported_tp`` (``QuantConfig.mx_max_tp``), whatever ``tp_size``: a row-parallel one has
+``L`` block-diagonal over that many blocks (``Group.blocks``), so its export computes the same at every TP size
+that divides it.
 """
 from __future__ import annotations
 
@@ -12,8 +17,11 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..kronecker import decompose_dim, npu_supported
+from ..layers.w4a4_mxfp4_flatquant import MAX_FACTOR as MX_MAX_FACTOR, mx_factors
 from ..models import adapter_for
-from ..recipe import FLATQUANT, FLOAT, QuantConfig
+from ..mxfp4 import GROUP as MX_GROUP
+from ..recipe import FLATQUANT, FLOAT, MXFP4, TRANSFORMED, QuantConfig
+
 
 @dataclass
 class Group:
@@ -28,14 +36,20 @@ class Group:
     kv_tied: tuple[int, int] | None = None  # (num_kv_heads, n_rep) when d is tied across GQA heads
     skip_reason: str = ""  # why the group has no FlatQuant transform (empty when it has one)
     row_parallel: bool = False  # vLLM splits this group's input across tensor-parallel ranks
-    scheme: str = FLATQUANT  # w4a4_flatquant | w8a8_dynamic | float (recipe.SCHEMES)
+    scheme: str = FLATQUANT  # w4a4_flatquant | w8a8_dynamic | float | w4a4_mxfp4_flatquant (recipe.SCHEMES)
     fallback: bool = False  # the recipe said FlatQuant, but the NPU op cannot run this size
     tp: int = 1  # diagonal blocks of the transform, kron(I_tp, L, R): QuantConfig.tp_size for row-parallel groups
+    blocks: int = 1  # MXFP4: diagonal blocks of L, each learned on its own (mx_max_tp for row-parallel groups)
 
     @property
     def quantized(self) -> bool:
-        """Whether the group has a FlatQuant transform (``scheme == "w4a4_flatquant"``)."""
+        """Whether the group has a FlatQuant transform (``scheme`` int4 or MXFP4 FlatQuant)."""
         return not self.skip_reason
+
+    @property
+    def mx(self) -> bool:
+        """Whether the group is ``W4A4_MXFP4_FLATQUANT`` (MXFP4 quantizers; ``L`` block-diagonal over ``blocks``)."""
+        return self.scheme == MXFP4
 
 
 def plan_layer(model: nn.Module, index: int, cfg: QuantConfig, info=None) -> list[Group]:
@@ -52,7 +66,7 @@ def plan_layer(model: nn.Module, index: int, cfg: QuantConfig, info=None) -> lis
         names = [f"{prefix}.{lin}" for lin in spec.linears]
         picks = [cfg.scheme_for(n) for n in names]
         skipped = [hit for hit in map(cfg.skip_match, names) if hit is not None]
-        fallback = False
+        fallback, blocks = False, 1
         if skipped:
             # vllm-ascend fuses q/k/v and gate/up: a fused module is all quantized or all float
             scheme = FLOAT
@@ -71,10 +85,39 @@ def plan_layer(model: nn.Module, index: int, cfg: QuantConfig, info=None) -> lis
                        f"input size {size} is not divisible by 8" if size % 8 else
                        f"npu_kronecker_quant cannot run {n1}x{n2}: {support.reason}" if not support else "")
                 scheme, reason, fallback = (cfg.schemes.fallback, why, True) if why else (FLATQUANT, "", False)
+            elif scheme == MXFP4:
+                max_tp = cfg.schemes.mx_max_tp
+                why, (n1, n2) = mx_plan(size, spec.row_parallel, max_tp)
+                blocks = max_tp if spec.row_parallel else 1
+                scheme, reason, fallback = (cfg.schemes.fallback, why, True) if why else (MXFP4, "", False)
         kv_tied = (info.num_kv_heads, info.num_heads // info.num_kv_heads) if spec.kv_tied else None
         groups.append(Group(spec.name, spec.linears, size, n1, n2, spec.smooth_target if cfg.train.smooth else None,
-                            kv_tied, reason, spec.row_parallel, scheme, fallback, tp if scheme == FLATQUANT else 1))
+                            kv_tied, reason, spec.row_parallel, scheme, fallback, tp if scheme == FLATQUANT else 1,
+                            blocks if scheme == MXFP4 else 1))
     return groups
+
+
+def mx_plan(size: int, row_parallel: bool, max_tp: int) -> tuple[str, tuple[int, int]]:
+    """``(why not, (L, R))`` of an MXFP4 group of input ``size``: ``mx_factors`` (``decompose_dim`` for a
+    column-parallel group; for a row-parallel one ``R`` sized for ``max_tp`` ranks and ``L`` split into ``max_tp``
+    diagonal blocks); ``why`` is ``""`` when the layer can take them."""
+    pair = decompose_dim(size)
+    if size % MX_GROUP:
+        return f"input size {size} is not a multiple of {MX_GROUP} (one E8M0 scale per {MX_GROUP})", pair
+    if row_parallel and (size % max_tp or (size // max_tp) % MX_GROUP):
+        return (f"input size {size} does not split into mx_max_tp = {max_tp} slices of whole groups of {MX_GROUP} "
+                "(each rank quantizes its own slice; a lower mx_max_tp may)"), pair
+    try:
+        n1, n2 = mx_factors(size, row_parallel, max_tp)
+    except ValueError as exc:
+        return f"W4A4_MXFP4_FLATQUANT cannot size its transforms: {exc}", pair
+    if row_parallel and n1 % max_tp:
+        return f"left_trans of size {n1} does not split into mx_max_tp = {max_tp} diagonal blocks", (n1, n2)
+    if n2 % 2:
+        return f"right_trans size {n2} is odd (two FP4 codes per byte along it)", (n1, n2)
+    if max(n1, n2) > MX_MAX_FACTOR:
+        return f"factor sizes {n1} x {n2} exceed {MX_MAX_FACTOR}", (n1, n2)
+    return "", (n1, n2)
 
 
 def plan_model(model: nn.Module, cfg: QuantConfig, info=None) -> list[list[Group]]:
@@ -110,5 +153,5 @@ def fallback_notice(plans: list[list[Group]], cfg: QuantConfig) -> str:
 
 
 def flatquant_linears(plans: list[list[Group]]) -> int:
-    """How many decoder linears the plan puts on W4A4 FlatQuant."""
-    return sum(len(g.linears) for groups in plans for g in groups if g.scheme == FLATQUANT)
+    """How many decoder linears the plan puts on W4A4 FlatQuant (int4 or MXFP4)."""
+    return sum(len(g.linears) for groups in plans for g in groups if g.scheme in TRANSFORMED)

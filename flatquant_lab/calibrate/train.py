@@ -80,12 +80,14 @@ def train_layer(layer, groups, learned: LayerState, X, Y, kwargs_by_bs, cfg: Qua
             if tr.log_smooth is not None:
                 tr.log_smooth.requires_grad_(True)
                 main.append(tr.log_smooth)
-            if cfg.train.learn_act_clip:
+            if cfg.train.learn_act_clip and not tr.group.mx:  # MXFP4: no clip learned (power-of-two scales)
                 tr.act_clip.requires_grad_(True)
                 clips.append(tr.act_clip)
         fqs = [m for m in layer.modules() if isinstance(m, FakeQuantLinear)]
         if cfg.train.learn_weight_clip:
             for m in fqs:
+                if m.transform.group.mx:
+                    continue
                 m.weight_clip.requires_grad_(True)
                 clips.append(m.weight_clip)
         lr = cfg.train.lr

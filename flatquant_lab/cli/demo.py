@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..demo import DEMO_PROFILES, METHODS, format_table, run_demo
+from ..demo import ALL_METHODS, DEMO_PROFILES, format_table, run_demo
 from .args import device_arg, non_negative_int, positive_int
 
 
@@ -13,8 +13,9 @@ def add_arguments(p) -> None:
     p.add_argument("--profile", default="fast", choices=DEMO_PROFILES,
                    help="FlatQuant calibration budget: fast (minutes) or full (12x the training tokens)")
     p.add_argument("--out", default="results", help="where demo.json, demo.png and the export go")
-    p.add_argument("--methods", nargs="+", default=None, choices=METHODS,
-                   help="default: all for --profile fast; without the two serving rows for full")
+    p.add_argument("--methods", nargs="+", default=None, choices=ALL_METHODS,
+                   help="default: all but the MXFP4 rows (mxfp4_rtn, mxfp4_hadamard, flatquant_mxfp4) for --profile "
+                        "fast; without the two serving rows for full")
     p.add_argument("--limit", type=positive_int, default=None,
                    help="evaluate on the first N documents only (default: all)")
     p.add_argument("--docs", type=non_negative_int, nargs="+", default=None,

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from ..api import quantize
 from ..calibrate.plan import fallback_notice
-from ..recipe import FALLBACKS, KV_CACHE_CLIPS, KV_CACHE_TYPES, METHODS, PROFILES, RECIPES, WEIGHT_QUANTIZERS, QuantConfig
+from ..recipe import (FALLBACKS, KV_CACHE_CLIPS, KV_CACHE_TYPES, METHODS, MX_DEFAULTS, MX_RECIPES, MX_SCALE_RULES,
+                      PRESETS, PROFILES, RECIPES, WEIGHT_QUANTIZERS, QuantConfig)
 from .args import DTYPE_CHOICES, UsageError, device_arg, non_negative_int, positive_int
 
 
@@ -21,8 +22,9 @@ def _recipe(text: str):
         if not isinstance(mapping, dict):
             raise argparse.ArgumentTypeError("expected a JSON object of pattern -> scheme")
         return mapping
-    if text not in RECIPES:
-        raise argparse.ArgumentTypeError(f"expected a preset ({', '.join(RECIPES)}) or a JSON object "
+    if text not in PRESETS:
+        raise argparse.ArgumentTypeError(f"expected a preset ({', '.join(RECIPES)}), an MXFP4 preset "
+                                         f"({', '.join(MX_RECIPES)}) or a JSON object "
                                          f"of pattern -> scheme, got {text!r}")
     return text
 
@@ -54,8 +56,17 @@ def add_arguments(p) -> None:
     p.add_argument("--skip", nargs="*", default=(), help="fnmatch patterns of linears to keep in float")
     p.add_argument("--recipe", type=_recipe, default="w4a4",
                    help="per-module schemes: w4a4 (FlatQuant everywhere), msmodelslim (FlatQuant on q/k/v and "
-                        "gate/up, W8A8_DYNAMIC on o_proj and down_proj), or a JSON object pattern -> scheme "
-                        "(w4a4_flatquant, w8a8_dynamic, float), first match wins")
+                        "gate/up, W8A8_DYNAMIC on o_proj and down_proj), mxfp4 (W4A4_MXFP4_FLATQUANT everywhere, "
+                        "Ascend 950), or a JSON object pattern -> scheme (w4a4_flatquant, w8a8_dynamic, float, "
+                        "w4a4_mxfp4_flatquant), first match wins")
+    p.add_argument("--mx-scale-rule", default=MX_DEFAULTS["mx_scale_rule"], choices=MX_SCALE_RULES,
+                   help="W4A4_MXFP4_FLATQUANT linears: the rule of their weights' E8M0 scales (docs/mxfp4.md)")
+    p.add_argument("--mx-apply-clip", action="store_true",
+                   help="W4A4_MXFP4_FLATQUANT linears: assume the FP4 kernel applies clip_ratio (searched, not "
+                        "learned); default: it does not, and clip_ratio is 1")
+    p.add_argument("--mx-max-tp", type=positive_int, default=MX_DEFAULTS["mx_max_tp"],
+                   help="W4A4_MXFP4_FLATQUANT linears: max_supported_tp, the largest TP size the export serves at "
+                        "(row-parallel transforms block-diagonal over that many blocks)")
     p.add_argument("--fallback", default="w8a8_dynamic", choices=FALLBACKS,
                    help="scheme of a linear whose size npu_kronecker_quant cannot run")
     p.add_argument("--accept-fallback", action="store_true",
@@ -174,6 +185,7 @@ def run(args) -> int:
                       samples=args.samples, seqlen=args.seqlen, epochs=args.epochs, lr=args.lr,
                       e2e_epochs=args.e2e_epochs, work_dir=args.work_dir, skip=tuple(args.skip), seed=args.seed,
                       recipe=args.recipe, fallback=args.fallback, tp_size=args.tp_size, device=args.device,
+                      mx_scale_rule=args.mx_scale_rule, mx_apply_clip=args.mx_apply_clip, mx_max_tp=args.mx_max_tp,
                       activations=args.activations, act_dtype=dtype if dtype in HALF_DTYPES else None,
                       release_host_memory=True, kv_cache=args.kv_cache, kv_cache_clip=args.kv_cache_clip)
     _check_shapes(args, path, cfg)
