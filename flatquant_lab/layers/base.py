@@ -8,11 +8,41 @@ import torch
 from torch import nn
 
 
+def check_transforms(left_trans, right_trans) -> tuple[int, int]:
+    """``(n1, n2)`` of a checkpoint's Kronecker factors, after checking each is a square float matrix and the two
+    share a dtype; ``ValueError`` naming the tensor otherwise."""
+    for name, t in (("left_trans", left_trans), ("right_trans", right_trans)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] != t.shape[1]:
+            raise ValueError(f"{name}: expected a square matrix, got shape {list(getattr(t, 'shape', []))}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name}: expected a float dtype, got {t.dtype}")
+    if left_trans.dtype != right_trans.dtype:
+        raise ValueError(f"right_trans: expected dtype {left_trans.dtype} (that of left_trans), got {right_trans.dtype}")
+    return left_trans.shape[0], right_trans.shape[0]
+
+
+def check_bias(bias, out_features: int) -> None:
+    """``bias`` is ``None`` or a float tensor ``[out_features]``."""
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (out_features,)
+                             or not bias.is_floating_point()):
+        raise ValueError(f"bias: expected a float tensor [{out_features}], got {getattr(bias, 'shape', bias)}")
+
+
 class QuantizedLayer(nn.Module):
     """Base of the layers in this package. ``FP32_BUFFERS`` name the buffers the checkpoint contract keeps
     in float32 (scales, offsets, clip ratios): a dtype cast moves them by device only."""
 
     FP32_BUFFERS: tuple[str, ...] = ()
+
+    def activation_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x[..., in_features]`` in the layer's ``act_dtype``: float32 is rounded to it, any other dtype refused."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x: expected last dim {self.in_features} (in_features), got shape {tuple(x.shape)}")
+        if x.dtype == torch.float32:
+            return x.to(self.act_dtype)
+        if x.dtype != self.act_dtype:
+            raise ValueError(f"x: expected {self.act_dtype} (the layer's activation dtype) or float32, got {x.dtype}")
+        return x
 
     def _apply_keeping_fp32(self, fn, recurse: bool = True) -> None:
         """``nn.Module._apply`` with the ``FP32_BUFFERS`` moved by device only (fn would round them)."""

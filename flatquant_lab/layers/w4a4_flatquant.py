@@ -20,7 +20,7 @@ from ..dtypes import HALF_DTYPES, cast_rounds, check_half
 from ..kronecker import decompose_dim, fold_weight
 from ..packing import INT4_MAX, INT4_MIN, unpack_int4
 from ..quantizers import quantize_weight
-from .base import QuantizedLayer, sum_over_ranks
+from .base import QuantizedLayer, check_bias, check_transforms, sum_over_ranks
 
 log = logging.getLogger(__name__)
 
@@ -119,20 +119,13 @@ class W4A4FlatQuantLinear(QuantizedLayer):
                              "(int4 packing of each rank's slice)")
         _expect(w, "weight", (out_f, in_f), (torch.int8,))
         lt, rt = tensors["left_trans"], tensors["right_trans"]
-        for name, t in (("left_trans", lt), ("right_trans", rt)):
-            if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] != t.shape[1]:
-                raise ValueError(f"{name}: expected a square matrix, got shape {list(getattr(t, 'shape', []))}")
-            if not t.is_floating_point():
-                raise ValueError(f"{name}: expected a float dtype, got {t.dtype}")
-        n1, n2 = lt.shape[0], rt.shape[0]
+        n1, n2 = check_transforms(lt, rt)
         if n1 * n2 * tp_size != in_f:
             per = f"in-features / tp_size = {in_f} / {tp_size}" if tp_size > 1 else f"in-features {in_f}"
             raise ValueError(
                 f"left_trans/right_trans: sizes {n1} x {n2} = {n1 * n2} must multiply to {per} "
                 f"(expected {decompose_dim(in_f // tp_size)})"
             )
-        if lt.dtype != rt.dtype:
-            raise ValueError(f"right_trans: expected dtype {lt.dtype} (that of left_trans), got {rt.dtype}")
         _expect(tensors["weight_scale"], "weight_scale", (out_f, 1), (torch.float32,))
         _expect(tensors["weight_offset"], "weight_offset", (out_f, 1), (torch.float32,))
         _expect(tensors["clip_ratio"], "clip_ratio", (1,), (torch.float32,))
@@ -146,9 +139,7 @@ class W4A4FlatQuantLinear(QuantizedLayer):
             act_dtype = lt.dtype if lt.dtype in HALF_DTYPES else torch.bfloat16
         check_half(act_dtype)
         bias = tensors.get("bias")
-        if bias is not None:
-            if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (out_f,) or not bias.is_floating_point():
-                raise ValueError(f"bias: expected a float tensor [{out_f}], got {getattr(bias, 'shape', bias)}")
+        check_bias(bias, out_f)
         kwargs.setdefault("device", w.device)
         layer = cls(in_f, out_f, n1, n2, act_dtype, bias is not None, backend=backend, tp_size=tp_size, **kwargs)
         with torch.no_grad():

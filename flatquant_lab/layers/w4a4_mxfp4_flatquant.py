@@ -22,7 +22,7 @@ from ..checks import positive_int
 from ..dtypes import HALF_DTYPES, check_half
 from ..kronecker import decompose_dim, fold_weight
 from ..mxfp4 import E8M0_NAN, FLOAT4_E2M1_X2, FLOAT8_E8M0, GROUP, dequantize, quantize_weight_mxfp4
-from .base import QuantizedLayer
+from .base import QuantizedLayer, check_bias, check_transforms
 from .w4a4_flatquant import DEFAULT_CHUNK_TOKENS, MAX_CHUNK_TOKENS
 
 MX_CHECKPOINT_KEYS = ("weight", "weight_scale", "left_trans", "right_trans", "clip_ratio")
@@ -130,12 +130,7 @@ class W4A4MXFP4FlatQuantLinear(QuantizedLayer):
         if in_f % GROUP:
             raise ValueError(f"weight: in-features K = {in_f} must be a multiple of {GROUP}")
         lt, rt = tensors["left_trans"], tensors["right_trans"]
-        for name, t in (("left_trans", lt), ("right_trans", rt)):
-            if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] != t.shape[1] or not t.is_floating_point():
-                raise ValueError(f"{name}: expected a square float matrix, got {list(getattr(t, 'shape', []))}")
-        if lt.dtype != rt.dtype:
-            raise ValueError(f"right_trans: expected dtype {lt.dtype} (that of left_trans), got {rt.dtype}")
-        n1, n2 = lt.shape[0], rt.shape[0]
+        n1, n2 = check_transforms(lt, rt)
         if n1 * n2 != in_f:
             raise ValueError(f"left_trans/right_trans: sizes {n1} x {n2} = {n1 * n2} must multiply to in-features {in_f}")
         ws = tensors["weight_scale"]
@@ -153,9 +148,7 @@ class W4A4MXFP4FlatQuantLinear(QuantizedLayer):
             act_dtype = lt.dtype if lt.dtype in HALF_DTYPES else torch.bfloat16
         check_half(act_dtype)
         bias = tensors.get("bias")
-        if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (out_f,)
-                                 or not bias.is_floating_point()):
-            raise ValueError(f"bias: expected a float tensor [{out_f}], got {getattr(bias, 'shape', bias)}")
+        check_bias(bias, out_f)
         kwargs.setdefault("device", w.device)
         layer = cls(in_f, out_f, n1, n2, act_dtype, bias is not None, backend=backend, tp_size=tp_size,
                     max_supported_tp=max_supported_tp, **kwargs)
@@ -256,13 +249,8 @@ class W4A4MXFP4FlatQuantLinear(QuantizedLayer):
                                 group_sizes=list(ops.MX_GROUP_SIZES))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"x: expected last dim {self.in_features} (in_features), got shape {tuple(x.shape)}")
         in_dtype = x.dtype
-        if in_dtype == torch.float32:
-            x = x.to(self.act_dtype)
-        elif in_dtype != self.act_dtype:
-            raise ValueError(f"x: expected {self.act_dtype} (the layer's activation dtype) or float32, got {in_dtype}")
+        x = self.activation_input(x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).contiguous()
         if x2.shape[0] == 0:

@@ -179,13 +179,8 @@ class W8A8DynamicLinear(QuantizedLayer):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"x: expected last dim {self.in_features} (in_features), got shape {tuple(x.shape)}")
         in_dtype = x.dtype
-        if in_dtype == torch.float32:
-            x = x.to(self.act_dtype)
-        elif in_dtype != self.act_dtype:
-            raise ValueError(f"x: expected {self.act_dtype} (the layer's model dtype) or float32, got {in_dtype}")
+        x = self.activation_input(x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] == 0:

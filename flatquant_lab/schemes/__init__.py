@@ -21,7 +21,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import OPTIONAL, KVCacheScheme, Scheme, TensorSpec, check_specs, expect, matrix_shape, rank_kv_heads
+from .base import (OPTIONAL, KVCacheScheme, Scheme, TensorSpec, TransformScheme, check_specs, expect, matrix_shape,
+                   rank_kv_heads)
 from .float import FloatScheme
 from .kv_c8 import C8KVCache
 from .w4a4_flatquant import W4A4FlatQuantScheme
@@ -139,7 +140,7 @@ C8 = register_kv_cache(C8KVCache)
 
 __all__ = [
     "C8", "C8KVCache", "FLOAT", "FloatScheme", "KVCacheScheme", "KV_CACHE_SCHEMES", "OPTIONAL", "SCHEMES", "Scheme",
-    "TensorSpec", "W4A4FlatQuantScheme", "W4A4MXFP4FlatQuantScheme", "W4A4_FLATQUANT_DYNAMIC", "W4A4_MXFP4_FLATQUANT",
+    "TensorSpec", "TransformScheme", "W4A4FlatQuantScheme", "W4A4MXFP4FlatQuantScheme", "W4A4_FLATQUANT_DYNAMIC", "W4A4_MXFP4_FLATQUANT",
     "W8A8DynamicScheme", "W8A8_DYNAMIC", "check_specs", "expect", "known_text", "known_types", "kv_cache_scheme_for",
     "kv_cache_scheme_of", "matrix_shape", "quantized_schemes", "rank_kv_heads", "register", "register_kv_cache",
     "scheme_for", "scheme_of", "unregister", "unregister_kv_cache",

@@ -16,7 +16,7 @@ from typing import ClassVar, Mapping
 import torch
 from torch import nn
 
-from ..dtypes import HALF_DTYPES, dtype_name
+from ..dtypes import HALF_DTYPES, cast_rounds, dtype_name
 
 # Every scheme's linear may carry a bias [O] beside its own tensors.
 OPTIONAL = ("bias",)
@@ -287,3 +287,29 @@ class KVCacheScheme(ABC):
                 flat = flat.view(num_kv_heads, head_dim)[heads.start:heads.stop].reshape(-1)
             out[n] = flat
         return out
+
+
+class TransformScheme(Scheme):
+    """A scheme whose integer weights carry a learned input transform (``folded``: ``left_trans``,
+    ``right_trans``), stored in the model dtype: how a load picks its activation dtype and casts the transforms."""
+
+    def load_act_dtype(self, tensors: Mapping[str, torch.Tensor], *, dtype: torch.dtype | None,
+                       saved_act: torch.dtype | None, saved_dtype: torch.dtype) -> torch.dtype:
+        """The requested half dtype, else the one the description records, else the transforms' own, else bfloat16
+        (what ``from_checkpoint`` picks for float32 transforms)."""
+        stored = tensors["left_trans"].dtype
+        return (dtype if dtype in HALF_DTYPES else saved_act if saved_act is not None
+                else stored if stored in HALF_DTYPES else torch.bfloat16)
+
+    def cast_for_load(self, tensors: Mapping[str, torch.Tensor], *, dtype: torch.dtype | None,
+                      act_dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], list[str]]:
+        parts, rounded = dict(tensors), []
+        if dtype is not None:
+            for name in self.folded:
+                t = parts[name]
+                if t.dtype in HALF_DTYPES and cast_rounds(t, dtype):
+                    rounded.append(f"{name} ({dtype_name(t.dtype)} -> {dtype_name(dtype)})")
+                parts[name] = t.to(dtype)
+        if "bias" in parts:
+            parts["bias"] = parts["bias"].to(act_dtype)  # added in the activation dtype, as vllm-ascend does
+        return parts, rounded

@@ -13,16 +13,16 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ..dtypes import FLOAT_DTYPES, HALF_DTYPES, cast_rounds, dtype_name
+from ..dtypes import FLOAT_DTYPES
 from ..kronecker import decompose_dim, npu_supported
 from ..layers import CHECKPOINT_KEYS, W4A4FlatQuantLinear
 from ..recipe import FLATQUANT
-from .base import Scheme, TensorSpec, check_specs, matrix_shape
+from .base import TensorSpec, TransformScheme, check_specs, matrix_shape
 
 FP32 = (torch.float32,)
 
 
-class W4A4FlatQuantScheme(Scheme):
+class W4A4FlatQuantScheme(TransformScheme):
     """W4A4 FlatQuant: ``y = Q4(x @ kron(L, R)) @ Q4(W @ kron(L, R)^{-T})^T * scales (+ bias)``."""
 
     quant_type = "W4A4_FLATQUANT_DYNAMIC"
@@ -85,27 +85,6 @@ class W4A4FlatQuantScheme(Scheme):
         o, k = w.shape
         blocks = w.reshape(o, layer.tp_size, layer.n1, layer.n2)
         return (left @ blocks @ right.T).reshape(o, k)
-
-    def load_act_dtype(self, tensors: Mapping[str, torch.Tensor], *, dtype: torch.dtype | None,
-                       saved_act: torch.dtype | None, saved_dtype: torch.dtype) -> torch.dtype:
-        """The requested half dtype, else the one the description records, else the transforms' own, else bfloat16
-        (what ``from_checkpoint`` picks for float32 transforms)."""
-        stored = tensors["left_trans"].dtype
-        return (dtype if dtype in HALF_DTYPES else saved_act if saved_act is not None
-                else stored if stored in HALF_DTYPES else torch.bfloat16)
-
-    def cast_for_load(self, tensors: Mapping[str, torch.Tensor], *, dtype: torch.dtype | None,
-                      act_dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], list[str]]:
-        parts, rounded = dict(tensors), []
-        if dtype is not None:
-            for name in self.folded:
-                t = parts[name]
-                if t.dtype in HALF_DTYPES and cast_rounds(t, dtype):
-                    rounded.append(f"{name} ({dtype_name(t.dtype)} -> {dtype_name(dtype)})")
-                parts[name] = t.to(dtype)
-        if "bias" in parts:
-            parts["bias"] = parts["bias"].to(act_dtype)  # added in the activation dtype, as vllm-ascend does
-        return parts, rounded
 
     def tp_load_problem(self, prefix: str, tensors: Mapping[str, torch.Tensor], k_rank: int, tp: int,
                         cann: str) -> str:

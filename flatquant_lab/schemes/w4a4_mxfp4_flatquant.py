@@ -16,20 +16,20 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ..dtypes import FLOAT_DTYPES, HALF_DTYPES, cast_rounds, dtype_name
+from ..dtypes import FLOAT_DTYPES
 from ..kronecker import decompose_dim
 from ..layers import W4A4MXFP4FlatQuantLinear
 from ..layers.w4a4_mxfp4_flatquant import (
     DEFAULT_MAX_TP, MAX_FACTOR, MX_CHECKPOINT_KEYS, block_diagonal_problem, mx_factors,
 )
 from ..mxfp4 import GROUP
-from .base import Scheme, TensorSpec, check_specs, matrix_shape
+from .base import TensorSpec, TransformScheme, check_specs, matrix_shape
 
 U8 = (torch.uint8,)
 FP32 = (torch.float32,)
 
 
-class W4A4MXFP4FlatQuantScheme(Scheme):
+class W4A4MXFP4FlatQuantScheme(TransformScheme):
     """W4A4 MXFP4 FlatQuant: ``y = MX4(x @ kron(L, R)) @ MX4(W @ kron(L, R)^{-T})^T (+ bias)``."""
 
     quant_type = "W4A4_MXFP4_FLATQUANT"
@@ -123,26 +123,6 @@ class W4A4MXFP4FlatQuantScheme(Scheme):
         o, k = w.shape
         return (left @ w.reshape(o, layer.n1, layer.n2) @ right.T).reshape(o, k)
 
-    def load_act_dtype(self, tensors: Mapping[str, torch.Tensor], *, dtype: torch.dtype | None,
-                       saved_act: torch.dtype | None, saved_dtype: torch.dtype) -> torch.dtype:
-        stored = tensors["left_trans"].dtype
-        return (dtype if dtype in HALF_DTYPES else saved_act if saved_act is not None
-                else stored if stored in HALF_DTYPES else torch.bfloat16)
-
-    def cast_for_load(self, tensors: Mapping[str, torch.Tensor], *, dtype: torch.dtype | None,
-                      act_dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], list[str]]:
-        parts, rounded = dict(tensors), []
-        if dtype is not None:
-            for name in self.folded:
-                t = parts[name]
-                if t.dtype in HALF_DTYPES and cast_rounds(t, dtype):
-                    rounded.append(f"{name} ({dtype_name(t.dtype)} -> {dtype_name(dtype)})")
-                parts[name] = t.to(dtype)
-        if "bias" in parts:
-            parts["bias"] = parts["bias"].to(act_dtype)
-        return parts, rounded
-
-    # ------------------------------------------------------------------ tensor parallelism
     def shard(self, tensors: Mapping[str, torch.Tensor], *, rank: int, tp: int,
               rows: slice | None = None) -> dict[str, torch.Tensor]:
         """Row-parallel: rank ``rank`` keeps diagonal block ``rank`` of ``left_trans`` (size ``L / tp``), its
