@@ -1,7 +1,12 @@
 import os
 
-import pytest
-import torch
+# OpenMP threads wait asleep, not spinning: with FLATQUANT_TEST_THREADS=2 the two xdist workers run 4 threads on
+# 2 cores, and spinning waiters starved the working ones (docs/results.md, 'The test suite at two threads').
+# It must be set before torch loads OpenMP; notebook kernels inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # torch threads per test process (and per notebook kernel): FLATQUANT_TEST_THREADS (`make test THREADS=N`),
 # else half the cores, so that two pytest-xdist workers on 2 cores do not oversubscribe them.
