@@ -57,7 +57,8 @@ CAPTURE_NAME = "flatquant_kv_calibration"
 
 def channel_scales(absmax: torch.Tensor, clip: torch.Tensor | float = 1.0) -> torch.Tensor:
     """``max(clip * absmax / 127, eps_fp32)`` per channel, in float32 (``clip`` broadcasts against ``absmax``)."""
-    return (torch.as_tensor(clip, dtype=torch.float32) * absmax.float() / INT8_MAX).clamp_min(SCALE_FLOOR)
+    return (torch.as_tensor(clip, dtype=torch.float32, device=absmax.device) * absmax.float() / INT8_MAX).clamp_min(
+        SCALE_FLOOR)
 
 
 def cache_roundtrip(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -135,8 +136,9 @@ def _search(base_fn, module, rec: _LayerRecord, heads: int, dim: int, grid, gran
     calls = rec.calls
     reference = [base_fn(module, q, k, v, m, *a, **kw)[0] for q, k, v, m, a, kw in calls]
     energy = sum(float(r.double().pow(2).sum()) for r in reference) or 1.0
-    grid_t = torch.tensor(grid, dtype=torch.float32)
-    ones_k = torch.ones(heads, 1)
+    dev = rec.k_max.device  # where the layer ran: the clips index and scale its statistics there
+    grid_t = torch.tensor(grid, dtype=torch.float32, device=dev)
+    ones_k = torch.ones(heads, 1, device=dev)
 
     # 1. K's clip per kv head, V read at its max scales
     v_max_scale = channel_scales(rec.v_max)
