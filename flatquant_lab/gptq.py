@@ -52,6 +52,26 @@ def _inverse_hessian_factor(h: torch.Tensor, damp: float, dev, wd) -> torch.Tens
     return torch.linalg.cholesky(hinv, upper=True).to(dev, wd)
 
 
+def _error_feedback(w: torch.Tensor, hinv: torch.Tensor, block: int, quantize_column) -> None:
+    """GPTQ's column loop over ``w`` in place, in lazy blocks of ``block`` columns: column ``j`` (as the earlier
+    columns' errors have left it) is quantized by ``quantize_column(j, w1, i)`` (``w1``: the block's working
+    columns, ``i``: ``j``'s place in it), which returns its dequantized value and keeps the codes; its error
+    ``(w_j - deq_j) / hinv_jj`` is spread over the columns not yet quantized."""
+    k = w.shape[1]
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.empty_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        dinv = 1.0 / torch.diagonal(hinv1)
+        for i in range(i2 - i1):  # few ops per column: this loop is GPTQ's cost on a CPU
+            col = w1[:, i]
+            e = (col - quantize_column(i1 + i, w1, i)) * dinv[i]
+            w1[:, i + 1:].addr_(e, hinv1[i, i + 1:], alpha=-1.0)
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, block: int = 128,
                   damp: float = 0.01, act_order: bool = True, bits: int = 4) -> torch.Tensor:
     """int8 ``[O, K]`` codes, int4 (``bits=4``) or int8 (``bits=8``), for ``weight`` with the fixed ``scale [O, 1]``.
@@ -78,20 +98,13 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tens
     hinv = _inverse_hessian_factor(h, damp, dev, wd)
     q = torch.empty_like(w)
     s1, inv_s1 = s[:, 0], inv_s[:, 0]
-    for i1 in range(0, k, block):
-        i2 = min(i1 + block, k)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.empty_like(w1)
-        hinv1 = hinv[i1:i2, i1:i2]
-        dinv = 1.0 / torch.diagonal(hinv1)
-        for i in range(i2 - i1):  # few ops per column: this loop is GPTQ's cost on a CPU
-            col = w1[:, i]
-            qi = (col * inv_s1).round_().clamp_(qmin, qmax)  # a zero-scale row has zero weights: q = 0
-            q[:, i1 + i] = qi
-            e = (col - qi * s1) * dinv[i]
-            w1[:, i + 1:].addr_(e, hinv1[i, i + 1:], alpha=-1.0)
-            err1[:, i] = e
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+    def quantize_column(j: int, w1: torch.Tensor, i: int) -> torch.Tensor:
+        qi = (w1[:, i] * inv_s1).round_().clamp_(qmin, qmax)  # a zero-scale row has zero weights: q = 0
+        q[:, j] = qi
+        return qi * s1
+
+    _error_feedback(w, hinv, block, quantize_column)
     q = q[:, torch.argsort(perm).to(dev)]
     return q.to(torch.int8)
 
@@ -122,24 +135,18 @@ def gptq_quantize_mxfp4(weight: torch.Tensor, hessian: torch.Tensor, block: int 
     hinv = _inverse_hessian_factor(h, damp, dev, wd)
     q = torch.empty_like(w)
     codes = torch.empty(o, k // MX_GROUP, dtype=torch.int32, device=dev)
-    for i1 in range(0, k, block):
-        i2 = min(i1 + block, k)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.empty_like(w1)
-        hinv1 = hinv[i1:i2, i1:i2]
-        dinv = 1.0 / torch.diagonal(hinv1)
-        for i in range(i2 - i1):
-            if i % MX_GROUP == 0:  # this group's scales, from its columns as updated so far
-                code = shared_codes(working_values(w1[:, i:i + MX_GROUP], options), options)[:, 0]
-                codes[:, (i1 + i) // MX_GROUP] = code
-                scale = torch.ldexp(torch.ones(o, dtype=wd, device=dev), (code - E8M0_BIAS).to(wd))
-            col = w1[:, i]
-            qi = element_ratios(working_values(col, options), code, options)
-            q[:, i1 + i] = qi.to(wd)
-            e = (col - qi.to(wd) * scale) * dinv[i]
-            w1[:, i + 1:].addr_(e, hinv1[i, i + 1:], alpha=-1.0)
-            err1[:, i] = e
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    group = {}  # the current group's E8M0 codes and scales
+
+    def quantize_column(j: int, w1: torch.Tensor, i: int) -> torch.Tensor:
+        if j % MX_GROUP == 0:  # this group's scales, from its columns as updated so far (block is a multiple of 32)
+            group["code"] = shared_codes(working_values(w1[:, i:i + MX_GROUP], options), options)[:, 0]
+            codes[:, j // MX_GROUP] = group["code"]
+            group["scale"] = torch.ldexp(torch.ones(o, dtype=wd, device=dev), (group["code"] - E8M0_BIAS).to(wd))
+        qi = element_ratios(working_values(w1[:, i], options), group["code"], options)
+        q[:, j] = qi.to(wd)
+        return qi.to(wd) * group["scale"]
+
+    _error_feedback(w, hinv, block, quantize_column)
     return pack_fp4(e2m1_codes(q)), codes.to(torch.uint8)
 
 
