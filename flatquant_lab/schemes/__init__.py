@@ -32,16 +32,23 @@ from .w8a8_dynamic import W8A8DynamicScheme
 SCHEMES: dict[str, Scheme] = {}
 
 
+def _new_entry(scheme_cls, base: type, key: str, table: dict, what: str):
+    """``scheme_cls()`` and its ``key`` value, after checking it subclasses ``base`` and the value is a non-empty
+    string not yet in ``table`` (``what`` names the value in the message)."""
+    if not (isinstance(scheme_cls, type) and issubclass(scheme_cls, base)):
+        raise ValueError(f"scheme_cls: expected a {base.__name__} subclass, got {scheme_cls!r}")
+    scheme = scheme_cls()
+    value = getattr(scheme, key, None)
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"scheme_cls: {scheme_cls.__name__}.{key} must be a non-empty string, got {value!r}")
+    if value in table:
+        raise ValueError(f"scheme_cls: {what} {value!r} is already registered ({type(table[value]).__name__})")
+    return scheme, value
+
+
 def register(scheme_cls: type[Scheme]) -> Scheme:
     """Add a scheme (its class, instantiated once) under its ``quant_type``; returns the instance."""
-    if not (isinstance(scheme_cls, type) and issubclass(scheme_cls, Scheme)):
-        raise ValueError(f"scheme_cls: expected a Scheme subclass, got {scheme_cls!r}")
-    scheme = scheme_cls()
-    qt = getattr(scheme, "quant_type", None)
-    if not isinstance(qt, str) or not qt:
-        raise ValueError(f"scheme_cls: {scheme_cls.__name__}.quant_type must be a non-empty string, got {qt!r}")
-    if qt in SCHEMES:
-        raise ValueError(f"scheme_cls: quant type {qt!r} is already registered ({type(SCHEMES[qt]).__name__})")
+    scheme, qt = _new_entry(scheme_cls, Scheme, "quant_type", SCHEMES, "quant type")
     for other in SCHEMES.values():
         if other.layer_cls is scheme.layer_cls:  # scheme_of would not know which of the two a layer is
             raise ValueError(f"scheme_cls: {scheme_cls.__name__}.layer_cls {scheme.layer_cls.__name__} already "
@@ -95,15 +102,7 @@ KV_CACHE_SCHEMES: dict[str, KVCacheScheme] = {}
 
 def register_kv_cache(scheme_cls: type[KVCacheScheme]) -> KVCacheScheme:
     """Add a KV-cache scheme (its class, instantiated once) under its ``cache_type``; returns the instance."""
-    if not (isinstance(scheme_cls, type) and issubclass(scheme_cls, KVCacheScheme)):
-        raise ValueError(f"scheme_cls: expected a KVCacheScheme subclass, got {scheme_cls!r}")
-    scheme = scheme_cls()
-    ct = getattr(scheme, "cache_type", None)
-    if not isinstance(ct, str) or not ct:
-        raise ValueError(f"scheme_cls: {scheme_cls.__name__}.cache_type must be a non-empty string, got {ct!r}")
-    if ct in KV_CACHE_SCHEMES:
-        raise ValueError(f"scheme_cls: KV-cache type {ct!r} is already registered "
-                         f"({type(KV_CACHE_SCHEMES[ct]).__name__})")
+    scheme, ct = _new_entry(scheme_cls, KVCacheScheme, "cache_type", KV_CACHE_SCHEMES, "KV-cache type")
     KV_CACHE_SCHEMES[ct] = scheme
     return scheme
 
