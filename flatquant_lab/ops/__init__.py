@@ -25,7 +25,8 @@ from ..dtypes import HALF_DTYPES
 from ..mxfp4 import FLOAT4_E2M1_X2, FLOAT8_E8M0, GROUP as MX_GROUP
 from . import npu as _npu
 from . import reference as _ref
-from .kv_cache import kv_cache_dequantize, kv_cache_inverse, kv_cache_quantize
+from .kv_cache import (KV4_LEVELS, kv4_dequantize, kv4_quantize, kv4_roundtrip, kv_cache_dequantize, kv_cache_inverse,
+                       kv_cache_quantize)
 from .npu import NPUUnavailableError
 from .reference import (
     DynamicTrace, Fp16OverflowError, KroneckerTrace, MxKroneckerTrace, dynamic_quant_trace, kronecker_quant_mx_trace,
@@ -53,7 +54,8 @@ __all__ = [
     "BACKENDS", "FLOAT4_E2M1_X2", "FLOAT8_E8M0", "MX_GROUP_SIZES", "OPS", "DynamicTrace", "Fp16OverflowError",
     "KroneckerTrace", "MxKroneckerTrace", "NPUUnavailableError", "backends",
     "convert_weight_to_int4pack", "dynamic_quant", "dynamic_quant_trace", "get_backend", "kronecker_quant", "kronecker_quant_trace",
-    "kronecker_quant_mx_trace", "kv_cache_dequantize", "kv_cache_inverse", "kv_cache_quantize", "mx_backend",
+    "kronecker_quant_mx_trace", "kv_cache_dequantize", "kv_cache_inverse", "kv_cache_quantize",
+    "KV4_LEVELS", "kv4_dequantize", "kv4_quantize", "kv4_roundtrip", "mx_backend",
     "quant_matmul", "register_backend", "resolve_backend", "unregister_backend",
 ]
 
