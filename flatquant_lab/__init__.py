@@ -13,7 +13,7 @@ import importlib
 
 from . import ops
 from .kronecker import decompose_dim, kron_apply, npu_supported
-from .layers import W4A4FlatQuantLinear, W8A8DynamicLinear
+from .layers import KV4Cache, QuantizedKVCache, W4A4FlatQuantLinear, W8A8DynamicLinear
 from .packing import offset8_to_npu, pack_int4, unpack_int4
 
 __version__ = "0.1.0"
@@ -53,8 +53,8 @@ _LAZY = {
 }
 
 __all__ = [
-    "W4A4FlatQuantLinear", "W8A8DynamicLinear", "decompose_dim", "kron_apply", "npu_supported", "ops", "offset8_to_npu",
-    "pack_int4", "unpack_int4", *_LAZY,
+    "KV4Cache", "QuantizedKVCache", "W4A4FlatQuantLinear", "W8A8DynamicLinear", "decompose_dim", "kron_apply",
+    "npu_supported", "ops", "offset8_to_npu", "pack_int4", "unpack_int4", *_LAZY,
 ]
 
 

@@ -109,14 +109,15 @@ def test_the_cache_module_maps_channel_h_times_head_dim_plus_d():
 
 # ------------------------------------------------------------------ the scheme
 def test_c8_is_a_kv_cache_scheme_of_its_own_table():
-    assert list(KV_CACHE_SCHEMES) == ["C8"] and kv_cache_scheme_for("C8") is C8
+    assert list(KV_CACHE_SCHEMES) == ["C8", "KV4"] and kv_cache_scheme_for("C8") is C8
     assert "C8" not in known_types()  # not a linear scheme
     assert C8.names == KEYS and C8.description_fields() == {"kv_cache_type": "C8", "kv_quant_type": "C8"}
     assert C8.is_key("model.layers.3.self_attn.v_proj.kv_cache_offset")
     assert not C8.is_key("model.layers.3.self_attn.v_proj.weight_scale")
     assert C8.split_key("model.layers.3.self_attn.k_proj.kv_cache_scale") == ("model.layers.3.self_attn",
                                                                               "k_proj.kv_cache_scale")
-    with pytest.raises(ValueError, match=r"kv_cache_type: 'C4' is not a registered KV-cache scheme; known: 'C8'"):
+    with pytest.raises(ValueError,
+                       match=r"kv_cache_type: 'C4' is not a registered KV-cache scheme; known: 'C8', 'KV4'"):
         kv_cache_scheme_for("C4")
 
 

@@ -25,7 +25,7 @@ from ..checks import positive_int
 from ..dtypes import as_dtype, cast_rounds, dtype_name
 from ..layers import KV_CACHE_ATTR
 from ..models import attention_prefixes, is_row_parallel, quantized_linear_names
-from ..schemes import SCHEMES, kv_cache_scheme_of, scheme_of
+from ..schemes import SCHEMES, kv_cache_scheme_for, kv_cache_scheme_of, scheme_of
 from .format import (
     ACT_DTYPE_KEY, CONFIG_FILE, DESCRIPTION_FILE, INDEX_FILE, TP_SIZE_KEY, CheckpointError, build_description,
     check_checkpoint, shares_storage, tie_targets,
@@ -225,7 +225,8 @@ def save_quantized(model: nn.Module, out_dir, tokenizer=None, max_shard_size="2G
 
     A model carrying KV-cache scales (``models.attach_kv_cache``; docs/kv-cache.md) gets them written with
     ``"kv_cache_type"``, whatever its linear schemes; an asymmetric cache (a nonzero offset), which vllm-ascend
-    would read back wrongly, is refused naming the layer.
+    would read back wrongly, is refused naming the layer. A KV cache no vllm-ascend build serves (``KV4``) is written
+    with a warning saying so, and refused with ``tp_size`` (which claims that vLLM loads it).
     """
     out_dir = Path(out_dir)
     dtype = as_dtype(dtype, optional=True)
@@ -241,6 +242,9 @@ def save_quantized(model: nn.Module, out_dir, tokenizer=None, max_shard_size="2G
     ties = tie_targets(model)
     tied_listed = [k for k in ties if k not in tensors]
     kv_type, _ = kv_cache_state(model)
+    if kv_type is not None and not kv_cache_scheme_for(kv_type).served:
+        warnings.warn(f"kv_cache_type {kv_type!r}: a research mode that vllm-ascend cannot serve (it has no such KV "
+                      "cache); this checkpoint is for load_quantized (notebooks, lm-eval) only", stacklevel=2)
     desc = build_description(tensors, quantized, tied_listed, kv_cache=kv_type)
     for kind in dict.fromkeys(quantized.values()):  # the top-level fields the schemes present record
         scheme = SCHEMES[kind]

@@ -36,7 +36,7 @@ def is_row_parallel(prefix: str) -> bool:
 __all__ = [
     "ADAPTERS", "FUSED_MODULES", "GROUPS", "ROW_PARALLEL_LINEARS", "is_row_parallel", "GroupSpec", "LINEAR_NAMES",
     "attach_kv_cache", "attention_prefixes", "detach_kv_cache", "kv_cache_attention_on", "kv_caches", "kv_sizes",
-    "plain_attention", "set_kv_cache", "use_kv_cache_attention",
+    "plain_attention", "recording_attention", "set_kv_cache", "use_kv_cache_attention",
     "ModelAdapter", "ModelInfo",
     "SUPPORTED_MODEL_TYPES", "UnsupportedModelError", "adapter_for", "clip_groups", "decoder_layers", "layer_prefix",
     "linear_weight_bytes", "model_info", "quantized_linear_names", "set_group_clip_ratio", "set_submodule",
@@ -98,4 +98,5 @@ def linear_weight_bytes(model: nn.Module, decoder_only: bool = True) -> int:
 from .kv_cache import (  # noqa: E402
     attach_kv_cache, attention_prefixes, detach_kv_cache, kv_caches, kv_sizes, set_kv_cache,
 )
-from .kv_attention import kv_cache_attention_on, plain_attention, use_kv_cache_attention  # noqa: E402
+from .kv_attention import (kv_cache_attention_on, plain_attention, recording_attention,  # noqa: E402
+                           use_kv_cache_attention)

@@ -25,6 +25,7 @@ from .base import (OPTIONAL, KVCacheScheme, Scheme, TensorSpec, TransformScheme,
                    rank_kv_heads)
 from .float import FloatScheme
 from .kv_c8 import C8KVCache
+from .kv_kv4 import KV4KVCache
 from .w4a4_flatquant import W4A4FlatQuantScheme
 from .w4a4_mxfp4_flatquant import W4A4MXFP4FlatQuantScheme
 from .w8a8_dynamic import W8A8DynamicScheme
@@ -136,9 +137,10 @@ W8A8_DYNAMIC = register(W8A8DynamicScheme)
 FLOAT = register(FloatScheme)
 W4A4_MXFP4_FLATQUANT = register(W4A4MXFP4FlatQuantScheme)
 C8 = register_kv_cache(C8KVCache)
+KV4 = register_kv_cache(KV4KVCache)
 
 __all__ = [
-    "C8", "C8KVCache", "FLOAT", "FloatScheme", "KVCacheScheme", "KV_CACHE_SCHEMES", "OPTIONAL", "SCHEMES", "Scheme",
+    "C8", "C8KVCache", "KV4", "KV4KVCache", "FLOAT", "FloatScheme", "KVCacheScheme", "KV_CACHE_SCHEMES", "OPTIONAL", "SCHEMES", "Scheme",
     "TensorSpec", "TransformScheme", "W4A4FlatQuantScheme", "W4A4MXFP4FlatQuantScheme", "W4A4_FLATQUANT_DYNAMIC", "W4A4_MXFP4_FLATQUANT",
     "W8A8DynamicScheme", "W8A8_DYNAMIC", "check_specs", "expect", "known_text", "known_types", "kv_cache_scheme_for",
     "kv_cache_scheme_of", "matrix_shape", "quantized_schemes", "rank_kv_heads", "register", "register_kv_cache",

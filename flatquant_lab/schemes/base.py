@@ -233,6 +233,7 @@ class KVCacheScheme(ABC):
     projections: ClassVar[tuple[str, ...]] = ("k_proj", "v_proj")
     leaves: ClassVar[tuple[str, ...]]  # the tensors per projection
     fields: ClassVar[tuple[str, ...]] = ("kv_cache_type",)  # top-level description fields set to cache_type
+    served: ClassVar[bool] = True  # False: a research mode no vllm-ascend build runs (saving it warns)
 
     def __repr__(self) -> str:
         return f"<kv cache scheme {self.cache_type} ({self.layer_cls.__name__})>"
