@@ -48,7 +48,8 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, calib_data=Non
     ``calib_data``. The W4A4 layers compute in the model's dtype when it is float16 or bfloat16, in
     bfloat16 for a float32 model (``QuantConfig.schemes.act_dtype``). With ``kv_cache="C8"`` in the config, the
     KV cache's static scales are calibrated afterwards on the same windows (:func:`quantize_kv_cache`; its report
-    is ``model.flatquant_report["kv_cache"]``), whatever the linears needed.
+    is ``model.flatquant_report["kv_cache"]``), whatever the linears needed. ``kv_cache="KV4"`` (a research mode no
+    serving engine runs) learns ``T_k``, ``T_v`` and the KV clips with the linears, layer by layer.
     """
     # act_dtype None: a float16/bfloat16 model's own dtype, bfloat16 for a float32 model
     config = (config or QuantConfig()).for_model(model)
@@ -56,7 +57,8 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, calib_data=Non
         config = config.replace(device=device)  # validated by QuantConfig
     ids = _as_ids(calib_data)
     model.eval()
-    kv_cache = config.schemes.kv_cache
+    # C8 is calibrated after the linears; KV4 (TRAINED_KV_CACHES) is learned with them, inside calibrate
+    kv_cache = config.schemes.kv_cache if config.schemes.kv_learned is None else None
     if kv_cache is not None and ids is None:  # before an hour of calibration, not after it
         raise ValueError(f"calib_data: the {kv_cache} KV cache (QuantConfig kv_cache={kv_cache!r}) is calibrated on "
                          "token ids; expected a LongTensor [n, seqlen], got None")
@@ -82,6 +84,9 @@ def quantize_kv_cache(model: nn.Module, calib_data, config: QuantConfig | None =
     from .calibrate.kv_cache import calibrate_kv_cache
 
     config = config or QuantConfig(kv_cache="C8")
+    if config.schemes.kv_learned is not None:
+        raise ValueError(f"config: kv_cache={config.schemes.kv_cache!r} is learned with the linears, not calibrated "
+                         "after them; quantize(model, QuantConfig(kv_cache='KV4')) trains it")
     ids = _as_ids(calib_data)
     if ids is None:
         raise ValueError("calib_data: expected a LongTensor [n, seqlen] or an iterable of them, got None")

@@ -12,6 +12,11 @@ windows, it is evaluated with every forward reading K and V through the int8 cac
 The MXFP4 rows (``MX_METHODS``, W4A4_MXFP4_FLATQUANT for Ascend 950; run only when named in ``methods``): MXFP4
 without transforms (identity, round to nearest), with fixed Hadamard transforms, and FlatQuant with MXFP4
 quantizers (GPTQ weights); each is exported and serve-checked like the FlatQuant rows.
+
+The KV4 rows (``KV4_METHODS``, FlatQuant's W4A4KV4 research mode, docs/kv-cache.md; run only when named): W4A4
+FlatQuant with a 4-bit KV cache whose ``T_k``, ``T_v`` and clips are trained with the linears, and the same without
+the KV transforms (clips only); evaluated with every forward reading the 4-bit cache, exported (vllm-ascend serves
+neither: serve-check says so).
 """
 from __future__ import annotations
 
@@ -40,10 +45,14 @@ FLATQUANT_ROWS = ("flatquant", "flatquant_msmodelslim", "flatquant_tp")
 C8_ROW = "flatquant_msmodelslim_c8"  # the msModelSlim row's model with a calibrated C8 KV cache
 # W4A4_MXFP4_FLATQUANT rows: not in any profile's default (their MX reference ops are slow on a CPU)
 MX_METHODS = ("mxfp4_rtn", "mxfp4_hadamard", "flatquant_mxfp4")
-ALL_METHODS = METHODS + MX_METHODS
+# W4A4KV4 rows (a research mode vllm-ascend cannot serve): opt-in like the MXFP4 ones
+KV4_METHODS = ("flatquant_kv4", "flatquant_kv4_notrans")
+ALL_METHODS = METHODS + KV4_METHODS + MX_METHODS
 LABELS.update({"mxfp4_rtn": "MXFP4 RTN (no transform)", "mxfp4_hadamard": "MXFP4 Hadamard",
-               "flatquant_mxfp4": "MXFP4 FlatQuant (GPTQ)"})
-EXPORTED_ROWS = FLATQUANT_ROWS + MX_METHODS  # exported to export-<method> and serve-checked
+               "flatquant_mxfp4": "MXFP4 FlatQuant (GPTQ)",
+               "flatquant_kv4": "W4A4KV4 FlatQuant (T_k, T_v, learned KV clips)",
+               "flatquant_kv4_notrans": "W4A4KV4 FlatQuant without KV transforms"})
+EXPORTED_ROWS = FLATQUANT_ROWS + KV4_METHODS + MX_METHODS  # exported to export-<method> and serve-checked
 # What each profile runs by default: the serving rows (msModelSlim recipe, TP-aware) show where an
 # export loads and at what cost; the full profile would triple its 18-minute calibration with them.
 DEFAULT_METHODS = {"fast": METHODS, "full": ("fp", "rtn_w4a16", "rtn", "hadamard", "flatquant")}
@@ -92,23 +101,28 @@ def demo_mx_max_tp(model) -> int:
 
 def flatquant_config(method: str, profile: str, seed: int, samples=None, epochs=None, seqlen=None,
                      tp_size: int = 1, mx_max_tp: int = 4) -> QuantConfig:
-    """The demo's FlatQuant config (GPTQ weights) for one of FLATQUANT_ROWS or ``flatquant_mxfp4``."""
+    """The demo's FlatQuant config (GPTQ weights) for one of FLATQUANT_ROWS, KV4_METHODS or ``flatquant_mxfp4``."""
     extra = {"flatquant": {}, "flatquant_msmodelslim": {"recipe": "msmodelslim"},
              "flatquant_tp": {"tp_size": tp_size},
              # the end-to-end stage tunes int4 layers only: off rather than skipped with a warning
-             "flatquant_mxfp4": {"recipe": "mxfp4", "e2e_epochs": 0, "mx_max_tp": mx_max_tp}}[method]
+             "flatquant_mxfp4": {"recipe": "mxfp4", "e2e_epochs": 0, "mx_max_tp": mx_max_tp},
+             "flatquant_kv4": {"kv_cache": "KV4"},
+             "flatquant_kv4_notrans": {"kv_cache": "KV4", "kv_transforms": "none"}}[method]
     return QuantConfig(method="flatquant", weight_quantizer="gptq", profile=profile, seed=seed,
                        samples=samples, epochs=epochs, seqlen=seqlen, **extra)
 
 
 def kv_cache_bytes(model, cache_type: str | None = None) -> dict:
     """KV-cache bytes per token (all layers, K and V) as vLLM holds them: bf16 (2 bytes), or int8 with C8; C8's
-    scales and offsets are per model (four ``[C]`` vectors per layer, in bf16 as served), not per token."""
+    scales and offsets are per model (four ``[C]`` vectors per layer, in bf16 as served), not per token. KV4: two
+    4-bit codes a byte, and an fp16 scale and zero per token and head (its kernel's layout)."""
     from .models import decoder_layers, kv_sizes
 
     heads, head_dim = kv_sizes(model)
     values = 2 * len(decoder_layers(model)) * heads * head_dim  # K and V values per token
     per_token = values * (1 if cache_type == "C8" else 2)
+    if cache_type == "KV4":
+        per_token = values // 2 + 2 * len(decoder_layers(model)) * heads * 4
     return {"kv_bytes_per_token": per_token, "kv_vs_bf16": per_token / (2 * values),
             "kv_scale_bytes": 2 * values * 2 if cache_type == "C8" else 0}
 
@@ -203,7 +217,7 @@ def run_demo(model_name: str = "smollm2-135m", profile: str = "fast", out_dir: s
         label = LABELS[method].format(tp=tp)
         log.info("=== %s ===", label)
         serving = None
-        learned = FLATQUANT_ROWS + ("flatquant_mxfp4",)
+        learned = FLATQUANT_ROWS + KV4_METHODS + ("flatquant_mxfp4",)
         if method == C8_ROW:
             # msModelSlim's recipe (reused from its row, else quantized here), then the C8 scales on the same windows
             cfg = flatquant_config("flatquant_msmodelslim", profile, seed, samples, epochs, seqlen).for_model(model)
@@ -248,7 +262,9 @@ def run_demo(model_name: str = "smollm2-135m", profile: str = "fast", out_dir: s
             calib_s = time.perf_counter() - t0
             if method in EXPORTED_ROWS:
                 export = out / f"export-{method.replace('_', '-')}"
-                save_quantized(model, export, tokenizer=tok, overwrite=True, tp_size=tp)
+                # a KV4 export claims no TP size: vLLM loads none (saving warns, serve-check says why)
+                save_quantized(model, export, tokenizer=tok, overwrite=True,
+                               tp_size=None if method in KV4_METHODS else tp)
                 sizes, lines = serving_sizes(export, SERVE_TP_SIZES + (model_tp,))
                 serving = {"serves_at_tp": sizes, "serve_check": lines, "export": str(export)}
                 for line in lines:
@@ -261,13 +277,15 @@ def run_demo(model_name: str = "smollm2-135m", profile: str = "fast", out_dir: s
         lin_bytes = linear_weight_bytes(model) if method not in ("fp", "rtn_w4a16") else bf16_bytes
         row.update({"label": label, "calib_seconds": calib_s, "linear_bytes": lin_bytes,
                     "linear_bytes_vs_bf16": lin_bytes / bf16_bytes,
-                    **kv_cache_bytes(model, "C8" if method == C8_ROW else None)})
+                    **kv_cache_bytes(model, "C8" if method == C8_ROW else "KV4" if method in KV4_METHODS else None)})
         if serving is not None:
             row.update(serving)
         if method in ("rtn", "hadamard", C8_ROW) + EXPORTED_ROWS:
             row["clip_ratios"] = [l["clip_ratios"] for l in model.flatquant_report["layers"]]
             row["fake_quant_mse"] = [l.get("fake_quant_mse") for l in model.flatquant_report["layers"]]
             row["epoch_losses"] = [l["epoch_losses"] for l in model.flatquant_report["layers"]]
+            if method in KV4_METHODS:
+                row["kv_clip"] = [l["kv_clip"] for l in model.flatquant_report["layers"]]
             if model.flatquant_report.get("e2e"):  # the end-to-end stage: KL per epoch, its seconds, the served clips
                 row["e2e"] = model.flatquant_report["e2e"]
         results[method] = row
@@ -307,8 +325,12 @@ def _checks(results: dict, profile: str = "fast") -> dict:
         return results[m]["token_perplexity"] if m in results else None
 
     fq, had, rtn, w4a16, fp = ppl("flatquant"), ppl("hadamard"), ppl("rtn"), ppl("rtn_w4a16"), ppl("fp")
+    ms, c8, kv4, kv4_plain = ppl("flatquant_msmodelslim"), ppl(C8_ROW), ppl("flatquant_kv4"), ppl("flatquant_kv4_notrans")
     ratio = MAX_RATIO.get(profile)
     return {
+        "c8_at_most_0.5pct_over_msmodelslim": None if None in (ms, c8) else c8 <= 1.005 * ms,
+        "kv4_at_most_3pct_over_flatquant": None if None in (fq, kv4) else kv4 <= 1.03 * fq,
+        "kv4_below_kv4_without_transforms": None if None in (kv4, kv4_plain) else kv4 < kv4_plain,
         "flatquant_below_w4a16_rtn": None if None in (fq, w4a16) else fq < w4a16,
         "flatquant_lt_hadamard_lt_rtn": None if None in (fq, had, rtn) else fq < had < rtn,
         "flatquant_linear_bytes_at_most_bf16_over_3.5": (
@@ -333,7 +355,8 @@ def format_table(summary: dict) -> str:
     lines.append("")
     lines.append("x FP: token perplexity ratio to full precision; x bf16: linear weight bytes in memory "
                  "relative to bf16 (the fp rows are counted at bf16); KV x bf16: KV-cache bytes per token relative "
-                 "to a bf16 cache (C8: int8 values; its scales, a few KiB per model, are not per token); "
+                 "to a bf16 cache (C8: int8 values, its scales a few KiB per model, not per token; KV4: 4-bit "
+                 "values and an fp16 scale and zero per token and head); "
                  "serves at TP: the tensor-parallel sizes "
                  f"of {list(SERVE_TP_SIZES)} (and the model's smallest split above 1) at which vLLM loads the export "
                  "(flatquant_lab.io.serving.serve_check).")

@@ -60,10 +60,13 @@ RECIPES = {
     # msModelSlim's W4A4 recipe (example/Qwen/w4a4.py): the row-parallel o/down at W8A8_DYNAMIC
     "msmodelslim": {"*.self_attn.o_proj": W8A8_DYNAMIC, "*.mlp.down_proj": W8A8_DYNAMIC, "*": FLATQUANT},
 }
-# KV-cache types quantize can calibrate after the linears (docs/kv-cache.md; schemes.KV_CACHE_SCHEMES holds them)
-# and how their scales are chosen (calibrate/kv_cache.py)
-KV_CACHE_TYPES = ("C8",)
+# KV-cache types quantize can produce (docs/kv-cache.md; schemes.KV_CACHE_SCHEMES holds them): C8 calibrated after the
+# linears, its scales chosen as KV_CACHE_CLIPS says (calibrate/kv_cache.py); KV4 trained with them (calibrate/kv4.py)
+KV_CACHE_TYPES = ("C8", "KV4")
 KV_CACHE_CLIPS = ("max", "search")
+# KV4's learned transforms: T_k and T_v ("kv", the paper's), or none (identity, clips learned alone)
+KV_TRANSFORMS = ("kv", "none")
+TRAINED_KV_CACHES = ("KV4",)  # learned with the linears in the layer-wise loss, not calibrated after them
 # The MXFP4 presets (Ascend 950 only), apart from the int4 ones above that the A2/A3 NPUs serve
 MX_RECIPES = {
     # W4A4_MXFP4_FLATQUANT on every decoder linear (row-parallel transforms TP-aware up to mx_max_tp)
@@ -116,6 +119,8 @@ class SchemeRecipe:
     # attention error but not the bundled model's perplexity, docs/kv-cache.md)
     kv_cache: str | None = None
     kv_cache_clip: str = "max"
+    # KV4 only (a research mode, trained with the linears): which KV transforms it learns; None: "kv" for KV4
+    kv_transforms: str | None = None
     # W4A4_MXFP4_FLATQUANT groups (docs/mxfp4.md): the weight quantizer's scale rule, whether the activation
     # clip ratio acts on the FP4 path (assumed not: then none is learned), and the description's max_supported_tp
     mx_scale_rule: str = MX_DEFAULTS["mx_scale_rule"]
@@ -125,6 +130,14 @@ class SchemeRecipe:
     def __post_init__(self):
         one_of(self.kv_cache, "kv_cache", (None,) + KV_CACHE_TYPES)
         one_of(self.kv_cache_clip, "kv_cache_clip", KV_CACHE_CLIPS)
+        if self.kv_cache in TRAINED_KV_CACHES:
+            if self.kv_cache_clip != "max":
+                raise ValueError(f"kv_cache_clip: {self.kv_cache_clip!r} chooses C8's static scales; "
+                                 f"kv_cache={self.kv_cache!r} learns its clip ratios with the linears (leave it 'max')")
+            one_of(self.kv_transforms, "kv_transforms", (None,) + KV_TRANSFORMS)
+        elif self.kv_transforms is not None:
+            raise ValueError(f"kv_transforms: {self.kv_transforms!r} applies to kv_cache='KV4' (its T_k, T_v are "
+                             f"trained with the linears), got kv_cache={self.kv_cache!r}")
         _frozen_set(self, "skip", (self.skip,) if isinstance(self.skip, str) else tuple(self.skip))
         if isinstance(self.recipe, str):
             if self.recipe not in PRESETS:
@@ -154,6 +167,14 @@ class SchemeRecipe:
     def rules(self) -> tuple[tuple[str, str], ...]:
         """``(pattern, scheme)`` pairs in match order: the recipe's (a preset's or the mapping's)."""
         return tuple((PRESETS[self.recipe] if isinstance(self.recipe, str) else self.recipe).items())
+
+    @property
+    def kv_learned(self) -> str | None:
+        """The KV transforms the layer-wise stage learns with a trained cache (``"kv"`` or ``"none"``; ``kv_transforms``
+        or its default ``"kv"``), ``None`` without one (no cache, or C8: calibrated after the linears)."""
+        if self.kv_cache not in TRAINED_KV_CACHES:
+            return None
+        return self.kv_transforms or "kv"
 
     @property
     def uses_mxfp4(self) -> bool:
@@ -310,6 +331,7 @@ FLAT_NAMES = {
     **{f"gptq_{n}": ("gptq", n) for n in ("damp", "block", "act_order", "clip_grid")},
     **{f"e2e_{n}": ("e2e", n) for n in ("samples", "holdout", "epochs", "lr", "batch_size", "clip_lr_mult")},
     "cann": ("schemes", "cann"), "kv_cache": ("schemes", "kv_cache"), "kv_cache_clip": ("schemes", "kv_cache_clip"),
+    "kv_transforms": ("schemes", "kv_transforms"),
     **{n: ("schemes", n) for n in MX_DEFAULTS},
     **{n: ("placement", n) for n in ("device", "activations", "recompute_blocks", "release_host_memory")},
 }
@@ -470,6 +492,8 @@ class QuantConfig:
         d["recipe"] = d["recipe"] if isinstance(d["recipe"], str) else dict(d["recipe"])
         if d["kv_cache"] is None:  # a config without a quantized KV cache records what it always did
             del d["kv_cache"], d["kv_cache_clip"]
+        if d["kv_transforms"] is None:
+            del d["kv_transforms"]
         if not self.schemes.uses_mxfp4:  # a config without MXFP4 groups records what it always did
             for name, default in MX_DEFAULTS.items():
                 if d[name] == default:
@@ -483,7 +507,9 @@ class QuantConfig:
         # are saved; the weight quantizer runs after them too, unless later layers train on its output.
         drop = ["work_dir", "device", "activations", "recompute_blocks", "release_host_memory", "e2e_samples",
                 "e2e_holdout", "e2e_epochs", "e2e_lr", "e2e_batch_size", "e2e_clip_lr_mult",
-                "kv_cache", "kv_cache_clip"]  # the KV cache is calibrated after everything else
+                "kv_cache", "kv_cache_clip"]  # C8 is calibrated after everything else
+        if self.schemes.kv_cache in TRAINED_KV_CACHES:  # KV4 is learned with the linears
+            drop = drop[:-2]
         if self.train.train_inputs == "float":
             drop += ["weight_quantizer", "gptq_damp", "gptq_block", "gptq_act_order", "gptq_clip_grid"]
         for k in drop:

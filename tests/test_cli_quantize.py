@@ -68,3 +68,25 @@ def test_quantize_cli_on_a_tiny_model_directory(tmp_path, capsys):
     assert type(loaded2.model.layers[0].mlp.down_proj) is W4A4FlatQuantLinear
     assert torch.isfinite(logits(loaded2)).all()
     assert (tmp_path / "work" / "layer_0001.safetensors").is_file()
+
+
+def test_quantize_cli_kv4_exports_without_a_tp_size_and_says_it_does_not_serve(tmp_path, capsys):
+    from flatquant_lab.cli import main
+    from flatquant_lab.models import kv_caches
+
+    with pytest.raises(SystemExit, match="--kv-transforms: only used with --kv-cache KV4"):
+        main(["quantize", "--model", "m", "--kv-transforms", "none", "--out", str(tmp_path / "o")])
+    fm = tiny_model("llama")
+    src = tmp_path / "tiny"
+    write_tiny_model_dir(src, fm)
+    out = tmp_path / "kv4"
+    with pytest.warns(UserWarning, match="kv_cache_type 'KV4': a research mode that vllm-ascend cannot serve"):
+        # the fixed baselines need no calibration text: T_k, T_v Hadamard, clips 1
+        assert main(["quantize", "--model", str(src), "--method", "hadamard", "--weight-quantizer", "rtn",
+                     "--kv-cache", "KV4", "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["kv_cache"] == "KV4" and printed["kv_transforms"] == "kv"
+    caches = kv_caches(load_quantized(out))
+    assert len(caches) == 2 and all(torch.equal(c.k_clip, torch.ones(2)) for c in caches.values())
+    assert main(["serve-check", str(out), "--tp", "1", "--tokens", "2"]) == 1
+    assert "vllm-ascend has no 4-bit KV cache" in capsys.readouterr().out

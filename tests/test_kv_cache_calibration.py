@@ -110,7 +110,7 @@ def test_the_config_field_leaves_configs_without_it_unchanged():
     assert c8.to_dict()["kv_cache"] == "C8" and c8.to_dict()["kv_cache_clip"] == "max"
     assert c8.fingerprint() == base.fingerprint()  # calibrated after every learned tensor
     assert c8.replace(kv_cache=None) == base
-    with pytest.raises(ValueError, match=r"^kv_cache: expected one of \(None, 'C8'\)"):
+    with pytest.raises(ValueError, match=r"^kv_cache: expected one of \(None, 'C8', 'KV4'\)"):
         QuantConfig(kv_cache="C4")
     with pytest.raises(ValueError, match="^kv_cache_clip: expected one of"):
         QuantConfig(kv_cache="C8", kv_cache_clip="mse")

@@ -19,6 +19,11 @@ The recipe scheme ``w4a4_mxfp4_flatquant`` makes a group W4A4_MXFP4_FLATQUANT: t
 layer-wise loss with MXFP4 fake quantizers, finalized into ``W4A4MXFP4FlatQuantLinear`` (docs/mxfp4.md). The
 end-to-end stage tunes int4 weight scales and clips through differentiable twins of the int4 layers; a model with
 MXFP4 groups skips it (logged): their E8M0 scales are powers of two and they have no twin to backpropagate through.
+
+``kv_cache="KV4"`` (calibrate/kv4.py) adds FlatQuant's KV transforms and KV clips to each layer's learned state:
+trained in the same loss, ``T_v`` folded into ``v_proj``/``o_proj`` and a ``KV4Cache`` attached at finalize; the
+model's attention reads the 4-bit cache from the start of the run (a layer without one computes as before), so the
+quantized inputs of later layers and the end-to-end stage see it.
 """
 from __future__ import annotations
 
@@ -34,7 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..devices import module_device, peak_memory, require_available, reset_peak, return_freed_host_memory
-from ..models import ModelAdapter, ModelInfo, adapter_for
+from ..models import ModelAdapter, ModelInfo, adapter_for, use_kv_cache_attention
 from ..recipe import QuantConfig
 from .e2e import TunableW4A4, clip_groups, tune_scales
 from .capture import HeldActivations, capture_layer_inputs, choose_activations, float_forward, propagate
@@ -124,6 +129,8 @@ def calibrate(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor | None
     work = WorkDir(run.cfg.placement.work_dir, run.cfg, run.info.num_layers, ids.sha256) if run.cfg.placement.work_dir \
         else None
     acts = capture_activations(model, run, ids, report)
+    if run.cfg.schemes.kv_learned is not None:  # KV4: each finished layer's attention reads its 4-bit cache from now on
+        use_kv_cache_attention(model, allow_none=True)
     bar = tqdm(range(run.info.num_layers), desc=f"{run.cfg.method} layers", unit="layer")
     for i in bar:
         report.layers.append(calibrate_layer(i, run, acts, work, backend, bar))
@@ -340,6 +347,8 @@ def calibrate_layer(i: int, run: RunPlan, acts: Activations | None, work: WorkDi
         propagate(layer, acts.XQ, acts.kwargs_by_bs, cfg.train.batch_size, run.model_dtype)
     layer.to(run.home)
     entry["clip_ratios"] = learned.clip_ratios()
+    if learned.kv is not None:
+        entry["kv_clip"] = learned.kv.clip_ratios()
     entry["seconds"] = time.perf_counter() - lt0
     if i == 0:
         _warn_if_long(entry["seconds"], run.info.num_layers, cfg)

@@ -18,6 +18,7 @@ from ..models import set_submodule
 from ..mxfp4 import MxOptions, quantize_weight_mxfp4
 from ..quantizers import quantize_weight
 from ..recipe import FLATQUANT, MXFP4, W8A8_DYNAMIC, WEIGHT_QUANTIZERS, QuantConfig
+from .kv4 import fold_kv
 from .memory import row_spans
 from .state import LayerState
 
@@ -153,6 +154,7 @@ def finalize_layer(layer, groups, learned: LayerState, cfg: QuantConfig, hessian
     """Fold the smoothing scales, quantize every weight, and swap in the quantized layers of each group's scheme.
 
     Smoothing: a norm's weight, or the preceding linear's rows, ``/ d``; the group's weights ``* d`` (in the fold).
+    KV4 (``learned.kv``): ``T_v`` folded into ``v_proj`` and ``o_proj`` first, and the attention gets its ``KV4Cache``.
 
     ``hessians``: group name -> ``HessianAccumulator`` for GPTQ weights (FlatQuant groups: of the
     quantized transformed inputs; W8A8_DYNAMIC groups: of the float inputs); RTN without.
@@ -160,6 +162,8 @@ def finalize_layer(layer, groups, learned: LayerState, cfg: QuantConfig, hessian
     d_in = {}
     dev = next(layer.parameters()).device
     xd = exact_dtype(dev)  # float64 on the CPU; float32 on an accelerator
+    if learned.kv is not None:  # KV4: T_v into v_proj / o_proj before the smoothing divides v_proj's rows
+        fold_kv(layer, groups, learned.kv, xd)
     for g in groups:
         if not g.quantized or learned[g.name].log_smooth is None:
             continue

@@ -1,4 +1,5 @@
-"""Starting state of a layer: Kronecker factors, smoothing ``log d`` and clip logits (searched or fixed).
+"""Starting state of a layer: Kronecker factors, smoothing ``log d`` and clip logits (searched or fixed), and the KV4
+cache's ``T_k``, ``T_v`` and clip logits with ``kv_cache="KV4"`` (calibrate/kv4.py).
 
 An MXFP4 group starts with ``L`` block-diagonal (``Group.blocks`` factors of the method's kind, one per block) and
 with clip ratio 1: its weights have no clip, and its activations one only with ``mx_apply_clip`` (then searched on
@@ -15,6 +16,7 @@ from torch import nn
 from ..quantizers import fake_quant_act, fake_quant_mx, fake_quant_weight
 from ..recipe import QuantConfig
 from ..transforms import orthogonal_factor
+from .kv4 import init_kv_state
 from .memory import row_spans
 from .modules import KronTransform, logit, mx_options
 from .plan import Group
@@ -102,4 +104,4 @@ def init_learned(layer: nn.Module, groups: list[Group], cfg: QuantConfig, stats:
                 logits = torch.full((w.shape[0],), float(cfg.train.weight_clip_init), device=dev)
             weight_clip[p] = logits
         learned[g.name] = GroupState(left, right, torch.tensor([act_clip], device=dev), weight_clip, log_smooth)
-    return LayerState(learned)
+    return LayerState(learned, init_kv_state(layer, groups, cfg, layer_index))

@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -37,7 +36,7 @@ from torch import nn
 from ..checks import one_of, positive_int
 from ..devices import module_device
 from ..models import attach_kv_cache, decoder_layers, kv_sizes
-from ..models.kv_attention import attention_function, wrapped_implementation
+from ..models.kv_attention import recording_attention
 from ..models.kv_cache import model_dtype
 from ..ops import kv_cache_dequantize, kv_cache_inverse, kv_cache_quantize
 from ..schemes import kv_cache_scheme_for
@@ -52,7 +51,6 @@ DEFAULT_GRID = (1.0, 0.975, 0.95, 0.925, 0.9, 0.875, 0.85, 0.8, 0.75, 0.7, 0.6, 
 DEFAULT_SEARCH_WINDOWS = 32
 INT8_MAX = 127.0
 SCALE_FLOOR = torch.finfo(torch.float32).eps  # msModelSlim's floor of a per-channel scale
-CAPTURE_NAME = "flatquant_kv_calibration"
 
 
 def channel_scales(absmax: torch.Tensor, clip: torch.Tensor | float = 1.0) -> torch.Tensor:
@@ -66,32 +64,6 @@ def cache_roundtrip(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     dtype as the model holds it) and read back: the C8 write and read paths, offset 0."""
     s = scale.to(x.dtype).view(x.shape[1], 1, x.shape[3])
     return kv_cache_dequantize(kv_cache_quantize(x, kv_cache_inverse(s, x.dtype)), s, x.dtype)
-
-
-@contextmanager
-def _capturing(model: nn.Module, record):
-    """Every attention call of ``model`` goes through ``record(module, query, key, value, mask, kwargs)`` first and
-    then through the model's own attention function on the float K and V (a KV-cache wrapper is bypassed)."""
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-    from transformers.modeling_utils import AttentionInterface
-
-    before = model.config._attn_implementation or "eager"
-    base = wrapped_implementation(before) or before
-    base_fn = attention_function(model, base)
-
-    def attention(module, query, key, value, attention_mask, *args, **kwargs):
-        record(module, query, key, value, attention_mask, args, kwargs)
-        return base_fn(module, query, key, value, attention_mask, *args, **kwargs)
-
-    name = f"{CAPTURE_NAME}:{base}"
-    AttentionInterface.register(name, attention)
-    if base in ALL_MASK_ATTENTION_FUNCTIONS:
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
-    model.config._attn_implementation = name
-    try:
-        yield base_fn
-    finally:
-        model.config._attn_implementation = before
 
 
 class _LayerRecord:
@@ -182,6 +154,9 @@ def calibrate_kv_cache(model: nn.Module, calib_ids: torch.Tensor, cache_type: st
     squared norm, at the max scales and at the chosen ones; equal with ``clip="max"``).
     """
     kv_cache_scheme_for(cache_type)  # a registered KV-cache type, else a ValueError naming the choices
+    if cache_type != "C8":
+        raise ValueError(f"cache_type: calibrate_kv_cache chooses C8's static scales; {cache_type!r} is learned with "
+                         "the linears (QuantConfig(kv_cache='KV4') in quantize)")
     one_of(clip, "clip", CLIPS)
     one_of(granularity, "granularity", GRANULARITIES)
     positive_int(batch_size, "batch_size")
@@ -206,7 +181,7 @@ def calibrate_kv_cache(model: nn.Module, calib_ids: torch.Tensor, cache_type: st
     try:
         for i, layer in enumerate(layers):
             rec = _LayerRecord(keep)
-            with _capturing(model, rec) as base_fn:
+            with recording_attention(model, rec) as base_fn:
                 for s, e in batches(X.shape[0], batch_size):
                     X.write(s, run_layer(layer, X[s:e].to(dtype), kwargs_by_bs[e - s]))
             module = layer.self_attn

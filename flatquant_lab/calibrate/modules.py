@@ -27,6 +27,7 @@ from ..models import set_submodule
 from ..mxfp4 import MxOptions
 from ..quantizers import fake_quant_act, fake_quant_mx, fake_quant_weight_codes, round_to as ste_cast
 from ..recipe import QuantConfig
+from .kv4 import MappedLinear, install_kv, uninstall_kv
 from .memory import row_spans
 from .plan import Group
 from .state import LayerState
@@ -297,12 +298,21 @@ class FakeQuantLinear(nn.Module):
         self.transform = transform
         self.weight_clip = nn.Parameter(weight_clip.float().clone(), requires_grad=learn_clip)
         self.out_div = out_div  # the next group's smoothing that folds into these output rows
+        self.weight_map = None  # KV4's T_v folded into the weight before its quantizer (calibrate.kv4.ValueMap)
         self._codes = None  # no-grad passes: (key, int8 codes, s) while nothing they depend on moves
+
+    def _weight(self, r0: int, r1: int) -> torch.Tensor:
+        """Rows ``r0:r1`` of the float32 weight, after ``weight_map`` (which may mix rows: mapped whole)."""
+        if self.weight_map is None:
+            return self.linear.weight[r0:r1].float()
+        return self.weight_map.weight(self.linear.weight.float())[r0:r1]
+
+    def _map_version(self):
+        return None if self.weight_map is None else self.weight_map.version()
 
     def _fold_mx(self, li, ri, r0: int, r1: int) -> torch.Tensor:
         """Rows ``r0:r1`` of ``MX4(fold(W))`` (MXFP4 per output row and 32 along K), float32."""
-        w = self.linear.weight[r0:r1].float()
-        return fake_quant_mx(self.transform.fold(w, (li, ri)), self.transform.mx[1])
+        return fake_quant_mx(self.transform.fold(self._weight(r0, r1), (li, ri)), self.transform.mx[1])
 
     def _product_mx(self, bq: torch.Tensor) -> torch.Tensor:
         """``bq @ MX4(fold(W))^T``: with grad, each chunk of rows' fold and rounding checkpointed; without, the
@@ -310,7 +320,7 @@ class FakeQuantLinear(nn.Module):
         tr = self.transform
         if not torch.is_grad_enabled():
             smooth = None if tr.log_smooth is None else tr.log_smooth._version
-            key = (tr.factor_version(), smooth)
+            key = (tr.factor_version(), smooth, self._map_version())
             if self._codes is None or self._codes[0] != key:
                 li, ri = tr.inverse_t()
                 self._codes = (key, torch.cat([self._fold_mx(li, ri, r0, r1) for r0, r1 in self._spans()]))
@@ -323,8 +333,8 @@ class FakeQuantLinear(nn.Module):
 
     def _fold_codes(self, li, ri, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(codes, s)`` of rows ``r0:r1`` of ``Q4(fold(W))`` (rows fold and round independently)."""
-        w = self.linear.weight[r0:r1].float()
-        return fake_quant_weight_codes(self.transform.fold(w, (li, ri)), torch.sigmoid(self.weight_clip[r0:r1]))
+        return fake_quant_weight_codes(self.transform.fold(self._weight(r0, r1), (li, ri)),
+                                       torch.sigmoid(self.weight_clip[r0:r1]))
 
     def _spans(self) -> list[tuple[int, int]]:
         return row_spans(*self.linear.weight.shape)
@@ -334,7 +344,7 @@ class FakeQuantLinear(nn.Module):
         across batches while nothing they depend on moves."""
         tr = self.transform
         smooth = None if tr.log_smooth is None else tr.log_smooth._version
-        key = (tr.factor_version(), smooth, self.weight_clip._version)
+        key = (tr.factor_version(), smooth, self.weight_clip._version, self._map_version())
         if self._codes is None or self._codes[0] != key:
             li, ri = tr.inverse_t()
             parts = [self._fold_codes(li, ri, r0, r1) for r0, r1 in self._spans()]
@@ -361,6 +371,8 @@ class FakeQuantLinear(nn.Module):
         bq = self.transform.quantized_input(x)
         y = self._product_mx(bq) if self.transform.group.mx else self._product(bq)
         bias = self.linear.bias.float() if self.linear.bias is not None else None
+        if self.weight_map is not None:
+            bias = self.weight_map.bias(bias)
         if self.out_div is not None:  # v_proj's rows are kv channels: d is the un-expanded [kv * head_dim]
             d = self.out_div.log_smooth.exp()
             y = y / d
@@ -410,11 +422,13 @@ def install_fake_quant(layer: nn.Module, groups: list[Group], learned: LayerStat
     for path, gname in row_div.items():
         mod = layer.get_submodule(path)
         if isinstance(mod, nn.Linear):
-            set_submodule(layer, path, _RowDivLinear(mod, transforms[gname]))
+            set_submodule(layer, path, RowDivLinear(mod, transforms[gname]))
+    if learned.kv is not None:  # KV4: after the stand-ins above, which take T_v's map
+        install_kv(layer, groups, learned.kv, learn, cfg.schemes.kv_learned == "kv")
     return transforms
 
 
-class _RowDivLinear(nn.Module):
+class RowDivLinear(nn.Module):
     def __init__(self, linear: nn.Linear, div: KronTransform):
         super().__init__()
         self.linear, self.div = linear, div
@@ -424,7 +438,13 @@ class _RowDivLinear(nn.Module):
 
 
 def uninstall_fake_quant(layer: nn.Module) -> None:
-    """Put the original float linears back."""
-    for name, mod in list(layer.named_modules()):
-        if isinstance(mod, (FakeQuantLinear, _RowDivLinear)):
-            set_submodule(layer, name, mod.linear)
+    """Put the original float linears back (and take a KV4 stand-in off the attention)."""
+    uninstall_kv(layer)
+    wrapped = True
+    while wrapped:  # a stand-in may wrap another (a row-divided linear around a T_v-mapped one)
+        wrapped = False
+        for name, mod in list(layer.named_modules()):
+            if isinstance(mod, (FakeQuantLinear, RowDivLinear, MappedLinear)):
+                set_submodule(layer, name, mod.linear)
+                wrapped = True
+                break

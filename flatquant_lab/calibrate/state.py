@@ -2,7 +2,8 @@
 
 ``GroupState``: the Kronecker factors ``L``, ``R``, the activation clip logit ``a`` (clip ``sigmoid(a)``), the
 smoothing ``log d`` where the group has one, and each linear's per-row weight clip logits.
-``LayerState``: group name -> ``GroupState`` for the layer's FlatQuant groups. The flat tensor names
+``KVState``: a layer's KV4 cache (``kv_cache="KV4"``): ``T_k``, ``T_v`` and the clip logit pairs of K and V.
+``LayerState``: group name -> ``GroupState`` for the layer's FlatQuant groups, and its ``KVState``. The flat tensor names
 (``attn.left``, ``self_attn.q_proj.weight_clip``, ...) exist only at the work-dir boundary
 (:meth:`LayerState.to_tensors`, :meth:`LayerState.from_tensors`), so a work dir written before still resumes.
 """
@@ -51,10 +52,41 @@ class GroupState:
 
 
 @dataclass(frozen=True)
+class KVState:
+    """The learned KV4 tensors of one attention layer (float32): ``T_k``, ``T_v`` (``[head_dim, head_dim]``) and the
+    clip logits ``[a_max, a_min]`` of K and of V (clip ratios ``sigmoid(a)``)."""
+
+    t_k: torch.Tensor
+    t_v: torch.Tensor
+    k_clip: torch.Tensor
+    v_clip: torch.Tensor
+
+    NAMES = ("t_k", "t_v", "k_clip", "v_clip")
+
+    def clip_ratios(self) -> dict[str, list[float]]:
+        """``{"k": [clip_max, clip_min], "v": [...]}`` as Python floats (the report's ``kv_clip``)."""
+        return {w: torch.sigmoid(getattr(self, f"{w}_clip")).tolist() for w in ("k", "v")}
+
+    def to(self, device) -> KVState:
+        return KVState(*(getattr(self, n).to(device) for n in self.NAMES))
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"kv.{n}": getattr(self, n) for n in self.NAMES}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> KVState | None:
+        """The state a work dir holds, ``None`` where it holds none (a run without KV4)."""
+        if "kv.t_k" not in tensors:
+            return None
+        return cls(*(tensors[f"kv.{n}"] for n in cls.NAMES))
+
+
+@dataclass(frozen=True)
 class LayerState:
     """The learned state of one decoder layer: group name -> ``GroupState`` (its FlatQuant groups only)."""
 
     groups: dict[str, GroupState] = field(default_factory=dict)
+    kv: KVState | None = None  # the KV4 cache's tensors (kv_cache="KV4"), else None
 
     def __getitem__(self, name: str) -> GroupState:
         return self.groups[name]
@@ -63,7 +95,8 @@ class LayerState:
         return name in self.groups
 
     def to(self, device) -> LayerState:
-        return LayerState({name: g.to(device) for name, g in self.groups.items()})
+        return LayerState({name: g.to(device) for name, g in self.groups.items()},
+                          None if self.kv is None else self.kv.to(device))
 
     def clip_ratios(self) -> dict[str, float]:
         """Group name -> activation clip ratio (the report's ``clip_ratios``)."""
@@ -74,12 +107,15 @@ class LayerState:
         out = {}
         for name, g in self.groups.items():
             out.update(g.to_tensors(name))
+        if self.kv is not None:
+            out.update(self.kv.to_tensors())
         return out
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], groups: list[Group]) -> LayerState:
         """Read a work dir's flat tensor dict back, for the FlatQuant groups of ``groups``."""
-        return cls({g.name: GroupState.from_tensors(tensors, g) for g in groups if g.quantized})
+        return cls({g.name: GroupState.from_tensors(tensors, g) for g in groups if g.quantized},
+                   KVState.from_tensors(tensors))
 
     @classmethod
     def of(cls, learned: LayerState | dict[str, torch.Tensor], groups: list[Group]) -> LayerState:

@@ -10,6 +10,7 @@ from ..gptq import HessianAccumulator
 from ..recipe import QuantConfig
 from .capture import batches, run_layer
 from .finalize import w8a8_hessian_hooks
+from .kv4 import kv_stand_in
 from .memory import compact_saved_tensors, decide_recompute, recompute_blocks, saved_bytes
 from .modules import FakeQuantLinear, install_fake_quant, uninstall_fake_quant
 from .state import GroupState, LayerState
@@ -90,6 +91,11 @@ def train_layer(layer, groups, learned: LayerState, X, Y, kwargs_by_bs, cfg: Qua
                     continue
                 m.weight_clip.requires_grad_(True)
                 clips.append(m.weight_clip)
+        kv = kv_stand_in(layer)
+        if kv is not None:  # KV4: T_k, T_v with the factors, the clip logits with the clips (lr x clip_lr_mult)
+            if cfg.schemes.kv_learned == "kv":
+                main += [p.requires_grad_(True) for p in kv.transform_parameters()]
+            clips += [p.requires_grad_(True) for p in kv.clip_parameters()]
         lr = cfg.train.lr
         opt = torch.optim.AdamW([{"params": main, "lr": lr},
                                  {"params": clips, "lr": lr * cfg.train.clip_lr_mult}], weight_decay=cfg.train.weight_decay)
@@ -138,7 +144,7 @@ def train_layer(layer, groups, learned: LayerState, X, Y, kwargs_by_bs, cfg: Qua
             trained[name] = GroupState(left, right, tr.act_clip.detach().clone(),
                                        {path: weight_clips[path] for path in tr.group.linears},
                                        None if tr.log_smooth is None else tr.log_smooth.detach().clone())
-        return LayerState(trained), epoch_losses
+        return LayerState(trained, None if kv is None else kv.state()), epoch_losses
     finally:
         uninstall_fake_quant(layer)
 

@@ -14,8 +14,9 @@ def add_arguments(p) -> None:
                    help="FlatQuant calibration budget: fast (minutes) or full (12x the training tokens)")
     p.add_argument("--out", default="results", help="where demo.json, demo.png and the export go")
     p.add_argument("--methods", nargs="+", default=None, choices=ALL_METHODS,
-                   help="default: all but the MXFP4 rows (mxfp4_rtn, mxfp4_hadamard, flatquant_mxfp4) for --profile "
-                        "fast; without the two serving rows for full")
+                   help="default: all but the MXFP4 rows (mxfp4_rtn, mxfp4_hadamard, flatquant_mxfp4) and the KV4 "
+                        "rows (flatquant_kv4, flatquant_kv4_notrans) for --profile fast; without the two serving rows "
+                        "for full")
     p.add_argument("--limit", type=positive_int, default=None,
                    help="evaluate on the first N documents only (default: all)")
     p.add_argument("--docs", type=non_negative_int, nargs="+", default=None,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from ..api import quantize
 from ..calibrate.plan import fallback_notice
-from ..recipe import (FALLBACKS, KV_CACHE_CLIPS, KV_CACHE_TYPES, METHODS, MX_DEFAULTS, MX_RECIPES, MX_SCALE_RULES,
-                      PRESETS, PROFILES, RECIPES, WEIGHT_QUANTIZERS, QuantConfig)
+from ..recipe import (FALLBACKS, KV_CACHE_CLIPS, KV_CACHE_TYPES, KV_TRANSFORMS, METHODS, MX_DEFAULTS, MX_RECIPES,
+                      MX_SCALE_RULES, PRESETS, PROFILES, RECIPES, WEIGHT_QUANTIZERS, QuantConfig)
 from .args import DTYPE_CHOICES, UsageError, device_arg, non_negative_int, positive_int
 
 
@@ -77,7 +77,10 @@ def add_arguments(p) -> None:
                         "and the export is checked to load there")
     p.add_argument("--kv-cache", default=None, choices=KV_CACHE_TYPES,
                    help="also quantize the KV cache: C8 (vllm-ascend's static per-channel int8 cache), its scales "
-                        "calibrated on the same windows after the linears (docs/kv-cache.md); default: none")
+                        "calibrated on the same windows after the linears; or KV4 (FlatQuant's 4-bit research mode, "
+                        "trained with the linears; vllm-ascend cannot serve it) (docs/kv-cache.md); default: none")
+    p.add_argument("--kv-transforms", default=None, choices=KV_TRANSFORMS,
+                   help="with --kv-cache KV4: learn T_k and T_v (kv, the default) or none (the clips alone)")
     p.add_argument("--kv-cache-clip", default=None, choices=KV_CACHE_CLIPS,
                    help="with --kv-cache: max (msModelSlim's per-channel max|x|/127; the default) or search (that "
                         "times a clip minimising each layer's attention-output error; docs/kv-cache.md)")
@@ -101,10 +104,12 @@ def _unused_flags(args) -> None:
     """Flags that would change nothing are an error, not a silent no-op."""
     if args.kv_cache_clip is not None and args.kv_cache is None:
         raise UsageError("--kv-cache-clip: not used without --kv-cache; leave it out or add --kv-cache C8")
+    if args.kv_transforms is not None and args.kv_cache != "KV4":
+        raise UsageError("--kv-transforms: only used with --kv-cache KV4; leave it out or add --kv-cache KV4")
     if args.method == "flatquant":
         return
     flags = {"--epochs": args.epochs, "--lr": args.lr, "--e2e-epochs": args.e2e_epochs}
-    if args.weight_quantizer != "gptq" and args.kv_cache is None:
+    if args.weight_quantizer != "gptq" and args.kv_cache != "C8":  # C8 reads the windows; KV4 learns only with data
         flags.update({"--samples": args.samples, "--seqlen": args.seqlen, "--calib-data": args.calib_data})
     given = [f for f, v in flags.items() if v is not None]
     if given:
@@ -187,15 +192,19 @@ def run(args) -> int:
                       recipe=args.recipe, fallback=args.fallback, tp_size=args.tp_size, device=args.device,
                       mx_scale_rule=args.mx_scale_rule, mx_apply_clip=args.mx_apply_clip, mx_max_tp=args.mx_max_tp,
                       activations=args.activations, act_dtype=dtype if dtype in HALF_DTYPES else None,
-                      release_host_memory=True, kv_cache=args.kv_cache, kv_cache_clip=args.kv_cache_clip)
+                      release_host_memory=True, kv_cache=args.kv_cache, kv_cache_clip=args.kv_cache_clip,
+                      kv_transforms=args.kv_transforms)
     _check_shapes(args, path, cfg)
     tok = load_tokenizer(path)
     ids = None
-    if cfg.method == "flatquant" or cfg.weight_quantizer == "gptq" or cfg.schemes.kv_cache is not None:
+    after_linears = cfg.schemes.kv_cache is not None and cfg.schemes.kv_learned is None  # C8's calibration
+    if cfg.method == "flatquant" or cfg.weight_quantizer == "gptq" or after_linears:
         ids = _calibration_ids(args, cfg, tok)
     model, _ = load_model(path, dtype=dtype, num_layers=args.num_layers)
     quantize(model, cfg, ids)
-    save_quantized(model, args.out, tokenizer=tok, overwrite=args.overwrite, tp_size=cfg.schemes.tp_size)
+    # a KV4 export claims no TP size: vLLM serves none (save_quantized warns so)
+    save_quantized(model, args.out, tokenizer=tok, overwrite=args.overwrite,
+                   tp_size=None if cfg.schemes.kv_learned else cfg.schemes.tp_size)
     print(json.dumps({"out": args.out, "seconds": round(model.flatquant_report["seconds"], 1),
                       "dtype": str(dtype).replace("torch.", ""),
                       "kept_float": model.flatquant_report["skipped"],
@@ -203,5 +212,7 @@ def run(args) -> int:
                       "e2e_kl": (model.flatquant_report["e2e"] or {}).get("kl"),
                       "e2e_heldout_kl": (model.flatquant_report["e2e"] or {}).get("heldout_kl"),
                       "e2e_kept_epoch": (model.flatquant_report["e2e"] or {}).get("kept_epoch"),
-                      **_kv_summary(model.flatquant_report.get("kv_cache"))}, indent=1))
+                      **_kv_summary(model.flatquant_report.get("kv_cache")),
+                      **({"kv_cache": cfg.schemes.kv_cache, "kv_transforms": cfg.schemes.kv_learned}
+                         if cfg.schemes.kv_learned else {})}, indent=1))
     return 0
