@@ -14,7 +14,7 @@ from flatquant_lab.calibrate.kv_cache import calibrate_kv_cache
 from flatquant_lab.calibrate.plan import plan_layer
 from flatquant_lab.calibrate.state import KVState, LayerState
 from flatquant_lab.io import DESCRIPTION_FILE, CheckpointError, load_quantized, save_quantized, serve_check
-from flatquant_lab.layers import KV4Cache
+from flatquant_lab.layers import KV4Cache, QuantizedKVCache
 from flatquant_lab.models import decoder_layers, kv_cache_attention_on, kv_caches
 from flatquant_lab.ops import kv4_dequantize, kv4_quantize, kv4_roundtrip
 from flatquant_lab.recipe import QuantConfig
@@ -240,3 +240,36 @@ def test_the_demo_counts_kv4_bytes_per_token():
     kv4 = kv_cache_bytes(model, "KV4")  # per layer, head and K/V: 8 bytes of codes, fp16 scale and zero
     assert kv4["kv_bytes_per_token"] == 2 * 2 * 2 * (D // 2 + 4)
     assert kv4["kv_vs_bf16"] == pytest.approx((D // 2 + 4) / (2 * D))
+
+
+# ------------------------------------------------------------------ looking inside (notebook 04's helpers)
+def test_capture_views_heads_and_the_clip_sweep(kv4_models):
+    from einops import repeat
+
+    from flatquant_lab.numerics import capture_kv, head_table, kv_clip_sweep, transform_views
+
+    model = kv4_models[1]["kv"]
+    kv = capture_kv(model, CALIB[:2])
+    assert list(kv) == list(kv_caches(model))
+    p = "model.layers.1.self_attn"
+    assert kv[p]["query"].shape == (2, 4, 32, D) and kv[p]["key"].shape == kv[p]["value"].shape == (2, 2, 32, D)
+    cache = kv_caches(model)[p]
+    views = transform_views(cache, kv[p]["key"], kv[p]["value"])
+    assert torch.equal(views["K after T_k"], kv[p]["key"] @ cache.k_trans)
+    assert torch.allclose(views["V before T_v"] @ cache.v_trans, kv[p]["value"], atol=1e-4)
+    rows = head_table(views)
+    assert len(rows) == 4 * 2 and all(r["max_over_rms"] >= 1 and 0 <= r["kv4_rel_error"] < 1 for r in rows)
+    sweep = kv_clip_sweep(cache, **kv[p], clips=[1.0, 0.5])
+    assert [r["sweep"] for r in sweep] == ["learned", "no T_k", "K", "K", "V", "V"]
+    q, k, v = cache.apply(kv[p]["query"], kv[p]["key"], kv[p]["value"])
+    want = torch.nn.functional.scaled_dot_product_attention(
+        kv[p]["query"], *(repeat(t, "b h t d -> b (h 2) t d") for t in (kv[p]["key"], kv[p]["value"])), is_causal=True)
+    got = torch.nn.functional.scaled_dot_product_attention(
+        q, *(repeat(t, "b h t d -> b (h 2) t d") for t in (k, v)), is_causal=True)
+    assert sweep[0]["rel_error"] == pytest.approx(float((got - want).norm() / want.norm()), rel=1e-5)
+    assert sweep[2]["rel_error"] < sweep[3]["rel_error"]  # clip 0.5 cuts off half of every token's range
+    with pytest.raises(ValueError, match=r"^clips: expected clip ratios in \(0, 1\]"):
+        kv_clip_sweep(cache, **kv[p], clips=[1.2])
+    c8 = QuantizedKVCache(*(torch.ones(2 * D) for _ in range(4)), num_kv_heads=2, head_dim=D)
+    with pytest.raises(ValueError, match="^cache: expected a KV4Cache, got QuantizedKVCache"):
+        transform_views(c8, kv[p]["key"], kv[p]["value"])

@@ -34,7 +34,7 @@ import pytest
 from flatquant_lab.notebook import headless_widgets
 
 NB_DIR = Path(__file__).resolve().parents[1] / "notebooks"
-NOTEBOOKS = ["01_numerics.ipynb", "02_clip_ratio_sweep.ipynb", "03_lm_eval_perplexity.ipynb"]
+NOTEBOOKS = ["01_numerics.ipynb", "02_clip_ratio_sweep.ipynb", "03_lm_eval_perplexity.ipynb", "04_kv_cache.ipynb"]
 # Where a notebook writes checkpoints, pointed into the test's tmp_path (defaults: notebooks/outputs/).
 OUTPUT_PARAMS = {"02_clip_ratio_sweep.ipynb": "output_dir", "03_lm_eval_perplexity.ipynb": "work_dir"}
 CELL_TIMEOUT_S = 600  # a hung kernel fails the test instead of blocking the run
@@ -244,7 +244,7 @@ def test_notebooks_share_one_setup_cell():
     """The cell after the parameters (backend choice, logging, smoke notice, output folder) is the same in all,
     and it calls the package's ``flatquant_lab.notebook.setup`` instead of holding its own copy."""
     setups = {name: _code_sources(name)[1] for name in NOTEBOOKS}
-    assert len(set(setups.values())) == 1, "the set-up cells differ; edit all three alike"
+    assert len(set(setups.values())) == 1, "the set-up cells differ; edit them all alike"
     assert "setup(backend=backend, threads=threads, smoke=smoke)" in setups[NOTEBOOKS[0]]
     assert "def " not in setups[NOTEBOOKS[0]], "helpers belong in flatquant_lab/notebook.py"
 
@@ -497,9 +497,12 @@ def test_notebook_runs_headless(name, kernel_name, tmp_path, record_property):
     elif name.startswith("02"):
         assert "quantized here: method flatquant, gptq weights, profile fast, torch.float32" in text, text
         tuned_checkpoint(text, tmp_path / "out")
-    else:
+    elif name.startswith("03"):
         for method in ("rtn", "hadamard", "flatquant"):
             assert f"{method}: quantized (gptq weights, profile fast, torch.float32, calibration text " in text, text
+    else:
+        assert "quantized here: method flatquant, gptq weights, profile fast, KV4 with kv_transforms='kv'" in text, text
+        assert "2 KV4 caches; looking at model.layers.1.self_attn: KV4Cache(KV4, num_kv_heads=3, head_dim=64" in text
 
 
 def test_lab_requirements_carry_the_test_pins():

@@ -18,7 +18,8 @@ the forward); both return a :class:`CheckReport` (:class:`LinearReport`, :class:
 ``product``, ``output`` and, for a layer computed by several ranks, ``ranks`` (:class:`MxReport`).
 :func:`check_layer` runs the one that fits a layer's checkpoint scheme (:data:`LAYER_CHECKS`).
 :func:`check_kv_cache` checks an implementation of the C8 KV cache (write, read, TP split; ``kv_cache``), and
-:func:`check_kv_cache_module` picks it by a cache module's type (:data:`KV_CACHE_CHECKS`).
+:func:`check_kv_cache_module` picks it by a cache module's type (:data:`KV_CACHE_CHECKS`). ``kv4`` looks inside a
+KV4 cache: :func:`capture_kv`, :func:`transform_views`, :func:`head_table`, :func:`kv_clip_sweep`.
 :func:`sweep_clip_ratio` tabulates SQNR against the float layer over activation clip ratios;
 :func:`sweep_layer_clip_ratio` does the same for an existing layer (a loaded checkpoint), by default
 against that layer with unquantized activations.
@@ -33,6 +34,7 @@ from __future__ import annotations
 from .dispatch import KV_CACHE_CHECKS, LAYER_CHECKS, check_kv_cache_module, check_layer
 from .int4 import check_linear
 from .int8 import DEFAULT_TOKEN_TIE_SHARE_INT8, PARTS_W8A8, TIE_PROBE_EXPONENTS, check_linear_w8a8
+from .kv4 import DEFAULT_KV_CLIPS, capture_kv, head_table, kv_clip_sweep, transform_views
 from .kv_cache import KV_PARTS, KVCacheReport, check_kv_cache
 from .layer_inputs import capture_inputs, dequantized_reference
 from .mxfp4 import PARTS_MXFP4, MxReport, check_linear_mxfp4
@@ -49,4 +51,5 @@ __all__ = [
     "PARTS", "PARTS_MXFP4", "PARTS_W8A8", "PROBE_CLIP_RATIO", "PartCheck", "check_kv_cache", "check_kv_cache_module",
     "SweepResult", "SweepRow", "TIE_PROBE_EXPONENTS", "W8A8Report", "capture_inputs", "check_layer", "check_linear",
     "check_linear_mxfp4", "check_linear_w8a8", "dequantized_reference", "random_problem", "sweep_clip_ratio", "sweep_layer_clip_ratio", "ulp",
+    "DEFAULT_KV_CLIPS", "capture_kv", "head_table", "kv_clip_sweep", "transform_views",
 ]
