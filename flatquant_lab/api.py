@@ -1,13 +1,16 @@
 """``quantize(model, config, calib_data)``: the one verb, and the ``flatquant-lab quantize`` command."""
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 from .calibrate import calibrate
-from .recipe import QuantConfig
+from .recipe import TRAINED_KV_CACHES, QuantConfig
+
+log = logging.getLogger(__name__)
 
 
 
@@ -49,7 +52,8 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, calib_data=Non
     bfloat16 for a float32 model (``QuantConfig.schemes.act_dtype``). With ``kv_cache="C8"`` in the config, the
     KV cache's static scales are calibrated afterwards on the same windows (:func:`quantize_kv_cache`; its report
     is ``model.flatquant_report["kv_cache"]``), whatever the linears needed. ``kv_cache="KV4"`` (a research mode no
-    serving engine runs) learns ``T_k``, ``T_v`` and the KV clips with the linears, layer by layer.
+    serving engine runs) learns ``T_k``, ``T_v`` and the KV clips with the linears, layer by layer; ``kv_cache="C8"``
+    with ``kv_transforms="v"`` learns ``T_v`` with them (folded into ``v_proj``/``o_proj``: the export serves).
     """
     # act_dtype None: a float16/bfloat16 model's own dtype, bfloat16 for a float32 model
     config = (config or QuantConfig()).for_model(model)
@@ -58,7 +62,7 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, calib_data=Non
     ids = _as_ids(calib_data)
     model.eval()
     # C8 is calibrated after the linears; KV4 (TRAINED_KV_CACHES) is learned with them, inside calibrate
-    kv_cache = config.schemes.kv_cache if config.schemes.kv_learned is None else None
+    kv_cache = config.schemes.kv_cache if config.schemes.kv_cache not in TRAINED_KV_CACHES else None
     if kv_cache is not None and ids is None:  # before an hour of calibration, not after it
         raise ValueError(f"calib_data: the {kv_cache} KV cache (QuantConfig kv_cache={kv_cache!r}) is calibrated on "
                          "token ids; expected a LongTensor [n, seqlen], got None")
@@ -69,6 +73,9 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, calib_data=Non
     model.flatquant_report = report.to_dict()
     if kv_cache is not None:
         model.flatquant_report["kv_cache"] = quantize_kv_cache(model, ids, config)
+        if config.schemes.kv_learned == "v":
+            model.flatquant_report["kv_cache"]["kv_transforms"] = "v"
+            log.info("T_v is folded into v_proj and o_proj: the %s checkpoint serves as any other", kv_cache)
     model.flatquant_config = config
     return model
 
@@ -84,7 +91,7 @@ def quantize_kv_cache(model: nn.Module, calib_data, config: QuantConfig | None =
     from .calibrate.kv_cache import calibrate_kv_cache
 
     config = config or QuantConfig(kv_cache="C8")
-    if config.schemes.kv_learned is not None:
+    if config.schemes.kv_cache in TRAINED_KV_CACHES:
         raise ValueError(f"config: kv_cache={config.schemes.kv_cache!r} is learned with the linears, not calibrated "
                          "after them; quantize(model, QuantConfig(kv_cache='KV4')) trains it")
     ids = _as_ids(calib_data)

@@ -64,8 +64,10 @@ RECIPES = {
 # linears, its scales chosen as KV_CACHE_CLIPS says (calibrate/kv_cache.py); KV4 trained with them (calibrate/kv4.py)
 KV_CACHE_TYPES = ("C8", "KV4")
 KV_CACHE_CLIPS = ("max", "search")
-# KV4's learned transforms: T_k and T_v ("kv", the paper's), or none (identity, clips learned alone)
-KV_TRANSFORMS = ("kv", "none")
+# The KV transforms the layer-wise stage learns, per cache: KV4 T_k and T_v ("kv", the paper's) or none (identity,
+# its clips learned alone); C8 T_v alone ("v": folded into v_proj/o_proj, so the export still serves)
+KV_TRANSFORMS_OF = {"KV4": ("kv", "none"), "C8": ("v",)}
+KV_TRANSFORMS = ("kv", "none", "v")
 TRAINED_KV_CACHES = ("KV4",)  # learned with the linears in the layer-wise loss, not calibrated after them
 # The MXFP4 presets (Ascend 950 only), apart from the int4 ones above that the A2/A3 NPUs serve
 MX_RECIPES = {
@@ -119,7 +121,7 @@ class SchemeRecipe:
     # attention error but not the bundled model's perplexity, docs/kv-cache.md)
     kv_cache: str | None = None
     kv_cache_clip: str = "max"
-    # KV4 only (a research mode, trained with the linears): which KV transforms it learns; None: "kv" for KV4
+    # The KV transforms learned with the linears (KV_TRANSFORMS_OF): None is "kv" for KV4 and none for C8
     kv_transforms: str | None = None
     # W4A4_MXFP4_FLATQUANT groups (docs/mxfp4.md): the weight quantizer's scale rule, whether the activation
     # clip ratio acts on the FP4 path (assumed not: then none is learned), and the description's max_supported_tp
@@ -134,10 +136,12 @@ class SchemeRecipe:
             if self.kv_cache_clip != "max":
                 raise ValueError(f"kv_cache_clip: {self.kv_cache_clip!r} chooses C8's static scales; "
                                  f"kv_cache={self.kv_cache!r} learns its clip ratios with the linears (leave it 'max')")
-            one_of(self.kv_transforms, "kv_transforms", (None,) + KV_TRANSFORMS)
-        elif self.kv_transforms is not None:
-            raise ValueError(f"kv_transforms: {self.kv_transforms!r} applies to kv_cache='KV4' (its T_k, T_v are "
-                             f"trained with the linears), got kv_cache={self.kv_cache!r}")
+        if self.kv_transforms is not None:
+            allowed = KV_TRANSFORMS_OF.get(self.kv_cache, ())
+            if self.kv_transforms not in allowed:
+                choices = ", ".join(f"{' or '.join(map(repr, v))} with kv_cache={k!r}" for k, v in KV_TRANSFORMS_OF.items())
+                raise ValueError(f"kv_transforms: expected {choices}, got {self.kv_transforms!r} with "
+                                 f"kv_cache={self.kv_cache!r}")
         _frozen_set(self, "skip", (self.skip,) if isinstance(self.skip, str) else tuple(self.skip))
         if isinstance(self.recipe, str):
             if self.recipe not in PRESETS:
@@ -170,11 +174,12 @@ class SchemeRecipe:
 
     @property
     def kv_learned(self) -> str | None:
-        """The KV transforms the layer-wise stage learns with a trained cache (``"kv"`` or ``"none"``; ``kv_transforms``
-        or its default ``"kv"``), ``None`` without one (no cache, or C8: calibrated after the linears)."""
-        if self.kv_cache not in TRAINED_KV_CACHES:
-            return None
-        return self.kv_transforms or "kv"
+        """What the layer-wise stage learns for the KV cache: ``"kv"`` or ``"none"`` with KV4 (its clips, and T_k, T_v
+        with ``"kv"``, the default), ``"v"`` with C8 and ``kv_transforms="v"`` (T_v alone); ``None`` when nothing is
+        learned there (no cache, or C8 alone: its scales are calibrated after the linears)."""
+        if self.kv_cache in TRAINED_KV_CACHES:
+            return self.kv_transforms or "kv"
+        return self.kv_transforms
 
     @property
     def uses_mxfp4(self) -> bool:
@@ -508,7 +513,7 @@ class QuantConfig:
         drop = ["work_dir", "device", "activations", "recompute_blocks", "release_host_memory", "e2e_samples",
                 "e2e_holdout", "e2e_epochs", "e2e_lr", "e2e_batch_size", "e2e_clip_lr_mult",
                 "kv_cache", "kv_cache_clip"]  # C8 is calibrated after everything else
-        if self.schemes.kv_cache in TRAINED_KV_CACHES:  # KV4 is learned with the linears
+        if self.schemes.kv_learned is not None:  # KV4, or C8's T_v: learned with the linears
             drop = drop[:-2]
         if self.train.train_inputs == "float":
             drop += ["weight_quantizer", "gptq_damp", "gptq_block", "gptq_act_order", "gptq_clip_grid"]

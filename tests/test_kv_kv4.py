@@ -215,11 +215,14 @@ def test_a_work_dir_resumes_the_kv_state(tmp_path):
 
 
 def test_config_refusals_name_the_setting():
-    with pytest.raises(ValueError, match="^kv_transforms: 'none' applies to kv_cache='KV4'"):
+    with pytest.raises(ValueError, match="^kv_transforms: expected 'kv' or 'none' with kv_cache='KV4', 'v' with "
+                                         "kv_cache='C8', got 'none' with kv_cache='C8'"):
         QuantConfig(kv_cache="C8", kv_transforms="none")
+    with pytest.raises(ValueError, match="^kv_transforms: expected .*, got 'v' with kv_cache=None"):
+        QuantConfig(kv_transforms="v")
     with pytest.raises(ValueError, match="^kv_cache_clip: 'search' chooses C8's static scales"):
         QuantConfig(kv_cache="KV4", kv_cache_clip="search")
-    with pytest.raises(ValueError, match="^kv_transforms: expected one of"):
+    with pytest.raises(ValueError, match="^kv_transforms: expected .*, got 'k' with kv_cache='KV4'"):
         QuantConfig(kv_cache="KV4", kv_transforms="k")
     with pytest.raises(ValueError, match="^config: kv_cache='KV4' is learned with the linears"):
         quantize_kv_cache(tiny_model("llama"), CALIB, QuantConfig(kv_cache="KV4"))
@@ -227,9 +230,28 @@ def test_config_refusals_name_the_setting():
         calibrate_kv_cache(tiny_model("llama"), CALIB, cache_type="KV4")
     assert QuantConfig(kv_cache="KV4").schemes.kv_learned == "kv"
     assert QuantConfig(kv_cache="C8").schemes.kv_learned is None
+    assert QuantConfig(kv_cache="C8", kv_transforms="v").schemes.kv_learned == "v"
     # KV4 is learned with the linears: a work dir of another cache setting does not resume
     assert QuantConfig(kv_cache="KV4").fingerprint() != QuantConfig().fingerprint()
     assert QuantConfig(kv_cache="C8").fingerprint() == QuantConfig().fingerprint()
+    assert QuantConfig(kv_cache="C8", kv_transforms="v").fingerprint() != QuantConfig().fingerprint()
+
+
+def test_c8_with_t_v_folds_it_and_exports_a_c8_checkpoint_that_serves(tmp_path):
+    model = tiny_model("qwen3", head_dim=32)  # vllm-ascend's C8 attention needs head_dim % 32 == 0
+    # msModelSlim's recipe: serves at TP 2, and its W8A8 o_proj trains as a float linear with T_v mapped in
+    plain = quantize(copy.deepcopy(model), QuantConfig(kv_cache="C8", recipe="msmodelslim", **BUDGET), CALIB)
+    with_v = quantize(copy.deepcopy(model), QuantConfig(kv_cache="C8", kv_transforms="v", recipe="msmodelslim",
+                                                        **BUDGET), CALIB)
+    assert with_v.flatquant_report["kv_cache"]["kv_transforms"] == "v"
+    assert all(type(c).__name__ == "QuantizedKVCache" for c in kv_caches(with_v).values())
+    assert "kv_clip" not in with_v.flatquant_report["layers"][0]
+    # T_v learned and folded: v_proj's int4 weights are not the plain C8 run's
+    a, b = (m.model.layers[0].self_attn.v_proj.checkpoint_tensors()["weight"] for m in (plain, with_v))
+    assert not torch.equal(a, b)
+    out = save_quantized(with_v, tmp_path / "c8v")
+    assert json.loads((out / DESCRIPTION_FILE).read_text())["kv_cache_type"] == "C8"
+    assert [c.loads for c in serve_check(out, tp_sizes=[1, 2], tokens=2)] == [True, True]
 
 
 def test_the_demo_counts_kv4_bytes_per_token():

@@ -39,7 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..devices import module_device, peak_memory, require_available, reset_peak, return_freed_host_memory
-from ..models import ModelAdapter, ModelInfo, adapter_for, use_kv_cache_attention
+from ..models import ModelAdapter, ModelInfo, adapter_for, kv_caches, plain_attention, use_kv_cache_attention
 from ..recipe import QuantConfig
 from .e2e import TunableW4A4, clip_groups, tune_scales
 from .capture import HeldActivations, capture_layer_inputs, choose_activations, float_forward, propagate
@@ -130,7 +130,7 @@ def calibrate(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor | None
         else None
     acts = capture_activations(model, run, ids, report)
     if run.cfg.schemes.kv_learned is not None:  # KV4: each finished layer's attention reads its 4-bit cache from now on
-        use_kv_cache_attention(model, allow_none=True)
+        use_kv_cache_attention(model, allow_none=True)  # (C8 with T_v: only the training stand-ins are read)
     bar = tqdm(range(run.info.num_layers), desc=f"{run.cfg.method} layers", unit="layer")
     for i in bar:
         report.layers.append(calibrate_layer(i, run, acts, work, backend, bar))
@@ -143,6 +143,8 @@ def calibrate(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor | None
                         "(power-of-two E8M0 scales, and no differentiable twin to backpropagate through)", mx)
         else:
             report.e2e = tune_end_to_end(model, run, ids, acts.X)
+    if run.cfg.schemes.kv_learned is not None and not kv_caches(model):
+        plain_attention(model)  # C8 with T_v: no cache yet (its scales come after), the model's own attention
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -347,7 +349,7 @@ def calibrate_layer(i: int, run: RunPlan, acts: Activations | None, work: WorkDi
         propagate(layer, acts.XQ, acts.kwargs_by_bs, cfg.train.batch_size, run.model_dtype)
     layer.to(run.home)
     entry["clip_ratios"] = learned.clip_ratios()
-    if learned.kv is not None:
+    if learned.kv is not None and cfg.schemes.kv_cache == "KV4":
         entry["kv_clip"] = learned.kv.clip_ratios()
     entry["seconds"] = time.perf_counter() - lt0
     if i == 0:

@@ -154,7 +154,8 @@ def finalize_layer(layer, groups, learned: LayerState, cfg: QuantConfig, hessian
     """Fold the smoothing scales, quantize every weight, and swap in the quantized layers of each group's scheme.
 
     Smoothing: a norm's weight, or the preceding linear's rows, ``/ d``; the group's weights ``* d`` (in the fold).
-    KV4 (``learned.kv``): ``T_v`` folded into ``v_proj`` and ``o_proj`` first, and the attention gets its ``KV4Cache``.
+    KV4 (``learned.kv``): ``T_v`` folded into ``v_proj`` and ``o_proj`` first, and the attention gets its ``KV4Cache``
+    (C8 with ``T_v``: the fold alone; C8's scales are calibrated after the linears).
 
     ``hessians``: group name -> ``HessianAccumulator`` for GPTQ weights (FlatQuant groups: of the
     quantized transformed inputs; W8A8_DYNAMIC groups: of the float inputs); RTN without.
@@ -163,7 +164,7 @@ def finalize_layer(layer, groups, learned: LayerState, cfg: QuantConfig, hessian
     dev = next(layer.parameters()).device
     xd = exact_dtype(dev)  # float64 on the CPU; float32 on an accelerator
     if learned.kv is not None:  # KV4: T_v into v_proj / o_proj before the smoothing divides v_proj's rows
-        fold_kv(layer, groups, learned.kv, xd)
+        fold_kv(layer, groups, learned.kv, xd, attach=cfg.schemes.kv_cache == "KV4")  # C8's comes after
     for g in groups:
         if not g.quantized or learned[g.name].log_smooth is None:
             continue

@@ -1,5 +1,6 @@
 """KV4 in the layer-wise stage (``kv_cache="KV4"``, docs/kv-cache.md "KV4"): FlatQuant's ``T_k``, ``T_v`` and the clip
-pairs of K and V, trained with the layer's linears on the same loss, then folded and attached.
+pairs of K and V, trained with the layer's linears on the same loss, then folded and attached. With C8 and
+``kv_transforms="v"``, ``T_v`` alone, trained against a C8 stand-in and folded (C8's scales are calibrated after).
 
 - ``T_k`` acts online after RoPE (``q T_k^{-T}``, ``k T_k``): the attention's KV-cache module applies it.
 - ``T_v`` is folded into ``v_proj``'s rows per kv head (``W_h <- T_v^T W_h``, ``b_h <- b_h T_v``) and its inverse into
@@ -7,6 +8,8 @@ pairs of K and V, trained with the layer's linears on the same loss, then folded
   int4 weights are quantized after the fold, so training maps the weights before their fake quantizer too.
 - K and V: asymmetric 4 bits per token and head, ``clip = sigmoid(a)`` for the max and the min (logits start at
   4.0, the official code's), learned at the clip learning rate.
+- C8 with ``T_v`` (``kv_learned == "v"``): K and V through int8 with symmetric per-channel scales ``max |x| / 127``
+  over the batch (the static max scales calibration picks later, taken per batch), ``T_v`` learned, ``T_k = I``.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from einops import rearrange
 from torch import nn
 
 from ..layers import KV_CACHE_ATTR, KV4Cache, kv4_attention_inputs
+from ..quantizers import round_ste
 from ..recipe import QuantConfig
 from ..transforms import orthogonal_factor
 from .plan import Group
@@ -44,8 +48,9 @@ def head_sizes(layer: nn.Module, groups: list[Group]) -> tuple[int, int]:
 
 @torch.no_grad()
 def init_kv_state(layer: nn.Module, groups: list[Group], cfg: QuantConfig, layer_index: int) -> KVState | None:
-    """The starting KV4 state: ``T_k``, ``T_v`` of the method's kind (identity with ``kv_transforms="none"``), clip
-    logits 4.0 for FlatQuant, ``+inf`` (clip 1) for the fixed baselines; ``None`` without KV4."""
+    """The starting KV state: ``T_k``, ``T_v`` of the method's kind (identity with ``kv_transforms="none"``; ``T_k``
+    identity with ``"v"``), clip logits 4.0 for FlatQuant, ``+inf`` (clip 1) for the fixed baselines and for C8
+    (which has none); ``None`` when the layer-wise stage learns nothing of the cache."""
     learned = cfg.schemes.kv_learned
     if learned is None:
         return None
@@ -56,8 +61,9 @@ def init_kv_state(layer: nn.Module, groups: list[Group], cfg: QuantConfig, layer
     else:
         kind = {"rtn": "identity", "hadamard": "hadamard"}.get(cfg.method, cfg.train.transform_init)
     seed = cfg.seed * 100003 + layer_index * 17 + 15
-    t_k, t_v = (orthogonal_factor(head_dim, kind, seed + j, device=dev, dtype=torch.float32) for j in (0, 1))
-    logit = CLIP_LOGIT_INIT if cfg.method == "flatquant" else float("inf")
+    t_k, t_v = (orthogonal_factor(head_dim, "identity" if learned == "v" and j == 0 else kind, seed + j, device=dev,
+                                  dtype=torch.float32) for j in (0, 1))
+    logit = CLIP_LOGIT_INIT if cfg.method == "flatquant" and learned != "v" else float("inf")
     return KVState(t_k, t_v, torch.full((2,), logit, device=dev), torch.full((2,), logit, device=dev))
 
 
@@ -98,26 +104,36 @@ class MappedLinear(nn.Module):
                                     self.weight_map.bias(None if bias is None else bias.float()))
 
 
+def c8_batch_roundtrip(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (``[B, H, T, D]``) through int8 with symmetric per-channel scales ``max |x| / 127`` over the batch and
+    its tokens, rounded straight-through: C8's write and read with max scales, the scales taken per batch."""
+    xf = x.float()
+    scale = (xf.detach().abs().amax(dim=(0, 2), keepdim=True) / 127).clamp_min(torch.finfo(torch.float32).eps)
+    return (round_ste(xf / scale).clamp(-128, 127) * scale).to(x.dtype)
+
+
 class FakeKV4(nn.Module):
     """The training stand-in of :class:`~flatquant_lab.layers.KV4Cache`: ``T_k``, ``T_v`` (float32 parameters, plain;
     ``T_k^{-T}`` by ``linalg.inv``) and the clip logit pairs; ``apply`` computes what the KV4 cache computes, with
-    straight-through rounding."""
+    straight-through rounding. ``cache="C8"``: K and V through :func:`c8_batch_roundtrip`, ``T_v`` alone learned."""
 
-    def __init__(self, state: KVState, head_dim: int, learn_transforms: bool, learn_clips: bool):
+    def __init__(self, state: KVState, head_dim: int, learn_transforms: bool, learn_clips: bool, cache: str = "KV4"):
         super().__init__()
-        self.head_dim = head_dim
+        self.head_dim, self.cache = head_dim, cache
         self.t_k = nn.Parameter(state.t_k.float().clone(), requires_grad=learn_transforms)
         self.t_v = nn.Parameter(state.t_v.float().clone(), requires_grad=learn_transforms)
         self.k_clip = nn.Parameter(state.k_clip.float().clone(), requires_grad=learn_clips)
         self.v_clip = nn.Parameter(state.v_clip.float().clone(), requires_grad=learn_clips)
 
     def transform_parameters(self) -> list[nn.Parameter]:
-        return [self.t_k, self.t_v]
+        return [self.t_v] if self.cache == "C8" else [self.t_k, self.t_v]
 
     def clip_parameters(self) -> list[nn.Parameter]:
-        return [self.k_clip, self.v_clip]
+        return [] if self.cache == "C8" else [self.k_clip, self.v_clip]
 
     def apply(self, query, key, value):
+        if self.cache == "C8":
+            return query, c8_batch_roundtrip(key), c8_batch_roundtrip(value)
         inv_t = torch.linalg.inv(self.t_k).transpose(0, 1)
         return kv4_attention_inputs(query, key, value, self.t_k, inv_t, torch.sigmoid(self.k_clip),
                                     torch.sigmoid(self.v_clip))
@@ -126,14 +142,15 @@ class FakeKV4(nn.Module):
         return KVState(*(p.detach().clone() for p in (self.t_k, self.t_v, self.k_clip, self.v_clip)))
 
 
-def install_kv(layer: nn.Module, groups: list[Group], state: KVState, learn: bool, learn_transforms: bool) -> FakeKV4:
+def install_kv(layer: nn.Module, groups: list[Group], state: KVState, learn: bool, learn_transforms: bool,
+               cache: str = "KV4") -> FakeKV4:
     """Put a ``FakeKV4`` on the layer's attention (the KV-cache attention calls it) and map ``v_proj``/``o_proj``
     by its ``T_v``: a fake-quant linear gets the map before its quantizer, a float one is wrapped."""
     from .modules import FakeQuantLinear, RowDivLinear  # modules installs this: imported when it runs
 
     attn, v, o = attention_paths(groups)
     _, head_dim = head_sizes(layer, groups)
-    fake = FakeKV4(state, head_dim, learn and learn_transforms, learn)
+    fake = FakeKV4(state, head_dim, learn and learn_transforms, learn and cache != "C8", cache)
     setattr(layer.get_submodule(attn), KV_CACHE_ATTR, fake)
     for path, side in ((v, "rows"), (o, "columns")):
         mod, wmap = layer.get_submodule(path), ValueMap(fake, side)
@@ -160,9 +177,9 @@ def uninstall_kv(layer: nn.Module) -> None:
 
 
 @torch.no_grad()
-def fold_kv(layer: nn.Module, groups: list[Group], state: KVState, xd: torch.dtype) -> None:
-    """Fold ``T_v`` into the float ``v_proj`` and ``o_proj`` (in ``xd``, kept in float32 until they are quantized) and
-    attach the layer's :class:`~flatquant_lab.layers.KV4Cache` (``T_k`` and the clip ratios)."""
+def fold_kv(layer: nn.Module, groups: list[Group], state: KVState, xd: torch.dtype, attach: bool = True) -> None:
+    """Fold ``T_v`` into the float ``v_proj`` and ``o_proj`` (in ``xd``, kept in float32 until they are quantized) and,
+    with ``attach``, give the attention its :class:`~flatquant_lab.layers.KV4Cache` (``T_k`` and the clip ratios)."""
     attn, v, o = attention_paths(groups)
     heads, head_dim = head_sizes(layer, groups)
     exact = SimpleNamespace(t_v=state.t_v.to(xd), head_dim=head_dim)
@@ -173,6 +190,8 @@ def fold_kv(layer: nn.Module, groups: list[Group], state: KVState, xd: torch.dty
         lin.weight.data = wmap.weight(lin.weight.to(xd)).to(wd)
         if lin.bias is not None:
             lin.bias.data = wmap.bias(lin.bias.to(xd)).to(wd)
+    if not attach:
+        return
     cache = KV4Cache(state.t_k, torch.sigmoid(state.k_clip), torch.sigmoid(state.v_clip), state.t_v,
                      num_kv_heads=heads, head_dim=head_dim)
     setattr(layer.get_submodule(attn), KV_CACHE_ATTR, cache.to(state.t_k.device))

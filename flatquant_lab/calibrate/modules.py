@@ -424,7 +424,7 @@ def install_fake_quant(layer: nn.Module, groups: list[Group], learned: LayerStat
         if isinstance(mod, nn.Linear):
             set_submodule(layer, path, RowDivLinear(mod, transforms[gname]))
     if learned.kv is not None:  # KV4: after the stand-ins above, which take T_v's map
-        install_kv(layer, groups, learned.kv, learn, cfg.schemes.kv_learned == "kv")
+        install_kv(layer, groups, learned.kv, learn, cfg.schemes.kv_learned in ("kv", "v"), cfg.schemes.kv_cache)
     return transforms
 
 

@@ -93,7 +93,7 @@ def train_layer(layer, groups, learned: LayerState, X, Y, kwargs_by_bs, cfg: Qua
                 clips.append(m.weight_clip)
         kv = kv_stand_in(layer)
         if kv is not None:  # KV4: T_k, T_v with the factors, the clip logits with the clips (lr x clip_lr_mult)
-            if cfg.schemes.kv_learned == "kv":
+            if cfg.schemes.kv_learned in ("kv", "v"):
                 main += [p.requires_grad_(True) for p in kv.transform_parameters()]
             clips += [p.requires_grad_(True) for p in kv.clip_parameters()]
         lr = cfg.train.lr

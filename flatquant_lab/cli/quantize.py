@@ -80,7 +80,8 @@ def add_arguments(p) -> None:
                         "calibrated on the same windows after the linears; or KV4 (FlatQuant's 4-bit research mode, "
                         "trained with the linears; vllm-ascend cannot serve it) (docs/kv-cache.md); default: none")
     p.add_argument("--kv-transforms", default=None, choices=KV_TRANSFORMS,
-                   help="with --kv-cache KV4: learn T_k and T_v (kv, the default) or none (the clips alone)")
+                   help="with --kv-cache KV4: learn T_k and T_v (kv, the default) or none (the clips alone); with "
+                        "--kv-cache C8: v learns T_v with the linears, folded into v_proj/o_proj (it still serves)")
     p.add_argument("--kv-cache-clip", default=None, choices=KV_CACHE_CLIPS,
                    help="with --kv-cache: max (msModelSlim's per-channel max|x|/127; the default) or search (that "
                         "times a clip minimising each layer's attention-output error; docs/kv-cache.md)")
@@ -104,8 +105,8 @@ def _unused_flags(args) -> None:
     """Flags that would change nothing are an error, not a silent no-op."""
     if args.kv_cache_clip is not None and args.kv_cache is None:
         raise UsageError("--kv-cache-clip: not used without --kv-cache; leave it out or add --kv-cache C8")
-    if args.kv_transforms is not None and args.kv_cache != "KV4":
-        raise UsageError("--kv-transforms: only used with --kv-cache KV4; leave it out or add --kv-cache KV4")
+    if args.kv_transforms is not None and args.kv_cache is None:
+        raise UsageError("--kv-transforms: only used with --kv-cache; leave it out or add --kv-cache KV4 or C8")
     if args.method == "flatquant":
         return
     flags = {"--epochs": args.epochs, "--lr": args.lr, "--e2e-epochs": args.e2e_epochs}
@@ -197,14 +198,14 @@ def run(args) -> int:
     _check_shapes(args, path, cfg)
     tok = load_tokenizer(path)
     ids = None
-    after_linears = cfg.schemes.kv_cache is not None and cfg.schemes.kv_learned is None  # C8's calibration
+    after_linears = cfg.schemes.kv_cache == "C8"  # C8's scales are calibrated on the windows after the linears
     if cfg.method == "flatquant" or cfg.weight_quantizer == "gptq" or after_linears:
         ids = _calibration_ids(args, cfg, tok)
     model, _ = load_model(path, dtype=dtype, num_layers=args.num_layers)
     quantize(model, cfg, ids)
     # a KV4 export claims no TP size: vLLM serves none (save_quantized warns so)
     save_quantized(model, args.out, tokenizer=tok, overwrite=args.overwrite,
-                   tp_size=None if cfg.schemes.kv_learned else cfg.schemes.tp_size)
+                   tp_size=None if cfg.schemes.kv_cache == "KV4" else cfg.schemes.tp_size)
     print(json.dumps({"out": args.out, "seconds": round(model.flatquant_report["seconds"], 1),
                       "dtype": str(dtype).replace("torch.", ""),
                       "kept_float": model.flatquant_report["skipped"],
