@@ -143,3 +143,24 @@ def test_dequantized_reference_is_the_layer_without_activation_quantization():
     w8 = W8A8DynamicLinear.from_float(torch.nn.Linear(64, 16))
     torch.testing.assert_close(dequantized_reference(w8).weight, w8.dequantized_weight(torch.float64))
     assert isinstance(q, W4A4FlatQuantLinear)
+
+
+def test_check_a_random_mxfp4_layer_and_catch_a_broken_fp4_backend(capsys):
+    from broken_backends_mxfp4 import BROKEN_MXFP4
+
+    argv = ["check", "--scheme", "w4a4_mxfp4_flatquant", "--in-features", "256", "--out-features", "32",
+            "--tokens", "16"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "random W4A4_MXFP4_FLATQUANT layer (MXFP4 RTN weights)" in printed
+    assert "flatquant-lab check: passed (backend reference)" in printed
+    ops.register_backend("broken-nibbles", BROKEN_MXFP4["swapped_nibbles"].backend)
+    try:
+        assert cli.main([*argv, "--backend", "broken-nibbles"]) == 1
+    finally:
+        ops.unregister_backend("broken-nibbles")
+    assert "FAILED: backend broken-nibbles, part codes" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--clip-ratio: not used with --scheme w4a4_mxfp4_flatquant"):
+        cli.main([*argv, "--clip-ratio", "0.9"])
+    with pytest.raises(SystemExit, match="--in-features: expected a multiple of 32"):
+        cli.main(["check", "--scheme", "w4a4_mxfp4_flatquant", "--in-features", "48"])

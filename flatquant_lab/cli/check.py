@@ -1,5 +1,5 @@
-"""``flatquant-lab check``: a backend's int4 path (``--scheme w4a4_flatquant``, the default) or int8 path
-(``--scheme w8a8_dynamic``) on one random layer (with planted outlier channels) against the reference,
+"""``flatquant-lab check``: a backend's int4 path (``--scheme w4a4_flatquant``, the default), int8 path
+(``--scheme w8a8_dynamic``) or MXFP4 path (``--scheme w4a4_mxfp4_flatquant``) on one random layer (with planted outlier channels) against the reference,
 op by op; or, with ``--quantized DIR --layer NAME``, one layer of a saved checkpoint on the inputs it receives
 from calibration text (the scheme is the layer's own). Exit status 1, with the reason printed, when the verdict
 is false."""
@@ -13,13 +13,16 @@ import torch
 from .. import ops
 from ..files import atomic_write_text
 from ..kronecker import NPU_MAX_FACTOR, decompose_dim, npu_supported
-from ..layers import W4A4FlatQuantLinear, W8A8DynamicLinear
-from ..numerics import DEFAULT_RATIOS, check_linear, check_linear_w8a8, random_problem, sweep_clip_ratio
+from ..layers import W4A4FlatQuantLinear, W4A4MXFP4FlatQuantLinear, W8A8DynamicLinear
+from ..layers.w4a4_mxfp4_flatquant import mx_factors
+from ..mxfp4 import GROUP as MX_GROUP
+from ..numerics import (DEFAULT_RATIOS, check_linear, check_linear_mxfp4, check_linear_w8a8, random_problem,
+                        sweep_clip_ratio)
 from ..transforms import orthogonal_factor
 from .args import non_negative_int, positive_int
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-SCHEMES = ("w4a4_flatquant", "w8a8_dynamic")
+SCHEMES = ("w4a4_flatquant", "w8a8_dynamic", "w4a4_mxfp4_flatquant")
 # options that only the W4A4 FlatQuant path has (default None, so that giving one with w8a8_dynamic is seen)
 _W4A4_ONLY = {"clip_ratio": ("--clip-ratio", 1.0), "transform": ("--transform", "hadamard"),
               "sweep": ("--sweep", False), "ratios": ("--ratios", None)}
@@ -35,11 +38,12 @@ _CHECKPOINT_ONLY = {"layer": ("--layer", None), "calib_data": ("--calib-data", N
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheme", choices=SCHEMES, default=None,
-                        help="the random layer checked: W4A4 FlatQuant (kronecker_quant, int4 quant_matmul, the packer) "
-                             "or W8A8_DYNAMIC (dynamic_quant, int8 quant_matmul); default w4a4_flatquant "
-                             "(with --quantized: the layer's own)")
+                        help="the random layer checked: W4A4 FlatQuant (kronecker_quant, int4 quant_matmul, the packer), "
+                             "W8A8_DYNAMIC (dynamic_quant, int8 quant_matmul) or W4A4_MXFP4_FLATQUANT (the FP4 "
+                             "kronecker_quant and quant_matmul, RTN weights under the kernel's scale rule); default "
+                             "w4a4_flatquant (with --quantized: the layer's own)")
     parser.add_argument("--in-features", type=positive_int, default=None,
-                        help="K (divisible by 8 for w4a4_flatquant); default 4096")
+                        help="K (divisible by 8 for w4a4_flatquant, by 32 for w4a4_mxfp4_flatquant); default 4096")
     parser.add_argument("--out-features", type=positive_int, default=None, help="O; default 4096")
     parser.add_argument("--tokens", type=positive_int, default=None, help="number of random tokens; default 256")
     parser.add_argument("--clip-ratio", type=float, default=None,
@@ -95,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
             setattr(args, name, default)
     if args.scheme == "w8a8_dynamic":
         return _run_w8a8(args)
+    if args.scheme == "w4a4_mxfp4_flatquant":
+        return _run_mxfp4(args)
     for name, (_, default) in _W4A4_ONLY.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
@@ -147,6 +153,39 @@ def _run_w8a8(args: argparse.Namespace) -> int:
           f"{args.outlier_channels} outlier channel(s) x {args.outlier_scale:g}, seed {args.seed}")
     print(report.table())
     config = {k_: v for k_, v in vars(args).items() if k_ not in ("json", "quantized", *_W4A4_ONLY, *_CHECKPOINT_ONLY)}
+    return _finish(args, report, {"config": config, "report": report.to_dict()})
+
+
+def _run_mxfp4(args: argparse.Namespace) -> int:
+    """``--scheme w4a4_mxfp4_flatquant``: a W4A4MXFP4FlatQuantLinear of the random layer (column-parallel factors,
+    MXFP4 RTN weights), :func:`check_linear_mxfp4` with the documented defaults of the assumed points."""
+    given = [flag for name, (flag, _) in _W4A4_ONLY.items() if name != "transform" and getattr(args, name) not in
+             (None, False)]
+    if given:
+        raise SystemExit(f"{given[0]}: not used with --scheme w4a4_mxfp4_flatquant (whether a clip ratio acts on the "
+                         "FP4 path is an assumed point, off by default: docs/mxfp4.md); leave it out")
+    args.transform = args.transform or "hadamard"
+    _check_backend(args)
+    k = args.in_features
+    if k % MX_GROUP:
+        raise SystemExit(f"--in-features: expected a multiple of {MX_GROUP} (one E8M0 scale per {MX_GROUP}), got {k}")
+    n1, n2 = mx_factors(k, row_parallel=False)
+    if n2 % 2:
+        raise SystemExit(f"--in-features: {k} factors as {n1} x {n2}; right_trans must be even (two FP4 codes a byte)")
+    dtype = _DTYPES[args.dtype]
+    left = orthogonal_factor(n1, args.transform, seed=args.seed)
+    right = orthogonal_factor(n2, args.transform, seed=args.seed + 1)
+    lin, x = random_problem(k, args.out_features, args.tokens, args.outlier_channels, args.outlier_scale,
+                            bias=args.bias, seed=args.seed)
+    x = x.to(dtype)
+    qlin = W4A4MXFP4FlatQuantLinear.from_float(lin, left, right, act_dtype=dtype, backend=args.backend)
+    report = check_linear_mxfp4(qlin, x, lin)
+    print(f"flatquant-lab check: random W4A4_MXFP4_FLATQUANT layer (MXFP4 RTN weights), {args.tokens} tokens, "
+          f"{args.outlier_channels} outlier channel(s) x {args.outlier_scale:g}, transform {args.transform}, "
+          f"seed {args.seed}")
+    print(report.table())
+    config = {k_: v for k_, v in vars(args).items()
+              if k_ not in ("json", "quantized", "clip_ratio", "sweep", "ratios", *_CHECKPOINT_ONLY)}
     return _finish(args, report, {"config": config, "report": report.to_dict()})
 
 

@@ -173,7 +173,7 @@ class CheckReport(PartsReport):
 
 
 def _fmt(v, spec=".4g") -> str:
-    if v is None:
+    if v is None or (isinstance(v, float) and math.isnan(v)):  # nan: not measured for this scheme
         return "n/a"
     if isinstance(v, float):
         return format(v, spec)
