@@ -35,7 +35,8 @@ def attention_paths(groups: list[Group]) -> tuple[str, str, str]:
     v = next((p for p in paths if p.endswith(".v_proj")), None)
     o = next((p for p in paths if p.endswith(".o_proj")), None)
     if v is None or o is None or v.rpartition(".")[0] != o.rpartition(".")[0]:
-        raise ValueError(f"kv_cache: KV4 needs a v_proj and an o_proj in one attention module, got linears {paths}")
+        raise ValueError(f"kv_cache: the KV transforms need a v_proj and an o_proj in one attention module, got "
+                         f"linears {paths}")
     return v.rpartition(".")[0], v, o
 
 
