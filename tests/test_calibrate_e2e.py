@@ -509,3 +509,29 @@ def test_recomputing_each_layer_gives_the_same_model(monkeypatch):
     assert runs[True][1]["kl"] == runs[False][1]["kl"]
     # entered once per epoch (the guard measures between epochs on the int4 modules), over every layer
     assert len(patched) == 2 and all([type(b).__name__ for b in p] == ["LlamaDecoderLayer"] * 2 for p in patched)
+
+
+def test_the_stage_tunes_the_kv4_clips_and_restores_them_when_it_keeps_nothing(keep_last_epoch, monkeypatch):
+    from flatquant_lab.layers import KV4Cache
+    from flatquant_lab.models import kv_caches
+
+    model = quantize(tiny_model("qwen2"), QuantConfig(**{**BUDGET, "kv_cache": "KV4", "e2e_epochs": 0}), CALIB)
+    teacher_hidden = last_hidden(tiny_model("qwen2"), CALIB)
+    before = {p: (c.k_clip.clone(), c.v_clip.clone(), c.k_trans.clone()) for p, c in kv_caches(model).items()}
+    rep = tune_scales(model, CALIB, teacher_hidden, QuantConfig(**{**BUDGET, "e2e_epochs": 3, "e2e_lr": 2e-2}),
+                      progress=False)
+    assert rep["kept_epoch"] == 3 and set(rep["kv_clips"]) == set(before)
+    caches = kv_caches(model)
+    assert all(type(c) is KV4Cache for c in caches.values())  # the twins are off the attention again
+    moved = [p for p, c in caches.items() if not torch.equal(c.k_clip, before[p][0])]
+    assert moved and all(torch.equal(c.k_trans, before[p][2]) for p, c in caches.items())
+    for p, c in caches.items():
+        assert bool(((c.k_clip > 0) & (c.k_clip <= 1)).all()) and rep["kv_clips"][p]["k"] == c.k_clip.tolist()
+    # a stage whose every epoch is worse than the start puts the layer-wise clips back exactly
+    from flatquant_lab.calibrate import e2e
+
+    start = {p: (c.k_clip.clone(), c.v_clip.clone()) for p, c in caches.items()}
+    monkeypatch.setattr(e2e, "_heldout_kl", lambda *a, **k: torch.ones(2, dtype=torch.float64))
+    rep = tune_scales(model, CALIB, teacher_hidden, QuantConfig(**{**BUDGET, "e2e_epochs": 1}), progress=False)
+    assert rep["kept_epoch"] == 0
+    assert all(torch.equal(c.k_clip, start[p][0]) and torch.equal(c.v_clip, start[p][1]) for p, c in caches.items())

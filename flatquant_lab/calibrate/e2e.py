@@ -2,8 +2,8 @@
 
 Learned: one log-multiplier per output row of each ``W4A4FlatQuantLinear``, ``weight_scale <- weight_scale
 exp(u)``, and one activation clip per shared input (``c = sigmoid(a)``; q/k/v share one and gate/up share one,
-as vLLM loads one ``clip_ratio`` per fused module). The int4 codes and the transforms stay as the layer-wise
-stage left them. Loss: ``KL(p_fp || p_q)`` per token, with ``p_fp = softmax(lm_head(norm(h_fp)))`` from the
+as vLLM loads one ``clip_ratio`` per fused module); with a KV4 cache, its clip pairs of K and V (logits, through a
+twin of each ``KV4Cache``). The int4 codes and the transforms stay as the layer-wise stage left them. Loss: ``KL(p_fp || p_q)`` per token, with ``p_fp = softmax(lm_head(norm(h_fp)))`` from the
 full-precision last-layer hidden states the layer-wise stage already computed (no second model), Adam and a
 cosine schedule. The forward rounds where the Ascend kernels round (straight-through), so the tuned
 tensors written back are what the int4 path then computes.
@@ -27,8 +27,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..devices import module_device
-from ..layers import W4A4FlatQuantLinear, W8A8DynamicLinear, sum_over_ranks
-from ..models import adapter_for, clip_groups, set_submodule
+from ..layers import (KV_CACHE_ATTR, KV4Cache, W4A4FlatQuantLinear, W8A8DynamicLinear, kv4_attention_inputs,
+                      sum_over_ranks)
+from ..models import adapter_for, clip_groups, kv_caches, set_submodule
 from ..quantizers import fake_quant_act, round_to as ste_cast
 from ..recipe import QuantConfig
 from .memory import decide_recompute, recompute_blocks, saved_bytes
@@ -77,6 +78,22 @@ class TunableW4A4(nn.Module):
         # the layer's own per-rank sum, bias and all-reduce rounding, with straight-through roundings
         y = sum_over_ranks(rank_output, tp, None if m.bias is None else m.bias.float(), lambda t: ste_cast(t, act))
         return y.to(x.dtype)
+
+
+class TunableKV4(nn.Module):
+    """Differentiable twin of one ``KV4Cache``: its clip pairs ``sigmoid(k_logit)``, ``sigmoid(v_logit)`` learned,
+    ``T_k`` as it is."""
+
+    def __init__(self, cache: KV4Cache):
+        super().__init__()
+        self.cache = cache
+        self.k_logit, self.v_logit = (nn.Parameter(torch.logit(c.detach().float().clamp_max(1 - 1e-6)))
+                                      for c in (cache.k_clip, cache.v_clip))
+
+    def apply(self, query, key, value):
+        c = self.cache
+        return kv4_attention_inputs(query, key, value, c.k_trans, c.k_trans_inv_t, torch.sigmoid(self.k_logit),
+                                    torch.sigmoid(self.v_logit))
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -234,12 +251,15 @@ def tune_scales(model: nn.Module, calib_ids: torch.Tensor, teacher_hidden, cfg: 
                 clips[ck] = nn.Parameter(torch.tensor(logit(min(float(m.clip_ratio.item()), 1 - 1e-6)), device=dev))
             twins[nm] = TunableW4A4(m, clips[ck])
     passes = {nm: PassW8A8(m) for nm, m in model.named_modules() if isinstance(m, W8A8DynamicLinear)}
+    kv_twins = {p: TunableKV4(c) for p, c in kv_caches(model).items() if isinstance(c, KV4Cache)}
+    kv_logits = [t for tw in kv_twins.values() for t in (tw.k_logit, tw.v_logit)]
     start = {nm: (tw.linear.weight_scale.detach().clone(), tw.linear.clip_ratio.detach().clone())
              for nm, tw in twins.items()}
-    params = [*(tw.log_mult for tw in twins.values()), *clips.values()]
+    kv_start = {p: (tw.cache.k_clip.clone(), tw.cache.v_clip.clone()) for p, tw in kv_twins.items()}
+    params = [*(tw.log_mult for tw in twins.values()), *clips.values(), *kv_logits]
     lr = cfg.e2e.lr
     opt = torch.optim.Adam([{"params": [tw.log_mult for tw in twins.values()], "lr": lr},
-                            {"params": list(clips.values()), "lr": lr * cfg.e2e.clip_lr_mult}])
+                            {"params": [*clips.values(), *kv_logits], "lr": lr * cfg.e2e.clip_lr_mult}])
     bs, epochs = cfg.e2e.batch_size, cfg.e2e.epochs
     steps = epochs * math.ceil(n / bs)
     sched = cosine_schedule(opt, steps)
@@ -247,7 +267,8 @@ def tune_scales(model: nn.Module, calib_ids: torch.Tensor, teacher_hidden, cfg: 
     heldout = torch.arange(calib_ids.shape[0] - held, calib_ids.shape[0], device="cpu")  # indexes host tensors
 
     def write(snapshot) -> None:
-        """Put a state into the int4 modules: ``None``, the layer-wise one exactly; else (log_mults, clip logits)."""
+        """Put a state into the int4 modules and the KV4 caches: ``None``, the layer-wise one exactly; else
+        (log_mults, clip logits, KV clip logits)."""
         with torch.no_grad():
             for nm, tw in twins.items():
                 scale, clip = start[nm]
@@ -255,9 +276,13 @@ def tune_scales(model: nn.Module, calib_ids: torch.Tensor, teacher_hidden, cfg: 
                     tw.linear.weight_scale.copy_(scale)
                     tw.linear.clip_ratio.copy_(clip)
                 else:
-                    mults, logits = snapshot
+                    mults, logits, _ = snapshot
                     tw.linear.weight_scale.copy_(tw.scale(mults[nm]).to(scale.dtype))
                     tw.linear.set_clip_ratio(float(torch.sigmoid(logits[id(tw.clip_logit)])))
+            for p, tw in kv_twins.items():
+                k, v = kv_start[p] if snapshot is None else (torch.sigmoid(t) for t in snapshot[2][p])
+                tw.cache.k_clip.copy_(k)
+                tw.cache.v_clip.copy_(v)
 
     guard_seconds = [0.0]
     swapped = [*twins.items(), *passes.items()]
@@ -265,6 +290,8 @@ def tune_scales(model: nn.Module, calib_ids: torch.Tensor, teacher_hidden, cfg: 
     def install(on: bool) -> None:
         for nm, tw in swapped:
             set_submodule(model, nm, tw if on else tw.linear)
+        for p, tw in kv_twins.items():
+            setattr(model.get_submodule(p), KV_CACHE_ATTR, tw if on else tw.cache)
 
     def measure(twin: bool) -> torch.Tensor:
         """Held-out KL per window: through the twins (cheap: what the epochs are compared on), or through the int4
@@ -299,8 +326,10 @@ def tune_scales(model: nn.Module, calib_ids: torch.Tensor, teacher_hidden, cfg: 
             kl_epochs.append(out["kl"])
             skipped += out["skipped"]
             snap = ({nm: tw.log_mult.detach().clone() for nm, tw in twins.items()},
-                    {id(c): c.detach().clone() for c in clips.values()})
-            ratios = torch.sigmoid(torch.stack(list(snap[1].values())))
+                    {id(c): c.detach().clone() for c in clips.values()},
+                    {p: (tw.k_logit.detach().clone(), tw.v_logit.detach().clone()) for p, tw in kv_twins.items()})
+            ratios = torch.sigmoid(torch.cat([torch.stack(list(snap[1].values())).flatten(),
+                                              *(t for pair in snap[2].values() for t in pair)]))
             if not bool(((ratios > 0) & (ratios <= 1)).all()):  # a logit so negative its sigmoid is 0 in float32
                 heldout_kl.append(float("nan"))
                 stopped = f"epoch {ep} left a clip ratio outside (0, 1]"
@@ -342,6 +371,9 @@ def tune_scales(model: nn.Module, calib_ids: torch.Tensor, teacher_hidden, cfg: 
         mult = torch.cat([(tw.linear.weight_scale.float() / start[nm][0].float()).flatten()
                           for nm, tw in twins.items()])
         tuned_clips = {k: float(model.get_submodule(groups[k][0] if k in groups else k).clip_ratio) for k in clips}
+        if kv_twins:
+            report["kv_clips"] = {p: {"k": tw.cache.k_clip.tolist(), "v": tw.cache.v_clip.tolist()}
+                                  for p, tw in kv_twins.items()}
     diff = after - kl0  # per held-out window, on the int4 path: how sure the gain is
     report.update(epochs=epochs, batch_size=bs, lr=lr, kl=kl_epochs, heldout_kl=heldout_kl, kept_epoch=kept,
                   heldout_kl_before=float(kl0.mean()), heldout_kl_after=float(after.mean()),
