@@ -190,19 +190,45 @@ def test_tp_load_problem_refuses_above_max_and_non_block_diagonal():
     assert block_diagonal_problem(tensors["left_trans"], 4) == ""
 
 
+def test_tp_load_problem_refuses_a_tp_that_does_not_divide_max():
+    k = 192  # L = 24: four learned blocks of 6; at TP 3 each rank would take a block of 8
+    left, right = _factors(k, True, 4)
+    layers = {tp: W4A4MXFP4FlatQuantLinear.from_float(_linear(k=k), left, right, act_dtype=torch.bfloat16,
+                                                      backend="reference", tp_size=tp) for tp in (1, 2, 3)}
+    tensors = layers[1].checkpoint_tensors()
+    p = "model.layers.0.mlp.down_proj"
+    assert W4A4_MXFP4_FLATQUANT.tp_load_problem(p, tensors, k // 2, 2, "8.5") == ""
+    msg = W4A4_MXFP4_FLATQUANT.tp_load_problem(p, tensors, k // 3, 3, "8.5")
+    assert msg.startswith(f"{p}.left_trans: TP 3 does not divide max_supported_tp = 4: "), msg
+    assert "(24 / 3 rows) would cut across the 4 learned blocks of 6" in msg
+    # a column-parallel linear keeps its whole transform on every rank, and one rank uses all of it
+    col_l, col_r = _factors(k, False)
+    col = W4A4MXFP4FlatQuantLinear.from_float(_linear(k=k), col_l, col_r, act_dtype=torch.bfloat16).checkpoint_tensors()
+    assert W4A4_MXFP4_FLATQUANT.tp_load_problem("model.layers.0.mlp.up_proj", col, k, 3, "8.5") == ""
+    assert W4A4_MXFP4_FLATQUANT.tp_load_problem(p, tensors, k, 1, "8.5") == ""
+    # why: TP 2 computes the whole layer up to the output rounding, TP 3 another transform
+    x = torch.randn(16, k, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    y1 = layers[1](x).double()
+
+    def rel(tp: int) -> float:
+        return float((layers[tp](x).double() - y1).norm() / y1.norm())
+
+    assert rel(2) < 0.01 and rel(3) > 0.05, (rel(2), rel(3))
+
+
 def test_the_layer_refuses_tp_above_max():
     with pytest.raises(ValueError, match=r"tp_size: 4 exceeds max_supported_tp = 2"):
         _row_layer(tp=4, max_tp=2)
 
 
 # ------------------------------------------------------------------ a tiny model through save, load, serve-check
-def _tiny_mx_model(max_tp: int = 4, seed: int = 0) -> nn.Module:
+def _tiny_mx_model(max_tp: int = 4, seed: int = 0, **sizes) -> nn.Module:
     """A tiny qwen2 (hidden 128, so that every row-parallel rank at TP 4 holds whole groups of 32) with every
-    decoder linear W4A4_MXFP4_FLATQUANT: one transform per fused module, row-parallel ones block-diagonal."""
+    decoder linear W4A4_MXFP4_FLATQUANT: one transform per fused module, row-parallel ones block-diagonal;
+    ``sizes`` replace config sizes."""
     from transformers import AutoModelForCausalLM
 
-    cfg = tiny_config("qwen2")
-    cfg.hidden_size, cfg.intermediate_size, cfg.head_dim = 128, 256, 32
+    cfg = tiny_config("qwen2", **{"hidden_size": 128, "intermediate_size": 256, "head_dim": 32, **sizes})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
@@ -259,6 +285,23 @@ def test_refused_above_max_supported_tp(tmp_path):
     assert "TP 4 exceeds max_supported_tp = 2" in r4.problem
     with pytest.raises(CheckpointError, match="tp_size: 4 exceeds max_supported_tp = 2"):
         load_quantized(out, tp_size=4)
+
+
+def test_serve_check_refuses_a_tp_that_does_not_divide_max_supported_tp(tmp_path, capsys):
+    """6 heads, 3 kv heads and intermediate 576 split over 3 ranks, and each rank's slices are whole groups of 32,
+    but TP 3 does not divide max_supported_tp = 4: each rank's block of left_trans cuts across the learned ones."""
+    from flatquant_lab.cli import main
+
+    model = _tiny_mx_model(hidden_size=192, intermediate_size=576, num_attention_heads=6, num_key_value_heads=3)
+    out = save_quantized(model, tmp_path / "mx")
+    r1, r3 = serve_check(out, (1, 3), tokens=4)
+    assert r1.loads and not r3.loads, [r.line() for r in (r1, r3)]
+    assert r3.problem.startswith("model.layers.0.mlp.down_proj.left_trans: TP 3 does not divide "
+                                 "max_supported_tp = 4: "), r3.problem
+    assert main(["serve-check", str(out), "--tp", "1", "--tp", "3", "--tokens", "2"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("TP 1: loads") and lines[1].startswith(
+        "TP 3: does not load: model.layers.0.mlp.down_proj.left_trans: TP 3 does not divide max_supported_tp = 4")
 
 
 def test_the_description_fields_are_checked():

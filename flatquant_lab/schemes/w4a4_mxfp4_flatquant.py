@@ -6,7 +6,8 @@ nibble), ``weight_scale`` uint8 ``[O, K/32]`` (E8M0), ``left_trans`` ``[L, L]`` 
 model dtype, ``clip_ratio`` float32 ``[1]``, optional ``bias``. Top-level description fields ``group_size`` (32) and
 ``max_supported_tp`` (4). Column-parallel ``(L, R) = decompose_dim(K)``; row-parallel ``R = decompose_dim(K / max_tp)[1]``,
 ``L = K / R`` with ``left_trans`` block-diagonal over ``max_supported_tp`` blocks: rank ``r`` of ``tp`` keeps diagonal
-block ``r`` (size ``L / tp``) and its ``K / tp`` columns, so the layer computes the same at every ``tp <= max_tp``.
+block ``r`` (size ``L / tp``) and its ``K / tp`` columns, so the layer computes the same at every ``tp`` that divides
+``max_tp``.
 Layer: :class:`~flatquant_lab.layers.W4A4MXFP4FlatQuantLinear`.
 """
 from __future__ import annotations
@@ -143,7 +144,8 @@ class W4A4MXFP4FlatQuantScheme(TransformScheme):
                         max_supported_tp: int = DEFAULT_MAX_TP, group_size: int = GROUP) -> str:
         """vLLM refuses ``tp > max_supported_tp``; a column-parallel linear (``k_rank == K``) has
         ``decompose_dim(K)`` transforms; a row-parallel one the pair sized for ``max_supported_tp`` with
-        ``left_trans`` block-diagonal over that many blocks (else its ranks compute another transform)."""
+        ``left_trans`` block-diagonal over that many blocks, served at a ``tp`` that divides ``max_supported_tp``
+        (else its ranks compute another transform)."""
         if tp > max_supported_tp:
             return (f"{prefix}: TP {tp} exceeds max_supported_tp = {max_supported_tp} of the description "
                     f"(vLLM refuses {self.quant_type} above it)")
@@ -165,6 +167,11 @@ class W4A4MXFP4FlatQuantScheme(TransformScheme):
                     f"{' or '.join(f'{a} x {b}' for a, b in allowed)}, the checkpoint has {have[0]} x {have[1]} "
                     "(vllm-ascend asserts equal shapes)")
         if tp > 1 and k_rank != k:
+            if max_supported_tp % tp:
+                return (f"{prefix}.left_trans: TP {tp} does not divide max_supported_tp = {max_supported_tp}: "
+                        f"each rank's diagonal block ({have[0]} / {tp} rows) would cut across the {max_supported_tp} "
+                        f"learned blocks of {have[0] // max_supported_tp}, so the ranks would compute another "
+                        f"transform (serve at a TP that divides {max_supported_tp})")
             problem = block_diagonal_problem(tensors["left_trans"], max_supported_tp)
             if problem:
                 return (f"{prefix}.left_trans: not block-diagonal over max_supported_tp = {max_supported_tp} blocks "
