@@ -101,3 +101,21 @@ def test_checks_apply_each_profile_its_own_target():
     assert _checks(res, "full")[key] is False
     del res["fp"]
     assert _checks(res, "full")[key] is None
+
+
+def test_the_kv_cache_targets_are_checked_where_their_rows_ran():
+    from flatquant_lab.demo import _checks
+
+    res = {m: {"token_perplexity": v, "linear_bytes_vs_bf16": 0.26}
+           for m, v in (("fp", 20.0), ("flatquant", 26.0), ("flatquant_msmodelslim", 25.0))}
+    assert not any(k.startswith(("c8_", "kv4_")) for k in _checks(res))  # no KV-cache row, no KV-cache check
+    res["flatquant_msmodelslim_c8"] = {"token_perplexity": 25.12}  # +0.48%
+    res["flatquant_kv4"] = {"token_perplexity": 26.8}  # +3.08% over 26
+    res["flatquant_kv4_notrans"] = {"token_perplexity": 27.0}
+    checks = _checks(res)
+    assert checks["c8_at_most_0.5pct_over_msmodelslim"] is True
+    assert checks["kv4_at_most_3pct_over_flatquant"] is False and checks["kv4_below_kv4_without_transforms"] is True
+    res["flatquant_msmodelslim_c8"]["token_perplexity"] = 25.13
+    del res["flatquant_kv4_notrans"]
+    checks = _checks(res)
+    assert checks["c8_at_most_0.5pct_over_msmodelslim"] is False and checks["kv4_below_kv4_without_transforms"] is None
