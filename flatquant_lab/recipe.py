@@ -139,7 +139,8 @@ class SchemeRecipe:
         if self.kv_transforms is not None:
             allowed = KV_TRANSFORMS_OF.get(self.kv_cache, ())
             if self.kv_transforms not in allowed:
-                choices = ", ".join(f"{' or '.join(map(repr, v))} with kv_cache={k!r}" for k, v in KV_TRANSFORMS_OF.items())
+                choices = ", ".join(f"{' or '.join(map(repr, v))} with kv_cache={k!r}"
+                                    for k, v in KV_TRANSFORMS_OF.items())
                 raise ValueError(f"kv_transforms: expected {choices}, got {self.kv_transforms!r} with "
                                  f"kv_cache={self.kv_cache!r}")
         _frozen_set(self, "skip", (self.skip,) if isinstance(self.skip, str) else tuple(self.skip))

@@ -124,7 +124,8 @@ def test_the_stand_in_computes_what_the_fold_and_the_cache_compute():
     layer = decoder_layers(model)[0]
     groups = plan_layer(model, 0, QuantConfig(**KV4_BUDGET))
     g = torch.Generator().manual_seed(5)
-    state = KVState(torch.randn(D, D, generator=g) + 3 * torch.eye(D), torch.randn(D, D, generator=g) + 3 * torch.eye(D),
+    state = KVState(torch.randn(D, D, generator=g) + 3 * torch.eye(D),
+                    torch.randn(D, D, generator=g) + 3 * torch.eye(D),
                     torch.tensor([1.5, 2.0]), torch.tensor([3.0, 0.5]))
     fake = FakeKV4(state, D, True, True)
     v, o = layer.self_attn.v_proj, layer.self_attn.o_proj

@@ -3,7 +3,8 @@
 Learned: one log-multiplier per output row of each ``W4A4FlatQuantLinear``, ``weight_scale <- weight_scale
 exp(u)``, and one activation clip per shared input (``c = sigmoid(a)``; q/k/v share one and gate/up share one,
 as vLLM loads one ``clip_ratio`` per fused module); with a KV4 cache, its clip pairs of K and V (logits, through a
-twin of each ``KV4Cache``). The int4 codes and the transforms stay as the layer-wise stage left them. Loss: ``KL(p_fp || p_q)`` per token, with ``p_fp = softmax(lm_head(norm(h_fp)))`` from the
+twin of each ``KV4Cache``). The int4 codes and the transforms stay as the layer-wise stage left them.
+Loss: ``KL(p_fp || p_q)`` per token, with ``p_fp = softmax(lm_head(norm(h_fp)))`` from the
 full-precision last-layer hidden states the layer-wise stage already computed (no second model), Adam and a
 cosine schedule. The forward rounds where the Ascend kernels round (straight-through), so the tuned
 tensors written back are what the int4 path then computes.

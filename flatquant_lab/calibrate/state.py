@@ -3,8 +3,8 @@
 ``GroupState``: the Kronecker factors ``L``, ``R``, the activation clip logit ``a`` (clip ``sigmoid(a)``), the
 smoothing ``log d`` where the group has one, and each linear's per-row weight clip logits.
 ``KVState``: a layer's KV4 cache (``kv_cache="KV4"``): ``T_k``, ``T_v`` and the clip logit pairs of K and V.
-``LayerState``: group name -> ``GroupState`` for the layer's FlatQuant groups, and its ``KVState``. The flat tensor names
-(``attn.left``, ``self_attn.q_proj.weight_clip``, ...) exist only at the work-dir boundary
+``LayerState``: group name -> ``GroupState`` for the layer's FlatQuant groups, and its ``KVState``. The flat tensor
+names (``attn.left``, ``self_attn.q_proj.weight_clip``, ...) exist only at the work-dir boundary
 (:meth:`LayerState.to_tensors`, :meth:`LayerState.from_tensors`), so a work dir written before still resumes.
 """
 from __future__ import annotations

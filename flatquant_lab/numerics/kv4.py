@@ -1,10 +1,10 @@
 """Looking inside a KV4 cache (docs/kv-cache.md "KV4"): K and V per head before and after ``T_k``/``T_v``, their 4-bit
 error, and the attention error over a sweep of the KV clip ratios.
 
-    kv = capture_kv(model, ids)                        # {attention prefix: {"query", "key", "value"}} as the cache gets them
+    kv = capture_kv(model, ids)            # {attention prefix: {"query", "key", "value"}} as the cache gets them
     views = transform_views(cache, kv[p]["key"], kv[p]["value"])
-    head_table(views)                                  # per head: max/rms of the channels, 4-bit error, before and after
-    kv_clip_sweep(cache, **kv[p])                      # attention-output error against clip ratios of K, of V
+    head_table(views)                      # per head: max/rms of the channels, 4-bit error, before and after
+    kv_clip_sweep(cache, **kv[p])          # attention-output error against clip ratios of K, of V
 
 ``key`` is K after RoPE and before ``T_k``; ``value`` is what ``v_proj`` outputs, ``T_v`` folded in: its "before"
 view is ``v T_v^{-1}``. The attention error is causal attention per query head (its kv head repeated), in float32,

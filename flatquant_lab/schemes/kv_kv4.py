@@ -51,8 +51,8 @@ class KV4KVCache(KVCacheScheme):
                 raise ValueError(f"{name}: expected clip ratios in (0, 1], got {t.tolist()}")
         head_dim = sizes.pop()
         if sizes or channels % head_dim:
-            raise ValueError(f"k_proj.kv_cache_trans: its size {head_dim} must be head_dim, as v_proj.kv_cache_trans's, "
-                             f"dividing the {channels} kv channels")
+            raise ValueError(f"k_proj.kv_cache_trans: its size {head_dim} must be head_dim, as "
+                             f"v_proj.kv_cache_trans's, dividing the {channels} kv channels")
 
     def build(self, tensors: Mapping[str, torch.Tensor], *, num_kv_heads: int, head_dim: int,
               dtype: torch.dtype | None = None) -> KV4Cache:
