@@ -296,3 +296,17 @@ def test_capture_views_heads_and_the_clip_sweep(kv4_models):
     c8 = QuantizedKVCache(*(torch.ones(2 * D) for _ in range(4)), num_kv_heads=2, head_dim=D)
     with pytest.raises(ValueError, match="^cache: expected a KV4Cache, got QuantizedKVCache"):
         transform_views(c8, kv[p]["key"], kv[p]["value"])
+
+
+def test_the_stand_in_maps_a_chunk_of_rows_as_the_whole_weight_maps_them():
+    g = torch.Generator().manual_seed(9)
+    state = KVState(torch.eye(D), torch.randn(D, D, generator=g) + 3 * torch.eye(D), torch.zeros(2), torch.zeros(2))
+    fake = FakeKV4(state, D, False, False)
+    w = torch.randn(3 * D, 40, generator=g).to(torch.bfloat16)  # v_proj of 3 kv heads; o_proj of 40 rows
+    wo = torch.randn(40, 3 * D, generator=g).to(torch.bfloat16)
+    for side, weight in (("rows", w), ("columns", wo)):
+        vmap = ValueMap(fake, side)
+        whole = vmap.weight(weight.float())
+        rows = weight.shape[0]
+        for r0, r1 in ((0, rows), (5, 21), (D, 2 * D), (D - 1, D + 1), (rows - 3, rows)):
+            assert torch.allclose(vmap.weight_rows(weight, r0, r1), whole[r0:r1], atol=1e-6), (side, r0, r1)

@@ -86,6 +86,17 @@ class ValueMap:
         inv = torch.linalg.inv(self.kv.t_v)  # o_proj: W[:, h] <- W[:, h] T_v^{-T} per query head
         return rearrange(torch.einsum("ohd,ed->ohe", rearrange(w, "o (h d) -> o h d", d=d), inv), "o h e -> o (h e)")
 
+    def weight_rows(self, w: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+        """Rows ``r0:r1`` of :meth:`weight` of ``w`` (any float dtype; computed in ``T_v``'s), mapping and casting no
+        more of ``w`` than they need: their own rows for ``o_proj`` (its rows map independently), the whole kv heads
+        they lie in for ``v_proj``."""
+        dtype = self.kv.t_v.dtype
+        if self.side != "rows":
+            return self.weight(w[r0:r1].to(dtype))
+        d = self.kv.head_dim
+        h0 = r0 // d * d
+        return self.weight(w[h0:-(-r1 // d) * d].to(dtype))[r0 - h0:r1 - h0]
+
     def bias(self, b: torch.Tensor | None) -> torch.Tensor | None:
         if b is None or self.side != "rows":
             return b

@@ -302,10 +302,10 @@ class FakeQuantLinear(nn.Module):
         self._codes = None  # no-grad passes: (key, int8 codes, s) while nothing they depend on moves
 
     def _weight(self, r0: int, r1: int) -> torch.Tensor:
-        """Rows ``r0:r1`` of the float32 weight, after ``weight_map`` (which may mix rows: mapped whole)."""
+        """Rows ``r0:r1`` of the float32 weight, after ``weight_map``."""
         if self.weight_map is None:
             return self.linear.weight[r0:r1].float()
-        return self.weight_map.weight(self.linear.weight.float())[r0:r1]
+        return self.weight_map.weight_rows(self.linear.weight, r0, r1)
 
     def _map_version(self):
         return None if self.weight_map is None else self.weight_map.version()
