@@ -20,6 +20,7 @@ from einops import rearrange
 from torch import nn
 
 from ..layers import KV_CACHE_ATTR, KV4Cache, kv4_attention_inputs
+from ..models import kv_sizes
 from ..quantizers import round_ste
 from ..recipe import QuantConfig
 from ..transforms import orthogonal_factor
@@ -41,10 +42,8 @@ def attention_paths(groups: list[Group]) -> tuple[str, str, str]:
 
 
 def head_sizes(layer: nn.Module, groups: list[Group]) -> tuple[int, int]:
-    """``(num_kv_heads, head_dim)`` of the layer's attention."""
-    module = layer.get_submodule(attention_paths(groups)[0])
-    cfg = module.config
-    return getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads, int(module.head_dim)
+    """``(num_kv_heads, head_dim)`` of the layer's attention, from the model config it holds."""
+    return kv_sizes(layer.get_submodule(attention_paths(groups)[0]))
 
 
 @torch.no_grad()

@@ -21,7 +21,8 @@ from . import adapter_for, decoder_layers
 
 
 def kv_sizes(model: nn.Module) -> tuple[int, int]:
-    """``(num_kv_heads, head_dim)`` of a supported model, from its config."""
+    """``(num_kv_heads, head_dim)`` of a supported model (or of one of its attention modules, which hold the same
+    config), from its config."""
     cfg = model.config
     cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     heads = cfg.num_attention_heads
