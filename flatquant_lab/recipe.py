@@ -284,8 +284,9 @@ class GPTQConfig:
 
 @dataclass(frozen=True)
 class EndToEndConfig:
-    """The end-to-end stage (calibrate/e2e.py): weight-scale multipliers and shared clip ratios learned on
-    KL(full precision || quantized) over ``samples`` windows, guarded by the last ``holdout`` windows."""
+    """The end-to-end stage (calibrate/e2e.py): weight-scale multipliers and shared clip ratios (int4), the
+    transforms (MXFP4) learned on KL(full precision || quantized) over ``samples`` windows, guarded by the last
+    ``holdout`` windows."""
 
     samples: int = PROFILES["fast"]["e2e_samples"]
     holdout: int = PROFILES["fast"]["e2e_holdout"]
@@ -293,6 +294,7 @@ class EndToEndConfig:
     lr: float = PROFILES["fast"]["e2e_lr"]
     batch_size: int = PROFILES["fast"]["e2e_batch_size"]
     clip_lr_mult: float = 2.0  # the clip logits' lr over lr
+    transform_lr_mult: float = 0.1  # the MXFP4 transforms' corrections (A, B of L (I + A), R (I + B)): lr over lr
 
     def __post_init__(self):
         non_negative_int(self.samples, "e2e_samples")  # 0 only where the stage does not run (QuantConfig checks)
@@ -301,6 +303,7 @@ class EndToEndConfig:
         positive_float(self.lr, "e2e_lr")
         positive_int(self.batch_size, "e2e_batch_size")
         positive_float(self.clip_lr_mult, "e2e_clip_lr_mult")
+        positive_float(self.transform_lr_mult, "e2e_transform_lr_mult")
 
 
 @dataclass(frozen=True)
@@ -335,7 +338,8 @@ FLAT_NAMES = {
     "fallback": ("schemes", "fallback"), "tp_size": ("schemes", "tp_size"), "seed": (None, "seed"),
     "work_dir": ("placement", "work_dir"),
     **{f"gptq_{n}": ("gptq", n) for n in ("damp", "block", "act_order", "clip_grid")},
-    **{f"e2e_{n}": ("e2e", n) for n in ("samples", "holdout", "epochs", "lr", "batch_size", "clip_lr_mult")},
+    **{f"e2e_{n}": ("e2e", n) for n in ("samples", "holdout", "epochs", "lr", "batch_size", "clip_lr_mult",
+                                                 "transform_lr_mult")},
     "cann": ("schemes", "cann"), "kv_cache": ("schemes", "kv_cache"), "kv_cache_clip": ("schemes", "kv_cache_clip"),
     "kv_transforms": ("schemes", "kv_transforms"),
     **{n: ("schemes", n) for n in MX_DEFAULTS},
@@ -501,7 +505,7 @@ class QuantConfig:
         if d["kv_transforms"] is None:
             del d["kv_transforms"]
         if not self.schemes.uses_mxfp4:  # a config without MXFP4 groups records what it always did
-            for name, default in MX_DEFAULTS.items():
+            for name, default in {**MX_DEFAULTS, "e2e_transform_lr_mult": EndToEndConfig.transform_lr_mult}.items():
                 if d[name] == default:
                     del d[name]
         return d
@@ -512,7 +516,7 @@ class QuantConfig:
         # Placement never changes the learned tensors; the end-to-end stage runs after every layer's tensors
         # are saved; the weight quantizer runs after them too, unless later layers train on its output.
         drop = ["work_dir", "device", "activations", "recompute_blocks", "release_host_memory", "e2e_samples",
-                "e2e_holdout", "e2e_epochs", "e2e_lr", "e2e_batch_size", "e2e_clip_lr_mult",
+                "e2e_holdout", "e2e_epochs", "e2e_lr", "e2e_batch_size", "e2e_clip_lr_mult", "e2e_transform_lr_mult",
                 "kv_cache", "kv_cache_clip"]  # C8 is calibrated after everything else
         if self.schemes.kv_learned is not None:  # KV4, or C8's T_v: learned with the linears
             drop = drop[:-2]

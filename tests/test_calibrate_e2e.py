@@ -56,22 +56,6 @@ def kl_to(model: nn.Module, ref_logits: torch.Tensor, ids: torch.Tensor) -> floa
     return float((ref.exp() * (ref - out)).sum(-1).mean())
 
 
-@pytest.fixture
-def keep_last_epoch(monkeypatch):
-    """The guard sees every epoch as better than the one before, so the stage keeps its last state: for tests of
-    what training moves, independent of whether it helped on this machine."""
-    from flatquant_lab.calibrate import e2e
-
-    calls = []
-
-    def falling(model, calib_ids, teacher_hidden, idx, norm, head, bs):
-        calls.append(1)
-        return torch.full((len(idx),), 1.0 / len(calls), dtype=torch.float64)
-
-    monkeypatch.setattr(e2e, "_heldout_kl", falling)
-    return calls
-
-
 def w4a4_modules(model) -> dict[str, W4A4FlatQuantLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, W4A4FlatQuantLinear)}
 

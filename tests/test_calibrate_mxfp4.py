@@ -8,13 +8,13 @@ training lowered a loss: on a few random tokens that depends on chance.
 from __future__ import annotations
 
 import json
-import logging
 
 import pytest
 import torch
 
 from flatquant_lab import mxfp4, ops
 from flatquant_lab.calibrate import plan_layer
+from flatquant_lab.calibrate.e2e import MxTransformTuning, TunableMXFP4
 from flatquant_lab.calibrate.modules import FakeQuantLinear, KronTransform, mx_options
 from flatquant_lab.calibrate.plan import Group
 from flatquant_lab.gptq import gptq_quantize_mxfp4
@@ -267,15 +267,111 @@ def test_baselines_use_fixed_transforms():
         assert torch.equal(ref.weight, r.weight) and torch.equal(ref.weight_scale, r.weight_scale)
 
 
-def test_end_to_end_stage_is_skipped_with_a_logged_reason(caplog):
-    model = tiny_model("llama", **SIZES)
-    cfg = config(recipe="mxfp4", profile="fast", samples=8, seqlen=32, epochs=1, e2e_epochs=1, e2e_samples=4,
-                 e2e_holdout=2)
-    assert cfg.tunes_end_to_end
-    with caplog.at_level(logging.WARNING, logger="flatquant_lab.calibrate"):
-        q = quantized_copy(model, cfg)
-    assert q.flatquant_report["e2e"] is None
-    assert any("end-to-end stage skipped" in r.getMessage() for r in caplog.records)
+# ============================================================================ the end-to-end stage
+@pytest.mark.parametrize("tp_size, bias, act_dtype", [(1, False, torch.bfloat16), (1, True, torch.float16),
+                                                      (2, True, torch.bfloat16), (4, False, torch.bfloat16)])
+def test_twin_computes_the_fp4_path(tp_size, bias, act_dtype):
+    """The end-to-end twin of an MXFP4 layer, its corrections at zero, is the layer's forward (any TP size, bias or
+    not) up to the float32 order of its matmul (the reference forms it in float64): measured bit-equal on at least
+    99% of outputs, the rest within one step of the dtype."""
+    lin = random_linear(128, 48, seed=7, bias=bias)
+    left = torch.block_diag(*[orthogonal_factor(8, "random", seed=8 + j) for j in range(4)])  # over 4 ranks
+    right = orthogonal_factor(4, "random", seed=13)
+    m = W4A4MXFP4FlatQuantLinear.from_float(lin, left, right, act_dtype=act_dtype, tp_size=tp_size)
+    x = (torch.randn(3, 40, 128, generator=gen(9)) * torch.exp2(torch.randint(-3, 4, (128,), generator=gen(10)))
+         ).to(act_dtype)
+    twin = TunableMXFP4(m, MxTransformTuning(m.left_trans, m.right_trans, 4, act_dtype), mx_options(QuantConfig())[0])
+    with torch.no_grad():
+        want, got = m(x), twin(x)
+    assert got.dtype == want.dtype == act_dtype and got.shape == want.shape
+    diff = (got.float() - want.float()).abs()
+    step = want.float().abs().clamp_min(1e-3) * torch.finfo(act_dtype).eps
+    assert bool((diff <= step * 1.01).all()), float((diff / step).max())
+    assert float((diff == 0).float().mean()) >= 0.99
+
+
+def test_twin_gradients_reach_both_corrections_and_keep_the_blocks():
+    lin = random_linear(128, 48, seed=3)
+    left = torch.block_diag(*[orthogonal_factor(8, "random", seed=20 + j) for j in range(4)])
+    m = W4A4MXFP4FlatQuantLinear.from_float(lin, left, orthogonal_factor(4, "random", seed=30),
+                                            act_dtype=torch.bfloat16)
+    tuning = MxTransformTuning(m.left_trans, m.right_trans, 4, torch.bfloat16)
+    assert tuple(tuning.a.shape) == (4, 8, 8) and tuple(tuning.b.shape) == (4, 4)
+    twin = TunableMXFP4(m, tuning, mx_options(QuantConfig())[0])
+    twin(torch.randn(2, 16, 128, generator=gen(4))).float().square().mean().backward()
+    for p in (tuning.a, tuning.b):
+        assert p.grad is not None and bool(torch.isfinite(p.grad).all()) and float(p.grad.abs().sum()) > 0
+    with torch.no_grad():
+        tuning.a.fill_(0.01)
+        tuning.b.fill_(0.01)
+    moved, right = tuning.matrices()
+    assert block_diagonal_problem(moved, 4) == "" and not torch.equal(moved, m.left_trans.float())
+    assert torch.equal(moved, moved.to(torch.bfloat16).float()) and torch.equal(right, right.to(torch.bfloat16).float())
+
+
+def _tuned(model, keep_last: bool = True, **kw):
+    cfg = config(recipe="mxfp4", profile="fast", samples=8, seqlen=32, epochs=1, e2e_epochs=2, e2e_samples=4,
+                 e2e_holdout=2, e2e_lr=2e-2, **kw)
+    return quantized_copy(model, cfg), quantized_copy(model, cfg.replace(e2e_epochs=0))
+
+
+@pytest.mark.parametrize("mt", ["llama", "qwen2"])
+def test_the_stage_tunes_only_the_transforms_and_every_tp_size_still_loads(mt, keep_last_epoch, tmp_path):
+    on, off = _tuned(tiny_model(mt, **SIZES))
+    rep = on.flatquant_report["e2e"]
+    assert rep["kept_epoch"] == 2 and rep["scale_multiplier_range"] is None and rep["clip_ratios"] == {}
+    assert rep["transform_change"]["left_trans"] > 0 and rep["transform_change"]["right_trans"] > 0
+    a, b = state(off), state(on)
+    changed = {k.rsplit(".", 1)[1] for k in a if not torch.equal(a[k], b[k])}
+    assert changed == {"left_trans", "right_trans"}, changed
+    mods = {n: m for n, m in on.named_modules() if isinstance(m, W4A4MXFP4FlatQuantLinear)}
+    assert len(mods) == 14
+    for name, m in mods.items():
+        assert torch.equal(m.p1, m.left_trans.t().to(m.act_dtype))
+        assert torch.equal(m.p2, m.right_trans.to(m.act_dtype))
+        if is_row_parallel(name):
+            assert block_diagonal_problem(m.left_trans, 4) == "", name
+    for layer in on.model.layers:  # q/k/v share one pair, gate/up another, as vLLM's fused modules load them
+        q, k, v = (layer.self_attn.get_submodule(p) for p in ("q_proj", "k_proj", "v_proj"))
+        assert torch.equal(q.left_trans, k.left_trans) and torch.equal(q.right_trans, v.right_trans)
+        assert torch.equal(layer.mlp.gate_proj.left_trans, layer.mlp.up_proj.left_trans)
+    out = save_quantized(on, tmp_path / "mx")
+    assert torch.equal(logits(load_quantized(out)), logits(on))
+    results = serve_check(out, (1, 2, 4), tokens=6)
+    assert [r.loads for r in results] == [True, True, True], [r.line() for r in results]
+    assert all(r.worst_rel_diff == 0.0 for r in results), [r.line() for r in results]
+
+
+def test_a_stage_that_cannot_improve_returns_the_layer_wise_fp4_model_bit_for_bit(monkeypatch):
+    """Every epoch made worse on purpose (both corrections pushed to 0.3): the guard keeps the start, and the
+    model is the layer-wise one exactly."""
+    from flatquant_lab.calibrate import e2e
+
+    real = e2e._train_epoch
+
+    def harmful(model, *args, **kwargs):
+        out = real(model, *args, **kwargs)
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, TunableMXFP4):
+                    m.tuning.a.fill_(0.3)
+                    m.tuning.b.fill_(0.3)
+        return out
+
+    monkeypatch.setattr(e2e, "_train_epoch", harmful)
+    on, off = _tuned(tiny_model("llama", **SIZES))
+    rep = on.flatquant_report["e2e"]
+    assert rep["kept_epoch"] == 0 and all(v > rep["heldout_kl"][0] for v in rep["heldout_kl"][1:])
+    a, b = state(off), state(on)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_guard_never_hands_back_a_worse_fp4_model():
+    on, off = _tuned(tiny_model("qwen3", **SIZES))
+    rep = on.flatquant_report["e2e"]
+    assert rep["heldout_kl"][rep["kept_epoch"]] == min(rep["heldout_kl"])
+    assert rep["heldout_kl_after"] <= rep["heldout_kl_before"]
+    assert (rep["heldout_kl_after"] < rep["heldout_kl_before"]) == (rep["kept_epoch"] > 0)
 
 
 def test_act_clip_with_apply_clip_is_searched_and_not_trained():

@@ -17,8 +17,8 @@ held buffers); per layer (``calibrate_layer``) its targets, ``train_or_resume`` 
 
 The recipe scheme ``w4a4_mxfp4_flatquant`` makes a group W4A4_MXFP4_FLATQUANT: the same transforms, smoothing and
 layer-wise loss with MXFP4 fake quantizers, finalized into ``W4A4MXFP4FlatQuantLinear`` (docs/mxfp4.md). The
-end-to-end stage tunes int4 weight scales and clips through differentiable twins of the int4 layers; a model with
-MXFP4 groups skips it (logged): their E8M0 scales are powers of two and they have no twin to backpropagate through.
+end-to-end stage tunes int4 weight scales and clips through differentiable twins of the int4 layers, and the
+transforms of the MXFP4 layers (whose E8M0 scales are powers of two) through twins of theirs.
 
 ``kv_cache="KV4"`` (calibrate/kv4.py) adds FlatQuant's KV transforms and KV clips to each layer's learned state:
 trained in the same loss, ``T_v`` folded into ``v_proj``/``o_proj`` and a ``KV4Cache`` attached at finalize; the
@@ -137,12 +137,7 @@ def calibrate(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor | None
         if after_layer is not None:
             after_layer(i)
     if acts is not None and run.cfg.tunes_end_to_end:
-        mx = mx_linears(run.groups)
-        if mx:
-            log.warning("end-to-end stage skipped: %d decoder linears are W4A4_MXFP4_FLATQUANT, which it cannot tune "
-                        "(power-of-two E8M0 scales, and no differentiable twin to backpropagate through)", mx)
-        else:
-            report.e2e = tune_end_to_end(model, run, ids, acts.X)
+        report.e2e = tune_end_to_end(model, run, ids, acts.X)
     if run.cfg.schemes.kv_learned is not None and not kv_caches(model):
         plain_attention(model)  # C8 with T_v: no cache yet (its scales come after), the model's own attention
     report.seconds = time.perf_counter() - t0
@@ -411,7 +406,8 @@ def fold_quantize_swap(layer: nn.Module, groups: list[Group], learned: LayerStat
 
 # ============================================================================================ end-to-end
 def tune_end_to_end(model: nn.Module, run: RunPlan, ids: CalibrationIds, teacher_hidden: HeldActivations) -> dict:
-    """End-to-end stage (``e2e.tune_scales``): weight-scale multipliers and shared clips on ``KL(p_fp || p_q)``,
+    """End-to-end stage (``e2e.tune_scales``): weight-scale multipliers and shared clips (int4), transforms
+    (MXFP4) on ``KL(p_fp || p_q)``,
     ``teacher_hidden`` the float model's last-layer outputs. The layer-wise model is already whole: a failed stage
     warns and keeps it (the report's ``e2e`` then holds the error)."""
     if run.device != run.home:  # the stage backpropagates through the whole model: it goes to the device for it

@@ -3,7 +3,10 @@
 Learned: one log-multiplier per output row of each ``W4A4FlatQuantLinear``, ``weight_scale <- weight_scale
 exp(u)``, and one activation clip per shared input (``c = sigmoid(a)``; q/k/v share one and gate/up share one,
 as vLLM loads one ``clip_ratio`` per fused module); with a KV4 cache, its clip pairs of K and V (logits, through a
-twin of each ``KV4Cache``). The int4 codes and the transforms stay as the layer-wise stage left them.
+twin of each ``KV4Cache``). A ``W4A4MXFP4FlatQuantLinear`` has no float scale (E8M0 powers of two) and no clip
+that acts: its transforms are what is tuned, ``L <- L (I + A)``, ``R <- R (I + B)``, one pair per shared input,
+``A`` per diagonal block of a row-parallel ``L`` (so every TP size up to ``max_supported_tp`` still loads). The
+int4 and FP4 codes (and the int4 transforms) stay as the layer-wise stage left them.
 Loss: ``KL(p_fp || p_q)`` per token, with ``p_fp = softmax(lm_head(norm(h_fp)))`` from the
 full-precision last-layer hidden states the layer-wise stage already computed (no second model), Adam and a
 cosine schedule. The forward rounds where the Ascend kernels round (straight-through), so the tuned
@@ -28,13 +31,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..devices import module_device
-from ..layers import (KV_CACHE_ATTR, KV4Cache, W4A4FlatQuantLinear, W8A8DynamicLinear, kv4_attention_inputs,
-                      sum_over_ranks)
-from ..models import adapter_for, clip_groups, kv_caches, set_submodule
-from ..quantizers import fake_quant_act, round_to as ste_cast
+from ..layers import (KV_CACHE_ATTR, KV4Cache, W4A4FlatQuantLinear, W4A4MXFP4FlatQuantLinear, W8A8DynamicLinear,
+                      kv4_attention_inputs, sum_over_ranks)
+from ..layers.w4a4_mxfp4_flatquant import block_diagonal_problem
+from ..models import adapter_for, clip_groups, is_row_parallel, kv_caches, set_submodule
+from ..mxfp4 import GROUP as MX_GROUP, MxOptions, e2m1_values, e8m0_values, unpack_fp4
+from ..quantizers import fake_quant_act, fake_quant_mx, round_to as ste_cast
 from ..recipe import QuantConfig
 from .memory import decide_recompute, recompute_blocks, saved_bytes
-from .modules import CodesMatmul, kron_rounded, logit
+from .modules import CodesMatmul, diagonal_blocks, kron_rounded, logit, mx_kron_rounded, mx_options
 from .train import cosine_schedule
 
 log = logging.getLogger(__name__)
@@ -77,6 +82,90 @@ class TunableW4A4(nn.Module):
             return ste_cast(CodesMatmul.apply(bq[..., r, :], codes[:, r * k:(r + 1) * k].float(), s), act)
 
         # the layer's own per-rank sum, bias and all-reduce rounding, with straight-through roundings
+        y = sum_over_ranks(rank_output, tp, None if m.bias is None else m.bias.float(), lambda t: ste_cast(t, act))
+        return y.to(x.dtype)
+
+
+class MxWeightMatmul(torch.autograd.Function):
+    """``y = b @ W^T`` with ``W = codes * s`` per group of 32 along K: ``codes`` int8 (twice the E2M1 value, an
+    integer), ``s`` half the E8M0 scale (float32; products exact). ``W`` is fixed (no gradient) and rebuilt in each
+    pass, one linear at a time, so the stage keeps one byte per weight rather than a float copy of the model."""
+
+    @staticmethod
+    def forward(ctx, b, codes, s):
+        ctx.save_for_backward(codes, s)
+        return b @ _mx_weight(codes, s).transpose(0, 1)
+
+    @staticmethod
+    def backward(ctx, gy):
+        return gy @ _mx_weight(*ctx.saved_tensors), None, None
+
+
+def _mx_weight(codes: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return (codes.unflatten(-1, (-1, MX_GROUP)).float() * s[..., None]).flatten(-2)
+
+
+def mx_rank_codes(m: W4A4MXFP4FlatQuantLinear, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank ``r``'s ``[O, K / tp]`` columns of the FP4 weight: ``(int8 2 * E2M1 value, float32 E8M0 scale / 2)``."""
+    k = m.in_features // m.tp_size
+    packed = m.weight[:, r * k // 2:(r + 1) * k // 2]
+    scale = m.weight_scale[:, r * k // MX_GROUP:(r + 1) * k // MX_GROUP]
+    codes = (2 * e2m1_values(unpack_fp4(packed))).to(torch.int8)  # 2 x {0, 0.5, ..., 6}: integers up to 12
+    return codes, e8m0_values(scale, torch.float32) / 2
+
+
+class MxTransformTuning(nn.Module):
+    """The tuned transforms of one MXFP4 input (q/k/v share one, gate/up share one): ``L (I + A)``, ``R (I + B)``,
+    ``A`` one block per diagonal block of ``L`` (``blocks``: ``max_supported_tp`` for a row-parallel input, each rank
+    keeping its own block), both zero at the start."""
+
+    def __init__(self, left: torch.Tensor, right: torch.Tensor, blocks: int, act_dtype: torch.dtype):
+        super().__init__()
+        n1, n2 = left.shape[0], right.shape[0]
+        self.act_dtype = act_dtype  # what the layer rounds its transforms to (a float32 model keeps them in float32)
+        self.register_buffer("left_blocks", diagonal_blocks(left.detach().float(), blocks), persistent=False)
+        self.register_buffer("right_start", right.detach().float().clone(), persistent=False)  # not the layer's own
+        self.a = nn.Parameter(torch.zeros(blocks, n1 // blocks, n1 // blocks, device=left.device))
+        self.b = nn.Parameter(torch.zeros(n2, n2, device=left.device))
+
+    def matrices(self, a: torch.Tensor | None = None,
+                 b: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(L (I + A), R (I + B))`` rounded to the act dtype (straight-through), float32; ``a``, ``b``: kept copies
+        in place of this tuning's own."""
+        a = self.a if a is None else a
+        b = self.b if b is None else b
+        eye_a = torch.eye(a.shape[-1], device=a.device)
+        left = torch.block_diag(*(self.left_blocks @ (eye_a + a)).unbind(0))
+        right = self.right_start @ (torch.eye(b.shape[0], device=b.device) + b)
+        return ste_cast(left, self.act_dtype), ste_cast(right, self.act_dtype)
+
+
+class TunableMXFP4(nn.Module):
+    """Differentiable twin of one ``W4A4MXFP4FlatQuantLinear``: its FP4 path with the transforms of ``tuning``.
+
+    Per rank ``r`` (diagonal block ``L_r``): ``b_r = MX4(bf16(L_r^T round_a(x_r) R))``,
+    ``y_r = round_a(b_r @ W_r^T)`` (+ bias on rank 0); ``y = round_a(sum_r y_r)``; ``W_r`` the fixed FP4 weight.
+    """
+
+    def __init__(self, linear: W4A4MXFP4FlatQuantLinear, tuning: MxTransformTuning, options: MxOptions):
+        super().__init__()
+        self.linear = linear
+        self.tuning = tuning
+        self.options = options
+        self.codes = [mx_rank_codes(linear, r) for r in range(linear.tp_size)]  # fixed while the stage runs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.linear
+        act, tp = m.act_dtype, m.tp_size
+        left, right = self.tuning.matrices()
+        k, b1, clip = m.in_features // tp, m.n1 // tp, float(m.clip_ratio.item())
+
+        def rank_output(r: int) -> torch.Tensor:
+            t = mx_kron_rounded(x[..., r * k:(r + 1) * k].float(), left[r * b1:(r + 1) * b1, r * b1:(r + 1) * b1],
+                                right, act)
+            bq = fake_quant_mx(t.flatten(-2), self.options, clip)
+            return ste_cast(MxWeightMatmul.apply(bq, *self.codes[r]), act)
+
         y = sum_over_ranks(rank_output, tp, None if m.bias is None else m.bias.float(), lambda t: ste_cast(t, act))
         return y.to(x.dtype)
 
@@ -214,8 +303,8 @@ def _final_norm_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 
 def tune_scales(model: nn.Module, calib_ids: torch.Tensor, teacher_hidden, cfg: QuantConfig,
                 progress: bool = True) -> dict:
-    """Tune every ``W4A4FlatQuantLinear``'s ``weight_scale`` rows and each input's ``clip_ratio`` in place
-    (see module docstring) on the first ``e2e_samples`` windows of ``calib_ids`` ``[n, seqlen]``, keeping the state
+    """Tune every ``W4A4FlatQuantLinear``'s ``weight_scale`` rows and each input's ``clip_ratio``, and every
+    ``W4A4MXFP4FlatQuantLinear``'s transforms, in place (see module docstring) on the first ``e2e_samples`` windows of ``calib_ids`` ``[n, seqlen]``, keeping the state
     with the least KL on its last ``e2e_holdout`` windows (the starting state included).
 
     ``teacher_hidden``: the full-precision model's last decoder layer outputs on ``calib_ids`` (a tensor or
@@ -237,16 +326,34 @@ def tune_scales(model: nn.Module, calib_ids: torch.Tensor, teacher_hidden, cfg: 
     report = {"samples": n, "holdout": held, "epochs": 0, "kl": [], "heldout_kl": [], "kept_epoch": 0,
               "skipped_steps": 0, "stopped": None, "seconds": 0.0}
     if not groups or cfg.e2e.epochs == 0:
-        log.info("end-to-end stage: %s", "e2e_epochs=0" if groups else "no W4A4FlatQuantLinear to tune")
+        log.info("end-to-end stage: %s", "e2e_epochs=0" if groups else "no W4A4 linear to tune")
         return report
     twins: dict[str, TunableW4A4] = {}
+    mx_twins: dict[str, TunableMXFP4] = {}
     clips: dict[str, nn.Parameter] = {}
+    tunings: dict[str, MxTransformTuning] = {}
+    act_options = mx_options(cfg)[0]
     for key, names in groups.items():
         mods = [model.get_submodule(nm) for nm in names]
-        c = {float(m.clip_ratio.item()) for m in mods}
+        if all(isinstance(m, W4A4MXFP4FlatQuantLinear) for m in mods):
+            same = all(torch.equal(m.left_trans, mods[0].left_trans) and torch.equal(m.right_trans, mods[0].right_trans)
+                       for m in mods)
+            if not same:  # a checkpoint edited by hand: keep each its own transforms rather than merge them
+                log.warning("%s: its linears have different transforms; each is tuned on its own", key)
+            for nm, m in zip(names, mods):
+                tk = key if same else nm
+                if tk not in tunings:
+                    blocks = m.max_supported_tp if is_row_parallel(nm) else 1
+                    if block_diagonal_problem(m.left_trans, blocks):  # then it loads at TP 1 only: tune it whole
+                        blocks = 1
+                    tunings[tk] = MxTransformTuning(m.left_trans, m.right_trans, blocks, m.act_dtype)
+                mx_twins[nm] = TunableMXFP4(m, tunings[tk], act_options)
+            continue
+        mods = [(nm, m) for nm, m in zip(names, mods) if isinstance(m, W4A4FlatQuantLinear)]
+        c = {float(m.clip_ratio.item()) for _, m in mods}
         if len(c) > 1:  # a checkpoint edited by hand: keep each its own clip rather than merge them
             log.warning("%s: its linears have different clip ratios %s; each keeps its own", key, sorted(c))
-        for nm, m in zip(names, mods):
+        for nm, m in mods:
             ck = key if len(c) == 1 else nm
             if ck not in clips:
                 clips[ck] = nn.Parameter(torch.tensor(logit(min(float(m.clip_ratio.item()), 1 - 1e-6)), device=dev))
@@ -256,11 +363,14 @@ def tune_scales(model: nn.Module, calib_ids: torch.Tensor, teacher_hidden, cfg: 
     kv_logits = [t for tw in kv_twins.values() for t in (tw.k_logit, tw.v_logit)]
     start = {nm: (tw.linear.weight_scale.detach().clone(), tw.linear.clip_ratio.detach().clone())
              for nm, tw in twins.items()}
+    mx_start = {nm: (tw.linear.left_trans.clone(), tw.linear.right_trans.clone()) for nm, tw in mx_twins.items()}
     kv_start = {p: (tw.cache.k_clip.clone(), tw.cache.v_clip.clone()) for p, tw in kv_twins.items()}
-    params = [*(tw.log_mult for tw in twins.values()), *clips.values(), *kv_logits]
+    mx_params = [t for tu in tunings.values() for t in (tu.a, tu.b)]
+    params = [*(tw.log_mult for tw in twins.values()), *clips.values(), *kv_logits, *mx_params]
     lr = cfg.e2e.lr
     opt = torch.optim.Adam([{"params": [tw.log_mult for tw in twins.values()], "lr": lr},
-                            {"params": [*clips.values(), *kv_logits], "lr": lr * cfg.e2e.clip_lr_mult}])
+                            {"params": [*clips.values(), *kv_logits], "lr": lr * cfg.e2e.clip_lr_mult},
+                            {"params": mx_params, "lr": lr * cfg.e2e.transform_lr_mult}])
     bs, epochs = cfg.e2e.batch_size, cfg.e2e.epochs
     steps = epochs * math.ceil(n / bs)
     sched = cosine_schedule(opt, steps)
@@ -268,8 +378,8 @@ def tune_scales(model: nn.Module, calib_ids: torch.Tensor, teacher_hidden, cfg: 
     heldout = torch.arange(calib_ids.shape[0] - held, calib_ids.shape[0], device="cpu")  # indexes host tensors
 
     def write(snapshot) -> None:
-        """Put a state into the int4 modules and the KV4 caches: ``None``, the layer-wise one exactly; else
-        (log_mults, clip logits, KV clip logits)."""
+        """Put a state into the int4 and FP4 modules and the KV4 caches: ``None``, the layer-wise one exactly; else
+        (log_mults, clip logits, KV clip logits, the FP4 transforms' corrections)."""
         with torch.no_grad():
             for nm, tw in twins.items():
                 scale, clip = start[nm]
@@ -277,16 +387,21 @@ def tune_scales(model: nn.Module, calib_ids: torch.Tensor, teacher_hidden, cfg: 
                     tw.linear.weight_scale.copy_(scale)
                     tw.linear.clip_ratio.copy_(clip)
                 else:
-                    mults, logits, _ = snapshot
+                    mults, logits = snapshot[:2]
                     tw.linear.weight_scale.copy_(tw.scale(mults[nm]).to(scale.dtype))
                     tw.linear.set_clip_ratio(float(torch.sigmoid(logits[id(tw.clip_logit)])))
             for p, tw in kv_twins.items():
                 k, v = kv_start[p] if snapshot is None else (torch.sigmoid(t) for t in snapshot[2][p])
                 tw.cache.k_clip.copy_(k)
                 tw.cache.v_clip.copy_(v)
+            for nm, tw in mx_twins.items():
+                left, right = mx_start[nm] if snapshot is None else tw.tuning.matrices(*snapshot[3][id(tw.tuning)])
+                tw.linear.left_trans.copy_(left)
+                tw.linear.right_trans.copy_(right)
+                tw.linear._derive()
 
     guard_seconds = [0.0]
-    swapped = [*twins.items(), *passes.items()]
+    swapped = [*twins.items(), *mx_twins.items(), *passes.items()]
 
     def install(on: bool) -> None:
         for nm, tw in swapped:
@@ -328,9 +443,10 @@ def tune_scales(model: nn.Module, calib_ids: torch.Tensor, teacher_hidden, cfg: 
             skipped += out["skipped"]
             snap = ({nm: tw.log_mult.detach().clone() for nm, tw in twins.items()},
                     {id(c): c.detach().clone() for c in clips.values()},
-                    {p: (tw.k_logit.detach().clone(), tw.v_logit.detach().clone()) for p, tw in kv_twins.items()})
-            ratios = torch.sigmoid(torch.cat([torch.stack(list(snap[1].values())).flatten(),
-                                              *(t for pair in snap[2].values() for t in pair)]))
+                    {p: (tw.k_logit.detach().clone(), tw.v_logit.detach().clone()) for p, tw in kv_twins.items()},
+                    {id(tu): (tu.a.detach().clone(), tu.b.detach().clone()) for tu in tunings.values()})
+            logits = [*(c.reshape(1) for c in snap[1].values()), *(t for pair in snap[2].values() for t in pair)]
+            ratios = torch.sigmoid(torch.cat(logits)) if logits else torch.ones(0)
             if not bool(((ratios > 0) & (ratios <= 1)).all()):  # a logit so negative its sigmoid is 0 in float32
                 heldout_kl.append(float("nan"))
                 stopped = f"epoch {ep} left a clip ratio outside (0, 1]"
@@ -370,7 +486,12 @@ def tune_scales(model: nn.Module, calib_ids: torch.Tensor, teacher_hidden, cfg: 
                       + (f"; ended early: {stopped}" if stopped else "") + f"; kept epoch {kept}", stacklevel=2)
     with torch.no_grad():
         mult = torch.cat([(tw.linear.weight_scale.float() / start[nm][0].float()).flatten()
-                          for nm, tw in twins.items()])
+                          for nm, tw in twins.items()]) if twins else None
+        if mx_twins:  # how far the FP4 transforms moved: max ||T' - T|| / ||T|| over the linears
+            report["transform_change"] = {
+                side: max(float((getattr(tw.linear, side).float() - mx_start[nm][i].float()).norm()
+                                / mx_start[nm][i].float().norm()) for nm, tw in mx_twins.items())
+                for i, side in enumerate(("left_trans", "right_trans"))}
         tuned_clips = {k: float(model.get_submodule(groups[k][0] if k in groups else k).clip_ratio) for k in clips}
         if kv_twins:
             report["kv_clips"] = {p: {"k": tw.cache.k_clip.tolist(), "v": tw.cache.v_clip.tolist()}
@@ -380,7 +501,8 @@ def tune_scales(model: nn.Module, calib_ids: torch.Tensor, teacher_hidden, cfg: 
                   heldout_kl_before=float(kl0.mean()), heldout_kl_after=float(after.mean()),
                   heldout_gain_se=float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else None,
                   skipped_steps=skipped, stopped=stopped, recompute_layers=recompute,
-                  scale_multiplier_range=[float(mult.min()), float(mult.max())], clip_ratios=tuned_clips,
+                  scale_multiplier_range=None if mult is None else [float(mult.min()), float(mult.max())],
+                  clip_ratios=tuned_clips,
                   guard_seconds=guard_seconds[0], seconds=time.perf_counter() - t0)
     log.info("end-to-end stage: held-out KL on the int4 path %.4f -> %.4f (kept epoch %d of %d)", float(kl0.mean()),
              float(after.mean()), kept, epochs)
