@@ -104,8 +104,7 @@ def flatquant_config(method: str, profile: str, seed: int, samples=None, epochs=
     """The demo's FlatQuant config (GPTQ weights) for one of FLATQUANT_ROWS, KV4_METHODS or ``flatquant_mxfp4``."""
     extra = {"flatquant": {}, "flatquant_msmodelslim": {"recipe": "msmodelslim"},
              "flatquant_tp": {"tp_size": tp_size},
-             # the end-to-end stage tunes int4 layers only: off rather than skipped with a warning
-             "flatquant_mxfp4": {"recipe": "mxfp4", "e2e_epochs": 0, "mx_max_tp": mx_max_tp},
+             "flatquant_mxfp4": {"recipe": "mxfp4", "mx_max_tp": mx_max_tp},
              "flatquant_kv4": {"kv_cache": "KV4"},
              "flatquant_kv4_notrans": {"kv_cache": "KV4", "kv_transforms": "none"}}[method]
     return QuantConfig(method="flatquant", weight_quantizer="gptq", profile=profile, seed=seed,
