@@ -30,3 +30,12 @@ def pack_int4_loop(values: torch.Tensor) -> torch.Tensor:
 def dense_kron(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """The dense ``kron(L, R)`` (``K^2`` memory); ``torch.kron`` itself raises on some non-contiguous inputs."""
     return torch.kron(left.contiguous(), right.contiguous())
+
+
+def mx_dequantize_by_nibbles(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """MXFP4 values by the definition (docs/mxfp4.md): unpack the nibbles (low first), look each E2M1 code up, times
+    its group's ``2^(e - 127)`` repeated over the 32 values; float64."""
+    from flatquant_lab import mxfp4
+
+    codes = torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)
+    return mxfp4.e2m1_values(codes).double() * mxfp4.e8m0_values(scales).repeat_interleave(mxfp4.GROUP, dim=-1)

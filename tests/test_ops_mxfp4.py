@@ -10,6 +10,7 @@ import torch
 from flatquant_lab import mxfp4, ops
 from flatquant_lab.mxfp4 import FLOAT4_E2M1_X2, FLOAT8_E8M0, MxOptions
 from flatquant_lab.ops import reference
+from baselines import mx_dequantize_by_nibbles
 from fake_torch_npu import make_fake_torch_npu
 
 MX = dict(x1_dtype=FLOAT4_E2M1_X2, x2_dtype=FLOAT4_E2M1_X2, pertoken_scale_dtype=FLOAT8_E8M0,
@@ -141,6 +142,22 @@ def test_options_are_checked():
         MxOptions(saturate=1)
     with pytest.raises(ValueError, match="multiple of 32"):
         mxfp4.quantize_groups(torch.ones(1, 48))
+
+
+def test_dequantize_is_each_nibble_times_its_scale_for_every_byte():
+    """The byte table ``dequantize`` looks up gives, for all 256 bytes under scales from the smallest (code 0) to
+    NaN (0xFF), what the definition gives: low nibble first, E2M1 value times ``2^(e - 127)``."""
+    packed = torch.arange(256, dtype=torch.uint8).view(16, 16)  # 16 rows of 32 values: one group each
+    scales = torch.tensor([0, 1, 100, 126, 127, 128, 200, 254, 255, 3, 50, 127, 130, 90, 10, 127],
+                          dtype=torch.uint8).view(16, 1)
+    want = mx_dequantize_by_nibbles(packed, scales)
+    assert bool(want[8].isnan().all())  # 0xFF: E8M0 NaN
+    got = mxfp4.dequantize(packed, scales)
+    assert got.dtype == torch.float64 and torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.nan_to_num(), want.nan_to_num())
+    assert torch.equal(mxfp4.dequantize(packed, scales, torch.float32).nan_to_num(), got.float().nan_to_num())
+    with pytest.raises(ValueError, match="packed: expected uint8"):
+        mxfp4.dequantize(packed.to(torch.int16), scales)
 
 
 def test_weight_quantizer_packs_and_dequantizes():
