@@ -408,6 +408,7 @@ def test_other_e2e_settings_resume_the_layer_wise_work(tmp_path):
     (dict(e2e_lr=0.0), "e2e_lr"),
     (dict(e2e_lr=float("nan")), "e2e_lr"),
     (dict(e2e_clip_lr_mult=-1.0), "e2e_clip_lr_mult"),
+    (dict(e2e_transform_lr_mult=0.0), "e2e_transform_lr_mult"),
 ])
 def test_bad_e2e_values_name_the_parameter(kw, name):
     with pytest.raises(ValueError, match=f"^{name}:"):
@@ -425,9 +426,10 @@ def test_profiles_budget_the_stage():
     assert QuantConfig(profile="fast", samples=1, e2e_epochs=0).e2e.holdout == 1  # no stage: no refusal
 
 
-def test_e2e_settings_for_a_baseline_warn():
-    with pytest.warns(UserWarning, match="e2e_epochs"):
-        quantize(tiny_model("llama"), QuantConfig(method="rtn", weight_quantizer="rtn", e2e_epochs=2))
+@pytest.mark.parametrize("setting", [{"e2e_epochs": 2}, {"e2e_transform_lr_mult": 0.5}])
+def test_e2e_settings_for_a_baseline_warn(setting):
+    with pytest.warns(UserWarning, match=next(iter(setting))):
+        quantize(tiny_model("llama"), QuantConfig(method="rtn", weight_quantizer="rtn", **setting))
 
 
 def test_msmodelslim_recipe_tunes_through_its_w8a8_layers(keep_last_epoch):

@@ -190,8 +190,8 @@ def plan_run(model: nn.Module, cfg: QuantConfig, calib_ids: torch.Tensor | None)
     if not need_data and calib_ids is not None:
         warnings.warn(f"calib_data: method={cfg.method!r} with weight_quantizer={cfg.weight_quantizer!r} uses no "
                       "calibration data; it is ignored", stacklevel=4)
-    unused = [n for n in ("epochs", "lr", "e2e_epochs", "e2e_samples", "e2e_holdout", "e2e_lr", "e2e_batch_size")
-              if n in cfg.given and cfg.method != "flatquant"]
+    unused = [n for n in ("epochs", "lr", "e2e_epochs", "e2e_samples", "e2e_holdout", "e2e_lr", "e2e_batch_size",
+                          "e2e_clip_lr_mult", "e2e_transform_lr_mult") if n in cfg.given and cfg.method != "flatquant"]
     if unused:
         warnings.warn(f"{', '.join(unused)}: only method='flatquant' trains; ignored for method={cfg.method!r}",
                       stacklevel=4)
