@@ -340,6 +340,11 @@ def _checks(results: dict, profile: str = "fast") -> dict:
     if kv4 is not None:
         checks["kv4_at_most_3pct_over_flatquant"] = None if fq is None else kv4 <= 1.03 * fq
         checks["kv4_below_kv4_without_transforms"] = None if kv4_plain is None else kv4 < kv4_plain
+    mx, mx_had, mx_rtn = ppl("flatquant_mxfp4"), ppl("mxfp4_hadamard"), ppl("mxfp4_rtn")
+    if mx is not None:  # the MXFP4 targets (issue 27), where its FlatQuant row ran
+        checks["mxfp4_flatquant_below_mxfp4_rtn_and_hadamard"] = (
+            None if mx_had is None and mx_rtn is None else all(mx < v for v in (mx_had, mx_rtn) if v is not None))
+        checks["mxfp4_flatquant_at_most_10pct_over_flatquant"] = None if fq is None else mx <= 1.10 * fq
     return checks
 
 

@@ -119,3 +119,23 @@ def test_the_kv_cache_targets_are_checked_where_their_rows_ran():
     del res["flatquant_kv4_notrans"]
     checks = _checks(res)
     assert checks["c8_at_most_0.5pct_over_msmodelslim"] is False and checks["kv4_below_kv4_without_transforms"] is None
+
+
+def test_the_mxfp4_targets_are_checked_where_its_flatquant_row_ran():
+    from flatquant_lab.demo import _checks
+
+    res = {m: {"token_perplexity": v, "linear_bytes_vs_bf16": 0.26}
+           for m, v in (("fp", 20.0), ("mxfp4_rtn", 80.0), ("mxfp4_hadamard", 50.0))}
+    assert not any(k.startswith("mxfp4_") for k in _checks(res))  # no MXFP4 FlatQuant row, no MXFP4 check
+    res["flatquant_mxfp4"] = {"token_perplexity": 28.7}
+    checks = _checks(res)
+    assert checks["mxfp4_flatquant_below_mxfp4_rtn_and_hadamard"] is True
+    assert checks["mxfp4_flatquant_at_most_10pct_over_flatquant"] is None  # no INT4 row to compare with
+    res["flatquant"] = {"token_perplexity": 26.0, "linear_bytes_vs_bf16": 0.26}  # 28.7 / 26 = 1.104
+    assert _checks(res)["mxfp4_flatquant_at_most_10pct_over_flatquant"] is False
+    res["flatquant"]["token_perplexity"] = 26.1  # 1.0996
+    assert _checks(res)["mxfp4_flatquant_at_most_10pct_over_flatquant"] is True
+    res["mxfp4_hadamard"]["token_perplexity"] = 28.0
+    assert _checks(res)["mxfp4_flatquant_below_mxfp4_rtn_and_hadamard"] is False
+    del res["mxfp4_rtn"], res["mxfp4_hadamard"]
+    assert _checks(res)["mxfp4_flatquant_below_mxfp4_rtn_and_hadamard"] is None
