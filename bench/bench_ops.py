@@ -4,8 +4,8 @@
 
 Targets: vectorized pack_int4 >= 10x the per-nibble loop; the reference W4A4 forward <= 1.5x an
 fp32 nn.Linear; the Kronecker transform <= 10% of the fp32 GEMM; MXFP4 dequantization by byte table >= 2x the
-nibble-by-nibble definition (the reference FP4 matmul dequantizes its weight on every call). Each pair is timed interleaved
-(A, B, A, B, ...) with time.perf_counter and compared by medians, so load shared by both cancels.
+nibble-by-nibble definition (the reference FP4 matmul dequantizes its weight on every call). Each pair is timed
+interleaved (A, B, A, B, ...) with time.perf_counter and compared by medians, so load shared by both cancels.
 Exit status 1 when any target is missed (so ``make bench`` fails), else 0.
 """
 from __future__ import annotations

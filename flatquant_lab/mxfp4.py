@@ -150,7 +150,7 @@ def dequantize(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = 
     """Values ``[..., K]`` of packed codes ``[..., K/2]`` and their scales ``[..., K/32]`` (exact in float64)."""
     if packed.dtype != torch.uint8:
         raise ValueError(f"packed: expected uint8 bytes, got {packed.dtype}")
-    # one table lookup per byte: four times faster than unpacking the nibbles, and the same values
+    # one table lookup per byte rather than unpacking the nibbles: the same values, faster (bench/bench_ops.py)
     vals = _byte_values(packed.device)[packed.long()].flatten(-2)
     _check_groups(vals, "packed")
     if tuple(scales.shape) != (*vals.shape[:-1], vals.shape[-1] // GROUP):

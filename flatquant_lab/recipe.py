@@ -338,8 +338,8 @@ FLAT_NAMES = {
     "fallback": ("schemes", "fallback"), "tp_size": ("schemes", "tp_size"), "seed": (None, "seed"),
     "work_dir": ("placement", "work_dir"),
     **{f"gptq_{n}": ("gptq", n) for n in ("damp", "block", "act_order", "clip_grid")},
-    **{f"e2e_{n}": ("e2e", n) for n in ("samples", "holdout", "epochs", "lr", "batch_size", "clip_lr_mult",
-                                                 "transform_lr_mult")},
+    **{f"e2e_{n}": ("e2e", n)
+       for n in ("samples", "holdout", "epochs", "lr", "batch_size", "clip_lr_mult", "transform_lr_mult")},
     "cann": ("schemes", "cann"), "kv_cache": ("schemes", "kv_cache"), "kv_cache_clip": ("schemes", "kv_cache_clip"),
     "kv_transforms": ("schemes", "kv_transforms"),
     **{n: ("schemes", n) for n in MX_DEFAULTS},

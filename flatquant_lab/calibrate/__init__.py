@@ -407,9 +407,8 @@ def fold_quantize_swap(layer: nn.Module, groups: list[Group], learned: LayerStat
 # ============================================================================================ end-to-end
 def tune_end_to_end(model: nn.Module, run: RunPlan, ids: CalibrationIds, teacher_hidden: HeldActivations) -> dict:
     """End-to-end stage (``e2e.tune_scales``): weight-scale multipliers and shared clips (int4), transforms
-    (MXFP4) on ``KL(p_fp || p_q)``,
-    ``teacher_hidden`` the float model's last-layer outputs. The layer-wise model is already whole: a failed stage
-    warns and keeps it (the report's ``e2e`` then holds the error)."""
+    (MXFP4) on ``KL(p_fp || p_q)``, ``teacher_hidden`` the float model's last-layer outputs. The layer-wise model
+    is already whole: a failed stage warns and keeps it (the report's ``e2e`` then holds the error)."""
     if run.device != run.home:  # the stage backpropagates through the whole model: it goes to the device for it
         model.to(run.device)
     try:
