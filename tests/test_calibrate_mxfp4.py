@@ -342,6 +342,17 @@ def test_the_stage_tunes_only_the_transforms_and_every_tp_size_still_loads(mt, k
     assert all(r.worst_rel_diff == 0.0 for r in results), [r.line() for r in results]
 
 
+def test_recomputing_each_layer_tunes_the_same_fp4_transforms(keep_last_epoch):
+    """recompute_blocks=True (each decoder layer recomputed in the backward pass, as a 7B model needs) gives the FP4
+    twins' transforms bit for bit as the plain step does, and the same training KL."""
+    model = tiny_model("llama", **SIZES)
+    plain, _ = _tuned(model, recompute_blocks=False)
+    again, _ = _tuned(model, recompute_blocks=True)
+    assert again.flatquant_report["e2e"]["recompute_layers"] is True
+    assert plain.flatquant_report["e2e"]["kl"] == again.flatquant_report["e2e"]["kl"]
+    assert_same_state(state(plain), state(again))
+
+
 def test_a_stage_that_cannot_improve_returns_the_layer_wise_fp4_model_bit_for_bit(monkeypatch):
     """Every epoch made worse on purpose (both corrections pushed to 0.3): the guard keeps the start, and the
     model is the layer-wise one exactly."""
