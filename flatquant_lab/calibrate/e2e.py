@@ -153,17 +153,18 @@ class TunableMXFP4(nn.Module):
         self.tuning = tuning
         self.options = options
         self.codes = [mx_rank_codes(linear, r) for r in range(linear.tp_size)]  # fixed while the stage runs
+        self.clip = float(linear.clip_ratio.item())  # fixed too: read once, not on every step
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.linear
         act, tp = m.act_dtype, m.tp_size
         left, right = self.tuning.matrices()
-        k, b1, clip = m.in_features // tp, m.n1 // tp, float(m.clip_ratio.item())
+        k, b1 = m.in_features // tp, m.n1 // tp
 
         def rank_output(r: int) -> torch.Tensor:
             t = mx_kron_rounded(x[..., r * k:(r + 1) * k].float(), left[r * b1:(r + 1) * b1, r * b1:(r + 1) * b1],
                                 right, act)
-            bq = fake_quant_mx(t.flatten(-2), self.options, clip)
+            bq = fake_quant_mx(t.flatten(-2), self.options, self.clip)
             return ste_cast(MxWeightMatmul.apply(bq, *self.codes[r]), act)
 
         y = sum_over_ranks(rank_output, tp, None if m.bias is None else m.bias.float(), lambda t: ste_cast(t, act))
@@ -446,8 +447,8 @@ def tune_scales(model: nn.Module, calib_ids: torch.Tensor, teacher_hidden, cfg: 
                     {p: (tw.k_logit.detach().clone(), tw.v_logit.detach().clone()) for p, tw in kv_twins.items()},
                     {id(tu): (tu.a.detach().clone(), tu.b.detach().clone()) for tu in tunings.values()})
             logits = [*(c.reshape(1) for c in snap[1].values()), *(t for pair in snap[2].values() for t in pair)]
-            ratios = torch.sigmoid(torch.cat(logits)) if logits else torch.ones(0)
-            if not bool(((ratios > 0) & (ratios <= 1)).all()):  # a logit so negative its sigmoid is 0 in float32
+            ratios = torch.sigmoid(torch.cat(logits)) if logits else None  # none with FP4 linears alone
+            if ratios is not None and not bool(((ratios > 0) & (ratios <= 1)).all()):  # sigmoid 0 in float32
                 heldout_kl.append(float("nan"))
                 stopped = f"epoch {ep} left a clip ratio outside (0, 1]"
                 break
