@@ -305,8 +305,9 @@ def _final_norm_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 def tune_scales(model: nn.Module, calib_ids: torch.Tensor, teacher_hidden, cfg: QuantConfig,
                 progress: bool = True) -> dict:
     """Tune every ``W4A4FlatQuantLinear``'s ``weight_scale`` rows and each input's ``clip_ratio``, and every
-    ``W4A4MXFP4FlatQuantLinear``'s transforms, in place (see module docstring) on the first ``e2e_samples`` windows of ``calib_ids`` ``[n, seqlen]``, keeping the state
-    with the least KL on its last ``e2e_holdout`` windows (the starting state included).
+    ``W4A4MXFP4FlatQuantLinear``'s transforms, in place (see module docstring) on the first ``e2e_samples``
+    windows of ``calib_ids`` ``[n, seqlen]``, keeping the state with the least KL on its last ``e2e_holdout``
+    windows (the starting state included).
 
     ``teacher_hidden``: the full-precision model's last decoder layer outputs on ``calib_ids`` (a tensor or
     ``HeldActivations`` ``[n, seqlen, hidden]``, read one window at a time as ``teacher_hidden[i:i + 1]``). Runs
