@@ -45,7 +45,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import time
 
@@ -55,6 +54,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from flatquant_lab.files import atomic_write_text  # noqa: E402
 from flatquant_lab.recipe import QuantConfig  # noqa: E402
+from provenance import cpu_model  # noqa: E402  (trained transforms follow the CPU: rows compare within one)
 
 OUT = os.path.join("results", "ablation", "ablation.json")
 OUT_FULL = os.path.join("results", "ablation", "ablation_full.json")
@@ -160,16 +160,6 @@ def config(name: str, weight_quantizer: str, seed: int = 0) -> QuantConfig:
                                                        **CONFIGS[base]})
 
 
-def machine() -> str:
-    """The CPU's model name: trained transforms follow the CPU's kernels, so rows compare within one machine."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
-    except OSError:
-        names = []
-    return names[0] if names else platform.processor() or platform.machine()
-
-
 def load(path: str) -> dict:
     if os.path.exists(path):
         with open(path) as f:
@@ -229,7 +219,7 @@ def run_ppl(args, data: dict) -> None:
                "token_perplexity": res["token_perplexity"], "word_perplexity": res["word_perplexity"],
                "eval_tokens": res["eval_tokens"], "calib_seconds": seconds, "eval_seconds": res["eval_seconds"],
                "limit": args.limit, "work_dir": args.work_dir, "threads": torch.get_num_threads(), "load_avg": os.getloadavg()[0],
-               "machine": f"{machine()}{' (' + args.tag + ')' if args.tag else ''}"}
+               "machine": f"{cpu_model()}{' (' + args.tag + ')' if args.tag else ''}"}
         if name != "fp":
             row["final_layer_loss"] = [e["fake_quant_mse"] for e in model.flatquant_report["layers"]]
         key = (name if name == "fp" else f"{name}/{args.weight_quantizer}") + (f"#{args.tag}" if args.tag else "")

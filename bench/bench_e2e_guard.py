@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 
@@ -25,14 +24,7 @@ from flatquant_lab.api import quantize  # noqa: E402
 from flatquant_lab.data import bundled_data_path, calibration_ids  # noqa: E402
 from flatquant_lab.hub import load_model  # noqa: E402
 from flatquant_lab.recipe import QuantConfig  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
+from provenance import cpu_model  # noqa: E402
 
 
 def main() -> int:
@@ -49,7 +41,7 @@ def main() -> int:
     quantize(model, cfg, ids)
     rep = model.flatquant_report["e2e"]
     total, guard = rep["seconds"], rep["guard_seconds"]
-    print(f"cpu {cpu_name()!r}, threads {args.threads}, profile {args.profile}, layers "
+    print(f"cpu {cpu_model()!r}, threads {args.threads}, profile {args.profile}, layers "
           f"{len(model.flatquant_report['layers'])}, windows trained on {rep['samples']}, held out {rep['holdout']}, "
           f"epochs {rep['epochs']}")
     print(f"calibration {time.perf_counter() - t0:.0f} s; end-to-end stage {total:.0f} s: training {total - guard:.0f} s, "

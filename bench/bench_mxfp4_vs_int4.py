@@ -39,9 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -50,49 +48,18 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # provenance, also when imported by path
 
 from flatquant_lab.files import atomic_write_text  # noqa: E402
 from flatquant_lab.models import adapter_for  # noqa: E402
 from flatquant_lab.numerics import dequantized_reference  # noqa: E402
 from flatquant_lab.numerics.compare import float_metrics  # noqa: E402
 from flatquant_lab.schemes import scheme_of  # noqa: E402
+from provenance import cpu_model, git_commit  # noqa: E402
 
 KINDS = ("q", "k", "v", "o", "gate", "up", "down")
 EXPORTS = ("int4", "mxfp4")
 FIGURES = ("err", "act", "wt")
-
-
-# ------------------------------------------------------------------------------------------------ the machine
-def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo, else lscpu)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
-        if names:
-            return names[0]
-    except OSError:
-        pass
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        names = [ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")]
-        if names:
-            return names[0]
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
-def git_commit() -> str:
-    """The checkout's commit, marked when its tracked files have uncommitted changes."""
-    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-    try:
-        head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
-    return head + (" (with uncommitted changes)" if dirty else "")
 
 
 # ------------------------------------------------------------------------------------------------ references
