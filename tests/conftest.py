@@ -82,3 +82,24 @@ def keep_last_epoch(monkeypatch):
 
     monkeypatch.setattr(e2e, "_heldout_kl", falling)
     return calls
+
+
+@pytest.fixture
+def spoil_every_epoch(monkeypatch):
+    """``spoil_every_epoch(spoil)``: after each end-to-end epoch, ``spoil(module)`` on every module of the model
+    (under no_grad), to make every epoch worse on purpose."""
+    from flatquant_lab.calibrate import e2e
+
+    def install(spoil) -> None:
+        real = e2e._train_epoch
+
+        def spoiled(model, *args, **kwargs):
+            out = real(model, *args, **kwargs)
+            with torch.no_grad():
+                for m in model.modules():
+                    spoil(m)
+            return out
+
+        monkeypatch.setattr(e2e, "_train_epoch", spoiled)
+
+    return install

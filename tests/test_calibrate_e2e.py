@@ -166,22 +166,14 @@ def test_the_guard_keeps_the_best_held_out_state(mt):
         assert all(torch.equal(after[k], before_state[k]) for k in after)
 
 
-def test_a_stage_that_cannot_improve_returns_the_layer_wise_model_bit_for_bit(monkeypatch):
+def test_a_stage_that_cannot_improve_returns_the_layer_wise_model_bit_for_bit(spoil_every_epoch):
     """Every epoch made worse on purpose (every row scale pushed up 8x): the guard keeps the start, and the model
     is the layer-wise one exactly, its clip ratios included (not a float round trip through a logit)."""
-    from flatquant_lab.calibrate import e2e
+    def spoil(m):
+        if isinstance(m, TunableW4A4):
+            m.log_mult.fill_(math.log(8.0))
 
-    real = e2e._train_epoch
-
-    def harmful(model, *args, **kwargs):
-        out = real(model, *args, **kwargs)
-        with torch.no_grad():
-            for m in model.modules():
-                if isinstance(m, TunableW4A4):
-                    m.log_mult.fill_(math.log(8.0))
-        return out
-
-    monkeypatch.setattr(e2e, "_train_epoch", harmful)
+    spoil_every_epoch(spoil)
     fm = tiny_model("qwen2")
     off = quantize(copy.deepcopy(fm), QuantConfig(**{**BUDGET, "e2e_epochs": 0}), CALIB)
     on = quantize(copy.deepcopy(fm), QuantConfig(**{**BUDGET, "e2e_epochs": 3}), CALIB)

@@ -356,23 +356,15 @@ def test_recomputing_each_layer_tunes_the_same_fp4_transforms(keep_last_epoch):
     assert_same_state(state(plain), state(again))
 
 
-def test_a_stage_that_cannot_improve_returns_the_layer_wise_fp4_model_bit_for_bit(monkeypatch):
+def test_a_stage_that_cannot_improve_returns_the_layer_wise_fp4_model_bit_for_bit(spoil_every_epoch):
     """Every epoch made worse on purpose (both corrections pushed to 0.3): the guard keeps the start, and the
     model is the layer-wise one exactly."""
-    from flatquant_lab.calibrate import e2e
+    def spoil(m):
+        if isinstance(m, TunableMXFP4):
+            m.tuning.a.fill_(0.3)
+            m.tuning.b.fill_(0.3)
 
-    real = e2e._train_epoch
-
-    def harmful(model, *args, **kwargs):
-        out = real(model, *args, **kwargs)
-        with torch.no_grad():
-            for m in model.modules():
-                if isinstance(m, TunableMXFP4):
-                    m.tuning.a.fill_(0.3)
-                    m.tuning.b.fill_(0.3)
-        return out
-
-    monkeypatch.setattr(e2e, "_train_epoch", harmful)
+    spoil_every_epoch(spoil)
     on, off = _tuned(tiny_model("llama", **SIZES))
     rep = on.flatquant_report["e2e"]
     assert rep["kept_epoch"] == 0 and all(v > rep["heldout_kl"][0] for v in rep["heldout_kl"][1:])
